@@ -1,0 +1,27 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test test-all demo bench clean
+
+install:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+
+test:
+	$(BIN)/python -m pytest -q
+
+test-all:
+	$(BIN)/python -m pytest -q -m ''
+
+demo:
+	$(BIN)/prunetool shrink samples/evci_cnn.pt --arch samples.nets:EvciCNN \
+		--data samples/mnist_subset.npz --ratio 0.6 --out /tmp/evci_cnn.shrunk.pt
+
+bench:
+	$(BIN)/pip install -e '.[bench]'
+	$(BIN)/python -m benchmarks.shrink_accuracy --out docs/BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info
