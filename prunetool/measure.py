@@ -1,0 +1,64 @@
+"""Measure stage: parameters, MACs, accuracy and loss, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from .progress import QUIET, Bars
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one sample's forward pass (matmuls and convolutions), via torch's FLOP counter."""
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros((1, *input_shape), device=device))
+    return counter.get_total_flops() // 2
+
+
+def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu",
+             bars: Bars = QUIET, label: str = "evaluating") -> tuple[float | None, float | None]:
+    """Top-1 accuracy in percent and mean cross-entropy over ``loader``."""
+    if loader is None:
+        return None, None
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    with torch.no_grad():
+        for xb, yb in bars.track(loader, label, total=len(loader)):
+            xb, yb = xb.to(device), yb.to(device)
+            out = model(xb)
+            loss += F.cross_entropy(out, yb, reduction="sum").item()
+            correct += (out.argmax(-1) == yb).sum().item()
+            total += len(yb)
+    return 100.0 * correct / total, loss / total
+
+
+def latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str = "cpu",
+            warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget_s: float = 0.5) -> float:
+    """Median wall time of one forward pass in milliseconds, after warm-up."""
+    model.eval()
+    x = torch.randn((batch_size, *input_shape), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        sync()
+        start = time.perf_counter()
+        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)

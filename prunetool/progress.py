@@ -1,0 +1,28 @@
+"""Progress bars on long work; silent when disabled (``--quiet`` or stdout not a terminal)."""
+
+from __future__ import annotations
+
+from typing import Iterable, TypeVar
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+T = TypeVar("T")
+
+
+class Bars:
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
+        if not self.enabled:
+            yield from items
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task(description, total=total if total is not None else len(items))
+            for item in items:
+                yield item
+                progress.advance(task)
+
+
+QUIET = Bars(False)

@@ -1,0 +1,103 @@
+"""Report stage: the terminal report (Rich), the one-line summary and the JSON file."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from .load import write_atomic
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: int | None) -> str:
+    return "–" if n is None else f"{n:,}"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}%"
+
+
+def _loss(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def _ratio(before, after) -> str:
+    if before is None or after is None or not after:
+        return ""
+    return f"{before / after:.2f}×"
+
+
+def layers_table(report: dict) -> Table:
+    table = Table(title="units per layer", title_justify="left")
+    table.add_column("layer")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("removed", justify="right")
+    for layer in report["layers"]:
+        b, a = layer["units_before"], layer["units_after"]
+        table.add_row(layer["name"], str(b), str(a), f"{b - a} ({100 * (b - a) / b:.0f}%)")
+    for p in report.get("protected", []):
+        table.add_row(f"[dim]{p['name']}[/dim]", "", "", f"[dim]kept: {p['reason']}[/dim]")
+    return table
+
+
+def metrics_table(report: dict) -> Table:
+    b, a = report["before"], report["after"]
+    table = Table(title="model", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row("parameters", _count(b["params"]), _count(a["params"]), _ratio(b["params"], a["params"]))
+    table.add_row("MACs / sample", _count(b["macs"]), _count(a["macs"]), _ratio(b["macs"], a["macs"]))
+    table.add_row("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"]))
+    table.add_row("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
+    table.add_row("loss", _loss(b["loss"]), _loss(a["loss"]), "")
+    for bs in b["latency_ms"]:
+        lb, la = b["latency_ms"][bs], a["latency_ms"][bs]
+        table.add_row(f"latency, batch {bs}", f"{lb:.3f} ms", f"{la:.3f} ms", _ratio(lb, la))
+    return table
+
+
+def summary_line(report: dict) -> str:
+    """``shrink: 20522 → 4019 params (5.1×), 0.9 → 0.4 ms (2.2×), 98.9% → 98.6% (−0.3 pp)``"""
+    b, a = report["before"], report["after"]
+    parts = [f"{b['params']} → {a['params']} params ({_ratio(b['params'], a['params'])})"]
+    bs = next(iter(b["latency_ms"]), None)
+    if bs is not None:
+        lb, la = b["latency_ms"][bs], a["latency_ms"][bs]
+        parts.append(f"{lb:.2f} → {la:.2f} ms at batch {bs} ({_ratio(lb, la)})")
+    if b["accuracy"] is not None:
+        parts.append(f"{b['accuracy']:.2f}% → {a['accuracy']:.2f}% ({-report['accuracy_drop']:+.2f} pp)")
+    return f"{report['command']}: " + ", ".join(parts)
+
+
+def render(report: dict, console: Console) -> None:
+    s = report["settings"]
+    console.print(f"[bold]prunetool {report['command']}[/bold]  criterion [cyan]{s['criterion']}[/cyan], "
+                  f"ratio [cyan]{s['ratio']}[/cyan], compensation [cyan]{s['compensation']}[/cyan], "
+                  f"{s['calib']} calibration samples from {s['data']}")
+    console.print(layers_table(report))
+    if "before" in report:
+        console.print(metrics_table(report))
+        if report.get("accuracy_drop") is not None:
+            console.print(f"accuracy drop: [bold]{report['accuracy_drop']:.2f}[/bold] percentage points")
+        else:
+            console.print("accuracy: not measured (no --data)")
+    if s.get("out"):
+        console.print(f"wrote {s['out']}")
+
+
+def write_json(report: dict, path: str) -> None:
+    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
