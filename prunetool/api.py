@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .cut import COMPENSATIONS, cut, select
+from .cut import COMPENSATIONS, cut, select, sequential_means
 from .data import Data, calibration, eval_loader, load_data
 from .errors import UsageError
 from .load import Checkpoint, check_writable, load, serialize, write_atomic
@@ -96,7 +96,8 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
     scores = Scores(scores.criterion, {k: v.cpu() for k, v in scores.scores.items()},
                     {k: v.cpu() for k, v in scores.means.items()})
     keep = select(graph, scores.scores, ratio)
-    small = cut(copy.deepcopy(dense), graph, keep, compensate, scores.means, x, bars).eval()
+    means = sequential_means(dense, graph, keep, x, bars) if compensate == "mean" else scores.means
+    small = cut(copy.deepcopy(dense), graph, keep, compensate, means, x, bars).eval()
     probe = x[: min(len(x), 64)]
     expected = check_forward(small, probe, graph.output_shape)
 

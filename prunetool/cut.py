@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .progress import QUIET, Bars
+from .score import from_unit_view, unit_means, unit_view
 from .trace import Consumer, Group, Trace
 
 COMPENSATIONS = ("mean", "lstsq", "none")
-RIDGE = 1e-3  # λ relative to the mean diagonal of XᵀX: keeps the fit stable with correlated inputs
+RIDGE = 1e-5  # λ relative to the mean diagonal of XᵀX: only there to keep a rank-deficient fit solvable
 ROWS_PER_CHUNK = 2 ** 21  # design-matrix elements per chunk when unfolding conv patches
 
 
@@ -134,6 +135,44 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
     return model
 
 
+def mask_hooks(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], means: dict[str, torch.Tensor]):
+    """Hooks that make a dense model behave like the cut one: removed units read as their means."""
+    modules = dict(model.named_modules())
+    handles = []
+    for g in trace.groups:
+        removed = _complement(keep[g.name], g.units)
+        if not len(removed) or g.name not in means:
+            continue
+
+        def pre(module, args, g=g, removed=removed):
+            a = unit_view(args[0].clone(), g)
+            a[:, removed, :] = means[g.name][removed].to(a.dtype)
+            return (from_unit_view(a, g, args[0].shape), *args[1:])
+
+        for c in g.consumers:
+            handles.append(modules[c.name].register_forward_pre_hook(pre))
+    return handles
+
+
+def sequential_means(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor,
+                     bars: Bars = QUIET) -> dict[str, torch.Tensor]:
+    """Unit means measured layer by layer with the earlier layers already cut.
+
+    Cutting layer ℓ shifts what layer ℓ+1 produces, so the dense means no longer describe the units
+    that replace layer ℓ+1's removed ones; measuring each layer behind the earlier cuts keeps the
+    replacement the mean of what the cut model actually computes.
+    """
+    means: dict[str, torch.Tensor] = {}
+    for g in bars.track(trace.groups, "unit means behind earlier cuts"):
+        handles = mask_hooks(model, trace, keep, means)
+        try:
+            means[g.name] = unit_means(model, Trace([g], [], trace.input_shape, trace.output_shape), x)[g.name]
+        finally:
+            for h in handles:
+                h.remove()
+    return means
+
+
 def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
     mask = torch.ones(n, dtype=torch.bool)
     mask[idx] = False
@@ -183,7 +222,7 @@ def _targets(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
 
 
 def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Tensor | None,
-          x: torch.Tensor, ridge: float = RIDGE, batch: int = 64) -> None:
+          x: torch.Tensor, ridge: float | None = None, batch: int = 64) -> None:
     """Ridge least-squares refit of consumer ``name`` in ``model`` to the dense model's pre-activations."""
     module = dict(model.named_modules())[name]
     xtx = xtz = None
@@ -200,6 +239,7 @@ def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Ten
             design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype)], 1).double()
             xtx = design.T @ design if xtx is None else xtx + design.T @ design
             xtz = design.T @ z.double() if xtz is None else xtz + design.T @ z.double()
+    ridge = RIDGE if ridge is None else ridge
     d = xtx.shape[0] - 1
     reg = torch.zeros_like(xtx)
     reg.diagonal()[:d] = ridge * xtx.diagonal()[:d].mean().clamp_min(1e-12)
