@@ -1,0 +1,85 @@
+"""Criteria: MRS against its exact oracle MRP, and the closed forms behind fp, l1, l2, taylor."""
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from prunetool.data import calibration
+from prunetool.score import frame_potential_order, score
+from prunetool.trace import trace
+
+from conftest import evci_cnn
+
+
+@pytest.fixture(scope="module")
+def evci_setup(mnist_small):
+    dense = evci_cnn()
+    x, y = calibration(mnist_small, 500)
+    return dense, trace(dense, x[:2]), x, y
+
+
+def test_mrs_ranks_units_like_mrp(evci_setup):
+    dense, graph, x, y = evci_setup
+    mrs = score(dense, graph, "mrs", x, y).scores
+    mrp = score(dense, graph, "mrp", x, y).scores
+    for g in graph.groups:
+        rho = spearmanr(mrs[g.name].numpy(), mrp[g.name].numpy()).statistic
+        print(f"Spearman(MRS, MRP) {g.name}: {rho:.3f}")
+        assert rho >= 0.7, (g.name, rho)
+
+
+def test_mrs_means_come_from_the_whole_calibration_set(evci_setup):
+    """Scoring in one batch or many gives the same scores: means are dataset means, not batch means."""
+    import prunetool.score as S
+
+    dense, graph, x, y = evci_setup
+    whole = score(dense, graph, "mrs", x, y)
+    old = S.BATCH
+    S.BATCH = 64
+    try:
+        split = score(dense, graph, "mrs", x, y)
+    finally:
+        S.BATCH = old
+    for g in graph.groups:
+        assert torch.allclose(whole.scores[g.name], split.scores[g.name], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(whole.means[g.name], split.means[g.name], atol=1e-6)
+
+
+def test_mrs_with_zero_mean_is_taylor(evci_setup):
+    dense, graph, x, y = evci_setup
+    import prunetool.score as S
+
+    means, grads, dots = S._gradient_pass(dense, graph, x, y, S.QUIET)
+    taylor = score(dense, graph, "taylor", x, y).scores
+    for g in graph.groups:
+        zero = ((grads[g.name] * 0).sum(2) - dots[g.name]).abs().sum(0).float()
+        assert torch.allclose(zero, taylor[g.name])
+
+
+def test_weight_norm_criteria(evci_setup):
+    dense, graph, x, y = evci_setup
+    l1 = score(dense, graph, "l1", x, y).scores
+    l2 = score(dense, graph, "l2", x, y).scores
+    w = dense.features[3].weight.detach()
+    assert torch.allclose(l1["features.3"], w.abs().sum((1, 2, 3)))
+    assert torch.allclose(l2["features.3"], w.flatten(1).norm(dim=1))
+
+
+def test_frame_potential_closed_form_matches_recomputation():
+    torch.manual_seed(0)
+    w = torch.randn(12, 7)
+    order = frame_potential_order(w)
+    wn = torch.nn.functional.normalize(w.double(), dim=1)
+    alive = list(range(12))
+    for step in range(12):
+        contrib = {i: sum((wn[i] @ wn[j]).item() ** 2 for j in alive) for i in alive}
+        smallest = min(contrib, key=contrib.get)
+        assert order[smallest] == step
+        alive.remove(smallest)
+
+
+def test_random_is_seeded(evci_setup):
+    dense, graph, x, y = evci_setup
+    a = score(dense, graph, "random", x, y).scores
+    b = score(dense, graph, "random", x, y).scores
+    assert all(torch.equal(a[k], b[k]) for k in a)
