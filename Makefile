@@ -16,8 +16,10 @@ test-all:
 	$(BIN)/python -m pytest -q -m ''
 
 demo:
+	mkdir -p out
 	$(BIN)/prunetool shrink samples/evci_cnn.pt --arch samples.nets:EvciCNN \
-		--data samples/mnist_subset.npz --ratio 0.6 --out /tmp/evci_cnn.shrunk.pt
+		--data samples/mnist_subset.npz --ratio 0.6 \
+		--out out/evci_cnn.shrunk.pt --json out/evci_cnn.report.json
 
 bench:
 	$(BIN)/pip install -e '.[bench]'
