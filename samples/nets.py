@@ -14,10 +14,10 @@ __all__ = ["EvciCNN", "LeNet300100", "Conv2"]
 
 
 class EvciCNN(nn.Module):
-    """Small MNIST CNN of Evci et al. (Google sparse-training work, e.g.
-    "Rigging the Lottery", ICML 2020): two 5x5 convs (8 and 16 channels), each
+    """The small MNIST CNN of U. Evci, "Detecting Dead Weights and Units in Neural
+    Networks" (MS thesis, NYU 2018, §4.2): two 5x5 convs (8 and 16 channels), each
     followed by 2x2 max pooling and ReLU, then a 256-64-10 MLP head.
-    20,522 parameters.
+    20,522 parameters; pruned at ratio 0.6 on every hidden layer it has 4,019.
     """
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -65,8 +65,9 @@ class LeNet300100(nn.Module):
 
 
 class Conv2(nn.Module):
-    """Conv-2 from Frankle & Carbin, "The Lottery Ticket Hypothesis" (ICLR
-    2019), in the 28x28 MNIST variant with BatchNorm used by Heitmann et al.:
+    """Conv-2 from Frankle & Carbin, "The Lottery Ticket Hypothesis" (ICLR 2019), as
+    studied by J. Heitmann, "Sources of Redundancy in Neural Networks" (EPFL semester
+    project), here on 28x28 MNIST and with BatchNorm:
     two 3x3 convs with 64 channels (BN + ReLU), 2x2 max pooling, then a
     9216-256-256-10 MLP head. 2,465,738 parameters (including BatchNorm affine weights;
     BatchNorm running statistics are buffers, not parameters).
