@@ -94,7 +94,7 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
         scores = score(dense, graph, criterion, x.to(device), y.to(device), bars)
     dense.to("cpu")
     scores = Scores(scores.criterion, {k: v.cpu() for k, v in scores.scores.items()},
-                    {k: v.cpu() for k, v in scores.means.items()})
+                    {g: {c: m.cpu() for c, m in per.items()} for g, per in scores.means.items()})
     keep = select(graph, scores.scores, ratio)
     means = sequential_means(dense, graph, keep, x, bars) if compensate == "mean" else scores.means
     small = cut(copy.deepcopy(dense), graph, keep, compensate, means, x, bars).eval()

@@ -89,7 +89,7 @@ def shrink_cmd(
         print(summary_line(report))
     else:
         render(report, console)
-        console.print(summary_line(report), highlight=False)
+        console.print(summary_line(report), highlight=False, soft_wrap=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -1,13 +1,16 @@
 """Cut stage: physical removal of units, with compensation for what was removed.
 
-Compensation (METHOD.md):
+Compensation (docs/METHOD.md):
 - ``none``: plain removal.
-- ``mean``: each removed unit is replaced by its dataset mean, folded into the consumer's bias
-  (or, for a consumer without bias followed by BatchNorm, into that BatchNorm's running mean).
+- ``mean``: each removed unit is replaced by its mean as each consumer reads it, folded into that
+  consumer's bias (or, for a consumer without bias followed by BatchNorm, into BN's running mean).
 - ``lstsq``: each consumer's kept weights and bias are refit by ridge least squares so that, fed by
   the already-cut model, it reproduces the dense consumer's pre-activations on calibration inputs
   (convs on unfolded patches). Consumers are refit in forward order, so each fit also absorbs the
   error of the cuts before it.
+
+All slices of one layer (it may be a producer of one group, a consumer of several, a member of others)
+are collected first and applied once, so offsets never shift under a later slice.
 """
 
 from __future__ import annotations
@@ -20,168 +23,192 @@ import torch.nn.functional as F
 from torch import nn
 
 from .progress import QUIET, Bars
-from .score import from_unit_view, unit_means, unit_view
+from .score import Means, input_hooks, mean_of, readers, replace_units, unit_means
 from .trace import Consumer, Group, Trace
 
 COMPENSATIONS = ("mean", "lstsq", "none")
 RIDGE = 1e-5  # λ relative to the mean diagonal of XᵀX: only there to keep a rank-deficient fit solvable
 ROWS_PER_CHUNK = 2 ** 21  # design-matrix elements per chunk when unfolding conv patches
+MAX_FIT_INPUTS = 10_000  # wider consumers (XᵀX over 800 MB) get only their bias refit
 
 
 def n_removed(units: int, ratio: float) -> int:
     return min(units - 1, math.floor(ratio * units + 1e-9))
 
 
-def select(trace: Trace, scores: dict[str, torch.Tensor], ratio: float | dict[str, float]) -> dict[str, torch.Tensor]:
-    """Indices of the units kept in each group: the ``floor(ratio·n)`` lowest scores go."""
+def select(trace: Trace, scores: dict[str, torch.Tensor], ratio: float | dict[str, float],
+           round_to: int = 1) -> dict[str, torch.Tensor]:
+    """Indices of the units kept in each group: the ``floor(ratio·n)`` lowest scores go.
+
+    A grouped-conv producer loses the same number from each of its blocks; with ``round_to`` the kept
+    count is rounded to a multiple of it (never below it, never above the layer's size).
+    """
     keep = {}
     for g in trace.groups:
         r = ratio[g.name] if isinstance(ratio, dict) else ratio
-        k = n_removed(g.units, r)
-        order = torch.sort(scores[g.name].double(), stable=True).indices
-        keep[g.name] = torch.sort(order[k:]).values
+        size = g.units // g.blocks
+        kept = size - n_removed(size, r)
+        if round_to > 1 and g.blocks == 1:
+            kept = min(size, max(round_to, round_to * round(kept / round_to)))
+        s = scores[g.name].double().reshape(g.blocks, size)
+        order = torch.sort(s, dim=1, stable=True, descending=True).indices[:, :kept]
+        keep[g.name] = torch.sort((order + torch.arange(g.blocks)[:, None] * size).reshape(-1)).values
     return keep
 
 
-def _input_columns(idx: torch.Tensor, spatial: int) -> torch.Tensor:
-    return (idx[:, None] * spatial + torch.arange(spatial)).reshape(-1)
+def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[idx] = False
+    return torch.nonzero(mask).reshape(-1)
 
 
-def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(t.contiguous().clone(), requires_grad=like.requires_grad)
+def _columns(c: Consumer, units: torch.Tensor) -> torch.Tensor:
+    """Input columns (Linear) or channels (Conv) of ``units`` in consumer ``c``."""
+    if isinstance(c.module, nn.Linear):
+        return ((c.offset + units)[:, None] * c.spatial + torch.arange(c.spatial)).reshape(-1)
+    return c.offset + units
 
 
-def _keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
-    module.weight = _param(module.weight.data[idx], module.weight)
-    if module.bias is not None:
-        module.bias = _param(module.bias.data[idx], module.bias)
-    if isinstance(module, nn.Linear):
-        module.out_features = len(idx)
-    else:
-        module.out_channels = len(idx)
-
-
-def _keep_norm(norm: nn.Module, idx: torch.Tensor) -> None:
-    if norm.weight is not None:
-        norm.weight = _param(norm.weight.data[idx], norm.weight)
-        norm.bias = _param(norm.bias.data[idx], norm.bias)
-    if norm.running_mean is not None:
-        norm.running_mean = norm.running_mean[idx].clone()
-        norm.running_var = norm.running_var[idx].clone()
-    norm.num_features = len(idx)
-
-
-def _keep_inputs(module: nn.Module, idx: torch.Tensor, spatial: int) -> None:
-    if isinstance(module, nn.Linear):
-        cols = _input_columns(idx, spatial)
-        module.weight = _param(module.weight.data[:, cols], module.weight)
-        module.in_features = len(cols)
-    else:
-        module.weight = _param(module.weight.data[:, idx], module.weight)
-        module.in_channels = len(idx)
-
-
-def mean_delta(consumer: Consumer, removed: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+def mean_delta(c: Consumer, removed: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """What the removed units contributed to the consumer's output, with each unit held at its mean."""
-    w = consumer.module.weight.data
-    if isinstance(consumer.module, nn.Linear):
-        cols = _input_columns(removed, consumer.spatial)
-        m = means[removed]
-        m = m.reshape(-1) if consumer.spatial > 1 else m[:, 0]
-        return w[:, cols] @ m.to(w.dtype)
-    return (w[:, removed].sum((2, 3)) * means[removed, 0].to(w.dtype)).sum(1)
+    w = c.module.weight.data
+    m = means[removed]
+    if isinstance(c.module, nn.Linear):
+        m = m.reshape(-1) if c.spatial > 1 else m[:, 0]
+        return w[:, _columns(c, removed)] @ m.to(w.dtype)
+    return (w[:, _columns(c, removed)].sum((2, 3)) * m[:, 0].to(w.dtype)).sum(1)
 
 
-def _add_to_bias(model: nn.Module, consumer: Consumer, delta: torch.Tensor) -> None:
-    module = consumer.module
+def _add_to_bias(modules: dict, c: Consumer, delta: torch.Tensor) -> None:
+    module = modules[c.name]
     if module.bias is not None:
         module.bias.data += delta
         return
-    norm = dict(model.named_modules()).get(consumer.norm_after) if consumer.norm_after else None
+    norm = modules.get(c.norm_after) if c.norm_after else None
     if norm is not None and norm.running_mean is not None:
         norm.running_mean -= delta  # BN((y' + δ) − μ) = BN(y' − (μ − δ))
     else:
         module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
 
 
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t.contiguous().clone(), requires_grad=like.requires_grad)
+
+
+class _Plan:
+    """What to drop from each layer: output units (producers, BatchNorms, depthwise convs), input columns
+    (consumers) and per-channel parameters, collected over all groups before anything is sliced."""
+
+    def __init__(self):
+        self.outputs: dict[str, set[int]] = {}
+        self.inputs: dict[str, set[int]] = {}
+        self.params: dict[tuple[str, str, int], set[int]] = {}
+
+    def add(self, table, key, idx: torch.Tensor):
+        table.setdefault(key, set()).update(idx.tolist())
+
+
+def _keep(n: int, drop: set[int]) -> torch.Tensor:
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
+
+
+def _slice_outputs(module: nn.Module, drop: set[int]) -> None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        idx = _keep(module.num_features, drop)
+        if module.weight is not None:
+            module.weight = _param(module.weight.data[idx], module.weight)
+            module.bias = _param(module.bias.data[idx], module.bias)
+        if module.running_mean is not None:
+            module.running_mean = module.running_mean[idx].clone()
+            module.running_var = module.running_var[idx].clone()
+        module.num_features = len(idx)
+        return
+    idx = _keep(module.weight.shape[0], drop)
+    module.weight = _param(module.weight.data[idx], module.weight)
+    if module.bias is not None:
+        module.bias = _param(module.bias.data[idx], module.bias)
+    if isinstance(module, nn.Linear):
+        module.out_features = len(idx)
+    elif module.groups > 1 and module.groups == module.in_channels == module.out_channels:  # depthwise member
+        module.in_channels = module.out_channels = module.groups = len(idx)
+    else:
+        module.out_channels = len(idx)
+
+
+def _slice_inputs(module: nn.Module, drop: set[int]) -> None:
+    idx = _keep(module.weight.shape[1], drop)
+    module.weight = _param(module.weight.data[:, idx], module.weight)
+    if isinstance(module, nn.Linear):
+        module.in_features = len(idx)
+    else:
+        module.in_channels = len(idx)
+
+
 def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensate: str = "mean",
-        means: dict[str, torch.Tensor] | None = None, x: torch.Tensor | None = None,
-        bars: Bars = QUIET) -> nn.Module:
+        means: Means | None = None, x: torch.Tensor | None = None, bars: Bars = QUIET) -> nn.Module:
     """Remove the units not in ``keep`` from ``model`` in place, compensating as asked; returns ``model``."""
     if compensate not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {compensate!r}")
     modules = dict(model.named_modules())
-    # The trace may come from another copy of the model: resolve every layer by name in this one.
-    groups = [_rebind(g, modules) for g in trace.groups]
     dense = copy.deepcopy(model) if compensate == "lstsq" else None
-    if compensate == "mean":
-        for g in groups:
-            removed = _complement(keep[g.name], g.units)
-            if len(removed):
-                for c in g.consumers:
-                    _add_to_bias(model, c, mean_delta(c, removed, means[g.name]))
-    for g in groups:
-        idx = keep[g.name]
-        _keep_outputs(g.producer, idx)
-        for name in g.norms:
-            _keep_norm(modules[name], idx)
+    plan = _Plan()
+    for g in trace.groups:
+        removed = complement(keep[g.name], g.units)
+        if not len(removed):
+            continue
+        for p in g.producers:
+            plan.add(plan.outputs, p.name, removed)
+        for m in g.members:
+            if m.param is None:
+                plan.add(plan.outputs, m.name, m.offset + removed)
+            else:
+                plan.add(plan.params, (m.name, m.param, m.dim), m.offset + removed)
         for c in g.consumers:
-            _keep_inputs(c.module, idx, c.spatial)
+            plan.add(plan.inputs, c.name, _columns(c, removed))
+            if compensate == "mean":
+                c = Consumer(c.name, modules[c.name], c.offset, c.spatial, c.norm_after)
+                _add_to_bias(modules, c, mean_delta(c, removed, mean_of(means, g, c)))
+    for name, drop in plan.outputs.items():
+        _slice_outputs(modules[name], drop)
+    for name, drop in plan.inputs.items():
+        _slice_inputs(modules[name], drop)
+    for (name, attr, dim), drop in plan.params.items():
+        p = getattr(modules[name], attr)
+        setattr(modules[name], attr, _param(p.data.index_select(dim, _keep(p.shape[dim], drop)), p))
     if compensate == "lstsq":
-        consumers = list(dict.fromkeys(c.name for g in groups for c in g.consumers
-                                       if len(keep[g.name]) < g.units))
-        for name in bars.track(consumers, "least-squares refit"):
-            refit(model, dense, name, keep.get(name), x)
+        for name in bars.track(sorted(plan.inputs, key=trace.order.get), "least-squares refit"):
+            out_drop = plan.outputs.get(name)
+            kept = None if out_drop is None else _keep(modules[name].weight.shape[0] + len(out_drop), out_drop)
+            refit(model, dense, name, kept, x)
     return model
 
 
-def mask_hooks(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], means: dict[str, torch.Tensor]):
-    """Hooks that make a dense model behave like the cut one: removed units read as their means."""
-    modules = dict(model.named_modules())
-    handles = []
-    for g in trace.groups:
-        removed = _complement(keep[g.name], g.units)
-        if not len(removed) or g.name not in means:
-            continue
-
-        def pre(module, args, g=g, removed=removed):
-            a = unit_view(args[0].clone(), g)
-            a[:, removed, :] = means[g.name][removed].to(a.dtype)
-            return (from_unit_view(a, g, args[0].shape), *args[1:])
-
+def mask_hooks(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], means: Means,
+               groups: list[Group] | None = None):
+    """A context in which a dense model behaves like the cut one: removed units read as their means."""
+    values = {}
+    groups = [g for g in (groups if groups is not None else trace.groups) if g.name in means]
+    for g in groups:
+        removed = complement(keep[g.name], g.units)
         for c in g.consumers:
-            handles.append(modules[c.name].register_forward_pre_hook(pre))
-    return handles
+            if len(removed):
+                values[(g.name, c.name, c.offset)] = (removed, mean_of(means, g, c)[removed])
+    return input_hooks(model, readers(trace, groups), lambda a, read: replace_units(a, read, values))
 
 
 def sequential_means(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor,
-                     bars: Bars = QUIET) -> dict[str, torch.Tensor]:
-    """Unit means measured layer by layer with the earlier layers already cut.
+                     bars: Bars = QUIET) -> Means:
+    """Unit means measured group by group with the earlier groups already cut.
 
     Cutting layer ℓ shifts what layer ℓ+1 produces, so the dense means no longer describe the units
-    that replace layer ℓ+1's removed ones; measuring each layer behind the earlier cuts keeps the
+    that replace layer ℓ+1's removed ones; measuring each group behind the earlier cuts keeps the
     replacement the mean of what the cut model actually computes.
     """
-    means: dict[str, torch.Tensor] = {}
-    for g in bars.track(trace.groups, "unit means behind earlier cuts"):
-        handles = mask_hooks(model, trace, keep, means)
-        try:
-            means[g.name] = unit_means(model, Trace([g], [], trace.input_shape, trace.output_shape), x)[g.name]
-        finally:
-            for h in handles:
-                h.remove()
+    means: Means = {}
+    for i, g in enumerate(bars.track(trace.groups, "unit means behind earlier cuts")):
+        with mask_hooks(model, trace, keep, means, trace.groups[:i]):
+            means.update(unit_means(model, trace, x, groups=[g]))
     return means
-
-
-def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[idx] = False
-    return torch.nonzero(mask).reshape(-1)
-
-
-def _rebind(g: Group, modules: dict[str, nn.Module]) -> Group:
-    consumers = [Consumer(c.name, modules[c.name], c.spatial, c.norm_after) for c in g.consumers]
-    return Group(g.name, modules[g.name], g.units, list(g.norms), consumers)
 
 
 class _Captured(Exception):
@@ -224,7 +251,9 @@ def _targets(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
 def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Tensor | None,
           x: torch.Tensor, ridge: float | None = None, batch: int = 64) -> None:
     """Ridge least-squares refit of consumer ``name`` in ``model`` to the dense model's pre-activations."""
+    ridge = RIDGE if ridge is None else ridge
     module = dict(model.named_modules())[name]
+    bias_only = module.weight[0].numel() + 1 > MAX_FIT_INPUTS
     xtx = xtz = None
     for xb in x.split(batch):
         inp = _capture(model, name, xb, output=False)
@@ -236,10 +265,17 @@ def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Ten
             z = _targets(module, tb)
             if kept_outputs is not None:
                 z = z[:, kept_outputs]
+            if bias_only:  # accumulate E[z − W·x] only
+                r = (z - design @ module.weight.data.reshape(len(z[0]), -1).T).double()
+                xtx = (0 if xtx is None else xtx) + len(r)
+                xtz = (0 if xtz is None else xtz) + r.sum(0)
+                continue
             design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype)], 1).double()
             xtx = design.T @ design if xtx is None else xtx + design.T @ design
             xtz = design.T @ z.double() if xtz is None else xtz + design.T @ z.double()
-    ridge = RIDGE if ridge is None else ridge
+    if bias_only:
+        _set_bias(module, (xtz / xtx).to(module.weight.dtype))
+        return
     d = xtx.shape[0] - 1
     reg = torch.zeros_like(xtx)
     reg.diagonal()[:d] = ridge * xtx.diagonal()[:d].mean().clamp_min(1e-12)
@@ -249,7 +285,11 @@ def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Ten
         sol = torch.linalg.lstsq(xtx + reg, xtz).solution
     w, b = sol[:d].T, sol[d]
     module.weight = _param(w.reshape(module.weight.shape).to(module.weight.dtype), module.weight)
+    _set_bias(module, b.to(module.weight.dtype))
+
+
+def _set_bias(module: nn.Module, b: torch.Tensor) -> None:
     if module.bias is None:
-        module.bias = nn.Parameter(b.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
+        module.bias = nn.Parameter(b, requires_grad=module.weight.requires_grad)
     else:
-        module.bias = _param(b.to(module.bias.dtype), module.bias)
+        module.bias = _param(b, module.bias)

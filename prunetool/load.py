@@ -116,7 +116,7 @@ def _fit_keys(state: dict, expected: set[str]) -> dict:
     best = state
     current = state
     while True:
-        if set(current) >= expected or set(current) == expected:
+        if expected <= set(current):
             return current
         heads = {k.split(".", 1)[0] for k in current}
         if len(heads) != 1 or not all("." in k for k in current):
@@ -129,7 +129,8 @@ def _fit_keys(state: dict, expected: set[str]) -> dict:
 
 def _describe_mismatch(model: nn.Module, state: dict) -> str | None:
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm's step counter is absent from old checkpoints and unused in eval: not worth refusing over
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and state[k].shape != own[k].shape]
@@ -234,7 +235,7 @@ def _load_into(model: nn.Module, state: dict, path: str, arch: str) -> None:
     problem = _describe_mismatch(model, state)
     if problem:
         raise UsageError(f"{path} does not fit --arch {arch}: {problem}; check --arch and --arch-kwargs")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
 
 
 def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) -> Checkpoint:

@@ -1,8 +1,10 @@
-"""Score stage: one number per unit, low = removed first (formulas in METHOD.md).
+"""Score stage: one number per unit, low = removed first (formulas in docs/METHOD.md).
 
-``a_i`` is what the consumer reads from unit i. For a conv consumer the unit mean is one scalar
-per channel; when a conv output is flattened into a Linear, each flattened position keeps its own
-mean (the compensation that goes with it is then exact).
+``a_i`` is what a consumer reads from unit i. For a conv consumer a unit's mean is one scalar per channel;
+when a conv output is flattened into a Linear each flattened position keeps its own mean (the compensation
+that goes with it is then exact). A group read by several consumers (coupled channels) is scored as one
+unit of removal: the first-order loss changes at all its consumers are added per sample *before* the
+absolute value, because the unit disappears from all of them at once.
 """
 
 from __future__ import annotations
@@ -15,54 +17,59 @@ import torch.nn.functional as F
 from torch import nn
 
 from .progress import QUIET, Bars
-from .trace import Group, Trace
+from .trace import Consumer, Group, Trace
 
 CRITERIA = ("mrs", "mrp", "taylor", "l1", "l2", "fp", "random")
 DATA_CRITERIA = ("mrs", "mrp", "taylor")
 BATCH = 256
 
+Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × positions)
+
 
 @dataclass
 class Scores:
-    """Per-group unit scores and the unit means (shape units × positions) that compensation uses."""
+    """Per-group unit scores and the unit means each consumer reads, which compensation uses."""
 
     criterion: str
     scores: dict[str, torch.Tensor]
-    means: dict[str, torch.Tensor]
+    means: Means
 
 
-def unit_view(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """A consumer's input as (batch, units, positions)."""
-    if isinstance(group.consumers[0].module, nn.Conv2d):
-        return x.reshape(x.shape[0], group.units, -1)
-    if group.consumers[0].spatial > 1:
-        return x.reshape(x.shape[0], group.units, -1)
-    return x.movedim(-1, 1).reshape(x.shape[0], group.units, -1)
+def unit_view(x: torch.Tensor, group: Group, consumer: Consumer) -> torch.Tensor:
+    """The group's units in a consumer's input, as a (batch, units, positions) view of ``x``."""
+    n, o = x.shape[0], consumer.offset
+    if isinstance(consumer.module, nn.Conv2d):
+        v = x.reshape(n, x.shape[1], -1)
+    elif consumer.spatial > 1:
+        v = x.reshape(n, -1, consumer.spatial)
+    else:
+        v = x.reshape(n, -1, x.shape[-1]).movedim(-1, 1)
+    return v[:, o:o + group.units]
 
 
-def from_unit_view(a: torch.Tensor, group: Group, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`unit_view`."""
-    if isinstance(group.consumers[0].module, nn.Conv2d) or group.consumers[0].spatial > 1:
-        return a.reshape(shape)
-    return a.reshape(shape[0], group.units, *shape[1:-1]).movedim(1, -1)
+def per_position(consumer: Consumer) -> bool:
+    return consumer.spatial > 1
 
 
-def per_position(group: Group) -> bool:
-    return group.consumers[0].spatial > 1
-
-
-def _batches(x: torch.Tensor, y: torch.Tensor):
-    return list(zip(x.split(BATCH), y.split(BATCH)))
+def readers(trace: Trace, groups: list[Group] | None = None) -> dict[str, list[tuple[Group, Consumer]]]:
+    """Consumer layer name → the (group, consumer) pairs it reads."""
+    out: dict[str, list] = {}
+    for g in groups if groups is not None else trace.groups:
+        for c in g.consumers:
+            out.setdefault(c.name, []).append((g, c))
+    return out
 
 
 @contextmanager
-def _hooks(model: nn.Module, trace: Trace, on_input):
+def input_hooks(model: nn.Module, pairs: dict[str, list], on_input):
+    """Forward pre-hooks on consumer layers; ``on_input(x, pairs)`` may return a replacement input."""
     modules = dict(model.named_modules())
     handles = []
-    for g in trace.groups:
-        def pre(module, args, g=g):
-            return on_input(g, args)
-        handles.append(modules[g.consumers[0].name].register_forward_pre_hook(pre))
+    for name, read in pairs.items():
+        def pre(module, args, read=read):
+            new = on_input(args[0], read)
+            return None if new is None else (new, *args[1:])
+        handles.append(modules[name].register_forward_pre_hook(pre))
     try:
         yield
     finally:
@@ -70,96 +77,134 @@ def _hooks(model: nn.Module, trace: Trace, on_input):
             h.remove()
 
 
-def _reduce_positions(a: torch.Tensor, group: Group) -> torch.Tensor:
-    return a if per_position(group) else a.sum(2, keepdim=True)
+def replace_units(x: torch.Tensor, read, values: dict) -> torch.Tensor:
+    """A copy of consumer input ``x`` with units replaced: ``values[(group, consumer)] = (indices, means)``."""
+    y = x.contiguous().clone()
+    for g, c in read:
+        if (g.name, c.name, c.offset) in values:
+            idx, m = values[(g.name, c.name, c.offset)]
+            unit_view(y, g, c)[:, idx, :] = m.to(y.dtype)
+    return y
 
 
-def unit_means(model: nn.Module, trace: Trace, x: torch.Tensor, bars: Bars = QUIET) -> dict[str, torch.Tensor]:
-    """Dataset means of every unit as its consumer reads it, over all of ``x``."""
-    sums, counts = {}, {}
+class _Sums:
+    """Running sums for dataset means per (group, consumer)."""
 
-    def on_input(g, args):
-        a = unit_view(args[0].detach(), g).double()
-        s = a.sum(0)
-        sums[g.name] = sums.get(g.name, 0) + (s if per_position(g) else s.sum(1, keepdim=True))
-        counts[g.name] = counts.get(g.name, 0) + (a.shape[0] if per_position(g) else a.shape[0] * a.shape[2])
+    def __init__(self):
+        self.sums, self.counts = {}, {}
 
-    with torch.no_grad(), _hooks(model, trace, on_input):
+    def add(self, key, view: torch.Tensor, c: Consumer):
+        s = view.double().sum(0)
+        s = s if per_position(c) else s.sum(1, keepdim=True)
+        self.sums[key] = self.sums.get(key, 0) + s
+        self.counts[key] = self.counts.get(key, 0) + view.shape[0] * (1 if per_position(c) else view.shape[2])
+
+    def means(self) -> Means:
+        out: Means = {}
+        for (g, c, o), s in self.sums.items():
+            out.setdefault(g, {})[_ckey(c, o)] = (s / self.counts[(g, c, o)]).float()
+        return out
+
+
+def _ckey(name: str, offset: int) -> str:
+    return name if offset == 0 else f"{name}@{offset}"
+
+
+def mean_of(means: Means, g: Group, c: Consumer) -> torch.Tensor:
+    return means[g.name][_ckey(c.name, c.offset)]
+
+
+def unit_means(model: nn.Module, trace: Trace, x: torch.Tensor, bars: Bars = QUIET,
+               groups: list[Group] | None = None) -> Means:
+    """Dataset means of every unit as each consumer reads it, over all of ``x``."""
+    sums = _Sums()
+
+    def on_input(a, read):
+        for g, c in read:
+            sums.add((g.name, c.name, c.offset), unit_view(a.detach(), g, c), c)
+
+    with torch.no_grad(), input_hooks(model, readers(trace, groups), on_input):
         for xb in bars.track(x.split(BATCH), "unit means"):
             model(xb)
-    return {k: (sums[k] / counts[k]).float() for k in sums}
+    return sums.means()
 
 
 def _gradient_pass(model, trace, x, y, bars: Bars):
     """One forward+backward per batch; keeps per-sample sums so MRS needs no second pass for the mean."""
-    sums, counts, grads, dots = {}, {}, {}, {}
+    sums = _Sums()
+    grads: dict[tuple, list] = {}
+    dots: dict[tuple, list] = {}
 
-    def on_input(g, args):
-        a = args[0]
-        if not a.requires_grad:
-            a = a.detach().requires_grad_()
-        view = unit_view(a.detach(), g)
-        s = view.double().sum(0)
-        sums[g.name] = sums.get(g.name, 0) + (s if per_position(g) else s.sum(1, keepdim=True))
-        counts[g.name] = counts.get(g.name, 0) + (view.shape[0] if per_position(g) else view.shape[0] * view.shape[2])
+    def on_input(a, read):
+        # A view of its own per consumer: a tensor read by several layers (a residual stream) must give each
+        # consumer the gradient through that consumer alone, not the sum over all of them.
+        a = a.view_as(a) if a.requires_grad else a.detach().requires_grad_()
+        for g, c in read:
+            sums.add((g.name, c.name, c.offset), unit_view(a.detach(), g, c), c)
 
-        def on_grad(grad, g=g, view=view):
-            gv = unit_view(grad, g)
-            grads.setdefault(g.name, []).append(_reduce_positions(gv, g).double())
-            dots.setdefault(g.name, []).append((view * gv).sum(2).double())
+        def on_grad(grad, a=a.detach(), read=read):
+            for g, c in read:
+                key = (g.name, c.name, c.offset)
+                gv, av = unit_view(grad, g, c), unit_view(a, g, c)
+                grads.setdefault(key, []).append((gv if per_position(c) else gv.sum(2, keepdim=True)).double())
+                dots.setdefault(key, []).append((av * gv).sum(2).double())
 
         a.register_hook(on_grad)
-        return (a, *args[1:])
+        return a
 
-    with _hooks(model, trace, on_input):
-        for xb, yb in bars.track(_batches(x, y), "scoring (forward+backward)"):
+    with input_hooks(model, readers(trace), on_input):
+        for xb, yb in bars.track(list(zip(x.split(BATCH), y.split(BATCH))), "scoring (forward+backward)"):
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(xb), yb, reduction="sum").backward()
     model.zero_grad(set_to_none=True)
-    means = {k: sums[k] / counts[k] for k in sums}
-    return means, {k: torch.cat(v) for k, v in grads.items()}, {k: torch.cat(v) for k, v in dots.items()}
+    return sums.means(), {k: torch.cat(v) for k, v in grads.items()}, {k: torch.cat(v) for k, v in dots.items()}
+
+
+def _first_order(trace, means, grads, dots, use_mean: bool) -> dict[str, torch.Tensor]:
+    scores = {}
+    for g in trace.groups:
+        total = 0
+        for c in g.consumers:
+            key = (g.name, c.name, c.offset)
+            change = -dots[key]
+            if use_mean:
+                change = change + (grads[key] * mean_of(means, g, c).double()).sum(2)
+            total = total + change
+        scores[g.name] = total.abs().sum(0).float()
+    return scores
 
 
 def mrs(model, trace, x, y, bars: Bars = QUIET) -> Scores:
     means, grads, dots = _gradient_pass(model, trace, x, y, bars)
-    scores = {k: ((grads[k] * means[k]).sum(2) - dots[k]).abs().sum(0).float() for k in means}
-    return Scores("mrs", scores, {k: v.float() for k, v in means.items()})
+    return Scores("mrs", _first_order(trace, means, grads, dots, True), means)
 
 
 def taylor(model, trace, x, y, bars: Bars = QUIET) -> Scores:
-    means, _, dots = _gradient_pass(model, trace, x, y, bars)
-    return Scores("taylor", {k: v.abs().sum(0).float() for k, v in dots.items()}, {k: v.float() for k, v in means.items()})
+    means, grads, dots = _gradient_pass(model, trace, x, y, bars)
+    return Scores("taylor", _first_order(trace, means, grads, dots, False), means)
 
 
 def _losses(model, x, y) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([F.cross_entropy(model(xb), yb, reduction="none") for xb, yb in _batches(x, y)])
+        return torch.cat([F.cross_entropy(model(xb), yb, reduction="none") for xb, yb in zip(x.split(BATCH), y.split(BATCH))])
 
 
 def mrp(model, trace, x, y, bars: Bars = QUIET) -> Scores:
     """Exact: the loss change when each unit alone is replaced by its mean. One forward pass per unit."""
     means = unit_means(model, trace, x)
     base = _losses(model, x, y)
-    modules = dict(model.named_modules())
-    scores = {}
+    scores = {g.name: torch.zeros(g.units) for g in trace.groups}
     jobs = [(g, i) for g in trace.groups for i in range(g.units)]
-    for g in trace.groups:
-        scores[g.name] = torch.zeros(g.units)
     for g, i in bars.track(jobs, "MRP (one forward per unit)"):
-        def pre(module, args, g=g, i=i):
-            a = unit_view(args[0].clone(), g)
-            a[:, i, :] = means[g.name][i]
-            return (from_unit_view(a, g, args[0].shape),)
-        handle = modules[g.consumers[0].name].register_forward_pre_hook(pre)
-        try:
+        values = {(g.name, c.name, c.offset): ([i], mean_of(means, g, c)[i]) for c in g.consumers}
+        with input_hooks(model, readers(trace, [g]), lambda a, read: replace_units(a, read, values)):
             scores[g.name][i] = (_losses(model, x, y) - base).abs().sum()
-        finally:
-            handle.remove()
     return Scores("mrp", scores, means)
 
 
-def _rows(group: Group) -> torch.Tensor:
-    return group.producer.weight.detach().reshape(group.units, -1)
+def incoming(group: Group) -> torch.Tensor:
+    """Each unit's incoming weights, all coupled producers side by side (units × fan-in)."""
+    return torch.cat([p.module.weight.detach().reshape(group.units, -1) for p in group.producers], 1)
 
 
 def frame_potential_order(w: torch.Tensor) -> torch.Tensor:
@@ -182,11 +227,11 @@ def weight_scores(trace: Trace, criterion: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     for g in trace.groups:
         if criterion == "l1":
-            out[g.name] = _rows(g).abs().sum(1)
+            out[g.name] = incoming(g).abs().sum(1)
         elif criterion == "l2":
-            out[g.name] = _rows(g).norm(dim=1)
+            out[g.name] = incoming(g).norm(dim=1)
         elif criterion == "fp":
-            out[g.name] = frame_potential_order(_rows(g))
+            out[g.name] = frame_potential_order(incoming(g))
         elif criterion == "random":
             out[g.name] = torch.rand(g.units, generator=gen)
     return out

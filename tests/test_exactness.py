@@ -78,12 +78,9 @@ def test_cut_model_equals_masked_dense_model(make, criterion, mnist_small):
     keep = select(graph, scores.scores, 0.5)
     means = sequential_means(dense, graph, keep, x)
     small = cut(copy.deepcopy(dense), graph, keep, "mean", means, x)
-    handles = mask_hooks(dense, graph, keep, means)
     test_x = mnist_small.test.tensors[0][:300]
-    with torch.no_grad():
+    with torch.no_grad(), mask_hooks(dense, graph, keep, means):
         masked = dense(test_x)
-    for h in handles:
-        h.remove()
     with torch.no_grad():
         assert torch.allclose(small(test_x), masked, atol=1e-5, rtol=0)
         assert not torch.allclose(small(test_x), dense(test_x), atol=1e-3), "the cut must change something"
