@@ -1,28 +1,32 @@
-"""The Python API: ``shrink`` runs load → trace → score → cut → verify → measure, like the CLI."""
+"""The Python API: ``shrink`` runs load → trace → score → cut → verify → measure, like the CLI;
+``plan`` is its dry run."""
 
 from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
-from .cut import COMPENSATIONS, cut, select, sequential_means
+from .cut import COMPENSATIONS, cut, global_ratios, select, sequential_means
 from .data import Data, calibration, eval_loader, load_data
 from .errors import UsageError
 from .load import Checkpoint, check_writable, load, serialize, write_atomic
 from .measure import evaluate, latency, macs, params
 from .progress import Bars
 from .score import CRITERIA, DATA_CRITERIA, Scores, score
-from .trace import trace
-from .verify import check_forward, check_reload
+from .trace import Trace, trace
+from .verify import check_reload, verify
 
 DEFAULT_CRITERION = "mrs"
 DEFAULT_COMPENSATION = "lstsq"
 LATENCY_BATCHES = (1, 32)
+SCOPES = ("layer", "global")
+DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def default_out(path: str) -> str:
@@ -30,13 +34,36 @@ def default_out(path: str) -> str:
     return str(p.with_name(f"{p.stem}.shrunk.pt"))
 
 
-def check_settings(criterion: str, ratio: float, compensate: str) -> None:
+def check_settings(criterion: str, ratio: float, compensate: str, scope: str = "layer",
+                   max_layer_ratio: float = 0.9, target_params: float | None = None,
+                   target_macs: float | None = None, round_to: int = 1) -> None:
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     if compensate not in COMPENSATIONS:
         raise UsageError(f"unknown compensation {compensate!r}; choose one of {', '.join(COMPENSATIONS)}")
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio {ratio} is outside [0, 1); give the fraction of units to remove, e.g. 0.5")
+    if scope not in SCOPES:
+        raise UsageError(f"unknown scope {scope!r}; choose layer or global")
+    if not 0.0 < max_layer_ratio < 1.0:
+        raise UsageError(f"--max-layer-ratio {max_layer_ratio} is outside (0, 1)")
+    for flag, value in (("--target-params", target_params), ("--target-macs", target_macs)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise UsageError(f"{flag} {value} is outside (0, 1]; give the fraction of the original to keep, e.g. 0.5")
+    if target_params is not None and target_macs is not None:
+        raise UsageError("give one of --target-params and --target-macs, not both")
+    if round_to < 1:
+        raise UsageError(f"--round-to {round_to} must be a positive integer")
+
+
+@dataclass
+class _Job:
+    ckpt: Checkpoint
+    data: Data
+    dense: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    graph: Trace
 
 
 def _as_checkpoint(model, arch, arch_kwargs, unsafe_pickle) -> Checkpoint:
@@ -45,6 +72,70 @@ def _as_checkpoint(model, arch, arch_kwargs, unsafe_pickle) -> Checkpoint:
     if isinstance(model, nn.Module):
         return Checkpoint(model.eval(), arch, arch_kwargs or {})
     return load(model, arch, arch_kwargs, unsafe_pickle)
+
+
+def _prepare(model, data, calib, input_shape, arch, arch_kwargs, unsafe_pickle, download) -> _Job:
+    ckpt = _as_checkpoint(model, arch, arch_kwargs, unsafe_pickle)
+    if not isinstance(data, Data):
+        data = load_data(data, download, input_shape)
+    dense = ckpt.model.eval()
+    x, y = calibration(data, calib, input_shape, dense if data.train is None and input_shape else None)
+    return _Job(ckpt, data, dense, x, y, trace(dense, x[:2]))
+
+
+def _keep(graph, scores, ratio, scope, max_layer_ratio, round_to):
+    per_group = global_ratios(graph, scores, ratio, max_layer_ratio) if scope == "global" else ratio
+    return select(graph, scores, per_group, round_to)
+
+
+def _structure(dense, graph, keep, input_shape) -> tuple[int, int]:
+    small = cut(copy.deepcopy(dense), graph, keep, "none")
+    return params(small), macs(small, input_shape)
+
+
+def fit_target(dense, graph, scores, scope, max_layer_ratio, round_to, metric: str, fraction: float,
+               input_shape) -> float:
+    """The smallest ratio whose cut keeps at most ``fraction`` of the original parameters or MACs."""
+    index = 0 if metric == "params" else 1
+    goal = fraction * (params(dense), macs(dense, input_shape))[index]
+
+    def size(r):
+        return _structure(dense, graph, _keep(graph, scores, r, scope, max_layer_ratio, round_to), input_shape)[index]
+
+    lo, hi = 0.0, 0.99
+    if size(hi) > goal:
+        raise UsageError(f"--target-{metric} {fraction} cannot be reached: ratio 0.99 still keeps "
+                         f"{size(hi) / (goal / fraction):.3f} of the {metric} (protected layers stay whole)")
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
+    return round(hi, 4)
+
+
+def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_layer_ratio: float = 0.9,
+         round_to: int = 1, calib: int = 256, input_shape=None, arch=None, arch_kwargs=None,
+         unsafe_pickle=False, download=False, ratios=DRY_RUN_RATIOS) -> dict:
+    """The dry run: groups found, what is protected and why, and the size each ratio would give."""
+    job = _prepare(model, data, calib, input_shape, arch, arch_kwargs, unsafe_pickle, download)
+    input_shape = tuple(job.x.shape[1:])
+    if scope == "global":
+        scores = score(job.dense, job.graph, criterion, job.x, job.y).scores
+    else:
+        scores = {g.name: torch.zeros(g.units) for g in job.graph.groups}
+    base = (params(job.dense), macs(job.dense, input_shape))
+    rows = []
+    for r in ratios:
+        p, m = _structure(job.dense, job.graph, _keep(job.graph, scores, r, scope, max_layer_ratio, round_to),
+                          input_shape)
+        rows.append({"ratio": r, "params": p, "macs": m, "params_fraction": p / base[0], "macs_fraction": m / base[1]})
+    return {
+        "command": "dry-run", "params": base[0], "macs": base[1], "input_shape": list(input_shape),
+        "groups": [{"name": g.name, "units": g.units, "producers": [p.name for p in g.producers],
+                    "consumers": [c.name for c in g.consumers], "members": [m.name for m in g.members],
+                    "blocks": g.blocks} for g in job.graph.groups],
+        "protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected],
+        "ratios": rows, "settings": {"scope": scope, "round_to": round_to, "criterion": criterion},
+    }
 
 
 def _snapshot(model, file_bytes, loader, input_shape, device, bars, label, latency_batches) -> dict:
@@ -67,26 +158,26 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
            eval: int | None = None, input_shape: tuple[int, ...] | None = None, device: str = "cpu",
            out: str | None = None, arch: str | None = None, arch_kwargs: dict | None = None,
            unsafe_pickle: bool = False, download: bool = False, progress: bool = False,
+           scope: str = "layer", max_layer_ratio: float = 0.9, target_params: float | None = None,
+           target_macs: float | None = None, round_to: int = 1,
            latency_batches: tuple[int, ...] = LATENCY_BATCHES, scores: Scores | None = None,
            measure: bool = True) -> tuple[nn.Module, dict]:
-    """Remove ``floor(ratio·n)`` units from every prunable hidden layer, compensate, verify and measure.
+    """Remove units from every prunable group, compensate, verify and measure.
 
-    ``model`` is an ``nn.Module``, a :class:`Checkpoint` or a checkpoint path. Returns the smaller
-    model and a report dict (the CLI's ``--json``). With ``out`` the model is saved there atomically
-    and the saved file is checked to reload to identical outputs.
+    ``model`` is an ``nn.Module``, a :class:`Checkpoint` or a checkpoint path. With ``scope="layer"``
+    every group loses ``floor(ratio·n)`` units; with ``"global"`` ``ratio`` of all units go, ranked across
+    groups. ``target_params``/``target_macs`` (fractions of the original) pick the ratio instead.
+    Returns the smaller model and a report dict (the CLI's ``--json``). With ``out`` the model is saved
+    there atomically and the saved file is checked to reload to identical outputs.
     """
-    check_settings(criterion, ratio, compensate)
-    ckpt = _as_checkpoint(model, arch, arch_kwargs, unsafe_pickle)
-    if out is not None:
-        check_writable(out, ckpt.path)
+    check_settings(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to)
+    if out is not None and not isinstance(model, (nn.Module, Checkpoint)):
+        check_writable(out, str(model))
     bars = Bars(progress)
-    if not isinstance(data, Data):
-        data = load_data(data, download, input_shape)
-    dense = ckpt.model.eval()
-    x, y = calibration(data, calib, input_shape, dense)
+    job = _prepare(model, data, calib, input_shape, arch, arch_kwargs, unsafe_pickle, download)
+    ckpt, dense, x, y, graph = job.ckpt, job.dense, job.x, job.y, job.graph
     input_shape = tuple(x.shape[1:])
-    graph = trace(dense, x[:2])
-    if not data.has_labels and criterion in DATA_CRITERIA:
+    if not job.data.has_labels and criterion in DATA_CRITERIA:
         warnings.warn(f"no --data: {criterion} scores come from random inputs labelled by the model itself")
 
     dense.to(device)
@@ -95,35 +186,44 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
     dense.to("cpu")
     scores = Scores(scores.criterion, {k: v.cpu() for k, v in scores.scores.items()},
                     {g: {c: m.cpu() for c, m in per.items()} for g, per in scores.means.items()})
-    keep = select(graph, scores.scores, ratio)
+    if target_params is not None or target_macs is not None:
+        metric, fraction = ("params", target_params) if target_params is not None else ("macs", target_macs)
+        ratio = fit_target(dense, graph, scores.scores, scope, max_layer_ratio, round_to, metric, fraction, input_shape)
+    keep = _keep(graph, scores.scores, ratio, scope, max_layer_ratio, round_to)
     means = sequential_means(dense, graph, keep, x, bars) if compensate == "mean" else scores.means
     small = cut(copy.deepcopy(dense), graph, keep, compensate, means, x, bars).eval()
     probe = x[: min(len(x), 64)]
-    expected = check_forward(small, probe, graph.output_shape)
+    checks = verify(dense, small, graph, keep, probe)
+    expected = checks.pop("outputs")
 
-    layers = [{"name": g.name, "units_before": g.units, "units_after": len(keep[g.name])} for g in graph.groups]
+    layers = [{"name": g.name, "units_before": g.units, "units_after": len(keep[g.name]),
+               "producers": [p.name for p in g.producers]} for g in graph.groups]
+    settings = {"criterion": criterion, "ratio": ratio, "compensation": compensate, "scope": scope,
+                "max_layer_ratio": max_layer_ratio, "target_params": target_params, "target_macs": target_macs,
+                "round_to": round_to}
     record = {
-        "command": "shrink", "criterion": criterion, "ratio": ratio, "compensation": compensate,
-        "layers": layers, "source_sha256": ckpt.sha256, "source": ckpt.path,
-        "prunetool_version": __version__, "history": ckpt.record.get("history", []) + [
-            {"command": "shrink", "criterion": criterion, "ratio": ratio, "compensation": compensate}],
+        "command": "shrink", **settings, "layers": layers, "source_sha256": ckpt.sha256, "source": ckpt.path,
+        "prunetool_version": __version__,
+        "history": ckpt.record.get("history", []) + [{"command": "shrink", **settings}],
     }
     blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record)
     if ckpt.arch is not None or out is not None:
         check_reload(blob, probe, expected)
+        checks["reload"] = "identical"
     if out is not None:
         write_atomic(out, blob)
 
     report = {
         "command": "shrink",
-        "settings": {"criterion": criterion, "ratio": ratio, "compensation": compensate, "calib": len(x),
-                     "eval": eval, "data": data.spec, "input_shape": list(input_shape), "device": device,
-                     "source": ckpt.path, "out": out, "prunetool_version": __version__},
+        "settings": {**settings, "calib": len(x), "eval": eval, "data": job.data.spec,
+                     "input_shape": list(input_shape), "device": device, "source": ckpt.path, "out": out,
+                     "prunetool_version": __version__},
         "layers": layers,
         "protected": [{"name": p.name, "reason": p.reason} for p in graph.protected],
+        "verify": checks,
     }
     if measure:
-        loader = eval_loader(data, eval)
+        loader = eval_loader(job.data, eval)
         before_bytes = ckpt.file_bytes or len(serialize(dense, ckpt.arch, ckpt.arch_kwargs))
         report["before"] = _snapshot(dense, before_bytes, loader, input_shape, device, bars, "evaluating dense",
                                      latency_batches)

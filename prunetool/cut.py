@@ -38,7 +38,7 @@ def n_removed(units: int, ratio: float) -> int:
 
 def select(trace: Trace, scores: dict[str, torch.Tensor], ratio: float | dict[str, float],
            round_to: int = 1) -> dict[str, torch.Tensor]:
-    """Indices of the units kept in each group: the ``floor(ratio·n)`` lowest scores go.
+    """Indices of the units kept in each group: the ``floor(ratio·n)`` lowest scores go (ties: lowest index).
 
     A grouped-conv producer loses the same number from each of its blocks; with ``round_to`` the kept
     count is rounded to a multiple of it (never below it, never above the layer's size).
@@ -50,10 +50,36 @@ def select(trace: Trace, scores: dict[str, torch.Tensor], ratio: float | dict[st
         kept = size - n_removed(size, r)
         if round_to > 1 and g.blocks == 1:
             kept = min(size, max(round_to, round_to * round(kept / round_to)))
-        s = scores[g.name].double().reshape(g.blocks, size)
-        order = torch.sort(s, dim=1, stable=True, descending=True).indices[:, :kept]
-        keep[g.name] = torch.sort((order + torch.arange(g.blocks)[:, None] * size).reshape(-1)).values
+        order = torch.sort(scores[g.name].double().reshape(g.blocks, size), dim=1, stable=True).indices
+        kept_idx = order[:, size - kept:] + torch.arange(g.blocks)[:, None] * size
+        keep[g.name] = torch.sort(kept_idx.reshape(-1)).values
     return keep
+
+
+def global_ratios(trace: Trace, scores: dict[str, torch.Tensor], ratio: float,
+                  max_layer_ratio: float = 0.9) -> dict[str, float]:
+    """Per-group ratios that remove ``floor(ratio·N)`` of all N units, ranked across groups.
+
+    Scores are made comparable by dividing each group's scores by their mean (a layer's typical unit
+    scores 1). No group loses more than ``floor(max_layer_ratio·n)`` units, and each keeps at least one.
+    """
+    caps = {g.name: min(g.units - 1, math.floor(max_layer_ratio * g.units + 1e-9)) for g in trace.groups}
+    entries = []
+    for g in trace.groups:
+        s = scores[g.name].double()
+        norm = s / s.mean() if s.mean() > 0 else s
+        entries += [(v, g.name) for v in norm.tolist()]
+    entries.sort(key=lambda e: e[0])
+    target = math.floor(ratio * sum(g.units for g in trace.groups) + 1e-9)
+    removed = {g.name: 0 for g in trace.groups}
+    total = 0
+    for _, name in entries:
+        if total >= target:
+            break
+        if removed[name] < caps[name]:
+            removed[name] += 1
+            total += 1
+    return {g.name: removed[g.name] / g.units for g in trace.groups}
 
 
 def complement(idx: torch.Tensor, n: int) -> torch.Tensor:

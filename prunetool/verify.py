@@ -1,13 +1,23 @@
-"""Verify stage: the produced model runs, keeps its output shape, and reloads to identical outputs."""
+"""Verify stage: never hand back a silently wrong model.
+
+After every cut: the cut model runs on calibration inputs with the dense output shape; the cut with
+nothing removed reproduces the dense model exactly; the cut equals the dense model with the removed
+units zeroed at every consumer; a unit made constant and removed with mean compensation leaves the
+outputs unchanged; and the saved file reloads to identical outputs.
+"""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import torch
 from torch import nn
 
 from .errors import VerificationError
+from .trace import Trace
+
+TOLERANCE = 1e-4  # relative to the largest output magnitude
 
 
 def check_forward(model: nn.Module, x: torch.Tensor, output_shape: tuple[int, ...]) -> torch.Tensor:
@@ -24,8 +34,85 @@ def check_forward(model: nn.Module, x: torch.Tensor, output_shape: tuple[int, ..
     return out
 
 
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def check_identity(dense: nn.Module, trace: Trace, x: torch.Tensor) -> None:
+    """A cut that keeps every unit must leave the model exactly as it was."""
+    from .cut import cut
+
+    keep = {g.name: torch.arange(g.units) for g in trace.groups}
+    same = cut(copy.deepcopy(dense), trace, keep, "none")
+    if not torch.equal(_outputs(same, x), _outputs(dense, x)):
+        raise VerificationError("a cut that removes nothing changes the outputs (ratio 0 is not exact)")
+
+
+def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+    """Removal must equal zeroing the removed units where they are read. Returns the relative difference."""
+    from .cut import complement, cut, mask_hooks
+
+    small = cut(copy.deepcopy(dense), trace, keep, "none")
+    zeros = {g.name: {_key(c): torch.zeros(g.units, 1 if c.spatial == 1 else c.spatial) for c in g.consumers}
+             for g in trace.groups}
+    with mask_hooks(dense, trace, keep, zeros):
+        masked = _outputs(dense, x)
+    diff = _relative(_outputs(small, x), masked)
+    if diff > TOLERANCE:
+        removed = sum(len(complement(keep[g.name], g.units)) for g in trace.groups)
+        raise VerificationError(f"removing {removed} units is not the same as zeroing them "
+                                f"(relative difference {diff:.2g}); the tracer misread this model")
+    return diff
+
+
+def _key(c) -> str:
+    return c.name if c.offset == 0 else f"{c.name}@{c.offset}"
+
+
+def _unpadded(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return all(p == 0 for p in module.padding) if not isinstance(module.padding, str) else module.padding == "valid"
+
+
+def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> float | None:
+    """Make one unit constant, remove it with mean compensation: outputs must not change.
+
+    Uses the first group whose consumers do not zero-pad (padding makes a constant input non-constant
+    at the borders); returns the relative difference, or None when no group qualifies.
+    """
+    from .cut import cut
+    from .score import unit_means
+
+    group = next((g for g in trace.groups if g.units > 1 and all(_unpadded(c.module) for c in g.consumers)
+                  and all(_unpadded(m.module) for m in g.members if isinstance(m.module, nn.Conv2d))), None)
+    if group is None:
+        return None
+    model = copy.deepcopy(dense)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for p in group.producers:
+            module = modules[p.name]
+            module.weight[0] = 0.0
+            if module.bias is not None:
+                module.bias[0] = 0.5
+    keep = {g.name: torch.arange(1 if g is group else 0, g.units) for g in trace.groups}
+    means = unit_means(model, trace, x, groups=[group])
+    small = cut(copy.deepcopy(model), trace, keep, "mean", means)
+    diff = _relative(_outputs(small, x), _outputs(model, x))
+    if diff > TOLERANCE:
+        raise VerificationError(f"removing a constant unit of {group.name} with mean compensation changes the "
+                                f"outputs (relative difference {diff:.2g})")
+    return diff
+
+
 def check_reload(data: bytes, x: torch.Tensor, expected: torch.Tensor) -> None:
-    """Load saved bytes back through :func:`prunetool.load.load` semantics; outputs must be identical."""
+    """Load saved bytes back as :func:`prunetool.load` does; outputs must be identical."""
     from .load import _from_object
 
     obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -35,3 +122,14 @@ def check_reload(data: bytes, x: torch.Tensor, expected: torch.Tensor) -> None:
     if not torch.equal(out, expected):
         diff = (out - expected).abs().max().item()
         raise VerificationError(f"the saved model reloads with different outputs (max abs diff {diff:.3g})")
+
+
+def verify(dense: nn.Module, small: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
+           x: torch.Tensor) -> dict:
+    """Every check on the cut model; raises :class:`VerificationError` on the first failure."""
+    out = check_forward(small, x, trace.output_shape)
+    check_identity(dense, trace, x)
+    removal = check_removal(dense, trace, keep, x)
+    constant = check_constant_unit(dense, trace, x)
+    return {"forward": "ok", "ratio_zero": "exact", "removal_rel_diff": removal,
+            "constant_unit_rel_diff": constant, "outputs": out}

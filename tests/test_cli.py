@@ -62,7 +62,9 @@ def test_json_report_fields(ckpt, mnist, tmp_path, capsys):
     assert report["before"]["file_bytes"] == os.path.getsize(SAMPLES / "evci_cnn.pt")
     assert report["accuracy_drop"] == pytest.approx(report["before"]["accuracy"] - report["after"]["accuracy"])
     assert report["settings"]["criterion"] == "l1" and report["settings"]["compensation"] == "mean"
-    assert report["layers"][0] == {"name": "features.0", "units_before": 8, "units_after": 4}
+    assert report["layers"][0] == {"name": "features.0", "units_before": 8, "units_after": 4,
+                                   "producers": ["features.0"]}
+    assert report["verify"]["ratio_zero"] == "exact" and report["verify"]["reload"] == "identical"
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("shrink: 20522 → ")
 
