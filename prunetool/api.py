@@ -177,6 +177,9 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
     job = _prepare(model, data, calib, input_shape, arch, arch_kwargs, unsafe_pickle, download)
     ckpt, dense, x, y, graph = job.ckpt, job.dense, job.x, job.y, job.graph
     input_shape = tuple(x.shape[1:])
+    if not graph.groups:
+        reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
+        raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
     if not job.data.has_labels and criterion in DATA_CRITERIA:
         warnings.warn(f"no --data: {criterion} scores come from random inputs labelled by the model itself")
 

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .progress import QUIET, Bars
 from .score import Means, input_hooks, mean_of, readers, replace_units, unit_means
@@ -241,16 +242,61 @@ class _Captured(Exception):
     pass
 
 
-def _capture(model: nn.Module, name: str, xb: torch.Tensor, output: bool) -> torch.Tensor:
-    """Run ``model`` on ``xb`` only as far as layer ``name``; return that layer's input or output."""
+class _LayerCall(TorchFunctionMode):
+    """Catches the conv2d/linear call that uses ``weight``: its real input and arguments, whatever a layer
+    subclass does before it (its own padding, say)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+        self.call = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("conv2d", "linear") and \
+                (args[1] if len(args) > 1 else kwargs.get("weight")) is self.weight:
+            self.call = _conv_arguments(func.__name__, args, kwargs)
+            raise _Captured
+        return func(*args, **kwargs)
+
+
+def _conv_arguments(name: str, args: tuple, kwargs: dict) -> dict:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    call = {**dict(zip(names, args)), **kwargs}
+    if name == "conv2d":
+        weight = call["weight"]
+        call.setdefault("stride", 1), call.setdefault("padding", 0), call.setdefault("dilation", 1)
+        if call["padding"] == "valid":
+            call["padding"] = 0
+        elif call["padding"] == "same":
+            dil = call["dilation"] if isinstance(call["dilation"], tuple) else (call["dilation"],) * 2
+            call["padding"] = tuple(d * (k - 1) // 2 for d, k in zip(dil, weight.shape[2:]))
+    return call
+
+
+def _layer_input(model: nn.Module, module: nn.Module, xb: torch.Tensor) -> dict:
+    """Run ``model`` on ``xb`` only as far as ``module``'s conv/linear call; return that call's arguments."""
+    catcher = _LayerCall(module.weight)
+    try:
+        with torch.no_grad(), catcher:
+            model(xb)
+    except _Captured:
+        pass
+    if catcher.call is None:
+        raise RuntimeError(f"{type(module).__name__} never called conv2d/linear with its own weight")
+    return catcher.call
+
+
+def _layer_output(model: nn.Module, name: str, xb: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` on ``xb`` only as far as layer ``name``; return that layer's output."""
     module = dict(model.named_modules())[name]
     box = []
 
-    def hook(mod, args, out=None):
-        box.append(out if output else args[0])
+    def hook(mod, args, out):
+        box.append(out)
         raise _Captured
 
-    handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
+    handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
             model(xb)
@@ -261,10 +307,11 @@ def _capture(model: nn.Module, name: str, xb: torch.Tensor, output: bool) -> tor
     return box[0]
 
 
-def _design(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+def _design(module: nn.Module, call: dict) -> torch.Tensor:
+    inp = call["input"]
     if isinstance(module, nn.Linear):
         return inp.reshape(-1, module.in_features)
-    cols = F.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride)
+    cols = F.unfold(inp, module.kernel_size, call["dilation"], call["padding"], call["stride"])
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -282,12 +329,12 @@ def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Ten
     bias_only = module.weight[0].numel() + 1 > MAX_FIT_INPUTS
     xtx = xtz = None
     for xb in x.split(batch):
-        inp = _capture(model, name, xb, output=False)
-        target = _capture(dense, name, xb, output=True)
-        per_sample = _design(module, inp[:1]).numel()
+        call = _layer_input(model, module, xb)
+        target = _layer_output(dense, name, xb)
+        per_sample = _design(module, {**call, "input": call["input"][:1]}).numel()
         step = max(1, ROWS_PER_CHUNK // max(per_sample, 1))
-        for ib, tb in zip(inp.split(step), target.split(step)):
-            design = _design(module, ib)
+        for ib, tb in zip(call["input"].split(step), target.split(step)):
+            design = _design(module, {**call, "input": ib})
             z = _targets(module, tb)
             if kept_outputs is not None:
                 z = z[:, kept_outputs]

@@ -86,7 +86,7 @@ def summary_line(report: dict) -> str:
 def render(report: dict, console: Console) -> None:
     s = report["settings"]
     console.print(f"[bold]prunetool {report['command']}[/bold]  criterion [cyan]{s['criterion']}[/cyan], "
-                  f"ratio [cyan]{s['ratio']}[/cyan], compensation [cyan]{s['compensation']}[/cyan], "
+                  f"ratio [cyan]{s['ratio']}[/cyan] ({s['scope']}), compensation [cyan]{s['compensation']}[/cyan], "
                   f"{s['calib']} calibration samples from {s['data']}")
     console.print(layers_table(report))
     if "before" in report:
@@ -95,8 +95,48 @@ def render(report: dict, console: Console) -> None:
             console.print(f"accuracy drop: [bold]{report['accuracy_drop']:.2f}[/bold] percentage points")
         else:
             console.print("accuracy: not measured (no --data)")
+    v = report.get("verify", {})
+    if v:
+        const = v.get("constant_unit_rel_diff")
+        console.print(f"verified: forward and output shape ok, ratio 0 exact, removal = zeroing "
+                      f"({v['removal_rel_diff']:.1e})"
+                      + (f", constant unit removed exactly ({const:.1e})" if const is not None else "")
+                      + (", reload identical" if v.get("reload") else ""))
     if s.get("out"):
         console.print(f"wrote {s['out']}")
+
+
+def render_plan(report: dict, console: Console) -> None:
+    """The dry run: groups, protected layers with reasons, and the size each ratio would give."""
+    s = report["settings"]
+    console.print(f"[bold]prunetool shrink --dry-run[/bold]  {report['params']:,} parameters, "
+                  f"{report['macs']:,} MACs at input {tuple(report['input_shape'])}, scope {s['scope']}")
+    table = Table(title=f"{len(report['groups'])} prunable groups (units removed together)", title_justify="left")
+    for col in ("group", "units", "producers", "consumers", "also sliced"):
+        table.add_column(col)
+    for g in report["groups"]:
+        table.add_row(g["name"], str(g["units"]) + (f" in {g['blocks']} blocks" if g["blocks"] > 1 else ""),
+                      _names(g["producers"]), _names(g["consumers"]), _names(g["members"]))
+    console.print(table)
+    if report["protected"]:
+        kept = Table(title=f"{len(report['protected'])} protected (kept whole)", title_justify="left")
+        kept.add_column("producer(s)")
+        kept.add_column("why")
+        for p in report["protected"]:
+            kept.add_row(p["name"], p["reason"])
+        console.print(kept)
+    sizes = Table(title="what each ratio would give", title_justify="left")
+    for col in ("ratio", "parameters", "of original", "MACs", "of original"):
+        sizes.add_column(col, justify="right")
+    for r in report["ratios"]:
+        sizes.add_row(f"{r['ratio']:.1f}", f"{r['params']:,}", f"{r['params_fraction']:.2f}", f"{r['macs']:,}",
+                      f"{r['macs_fraction']:.2f}")
+    console.print(sizes)
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit})" if len(names) > limit else "")
 
 
 def write_json(report: dict, path: str) -> None:

@@ -209,7 +209,8 @@ def record(model: nn.Module, example: torch.Tensor) -> tuple[_Graph, int, list[i
         handles.append(module.register_forward_hook(post))
     input_token = graph.token(example)
     try:
-        with torch.no_grad(), _Recorder(graph):
+        # Grad mode on: without it nn.TransformerEncoderLayer takes a fused fast path that hides its layers.
+        with torch.enable_grad(), _Recorder(graph):
             out = model(example)
     except Exception as e:
         raise UsageError(f"inputs of shape {tuple(example.shape[1:])} do not fit the model "
