@@ -85,32 +85,49 @@ def _unpadded(module: nn.Module) -> bool:
 def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> float | None:
     """Make one unit constant, remove it with mean compensation: outputs must not change.
 
-    Uses the first group whose consumers do not zero-pad (padding makes a constant input non-constant
-    at the borders); returns the relative difference, or None when no group qualifies.
+    Unit 0 of a group is made constant by zeroing its incoming weights in every producer. Only a group in
+    which that really yields a constant at every consumer qualifies (zero padding or a padded average pool on
+    the way makes the borders differ); returns the relative difference, or None when no group qualifies.
     """
     from .cut import cut
     from .score import unit_means
 
-    group = next((g for g in trace.groups if g.units > 1 and all(_unpadded(c.module) for c in g.consumers)
-                  and all(_unpadded(m.module) for m in g.members if isinstance(m.module, nn.Conv2d))), None)
-    if group is None:
-        return None
-    model = copy.deepcopy(dense)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for p in group.producers:
-            module = modules[p.name]
-            module.weight[0] = 0.0
-            if module.bias is not None:
-                module.bias[0] = 0.5
-    keep = {g.name: torch.arange(1 if g is group else 0, g.units) for g in trace.groups}
-    means = unit_means(model, trace, x, groups=[group])
-    small = cut(copy.deepcopy(model), trace, keep, "mean", means)
-    diff = _relative(_outputs(small, x), _outputs(model, x))
-    if diff > TOLERANCE:
-        raise VerificationError(f"removing a constant unit of {group.name} with mean compensation changes the "
-                                f"outputs (relative difference {diff:.2g})")
-    return diff
+    for group in trace.groups:
+        if group.units < 2 or not all(_unpadded(c.module) for c in group.consumers):
+            continue
+        model = copy.deepcopy(dense)
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for p in group.producers:
+                modules[p.name].weight[0] = 0.0
+                if modules[p.name].bias is not None:
+                    modules[p.name].bias[0] = 0.5
+        if not _constant_at_consumers(model, trace, group, x):
+            continue
+        keep = {g.name: torch.arange(1 if g is group else 0, g.units) for g in trace.groups}
+        means = unit_means(model, trace, x, groups=[group])
+        small = cut(copy.deepcopy(model), trace, keep, "mean", means)
+        diff = _relative(_outputs(small, x), _outputs(model, x))
+        if diff > TOLERANCE:
+            raise VerificationError(f"removing a constant unit of {group.name} with mean compensation changes "
+                                    f"the outputs (relative difference {diff:.2g})")
+        return diff
+    return None
+
+
+def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: torch.Tensor) -> bool:
+    from .score import input_hooks, readers, unit_view
+
+    spans = []
+
+    def on_input(a, read):
+        for g, c in read:
+            v = unit_view(a.detach(), g, c)[:, 0]
+            spans.append(((v.max() - v.min()) / v.abs().max().clamp_min(1e-12)).item())
+
+    with torch.no_grad(), input_hooks(model, readers(trace, [group]), on_input):
+        model(x)
+    return bool(spans) and max(spans) < 1e-6
 
 
 def check_reload(data: bytes, x: torch.Tensor, expected: torch.Tensor) -> None:

@@ -65,6 +65,7 @@ def test_json_report_fields(ckpt, mnist, tmp_path, capsys):
     assert report["layers"][0] == {"name": "features.0", "units_before": 8, "units_after": 4,
                                    "producers": ["features.0"]}
     assert report["verify"]["ratio_zero"] == "exact" and report["verify"]["reload"] == "identical"
+    assert report["verify"]["constant_unit_rel_diff"] < 1e-4
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("shrink: 20522 → ")
 
