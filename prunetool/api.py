@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,11 +26,6 @@ DEFAULT_COMPENSATION = "lstsq"
 LATENCY_BATCHES = (1, 32)
 SCOPES = ("layer", "global")
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def default_out(path: str) -> str:
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}.shrunk.pt"))
 
 
 def check_settings(criterion: str, ratio: float, compensate: str, scope: str = "layer",
@@ -205,7 +199,8 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
                 "max_layer_ratio": max_layer_ratio, "target_params": target_params, "target_macs": target_macs,
                 "round_to": round_to}
     record = {
-        "command": "shrink", **settings, "layers": layers, "source_sha256": ckpt.sha256, "source": ckpt.path,
+        "command": "shrink", **settings, "layers": layers, "factored": ckpt.record.get("factored", {}),
+        "source_sha256": ckpt.sha256, "source": ckpt.path,
         "prunetool_version": __version__,
         "history": ckpt.record.get("history", []) + [{"command": "shrink", **settings}],
     }

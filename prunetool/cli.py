@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,10 +13,11 @@ from rich.console import Console
 from typer.exceptions import TyperException
 
 from . import __version__
-from .api import DEFAULT_COMPENSATION, DEFAULT_CRITERION, check_settings, default_out, plan, shrink
+from .api import DEFAULT_COMPENSATION, DEFAULT_CRITERION, check_settings, plan, shrink
 from .data import parse_shape
 from .errors import UsageError, VerificationError
 from .load import check_writable, parse_arch_kwargs
+from .lowrank import lowrank
 from .report import render, render_plan, summary_line, write_json
 
 app = typer.Typer(
@@ -38,6 +40,34 @@ Examples:
   prunetool shrink r18.pt --arch torchvision.models:resnet18 --data imgs/ --scope global --target-macs 0.5
 """
 
+LOWRANK_EXAMPLES = """
+Examples:
+
+\b
+  prunetool lowrank samples/conv2.pt --arch samples.nets:Conv2 --data samples/mnist_subset.npz
+\b
+  prunetool lowrank samples/conv2.pt --arch samples.nets:Conv2 --layers 'classifier.1' --rank 10
+\b
+  prunetool lowrank model.pt --arch mypkg.nets:Net --data d.npz --data-aware --max-drop 0.5
+\b
+  prunetool lowrank evci_cnn.shrunk.pt --energy 0.9 --input-shape 1,28,28
+"""
+
+# Options shared by every command that loads a model, measures it and writes one.
+CKPT = typer.Argument(..., metavar="CKPT", help="Checkpoint: a state_dict (with --arch), prunetool output, or a pickled module.")
+ARCH = typer.Option(None, "--arch", help="Architecture as MODULE:CALLABLE, e.g. torchvision.models:resnet18.")
+ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")
+UNSAFE = typer.Option(False, "--unsafe-pickle", help="Allow unpickling a whole nn.Module (runs code from the file).")
+DATA = typer.Option(None, "--data", help="mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, an ImageFolder dir or an .npz.")
+DOWNLOAD = typer.Option(False, "--download", help="Download a torchvision dataset into ROOT if it is missing.")
+SHAPE = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 1,28,28 (needed without --data).")
+CALIB = typer.Option(1000, "--calib", help="Calibration samples from the train split (fixed seed).")
+EVAL = typer.Option(None, "--eval", help="Evaluate on this many test samples (default: all).")
+OUT = typer.Option(None, "--out", help="Output checkpoint (default: <stem>.<command>.pt beside the input).")
+JSON = typer.Option(None, "--json", help="Write the report as JSON here.")
+DEVICE = typer.Option("cpu", "--device", help="Device for scoring, evaluation and latency: cpu or cuda.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars and no tables; print the summary line.")
+
 
 def _version(value: bool):
     if value:
@@ -51,17 +81,38 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
     """Make a trained PyTorch model physically smaller and faster, then prove it."""
 
 
+def _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device) -> dict:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
+    if calib < 1:
+        raise UsageError("--calib must be at least 1")
+    return dict(input_shape=parse_shape(input_shape), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+                unsafe_pickle=unsafe_pickle, download=download, calib=calib, device=device)
+
+
+def _output(ckpt: str, out: str | None, json_path: str | None, suffix: str) -> str:
+    out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.pt"))
+    check_writable(out, ckpt)
+    if json_path:
+        check_writable(json_path, ckpt)
+    return out
+
+
+def _finish(report: dict, json_path: str | None, quiet: bool, console: Console) -> None:
+    if json_path:
+        write_json(report, json_path)
+    if quiet:
+        print(summary_line(report))
+    else:
+        render(report, console)
+        console.print(summary_line(report), highlight=False, soft_wrap=True)
+
+
 @app.command("shrink", epilog=SHRINK_EXAMPLES)
 def shrink_cmd(
-    ckpt: str = typer.Argument(..., metavar="CKPT", help="Checkpoint: a state_dict (with --arch), prunetool output, or a pickled module."),
-    arch: Optional[str] = typer.Option(None, help="Architecture as MODULE:CALLABLE, e.g. torchvision.models:resnet18."),
-    arch_kwargs: Optional[str] = typer.Option(None, help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'."),
-    unsafe_pickle: bool = typer.Option(False, help="Allow unpickling a whole nn.Module (runs code from the file)."),
-    data: Optional[str] = typer.Option(None, help="mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, an ImageFolder dir or an .npz."),
-    download: bool = typer.Option(False, help="Download a torchvision dataset into ROOT if it is missing."),
-    input_shape: Optional[str] = typer.Option(None, help="Input shape without batch, e.g. 1,28,28 (needed without --data)."),
-    calib: int = typer.Option(1000, help="Calibration samples from the train split (fixed seed)."),
-    eval_n: Optional[int] = typer.Option(None, "--eval", help="Evaluate on this many test samples (default: all)."),
+    ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
+    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    input_shape: Optional[str] = SHAPE, calib: int = CALIB, eval_n: Optional[int] = EVAL,
     criterion: str = typer.Option(DEFAULT_CRITERION, help="Unit score: mrs, mrp, taylor, l1, l2, fp or random."),
     ratio: float = typer.Option(0.5, help="Fraction of units removed: from every prunable layer (--scope layer) or of all units (--scope global), in [0, 1)."),
     scope: str = typer.Option("layer", help="layer: the same ratio in every layer; global: units ranked across layers (scores normalised per layer)."),
@@ -71,44 +122,54 @@ def shrink_cmd(
     round_to: int = typer.Option(1, help="Keep unit counts at multiples of N (hardware-friendly widths)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups found, what is protected and why, and the size each ratio would give; write nothing."),
     compensate: str = typer.Option(DEFAULT_COMPENSATION, help="What replaces removed units: lstsq, mean or none."),
-    out: Optional[str] = typer.Option(None, help="Output checkpoint (default: <stem>.shrunk.pt beside the input)."),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON here."),
-    device: str = typer.Option("cpu", help="Device for scoring, evaluation and latency: cpu or cuda."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no tables; print the summary line."),
+    out: Optional[str] = OUT, json_path: Optional[str] = JSON, device: str = DEVICE, quiet: bool = QUIET,
 ):
     """Remove units (neurons, channels) ranked by a criterion, compensate them, verify and report."""
     check_settings(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
-    if calib < 1:
-        raise UsageError("--calib must be at least 1")
+    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device)
     console = Console()
-    common = dict(input_shape=parse_shape(input_shape), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                  unsafe_pickle=unsafe_pickle, download=download)
-    if json_path:
-        check_writable(json_path, ckpt)
     if dry_run:
+        if json_path:
+            check_writable(json_path, ckpt)
+        common.pop("device")
+        common["calib"] = min(calib, 256)
         report = plan(ckpt, data, criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio,
-                      round_to=round_to, calib=min(calib, 256), **common)
+                      round_to=round_to, **common)
         if json_path:
             write_json(report, json_path)
         render_plan(report, console)
         return
-    out = out or default_out(ckpt)
-    check_writable(out, ckpt)
-    progress = console.is_terminal and not quiet
+    out = _output(ckpt, out, json_path, "shrunk")
     _, report = shrink(
-        ckpt, data, criterion, ratio, compensate, calib=calib, eval=eval_n, device=device, out=out,
-        progress=progress, scope=scope, max_layer_ratio=max_layer_ratio, target_params=target_params,
-        target_macs=target_macs, round_to=round_to, **common,
+        ckpt, data, criterion, ratio, compensate, eval=eval_n, out=out, progress=console.is_terminal and not quiet,
+        scope=scope, max_layer_ratio=max_layer_ratio, target_params=target_params, target_macs=target_macs,
+        round_to=round_to, **common,
     )
-    if json_path:
-        write_json(report, json_path)
-    if quiet:
-        print(summary_line(report))
-    else:
-        render(report, console)
-        console.print(summary_line(report), highlight=False, soft_wrap=True)
+    _finish(report, json_path, quiet, console)
+
+
+@app.command("lowrank", epilog=LOWRANK_EXAMPLES)
+def lowrank_cmd(
+    ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
+    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    input_shape: Optional[str] = SHAPE, calib: int = CALIB, eval_n: Optional[int] = EVAL,
+    rank: Optional[int] = typer.Option(None, help="Factor every chosen layer at this rank."),
+    energy: Optional[float] = typer.Option(None, help="Smallest rank keeping this fraction of Σσ², e.g. 0.9."),
+    elbow: bool = typer.Option(False, "--elbow", help="Rank at the elbow of the residual curve (the default)."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated globs of layer names (default: every Linear and Conv2d but the output head)."),
+    data_aware: bool = typer.Option(False, "--data-aware", help="Factor W·C^½ (C: calibration input covariance) instead of W."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Search the lowest ranks keeping the calibration accuracy within this many points (needs --data)."),
+    out: Optional[str] = OUT, json_path: Optional[str] = JSON, device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Factor layers into rank-k products (Linear → 2 Linears, Conv → conv + 1×1 conv), verify and report."""
+    if elbow and (rank is not None or energy is not None):
+        raise UsageError("give one of --rank, --energy and --elbow")
+    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device)
+    out = _output(ckpt, out, json_path, "lowrank")
+    console = Console()
+    _, report = lowrank(ckpt, data, rank=rank, energy=energy, layers=layers, data_aware=data_aware,
+                        max_drop=max_drop, eval=eval_n, out=out, progress=console.is_terminal and not quiet, **common)
+    _finish(report, json_path, quiet, console)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .factor import refactor
 
 FORMAT_KEY = "prunetool_format"
 FORMAT_VERSION = 1
@@ -246,6 +247,7 @@ def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) 
         raise UsageError(f"{path} records no architecture; pass --arch MODULE:CALLABLE")
     model = build_arch(arch, kwargs)
     state = obj["state_dict"]
+    refactor(model, record.get("factored", {}))
     resize_to_state_dict(model, state)
     _load_into(model, state, path, arch)
     return Checkpoint(model, arch, kwargs, record)

@@ -83,12 +83,36 @@ def summary_line(report: dict) -> str:
     return f"{report['command']}: " + ", ".join(parts)
 
 
+def factored_table(report: dict) -> Table:
+    table = Table(title="factored layers", title_justify="left")
+    for col, justify in (("layer", "left"), ("shape", "right"), ("elbow", "right"), ("rank", "right"),
+                         ("energy kept", "right"), ("params before → after", "right")):
+        table.add_column(col, justify=justify)
+    for e in report["layers"]:
+        shape = "×".join(str(d) for d in e["shape"])
+        if e["rank"] is None:
+            table.add_row(f"[dim]{e['name']}[/dim]", shape, str(e["elbow"]), "", "", f"[dim]kept: {e['skipped']}[/dim]")
+        else:
+            table.add_row(e["name"], shape, str(e["elbow"]), str(e["rank"]), f"{100 * e['energy']:.1f}%",
+                          f"{e['params_before']:,} → {e['params_after']:,}")
+    return table
+
+
 def render(report: dict, console: Console) -> None:
     s = report["settings"]
-    console.print(f"[bold]prunetool {report['command']}[/bold]  criterion [cyan]{s['criterion']}[/cyan], "
-                  f"ratio [cyan]{s['ratio']}[/cyan] ({s['scope']}), compensation [cyan]{s['compensation']}[/cyan], "
-                  f"{s['calib']} calibration samples from {s['data']}")
-    console.print(layers_table(report))
+    if report["command"] == "lowrank":
+        how = {"rank": f"rank [cyan]{s['rank']}[/cyan]", "energy": f"energy [cyan]{s['energy']}[/cyan]",
+               "elbow": "rank at the [cyan]elbow[/cyan]"}[s["method"]]
+        extra = (", data-aware" if s["data_aware"] else "") + (
+            f", accuracy budget {s['max_drop']} pp ({s['search_evaluations']} evaluations)" if s["max_drop"] is not None
+            else "")
+        console.print(f"[bold]prunetool lowrank[/bold]  {how}{extra}, {s['calib']} calibration samples from {s['data']}")
+        console.print(factored_table(report))
+    else:
+        console.print(f"[bold]prunetool {report['command']}[/bold]  criterion [cyan]{s['criterion']}[/cyan], "
+                      f"ratio [cyan]{s['ratio']}[/cyan] ({s['scope']}), compensation [cyan]{s['compensation']}[/cyan], "
+                      f"{s['calib']} calibration samples from {s['data']}")
+        console.print(layers_table(report))
     if "before" in report:
         console.print(metrics_table(report))
         if report.get("accuracy_drop") is not None:
@@ -96,7 +120,7 @@ def render(report: dict, console: Console) -> None:
         else:
             console.print("accuracy: not measured (no --data)")
     v = report.get("verify", {})
-    if v:
+    if v and "removal_rel_diff" in v:
         const = v.get("constant_unit_rel_diff")
         console.print(f"verified: forward and output shape ok, ratio 0 exact, removal = zeroing "
                       f"({v['removal_rel_diff']:.1e})"

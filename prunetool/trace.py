@@ -101,6 +101,7 @@ class Trace:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     order: dict[str, int] = field(default_factory=dict)  # layer name → position of its first call
+    heads: list[str] = field(default_factory=list)  # producers whose units are the model's outputs
 
     def group(self, name: str) -> Group:
         return next(g for g in self.groups if g.name == name)
@@ -529,8 +530,11 @@ class _Analysis:
                 self.module(node)
             else:
                 self.function(node)
+        self.output_roots = set()
         for tok in output_tokens:
             self.spaces.protect(self.ann.get(tok), "its units are model outputs")
+            for space, _ in (self.ann[tok].segs if tok in self.ann else ()):
+                self.output_roots.add(space)
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> Trace:
@@ -544,6 +548,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
     analysis = _Analysis(graph, model)
     analysis.run(input_token, output_tokens)
     groups, protected = [], []
+    output_roots = {analysis.spaces.find(i) for i in analysis.output_roots}
+    heads = [p.name for r in output_roots for p in analysis.spaces.spaces[r].producers]
     roots = dict.fromkeys(analysis.spaces.find(i) for i in range(len(analysis.spaces.spaces)))
     for root in roots:
         space = analysis.spaces.spaces[root]
@@ -566,7 +572,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
         if node.kind == "module":
             order.setdefault(node.name, i)
     groups.sort(key=lambda g: min(order[p.name] for p in g.producers))
-    return Trace(groups, protected, tuple(example.shape[1:]), output_shape[1:], order)
+    return Trace(groups, protected, tuple(example.shape[1:]), output_shape[1:], order, heads)
 
 
 def _unique(items: list) -> list:

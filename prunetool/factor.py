@@ -1,0 +1,131 @@
+"""Low-rank factorisation of layers (the surgery behind ``prunetool lowrank``; formulas in docs/METHOD.md).
+
+``W (m×n) ≈ A B`` with ``A = U_k √Σ_k`` and ``B = √Σ_k V_kᵀ``. A Linear becomes ``Linear(n→k, no bias)``
+then ``Linear(k→m)``; a ``kh×kw`` Conv2d (groups=1) becomes a ``kh×kw`` conv to k channels (same stride,
+padding, dilation) then a 1×1 conv. Both are plain ``nn.Sequential`` blocks of standard layers, so they
+trace, export to ONNX and reload like anything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+FACTORABLE = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class Spectrum:
+    """Singular values of a layer's weight matrix (or of ``W·C^½`` when data-aware)."""
+
+    sigma: torch.Tensor
+    u: torch.Tensor
+    vh: torch.Tensor
+    inv_sqrt_cov: torch.Tensor | None = None
+
+    def energy(self, k: int) -> float:
+        s2 = self.sigma.double() ** 2
+        return float(s2[:k].sum() / s2.sum()) if s2.sum() > 0 else 1.0
+
+    def residual(self) -> torch.Tensor:
+        """``r(k) = Σ_{i>k} σ_i²`` for k = 0 … rank."""
+        s2 = self.sigma.double() ** 2
+        return torch.cat([s2.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=s2.dtype)])
+
+
+def matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as out × fan-in (convs reshaped to out × in·kh·kw)."""
+    return module.weight.detach().reshape(module.weight.shape[0], -1).double()
+
+
+def factorable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
+                                             and module.padding_mode == "zeros")
+
+
+def saves(module: nn.Module, k: int) -> bool:
+    """Whether rank k stores fewer weights (for convs the MACs then drop by the same factor)."""
+    m, n = matrix(module).shape
+    return k * (m + n) < m * n
+
+
+def spectrum(module: nn.Module, cov: torch.Tensor | None = None) -> Spectrum:
+    w = matrix(module)
+    if cov is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return Spectrum(s, u, vh)
+    evals, evecs = torch.linalg.eigh(cov.double())
+    evals = evals.clamp_min(evals.max() * 1e-10)
+    sqrt = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    inv_sqrt = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    u, s, vh = torch.linalg.svd(w @ sqrt, full_matrices=False)
+    return Spectrum(s, u, vh, inv_sqrt)
+
+
+def elbow(spec: Spectrum) -> int:
+    """Kneedle on the residual curve r(k): normalised to [0, 1], the point farthest below the chord."""
+    from kneed import KneeLocator
+
+    r = spec.residual().numpy()
+    ks = list(range(len(r)))
+    if len(r) < 3 or r[0] <= 0:
+        return 1
+    knee = KneeLocator(ks, r, curve="convex", direction="decreasing").knee
+    return max(1, int(knee)) if knee is not None else max(1, len(r) // 2)
+
+
+def rank_for_energy(spec: Spectrum, energy: float) -> int:
+    s2 = spec.sigma.double() ** 2
+    kept = s2.cumsum(0) / s2.sum()
+    return int(min(len(s2), int((kept < energy - 1e-12).sum()) + 1))
+
+
+def empty_factored(module: nn.Module, k: int) -> nn.Sequential:
+    """The two-layer replacement of ``module`` at rank ``k``, weights not yet set."""
+    bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        return nn.Sequential(nn.Linear(module.in_features, k, bias=False), nn.Linear(k, module.out_features, bias=bias))
+    first = nn.Conv2d(module.in_channels, k, module.kernel_size, module.stride, module.padding, module.dilation,
+                      bias=False)
+    return nn.Sequential(first, nn.Conv2d(k, module.out_channels, 1, bias=bias))
+
+
+def factor(module: nn.Module, k: int, spec: Spectrum | None = None) -> nn.Sequential:
+    """``module`` as a rank-``k`` product (truncated SVD of W, or of W·C^½ multiplied back)."""
+    spec = spec or spectrum(module)
+    root = spec.sigma[:k].sqrt()
+    a = spec.u[:, :k] * root
+    b = root[:, None] * spec.vh[:k]
+    if spec.inv_sqrt_cov is not None:
+        b = b @ spec.inv_sqrt_cov
+    out = empty_factored(module, k)
+    dtype = module.weight.dtype
+    with torch.no_grad():
+        out[0].weight.copy_(b.reshape(out[0].weight.shape).to(dtype))
+        out[1].weight.copy_(a.reshape(out[1].weight.shape).to(dtype))
+        if module.bias is not None:
+            out[1].bias.copy_(module.bias.detach())
+    return out.train(module.training)
+
+
+def replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def refactor(model: nn.Module, factored: dict[str, int]) -> None:
+    """Give a freshly built model the factored structure recorded in a saved file (shapes only)."""
+    for name, k in factored.items():
+        replace(model, name, empty_factored(model.get_submodule(name), k))
+
+
+def params_of(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def layer_flops_fraction(module: nn.Module, k: int) -> float:
+    m, n = matrix(module).shape
+    return k * (m + n) / (m * n) if m * n else math.nan

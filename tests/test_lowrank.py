@@ -1,0 +1,132 @@
+"""lowrank: exact factorisation at full rank, rank rules, reload, ONNX, composition with shrink."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunetool
+from prunetool.cli import main
+from prunetool.factor import elbow, factor, rank_for_energy, spectrum, Spectrum
+from prunetool.lowrank import lowrank
+
+from conftest import ROOT, SAMPLES
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Linear(12, 7), (5, 12)),
+    (nn.Conv2d(3, 6, 3, stride=2, padding=1, dilation=1), (2, 3, 9, 9)),
+    (nn.Conv2d(4, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2, bias=False), (2, 4, 10, 11)),
+])
+@pytest.mark.parametrize("data_aware", [False, True])
+def test_full_rank_factorisation_is_exact(layer, shape, data_aware):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    cov = None
+    if data_aware:
+        from prunetool.lowrank import input_covariance
+
+        cov = input_covariance(nn.Sequential(layer), "0", x)
+    spec = spectrum(layer, cov)
+    full = factor(layer, len(spec.sigma), spec)
+    with torch.no_grad():
+        assert torch.allclose(full(x), layer(x), atol=1e-4)
+
+
+def test_rank_rules_on_a_known_spectrum():
+    sigma = torch.tensor([10.0, 9.0, 8.0, 0.3, 0.2, 0.1, 0.05, 0.01])
+    spec = Spectrum(sigma, torch.eye(8), torch.eye(8))
+    assert elbow(spec) == 3
+    assert rank_for_energy(spec, 0.5) == 2  # 100/245.1 < 0.5 ≤ 181/245.1
+    assert rank_for_energy(spec, 1.0) == 8
+    assert spec.energy(3) == pytest.approx(245 / float((sigma ** 2).sum()))
+
+
+def test_lowrank_samples_head_kept_and_only_saving_layers(mnist_small, tmp_path):
+    out = tmp_path / "c.pt"
+    small, report = lowrank(SAMPLES / "evci_cnn.pt", mnist_small, arch="samples.nets:EvciCNN", rank=7, calib=128,
+                            out=str(out), measure=False)
+    entries = {e["name"]: e for e in report["layers"]}
+    assert "classifier.3" not in entries, "the output head is not factored by default"
+    assert entries["features.0"]["rank"] is None and "would not save" in entries["features.0"]["skipped"]
+    assert entries["classifier.1"]["rank"] == 7 and 0 < entries["classifier.1"]["energy"] < 1
+    assert isinstance(small.classifier[1], nn.Sequential) and small.classifier[1][0].out_features == 7
+    again = prunetool.load(out).model
+    raw = torch.load(out, weights_only=True)
+    assert json.loads(raw["record"])["factored"] == {"features.3": 7, "classifier.1": 7}
+    x = mnist_small.test.tensors[0][:32]
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+
+
+def test_layers_glob_and_data_aware_beats_plain_svd(mnist_small):
+    losses = {}
+    for aware in (False, True):
+        small, report = lowrank(SAMPLES / "conv2.pt", mnist_small, arch="samples.nets:Conv2", rank=8,
+                                layers="classifier.1", data_aware=aware, calib=300, measure=False)
+        assert [e["name"] for e in report["layers"]] == ["classifier.1"]
+        x, y = mnist_small.test.tensors
+        with torch.no_grad():
+            losses[aware] = nn.functional.cross_entropy(small(x), y).item()
+    assert losses[True] < losses[False]
+
+
+def test_max_drop_search_respects_the_budget(mnist_small):
+    from prunetool.data import calibration
+
+    small, report = lowrank(SAMPLES / "lenet_300_100.pt", mnist_small, arch="samples.nets:LeNet300100",
+                            max_drop=1.0, calib=300, measure=False)
+    x, y = calibration(mnist_small, 300)
+    dense = prunetool.load(SAMPLES / "lenet_300_100.pt", arch="samples.nets:LeNet300100").model
+    with torch.no_grad():
+        acc = lambda m: 100 * (m(x).argmax(-1) == y).float().mean().item()  # noqa: E731
+        assert acc(dense) - acc(small) <= 1.0 + 1e-6
+    assert report["settings"]["search_evaluations"] > 0
+    assert any(e["rank"] for e in report["layers"])
+
+
+def test_factored_model_exports_to_onnx(tmp_path, mnist_small):
+    import onnxruntime
+
+    small, _ = lowrank(SAMPLES / "evci_cnn.pt", mnist_small, arch="samples.nets:EvciCNN", rank=3, calib=64,
+                       measure=False)
+    x = mnist_small.test.tensors[0][:5]
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(small, (x,), str(path), input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    got = onnxruntime.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - small(x).numpy()).max() < 1e-4
+
+
+def test_shrink_and_lowrank_compose_both_ways(tmp_path, mnist, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    src = tmp_path / "evci.pt"
+    src.write_bytes((SAMPLES / "evci_cnn.pt").read_bytes())
+    fast = ["--data", mnist, "--calib", "200", "--eval", "300", "-q"]
+    assert main(["lowrank", str(src), "--arch", "samples.nets:EvciCNN", "--rank", "6", *fast]) == 0
+    assert main(["shrink", str(tmp_path / "evci.lowrank.pt"), "--ratio", "0.3", *fast]) == 0
+    assert main(["shrink", str(src), "--arch", "samples.nets:EvciCNN", "--ratio", "0.3", *fast]) == 0
+    assert main(["lowrank", str(tmp_path / "evci.shrunk.pt"), "--energy", "0.95", *fast]) == 0
+    x = torch.rand(3, 1, 28, 28)
+    for name in ("evci.lowrank.shrunk.pt", "evci.shrunk.lowrank.pt"):
+        model = prunetool.load(tmp_path / name).model
+        assert model(x).shape == (3, 10)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["lowrank", "shrink", "shrink", "lowrank"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rank", "0"], "--rank"), (["--energy", "1.5"], "--energy"), (["--rank", "3", "--energy", "0.9"], "one of"),
+    (["--data-aware", "--input-shape", "1,28,28"], "--data"), (["--layers", "nothing*", "--input-shape", "1,28,28"],
+                                                              "--layers"),
+])
+def test_lowrank_bad_input(args, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    src = tmp_path / "evci.pt"
+    src.write_bytes((SAMPLES / "evci_cnn.pt").read_bytes())
+    assert main(["lowrank", str(src), "--arch", "samples.nets:EvciCNN", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evci.pt"]
