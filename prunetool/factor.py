@@ -8,7 +8,6 @@ trace, export to ONNX and reload like anything else.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +18,12 @@ FACTORABLE = (nn.Linear, nn.Conv2d)
 
 @dataclass
 class Spectrum:
-    """Singular values of a layer's weight matrix (or of ``W·C^½`` when data-aware)."""
+    """Singular values of a layer's weight matrix, or of ``W·L`` (``C = L·Lᵀ``) when data-aware."""
 
     sigma: torch.Tensor
     u: torch.Tensor
     vh: torch.Tensor
-    inv_sqrt_cov: torch.Tensor | None = None
+    chol: torch.Tensor | None = None
 
     def energy(self, k: int) -> float:
         s2 = self.sigma.double() ** 2
@@ -57,12 +56,13 @@ def spectrum(module: nn.Module, cov: torch.Tensor | None = None) -> Spectrum:
     if cov is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return Spectrum(s, u, vh)
-    evals, evecs = torch.linalg.eigh(cov.double())
-    evals = evals.clamp_min(evals.max() * 1e-10)
-    sqrt = evecs @ torch.diag(evals.sqrt()) @ evecs.T
-    inv_sqrt = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
-    u, s, vh = torch.linalg.svd(w @ sqrt, full_matrices=False)
-    return Spectrum(s, u, vh, inv_sqrt)
+    # Any square root of C gives the same singular values (W·L = W·C^½·Q, Q orthogonal); the Cholesky factor
+    # is the cheap one. A tiny ridge keeps it defined when some inputs never vary.
+    cov = cov.double()
+    cov = cov + torch.eye(len(cov), dtype=cov.dtype) * 1e-8 * cov.diagonal().mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(cov)
+    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    return Spectrum(s, u, vh, chol)
 
 
 def elbow(spec: Spectrum) -> int:
@@ -99,8 +99,8 @@ def factor(module: nn.Module, k: int, spec: Spectrum | None = None) -> nn.Sequen
     root = spec.sigma[:k].sqrt()
     a = spec.u[:, :k] * root
     b = root[:, None] * spec.vh[:k]
-    if spec.inv_sqrt_cov is not None:
-        b = b @ spec.inv_sqrt_cov
+    if spec.chol is not None:
+        b = torch.linalg.solve_triangular(spec.chol, b, upper=False, left=False)  # b·L⁻¹
     out = empty_factored(module, k)
     dtype = module.weight.dtype
     with torch.no_grad():
@@ -124,8 +124,3 @@ def refactor(model: nn.Module, factored: dict[str, int]) -> None:
 
 def params_of(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def layer_flops_fraction(module: nn.Module, k: int) -> float:
-    m, n = matrix(module).shape
-    return k * (m + n) / (m * n) if m * n else math.nan

@@ -64,7 +64,7 @@ def test_lowrank_samples_head_kept_and_only_saving_layers(mnist_small, tmp_path)
 def test_layers_glob_and_data_aware_beats_plain_svd(mnist_small):
     losses = {}
     for aware in (False, True):
-        small, report = lowrank(SAMPLES / "conv2.pt", mnist_small, arch="samples.nets:Conv2", rank=8,
+        small, report = lowrank(SAMPLES / "lenet_300_100.pt", mnist_small, arch="samples.nets:LeNet300100", rank=8,
                                 layers="classifier.1", data_aware=aware, calib=300, measure=False)
         assert [e["name"] for e in report["layers"]] == ["classifier.1"]
         x, y = mnist_small.test.tensors
