@@ -76,7 +76,7 @@ def markdown(results: dict, heitmann: dict, calib: int) -> str:
         f"| elbow rank of the residual curve | 10 | {fc1['elbow']} |",
         f"| 100·‖W₁₀‖_F/‖W‖_F | 70.25 | {100 * math.sqrt(fc1['energy']):.2f} |",
         f"| accuracy drop of the rank-10 model (pp) | 6.34 | {heitmann['accuracy_drop']:.2f} |",
-        f"| layer shape | 256×16,384 | 256×9,216 |",
+        "| layer shape | 256×16,384 | 256×9,216 |",
         f"| layer parameters at rank 10 | | {fc1['params_before']:,} → {fc1['params_after']:,} |",
         "",
         "Elbow: Kneedle (the `kneed` package) on r(k) = Σ_{i>k} σᵢ², normalised to [0, 1].",

@@ -147,6 +147,40 @@ def _snapshot(model, file_bytes, loader, input_shape, device, bars, label, laten
     return snap
 
 
+def conclude(job: _Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict,
+             probe: torch.Tensor, expected: torch.Tensor, *, factored: dict, out: str | None, eval: int | None,
+             device: str, bars: Bars, latency_batches, measure: bool, extra: dict | None = None) -> dict:
+    """The end every command shares: record what was done, save atomically after the reload check, measure
+    before and after, and build the report."""
+    ckpt = job.ckpt
+    record = {"command": command, **settings, "layers": layers, "factored": factored, "source_sha256": ckpt.sha256,
+              "source": ckpt.path, "prunetool_version": __version__,
+              "history": ckpt.record.get("history", []) + [{"command": command, **settings}]}
+    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record)
+    if ckpt.arch is not None or out is not None:
+        check_reload(blob, probe, expected)
+        checks["reload"] = "identical"
+    if out is not None:
+        write_atomic(out, blob)
+    shape = tuple(job.x.shape[1:])
+    report = {
+        "command": command,
+        "settings": {**settings, "calib": len(job.x), "eval": eval, "data": job.data.spec, "input_shape": list(shape),
+                     "device": device, "source": ckpt.path, "out": out, "prunetool_version": __version__},
+        "layers": layers, **(extra or {}), "verify": checks,
+    }
+    if measure:
+        loader = eval_loader(job.data, eval)
+        before_bytes = ckpt.file_bytes or len(serialize(job.dense, ckpt.arch, ckpt.arch_kwargs))
+        report["before"] = _snapshot(job.dense, before_bytes, loader, shape, device, bars, "evaluating dense",
+                                     latency_batches)
+        report["after"] = _snapshot(small, len(blob), loader, shape, device, bars, f"evaluating {command} output",
+                                    latency_batches)
+        acc_b, acc_a = report["before"]["accuracy"], report["after"]["accuracy"]
+        report["accuracy_drop"] = None if acc_b is None else acc_b - acc_a
+    return report
+
+
 def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, criterion: str = DEFAULT_CRITERION,
            ratio: float = 0.5, compensate: str = DEFAULT_COMPENSATION, *, calib: int = 1000,
            eval: int | None = None, input_shape: tuple[int, ...] | None = None, device: str = "cpu",
@@ -198,35 +232,8 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
     settings = {"criterion": criterion, "ratio": ratio, "compensation": compensate, "scope": scope,
                 "max_layer_ratio": max_layer_ratio, "target_params": target_params, "target_macs": target_macs,
                 "round_to": round_to}
-    record = {
-        "command": "shrink", **settings, "layers": layers, "factored": ckpt.record.get("factored", {}),
-        "source_sha256": ckpt.sha256, "source": ckpt.path,
-        "prunetool_version": __version__,
-        "history": ckpt.record.get("history", []) + [{"command": "shrink", **settings}],
-    }
-    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record)
-    if ckpt.arch is not None or out is not None:
-        check_reload(blob, probe, expected)
-        checks["reload"] = "identical"
-    if out is not None:
-        write_atomic(out, blob)
-
-    report = {
-        "command": "shrink",
-        "settings": {**settings, "calib": len(x), "eval": eval, "data": job.data.spec,
-                     "input_shape": list(input_shape), "device": device, "source": ckpt.path, "out": out,
-                     "prunetool_version": __version__},
-        "layers": layers,
-        "protected": [{"name": p.name, "reason": p.reason} for p in graph.protected],
-        "verify": checks,
-    }
-    if measure:
-        loader = eval_loader(job.data, eval)
-        before_bytes = ckpt.file_bytes or len(serialize(dense, ckpt.arch, ckpt.arch_kwargs))
-        report["before"] = _snapshot(dense, before_bytes, loader, input_shape, device, bars, "evaluating dense",
-                                     latency_batches)
-        report["after"] = _snapshot(small, len(blob), loader, input_shape, device, bars, "evaluating shrunk",
-                                    latency_batches)
-        acc_b, acc_a = report["before"]["accuracy"], report["after"]["accuracy"]
-        report["accuracy_drop"] = None if acc_b is None else acc_b - acc_a
+    protected = [{"name": p.name, "reason": p.reason} for p in graph.protected]
+    report = conclude(job, "shrink", small, settings, layers, checks, probe, expected,
+                      factored=ckpt.record.get("factored", {}), out=out, eval=eval, device=device, bars=bars,
+                      latency_batches=latency_batches, measure=measure, extra={"protected": protected})
     return small, report

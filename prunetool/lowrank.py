@@ -9,16 +9,13 @@ import fnmatch
 import torch
 from torch import nn
 
-from . import __version__
-from .api import LATENCY_BATCHES, _prepare, _snapshot
+from .api import LATENCY_BATCHES, _prepare, conclude
 from .cut import _design, _layer_input
-from .data import eval_loader
 from .errors import UsageError
 from .factor import factor, factorable, params_of, rank_for_energy, replace, saves, spectrum, elbow, matrix
-from .load import check_writable, serialize, write_atomic
-from .measure import evaluate
+from .load import check_writable
 from .progress import Bars
-from .verify import check_forward, check_reload
+from .verify import check_forward
 
 METHODS = ("elbow", "energy", "rank")
 
@@ -139,31 +136,7 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
 
     settings = {"method": method, "rank": rank, "energy": energy, "layers": layers, "data_aware": data_aware,
                 "max_drop": max_drop, "search_evaluations": evaluations}
-    record = {"command": "lowrank", **settings, "layers": entries, "factored": factored,
-              "source_sha256": job.ckpt.sha256, "source": job.ckpt.path, "prunetool_version": __version__,
-              "history": job.ckpt.record.get("history", []) + [{"command": "lowrank", **settings}]}
-    blob = serialize(small, job.ckpt.arch, job.ckpt.arch_kwargs, record)
-    checks = {"forward": "ok"}
-    if job.ckpt.arch is not None or out is not None:
-        check_reload(blob, probe, expected)
-        checks["reload"] = "identical"
-    if out is not None:
-        write_atomic(out, blob)
-    report = {
-        "command": "lowrank",
-        "settings": {**settings, "calib": len(x), "eval": eval, "data": job.data.spec,
-                     "input_shape": list(x.shape[1:]), "device": device, "source": job.ckpt.path, "out": out,
-                     "prunetool_version": __version__},
-        "layers": entries, "verify": checks,
-    }
-    if measure:
-        loader = eval_loader(job.data, eval)
-        shape = tuple(x.shape[1:])
-        before_bytes = job.ckpt.file_bytes or len(serialize(dense, job.ckpt.arch, job.ckpt.arch_kwargs))
-        report["before"] = _snapshot(dense, before_bytes, loader, shape, device, bars, "evaluating dense",
-                                     latency_batches)
-        report["after"] = _snapshot(small, len(blob), loader, shape, device, bars, "evaluating factored",
-                                    latency_batches)
-        acc_b, acc_a = report["before"]["accuracy"], report["after"]["accuracy"]
-        report["accuracy_drop"] = None if acc_b is None else acc_b - acc_a
+    report = conclude(job, "lowrank", small, settings, entries, {"forward": "ok"}, probe, expected,
+                      factored=factored, out=out, eval=eval, device=device, bars=bars,
+                      latency_batches=latency_batches, measure=measure)
     return small, report

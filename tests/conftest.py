@@ -82,3 +82,26 @@ def functional_net(seed: int = 0) -> nn.Module:
         model.bn2.weight.uniform_(0.5, 1.5)
         model.bn2.bias.uniform_(-0.1, 0.1)
     return model.eval()
+
+
+def traced(model: nn.Module, data: Data, n: int):
+    """``model`` with ``n`` calibration samples of ``data`` and its trace."""
+    from prunetool.data import calibration
+    from prunetool.trace import trace
+
+    x, y = calibration(data, n)
+    return model, trace(model, x[:2]), x, y
+
+
+def mean_cut_and_masked(model, graph, keep, x, test_x):
+    """Outputs of the mean-compensated cut and of the dense model with removed units read as those means."""
+    import copy
+
+    from prunetool.cut import cut, mask_hooks, sequential_means
+
+    means = sequential_means(model, graph, keep, x)
+    small = cut(copy.deepcopy(model), graph, keep, "mean", means, x)
+    with torch.no_grad():
+        with mask_hooks(model, graph, keep, means):
+            masked = model(test_x)
+        return small, small(test_x), masked

@@ -1,7 +1,6 @@
 """Tracing and cutting beyond chains: residual adds, squeeze-excitation, concat, depthwise and grouped
 convs, transformer MLPs, layer subclasses; protection of what cannot be cut; scopes and targets."""
 
-import copy
 import json
 
 import pytest
@@ -11,11 +10,12 @@ from torch import nn
 
 import prunetool
 from prunetool.cli import main
-from prunetool.cut import complement, cut, global_ratios, mask_hooks, select, sequential_means
-from prunetool.data import calibration
+from prunetool.cut import global_ratios, select
 from prunetool.errors import UsageError
 from prunetool.score import score
 from prunetool.trace import trace
+
+from conftest import mean_cut_and_masked, traced
 
 
 class SEBlock(nn.Module):
@@ -74,9 +74,7 @@ def branchy() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def branchy_setup(mnist_small):
-    model = branchy()
-    x, y = calibration(mnist_small, 200)
-    return model, trace(model, x[:2]), x, y
+    return traced(branchy(), mnist_small, 200)
 
 
 def test_coupled_channels_form_one_group(branchy_setup):
@@ -97,15 +95,9 @@ def test_coupled_channels_form_one_group(branchy_setup):
 @pytest.mark.parametrize("criterion", ["mrs", "l2", "fp"])
 def test_coupled_cut_equals_masked_dense_model(branchy_setup, criterion, mnist_small):
     model, graph, x, y = branchy_setup
-    scores = score(model, graph, criterion, x, y)
-    keep = select(graph, scores.scores, 0.4)
-    means = sequential_means(model, graph, keep, x)
-    small = cut(copy.deepcopy(model), graph, keep, "mean", means, x)
-    test_x = mnist_small.test.tensors[0][:100]
-    with torch.no_grad(), mask_hooks(model, graph, keep, means):
-        masked = model(test_x)
-    with torch.no_grad():
-        assert torch.allclose(small(test_x), masked, atol=1e-5, rtol=0)
+    keep = select(graph, score(model, graph, criterion, x, y).scores, 0.4)
+    small, cut_out, masked = mean_cut_and_masked(model, graph, keep, x, mnist_small.test.tensors[0][:100])
+    assert torch.allclose(cut_out, masked, atol=1e-5, rtol=0)
     assert small.block1.dw.groups == small.block1.dw.out_channels == len(keep["block1.conv1"])
 
 

@@ -4,18 +4,14 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from prunetool.data import calibration
 from prunetool.score import frame_potential_order, score
-from prunetool.trace import trace
 
-from conftest import evci_cnn
+from conftest import evci_cnn, traced
 
 
 @pytest.fixture(scope="module")
 def evci_setup(mnist_small):
-    dense = evci_cnn()
-    x, y = calibration(mnist_small, 500)
-    return dense, trace(dense, x[:2]), x, y
+    return traced(evci_cnn(), mnist_small, 500)
 
 
 def test_mrs_ranks_units_like_mrp(evci_setup):

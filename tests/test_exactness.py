@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import prunetool
-from prunetool.cut import cut, mask_hooks, select, sequential_means
+from prunetool.cut import cut, select
 from prunetool.data import calibration
 from prunetool.score import score
 from prunetool.trace import trace
 
-from conftest import conv2_bn, evci_cnn, functional_net
+from conftest import conv2_bn, evci_cnn, functional_net, mean_cut_and_masked, traced
 
 
 @pytest.mark.parametrize("compensate", ["mean", "lstsq", "none"])
@@ -71,19 +71,13 @@ def test_constant_unit_into_biasless_conv_is_absorbed_by_batchnorm(mnist_small):
 @pytest.mark.parametrize("criterion", ["mrs", "l2"])
 def test_cut_model_equals_masked_dense_model(make, criterion, mnist_small):
     """Cut + mean compensation == the dense model with removed units replaced by their means."""
-    dense = make()
-    x, y = calibration(mnist_small, 300)
-    graph = trace(dense, x[:2])
-    scores = score(dense, graph, criterion, x, y)
-    keep = select(graph, scores.scores, 0.5)
-    means = sequential_means(dense, graph, keep, x)
-    small = cut(copy.deepcopy(dense), graph, keep, "mean", means, x)
+    dense, graph, x, y = traced(make(), mnist_small, 300)
+    keep = select(graph, score(dense, graph, criterion, x, y).scores, 0.5)
     test_x = mnist_small.test.tensors[0][:300]
-    with torch.no_grad(), mask_hooks(dense, graph, keep, means):
-        masked = dense(test_x)
+    _, cut_out, masked = mean_cut_and_masked(dense, graph, keep, x, test_x)
+    assert torch.allclose(cut_out, masked, atol=1e-5, rtol=0)
     with torch.no_grad():
-        assert torch.allclose(small(test_x), masked, atol=1e-5, rtol=0)
-        assert not torch.allclose(small(test_x), dense(test_x), atol=1e-3), "the cut must change something"
+        assert not torch.allclose(cut_out, dense(test_x), atol=1e-3), "the cut must change something"
 
 
 def test_lstsq_recovers_a_duplicated_unit(mnist_small):

@@ -1,6 +1,5 @@
 """Loading checkpoints in every accepted form, and saving prunetool's own."""
 
-import io
 import json
 
 import pytest
@@ -75,7 +74,7 @@ def test_shrunk_output_is_a_valid_input_again(tmp_path, mnist_small):
 
 def test_biasless_conv_gaining_a_bias_reloads(tmp_path, mnist_small):
     """lstsq gives a biasless consumer a bias; the reload must recreate it."""
-    from conftest import FunctionalNet, functional_net
+    from conftest import functional_net
 
     out = tmp_path / "f.pt"
     model = functional_net()
