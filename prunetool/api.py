@@ -14,6 +14,7 @@ from . import __version__
 from .cut import COMPENSATIONS, cut, global_ratios, select, sequential_means
 from .data import Data, calibration, eval_loader, load_data
 from .errors import UsageError
+from .export import export_onnx
 from .load import Checkpoint, check_writable, load, serialize, write_atomic
 from .measure import evaluate, latency, macs, params
 from .progress import Bars
@@ -149,11 +150,13 @@ def _snapshot(model, file_bytes, loader, input_shape, device, bars, label, laten
 
 def conclude(job: _Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict,
              probe: torch.Tensor, expected: torch.Tensor, *, factored: dict, out: str | None, eval: int | None,
-             device: str, bars: Bars, latency_batches, measure: bool, extra: dict | None = None) -> dict:
-    """The end every command shares: record what was done, save atomically after the reload check, measure
-    before and after, and build the report."""
+             device: str, bars: Bars, latency_batches, measure: bool, extra: dict | None = None,
+             onnx: str | None = None) -> dict:
+    """The end every command shares: record what was done, save atomically after the reload check, export
+    and check ONNX, measure before and after, and build the report."""
     ckpt = job.ckpt
     record = {"command": command, **settings, "layers": layers, "factored": factored, "source_sha256": ckpt.sha256,
+              "input_shape": list(job.x.shape[1:]),
               "source": ckpt.path, "prunetool_version": __version__,
               "history": ckpt.record.get("history", []) + [{"command": command, **settings}]}
     blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record)
@@ -169,6 +172,8 @@ def conclude(job: _Job, command: str, small: nn.Module, settings: dict, layers: 
                      "device": device, "source": ckpt.path, "out": out, "prunetool_version": __version__},
         "layers": layers, **(extra or {}), "verify": checks,
     }
+    if onnx is not None:
+        report["onnx"] = export_onnx(small, probe, onnx, latency_batches=latency_batches)
     if measure:
         loader = eval_loader(job.data, eval)
         before_bytes = ckpt.file_bytes or len(serialize(job.dense, ckpt.arch, ckpt.arch_kwargs))
@@ -189,7 +194,7 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
            scope: str = "layer", max_layer_ratio: float = 0.9, target_params: float | None = None,
            target_macs: float | None = None, round_to: int = 1,
            latency_batches: tuple[int, ...] = LATENCY_BATCHES, scores: Scores | None = None,
-           measure: bool = True) -> tuple[nn.Module, dict]:
+           measure: bool = True, onnx: str | None = None) -> tuple[nn.Module, dict]:
     """Remove units from every prunable group, compensate, verify and measure.
 
     ``model`` is an ``nn.Module``, a :class:`Checkpoint` or a checkpoint path. With ``scope="layer"``
@@ -235,5 +240,5 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
     protected = [{"name": p.name, "reason": p.reason} for p in graph.protected]
     report = conclude(job, "shrink", small, settings, layers, checks, probe, expected,
                       factored=ckpt.record.get("factored", {}), out=out, eval=eval, device=device, bars=bars,
-                      latency_batches=latency_batches, measure=measure, extra={"protected": protected})
+                      latency_batches=latency_batches, measure=measure, extra={"protected": protected}, onnx=onnx)
     return small, report

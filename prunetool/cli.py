@@ -16,9 +16,12 @@ from . import __version__
 from .api import DEFAULT_COMPENSATION, DEFAULT_CRITERION, check_settings, plan, shrink
 from .data import parse_shape
 from .errors import UsageError, VerificationError
-from .load import check_writable, parse_arch_kwargs
+from .load import check_writable, parse_arch_kwargs, write_atomic
 from .lowrank import lowrank
-from .report import render, render_plan, summary_line, write_json
+from .bench import bench
+from .config import default_map, read as read_config
+from .export import DEFAULT_ATOL, export_onnx
+from .report import budget_failures, render, render_bench, render_plan, summary_line, summary_markdown, write_json
 
 app = typer.Typer(
     help="Make a trained PyTorch model physically smaller and faster, then prove it.",
@@ -67,6 +70,13 @@ OUT = typer.Option(None, "--out", help="Output checkpoint (default: <stem>.<comm
 JSON = typer.Option(None, "--json", help="Write the report as JSON here.")
 DEVICE = typer.Option("cpu", "--device", help="Device for scoring, evaluation and latency: cpu or cuda.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars and no tables; print the summary line.")
+NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars and no colour, even on a terminal.")
+ONNX = typer.Option(None, "--onnx", help="Also export the result to ONNX here and check it against onnxruntime.")
+ONNX_ATOL = typer.Option(DEFAULT_ATOL, "--onnx-atol", help="Largest |onnxruntime − PyTorch| accepted; above it the command exits 1.")
+MIN_SPEEDUP = typer.Option(None, "--min-speedup", help="Budget: measured latency speed-up at --speedup-batch must reach this.")
+SPEEDUP_BATCH = typer.Option(1, "--speedup-batch", help="Batch size at which --min-speedup is measured.")
+MAX_PARAMS = typer.Option(None, "--max-params", help="Budget: parameters after, as a count (> 1) or a fraction of the original (≤ 1).")
+SUMMARY_MD = typer.Option(None, "--summary-md", help="Write a Markdown summary (for $GITHUB_STEP_SUMMARY) here.")
 
 
 def _version(value: bool):
@@ -76,9 +86,14 @@ def _version(value: bool):
 
 
 @app.callback()
-def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                              help="Print the version and exit.")):
+def main_options(ctx: typer.Context,
+                 version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="Print the version and exit."),
+                 config: Optional[str] = typer.Option(None, "--config", help="Options file (default: ./prunetool.toml, else [tool.prunetool] in ./pyproject.toml); flags override it.")):
     """Make a trained PyTorch model physically smaller and faster, then prove it."""
+    table, source = read_config(config)
+    if table:
+        ctx.default_map = default_map(table, ctx.command.commands, source)
 
 
 def _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device) -> dict:
@@ -90,22 +105,40 @@ def _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib
                 unsafe_pickle=unsafe_pickle, download=download, calib=calib, device=device)
 
 
-def _output(ckpt: str, out: str | None, json_path: str | None, suffix: str) -> str:
+def _output(ckpt: str, out: str | None, json_path: str | None, suffix: str, *others: str | None) -> str:
     out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.pt"))
-    check_writable(out, ckpt)
-    if json_path:
-        check_writable(json_path, ckpt)
+    for path in (out, json_path, *others):
+        if path:
+            check_writable(path, ckpt)
     return out
 
 
-def _finish(report: dict, json_path: str | None, quiet: bool, console: Console) -> None:
+def _console(no_progress: bool) -> Console:
+    width = None if sys.stdout.isatty() else 160  # logs: wide enough for the tables, never wrapped at 80
+    return Console(no_color=True, highlight=False, width=width) if no_progress else Console(width=width)
+
+
+def _finish(report: dict, json_path: str | None, quiet: bool, console: Console, summary_md: str | None,
+            budgets: dict) -> None:
+    failures = budget_failures(report, **budgets)
+    report["budgets"] = {"failures": failures, **{k: v for k, v in budgets.items() if v is not None}}
     if json_path:
         write_json(report, json_path)
+    if summary_md:
+        write_atomic(summary_md, summary_markdown(report, failures).encode())
     if quiet:
         print(summary_line(report))
     else:
         render(report, console)
         console.print(summary_line(report), highlight=False, soft_wrap=True)
+    if failures:
+        for line in failures:
+            print(f"prunetool: budget missed: {line}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _latency_batches(speedup_batch: int) -> tuple[int, ...]:
+    return tuple(sorted({1, 32, speedup_batch}))
 
 
 @app.command("shrink", epilog=SHRINK_EXAMPLES)
@@ -122,12 +155,16 @@ def shrink_cmd(
     round_to: int = typer.Option(1, help="Keep unit counts at multiples of N (hardware-friendly widths)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups found, what is protected and why, and the size each ratio would give; write nothing."),
     compensate: str = typer.Option(DEFAULT_COMPENSATION, help="What replaces removed units: lstsq, mean or none."),
-    out: Optional[str] = OUT, json_path: Optional[str] = JSON, device: str = DEVICE, quiet: bool = QUIET,
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Budget: accuracy drop in percentage points (needs --data)."),
+    min_speedup: Optional[float] = MIN_SPEEDUP, speedup_batch: int = SPEEDUP_BATCH,
+    max_params: Optional[float] = MAX_PARAMS, onnx: Optional[str] = ONNX, onnx_atol: float = ONNX_ATOL,
+    out: Optional[str] = OUT, json_path: Optional[str] = JSON, summary_md: Optional[str] = SUMMARY_MD,
+    device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
 ):
     """Remove units (neurons, channels) ranked by a criterion, compensate them, verify and report."""
     check_settings(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to)
     common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device)
-    console = Console()
+    console = _console(no_progress)
     if dry_run:
         if json_path:
             check_writable(json_path, ckpt)
@@ -139,13 +176,16 @@ def shrink_cmd(
             write_json(report, json_path)
         render_plan(report, console)
         return
-    out = _output(ckpt, out, json_path, "shrunk")
+    out = _output(ckpt, out, json_path, "shrunk", onnx, summary_md)
     _, report = shrink(
-        ckpt, data, criterion, ratio, compensate, eval=eval_n, out=out, progress=console.is_terminal and not quiet,
-        scope=scope, max_layer_ratio=max_layer_ratio, target_params=target_params, target_macs=target_macs,
-        round_to=round_to, **common,
+        ckpt, data, criterion, ratio, compensate, eval=eval_n, out=out,
+        progress=console.is_terminal and not (quiet or no_progress), scope=scope, max_layer_ratio=max_layer_ratio,
+        target_params=target_params, target_macs=target_macs, round_to=round_to, onnx=onnx,
+        latency_batches=_latency_batches(speedup_batch), **common,
     )
-    _finish(report, json_path, quiet, console)
+    _finish(report, json_path, quiet, console, summary_md, dict(
+        max_drop=max_drop, min_speedup=min_speedup, speedup_batch=speedup_batch, max_params=max_params,
+        onnx_atol=onnx_atol))
 
 
 @app.command("lowrank", epilog=LOWRANK_EXAMPLES)
@@ -158,18 +198,97 @@ def lowrank_cmd(
     elbow: bool = typer.Option(False, "--elbow", help="Rank at the elbow of the residual curve (the default)."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated globs of layer names (default: every Linear and Conv2d but the output head)."),
     data_aware: bool = typer.Option(False, "--data-aware", help="Factor W·C^½ (C: calibration input covariance) instead of W."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Search the lowest ranks keeping the calibration accuracy within this many points (needs --data)."),
-    out: Optional[str] = OUT, json_path: Optional[str] = JSON, device: str = DEVICE, quiet: bool = QUIET,
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Search the lowest ranks keeping the calibration accuracy within this many points, and hold the test accuracy drop to it as a budget (needs --data)."),
+    min_speedup: Optional[float] = MIN_SPEEDUP, speedup_batch: int = SPEEDUP_BATCH,
+    max_params: Optional[float] = MAX_PARAMS, onnx: Optional[str] = ONNX, onnx_atol: float = ONNX_ATOL,
+    out: Optional[str] = OUT, json_path: Optional[str] = JSON, summary_md: Optional[str] = SUMMARY_MD,
+    device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
 ):
     """Factor layers into rank-k products (Linear → 2 Linears, Conv → conv + 1×1 conv), verify and report."""
     if elbow and (rank is not None or energy is not None):
         raise UsageError("give one of --rank, --energy and --elbow")
     common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device)
-    out = _output(ckpt, out, json_path, "lowrank")
-    console = Console()
+    out = _output(ckpt, out, json_path, "lowrank", onnx, summary_md)
+    console = _console(no_progress)
     _, report = lowrank(ckpt, data, rank=rank, energy=energy, layers=layers, data_aware=data_aware,
-                        max_drop=max_drop, eval=eval_n, out=out, progress=console.is_terminal and not quiet, **common)
-    _finish(report, json_path, quiet, console)
+                        max_drop=max_drop, eval=eval_n, out=out, progress=console.is_terminal and not (quiet or no_progress),
+                        onnx=onnx, latency_batches=_latency_batches(speedup_batch), **common)
+    _finish(report, json_path, quiet, console, summary_md, dict(
+        max_drop=max_drop, min_speedup=min_speedup, speedup_batch=speedup_batch, max_params=max_params,
+        onnx_atol=onnx_atol))
+
+
+@app.command("export", epilog="""
+Examples:
+
+\b
+  prunetool export evci_cnn.shrunk.pt --onnx evci.onnx
+\b
+  prunetool export model.pt --arch torchvision.models:resnet18 --input-shape 3,224,224 --onnx r18.onnx
+""")
+def export_cmd(
+    ckpt: str = CKPT, onnx: str = typer.Option(..., "--onnx", help="Where to write the .onnx file."),
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
+    data: Optional[str] = DATA, input_shape: Optional[str] = SHAPE, calib: int = typer.Option(64, "--calib", help="Inputs compared between PyTorch and onnxruntime."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version."), onnx_atol: float = ONNX_ATOL,
+    json_path: Optional[str] = JSON,
+):
+    """Export a checkpoint prunetool loads to ONNX (dynamic batch), run onnx.checker and compare onnxruntime
+    with PyTorch."""
+    from .api import _prepare
+
+    for path in (onnx, json_path):
+        if path:
+            check_writable(path, ckpt)
+    job = _prepare(ckpt, data, calib, parse_shape(input_shape), arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle,
+                   False)
+    info = export_onnx(job.dense, job.x[:calib], onnx, opset)
+    report = {"command": "export", "source": ckpt, "onnx": info}
+    if json_path:
+        write_json(report, json_path)
+    print(f"export: {onnx} (opset {opset}), max |onnxruntime − PyTorch| = {info['max_abs_diff']:.2g} on "
+          f"{min(calib, len(job.x))} inputs, onnxruntime {info['ort_latency_ms']['1']:.3f} ms at batch 1")
+    failures = budget_failures(report, onnx_atol=onnx_atol)
+    if failures:
+        print(f"prunetool: verification failed: {failures[0]}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command("bench", epilog="""
+Examples:
+
+\b
+  prunetool bench model.pt model.shrunk.pt --arch mypkg.nets:Net --input-shape 1,28,28
+\b
+  prunetool bench a.pt b.pt --batch-sizes 1,8,64 --threads 4 --no-onnx --json bench.json
+""")
+def bench_cmd(
+    ckpts: list[str] = typer.Argument(..., metavar="CKPT...", help="Checkpoints to compare; ratios are to the first."),
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
+    input_shape: Optional[str] = SHAPE,
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and onnxruntime."),
+    device: str = DEVICE, onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time onnxruntime (CPU)."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed runs first."),
+    runs: int = typer.Option(50, "--runs", help="Timed runs at most (stops after 1 s once 5 are done)."),
+    json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
+):
+    """Latency (median, p90), throughput and peak memory of checkpoints side by side, PyTorch eager and
+    onnxruntime."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise UsageError(f"--batch-sizes {batch_sizes!r} is not a list of integers; write it like 1,32") from None
+    if json_path:
+        check_writable(json_path)
+    console = _console(no_progress)
+    report = bench(ckpts, parse_shape(input_shape), sizes, threads, device, onnx, warmup, runs, arch,
+                   parse_arch_kwargs(arch_kwargs), unsafe_pickle, progress=console.is_terminal and not no_progress)
+    if json_path:
+        write_json(report, json_path)
+    render_bench(report, console)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -179,7 +298,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
-        app(args=argv, standalone_mode=False, prog_name="prunetool")
+        # Without standalone mode, click hands back typer.Exit's code as the return value.
+        code = app(args=argv, standalone_mode=False, prog_name="prunetool")
     except UsageError as e:
         print(f"prunetool: error: {e}", file=sys.stderr)
         return 2
@@ -201,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; see {where} --help" if code == 2 else ""
         print(f"prunetool: error: {e.format_message()}{hint}", file=sys.stderr)
         return code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
             data_aware: bool = False, max_drop: float | None = None, calib: int = 1000, eval: int | None = None,
             input_shape=None, device: str = "cpu", out: str | None = None, arch=None, arch_kwargs=None,
             unsafe_pickle: bool = False, download: bool = False, progress: bool = False,
-            latency_batches=LATENCY_BATCHES, measure: bool = True) -> tuple[nn.Module, dict]:
+            latency_batches=LATENCY_BATCHES, measure: bool = True, onnx: str | None = None) -> tuple[nn.Module, dict]:
     """Factor layers into rank-k products; the rank by ``rank``, ``energy``, or the elbow (default)."""
     if rank is not None and energy is not None:
         raise UsageError("give one of --rank, --energy and --elbow")
@@ -138,5 +138,5 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
                 "max_drop": max_drop, "search_evaluations": evaluations}
     report = conclude(job, "lowrank", small, settings, entries, {"forward": "ok"}, probe, expected,
                       factored=factored, out=out, eval=eval, device=device, bars=bars,
-                      latency_batches=latency_batches, measure=measure)
+                      latency_batches=latency_batches, measure=measure, onnx=onnx)
     return small, report

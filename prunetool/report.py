@@ -165,3 +165,68 @@ def _names(names: list[str], limit: int = 3) -> str:
 
 def write_json(report: dict, path: str) -> None:
     write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+
+
+def budget_failures(report: dict, max_drop: float | None = None, min_speedup: float | None = None,
+                    speedup_batch: int = 1, max_params: float | None = None, onnx_atol: float | None = None) -> list[str]:
+    """One line per missed budget or failed ONNX check; empty when everything holds."""
+    lines = []
+    b, a = report.get("before", {}), report.get("after", {})
+    if max_drop is not None:
+        drop = report.get("accuracy_drop")
+        if drop is None:
+            lines.append(f"--max-drop {max_drop} needs accuracy: pass --data")
+        elif drop > max_drop:
+            lines.append(f"accuracy drop {drop:.2f} pp is above --max-drop {max_drop:g} pp by {drop - max_drop:.2f}")
+    if min_speedup is not None:
+        key = str(speedup_batch)
+        speedup = b["latency_ms"][key] / a["latency_ms"][key]
+        if speedup < min_speedup:
+            lines.append(f"speed-up {speedup:.2f}× at batch {speedup_batch} is below --min-speedup {min_speedup:g}×")
+    if max_params is not None:
+        limit = max_params * b["params"] if max_params <= 1 else max_params
+        if a["params"] > limit:
+            lines.append(f"{a['params']:,} parameters are above --max-params {max_params:g} "
+                         f"({int(limit):,}) by {a['params'] - int(limit):,}")
+    if onnx_atol is not None and "onnx" in report:
+        from .export import check_onnx
+
+        line = check_onnx(report["onnx"], onnx_atol)
+        if line:
+            lines.append(line)
+    return lines
+
+
+def summary_markdown(report: dict, failures: list[str]) -> str:
+    """A Markdown table fit for a CI job summary."""
+    b, a = report["before"], report["after"]
+    rows = [("parameters", f"{b['params']:,}", f"{a['params']:,}", _ratio(b["params"], a["params"])),
+            ("MACs / sample", f"{b['macs']:,}", f"{a['macs']:,}", _ratio(b["macs"], a["macs"])),
+            ("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"])),
+            ("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")]
+    rows += [(f"latency, batch {k}", f"{b['latency_ms'][k]:.3f} ms", f"{a['latency_ms'][k]:.3f} ms",
+              _ratio(b["latency_ms"][k], a["latency_ms"][k])) for k in b["latency_ms"]]
+    lines = [f"### prunetool {report['command']}", "", f"`{summary_line(report)}`", "",
+             "| | before | after | ratio |", "|---|--:|--:|--:|"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
+    if "onnx" in report:
+        o = report["onnx"]
+        lines += ["", f"ONNX: `{o['path']}` (opset {o['opset']}), max |onnxruntime − PyTorch| = {o['max_abs_diff']:.2g}"]
+    lines += ["", "**Budgets: all met.**" if not failures else "**Budgets missed:**"]
+    lines += [f"- {f}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def render_bench(report: dict, console: Console) -> None:
+    table = Table(title=f"latency ({report['threads']} threads); speed-up is against the first checkpoint",
+                  title_justify="left")
+    for col in ("checkpoint", "runtime", "params", "batch", "median", "p90", "throughput", "speed-up", "peak fwd"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "runtime") else "right")
+    for r in report["results"]:
+        for b, st in r["batches"].items():
+            peak = r.get("peak_forward_mb")
+            table.add_row(r["checkpoint"], r["runtime"] + ("" if r["runtime"] != "torch" else f" ({r['device']})"),
+                          f"{r['params']:,}", b, f"{st['median_ms']:.3f} ms", f"{st['p90_ms']:.3f} ms",
+                          f"{st['throughput']:,.0f}/s", f"{st['speedup_vs_first']:.2f}×",
+                          "" if peak is None else f"{peak:.1f} MB")
+    console.print(table)

@@ -1,0 +1,128 @@
+"""Deploy and gate: ONNX parity, export and bench, budgets and exit codes, config files, CI output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prunetool.cli import main
+
+from conftest import ROOT, SAMPLES
+
+SAMPLE_ARCH = {"evci_cnn": "EvciCNN", "lenet_300_100": "LeNet300100", "conv2": "Conv2"}
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    for name in SAMPLE_ARCH:
+        (tmp_path / f"{name}.pt").write_bytes((SAMPLES / f"{name}.pt").read_bytes())
+    return tmp_path
+
+
+def fast(mnist):
+    return ["--data", mnist, "--calib", "128", "--eval", "300", "-q"]
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_ARCH))
+def test_onnx_parity_on_every_sample(name, work, mnist):
+    args = ["shrink", f"{name}.pt", "--arch", f"samples.nets:{SAMPLE_ARCH[name]}", "--ratio", "0.5", *fast(mnist),
+            "--onnx", f"{name}.onnx", "--json", "r.json"]
+    assert main(args) == 0
+    onnx = json.loads((work / "r.json").read_text())["onnx"]
+    assert onnx["path"] == f"{name}.onnx" and (work / f"{name}.onnx").exists()
+    assert onnx["max_abs_diff"] <= 1e-4 and onnx["opset"] == 17 and onnx["ort_latency_ms"]["1"] > 0
+
+
+def test_export_resnet18_random_weights(work):
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), work / "r18.pt")
+    assert main(["export", "r18.pt", "--arch", "torchvision.models:resnet18", "--input-shape", "3,64,64",
+                 "--onnx", "r18.onnx", "--calib", "4", "--json", "e.json"]) == 0
+    info = json.loads((work / "e.json").read_text())["onnx"]
+    assert info["max_abs_diff"] <= 1e-4
+
+
+def test_lowrank_with_onnx(work, mnist):
+    assert main(["lowrank", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", "--rank", "5", *fast(mnist),
+                 "--onnx", "lr.onnx"]) == 0
+    assert (work / "lr.onnx").exists()
+
+
+def test_missed_budgets_exit_1_one_line_each_and_still_write(work, mnist, capsys):
+    code = main(["shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", "--ratio", "0.9", *fast(mnist),
+                 "--max-drop", "0.5", "--max-params", "100", "--min-speedup", "1000", "--json", "r.json",
+                 "--summary-md", "s.md"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("prunetool: budget missed: ") for line in err)
+    assert "--max-drop" in err[0] and "--min-speedup" in err[1] and "--max-params" in err[2]
+    assert (work / "evci_cnn.shrunk.pt").exists()
+    report = json.loads((work / "r.json").read_text())
+    assert len(report["budgets"]["failures"]) == 3
+    assert "Budgets missed" in (work / "s.md").read_text()
+
+
+def test_met_budgets_exit_0(work, mnist):
+    assert main(["shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", "--ratio", "0.3", *fast(mnist),
+                 "--max-drop", "50", "--max-params", "0.9", "--summary-md", "s.md"]) == 0
+    text = (work / "s.md").read_text()
+    assert "| parameters |" in text and "all met" in text
+
+
+def test_onnx_tolerance_exceeded_exits_1(work, mnist, capsys):
+    code = main(["shrink", "conv2.pt", "--arch", "samples.nets:Conv2", "--ratio", "0.5", *fast(mnist),
+                 "--onnx", "c.onnx", "--onnx-atol", "1e-12", "--json", "r.json"])
+    diff = json.loads((work / "r.json").read_text())["onnx"]["max_abs_diff"]
+    assert diff > 1e-12 and code == 1
+    assert "ONNX output differs from PyTorch by" in capsys.readouterr().err
+
+
+def test_config_file_and_precedence(work, mnist):
+    (work / "prunetool.toml").write_text(f'arch = "samples.nets:EvciCNN"\ndata = "{mnist}"\ncalib = 128\n'
+                                         '[shrink]\nratio = 0.25\nquiet = true\n')
+    assert main(["shrink", "evci_cnn.pt", "--eval", "100", "--json", "a.json"]) == 0
+    assert json.loads((work / "a.json").read_text())["settings"]["ratio"] == 0.25
+    assert main(["shrink", "evci_cnn.pt", "--eval", "100", "--ratio", "0.5", "--json", "b.json"]) == 0
+    assert json.loads((work / "b.json").read_text())["settings"]["ratio"] == 0.5
+    (work / "other.toml").write_text("[shrink]\nratio = 0.75\n")
+    assert main(["--config", "other.toml", "shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", *fast(mnist),
+                 "--json", "c.json"]) == 0
+    assert json.loads((work / "c.json").read_text())["settings"]["ratio"] == 0.75
+
+
+def test_pyproject_table_and_bad_keys(work, mnist, capsys):
+    (work / "pyproject.toml").write_text(f'[tool.prunetool.shrink]\nratio = 0.4\narch = "samples.nets:EvciCNN"\n')
+    assert main(["shrink", "evci_cnn.pt", *fast(mnist), "--json", "p.json"]) == 0
+    assert json.loads((work / "p.json").read_text())["settings"]["ratio"] == 0.4
+    (work / "prunetool.toml").write_text("[shrink]\nratios = 0.4\n")
+    assert main(["shrink", "evci_cnn.pt"]) == 2
+    assert "unknown option 'ratios'" in capsys.readouterr().err
+
+
+def test_non_tty_output_has_no_escape_codes(work, mnist):
+    proc = subprocess.run([sys.executable, "-m", "prunetool", "shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN",
+                           "--data", mnist, "--calib", "64", "--eval", "100"], capture_output=True, text=True,
+                          cwd=work, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TERM": "xterm-256color"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stdout and "\x1b[" not in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("shrink: 20522 → ")
+
+
+def test_bench_side_by_side(work, mnist):
+    assert main(["shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", "--ratio", "0.6", *fast(mnist)]) == 0
+    assert main(["bench", "evci_cnn.pt", "evci_cnn.shrunk.pt", "--arch", "samples.nets:EvciCNN", "--input-shape",
+                 "1,28,28", "--batch-sizes", "1,4", "--runs", "5", "--threads", "1", "--json", "b.json"]) == 0
+    report = json.loads((work / "b.json").read_text())
+    assert [(r["checkpoint"], r["runtime"]) for r in report["results"]] == [
+        ("evci_cnn.pt", "torch"), ("evci_cnn.pt", "onnxruntime"),
+        ("evci_cnn.shrunk.pt", "torch"), ("evci_cnn.shrunk.pt", "onnxruntime")]
+    for r in report["results"]:
+        for stats in r["batches"].values():
+            assert 0 < stats["median_ms"] <= stats["p90_ms"] and stats["throughput"] > 0
+    assert report["results"][0]["batches"]["1"]["speedup_vs_first"] == 1.0
