@@ -97,7 +97,7 @@ def test_config_file_and_precedence(work, mnist):
 
 
 def test_pyproject_table_and_bad_keys(work, mnist, capsys):
-    (work / "pyproject.toml").write_text(f'[tool.prunetool.shrink]\nratio = 0.4\narch = "samples.nets:EvciCNN"\n')
+    (work / "pyproject.toml").write_text('[tool.prunetool.shrink]\nratio = 0.4\narch = "samples.nets:EvciCNN"\n')
     assert main(["shrink", "evci_cnn.pt", *fast(mnist), "--json", "p.json"]) == 0
     assert json.loads((work / "p.json").read_text())["settings"]["ratio"] == 0.4
     (work / "prunetool.toml").write_text("[shrink]\nratios = 0.4\n")
