@@ -21,7 +21,7 @@ from .lowrank import lowrank
 from .bench import bench
 from .config import default_map, read as read_config
 from .export import DEFAULT_ATOL, export_onnx
-from .report import budget_failures, render, render_bench, render_plan, summary_line, summary_markdown, write_json
+from .report import budget_failures, render, render_bench, render_inspect, render_plan, summary_line, summary_markdown, write_json
 
 app = typer.Typer(
     help="Make a trained PyTorch model physically smaller and faster, then prove it.",
@@ -289,6 +289,41 @@ def bench_cmd(
     if json_path:
         write_json(report, json_path)
     render_bench(report, console)
+
+
+@app.command("inspect", epilog="""
+Examples:
+
+\b
+  prunetool inspect samples/lenet_300_100.pt --arch samples.nets:LeNet300100 --data samples/mnist_subset.npz --html lenet.html
+\b
+  prunetool inspect model.pt --arch mypkg.nets:Net --input-shape 3,32,32 --plots plots/ --json inspect.json
+""")
+def inspect_cmd(
+    ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
+    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    input_shape: Optional[str] = SHAPE, calib: int = CALIB,
+    html: Optional[str] = typer.Option(None, "--html", help="Write one self-contained HTML page with every picture."),
+    plots: Optional[str] = typer.Option(None, "--plots", help="Write the pictures as PNG files into this folder."),
+    json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
+):
+    """Where is this model redundant? Dead and frozen units, MRS, spectra against Marchenko–Pastur, elbow ranks."""
+    from .redundancy import inspect
+
+    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, "cpu")
+    common.pop("device")
+    for path in (html, json_path):
+        if path:
+            check_writable(path, ckpt)
+    if plots and Path(plots).exists() and not Path(plots).is_dir():
+        raise UsageError(f"--plots {plots} is a file; give a folder")
+    console = _console(no_progress)
+    if data is None:
+        warnings.warn("no --data: dead and frozen units and MRS come from random inputs labelled by the model itself")
+    report = inspect(ckpt, data, html=html, plots=plots, progress=console.is_terminal and not no_progress, **common)
+    if json_path:
+        write_json(report, json_path)
+    render_inspect(report, console)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -230,3 +230,30 @@ def render_bench(report: dict, console: Console) -> None:
                           f"{st['throughput']:,.0f}/s", f"{st['speedup_vs_first']:.2f}×",
                           "" if peak is None else f"{peak:.1f} MB")
     console.print(table)
+
+
+def render_inspect(report: dict, console: Console) -> None:
+    console.print(f"[bold]prunetool inspect[/bold]  {report['source']}: {report['params']:,} parameters, "
+                  f"{report['calib']} calibration samples from {report['data']}")
+    units = Table(title=f"units (dead by {report['dead_by'].upper()} < {report['thresholds']['dead_nats']:g} nats/sample)",
+                  title_justify="left")
+    for col in ("group", "units", "dead", "frozen", "could go (<1% loss)"):
+        units.add_column(col, justify="left" if col == "group" else "right")
+    for g in report["groups"]:
+        units.add_row(g["name"], str(g["units"]), str(len(g["dead"])), str(len(g["frozen"])),
+                      str(g["could_go_under_1pct"]))
+    console.print(units)
+    mats = Table(title="weight matrices", title_justify="left")
+    for col in ("layer", "shape", "stable rank", "effective rank", "elbow", "energy", "MP spikes", "frame pot.",
+                "lowrank saves"):
+        mats.add_column(col, justify="left" if col == "layer" else "right")
+    for m in report["layers"]:
+        mats.add_row(m["name"], f"{m['shape'][0]}×{m['shape'][1]}", f"{m['stable_rank']:.1f}",
+                     f"{m['effective_rank']:.1f}", str(m["elbow_rank"]), f"{100 * m['elbow_energy']:.0f}%",
+                     str(m["mp"]["spikes"]), f"{m['frame_potential']:.1f}",
+                     f"{m['lowrank_at_elbow']['params_saved']:,}")
+    console.print(mats)
+    if report.get("html"):
+        console.print(f"wrote {report['html']}")
+    if report.get("plots"):
+        console.print(f"wrote {len(report['plots'])} pictures")
