@@ -72,10 +72,11 @@ def scores_png(g: dict) -> bytes:
     scores = torch.tensor(g["mrs_per_sample"], dtype=torch.float64)
     ax.hist(scores.numpy(), bins=min(50, max(5, len(scores) // 2)), color="tab:green")
     ax.set_yscale("log")
-    ax.set_xlabel("MRS per sample (estimated |loss change| when the unit is replaced by its mean)")
+    ax.ticklabel_format(style="sci", axis="x", scilimits=(-2, 3))
+    ax.set_xlabel("MRS per sample: estimated |loss change| if replaced by its mean")
     ax.set_ylabel("units")
-    ax.set_title(f"{g['name']}: {g['units']} units, {len(g['dead'])} dead, {len(g['frozen'])} frozen, "
-                 f"{g['could_go_under_1pct']} could go under 1% loss")
+    ax.set_title(f"{g['name']}: {g['units']} units, {len(g['dead'])} dead, {len(g['frozen'])} frozen,\n"
+                 f"{g['could_go_under_1pct']} could go under 1% loss", fontsize=10)
     return _png(fig)
 
 
@@ -139,11 +140,12 @@ def page(report: dict, plots: dict[str, bytes]) -> str:
         f"<td>{m['lowrank_at_elbow']['params_saved']:,}</td></tr>" for m in report["layers"])
     sections = []
     for g in report["groups"]:
-        sections.append(f"<h3>{e(g['name'])}</h3>" + img("scores_" + g["name"] + ".png"))
+        sections.append(f"<h3>units of {e(g['name'])}</h3>" + img("scores_" + g["name"] + ".png"))
     for m in report["layers"]:
         n = m["name"]
         pictures = [img(f"{kind}_{n}.png") for kind in ("spectrum", "esd", "weights", "fields")]
-        sections.append(f"<h3>{e(n)}</h3><div class=row>{pictures[0]}{pictures[1]}</div>{pictures[2]}{pictures[3]}")
+        sections.append(f"<h3>weights of {e(n)}</h3><div class=row>{pictures[0]}{pictures[1]}</div>"
+                        f"{pictures[2]}{pictures[3]}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>prunetool inspect: {e(str(report['source']))}</title>
 <style>
@@ -153,6 +155,7 @@ td, th {{ border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 img {{ max-width: 100%; margin: 0.3rem; border: 1px solid #eee; }}
 .row {{ display: flex; flex-wrap: wrap; }}
+.row img {{ max-width: calc(50% - 1rem); }}
 .note {{ color: #555; }}
 </style></head><body>
 <h1>Where is this model redundant?</h1>
