@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .cut import COMPENSATIONS, cut, global_ratios, select, sequential_means
+from .cut import COMPENSATIONS, cut, global_ratios, n_removed, select, sequential_means
 from .data import Data, calibration, eval_loader, load_data
 from .errors import UsageError
 from .export import export_onnx
 from .load import Checkpoint, check_writable, load, serialize, write_atomic
 from .measure import evaluate, latency, macs, params
 from .progress import Bars
+from .recover import finetune, has_batchnorm, recalibrate_bn
 from .score import CRITERIA, DATA_CRITERIA, Scores, score
 from .trace import Trace, trace
 from .verify import check_reload, verify
@@ -186,6 +187,11 @@ def conclude(job: _Job, command: str, small: nn.Module, settings: dict, layers: 
     return report
 
 
+def _scores_cpu(scores: Scores) -> Scores:
+    return Scores(scores.criterion, {k: v.cpu() for k, v in scores.scores.items()},
+                  {g: {c: m.cpu() for c, m in per.items()} for g, per in scores.means.items()})
+
+
 def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, criterion: str = DEFAULT_CRITERION,
            ratio: float = 0.5, compensate: str = DEFAULT_COMPENSATION, *, calib: int = 1000,
            eval: int | None = None, input_shape: tuple[int, ...] | None = None, device: str = "cpu",
@@ -194,16 +200,26 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
            scope: str = "layer", max_layer_ratio: float = 0.9, target_params: float | None = None,
            target_macs: float | None = None, round_to: int = 1,
            latency_batches: tuple[int, ...] = LATENCY_BATCHES, scores: Scores | None = None,
-           measure: bool = True, onnx: str | None = None) -> tuple[nn.Module, dict]:
-    """Remove units from every prunable group, compensate, verify and measure.
+           measure: bool = True, onnx: str | None = None, schedule: list[float] | None = None,
+           recalibrate: bool | None = None, finetune_epochs: int = 0, lr: float = 1e-3, batch_size: int = 128,
+           optimizer: str = "adam", distill: bool = False) -> tuple[nn.Module, dict]:
+    """Remove units from every prunable group, compensate, verify, recover and measure.
 
     ``model`` is an ``nn.Module``, a :class:`Checkpoint` or a checkpoint path. With ``scope="layer"``
     every group loses ``floor(ratio·n)`` units; with ``"global"`` ``ratio`` of all units go, ranked across
     groups. ``target_params``/``target_macs`` (fractions of the original) pick the ratio instead.
+    ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``) prunes step by step, re-scoring at each
+    step, with ``finetune_epochs`` of training after every step. BatchNorm statistics are recalibrated on
+    the calibration data after every cut (``recalibrate=None``: when the model has BatchNorm).
     Returns the smaller model and a report dict (the CLI's ``--json``). With ``out`` the model is saved
     there atomically and the saved file is checked to reload to identical outputs.
     """
     check_settings(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to)
+    steps = list(schedule) if schedule else [ratio]
+    if any(not 0.0 <= r < 1.0 for r in steps) or steps != sorted(steps):
+        raise UsageError(f"--schedule {','.join(map(str, steps))} must be increasing ratios in [0, 1)")
+    if (finetune_epochs or distill) and schedule is None and finetune_epochs < 1:
+        raise UsageError("--distill needs --finetune-epochs N")
     if out is not None and not isinstance(model, (nn.Module, Checkpoint)):
         check_writable(out, str(model))
     bars = Bars(progress)
@@ -215,30 +231,68 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
         raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
     if not job.data.has_labels and criterion in DATA_CRITERIA:
         warnings.warn(f"no --data: {criterion} scores come from random inputs labelled by the model itself")
+    if finetune_epochs and not job.data.has_labels:
+        raise UsageError("--finetune-epochs needs --data with a train split")
+    recalibrate = has_batchnorm(dense) if recalibrate is None else recalibrate
+    loader = eval_loader(job.data, eval) if measure else None
+    original = {g.name: g.units for g in graph.groups}
 
-    dense.to(device)
-    if scores is None:
-        scores = score(dense, graph, criterion, x.to(device), y.to(device), bars)
-    dense.to("cpu")
-    scores = Scores(scores.criterion, {k: v.cpu() for k, v in scores.scores.items()},
-                    {g: {c: m.cpu() for c, m in per.items()} for g, per in scores.means.items()})
-    if target_params is not None or target_macs is not None:
-        metric, fraction = ("params", target_params) if target_params is not None else ("macs", target_macs)
-        ratio = fit_target(dense, graph, scores.scores, scope, max_layer_ratio, round_to, metric, fraction, input_shape)
-    keep = _keep(graph, scores.scores, ratio, scope, max_layer_ratio, round_to)
-    means = sequential_means(dense, graph, keep, x, bars) if compensate == "mean" else scores.means
-    small = cut(copy.deepcopy(dense), graph, keep, compensate, means, x, bars).eval()
-    probe = x[: min(len(x), 64)]
-    checks = verify(dense, small, graph, keep, probe)
-    expected = checks.pop("outputs")
+    current, history = dense, []
+    for step, step_ratio in enumerate(steps):
+        if step:
+            graph = trace(current, x[:2])
+        current.to(device)
+        if scores is None or step:
+            scores = score(current, graph, criterion, x.to(device), y.to(device), bars)
+        current.to("cpu")
+        scores = _scores_cpu(scores)
+        if step == 0 and (target_params is not None or target_macs is not None):
+            metric, fraction = ("params", target_params) if target_params is not None else ("macs", target_macs)
+            step_ratio = ratio = fit_target(dense, graph, scores.scores, scope, max_layer_ratio, round_to, metric,
+                                            fraction, input_shape)
+        if schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
+            per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
+                         for g in graph.groups}
+            keep = select(graph, scores.scores, per_group, round_to)
+        else:
+            keep = _keep(graph, scores.scores, step_ratio, scope, max_layer_ratio, round_to)
+        means = sequential_means(current, graph, keep, x, bars) if compensate == "mean" else scores.means
+        small = cut(copy.deepcopy(current), graph, keep, compensate, means, x, bars).eval()
+        probe = x[: min(len(x), 64)]
+        checks = verify(current, small, graph, keep, probe)
+        if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
+            recalibrate_bn(small, x)
+        entry = {"ratio": step_ratio, "params": params(small)}
+        if loader is not None and (finetune_epochs or len(steps) > 1):
+            entry["accuracy_after_cut"] = evaluate(small, loader, device, bars, "evaluating the cut")[0]
+        if finetune_epochs:
+            entry["finetune_loss"] = finetune(small, job.data, finetune_epochs, lr, batch_size, optimizer,
+                                              dense if distill else None, device, bars)
+            if loader is not None:
+                entry["accuracy_after_finetune"] = evaluate(small, loader, device, bars, "evaluating")[0]
+        history.append(entry)
+        current = small
+    with torch.no_grad():
+        expected = current(probe)
+    checks.pop("outputs")
 
-    layers = [{"name": g.name, "units_before": g.units, "units_after": len(keep[g.name]),
-               "producers": [p.name for p in g.producers]} for g in graph.groups]
+    layers = [{"name": name, "units_before": n, "units_after": n - n_removed(n, steps[-1]) if schedule else None,
+               "producers": []} for name, n in original.items()]
+    final = {g.name: g for g in trace(current, x[:2]).groups}
+    for layer in layers:
+        g = final.get(layer["name"])
+        layer["units_after"] = g.units if g is not None else layer["units_after"]
+        layer["producers"] = [p.name for p in g.producers] if g is not None else []
     settings = {"criterion": criterion, "ratio": ratio, "compensation": compensate, "scope": scope,
                 "max_layer_ratio": max_layer_ratio, "target_params": target_params, "target_macs": target_macs,
-                "round_to": round_to}
-    protected = [{"name": p.name, "reason": p.reason} for p in graph.protected]
-    report = conclude(job, "shrink", small, settings, layers, checks, probe, expected,
+                "round_to": round_to, "schedule": schedule, "recalibrate_bn": recalibrate,
+                "finetune_epochs": finetune_epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+                "distill": distill}
+    protected = [{"name": p.name, "reason": p.reason} for p in job.graph.protected]
+    extra = {"protected": protected}
+    if finetune_epochs or len(steps) > 1:
+        extra["steps"] = history
+    report = conclude(job, "shrink", current, settings, layers, checks, probe, expected,
                       factored=ckpt.record.get("factored", {}), out=out, eval=eval, device=device, bars=bars,
-                      latency_batches=latency_batches, measure=measure, extra={"protected": protected}, onnx=onnx)
-    return small, report
+                      latency_batches=latency_batches, measure=measure, extra=extra, onnx=onnx)
+    return current, report

@@ -76,6 +76,11 @@ ONNX_ATOL = typer.Option(DEFAULT_ATOL, "--onnx-atol", help="Largest |onnxruntime
 MIN_SPEEDUP = typer.Option(None, "--min-speedup", help="Budget: measured latency speed-up at --speedup-batch must reach this.")
 SPEEDUP_BATCH = typer.Option(1, "--speedup-batch", help="Batch size at which --min-speedup is measured.")
 MAX_PARAMS = typer.Option(None, "--max-params", help="Budget: parameters after, as a count (> 1) or a fraction of the original (≤ 1).")
+FT_EPOCHS = typer.Option(0, "--finetune-epochs", help="Fine-tune this many epochs on the train split of --data after the cut.")
+LR = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate.")
+BATCH = typer.Option(128, "--batch-size", help="Fine-tuning batch size.")
+OPTIMIZER = typer.Option("adam", "--optimizer", help="Fine-tuning optimizer: sgd (momentum 0.9) or adam.")
+DISTILL = typer.Option(False, "--distill", help="Fine-tune against the original model as teacher (KL on logits + CE).")
 SUMMARY_MD = typer.Option(None, "--summary-md", help="Write a Markdown summary (for $GITHUB_STEP_SUMMARY) here.")
 
 
@@ -137,6 +142,15 @@ def _finish(report: dict, json_path: str | None, quiet: bool, console: Console, 
         raise typer.Exit(1)
 
 
+def _ratios(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(r) for r in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--schedule {text!r} is not a list of ratios; write it like 0.1,0.2,0.4,0.6") from None
+
+
 def _latency_batches(speedup_batch: int) -> tuple[int, ...]:
     return tuple(sorted({1, 32, speedup_batch}))
 
@@ -153,6 +167,10 @@ def shrink_cmd(
     target_params: Optional[float] = typer.Option(None, help="Pick the ratio that keeps at most this fraction of the parameters, e.g. 0.5."),
     target_macs: Optional[float] = typer.Option(None, help="Pick the ratio that keeps at most this fraction of the MACs."),
     round_to: int = typer.Option(1, help="Keep unit counts at multiples of N (hardware-friendly widths)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Cumulative ratios pruned step by step, re-scoring each time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps)."),
+    recalibrate_bn: Optional[bool] = typer.Option(None, "--recalibrate-bn/--no-recalibrate-bn", help="Re-estimate BatchNorm statistics on the calibration data after every cut (default: when the model has BatchNorm)."),
+    finetune_epochs: int = FT_EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIMIZER,
+    distill: bool = DISTILL,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups found, what is protected and why, and the size each ratio would give; write nothing."),
     compensate: str = typer.Option(DEFAULT_COMPENSATION, help="What replaces removed units: lstsq, mean or none."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Budget: accuracy drop in percentage points (needs --data)."),
@@ -181,7 +199,8 @@ def shrink_cmd(
         ckpt, data, criterion, ratio, compensate, eval=eval_n, out=out,
         progress=console.is_terminal and not (quiet or no_progress), scope=scope, max_layer_ratio=max_layer_ratio,
         target_params=target_params, target_macs=target_macs, round_to=round_to, onnx=onnx,
-        latency_batches=_latency_batches(speedup_batch), **common,
+        latency_batches=_latency_batches(speedup_batch), schedule=_ratios(schedule), recalibrate=recalibrate_bn,
+        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, distill=distill, **common,
     )
     _finish(report, json_path, quiet, console, summary_md, dict(
         max_drop=max_drop, min_speedup=min_speedup, speedup_batch=speedup_batch, max_params=max_params,
@@ -198,6 +217,8 @@ def lowrank_cmd(
     elbow: bool = typer.Option(False, "--elbow", help="Rank at the elbow of the residual curve (the default)."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated globs of layer names (default: every Linear and Conv2d but the output head)."),
     data_aware: bool = typer.Option(False, "--data-aware", help="Factor W·C^½ (C: calibration input covariance) instead of W."),
+    finetune_epochs: int = FT_EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIMIZER,
+    distill: bool = DISTILL,
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Search the lowest ranks keeping the calibration accuracy within this many points, and hold the test accuracy drop to it as a budget (needs --data)."),
     min_speedup: Optional[float] = MIN_SPEEDUP, speedup_batch: int = SPEEDUP_BATCH,
     max_params: Optional[float] = MAX_PARAMS, onnx: Optional[str] = ONNX, onnx_atol: float = ONNX_ATOL,
@@ -212,7 +233,8 @@ def lowrank_cmd(
     console = _console(no_progress)
     _, report = lowrank(ckpt, data, rank=rank, energy=energy, layers=layers, data_aware=data_aware,
                         max_drop=max_drop, eval=eval_n, out=out, progress=console.is_terminal and not (quiet or no_progress),
-                        onnx=onnx, latency_batches=_latency_batches(speedup_batch), **common)
+                        onnx=onnx, latency_batches=_latency_batches(speedup_batch), finetune_epochs=finetune_epochs,
+                        lr=lr, batch_size=batch_size, optimizer=optimizer, distill=distill, **common)
     _finish(report, json_path, quiet, console, summary_md, dict(
         max_drop=max_drop, min_speedup=min_speedup, speedup_batch=speedup_batch, max_params=max_params,
         onnx_atol=onnx_atol))

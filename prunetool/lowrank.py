@@ -14,7 +14,10 @@ from .cut import _design, _layer_input
 from .errors import UsageError
 from .factor import factor, factorable, params_of, rank_for_energy, replace, saves, spectrum, elbow, matrix
 from .load import check_writable
+from .data import eval_loader
+from .measure import evaluate
 from .progress import Bars
+from .recover import finetune
 from .verify import check_forward
 
 METHODS = ("elbow", "energy", "rank")
@@ -80,7 +83,9 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
             data_aware: bool = False, max_drop: float | None = None, calib: int = 1000, eval: int | None = None,
             input_shape=None, device: str = "cpu", out: str | None = None, arch=None, arch_kwargs=None,
             unsafe_pickle: bool = False, download: bool = False, progress: bool = False,
-            latency_batches=LATENCY_BATCHES, measure: bool = True, onnx: str | None = None) -> tuple[nn.Module, dict]:
+            latency_batches=LATENCY_BATCHES, measure: bool = True, onnx: str | None = None,
+            finetune_epochs: int = 0, lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
+            distill: bool = False) -> tuple[nn.Module, dict]:
     """Factor layers into rank-k products; the rank by ``rank``, ``energy``, or the elbow (default)."""
     if rank is not None and energy is not None:
         raise UsageError("give one of --rank, --energy and --elbow")
@@ -133,10 +138,22 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
     small.eval()
     probe = x[: min(len(x), 64)]
     expected = check_forward(small, probe, job.graph.output_shape)
+    extra = {}
+    if finetune_epochs:
+        if not job.data.has_labels:
+            raise UsageError("--finetune-epochs needs --data with a train split")
+        loader = eval_loader(job.data, eval)
+        step = {"accuracy_after_cut": evaluate(small, loader, device, bars, "evaluating the factored model")[0]}
+        step["finetune_loss"] = finetune(small, job.data, finetune_epochs, lr, batch_size, optimizer,
+                                         dense if distill else None, device, bars)
+        step["accuracy_after_finetune"] = evaluate(small, loader, device, bars, "evaluating")[0]
+        extra["steps"] = [step]
+        expected = check_forward(small, probe, job.graph.output_shape)
 
     settings = {"method": method, "rank": rank, "energy": energy, "layers": layers, "data_aware": data_aware,
-                "max_drop": max_drop, "search_evaluations": evaluations}
+                "max_drop": max_drop, "search_evaluations": evaluations, "finetune_epochs": finetune_epochs,
+                "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "distill": distill}
     report = conclude(job, "lowrank", small, settings, entries, {"forward": "ok"}, probe, expected,
                       factored=factored, out=out, eval=eval, device=device, bars=bars,
-                      latency_batches=latency_batches, measure=measure, onnx=onnx)
+                      latency_batches=latency_batches, measure=measure, onnx=onnx, extra=extra)
     return small, report

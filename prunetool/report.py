@@ -52,6 +52,18 @@ def layers_table(report: dict) -> Table:
     return table
 
 
+def steps_table(report: dict) -> Table:
+    table = Table(title="steps", title_justify="left")
+    for col in ("step", "ratio", "parameters", "accuracy after cut", "after fine-tuning", "fine-tuning loss"):
+        table.add_column(col, justify="right")
+    for i, st in enumerate(report["steps"], 1):
+        losses = st.get("finetune_loss") or []
+        table.add_row(str(i), str(st.get("ratio", "")), f"{st['params']:,}" if "params" in st else "",
+                      _pct(st.get("accuracy_after_cut")), _pct(st.get("accuracy_after_finetune")),
+                      " → ".join(f"{v:.3f}" for v in losses))
+    return table
+
+
 def metrics_table(report: dict) -> Table:
     b, a = report["before"], report["after"]
     table = Table(title="model", title_justify="left")
@@ -113,6 +125,8 @@ def render(report: dict, console: Console) -> None:
                       f"ratio [cyan]{s['ratio']}[/cyan] ({s['scope']}), compensation [cyan]{s['compensation']}[/cyan], "
                       f"{s['calib']} calibration samples from {s['data']}")
         console.print(layers_table(report))
+    if report.get("steps"):
+        console.print(steps_table(report))
     if "before" in report:
         console.print(metrics_table(report))
         if report.get("accuracy_drop") is not None:

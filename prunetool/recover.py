@@ -1,0 +1,91 @@
+"""Recover accuracy after a cut: BatchNorm recalibration and fine-tuning (optionally distilled from the dense
+model). Only the train split is used: calibration samples for BatchNorm, the whole train split for
+fine-tuning; the test split never chooses anything."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import SEED, Data
+from .errors import UsageError
+from .progress import QUIET, Bars
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 256) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on ``x`` (cumulative average, no momentum)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for xb in x.split(batch):
+            model(xb.to(device))
+    for m, momentum in saved:
+        m.momentum = momentum
+        m.eval()
+    model.train(was_training)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float = 4.0,
+                      alpha: float = 0.5) -> torch.Tensor:
+    """``(1−α)·CE(student, y) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))`` (Hinton et al.)."""
+    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * F.cross_entropy(student, y) + alpha * temperature ** 2 * kl
+
+
+def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_size: int = 128,
+             optimizer: str = "adam", teacher: nn.Module | None = None, device: str = "cpu",
+             bars: Bars = QUIET) -> list[float]:
+    """Train ``model`` on the train split for ``epochs`` (shuffled with a fixed seed); returns each epoch's
+    mean training loss."""
+    if data.train is None:
+        raise UsageError("fine-tuning needs --data with a train split")
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {optimizer!r}; choose sgd or adam")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(SEED))
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    losses = []
+    for epoch in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for xb, yb in bars.track(loader, f"fine-tuning, epoch {epoch + 1}/{epochs}", total=len(loader)):
+            xb, yb = xb.to(device), yb.to(device)
+            out = model(xb)
+            if teacher is None:
+                loss = F.cross_entropy(out, yb)
+            else:
+                with torch.no_grad():
+                    target = teacher(xb)
+                loss = distillation_loss(out, target, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(yb)
+            count += len(yb)
+        losses.append(total / count)
+    model.eval().to("cpu")
+    if teacher is not None:
+        teacher.to("cpu")
+    return losses

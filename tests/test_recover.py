@@ -1,0 +1,65 @@
+"""Recovery: BatchNorm recalibration, fine-tuning and distillation, step-by-step schedules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunetool
+from prunetool.cli import main
+from prunetool.recover import distillation_loss, finetune, recalibrate_bn
+
+from conftest import ROOT, SAMPLES, conv2_bn, evci_cnn
+
+
+def test_recalibrated_batchnorm_holds_the_calibration_statistics(mnist_small):
+    model = conv2_bn()
+    x = mnist_small.train.tensors[0][:300]
+    seen = {}
+    handle = model.features[1].register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    recalibrate_bn(model, x, batch=100)
+    bn = model.features[1]
+    assert torch.allclose(bn.running_mean, seen["x"].mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(bn.running_var, seen["x"].var((0, 2, 3), unbiased=True), rtol=1e-3)
+    assert not bn.training
+
+
+def test_distillation_loss_reduces_to_cross_entropy_when_logits_agree():
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert distillation_loss(logits, logits, y, alpha=0.3) == pytest.approx(0.7 * F.cross_entropy(logits, y).item(),
+                                                                             rel=1e-5)
+    assert distillation_loss(logits, -logits, y) > distillation_loss(logits, logits, y)
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_finetuning_lowers_the_training_loss(mnist_small, teacher):
+    small, _ = prunetool.shrink(evci_cnn(), mnist_small, "l2", 0.7, "none", calib=128, measure=False)
+    losses = finetune(small, mnist_small, 3, lr=2e-3, batch_size=64, teacher=evci_cnn() if teacher else None)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_schedule_reaches_the_one_shot_size_and_records_steps(mnist_small):
+    small, report = prunetool.shrink(evci_cnn(), mnist_small, "mrs", schedule=[0.1, 0.2, 0.4, 0.6], calib=128,
+                                     finetune_epochs=1, eval=200)
+    assert sum(p.numel() for p in small.parameters()) == 4019
+    assert [s["ratio"] for s in report["steps"]] == [0.1, 0.2, 0.4, 0.6]
+    assert all("accuracy_after_finetune" in s and "accuracy_after_cut" in s for s in report["steps"])
+    assert [layer["units_after"] for layer in report["layers"]] == [4, 7, 26]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--finetune-epochs", "1", "--input-shape", "1,28,28"], "--data"),
+    (["--distill", "--input-shape", "1,28,28"], "--finetune-epochs"),
+    (["--schedule", "0.4,0.2", "--input-shape", "1,28,28"], "--schedule"),
+    (["--schedule", "0.1,x", "--input-shape", "1,28,28"], "--schedule"),
+])
+def test_recovery_bad_input(args, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    src = tmp_path / "m.pt"
+    src.write_bytes((SAMPLES / "evci_cnn.pt").read_bytes())
+    assert main(["shrink", str(src), "--arch", "samples.nets:EvciCNN", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
