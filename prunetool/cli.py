@@ -348,6 +348,42 @@ def inspect_cmd(
     render_inspect(report, console)
 
 
+@app.command("sparsify", epilog="""
+Examples:
+
+\b
+  prunetool sparsify samples/evci_cnn.pt --arch samples.nets:EvciCNN --data mnist:~/data --imp 0.3 --rounds 5
+\b
+  prunetool sparsify model.pt --arch mypkg.nets:Net --data d.npz --rounds 3 --finetune-epochs 2 --rewind
+""")
+def sparsify_cmd(
+    ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
+    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    calib: int = CALIB, eval_n: Optional[int] = EVAL,
+    imp: float = typer.Option(0.3, "--imp", help="Fraction of each layer's remaining weights pruned per round."),
+    rounds: int = typer.Option(3, "--rounds", help="Pruning rounds."),
+    finetune_epochs: int = typer.Option(1, "--finetune-epochs", help="Retraining epochs after each round."),
+    lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIMIZER,
+    rewind: bool = typer.Option(False, "--rewind", help="Rewind surviving weights to those after the first round's retraining."),
+    onnx: Optional[str] = ONNX, onnx_atol: float = ONNX_ATOL, max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Budget: accuracy drop in percentage points."),
+    max_params: Optional[float] = MAX_PARAMS,
+    out: Optional[str] = OUT, json_path: Optional[str] = JSON, summary_md: Optional[str] = SUMMARY_MD,
+    device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
+):
+    """Iterative magnitude pruning of single weights with retraining, then physical removal of the units left
+    without incoming or outgoing weights."""
+    from .sparsify import sparsify
+
+    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, None, calib, device)
+    out = _output(ckpt, out, json_path, "sparse", onnx, summary_md)
+    console = _console(no_progress)
+    _, report = sparsify(ckpt, data, imp=imp, rounds=rounds, finetune_epochs=finetune_epochs, lr=lr,
+                         batch_size=batch_size, optimizer=optimizer, rewind=rewind, eval=eval_n, out=out, onnx=onnx,
+                         progress=console.is_terminal and not (quiet or no_progress), **common)
+    _finish(report, json_path, quiet, console, summary_md, dict(max_drop=max_drop, max_params=max_params,
+                                                                 onnx_atol=onnx_atol))
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"prunetool: warning: {message}", file=sys.stderr)
 

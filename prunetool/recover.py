@@ -52,7 +52,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Ten
 
 def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_size: int = 128,
              optimizer: str = "adam", teacher: nn.Module | None = None, device: str = "cpu",
-             bars: Bars = QUIET) -> list[float]:
+             bars: Bars = QUIET, after_step=None) -> list[float]:
     """Train ``model`` on the train split for ``epochs`` (shuffled with a fixed seed); returns each epoch's
     mean training loss."""
     if data.train is None:
@@ -82,6 +82,8 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(model)
             total += loss.item() * len(yb)
             count += len(yb)
         losses.append(total / count)

@@ -112,7 +112,18 @@ def factored_table(report: dict) -> Table:
 
 def render(report: dict, console: Console) -> None:
     s = report["settings"]
-    if report["command"] == "lowrank":
+    if report["command"] == "sparsify":
+        console.print(f"[bold]prunetool sparsify[/bold]  {s['rounds']} rounds of {100 * s['imp']:.0f}% magnitude "
+                      f"pruning, {s['finetune_epochs']} epoch(s) of retraining each"
+                      + (", rewinding" if s["rewind"] else ""))
+        sp = Table(title="weights per layer", title_justify="left")
+        for col in ("layer", "weights", "nonzero", "sparsity"):
+            sp.add_column(col, justify="left" if col == "layer" else "right")
+        for row in report["sparsity"]:
+            sp.add_row(row["name"], f"{row['weights']:,}", f"{row['nonzero']:,}", f"{100 * row['sparsity']:.1f}%")
+        console.print(sp)
+        console.print(layers_table(report))
+    elif report["command"] == "lowrank":
         how = {"rank": f"rank [cyan]{s['rank']}[/cyan]", "energy": f"energy [cyan]{s['energy']}[/cyan]",
                "elbow": "rank at the [cyan]elbow[/cyan]"}[s["method"]]
         extra = (", data-aware" if s["data_aware"] else "") + (
