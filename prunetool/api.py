@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .cut import COMPENSATIONS, cut, global_ratios, n_removed, select, sequential_means
 from .data import Data, calibration, eval_loader, load_data
 from .errors import UsageError
@@ -164,7 +164,7 @@ def conclude(job: _Job, command: str, small: nn.Module, settings: dict, layers: 
     if ckpt.arch is not None or out is not None:
         check_reload(blob, probe, expected)
         checks["reload"] = "identical"
-    if out is not None:
+    if out is not None and distributed.is_main():
         write_atomic(out, blob)
     shape = tuple(job.x.shape[1:])
     report = {
@@ -173,7 +173,7 @@ def conclude(job: _Job, command: str, small: nn.Module, settings: dict, layers: 
                      "device": device, "source": ckpt.path, "out": out, "prunetool_version": __version__},
         "layers": layers, **(extra or {}), "verify": checks,
     }
-    if onnx is not None:
+    if onnx is not None and distributed.is_main():
         report["onnx"] = export_onnx(small, probe, onnx, latency_batches=latency_batches)
     if measure:
         loader = eval_loader(job.data, eval)

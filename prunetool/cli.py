@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from typer.exceptions import TyperException
 
-from . import __version__
+from . import __version__, distributed
 from .api import DEFAULT_COMPENSATION, DEFAULT_CRITERION, check_settings, plan, shrink
 from .data import parse_shape
 from .errors import UsageError, VerificationError
@@ -104,6 +105,10 @@ def main_options(ctx: typer.Context,
 def _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device) -> dict:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
+    distributed.init(device)
+    if device == "cuda" and distributed.active():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
     if calib < 1:
         raise UsageError("--calib must be at least 1")
     return dict(input_shape=parse_shape(input_shape), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
@@ -126,6 +131,10 @@ def _console(no_progress: bool) -> Console:
 def _finish(report: dict, json_path: str | None, quiet: bool, console: Console, summary_md: str | None,
             budgets: dict) -> None:
     failures = budget_failures(report, **budgets)
+    if not distributed.is_main():  # under torchrun only the first process writes and prints
+        if failures:
+            raise typer.Exit(1)
+        return
     report["budgets"] = {"failures": failures, **{k: v for k, v in budgets.items() if v is not None}}
     if json_path:
         write_json(report, json_path)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .distributed import reduce_sum, shard
 from .progress import QUIET, Bars
 from .score import Means, input_hooks, mean_of, readers, replace_units, unit_means
 from .trace import Consumer, Group, Trace
@@ -328,7 +329,7 @@ def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Ten
     module = dict(model.named_modules())[name]
     bias_only = module.weight[0].numel() + 1 > MAX_FIT_INPUTS
     xtx = xtz = None
-    for xb in x.split(batch):
+    for xb in shard(x).split(batch):
         call = _layer_input(model, module, xb)
         target = _layer_output(dense, name, xb)
         per_sample = _design(module, {**call, "input": call["input"][:1]}).numel()
@@ -346,6 +347,7 @@ def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Ten
             design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype)], 1).double()
             xtx = design.T @ design if xtx is None else xtx + design.T @ design
             xtz = design.T @ z.double() if xtz is None else xtz + design.T @ z.double()
+    xtx, xtz = reduce_sum(xtx), reduce_sum(xtz)
     if bias_only:
         _set_bias(module, (xtz / xtx).to(module.weight.dtype))
         return

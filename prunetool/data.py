@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from . import distributed
 from .errors import UsageError
 
 SEED = 0
@@ -149,6 +150,8 @@ def eval_loader(data: Data, n: int | None = None, batch_size: int = 256) -> Data
     if n is not None and n < len(ds):
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(SEED))[:n].tolist()
         ds = Subset(ds, idx)
+    if distributed.active():  # each process evaluates its share; measure.evaluate all-reduces the counts
+        ds = Subset(ds, list(range(distributed.rank(), len(ds), distributed.world())))
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 

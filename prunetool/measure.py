@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from .distributed import reduce_sum
 from .progress import QUIET, Bars
 
 
@@ -41,6 +42,7 @@ def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu",
             loss += F.cross_entropy(out, yb, reduction="sum").item()
             correct += (out.argmax(-1) == yb).sum().item()
             total += len(yb)
+    correct, total, loss = reduce_sum(correct), reduce_sum(total), reduce_sum(loss)
     return 100.0 * correct / total, loss / total
 
 

@@ -11,7 +11,9 @@ T = TypeVar("T")
 
 class Bars:
     def __init__(self, enabled: bool = False):
-        self.enabled = enabled
+        from . import distributed
+
+        self.enabled = enabled and distributed.is_main()  # one set of bars under torchrun
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
         if not self.enabled:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .data import SEED, Data
 from .errors import UsageError
 from .progress import QUIET, Bars
@@ -61,18 +62,33 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
         raise UsageError(f"unknown optimizer {optimizer!r}; choose sgd or adam")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
-    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(SEED))
+    sampler = None
+    if distributed.active():
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data.train, shuffle=True, seed=SEED)
+        loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler)
+    else:
+        loader = DataLoader(data.train, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(SEED))
     model.to(device)
+    trained = model
+    if distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda")
+                                          else None)
     if teacher is not None:
         teacher.to(device).eval()
     losses = []
     for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         total, count = 0.0, 0
         for xb, yb in bars.track(loader, f"fine-tuning, epoch {epoch + 1}/{epochs}", total=len(loader)):
             xb, yb = xb.to(device), yb.to(device)
-            out = model(xb)
+            out = trained(xb)
             if teacher is None:
                 loss = F.cross_entropy(out, yb)
             else:
@@ -86,7 +102,7 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
                 after_step(model)
             total += loss.item() * len(yb)
             count += len(yb)
-        losses.append(total / count)
+        losses.append(distributed.reduce_sum(total) / distributed.reduce_sum(count))
     model.eval().to("cpu")
     if teacher is not None:
         teacher.to("cpu")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import reduce_sum, shard
 from .progress import QUIET, Bars
 from .trace import Consumer, Group, Trace
 
@@ -102,7 +103,8 @@ class _Sums:
     def means(self) -> Means:
         out: Means = {}
         for (g, c, o), s in self.sums.items():
-            out.setdefault(g, {})[_ckey(c, o)] = (s / self.counts[(g, c, o)]).float()
+            total, count = reduce_sum(s), reduce_sum(self.counts[(g, c, o)])
+            out.setdefault(g, {})[_ckey(c, o)] = (total / count).float()
         return out
 
 
@@ -124,7 +126,7 @@ def unit_means(model: nn.Module, trace: Trace, x: torch.Tensor, bars: Bars = QUI
             sums.add((g.name, c.name, c.offset), unit_view(a.detach(), g, c), c)
 
     with torch.no_grad(), input_hooks(model, readers(trace, groups), on_input):
-        for xb in bars.track(x.split(BATCH), "unit means"):
+        for xb in bars.track(shard(x).split(BATCH), "unit means"):
             model(xb)
     return sums.means()
 
@@ -153,7 +155,7 @@ def _gradient_pass(model, trace, x, y, bars: Bars):
         return a
 
     with input_hooks(model, readers(trace), on_input):
-        for xb, yb in bars.track(list(zip(x.split(BATCH), y.split(BATCH))), "scoring (forward+backward)"):
+        for xb, yb in bars.track(list(zip(shard(x).split(BATCH), shard(y).split(BATCH))), "scoring (forward+backward)"):
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(xb), yb, reduction="sum").backward()
     model.zero_grad(set_to_none=True)
@@ -170,7 +172,7 @@ def _first_order(trace, means, grads, dots, use_mean: bool) -> dict[str, torch.T
             if use_mean:
                 change = change + (grads[key] * mean_of(means, g, c).double()).sum(2)
             total = total + change
-        scores[g.name] = total.abs().sum(0).float()
+        scores[g.name] = reduce_sum(total.abs().sum(0)).float()
     return scores
 
 
@@ -192,13 +194,14 @@ def _losses(model, x, y) -> torch.Tensor:
 def mrp(model, trace, x, y, bars: Bars = QUIET) -> Scores:
     """Exact: the loss change when each unit alone is replaced by its mean. One forward pass per unit."""
     means = unit_means(model, trace, x)
+    x, y = shard(x), shard(y)
     base = _losses(model, x, y)
     scores = {g.name: torch.zeros(g.units) for g in trace.groups}
     jobs = [(g, i) for g in trace.groups for i in range(g.units)]
     for g, i in bars.track(jobs, "MRP (one forward per unit)"):
         values = {(g.name, c.name, c.offset): ([i], mean_of(means, g, c)[i]) for c in g.consumers}
         with input_hooks(model, readers(trace, [g]), lambda a, read: replace_units(a, read, values)):
-            scores[g.name][i] = (_losses(model, x, y) - base).abs().sum()
+            scores[g.name][i] = reduce_sum((_losses(model, x, y) - base).abs().sum())
     return Scores("mrp", scores, means)
 
 
