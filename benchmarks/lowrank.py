@@ -24,6 +24,7 @@ METHODS = {
     "energy 0.99": {"energy": 0.99},
     "rank 10": {"rank": 10},
     "rank 32": {"rank": 32},
+    "data-aware rank 10": {"data_aware": True, "rank": 10},
     "data-aware elbow": {"data_aware": True},
     "data-aware energy 0.99": {"data_aware": True, "energy": 0.99},
     "max-drop 1.0 (data-aware)": {"data_aware": True, "max_drop": 1.0},
