@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from .errors import UsageError
 from .export import export_onnx, ort_latency, ort_session
 from .load import load
-from .measure import params
+from .measure import forward_times, params
 from .progress import Bars
 
 
@@ -27,23 +26,6 @@ def _stats(times: list[float], batch: int) -> dict:
     median = statistics.median(times)
     return {"median_ms": median, "p90_ms": _percentile(times, 0.9), "throughput": 1000.0 * batch / median,
             "runs": len(times)}
-
-
-def torch_times(model, shape, batch, device, warmup, runs, budget_s=1.0) -> list[float]:
-    x = torch.randn((batch, *shape), device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        sync()
-        start = time.perf_counter()
-        while len(times) < runs and (len(times) < 5 or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            times.append(1000 * (time.perf_counter() - t0))
-    return times
 
 
 def _rss_kb(field: str) -> int | None:
@@ -104,7 +86,8 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
         if runtime == "torch":
             model.to(device)
             for b in batch_sizes:
-                entry["batches"][str(b)] = _stats(torch_times(model, shape, b, device, warmup, runs), b)
+                times = forward_times(model, shape, b, device, warmup=warmup, max_runs=runs, budget_s=1.0)
+                entry["batches"][str(b)] = _stats(times, b)
             entry["peak_forward_mb"] = peak_forward_mb(model, shape, max(batch_sizes), device)
             model.to("cpu")
         else:

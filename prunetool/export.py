@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -28,18 +27,13 @@ def ort_session(path: str):
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def ort_latency(session, input_shape, batch_size: int, warmup: int = 3, runs: int = 30, budget_s: float = 0.5) -> list[float]:
+def ort_latency(session, input_shape, batch_size: int, warmup: int = 3, runs: int = 30,
+                budget_s: float = 0.5) -> list[float]:
+    from .measure import timings
+
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
     name = session.get_inputs()[0].name
-    for _ in range(warmup):
-        session.run(None, {name: x})
-    times = []
-    start = time.perf_counter()
-    while len(times) < runs and (len(times) < 5 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        session.run(None, {name: x})
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
+    return timings(lambda: session.run(None, {name: x}), warmup, max_runs=runs, budget_s=budget_s)
 
 
 def export_onnx(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, opset: int = DEFAULT_OPSET,

@@ -46,21 +46,37 @@ def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu",
     return 100.0 * correct / total, loss / total
 
 
-def latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str = "cpu",
-            warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget_s: float = 0.5) -> float:
-    """Median wall time of one forward pass in milliseconds, after warm-up."""
+def timings(run, warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget_s: float = 0.5) -> list[float]:
+    """Wall times of ``run()`` in milliseconds after ``warmup`` untimed calls: at least ``min_runs``, then
+    more until ``budget_s`` seconds have passed or ``max_runs`` are done."""
+    for _ in range(warmup):
+        run()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        run()
+        times.append(1000.0 * (time.perf_counter() - t0))
+    return times
+
+
+def forward_times(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str = "cpu",
+                  **kwargs) -> list[float]:
+    """Times of eager forward passes on random inputs (synchronised on CUDA)."""
     model.eval()
     x = torch.randn((batch_size, *input_shape), device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
+
+    def run():
+        model(x)
         sync()
-        start = time.perf_counter()
-        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+
+    with torch.inference_mode():
+        return timings(run, **kwargs)
+
+
+def latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str = "cpu",
+            warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget_s: float = 0.5) -> float:
+    """Median wall time of one forward pass in milliseconds, after warm-up."""
+    return statistics.median(forward_times(model, input_shape, batch_size, device, warmup=warmup,
+                                           min_runs=min_runs, max_runs=max_runs, budget_s=budget_s))
