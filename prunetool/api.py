@@ -276,13 +276,8 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
         expected = current(probe)
     checks.pop("outputs")
 
-    layers = [{"name": name, "units_before": n, "units_after": n - n_removed(n, steps[-1]) if schedule else None,
-               "producers": []} for name, n in original.items()]
-    final = {g.name: g for g in trace(current, x[:2]).groups}
-    for layer in layers:
-        g = final.get(layer["name"])
-        layer["units_after"] = g.units if g is not None else layer["units_after"]
-        layer["producers"] = [p.name for p in g.producers] if g is not None else []
+    layers = [{"name": g.name, "units_before": original.get(g.name, g.units), "units_after": len(keep[g.name]),
+               "producers": [p.name for p in g.producers]} for g in graph.groups]
     settings = {"criterion": criterion, "ratio": ratio, "compensation": compensate, "scope": scope,
                 "max_layer_ratio": max_layer_ratio, "target_params": target_params, "target_macs": target_macs,
                 "round_to": round_to, "schedule": schedule, "recalibrate_bn": recalibrate,
