@@ -218,7 +218,7 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
     steps = list(schedule) if schedule else [ratio]
     if any(not 0.0 <= r < 1.0 for r in steps) or steps != sorted(steps):
         raise UsageError(f"--schedule {','.join(map(str, steps))} must be increasing ratios in [0, 1)")
-    if (finetune_epochs or distill) and schedule is None and finetune_epochs < 1:
+    if distill and finetune_epochs < 1:
         raise UsageError("--distill needs --finetune-epochs N")
     if out is not None and not isinstance(model, (nn.Module, Checkpoint)):
         check_writable(out, str(model))
