@@ -21,9 +21,14 @@ demo:
 		--data samples/mnist_subset.npz --ratio 0.6 \
 		--out out/evci_cnn.shrunk.pt --json out/evci_cnn.report.json
 
+# Benchmarks behind docs/BENCHMARKS.md (Torch-Pruning is a benchmark-only dependency). Two more need
+# time or data: `python -m benchmarks.coverage` (docs/COVERAGE.md, ~30 min) and
+# `python -m benchmarks.recover --mnist-root ROOT` (full MNIST, see samples/README.md).
 bench:
 	$(BIN)/pip install -e '.[bench]'
 	$(BIN)/python -m benchmarks.shrink_accuracy --out docs/BENCHMARKS.md
+	$(BIN)/python -m benchmarks.lowrank --out docs/BENCHMARKS.md
+	$(BIN)/python -m benchmarks.latency --out docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
