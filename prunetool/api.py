@@ -229,10 +229,10 @@ def shrink(model: nn.Module | Checkpoint | str, data: Data | str | None = None, 
     if not graph.groups:
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
         raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
-    if not job.data.has_labels and criterion in DATA_CRITERIA:
-        warnings.warn(f"no --data: {criterion} scores come from random inputs labelled by the model itself")
     if finetune_epochs and not job.data.has_labels:
         raise UsageError("--finetune-epochs needs --data with a train split")
+    if not job.data.has_labels and criterion in DATA_CRITERIA:
+        warnings.warn(f"no --data: {criterion} scores come from random inputs labelled by the model itself")
     recalibrate = has_batchnorm(dense) if recalibrate is None else recalibrate
     loader = eval_loader(job.data, eval) if measure else None
     original = {g.name: g.units for g in graph.groups}
