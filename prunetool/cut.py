@@ -90,7 +90,7 @@ def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nonzero(mask).reshape(-1)
 
 
-def _columns(c: Consumer, units: torch.Tensor) -> torch.Tensor:
+def input_columns(c: Consumer, units: torch.Tensor) -> torch.Tensor:
     """Input columns (Linear) or channels (Conv) of ``units`` in consumer ``c``."""
     if isinstance(c.module, nn.Linear):
         return ((c.offset + units)[:, None] * c.spatial + torch.arange(c.spatial)).reshape(-1)
@@ -103,8 +103,8 @@ def mean_delta(c: Consumer, removed: torch.Tensor, means: torch.Tensor) -> torch
     m = means[removed]
     if isinstance(c.module, nn.Linear):
         m = m.reshape(-1) if c.spatial > 1 else m[:, 0]
-        return w[:, _columns(c, removed)] @ m.to(w.dtype)
-    return (w[:, _columns(c, removed)].sum((2, 3)) * m[:, 0].to(w.dtype)).sum(1)
+        return w[:, input_columns(c, removed)] @ m.to(w.dtype)
+    return (w[:, input_columns(c, removed)].sum((2, 3)) * m[:, 0].to(w.dtype)).sum(1)
 
 
 def _add_to_bias(modules: dict, c: Consumer, delta: torch.Tensor) -> None:
@@ -192,7 +192,7 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
             else:
                 plan.add(plan.params, (m.name, m.param, m.dim), m.offset + removed)
         for c in g.consumers:
-            plan.add(plan.inputs, c.name, _columns(c, removed))
+            plan.add(plan.inputs, c.name, input_columns(c, removed))
             if compensate == "mean":
                 c = Consumer(c.name, modules[c.name], c.offset, c.spatial, c.norm_after)
                 _add_to_bias(modules, c, mean_delta(c, removed, mean_of(means, g, c)))
@@ -275,7 +275,7 @@ def _conv_arguments(name: str, args: tuple, kwargs: dict) -> dict:
     return call
 
 
-def _layer_input(model: nn.Module, module: nn.Module, xb: torch.Tensor) -> dict:
+def layer_call(model: nn.Module, module: nn.Module, xb: torch.Tensor) -> dict:
     """Run ``model`` on ``xb`` only as far as ``module``'s conv/linear call; return that call's arguments."""
     catcher = _LayerCall(module.weight)
     try:
@@ -308,7 +308,7 @@ def _layer_output(model: nn.Module, name: str, xb: torch.Tensor) -> torch.Tensor
     return box[0]
 
 
-def _design(module: nn.Module, call: dict) -> torch.Tensor:
+def design_matrix(module: nn.Module, call: dict) -> torch.Tensor:
     inp = call["input"]
     if isinstance(module, nn.Linear):
         return inp.reshape(-1, module.in_features)
@@ -330,12 +330,12 @@ def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Ten
     bias_only = module.weight[0].numel() + 1 > MAX_FIT_INPUTS
     xtx = xtz = None
     for xb in shard(x).split(batch):
-        call = _layer_input(model, module, xb)
+        call = layer_call(model, module, xb)
         target = _layer_output(dense, name, xb)
-        per_sample = _design(module, {**call, "input": call["input"][:1]}).numel()
+        per_sample = design_matrix(module, {**call, "input": call["input"][:1]}).numel()
         step = max(1, ROWS_PER_CHUNK // max(per_sample, 1))
         for ib, tb in zip(call["input"].split(step), target.split(step)):
-            design = _design(module, {**call, "input": ib})
+            design = design_matrix(module, {**call, "input": ib})
             z = _targets(module, tb)
             if kept_outputs is not None:
                 z = z[:, kept_outputs]

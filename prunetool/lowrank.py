@@ -10,17 +10,15 @@ import torch
 from torch import nn
 
 from .api import LATENCY_BATCHES, _prepare, conclude
-from .cut import _design, _layer_input
-from .errors import UsageError
-from .factor import factor, factorable, params_of, rank_for_energy, replace, saves, spectrum, elbow, matrix
-from .load import check_writable
+from .cut import design_matrix, layer_call
 from .data import eval_loader
+from .errors import UsageError
+from .factor import elbow, factor, factorable, matrix, params_of, rank_for_energy, replace, saves, spectrum
+from .load import check_writable
 from .measure import evaluate
 from .progress import Bars
 from .recover import finetune
 from .verify import check_forward
-
-METHODS = ("elbow", "energy", "rank")
 
 
 def input_covariance(model: nn.Module, name: str, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
@@ -28,7 +26,7 @@ def input_covariance(model: nn.Module, name: str, x: torch.Tensor, batch: int = 
     module = model.get_submodule(name)
     total, count = None, 0
     for xb in x.split(batch):
-        design = _design(module, _layer_input(model, module, xb)).double()
+        design = design_matrix(module, layer_call(model, module, xb)).double()
         total = design.T @ design if total is None else total + design.T @ design
         count += len(design)
     return total / count

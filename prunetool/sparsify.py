@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .api import LATENCY_BATCHES, _prepare, conclude
-from .cut import cut, sequential_means
+from .cut import cut, input_columns, sequential_means
 from .data import eval_loader
 from .errors import UsageError
 from .factor import factorable
@@ -48,8 +48,6 @@ def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) ->
 def removable_units(graph, model: nn.Module) -> dict[str, torch.Tensor]:
     """Per group, the units kept: those with some incoming weight in a producer and some outgoing weight in a
     consumer."""
-    from .cut import _columns
-
     modules = dict(model.named_modules())
     keep = {}
     for g in graph.groups:
@@ -57,7 +55,7 @@ def removable_units(graph, model: nn.Module) -> dict[str, torch.Tensor]:
         outgoing = torch.zeros(g.units, dtype=torch.float64)
         for c in g.consumers:
             w = modules[c.name].weight.detach()
-            cols = _columns(c, torch.arange(g.units))
+            cols = input_columns(c, torch.arange(g.units))
             per = w[:, cols].abs().sum(0) if isinstance(modules[c.name], nn.Linear) else w[:, cols].abs().sum((0, 2, 3))
             outgoing += per.reshape(g.units, -1).sum(1).double()
         alive = (incoming > 0) & (outgoing > 0)
