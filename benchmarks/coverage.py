@@ -49,8 +49,21 @@ def one(name: str) -> dict:
     ok = identical and out.shape == dense_out.shape and after < before
     return {"name": name, "ok": ok, "size": size, "params_before": before, "params_after": after,
             "groups": len(report["layers"]), "protected": len(report["protected"]),
-            "protected_reasons": sorted({p["reason"].split(" (")[0] for p in report["protected"]})[:3],
+            "protected_reasons": _kinds([p["reason"] for p in report["protected"]]),
             "seconds": seconds, "reason": None if ok else "identity or shape check failed"}
+
+
+def _kinds(reasons: list[str], most: int = 3) -> list[str]:
+    """The distinct kinds of reason, layer names dropped ("… (LayerNorm2d) is a layer …" stays readable)."""
+    import re
+
+    kinds = []
+    for reason in reasons:
+        kind = re.sub(r"\b[\w-]+(\.[\w-]+)+\b", "…", reason)  # dotted layer names
+        kind = re.sub(r"\(\d+(, \d+)*\)→\(\d+(, \d+)*\)", "", kind)  # shapes of a reshape
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds[:most]
 
 
 def main() -> None:
@@ -95,7 +108,7 @@ def markdown(results: list[dict]) -> str:
         "`shrink --ratio 0.3` with the default criterion and compensation (4 random calibration inputs), "
         "then the checks: forward works, output shape unchanged, fewer parameters, ratio 0 reproduces the "
         "dense outputs exactly. The verify stage also checked each cut against the dense model with the removed "
-        "units zeroed. *Protected* counts producers kept whole; the reasons column names the most common kinds.",
+        "units zeroed. *Protected* counts producers kept whole; the last column lists up to three kinds of reason (layer names shown as …; `--dry-run` names them).",
         "",
         "| model | ✓/✗ | S | params before | after (ratio 0.3) | groups | protected | protected because | seconds |",
         "|---|:-:|--:|--:|--:|--:|--:|---|--:|",
