@@ -60,7 +60,7 @@ def _kinds(reasons: list[str], most: int = 3) -> list[str]:
     kinds = []
     for reason in reasons:
         kind = re.sub(r"\b[\w-]+(\.[\w-]+)+\b", "…", reason)  # dotted layer names
-        kind = re.sub(r"\(\d+(, \d+)*\)→\(\d+(, \d+)*\)", "", kind)  # shapes of a reshape
+        kind = re.sub(r" \(\d+(, \d+)*\)→\(\d+(, \d+)*\)", "", kind)  # shapes of a reshape
         if kind not in kinds:
             kinds.append(kind)
     return kinds[:most]
