@@ -104,16 +104,17 @@ class _Sums:
         out: Means = {}
         for (g, c, o), s in self.sums.items():
             total, count = reduce_sum(s), reduce_sum(self.counts[(g, c, o)])
-            out.setdefault(g, {})[_ckey(c, o)] = (total / count).float()
+            out.setdefault(g, {})[mean_key(c, o)] = (total / count).float()
         return out
 
 
-def _ckey(name: str, offset: int) -> str:
+def mean_key(name: str, offset: int) -> str:
+    """How ``Means`` names a consumer: a layer reading one group at two offsets has two entries."""
     return name if offset == 0 else f"{name}@{offset}"
 
 
 def mean_of(means: Means, g: Group, c: Consumer) -> torch.Tensor:
-    return means[g.name][_ckey(c.name, c.offset)]
+    return means[g.name][mean_key(c.name, c.offset)]
 
 
 def unit_means(model: nn.Module, trace: Trace, x: torch.Tensor, bars: Bars = QUIET,

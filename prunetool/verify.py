@@ -56,9 +56,10 @@ def check_identity(dense: nn.Module, trace: Trace, x: torch.Tensor) -> None:
 def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor) -> float:
     """Removal must equal zeroing the removed units where they are read. Returns the relative difference."""
     from .cut import complement, cut, mask_hooks
+    from .score import mean_key
 
     small = cut(copy.deepcopy(dense), trace, keep, "none")
-    zeros = {g.name: {_key(c): torch.zeros(g.units, 1 if c.spatial == 1 else c.spatial) for c in g.consumers}
+    zeros = {g.name: {mean_key(c.name, c.offset): torch.zeros(g.units, c.spatial) for c in g.consumers}
              for g in trace.groups}
     with mask_hooks(dense, trace, keep, zeros):
         masked = _outputs(dense, x)
@@ -68,10 +69,6 @@ def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
         raise VerificationError(f"removing {removed} units is not the same as zeroing them "
                                 f"(relative difference {diff:.2g}); the tracer misread this model")
     return diff
-
-
-def _key(c) -> str:
-    return c.name if c.offset == 0 else f"{c.name}@{c.offset}"
 
 
 def _unpadded(module: nn.Module) -> bool:
