@@ -15,7 +15,7 @@ from .cut import COMPENSATIONS, cut, global_ratios, n_removed, select, sequentia
 from .data import Data, calibration, eval_loader, load_data
 from .errors import UsageError
 from .export import export_onnx
-from .load import Checkpoint, check_writable, load, serialize, write_atomic
+from .load import Checkpoint, check_writable, format_of, load, serialize, write_atomic
 from .measure import evaluate, latency, macs, params
 from .progress import Bars
 from .recover import finetune, has_batchnorm, recalibrate_bn
@@ -160,7 +160,7 @@ def conclude(job: _Job, command: str, small: nn.Module, settings: dict, layers: 
               "input_shape": list(job.x.shape[1:]),
               "source": ckpt.path, "prunetool_version": __version__,
               "history": ckpt.record.get("history", []) + [{"command": command, **settings}]}
-    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record)
+    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes, format_of(out or ".pt"), ckpt.arch_root)
     if ckpt.arch is not None or out is not None:
         check_reload(blob, probe, expected)
         checks["reload"] = "identical"

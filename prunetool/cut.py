@@ -10,7 +10,8 @@ Compensation (docs/METHOD.md):
   error of the cuts before it.
 
 All slices of one layer (it may be a producer of one group, a consumer of several, a member of others)
-are collected first and applied once, so offsets never shift under a later slice.
+are collected first as ``(layer, tensor, dimension)`` and applied once, so offsets never shift under a later
+slice; then the layer's width attributes follow its tensors (:mod:`prunetool.layers`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from . import layers
+from .calls import capture, design_matrix, targets
 from .distributed import reduce_sum, shard
 from .progress import QUIET, Bars
-from .score import Means, input_hooks, mean_of, readers, replace_units, unit_means
+from .score import Means, consumer_hooks, mean_of, readers, replace_units, unit_means
 from .trace import Consumer, Group, Trace
 
 COMPENSATIONS = ("mean", "lstsq", "none")
@@ -91,85 +92,124 @@ def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def input_columns(c: Consumer, units: torch.Tensor) -> torch.Tensor:
-    """Input columns (Linear) or channels (Conv) of ``units`` in consumer ``c``."""
-    if isinstance(c.module, nn.Linear):
+    """Input columns (linear layout) or channels (conv layout) of ``units`` in consumer ``c``."""
+    if c.layout == "linear":
         return ((c.offset + units)[:, None] * c.spatial + torch.arange(c.spatial)).reshape(-1)
     return c.offset + units
 
 
-def mean_delta(c: Consumer, removed: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+def as_matrix(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """A weight as out × fan-in (its input dimension ``in_dim`` second, kernels flattened into it)."""
+    moved = weight.movedim(in_dim, 1)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def from_matrix(matrix: torch.Tensor, like: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """The inverse of :func:`as_matrix` for a weight shaped like ``like``."""
+    return matrix.reshape(like.movedim(in_dim, 1).shape).movedim(1, in_dim)
+
+
+def mean_delta(c: Consumer, module: nn.Module, removed: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """What the removed units contributed to the consumer's output, with each unit held at its mean."""
-    w = c.module.weight.data
+    w = getattr(module, c.weight).data.movedim(c.dim, 1)
     m = means[removed]
-    if isinstance(c.module, nn.Linear):
+    cols = w[:, input_columns(c, removed)]
+    if c.layout == "linear":
         m = m.reshape(-1) if c.spatial > 1 else m[:, 0]
-        return w[:, input_columns(c, removed)] @ m.to(w.dtype)
-    return (w[:, input_columns(c, removed)].sum((2, 3)) * m[:, 0].to(w.dtype)).sum(1)
+        return cols @ m.to(w.dtype)
+    return (cols.sum(tuple(range(2, cols.dim()))) * m[:, 0].to(w.dtype)).sum(1)
+
+
+def _torch_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+
+
+def bias_attr(module: nn.Module, c: Consumer) -> str | None:
+    """The consumer's bias, also one an earlier compensation gave it."""
+    if c.bias is not None:
+        return c.bias
+    return "bias" if _torch_layer(module) and module.bias is not None else None
+
+
+def can_add_bias(module: nn.Module, c: Consumer) -> bool:
+    """Whether the consumer's own call would use a new ``bias`` (the torch layers and their subclasses)."""
+    return bias_attr(module, c) is None and _torch_layer(module)
 
 
 def _add_to_bias(modules: dict, c: Consumer, delta: torch.Tensor) -> None:
     module = modules[c.name]
-    if module.bias is not None:
-        module.bias.data += delta
+    attr = bias_attr(module, c)
+    if attr is not None:
+        getattr(module, attr).data += delta
         return
     norm = modules.get(c.norm_after) if c.norm_after else None
     if norm is not None and norm.running_mean is not None:
         norm.running_mean -= delta  # BN((y' + δ) − μ) = BN(y' − (μ − δ))
-    else:
+    elif can_add_bias(module, c):
         module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
 
 
-def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(t.contiguous().clone(), requires_grad=like.requires_grad)
-
-
-class _Plan:
-    """What to drop from each layer: output units (producers, BatchNorms, depthwise convs), input columns
-    (consumers) and per-channel parameters, collected over all groups before anything is sliced."""
+class Plan:
+    """What to drop, as ``(layer, tensor, dimension) → indices``, collected over all groups before anything is
+    sliced."""
 
     def __init__(self):
-        self.outputs: dict[str, set[int]] = {}
-        self.inputs: dict[str, set[int]] = {}
-        self.params: dict[tuple[str, str, int], set[int]] = {}
+        self.drops: dict[tuple[str, str, int], set[int]] = {}
+        self.consumers: dict[str, Consumer] = {}
+        self.producers: dict[str, tuple[str, int]] = {}  # layer → (weight, output dim)
 
-    def add(self, table, key, idx: torch.Tensor):
-        table.setdefault(key, set()).update(idx.tolist())
+    def add(self, name: str, attr: str | None, dim: int, idx: torch.Tensor) -> None:
+        if attr is not None:
+            self.drops.setdefault((name, attr, dim), set()).update(idx.tolist())
+
+    def kept_outputs(self, name: str, module: nn.Module) -> torch.Tensor | None:
+        """The original indices of a consumer's outputs that remain (None when it loses none)."""
+        if name not in self.producers:
+            return None
+        attr, dim = self.producers[name]
+        drop = self.drops.get((name, attr, dim))
+        if not drop:
+            return None
+        n = getattr(module, attr).shape[dim] + len(drop)
+        return _keep(n, drop)
+
+
+def plan_cut(trace: Trace, keep: dict[str, torch.Tensor]) -> Plan:
+    plan = Plan()
+    for g in trace.groups:
+        removed = complement(keep[g.name], g.units)
+        if not len(removed):
+            continue
+        for p in g.producers:
+            plan.add(p.name, p.weight, p.dim, removed)
+            plan.add(p.name, p.bias, 0, removed)
+            plan.producers[p.name] = (p.weight, p.dim)
+        for m in g.members:
+            for attr, dim in m.tensors:
+                plan.add(m.name, attr, dim, m.offset + removed)
+        for c in g.consumers:
+            plan.add(c.name, c.weight, c.dim, input_columns(c, removed))
+            plan.consumers.setdefault(c.name, c)
+    return plan
 
 
 def _keep(n: int, drop: set[int]) -> torch.Tensor:
     return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
 
 
-def _slice_outputs(module: nn.Module, drop: set[int]) -> None:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        idx = _keep(module.num_features, drop)
-        if module.weight is not None:
-            module.weight = _param(module.weight.data[idx], module.weight)
-            module.bias = _param(module.bias.data[idx], module.bias)
-        if module.running_mean is not None:
-            module.running_mean = module.running_mean[idx].clone()
-            module.running_var = module.running_var[idx].clone()
-        module.num_features = len(idx)
-        return
-    idx = _keep(module.weight.shape[0], drop)
-    module.weight = _param(module.weight.data[idx], module.weight)
-    if module.bias is not None:
-        module.bias = _param(module.bias.data[idx], module.bias)
-    if isinstance(module, nn.Linear):
-        module.out_features = len(idx)
-    elif module.groups > 1 and module.groups == module.in_channels == module.out_channels:  # depthwise member
-        module.in_channels = module.out_channels = module.groups = len(idx)
-    else:
-        module.out_channels = len(idx)
-
-
-def _slice_inputs(module: nn.Module, drop: set[int]) -> None:
-    idx = _keep(module.weight.shape[1], drop)
-    module.weight = _param(module.weight.data[:, idx], module.weight)
-    if isinstance(module, nn.Linear):
-        module.in_features = len(idx)
-    else:
-        module.in_channels = len(idx)
+def apply(model: nn.Module, plan: Plan) -> None:
+    """Slice every planned tensor, then let each touched layer (and the containers recording its width) sync."""
+    modules = dict(model.named_modules())
+    before = layers.widths(model)
+    changed: dict[str, dict[int, int]] = {}
+    for (name, attr, dim), drop in plan.drops.items():
+        module = modules[name]
+        n = getattr(module, attr).shape[dim]
+        layers.slice_tensor(module, attr, dim, _keep(n, drop))
+        changed.setdefault(name, {})[n] = n - len(drop)
+    for name, sizes in changed.items():
+        layers.kind_of(modules[name]).sync(modules[name], sizes)
+    layers.sync_containers(model, before)
 
 
 def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensate: str = "mean",
@@ -179,35 +219,19 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
         raise ValueError(f"unknown compensation {compensate!r}")
     modules = dict(model.named_modules())
     dense = copy.deepcopy(model) if compensate == "lstsq" else None
-    plan = _Plan()
-    for g in trace.groups:
-        removed = complement(keep[g.name], g.units)
-        if not len(removed):
-            continue
-        for p in g.producers:
-            plan.add(plan.outputs, p.name, removed)
-        for m in g.members:
-            if m.param is None:
-                plan.add(plan.outputs, m.name, m.offset + removed)
-            else:
-                plan.add(plan.params, (m.name, m.param, m.dim), m.offset + removed)
-        for c in g.consumers:
-            plan.add(plan.inputs, c.name, input_columns(c, removed))
-            if compensate == "mean":
-                c = Consumer(c.name, modules[c.name], c.offset, c.spatial, c.norm_after)
-                _add_to_bias(modules, c, mean_delta(c, removed, mean_of(means, g, c)))
-    for name, drop in plan.outputs.items():
-        _slice_outputs(modules[name], drop)
-    for name, drop in plan.inputs.items():
-        _slice_inputs(modules[name], drop)
-    for (name, attr, dim), drop in plan.params.items():
-        p = getattr(modules[name], attr)
-        setattr(modules[name], attr, _param(p.data.index_select(dim, _keep(p.shape[dim], drop)), p))
+    plan = plan_cut(trace, keep)
+    if compensate == "mean":
+        for g in trace.groups:
+            removed = complement(keep[g.name], g.units)
+            if not len(removed):
+                continue
+            for c in g.consumers:
+                _add_to_bias(modules, c, mean_delta(c, modules[c.name], removed, mean_of(means, g, c)))
+    apply(model, plan)
     if compensate == "lstsq":
-        for name in bars.track(sorted(plan.inputs, key=trace.order.get), "least-squares refit"):
-            out_drop = plan.outputs.get(name)
-            kept = None if out_drop is None else _keep(modules[name].weight.shape[0] + len(out_drop), out_drop)
-            refit(model, dense, name, kept, x)
+        for name in bars.track(sorted(plan.consumers, key=lambda n: trace.order.get(n, 0)), "least-squares refit"):
+            c = plan.consumers[name]
+            refit(model, dense, c, plan.kept_outputs(name, modules[name]), x)
     return model
 
 
@@ -221,7 +245,7 @@ def mask_hooks(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], me
         for c in g.consumers:
             if len(removed):
                 values[(g.name, c.name, c.offset)] = (removed, mean_of(means, g, c)[removed])
-    return input_hooks(model, readers(trace, groups), lambda a, read: replace_units(a, read, values))
+    return consumer_hooks(model, readers(trace, groups), lambda a, read: replace_units(a, read, values))
 
 
 def sequential_means(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor,
@@ -239,132 +263,59 @@ def sequential_means(model: nn.Module, trace: Trace, keep: dict[str, torch.Tenso
     return means
 
 
-class _Captured(Exception):
-    pass
-
-
-class _LayerCall(TorchFunctionMode):
-    """Catches the conv2d/linear call that uses ``weight``: its real input and arguments, whatever a layer
-    subclass does before it (its own padding, say)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = weight
-        self.call = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in ("conv2d", "linear") and \
-                (args[1] if len(args) > 1 else kwargs.get("weight")) is self.weight:
-            self.call = _conv_arguments(func.__name__, args, kwargs)
-            raise _Captured
-        return func(*args, **kwargs)
-
-
-def _conv_arguments(name: str, args: tuple, kwargs: dict) -> dict:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    call = {**dict(zip(names, args)), **kwargs}
-    if name == "conv2d":
-        weight = call["weight"]
-        call.setdefault("stride", 1), call.setdefault("padding", 0), call.setdefault("dilation", 1)
-        if call["padding"] == "valid":
-            call["padding"] = 0
-        elif call["padding"] == "same":
-            dil = call["dilation"] if isinstance(call["dilation"], tuple) else (call["dilation"],) * 2
-            call["padding"] = tuple(d * (k - 1) // 2 for d, k in zip(dil, weight.shape[2:]))
-    return call
-
-
-def layer_call(model: nn.Module, module: nn.Module, xb: torch.Tensor) -> dict:
-    """Run ``model`` on ``xb`` only as far as ``module``'s conv/linear call; return that call's arguments."""
-    catcher = _LayerCall(module.weight)
-    try:
-        with torch.no_grad(), catcher:
-            model(xb)
-    except _Captured:
-        pass
-    if catcher.call is None:
-        raise RuntimeError(f"{type(module).__name__} never called conv2d/linear with its own weight")
-    return catcher.call
-
-
-def _layer_output(model: nn.Module, name: str, xb: torch.Tensor) -> torch.Tensor:
-    """Run ``model`` on ``xb`` only as far as layer ``name``; return that layer's output."""
-    module = dict(model.named_modules())[name]
-    box = []
-
-    def hook(mod, args, out):
-        box.append(out)
-        raise _Captured
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(xb)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return box[0]
-
-
-def design_matrix(module: nn.Module, call: dict) -> torch.Tensor:
-    inp = call["input"]
-    if isinstance(module, nn.Linear):
-        return inp.reshape(-1, module.in_features)
-    cols = F.unfold(inp, module.kernel_size, call["dilation"], call["padding"], call["stride"])
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def _targets(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
-        return out.reshape(-1, out.shape[-1])
-    return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-
-
-def refit(model: nn.Module, dense: nn.Module, name: str, kept_outputs: torch.Tensor | None,
+def refit(model: nn.Module, dense: nn.Module, c: Consumer, kept_outputs: torch.Tensor | None,
           x: torch.Tensor, ridge: float | None = None, batch: int = 64) -> None:
-    """Ridge least-squares refit of consumer ``name`` in ``model`` to the dense model's pre-activations."""
+    """Ridge least-squares refit of consumer ``c`` in ``model`` to the dense model's pre-activations."""
     ridge = RIDGE if ridge is None else ridge
-    module = dict(model.named_modules())[name]
-    bias_only = module.weight[0].numel() + 1 > MAX_FIT_INPUTS
+    module = model.get_submodule(c.name)
+    weight = getattr(module, c.weight)
+    w2d = as_matrix(weight.data, c.dim)
+    fit_bias = bias_attr(module, c) is not None or can_add_bias(module, c)
+    bias_only = w2d.shape[1] + 1 > MAX_FIT_INPUTS
     xtx = xtz = None
     for xb in shard(x).split(batch):
-        call = layer_call(model, module, xb)
-        target = _layer_output(dense, name, xb)
-        per_sample = design_matrix(module, {**call, "input": call["input"][:1]}).numel()
+        call = capture(model, c.name, xb, c.weight)
+        target = targets(capture(dense, c.name, xb, c.weight))
+        if kept_outputs is not None:
+            target = target[:, kept_outputs]
+        per_sample = design_matrix(call, weight, call.input[:1]).numel()
         step = max(1, ROWS_PER_CHUNK // max(per_sample, 1))
-        for ib, tb in zip(call["input"].split(step), target.split(step)):
-            design = design_matrix(module, {**call, "input": ib})
-            z = _targets(module, tb)
-            if kept_outputs is not None:
-                z = z[:, kept_outputs]
+        rows = 0
+        for ib in call.input.split(step):
+            design = design_matrix(call, weight, ib)
+            z = target[rows:rows + len(design)]
+            rows += len(design)
             if bias_only:  # accumulate E[z − W·x] only
-                r = (z - design @ module.weight.data.reshape(len(z[0]), -1).T).double()
+                r = (z - design @ w2d.T).double()
                 xtx = (0 if xtx is None else xtx) + len(r)
                 xtz = (0 if xtz is None else xtz) + r.sum(0)
                 continue
-            design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype)], 1).double()
+            if fit_bias:
+                design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype)], 1)
+            design = design.double()
             xtx = design.T @ design if xtx is None else xtx + design.T @ design
             xtz = design.T @ z.double() if xtz is None else xtz + design.T @ z.double()
     xtx, xtz = reduce_sum(xtx), reduce_sum(xtz)
     if bias_only:
-        _set_bias(module, (xtz / xtx).to(module.weight.dtype))
+        if fit_bias:
+            _set_bias(module, c, (xtz / xtx).to(weight.dtype))
         return
-    d = xtx.shape[0] - 1
+    d = w2d.shape[1]
     reg = torch.zeros_like(xtx)
     reg.diagonal()[:d] = ridge * xtx.diagonal()[:d].mean().clamp_min(1e-12)
     try:
         sol = torch.linalg.solve(xtx + reg, xtz)
     except RuntimeError:
         sol = torch.linalg.lstsq(xtx + reg, xtz).solution
-    w, b = sol[:d].T, sol[d]
-    module.weight = _param(w.reshape(module.weight.shape).to(module.weight.dtype), module.weight)
-    _set_bias(module, b.to(module.weight.dtype))
+    new = from_matrix(sol[:d].T.to(weight.dtype), weight, c.dim)
+    setattr(module, c.weight, nn.Parameter(new.contiguous(), requires_grad=weight.requires_grad))
+    if fit_bias:
+        _set_bias(module, c, sol[d].to(weight.dtype))
 
 
-def _set_bias(module: nn.Module, b: torch.Tensor) -> None:
-    if module.bias is None:
-        module.bias = nn.Parameter(b, requires_grad=module.weight.requires_grad)
+def _set_bias(module: nn.Module, c: Consumer, b: torch.Tensor) -> None:
+    attr = bias_attr(module, c)
+    if attr is None:
+        module.bias = nn.Parameter(b.contiguous(), requires_grad=module.weight.requires_grad)
     else:
-        module.bias = _param(b, module.bias)
+        setattr(module, attr, nn.Parameter(b.contiguous(), requires_grad=getattr(module, attr).requires_grad))

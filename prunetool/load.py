@@ -1,8 +1,16 @@
-"""Load stage: checkpoints (state_dict + architecture, pickled module, prunetool's own files) and saving.
+"""Load stage: checkpoints in (state_dicts with an architecture, safetensors, pickled modules, prunetool's own
+files) and prunetool's own files out.
 
-prunetool's own files are plain dicts of tensors and primitives, so they load with
-``torch.load(weights_only=True)``. The architecture is rebuilt from its import path and then
-resized to the saved tensor shapes, so a shrunk model reloads without pickle.
+prunetool's own file holds plain tensors and JSON, as ``.safetensors`` (tensors, JSON in the header's metadata)
+or ``.pt`` (a dict that ``torch.load(weights_only=True)`` reads). Besides the weights it records the
+*structure*: the architecture's import path and arguments, the layers a factorisation replaced, every simple
+public module attribute that differs from a fresh build (``groups``, channel counts, container widths, head
+counts), the state-dict version metadata some layers check, and a SHA-256 of the tensors. Loading rebuilds the
+architecture, reapplies factorisations, resizes every parameter and buffer by key to the saved shape, restores
+the attributes and checks the tensors against their hash. Files of format 1 still load.
+
+A recorded architecture is called only if it is an ``nn.Module`` class or a function annotated to return one,
+so a file cannot name an arbitrary callable; ``--arch`` given by the user is taken as is.
 """
 
 from __future__ import annotations
@@ -14,8 +22,12 @@ import io
 import json
 import os
 import pickle
+import struct
 import sys
 import tempfile
+import typing
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import layers
 from .errors import UsageError
 from .factor import refactor
 
 FORMAT_KEY = "prunetool_format"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 @dataclass
@@ -41,47 +55,120 @@ class Checkpoint:
     path: str | None = None
     sha256: str | None = None
     file_bytes: int | None = None
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # floating tensors of the file, by key
+    arch_root: str | None = None  # the sys.path entry the architecture was imported from, when not installed
 
 
-def import_arch(spec: str):
-    """Resolve ``module.path:Callable`` or ``path/to/file.py:Callable``."""
+# --- architectures ---------------------------------------------------------------------------------
+
+def _source_root(module) -> str | None:
+    """The directory to put on ``sys.path`` to import ``module`` again, unless it comes from site-packages."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    depth = module.__name__.count(".") + (1 if path.name == "__init__.py" else 0)
+    root = path.parents[depth]
+    if "site-packages" in root.parts or "dist-packages" in root.parts:
+        return None
+    return str(root)
+
+
+def import_arch(spec: str, root: str | None = None, recorded_in: str | None = None):
+    """Resolve ``module.path:Callable`` or ``path/to/file.py:Callable``.
+
+    ``recorded_in`` (a file) means the spec was read from that file rather than typed by the user: it may then
+    be imported from ``root``, the directory it was imported from when the file was written, and it must be an
+    ``nn.Module`` class or a function annotated to return one.
+    """
+    flag = f"the architecture recorded in {recorded_in}" if recorded_in else "--arch"
     if ":" not in spec:
-        raise UsageError(f"--arch {spec!r} is not MODULE:CALLABLE; write it like mypkg.nets:LeNet")
+        raise UsageError(f"{flag} {spec!r} is not MODULE:CALLABLE; write it like mypkg.nets:LeNet")
     mod_name, _, attr = spec.rpartition(":")
     try:
         if mod_name.endswith(".py"):
-            file = Path(mod_name)
-            if not file.is_file():
-                raise UsageError(f"--arch file {mod_name} does not exist; check the path")
-            mod_spec = importlib.util.spec_from_file_location(file.stem, file)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
+            module = _import_file(mod_name, root, flag)
         else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(mod_name)
+            module = _import_module(mod_name, root, flag, recorded_in)
     except UsageError:
         raise
-    except ImportError as e:
-        raise UsageError(f"cannot import {mod_name!r} for --arch ({e}); check the module path or PYTHONPATH") from None
+    except Exception as e:  # the module itself fails: syntax error, exception at import
+        raise UsageError(f"importing {mod_name} for {flag} fails ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}); fix that module") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{mod_name!r} has no attribute {attr!r}; check the name after ':' in --arch")
+            raise UsageError(f"{mod_name!r} has no attribute {attr!r}; check the name after ':' in {flag}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UsageError(f"--arch {spec!r} is not callable; name a class or factory function")
+        raise UsageError(f"{flag} {spec!r} is not callable; name a class or factory function")
+    if recorded_in is not None and not _builds_module(obj):
+        raise UsageError(f"{recorded_in} names architecture {spec}, which is not an nn.Module class or a builder "
+                         "annotated to return one; pass --arch yourself if you trust the file")
     return obj
 
 
-def build_arch(spec: str, kwargs: dict | None = None) -> nn.Module:
-    factory = import_arch(spec)
+def _builds_module(obj) -> bool:
+    if isinstance(obj, type):
+        return issubclass(obj, nn.Module)
+    try:
+        ret = typing.get_type_hints(obj).get("return")
+    except Exception:
+        ret = getattr(obj, "__annotations__", {}).get("return")
+    return isinstance(ret, type) and issubclass(ret, nn.Module)
+
+
+def _import_module(name: str, root: str | None, flag: str, recorded_in: str | None):
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not name.startswith(e.name):
+            raise  # the module exists but one of its own imports is missing
+        if root and Path(root, *name.split(".")).with_suffix(".py").exists() or \
+                root and Path(root, *name.split("."), "__init__.py").exists():
+            sys.path.insert(0, root)
+            warnings.warn(f"imported {name} from {root}, where {recorded_in or 'it'} was made")
+            return importlib.import_module(name)
+        where = f" (the file was made with it importable from {root})" if root else ""
+        raise UsageError(f"cannot import {name!r} for {flag}{where}: install its package or add its folder to "
+                         "PYTHONPATH, e.g. PYTHONPATH=/path/to/project") from None
+
+
+def _import_file(path: str, root: str | None, flag: str):
+    file = Path(path)
+    if not file.is_file() and root and Path(root).is_file():
+        file = Path(root)
+    if not file.is_file():
+        raise UsageError(f"{flag}: file {path} does not exist; check the path")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def arch_root(spec: str) -> str | None:
+    """Where ``spec``'s module lives, if it is not an installed package (recorded so reloads work elsewhere)."""
+    mod_name = spec.rpartition(":")[0]
+    if mod_name.endswith(".py"):
+        return str(Path(mod_name).resolve())
+    module = sys.modules.get(mod_name)
+    return _source_root(module) if module is not None else None
+
+
+def build_arch(spec: str, kwargs: dict | None = None, root: str | None = None,
+               recorded_in: str | None = None) -> nn.Module:
+    factory = import_arch(spec, root, recorded_in)
+    flag = f"the architecture recorded in {recorded_in}" if recorded_in else "--arch"
     try:
         model = factory(**(kwargs or {}))
-    except TypeError as e:
-        raise UsageError(f"cannot build {spec} with --arch-kwargs {json.dumps(kwargs or {})}: {e}") from None
+    except Exception as e:
+        raise UsageError(f"cannot build {spec} with arguments {json.dumps(kwargs or {})} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                         f"check {flag} and --arch-kwargs") from None
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--arch {spec} returned {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"{flag} {spec} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -96,6 +183,8 @@ def parse_arch_kwargs(text: str | None) -> dict:
         raise UsageError("--arch-kwargs must be a JSON object, like '{\"num_classes\": 10}'")
     return value
 
+
+# --- state dicts -------------------------------------------------------------------------------------
 
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and len(obj) > 0 and all(
@@ -112,20 +201,22 @@ def _find_state_dict(obj: dict) -> dict | None:
     return None
 
 
-def _fit_keys(state: dict, expected: set[str]) -> dict:
-    """Strip a common prefix such as ``module.`` or ``model.`` when that makes the keys fit."""
-    best = state
-    current = state
+def _fit_keys(state: dict, expected: set[str]) -> tuple[dict, str]:
+    """Strip a common prefix such as ``module.`` or ``model.`` when that makes the keys fit; returns the keys
+    and the prefix taken off."""
+    best, best_prefix = state, ""
+    current, prefix = state, ""
     while True:
         if expected <= set(current):
-            return current
+            return current, prefix
         heads = {k.split(".", 1)[0] for k in current}
         if len(heads) != 1 or not all("." in k for k in current):
-            return best
+            return best, best_prefix
         head = heads.pop()
         current = {k[len(head) + 1:]: v for k, v in current.items()}
+        prefix += head + "."
         if len(set(current) & expected) > len(set(best) & expected):
-            best = current
+            best, best_prefix = current, prefix
 
 
 def _describe_mismatch(model: nn.Module, state: dict) -> str | None:
@@ -146,32 +237,94 @@ def _describe_mismatch(model: nn.Module, state: dict) -> str | None:
 
 
 def resize_to_state_dict(model: nn.Module, state: dict) -> None:
-    """Give every Linear/Conv/BatchNorm the tensor shapes found in ``state`` (a shrunk model)."""
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        for pname in ("weight", "bias"):
-            key = prefix + pname
-            if key not in state:
-                continue
-            cur = getattr(module, pname, None)
-            if cur is None and pname == "bias" and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
-                module.bias = nn.Parameter(torch.empty_like(state[key]))
-            elif isinstance(cur, nn.Parameter) and cur.shape != state[key].shape:
-                setattr(module, pname, nn.Parameter(torch.empty_like(state[key])))
-        for bname, buf in list(module.named_buffers(recurse=False)):
-            key = prefix + bname
-            if key in state and buf is not None and buf.shape != state[key].shape:
-                module.register_buffer(bname, torch.empty_like(state[key]))
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            module.out_channels = module.weight.shape[0]
-            module.in_channels = module.weight.shape[1] * module.groups
-        elif isinstance(module, nn.modules.batchnorm._NormBase) and module.weight is not None:
-            module.num_features = module.weight.shape[0]
-        elif isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
-            module.num_features = module.running_mean.shape[0]
+    """Give every parameter and buffer named in ``state`` its shape and dtype there (a cut model), creating
+    parameters the cut added (a bias), then let each resized layer's width attributes follow."""
+    changed: dict[nn.Module, dict[int, int]] = {}
+    for key, t in state.items():
+        mname, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(mname)
+        except AttributeError:
+            continue
+        if attr in module._parameters:
+            cur = module._parameters[attr]
+            if cur is None or cur.shape != t.shape or cur.dtype != t.dtype:
+                module._parameters[attr] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype),
+                                                        requires_grad=True if cur is None else cur.requires_grad)
+        elif attr in module._buffers:
+            cur = module._buffers[attr]
+            if cur is None or cur.shape != t.shape or cur.dtype != t.dtype:
+                module._buffers[attr] = torch.empty(t.shape, dtype=t.dtype)
+        else:
+            continue
+        if cur is not None and cur.shape != t.shape:
+            sizes = changed.setdefault(module, {})
+            sizes.update({a: b for a, b in zip(cur.shape, t.shape) if a != b})
+    for module, sizes in changed.items():
+        layers.kind_of(module).sync(module, sizes)
 
+
+def _simple(v) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    return isinstance(v, (tuple, list)) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v)
+
+
+def _attributes(module: nn.Module) -> dict:
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and _simple(v)}
+
+
+def attribute_diff(model: nn.Module, fresh: nn.Module) -> dict[str, dict]:
+    """Simple public attributes of ``model``'s modules that differ from the same modules of ``fresh``."""
+    fresh_modules = dict(fresh.named_modules())
+    diff = {}
+    for name, module in model.named_modules():
+        other = fresh_modules.get(name)
+        if other is None:
+            continue
+        mine, theirs = _attributes(module), _attributes(other)
+        changed = {k: v for k, v in mine.items() if k not in theirs or theirs[k] != v}
+        if changed:
+            diff[name] = changed
+    return diff
+
+
+def restore_attributes(model: nn.Module, diff: dict[str, dict]) -> None:
+    modules = dict(model.named_modules())
+    for name, attrs in diff.items():
+        module = modules.get(name)
+        if module is None:
+            continue
+        for k, v in attrs.items():
+            if isinstance(v, list) and isinstance(getattr(module, k, None), tuple):
+                v = tuple(v)
+            setattr(module, k, v)
+
+
+def _versions(model: nn.Module) -> dict[str, dict]:
+    meta = getattr(model.state_dict(), "_metadata", None) or {}
+    return {k: dict(v) for k, v in meta.items() if v}
+
+
+def _with_versions(state: dict, versions: dict | None) -> dict:
+    state = OrderedDict(state)
+    if versions:
+        state._metadata = OrderedDict((k, dict(v)) for k, v in versions.items())
+    return state
+
+
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- reading -----------------------------------------------------------------------------------------
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -182,75 +335,149 @@ def _read(path: str | os.PathLike) -> bytes:
     if not p.exists():
         raise UsageError(f"{p}: no such file; check the checkpoint path")
     if p.is_dir():
-        raise UsageError(f"{p} is a directory; pass a checkpoint file (.pt/.pth)")
+        raise UsageError(f"{p} is a directory; pass a checkpoint file (.pt, .pth or .safetensors)")
     return p.read_bytes()
+
+
+def _is_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    n = struct.unpack("<Q", data[:8])[0]
+    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _read_safetensors(data: bytes, path: str) -> dict:
+    from safetensors.torch import load as st_load
+
+    try:
+        n = struct.unpack("<Q", data[:8])[0]
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        tensors = st_load(data)
+    except Exception as e:
+        raise UsageError(f"{path} is a damaged safetensors file ({str(e).splitlines()[0][:120]}); "
+                         "write it again") from None
+    if meta.get(FORMAT_KEY):
+        return {FORMAT_KEY: int(meta[FORMAT_KEY]), "arch": meta.get("arch"), "arch_kwargs": meta.get("arch_kwargs", "{}"),
+                "record": meta.get("record", "{}"), "structure": meta.get("structure", "{}"), "state_dict": tensors}
+    return tensors
 
 
 def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
          unsafe_pickle: bool = False) -> Checkpoint:
-    """Load a checkpoint: prunetool's own file, a state_dict with ``arch``, or (if allowed) a pickled module."""
+    """Load a checkpoint: prunetool's own file, a state_dict (``.pt`` or ``.safetensors``) with ``arch``, or (if
+    allowed) a pickled module."""
     data = _read(path)
-    digest = _sha256(data)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise UsageError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-        if not unsafe_pickle:
-            raise UsageError(
-                f"{path} holds pickled Python objects (a whole nn.Module?); loading it can run arbitrary code: "
-                "pass --unsafe-pickle if you trust the file, or save a state_dict and pass --arch") from None
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as e:  # zip/format errors from torch.load have no common type
-        raise UsageError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    ckpt = from_bytes(data, str(path), arch, arch_kwargs, unsafe_pickle)
+    ckpt.path, ckpt.sha256, ckpt.file_bytes = str(path), _sha256(data), len(data)
+    return ckpt
 
-    ckpt = _from_object(obj, str(path), arch, arch_kwargs)
-    ckpt.path, ckpt.sha256, ckpt.file_bytes = str(path), digest, len(data)
+
+def from_bytes(data: bytes, path: str = "<saved>", arch: str | None = None, arch_kwargs: dict | None = None,
+               unsafe_pickle: bool = False) -> Checkpoint:
+    """:func:`load` for the bytes of a file."""
+    if _is_safetensors(data):
+        obj = _read_safetensors(data, path)
+    else:
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+                raise UsageError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+            if not unsafe_pickle:
+                raise UsageError(
+                    f"{path} holds pickled Python objects (a whole nn.Module?); loading it can run arbitrary code: "
+                    "pass --unsafe-pickle if you trust the file, or save a state_dict and pass --arch") from None
+            obj = _unpickle(data, path)
+        except Exception as e:  # zip/format errors from torch.load have no common type
+            raise UsageError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    ckpt = _from_object(obj, path, arch, arch_kwargs)
     ckpt.model.eval()
     return ckpt
+
+
+def _unpickle(data: bytes, path: str):
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except AttributeError as e:  # a class pickled from a script's __main__
+        raise UsageError(f"{path} holds a model whose class cannot be found ({str(e).splitlines()[0][:120]}); "
+                         "it was probably defined in a script: save a state_dict and pass --arch") from None
+    except Exception as e:
+        raise UsageError(f"{path} cannot be unpickled ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def _dtypes(state: dict) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in state.items() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point}
 
 
 def _from_object(obj: Any, path: str, arch: str | None, arch_kwargs: dict | None) -> Checkpoint:
     if isinstance(obj, dict) and obj.get(FORMAT_KEY):
         return _from_own(obj, path, arch, arch_kwargs)
     if isinstance(obj, nn.Module):
-        return Checkpoint(obj, arch or _class_path(obj), arch_kwargs or {})
+        return Checkpoint(obj, arch or _class_path(obj), arch_kwargs or {}, dtypes=_dtypes(obj.state_dict()))
     if isinstance(obj, dict):
         for key in ("model", "module", "net"):
             if isinstance(obj.get(key), nn.Module):
-                return Checkpoint(obj[key], arch or _class_path(obj[key]), arch_kwargs or {})
+                return Checkpoint(obj[key], arch or _class_path(obj[key]), arch_kwargs or {},
+                                  dtypes=_dtypes(obj[key].state_dict()))
         state = _find_state_dict(obj)
         if state is not None:
             if not arch:
                 raise UsageError(f"{path} is a state_dict without its architecture; pass --arch MODULE:CALLABLE "
                                  "(e.g. torchvision.models:resnet18)")
             model = build_arch(arch, arch_kwargs)
-            _load_into(model, state, path, arch)
-            return Checkpoint(model, arch, arch_kwargs or {})
+            _load_into(model, state, path, f"--arch {arch}", "check --arch and --arch-kwargs")
+            return Checkpoint(model, arch, arch_kwargs or {}, dtypes=_dtypes(state), arch_root=arch_root(arch))
     raise UsageError(f"{path} holds a {type(obj).__name__}, not a state_dict or model; pass a checkpoint saved "
                      "with torch.save(model.state_dict(), ...)")
 
 
-def _load_into(model: nn.Module, state: dict, path: str, arch: str) -> None:
-    state = _fit_keys(state, set(model.state_dict()))
+def _load_into(model: nn.Module, state: dict, path: str, what: str, fix: str) -> None:
+    versions = getattr(state, "_metadata", None)
+    state, prefix = _fit_keys(state, set(model.state_dict()))
+    if versions and prefix:
+        versions = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in versions.items()}
+    for key, t in state.items():  # keep the file's dtypes (a float16 checkpoint stays float16)
+        mname, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(mname)
+        except AttributeError:
+            continue
+        cur = module._parameters.get(attr) if attr in module._parameters else module._buffers.get(attr)
+        if cur is not None and cur.shape == t.shape and cur.dtype != t.dtype and t.dtype.is_floating_point:
+            cur.data = cur.data.to(t.dtype)
     problem = _describe_mismatch(model, state)
     if problem:
-        raise UsageError(f"{path} does not fit --arch {arch}: {problem}; check --arch and --arch-kwargs")
-    model.load_state_dict(state, strict=False)
+        raise UsageError(f"{path} does not fit {what}: {problem}; {fix}")
+    try:
+        model.load_state_dict(_with_versions(state, versions), strict=False)
+    except Exception as e:  # a layer's own checks (MNASNet's version) fail
+        raise UsageError(f"{path} does not load into {what} ({str(e).splitlines()[0][:160]}); {fix}") from None
 
 
 def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) -> Checkpoint:
+    version = int(obj.get(FORMAT_KEY))
+    if version > FORMAT_VERSION:
+        raise UsageError(f"{path} was written by a newer prunetool (format {version}); upgrade prunetool")
     record = json.loads(obj.get("record", "{}"))
+    structure = json.loads(obj.get("structure", "{}")) if version >= 2 else {}
+    state = obj["state_dict"]
+    digest = structure.get("sha256")
+    if digest is not None and tensor_digest(state) != digest:
+        raise UsageError(f"{path} is damaged: its tensors do not match the checksum it was written with; "
+                         "write it again from the source model")
+    given = arch is not None
     arch = arch or obj.get("arch")
     kwargs = arch_kwargs if arch_kwargs else json.loads(obj.get("arch_kwargs", "{}"))
     if not arch:
         raise UsageError(f"{path} records no architecture; pass --arch MODULE:CALLABLE")
-    model = build_arch(arch, kwargs)
-    state = obj["state_dict"]
+    root = structure.get("arch_root")
+    model = build_arch(arch, kwargs, root, None if given else path)
     refactor(model, record.get("factored", {}))
     resize_to_state_dict(model, state)
-    _load_into(model, state, path, arch)
-    return Checkpoint(model, arch, kwargs, record)
+    restore_attributes(model, structure.get("attributes", {}))
+    _load_into(model, _with_versions(state, structure.get("versions")), path, f"the architecture it records ({arch})",
+               "the file or that architecture's code changed since it was written")
+    return Checkpoint(model, arch, kwargs, record, dtypes=_dtypes(state), arch_root=root)
 
 
 def _class_path(model: nn.Module) -> str:
@@ -258,32 +485,91 @@ def _class_path(model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def serialize(model: nn.Module, arch: str | None, arch_kwargs: dict | None = None, record: dict | None = None) -> bytes:
-    """The bytes of prunetool's file format for ``model``."""
+# --- writing -----------------------------------------------------------------------------------------
+
+def fresh_build(arch: str, kwargs: dict, factored: dict) -> nn.Module | None:
+    """The architecture as a new build would give it, on the meta device (no memory, no initialisation)."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_arch(arch, kwargs)
+    except Exception:
+        try:
+            model = build_arch(arch, kwargs)
+        except Exception:
+            return None
+    refactor(model, factored)
+    return model
+
+
+def structure_of(model: nn.Module, arch: str | None, arch_kwargs: dict | None, factored: dict,
+                 state: dict[str, torch.Tensor], root: str | None = None) -> dict:
+    """What a reload needs besides the tensors (see the module docstring)."""
+    arch = arch or _class_path(model)
+    fresh = fresh_build(arch, arch_kwargs or {}, factored)
+    return {
+        "attributes": attribute_diff(model, fresh) if fresh is not None else {},
+        "versions": _versions(model),
+        "sha256": tensor_digest(state),
+        "arch_root": root if root is not None else arch_root(arch),
+    }
+
+
+def cast_state(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None) -> dict[str, torch.Tensor]:
+    """Each floating tensor in the dtype the source had for it (new tensors: the source's main dtype)."""
+    if not dtypes:
+        return state
+    counts: dict[torch.dtype, int] = {}
+    for d in dtypes.values():
+        counts[d] = counts.get(d, 0) + 1
+    main = max(counts, key=counts.get)
+    return {k: (v.to(dtypes.get(k, main)) if v.dtype.is_floating_point else v) for k, v in state.items()}
+
+
+def serialize(model: nn.Module, arch: str | None, arch_kwargs: dict | None = None, record: dict | None = None,
+              dtypes: dict[str, torch.dtype] | None = None, fmt: str = ".pt", root: str | None = None) -> bytes:
+    """The bytes of prunetool's file format for ``model`` (``fmt``: ``.safetensors`` or ``.pt``)."""
+    record = record or {}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = cast_state(state, dtypes)
+    structure = structure_of(model, arch, arch_kwargs, record.get("factored", {}), state, root)
+    arch = arch or _class_path(model)
+    if fmt == ".safetensors":
+        from safetensors.torch import save as st_save
+
+        meta = {FORMAT_KEY: str(FORMAT_VERSION), "arch": arch, "arch_kwargs": json.dumps(arch_kwargs or {}),
+                "record": json.dumps(record), "structure": json.dumps(structure)}
+        return st_save(state, metadata=meta)
     payload = {
         FORMAT_KEY: FORMAT_VERSION,
-        "arch": arch or _class_path(model),
+        "arch": arch,
         "arch_kwargs": json.dumps(arch_kwargs or {}),
-        "record": json.dumps(record or {}),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "record": json.dumps(record),
+        "structure": json.dumps(structure),
+        "state_dict": state,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
     return buf.getvalue()
 
 
-def check_writable(path: str | os.PathLike, source: str | None = None) -> None:
+def format_of(path: str | os.PathLike) -> str:
+    """``.safetensors`` or ``.pt`` by the file name (anything else is written as ``.pt``)."""
+    return ".safetensors" if str(path).endswith(".safetensors") else ".pt"
+
+
+def check_writable(path: str | os.PathLike, source: str | None = None, flag: str = "--out") -> None:
     """Fail early (before any work) if ``path`` cannot be written or would overwrite the input."""
     p = Path(path)
     if source is not None and p.exists() and p.resolve() == Path(source).resolve():
-        raise UsageError(f"--out {p} is the input checkpoint; choose another output path")
+        raise UsageError(f"{flag} {p} is the input checkpoint; choose another path")
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
-        raise UsageError(f"--out {p} is a directory; give a file path")
+        raise UsageError(f"{flag} {p} is a directory; give a file path")
     if not parent.is_dir():
-        raise UsageError(f"cannot write {p}: directory {parent} does not exist; create it or choose another --out")
+        raise UsageError(f"cannot write {p}: directory {parent} does not exist; create it or choose another {flag}")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"cannot write {p}: permission denied; choose another --out")
+        raise UsageError(f"cannot write {p}: permission denied; choose another {flag}")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -304,8 +590,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def save(model: nn.Module, path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
-         record: dict | None = None) -> int:
-    """Save ``model`` in prunetool's format (atomically); returns the file size in bytes."""
-    data = serialize(model, arch, arch_kwargs, record)
+         record: dict | None = None, dtypes: dict[str, torch.dtype] | None = None) -> int:
+    """Save ``model`` in prunetool's format (atomically; ``.safetensors`` or ``.pt`` by the file name); returns
+    the file size in bytes."""
+    data = serialize(model, arch, arch_kwargs, record, dtypes, format_of(path))
     write_atomic(path, data)
     return len(data)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .api import LATENCY_BATCHES, _prepare, conclude
-from .cut import design_matrix, layer_call
+from .calls import capture, design_matrix
 from .data import eval_loader
 from .errors import UsageError
 from .factor import elbow, factor, factorable, matrix, params_of, rank_for_energy, replace, saves, spectrum
@@ -26,7 +26,7 @@ def input_covariance(model: nn.Module, name: str, x: torch.Tensor, batch: int = 
     module = model.get_submodule(name)
     total, count = None, 0
     for xb in x.split(batch):
-        design = design_matrix(module, layer_call(model, module, xb)).double()
+        design = design_matrix(capture(model, name, xb), module.weight).double()
         total = design.T @ design if total is None else total + design.T @ design
         count += len(design)
     return total / count

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import calls
 from .factor import Spectrum, elbow, factorable, matrix, spectrum
 from .progress import QUIET, Bars
 from .score import mrp, mrs
@@ -87,23 +88,23 @@ def matrix_report(name: str, module: nn.Module) -> tuple[dict, Spectrum]:
 def _frozen(model: nn.Module, trace: Trace, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean |∂L/∂h_i| at each group's producer outputs (pre-activation), per unit."""
     sums: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = []
+    on_output, weights = {}, {}
     for g in trace.groups:
         for p in g.producers:
-            def hook(module, args, out, g=g):
+            def hook(out, g=g, p=p):
                 def on_grad(grad):
-                    v = grad.detach().abs().movedim(1 if grad.dim() == 4 else -1, 0).reshape(g.units, -1).double()
+                    cdim = 1 if grad.dim() == 4 else -1
+                    v = grad.detach().abs().movedim(cdim, 0).reshape(g.units, -1).double()
                     sums[g.name] = sums.get(g.name, 0) + v.sum(1) / v.shape[1]
-                out.register_hook(on_grad)
-            handles.append(modules[p.name].register_forward_hook(hook))
+                if out.requires_grad:
+                    out.register_hook(on_grad)
+            on_output[p.name], weights[p.name] = hook, p.weight
     try:
-        for xb, yb in zip(x.split(256), y.split(256)):
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb, reduction="sum").backward()
+        with calls.hooks(model, on_output=on_output, weights=weights):
+            for xb, yb in zip(x.split(256), y.split(256)):
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xb), yb, reduction="sum").backward()
     finally:
-        for h in handles:
-            h.remove()
         model.zero_grad(set_to_none=True)
     return {k: v / len(x) for k, v in sums.items()}
 

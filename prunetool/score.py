@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import calls
 from .distributed import reduce_sum, shard
 from .progress import QUIET, Bars
 from .trace import Consumer, Group, Trace
@@ -39,7 +40,7 @@ class Scores:
 def unit_view(x: torch.Tensor, group: Group, consumer: Consumer) -> torch.Tensor:
     """The group's units in a consumer's input, as a (batch, units, positions) view of ``x``."""
     n, o = x.shape[0], consumer.offset
-    if isinstance(consumer.module, nn.Conv2d):
+    if consumer.layout == "conv":
         v = x.reshape(n, x.shape[1], -1)
     elif consumer.spatial > 1:
         v = x.reshape(n, -1, consumer.spatial)
@@ -62,20 +63,13 @@ def readers(trace: Trace, groups: list[Group] | None = None) -> dict[str, list[t
 
 
 @contextmanager
-def input_hooks(model: nn.Module, pairs: dict[str, list], on_input):
-    """Forward pre-hooks on consumer layers; ``on_input(x, pairs)`` may return a replacement input."""
-    modules = dict(model.named_modules())
-    handles = []
-    for name, read in pairs.items():
-        def pre(module, args, read=read):
-            new = on_input(args[0], read)
-            return None if new is None else (new, *args[1:])
-        handles.append(modules[name].register_forward_pre_hook(pre))
-    try:
+def consumer_hooks(model: nn.Module, pairs: dict[str, list], on_input):
+    """Hooks on what consumer layers read (the input of their own call); ``on_input(x, pairs)`` may return a
+    replacement input."""
+    handlers = {name: (lambda x, read=read: on_input(x, read)) for name, read in pairs.items()}
+    weights = {name: read[0][1].weight for name, read in pairs.items()}
+    with calls.hooks(model, on_input=handlers, weights=weights):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def replace_units(x: torch.Tensor, read, values: dict) -> torch.Tensor:
@@ -126,7 +120,7 @@ def unit_means(model: nn.Module, trace: Trace, x: torch.Tensor, bars: Bars = QUI
         for g, c in read:
             sums.add((g.name, c.name, c.offset), unit_view(a.detach(), g, c), c)
 
-    with torch.no_grad(), input_hooks(model, readers(trace, groups), on_input):
+    with torch.no_grad(), consumer_hooks(model, readers(trace, groups), on_input):
         for xb in bars.track(shard(x).split(BATCH), "unit means"):
             model(xb)
     return sums.means()
@@ -155,7 +149,7 @@ def _gradient_pass(model, trace, x, y, bars: Bars):
         a.register_hook(on_grad)
         return a
 
-    with input_hooks(model, readers(trace), on_input):
+    with consumer_hooks(model, readers(trace), on_input):
         for xb, yb in bars.track(list(zip(shard(x).split(BATCH), shard(y).split(BATCH))), "scoring (forward+backward)"):
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(xb), yb, reduction="sum").backward()
@@ -201,14 +195,15 @@ def mrp(model, trace, x, y, bars: Bars = QUIET) -> Scores:
     jobs = [(g, i) for g in trace.groups for i in range(g.units)]
     for g, i in bars.track(jobs, "MRP (one forward per unit)"):
         values = {(g.name, c.name, c.offset): ([i], mean_of(means, g, c)[i]) for c in g.consumers}
-        with input_hooks(model, readers(trace, [g]), lambda a, read: replace_units(a, read, values)):
+        with consumer_hooks(model, readers(trace, [g]), lambda a, read: replace_units(a, read, values)):
             scores[g.name][i] = reduce_sum((_losses(model, x, y) - base).abs().sum())
     return Scores("mrp", scores, means)
 
 
 def incoming(group: Group) -> torch.Tensor:
     """Each unit's incoming weights, all coupled producers side by side (units × fan-in)."""
-    return torch.cat([p.module.weight.detach().reshape(group.units, -1) for p in group.producers], 1)
+    return torch.cat([getattr(p.module, p.weight).detach().movedim(p.dim, 0).reshape(group.units, -1)
+                      for p in group.producers], 1)
 
 
 def frame_potential_order(w: torch.Tensor) -> torch.Tensor:

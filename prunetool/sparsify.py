@@ -51,12 +51,13 @@ def removable_units(graph, model: nn.Module) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     keep = {}
     for g in graph.groups:
-        incoming = sum(modules[p.name].weight.detach().reshape(g.units, -1).abs().sum(1) for p in g.producers)
+        incoming = sum(getattr(modules[p.name], p.weight).detach().movedim(p.dim, 0).reshape(g.units, -1).abs().sum(1)
+                       for p in g.producers)
         outgoing = torch.zeros(g.units, dtype=torch.float64)
         for c in g.consumers:
-            w = modules[c.name].weight.detach()
+            w = getattr(modules[c.name], c.weight).detach().movedim(c.dim, 0)
             cols = input_columns(c, torch.arange(g.units))
-            per = w[:, cols].abs().sum(0) if isinstance(modules[c.name], nn.Linear) else w[:, cols].abs().sum((0, 2, 3))
+            per = w[cols].abs().reshape(len(cols), -1).sum(1)
             outgoing += per.reshape(g.units, -1).sum(1).double()
         alive = (incoming > 0) & (outgoing > 0)
         if not alive.any():

@@ -1,19 +1,26 @@
 """Trace stage: which units exist, who consumes them, and which channels are coupled.
 
-The model is traced from one real forward pass: module hooks record every leaf-module call and a
-``TorchFunctionMode`` records every tensor op between them (functional code, ``x.view(n, -1)``,
-in-place activations, residual adds, ``torch.cat``). Each recorded tensor carries its *channel
-structure*: which dimension holds the channels and which unit space each channel range belongs to.
+The model is traced from one real forward pass. A ``TorchFunctionMode`` records every top-level torch call
+(``linear``, ``conv2d``, ``batch_norm``, ``x.view(n, -1)``, in-place activations, residual adds,
+``torch.cat``), and each call that uses a module's own weight is that module's: a layer is recognised by what
+it does, whatever its class or children (a ``Conv2d`` subclass that pads in its ``forward``, a norm that also
+activates). Each recorded tensor carries its *channel structure*: which dimension holds the channels and which
+unit space each channel range belongs to.
 
-- A producer (Linear, Conv2d) opens a new unit space for its outputs.
-- Ops that act on each channel separately pass the structure through (activations, pooling, dropout,
-  BatchNorm and depthwise convs, whose per-channel parameters are sliced with the units).
-- An element-wise op between two tensors (a residual add, a squeeze-excitation product) couples their
-  spaces: channel i of one is channel i of the other, so they are removed together (union-find).
+- ``linear``/``conv`` with a module's own weight: that module consumes the input's units and its outputs
+  open a new unit space (it is a *producer*).
+- Ops that act on each channel separately pass the structure through: known element-wise functions, and any
+  other op for which perturbing one input channel changes only that channel of the output (probed on the
+  traced tensors). BatchNorm, depthwise convs, PReLU and per-channel parameters are *members*: sliced with
+  the units.
+- An element-wise op between two tensors (a residual add, a squeeze-excitation product) couples their spaces:
+  channel i of one is channel i of the other, so they are removed together (union-find).
 - ``cat`` along channels lays spaces side by side; a consumer then reads each at an offset.
 - A flatten of a conv output into a Linear gives each unit ``H·W`` input features.
-- Anything else (LayerNorm, a reshape that splits channels, attention, an unknown layer, the model's
-  outputs) protects the spaces it touches, with the reason recorded. Protected units are never cut.
+- Anything else (LayerNorm, a reshape that splits channels, attention, an op that mixes channels, the model's
+  outputs) protects the spaces it touches, with the layer and op named. Protected units are never cut.
+
+Layers registered as atomic in :mod:`prunetool.layers` are recorded as one call, their ``forward`` unread.
 """
 
 from __future__ import annotations
@@ -24,56 +31,51 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
+from . import layers
 from .errors import UsageError
-
-UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-                 nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.PReLU, nn.Dropout, nn.Dropout1d,
-                 nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.Upsample)
-SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-UNARY_MODULE_NAMES = {"StochasticDepth"}
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-UNARY_FUNCS = {"relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
-               "hardsigmoid", "hardtanh", "mish", "softplus", "dropout", "alpha_dropout", "contiguous", "clone",
-               "float", "to", "type_as", "detach", "abs", "neg", "exp", "sqrt", "clamp", "clamp_min", "clamp_max",
-               "stochastic_depth"}
-SPATIAL_FUNCS = {"max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
-                 "adaptive_max_pool2d_with_indices", "dropout2d", "feature_dropout", "interpolate", "upsample"}
-BINARY_FUNCS = {"add", "sub", "mul", "div", "rsub", "true_divide", "maximum", "minimum", "__add__", "__radd__",
-                "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "__iadd__", "__imul__", "where"}
-RESHAPE_FUNCS = {"flatten", "view", "reshape"}
-PERMUTE_FUNCS = {"permute", "transpose", "swapaxes", "movedim"}
-REDUCE_FUNCS = {"mean", "sum", "amax", "amin"}
-ATOMIC = (nn.MultiheadAttention,)
 
 
 @dataclass
 class Producer:
+    """A layer whose outputs are the group's units: rows (``dim``) of its ``weight`` and entries of ``bias``."""
+
     name: str
     module: nn.Module
+    weight: str = "weight"
+    bias: str | None = "bias"
+    dim: int = 0
 
 
 @dataclass
 class Consumer:
-    """A layer that reads a group's units: input channels ``offset … offset+units`` (× ``spatial`` features)."""
+    """A layer that reads a group's units: input channels ``offset … offset+units`` (× ``spatial`` features).
+
+    ``layout`` is how it reads them: ``"linear"`` (the last dimension of its input, weight columns ``dim``),
+    ``"conv"`` (dimension 1 of its input, weight dimension 1).
+    """
 
     name: str
     module: nn.Module
     offset: int = 0
     spatial: int = 1
     norm_after: str | None = None  # BatchNorm right after it, which can absorb a constant when it has no bias
+    weight: str = "weight"
+    dim: int = 1
+    layout: str = "linear"
+    padded: bool = False  # its call pads the input (a constant unit is then not constant at the borders)
+    bias: str | None = "bias"
 
 
 @dataclass
 class Member:
-    """A per-channel parameter cut with the units: a BatchNorm, a depthwise conv, or a parameter tensor."""
+    """Per-channel tensors cut with the units: a BatchNorm, a depthwise conv, a PReLU, a layer scale."""
 
     name: str
     module: nn.Module
     offset: int = 0
-    param: str | None = None  # for a bare parameter (e.g. a layer scale): its attribute name
-    dim: int = 0  # the parameter's channel dimension
+    tensors: tuple[tuple[str, int], ...] = ()  # (attribute, channel dimension)
 
 
 @dataclass
@@ -109,15 +111,23 @@ class Trace:
 
 # --- recording ------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Tok:
+    """A recorded tensor in a node's arguments."""
+
+    id: int
+
+
 @dataclass
-class _Node:
-    kind: str  # "module" or "function"
-    name: str
+class Node:
+    kind: str  # "function" or "module" (an atomic layer)
+    name: str  # function name, or the module's path
     op: object
     inputs: list[int]
     outputs: list[int]
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    where: str = ""  # path of the module whose forward made the call
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -130,91 +140,104 @@ def _func_name(func) -> str:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, graph: "_Graph"):
+    def __init__(self, graph: "Graph"):
         super().__init__()
         self.graph = graph
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.graph.depth == 0:
-            self.graph.add("function", _func_name(func), func, (args, kwargs), out)
+            self.graph.add("function", _func_name(func), func, args, kwargs or {}, out)
         return out
 
 
-class _Graph:
+class Graph:
     """Dataflow between recorded calls. Each call's outputs get fresh tokens, so in-place ops
     (``ReLU(inplace=True)`` returns its input object) still form a chain."""
 
-    def __init__(self):
-        self.nodes: list[_Node] = []
+    def __init__(self, names: dict[nn.Module, str]):
+        self.nodes: list[Node] = []
         self.tokens: dict[int, int] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
-        self.params: dict[int, int] = {}  # token → id of the nn.Parameter it is
         self.tensors: dict[int, torch.Tensor] = {}  # also keeps tensors alive, so their ids are not reused
         self.depth = 0
+        self.names = names
+        self.stack: list[str] = []
 
     def _new(self, t: torch.Tensor) -> int:
         tok = len(self.shapes)
         self.tokens[id(t)] = tok
         self.shapes[tok] = tuple(t.shape)
         self.tensors[tok] = t
-        if isinstance(t, nn.Parameter):
-            self.params[tok] = id(t)
         return tok
-
-    def tensor(self, tok: int) -> torch.Tensor:
-        return self.tensors[tok]
 
     def token(self, t: torch.Tensor) -> int:
         return self.tokens[id(t)] if id(t) in self.tokens else self._new(t)
 
-    def add(self, kind, name, op, inputs, outputs):
-        ins, outs = _tensors(inputs), _tensors(outputs)
+    def add(self, kind, name, op, args, kwargs, outputs) -> None:
+        outs = _tensors(outputs)
         if not outs:
             return
-        in_tokens = [self.token(t) for t in ins]
+        args, kwargs = tree_map(self._mark, (tuple(args), dict(kwargs)))
+        ins = [leaf.id for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tok)]
         out_tokens = [self._new(t) for t in outs]
-        args, kwargs = inputs if kind == "function" else (inputs, {})
-        self.nodes.append(_Node(kind, name, op, in_tokens, out_tokens, tuple(args or ()), dict(kwargs or {})))
+        where = self.stack[-1] if self.stack else ""
+        self.nodes.append(Node(kind, name, op, list(dict.fromkeys(ins)), out_tokens, args, kwargs, where))
+
+    def _mark(self, x):
+        return Tok(self.token(x)) if isinstance(x, torch.Tensor) else x
+
+    def value(self, x):
+        """A node argument with its tensors filled in."""
+        return tree_map(lambda v: self.tensors[v.id] if isinstance(v, Tok) else v, x)
 
 
-def _leaves(model: nn.Module) -> dict[nn.Module, str]:
-    found, skip = {}, []
-    for name, module in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, ATOMIC):
-            skip.append(name)
-            found[module] = name
-        elif not any(True for _ in module.children()):
-            found[module] = name
-    return found
+def _call(model: nn.Module, example):
+    if isinstance(example, dict):
+        return model(**example)
+    return model(example)
 
 
-def record(model: nn.Module, example: torch.Tensor) -> tuple[_Graph, int, list[int], tuple[int, ...]]:
-    """Run ``model`` once on ``example``; return the graph, the input token, output tokens and output shape."""
-    graph = _Graph()
-    leaves = _leaves(model)
-    handles = []
+def record(model: nn.Module, example) -> tuple[Graph, list[int], list[int], tuple[int, ...]]:
+    """Run ``model`` once on ``example``; return the graph, input tokens, output tokens and output shape."""
+    names = {m: n for n, m in model.named_modules()}
+    graph = Graph(names)
+    atomic = {m for m in names if layers.kind_of(m).atomic}
+    counts: list[int] = []
 
     def pre(module, args):
-        graph.depth += 1
+        if module not in names:
+            return
+        graph.stack.append(names[module])
+        counts.append(len(graph.nodes))
+        if module in atomic:
+            graph.depth += 1
 
     def post(module, args, out):
-        graph.depth -= 1
-        if graph.depth == 0:
-            graph.add("module", leaves[module], module, args, out)
+        if module not in names:
+            return
+        graph.stack.pop()
+        start = counts.pop()
+        if module in atomic:
+            graph.depth -= 1
+            if graph.depth == 0:
+                graph.add("module", names[module], module, args, {}, out)
+        elif graph.depth == 0 and len(graph.nodes) == start and not any(True for _ in module.children()):
+            # A leaf that made no call trace could see (a custom kernel, say): one opaque node for it.
+            ins = {id(t) for t in _tensors(args)}
+            if any(id(t) not in ins for t in _tensors(out)):
+                graph.add("module", names[module], module, args, {}, out)
 
-    for module in leaves:
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-    input_token = graph.token(example)
+    inputs = [graph.token(t) for t in _tensors(example)]
+    handles = [nn.modules.module.register_module_forward_pre_hook(pre),
+               nn.modules.module.register_module_forward_hook(post)]
     try:
         # Grad mode on: without it nn.TransformerEncoderLayer takes a fused fast path that hides its layers.
         with torch.enable_grad(), _Recorder(graph):
-            out = model(example)
+            out = _call(model, example)
     except Exception as e:
-        raise UsageError(f"inputs of shape {tuple(example.shape[1:])} do not fit the model "
+        shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else "given"
+        raise UsageError(f"inputs of shape {shape} do not fit the model "
                          f"({str(e).splitlines()[0][:160]}); check --data or --input-shape") from None
     finally:
         for h in handles:
@@ -222,7 +245,7 @@ def record(model: nn.Module, example: torch.Tensor) -> tuple[_Graph, int, list[i
     outs = _tensors(out)
     if not outs:
         raise UsageError("the model returns no tensor; prunetool needs a model whose forward returns logits")
-    return graph, input_token, [graph.token(t) for t in outs], tuple(outs[0].shape)
+    return graph, inputs, [graph.token(t) for t in outs], tuple(outs[0].shape)
 
 
 # --- channel analysis -------------------------------------------------------------------------------
@@ -295,138 +318,278 @@ class _Spaces:
             s.reason = s.reason or reason
 
 
+# Signatures of the calls the analysis reads by name (torch's own parameter names).
+SIGNATURES = {
+    "linear": ("input", "weight", "bias"),
+    "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv3d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "group_norm": ("input", "num_groups", "weight", "bias"),
+    "prelu": ("input", "weight"),
+    "embedding": ("input", "weight"),
+    "addmm": ("input", "mat1", "mat2"),
+    "matmul": ("input", "other"),
+}
+ELEMENTWISE = {"relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
+               "hardsigmoid", "hardtanh", "mish", "softplus", "softsign", "tanhshrink", "logsigmoid", "erf", "dropout",
+               "alpha_dropout", "feature_alpha_dropout", "contiguous", "clone", "float", "half", "bfloat16", "double",
+               "to", "type", "type_as", "detach", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "reciprocal", "square",
+               "sin", "cos", "clamp", "clamp_min", "clamp_max", "clip", "pow", "stochastic_depth", "requires_grad"}
+BINARY = {"add", "sub", "mul", "div", "rsub", "true_divide", "maximum", "minimum", "where", "__add__", "__radd__",
+          "__iadd__", "__mul__", "__rmul__", "__imul__", "__sub__", "__rsub__", "__isub__", "__truediv__",
+          "__rtruediv__", "__itruediv__"}
+RESHAPE = {"flatten", "view", "reshape"}
+MIXING = {"layer_norm": "normalises across channels", "rms_norm": "normalises across channels",
+          "scaled_dot_product_attention": "is attention", "multi_head_attention_forward": "is attention"}
+
+
 class _Analysis:
-    def __init__(self, graph: _Graph, model: nn.Module):
+    def __init__(self, graph: Graph, model: nn.Module):
         self.graph = graph
         self.spaces = _Spaces()
         self.ann: dict[int, _Ann] = {}
-        self.param_owner = {id(p): (name.rpartition(".")[0], name.rpartition(".")[2], m)
-                            for name, p in model.named_parameters()
-                            for m in [model.get_submodule(name.rpartition(".")[0])]}
-        self.calls: dict[str, int] = {}
+        self.owner: dict[int, tuple[str, str, nn.Module]] = {}
+        self.modules = dict(model.named_modules())
+        for mname, module in model.named_modules():
+            for attr, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if t is not None:
+                    self.owner.setdefault(id(t), (mname, attr, module))
+        self.calls: dict[int, int] = {}  # id of a module → how many calls use its own tensors
+        self.users: dict[int, list[Node]] = {}
         for node in graph.nodes:
-            if node.kind == "module":
-                self.calls[node.name] = self.calls.get(node.name, 0) + 1
-        self.users: dict[int, list[_Node]] = {}
-        for node in graph.nodes:
-            for tok in dict.fromkeys(node.inputs):
+            for tok in node.inputs:
                 self.users.setdefault(tok, []).append(node)
+            if node.kind == "module":
+                self.calls[id(node.op)] = self.calls.get(id(node.op), 0) + 1
+            elif node.name in SIGNATURES:
+                owners = {id(o[2]) for k, v in self.bind(node).items() if k != "input" and (o := self.owned(v))}
+                for key in owners:
+                    self.calls[key] = self.calls.get(key, 0) + 1
+        self.order: dict[str, int] = {}
 
     # helpers
+    def bind(self, node: Node) -> dict:
+        names = SIGNATURES.get(node.name, ())
+        bound = dict(zip(names, node.args))
+        bound.update({k: v for k, v in node.kwargs.items()})
+        return bound
+
+    def owned(self, x) -> tuple[str, str, nn.Module] | None:
+        return self.owner.get(id(self.graph.tensors[x.id])) if isinstance(x, Tok) else None
+
+    def shape(self, x) -> tuple[int, ...]:
+        return self.graph.shapes[x.id] if isinstance(x, Tok) else ()
+
     def fresh(self, tok: int, reason: str) -> None:
         shape = self.graph.shapes[tok]
         if len(shape) >= 2:
             cdim = 1 if len(shape) == 4 else len(shape) - 1
             self.ann[tok] = _Ann(((self.spaces.new(shape[cdim], reason), shape[cdim]),), cdim)
 
-    def opaque(self, node: _Node, reason: str) -> None:
+    def opaque(self, node: Node, reason: str) -> None:
         for tok in node.inputs:
             self.spaces.protect(self.ann.get(tok), reason)
         for tok in node.outputs:
             self.fresh(tok, reason)
 
-    def annotated(self, node: _Node) -> list[tuple[int, _Ann]]:
-        return [(t, self.ann[t]) for t in dict.fromkeys(node.inputs) if t in self.ann]
+    def annotated(self, node: Node) -> list[tuple[int, _Ann]]:
+        return [(t, self.ann[t]) for t in node.inputs if t in self.ann]
 
-    # modules
-    def module(self, node: _Node) -> None:
-        op, name = node.op, node.name
-        ins = self.annotated(node)
-        a = ins[0][1] if ins else None
+    def where(self, node: Node) -> str:
+        """The module that made the call, with its type: ``blocks.0.norm (LayerNorm)``."""
+        if not node.where:
+            return "the model's forward"
+        return f"{node.where} ({type(self.modules[node.where]).__name__})"
+
+    # producers and consumers
+    def weighted(self, node: Node, x, weight, bias, layout: str, out_dim: int, in_dim: int, padded: bool = False):
+        """A call that multiplies ``x`` by a module's own ``weight``: consumer of x's units, producer of its
+        outputs."""
+        own = self.owned(weight)
+        if own is None or not isinstance(self.graph.tensors[weight.id], nn.Parameter):
+            return self.opaque(node, f"{node.name} in {self.where(node)} uses a weight computed in its forward")
+        name, attr, module = own
+        self.order.setdefault(name, len(self.order))
+        bias_own = self.owned(bias)
+        bias_attr = bias_own[1] if bias_own is not None and bias_own[2] is module else None
+        uses = self.calls.get(id(module), 1)
+        a = self.ann.get(x.id) if isinstance(x, Tok) else None
+        ndim_in = len(self.shape(x))
+        cdim_read = 1 if layout == "conv" else ndim_in - 1
         out = node.outputs[0]
-        ndim_in = len(self.graph.shapes[node.inputs[0]]) if node.inputs else 0
-        many = self.calls[name] > 1
-        if isinstance(op, nn.Conv2d) and op.groups == op.in_channels == op.out_channels and op.groups > 1:
-            if a is None or a.cdim != 1 or a.spatial != 1 or many:
-                return self.opaque(node, f"depthwise conv {name} cannot be cut here")
-            for space, offset in a.offsets():
-                self.spaces.get(space).members.append(Member(name, op, offset))
-            self.ann[out] = a
-        elif isinstance(op, (nn.Linear, nn.Conv2d)):
-            if a is not None:
-                if op.__class__ is not nn.Linear and isinstance(op, nn.Conv2d) and op.groups > 1:
-                    self.spaces.protect(a, f"read by grouped conv {name}")
-                elif isinstance(op, nn.Conv2d) and (a.cdim != 1 or a.spatial != 1 or ndim_in != 4):
-                    self.spaces.protect(a, f"conv {name} does not read them as channels")
-                elif isinstance(op, nn.Linear) and a.cdim != ndim_in - 1:
-                    self.spaces.protect(a, f"Linear {name} reads another dimension")
-                elif many:
-                    self.spaces.protect(a, f"{name} is called {self.calls[name]} times")
-                else:
-                    for space, offset in a.offsets():
-                        self.spaces.get(space).consumers.append(
-                            Consumer(name, op, offset, a.spatial, self._norm_after(out)))
-            units = op.weight.shape[0]
-            space = self.spaces.new(units, f"{name} is called {self.calls[name]} times" if many else None)
-            self.spaces.spaces[space].producers.append(Producer(name, op))
-            if isinstance(op, nn.Conv2d):
-                self.spaces.spaces[space].blocks = op.groups
-                if op.padding_mode != "zeros":
-                    self.spaces.spaces[space].reason = f"padding_mode={op.padding_mode!r} of {name}"
-            shape = self.graph.shapes[out]
-            self.ann[out] = _Ann(((space, units),), 1 if isinstance(op, nn.Conv2d) else len(shape) - 1)
-        elif isinstance(op, NORMS):
-            if a is None or a.cdim != 1 or a.spatial != 1 or many:
-                return self.opaque(node, f"normalisation {name} cannot be cut here")
-            for space, offset in a.offsets():
-                self.spaces.get(space).members.append(Member(name, op, offset))
-            self.ann[out] = a
-        elif isinstance(op, nn.PReLU) and op.num_parameters > 1:
-            if a is None or a.cdim != 1 or a.spatial != 1:
-                return self.opaque(node, f"PReLU {name} cannot be cut here")
-            for space, offset in a.offsets():
-                self.spaces.get(space).members.append(Member(name, op, offset, "weight", 0))
-            self.ann[out] = a
-        elif isinstance(op, UNARY_MODULES) or type(op).__name__ in UNARY_MODULE_NAMES:
-            if a is not None:
-                self.ann[out] = a
-        elif isinstance(op, SPATIAL_MODULES):
-            if a is not None and a.cdim == 1 and a.spatial == 1 and ndim_in == 4:
-                self.ann[out] = a
+        if a is not None:
+            if uses > 1:
+                self.spaces.protect(a, f"{name} is called {uses} times")
+            elif a.cdim != cdim_read or (layout == "conv" and a.spatial != 1):
+                self.spaces.protect(a, f"{name} ({node.name}) does not read them as its input channels")
             else:
-                self.opaque(node, f"pooling {name} mixes units")
-        elif isinstance(op, nn.Flatten):
-            self.reshape(node)
-        elif a is not None and len(ins) == 1 and not any(True for _ in op.parameters()) \
-                and not any(True for _ in op.buffers()):
-            self.structural(node, ins[0])  # a parameter-free layer such as torchvision's Permute
-        else:
-            self.opaque(node, f"{name} ({type(op).__name__}) is a layer prunetool cannot cut through")
+                for space, offset in a.offsets():
+                    self.spaces.get(space).consumers.append(Consumer(
+                        name, module, offset, a.spatial, self._norm_after(out), attr, in_dim,
+                        "conv" if layout == "conv" else "linear", padded, bias_attr))
+        units = self.graph.tensors[weight.id].shape[out_dim]
+        space = self.spaces.new(units, f"{name} is called {uses} times" if uses > 1 else None)
+        self.spaces.spaces[space].producers.append(Producer(name, module, attr, bias_attr, out_dim))
+        out_shape = self.graph.shapes[out]
+        self.ann[out] = _Ann(((space, units),), 1 if layout == "conv" else len(out_shape) - 1)
+        return space
+
+    def f_linear(self, node):
+        b = self.bind(node)
+        self.weighted(node, b.get("input"), b.get("weight"), b.get("bias"), "linear", 0, 1)
+
+    def f_conv(self, node):
+        b = self.bind(node)
+        x, weight = b.get("input"), b.get("weight")
+        groups = b.get("groups", 1)
+        padding = b.get("padding", 0)
+        padded = padding == "same" or any(p != 0 for p in (padding if isinstance(padding, (tuple, list))
+                                                              else (padding,)) if not isinstance(p, str))
+        w = self.graph.tensors[weight.id] if isinstance(weight, Tok) else None
+        a = self.ann.get(x.id) if isinstance(x, Tok) else None
+        own = self.owned(weight)
+        if w is not None and own is not None and groups > 1 and w.shape[0] == groups == self.shape(x)[1]:
+            # depthwise: one filter per channel, cut with the units it filters
+            name, attr, module = own
+            bias_own = self.owned(b.get("bias"))
+            if a is None or a.cdim != 1 or a.spatial != 1 or self.calls.get(id(module), 1) > 1:
+                return self.opaque(node, f"depthwise conv {name} cannot be cut here")
+            tensors = ((attr, 0),) + (((bias_own[1], 0),) if bias_own is not None else ())
+            for space, offset in a.offsets():
+                self.spaces.get(space).members.append(Member(name, module, offset, tensors))
+            self.ann[node.outputs[0]] = a
+            return
+        if groups > 1 and a is not None:
+            self.spaces.protect(a, f"read by grouped conv {own[0] if own else self.where(node)}")
+            a = None
+            x = None
+        space = self.weighted(node, x, weight, b.get("bias"), "conv", 0, 1, padded)
+        if space is not None:
+            self.spaces.spaces[space].blocks = groups
+
+    def f_addmm(self, node):  # bias + x @ W with W (in × out): Hugging Face's Conv1D
+        b = self.bind(node)
+        self.weighted(node, b.get("mat1"), b.get("mat2"), b.get("input"), "linear", 1, 0)
+
+    def f_matmul(self, node):
+        b = self.bind(node)
+        if self.owned(b.get("other")) is not None and len(self.shape(b.get("other"))) == 2:
+            return self.weighted(node, b.get("input"), b.get("other"), None, "linear", 1, 0)
+        self.generic(node)
+
+    def f_embedding(self, node):
+        b = self.bind(node)
+        own = self.owned(b.get("weight"))
+        if own is None:
+            return self.opaque(node, f"embedding in {self.where(node)} uses a weight computed in its forward")
+        name, attr, module = own
+        w = self.graph.tensors[b["weight"].id]
+        uses = self.calls.get(id(module), 1)
+        self.order.setdefault(name, len(self.order))
+        space = self.spaces.new(w.shape[1], f"{name} is called {uses} times" if uses > 1 else None)
+        self.spaces.spaces[space].producers.append(Producer(name, module, attr, None, 1))
+        out = node.outputs[0]
+        self.ann[out] = _Ann(((space, w.shape[1]),), len(self.graph.shapes[out]) - 1)
+
+    # members
+    def f_norm(self, node):
+        b = self.bind(node)
+        x = b.get("input")
+        a = self.ann.get(x.id) if isinstance(x, Tok) else None
+        if a is None:
+            return
+        owned = [(k, self.owned(v)) for k, v in b.items() if k != "input" and self.owned(v) is not None]
+        modules = {id(o[2]) for _, o in owned}
+        if len(modules) > 1 or a.cdim != 1 or a.spatial != 1 or any(self.calls.get(m, 1) > 1 for m in modules):
+            return self.opaque(node, f"{node.name} in {self.where(node)} cannot be cut here")
+        if owned:
+            module = owned[0][1][2]
+            tensors = tuple((o[1], 0) for _, o in owned)
+            for space, offset in a.offsets():
+                self.spaces.get(space).members.append(Member(owned[0][1][0], module, offset, tensors))
+        self.ann[node.outputs[0]] = a
+
+    def f_group_norm(self, node):
+        b = self.bind(node)
+        x = b.get("input")
+        a = self.ann.get(x.id) if isinstance(x, Tok) else None
+        if a is not None and b.get("num_groups") == a.units and a.cdim == 1:
+            return self.f_norm(node)
+        self.opaque(node, f"group_norm in {self.where(node)} normalises across channels")
+
+    def f_prelu(self, node):
+        b = self.bind(node)
+        own = self.owned(b.get("weight"))
+        x = b.get("input")
+        a = self.ann.get(x.id) if isinstance(x, Tok) else None
+        if a is None:
+            return
+        if own is None or self.graph.tensors[b["weight"].id].numel() == 1:
+            self.ann[node.outputs[0]] = a
+            return
+        if a.cdim != 1 or a.spatial != 1:
+            return self.opaque(node, f"PReLU {own[0]} cannot be cut here")
+        for space, offset in a.offsets():
+            self.spaces.get(space).members.append(Member(own[0], own[2], offset, ((own[1], 0),)))
+        self.ann[node.outputs[0]] = a
 
     def _norm_after(self, tok: int) -> str | None:
         users = self.users.get(tok, [])
-        return users[0].name if len(users) == 1 and isinstance(users[0].op, NORMS) else None
+        if len(users) == 1 and users[0].name == "batch_norm":
+            own = self.owned(self.bind(users[0]).get("running_mean"))
+            return own[0] if own is not None else None
+        return None
+
+    # atomic layers
+    def module(self, node: Node) -> None:
+        kind = layers.kind_of(node.op)
+        if not kind.atomic:
+            return self.opaque(node, f"{node.name} ({type(node.op).__name__}) is a layer prunetool cannot see into")
+        args = [Tok(t) for t in node.inputs]
+        weight = getattr(node.op, kind.weight)
+        wtok = self.graph.token(weight)
+        bias = getattr(node.op, kind.bias) if kind.bias else None
+        btok = Tok(self.graph.token(bias)) if isinstance(bias, torch.Tensor) else None
+        self.weighted(node, args[0] if args else None, Tok(wtok), btok, "linear", kind.out_dim, 1 - kind.out_dim)
 
     # functions
-    def function(self, node: _Node) -> None:
+    def function(self, node: Node) -> None:
+        name = node.name
+        handler = HANDLERS.get(name)
+        if handler is not None:
+            return handler(self, node)
         ins = self.annotated(node)
         if not ins:
             return
-        name = node.name
-        if name in BINARY_FUNCS:
+        if name in MIXING:
+            return self.opaque(node, f"{name} in {self.where(node)} {MIXING[name]}")
+        if name in BINARY:
             return self.binary(node, ins)
         if name in ("cat", "concat", "concatenate"):
             return self.cat(node, ins)
         if len(ins) != 1:
-            return self.opaque(node, f"{name} combines them with other tensors")
-        a = ins[0][1]
-        if name in UNARY_FUNCS and all(self._scalar(t) for t in node.inputs if t not in self.ann):
+            return self.opaque(node, f"{name} in {self.where(node)} combines them with other tensors")
+        if name in ELEMENTWISE and all(self._scalar(t) for t in node.inputs if t not in self.ann):
             for out in node.outputs:
-                self.ann[out] = a
-        elif name in SPATIAL_FUNCS:
-            if a.cdim == 1 and a.spatial == 1 and len(self.graph.shapes[ins[0][0]]) == 4:
-                self.ann[node.outputs[0]] = a
-            else:
-                self.opaque(node, f"{name} mixes units")
-        elif name in RESHAPE_FUNCS:
-            self.reshape(node)
-        else:
-            self.structural(node, ins[0])
+                self.ann[out] = ins[0][1]
+            return
+        if name in RESHAPE:
+            return self.reshape(node)
+        self.probe(node, ins[0])
+
+    def generic(self, node: Node) -> None:
+        ins = self.annotated(node)
+        if len(ins) == 1:
+            return self.probe(node, ins[0])
+        if ins:
+            self.opaque(node, f"{node.name} in {self.where(node)} combines them with other tensors")
 
     def _scalar(self, tok: int) -> bool:
         return math.prod(self.graph.shapes[tok]) == 1
 
-    def binary(self, node: _Node, ins) -> None:
+    def binary(self, node: Node, ins) -> None:
         out = node.outputs[0]
         out_shape = self.graph.shapes[out]
         nd = len(out_shape)
@@ -440,39 +603,42 @@ class _Analysis:
             elif same and a.units == 1:
                 continue
             else:
-                return self.opaque(node, f"{node.name} combines tensors with different channel layouts")
+                return self.opaque(node, f"{node.name} in {self.where(node)} combines tensors with different "
+                                         "channel layouts")
         for tok in node.inputs:
             if tok in self.ann:
                 continue
             shape = (1,) * (nd - len(self.graph.shapes[tok])) + self.graph.shapes[tok]
-            if shape[cdim] == 1:
+            if len(shape) > nd or shape[cdim] == 1:
                 continue
-            owner = self.param_owner.get(self.graph.params.get(tok))
-            if owner is not None and not ref.spatial > 1:
+            owner = self.owner.get(id(self.graph.tensors[tok]))
+            if owner is not None and not ref.spatial > 1 and math.prod(shape) == shape[cdim]:
                 module_name, attr, module = owner
                 pdim = cdim - (nd - len(self.graph.shapes[tok]))
                 for space, offset in ref.offsets():
-                    self.spaces.get(space).members.append(Member(module_name, module, offset, attr, pdim))
+                    self.spaces.get(space).members.append(Member(module_name, module, offset, ((attr, pdim),)))
             else:
-                return self.opaque(node, f"{node.name} mixes them with a per-channel constant")
+                return self.opaque(node, f"{node.name} in {self.where(node)} mixes them with a per-channel constant")
         self.ann[out] = _Ann(ref.segs, cdim, ref.spatial)
 
-    def cat(self, node: _Node, ins) -> None:
+    def cat(self, node: Node, ins) -> None:
         out = node.outputs[0]
         nd = len(self.graph.shapes[out])
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % nd
         if len(ins) != len(node.inputs):
-            return self.opaque(node, f"{node.name} joins them with tensors prunetool cannot slice")
+            return self.opaque(node, f"{node.name} in {self.where(node)} joins them with tensors prunetool cannot "
+                                     "slice")
         cdims = {a.cdim for _, a in ins}
         if len(cdims) != 1 or any(a.spatial != 1 for _, a in ins):
-            return self.opaque(node, f"{node.name} joins tensors with different channel layouts")
+            return self.opaque(node, f"{node.name} in {self.where(node)} joins tensors with different channel "
+                                     "layouts")
         cdim = cdims.pop()
         if dim == cdim:
             self.ann[out] = _Ann(tuple(seg for _, a in ins for seg in a.segs), cdim)
         else:
             self.binary(node, ins)
 
-    def reshape(self, node: _Node) -> None:
+    def reshape(self, node: Node) -> None:
         tok = node.inputs[0]
         a = self.ann[tok]
         src, dst = self.graph.shapes[tok], self.graph.shapes[node.outputs[0]]
@@ -487,44 +653,50 @@ class _Analysis:
             if i == len(dst) - 1 and dst[i] == src[c] * math.prod(src[c + 1:]):
                 self.ann[node.outputs[0]] = _Ann(a.segs, i, a.spatial * math.prod(src[c + 1:]))
                 return
-        self.opaque(node, f"reshape {node.name} {src[1:]}→{dst[1:]} splits or mixes channels")
+        self.opaque(node, f"{node.name} in {self.where(node)} {src[1:]}→{dst[1:]} splits or mixes channels")
 
-    def structural(self, node: _Node, ins) -> None:
-        """Ops that only move or select along dimensions: find where the channel dim went by replaying the op on
-        a tensor holding 1, 2, …, C along the channel dim."""
+    def probe(self, node: Node, ins) -> None:
+        """An op of one annotated tensor that trace has no rule for: rerun it on the traced tensors with one
+        channel perturbed at a time. It passes the channels through if each perturbation changes exactly the
+        same channel of every output, along one dimension of the channel count."""
         tok, a = ins
-        shape = self.graph.shapes[tok]
         width = a.units * a.spatial
-        original = self.graph.tensor(tok)
-        marker = torch.arange(1, width + 1, dtype=torch.float32).view(
-            [-1 if i == a.cdim else 1 for i in range(len(shape))]).expand(shape)
-        swap = lambda x: marker if x is original else x  # noqa: E731
-        try:
-            result = node.op(*[swap(x) for x in node.args], **{k: swap(v) for k, v in node.kwargs.items()})
-        except Exception:
-            return self.opaque(node, f"{node.name} is an op prunetool cannot cut through")
-        outs = _tensors(result)
-        if len(outs) != len(node.outputs) or not outs:
-            return self.opaque(node, f"{node.name} is an op prunetool cannot cut through")
-        found = []
-        for t in outs:
-            dims = [d for d in range(t.dim()) if t.shape[d] == width]
-            ok = None
-            for d in dims:
-                v = t.movedim(d, -1).reshape(-1, width)
-                if v.dtype.is_floating_point and torch.allclose(v / v[:, :1], marker.new_tensor(range(1, width + 1))):
-                    ok = d
-                    break
-            found.append(ok)
-        if any(d is None for d in found):
-            return self.opaque(node, f"{node.name} splits, reduces or reorders channels")
-        for out, d in zip(node.outputs, found):
-            self.ann[out] = _Ann(a.segs, d, a.spatial)
+        original = self.graph.tensors[tok]
+        if a.spatial != 1 or not original.dtype.is_floating_point:
+            return self.opaque(node, f"{node.name} in {self.where(node)} is an op prunetool cannot cut through")
+        def run(replacement):
+            args = tree_map(lambda v: replacement if isinstance(v, Tok) and v.id == tok
+                            else (self.graph.tensors[v.id].clone() if isinstance(v, Tok) else v),
+                            (node.args, node.kwargs))
+            with torch.no_grad():
+                return _tensors(node.op(*args[0], **args[1]))
 
-    def run(self, input_token: int, output_tokens: list[int]) -> None:
-        shape = self.graph.shapes[input_token]
-        if len(shape) >= 2:
-            self.ann[input_token] = _Ann(((self.spaces.new(shape[1], "they are the model inputs"), shape[1]),), 1)
+        try:
+            base = run(original.clone())
+            gen = torch.Generator().manual_seed(len(self.graph.nodes))
+            channels = sorted({0, width - 1, int(torch.randint(width, (1,), generator=gen))})
+            found: list[int | None] = [None] * len(base)
+            for ch in channels:
+                bumped = original.clone()
+                bumped.select(a.cdim, ch).add_(1.0 + bumped.select(a.cdim, ch).abs())
+                moved = run(bumped)
+                if len(moved) != len(base):
+                    raise ValueError
+                for i, (b0, b1) in enumerate(zip(base, moved)):
+                    d = _changed_dim(b0, b1, ch, width)
+                    if d is None or (found[i] is not None and found[i] != d):
+                        raise ValueError
+                    found[i] = d
+        except Exception:
+            return self.opaque(node, f"{node.name} in {self.where(node)} mixes, splits or reorders channels")
+        for out, d in zip(node.outputs, found):
+            self.ann[out] = _Ann(a.segs, d, 1)
+
+    def run(self, input_tokens: list[int], output_tokens: list[int]) -> None:
+        for tok in input_tokens:
+            shape = self.graph.shapes[tok]
+            if len(shape) >= 2 and self.graph.tensors[tok].dtype.is_floating_point:
+                self.ann[tok] = _Ann(((self.spaces.new(shape[1], "they are the model inputs"), shape[1]),), 1)
         for node in self.graph.nodes:
             if node.kind == "module":
                 self.module(node)
@@ -537,16 +709,40 @@ class _Analysis:
                 self.output_roots.add(space)
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> Trace:
+def _changed_dim(before: torch.Tensor, after: torch.Tensor, channel: int, width: int) -> int | None:
+    """The dimension along which exactly index ``channel`` changed (of size ``width``), or None."""
+    if before.shape != after.shape or not before.dtype.is_floating_point:
+        return None
+    changed = (before != after) & ~(before.isnan() & after.isnan())
+    if not changed.any():
+        return None
+    for d in range(1, before.dim()):
+        if before.shape[d] != width:
+            continue
+        idx = changed.nonzero()[:, d]
+        if bool((idx == channel).all()):
+            return d
+    return None
+
+
+HANDLERS = {
+    "linear": _Analysis.f_linear, "conv1d": _Analysis.f_conv, "conv2d": _Analysis.f_conv,
+    "conv3d": _Analysis.f_conv, "addmm": _Analysis.f_addmm, "matmul": _Analysis.f_matmul,
+    "embedding": _Analysis.f_embedding, "batch_norm": _Analysis.f_norm, "instance_norm": _Analysis.f_norm,
+    "group_norm": _Analysis.f_group_norm, "prelu": _Analysis.f_prelu,
+}
+
+
+def trace(model: nn.Module, example) -> Trace:
     """Find the prunable groups of ``model`` from one forward pass on ``example``."""
     was_training = model.training
     model.eval()
     try:
-        graph, input_token, output_tokens, output_shape = record(model, example)
+        graph, input_tokens, output_tokens, output_shape = record(model, example)
     finally:
         model.train(was_training)
     analysis = _Analysis(graph, model)
-    analysis.run(input_token, output_tokens)
+    analysis.run(input_tokens, output_tokens)
     groups, protected = [], []
     output_roots = {analysis.spaces.find(i) for i in analysis.output_roots}
     heads = [p.name for r in output_roots for p in analysis.spaces.spaces[r].producers]
@@ -567,18 +763,16 @@ def trace(model: nn.Module, example: torch.Tensor) -> Trace:
         producers = list({p.name: p for p in space.producers}.values())
         groups.append(Group(producers[0].name, producers, space.size, _unique(space.members),
                             _unique(space.consumers), space.blocks))
-    order = {}
-    for i, node in enumerate(graph.nodes):
-        if node.kind == "module":
-            order.setdefault(node.name, i)
+    order = analysis.order
     groups.sort(key=lambda g: min(order[p.name] for p in g.producers))
-    return Trace(groups, protected, tuple(example.shape[1:]), output_shape[1:], order, heads)
+    shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else ()
+    return Trace(groups, protected, shape, output_shape[1:], order, heads)
 
 
 def _unique(items: list) -> list:
     seen, out = set(), []
     for item in items:
-        key = (item.name, item.offset, getattr(item, "param", None))
+        key = (item.name, item.offset, getattr(item, "tensors", None))
         if key not in seen:
             seen.add(key)
             out.append(item)

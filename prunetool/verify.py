@@ -71,12 +71,10 @@ def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
     return diff
 
 
-def _unpadded(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if type(module) is not nn.Conv2d:  # a subclass may pad in its own forward
-        return False
-    return all(p == 0 for p in module.padding) if not isinstance(module.padding, str) else module.padding == "valid"
+def _unpadded(consumer) -> bool:
+    """No zero padding in the consumer's own call (padding its module does before the call shows up in what the
+    call reads, which :func:`_constant_at_consumers` checks)."""
+    return consumer.layout == "linear" or not consumer.padded
 
 
 def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> float | None:
@@ -90,15 +88,15 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> floa
     from .score import unit_means
 
     for group in trace.groups:
-        if group.units < 2 or not all(_unpadded(c.module) for c in group.consumers):
+        if group.units < 2 or not all(_unpadded(c) for c in group.consumers):
             continue
         model = copy.deepcopy(dense)
         modules = dict(model.named_modules())
         with torch.no_grad():
             for p in group.producers:
-                modules[p.name].weight[0] = 0.0
-                if modules[p.name].bias is not None:
-                    modules[p.name].bias[0] = 0.5
+                getattr(modules[p.name], p.weight).select(p.dim, 0).zero_()
+                if p.bias is not None:
+                    getattr(modules[p.name], p.bias)[0] = 0.5
         if not _constant_at_consumers(model, trace, group, x):
             continue
         keep = {g.name: torch.arange(1 if g is group else 0, g.units) for g in trace.groups}
@@ -113,7 +111,7 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> floa
 
 
 def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: torch.Tensor) -> bool:
-    from .score import input_hooks, readers, unit_view
+    from .score import consumer_hooks, readers, unit_view
 
     spans = []
 
@@ -122,17 +120,16 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: torch.Tenso
             v = unit_view(a.detach(), g, c)[:, 0]
             spans.append(((v.max() - v.min()) / v.abs().max().clamp_min(1e-12)).item())
 
-    with torch.no_grad(), input_hooks(model, readers(trace, [group]), on_input):
+    with torch.no_grad(), consumer_hooks(model, readers(trace, [group]), on_input):
         model(x)
     return bool(spans) and max(spans) < 1e-6
 
 
 def check_reload(data: bytes, x: torch.Tensor, expected: torch.Tensor) -> None:
     """Load saved bytes back as :func:`prunetool.load` does; outputs must be identical."""
-    from .load import _from_object
+    from .load import from_bytes
 
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = _from_object(obj, "<saved>", None, None).model.eval()
+    model = from_bytes(data).model.eval()
     with torch.no_grad():
         out = model(x)
     if not torch.equal(out, expected):
