@@ -19,7 +19,7 @@ demo:
 	mkdir -p out
 	$(BIN)/prunetool shrink samples/evci_cnn.pt --arch samples.nets:EvciCNN \
 		--data samples/mnist_subset.npz --ratio 0.6 \
-		--out out/evci_cnn.shrunk.pt --json out/evci_cnn.report.json
+		--out out/evci_cnn.shrunk.safetensors --json out/evci_cnn.report.json
 
 # Benchmarks behind docs/BENCHMARKS.md (Torch-Pruning is a benchmark-only dependency). Two more need
 # time or data: `python -m benchmarks.coverage` (docs/COVERAGE.md, ~30 min) and

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import prunetool
 from prunetool.data import load_data
-from prunetool.lowrank import lowrank
+from prunetool import lowrank
 
 from .common import DATA, ROOT, SAMPLES, machine, today, write_section
 

@@ -17,7 +17,7 @@ import torch
 
 import prunetool
 from prunetool.data import load_data
-from prunetool.sparsify import sparsify
+from prunetool import sparsify
 
 from .common import ROOT, SAMPLES, machine, today, write_section
 

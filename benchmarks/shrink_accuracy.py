@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 import prunetool
-from prunetool.api import DEFAULT_COMPENSATION, DEFAULT_CRITERION
-from prunetool.cut import COMPENSATIONS, cut, select, sequential_means
+from prunetool.options import COMPENSATIONS, CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERION
+from prunetool.cut import cut, select, sequential_means
 from prunetool.data import calibration, eval_loader, load_data
 from prunetool.measure import evaluate, params
-from prunetool.score import CRITERIA, score
+from prunetool.score import score
 from prunetool.trace import trace
 
 from .common import DATA, ROOT, SAMPLES, machine, today, write_section

@@ -1,9 +1,16 @@
-"""The command line: a thin Typer layer over the Python API."""
+"""The command line: a thin Typer layer over :mod:`prunetool.commands`.
+
+Each command turns its flags into the option dataclasses of :mod:`prunetool.options`, runs the command with a
+staging area, stages its report files beside the model, commits them all together, prints and sets the exit
+code: 0 done, 1 a budget missed or a verification failed, 2 bad input, 3 an internal error (a bug: ``--debug``
+shows the traceback), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -14,15 +21,21 @@ from rich.console import Console
 from typer.exceptions import TyperException
 
 from . import __version__, distributed
-from .api import DEFAULT_COMPENSATION, DEFAULT_CRITERION, check_settings, plan, shrink
-from .data import parse_shape
-from .errors import UsageError, VerificationError
-from .load import check_writable, parse_arch_kwargs, write_atomic
-from .lowrank import lowrank
-from .bench import bench
+from .commands import bench as bench_command
+from .commands import export as export_command
+from .commands import inspect as inspect_command
+from .commands import lowrank as lowrank_command
+from .commands import shrink as shrink_command
+from .commands import sparsify as sparsify_command
 from .config import default_map, read as read_config
-from .export import DEFAULT_ATOL, export_onnx
-from .report import budget_failures, render, render_bench, render_inspect, render_plan, summary_line, summary_markdown, write_json
+from .data import parse_shape
+from .errors import InternalError, UsageError, VerificationError
+from .load import parse_arch_kwargs
+from .options import (DEFAULT_ATOL, DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_RTOL, Budgets, DataOptions,
+                      LowrankOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source, SparsifyOptions)
+from .report import (budget_failures, json_bytes, render, render_bench, render_inspect, render_plan, summary_line,
+                     summary_markdown)
+from .staging import Staging, check_outputs
 
 app = typer.Typer(
     help="Make a trained PyTorch model physically smaller and faster, then prove it.",
@@ -41,7 +54,8 @@ Examples:
 \b
   prunetool shrink r18.pt --arch torchvision.models:resnet18 --input-shape 3,224,224 --dry-run
 \b
-  prunetool shrink r18.pt --arch torchvision.models:resnet18 --data imgs/ --scope global --target-macs 0.5
+  prunetool shrink r18.pt --arch torchvision.models:resnet18 --data imgs/ --scope global --target-macs 0.5 \\
+      --out r18.small.safetensors --onnx r18.onnx --pt2 r18.pt2 --max-drop 1
 """
 
 LOWRANK_EXAMPLES = """
@@ -54,29 +68,35 @@ Examples:
 \b
   prunetool lowrank model.pt --arch mypkg.nets:Net --data d.npz --data-aware --max-drop 0.5
 \b
-  prunetool lowrank evci_cnn.shrunk.pt --energy 0.9 --input-shape 1,28,28
+  prunetool lowrank evci_cnn.shrunk.safetensors --energy 0.9
 """
 
 # Options shared by every command that loads a model, measures it and writes one.
-CKPT = typer.Argument(..., metavar="CKPT", help="Checkpoint: a state_dict (with --arch), prunetool output, or a pickled module.")
+CKPT = typer.Argument(..., metavar="CKPT", help="Checkpoint: a state_dict (.pt/.pth/.safetensors, with --arch), "
+                                                "prunetool output, or a pickled module.")
 ARCH = typer.Option(None, "--arch", help="Architecture as MODULE:CALLABLE, e.g. torchvision.models:resnet18.")
 ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")
 UNSAFE = typer.Option(False, "--unsafe-pickle", help="Allow unpickling a whole nn.Module (runs code from the file).")
 DATA = typer.Option(None, "--data", help="mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, an ImageFolder dir or an .npz.")
 DOWNLOAD = typer.Option(False, "--download", help="Download a torchvision dataset into ROOT if it is missing.")
-SHAPE = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 1,28,28 (needed without --data).")
+SHAPE = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 1,28,28 (needed without --data, "
+                                                 "unless the checkpoint records it).")
 CALIB = typer.Option(1000, "--calib", help="Calibration samples from the train split (fixed seed).")
 EVAL = typer.Option(None, "--eval", help="Evaluate on this many test samples (default: all).")
-OUT = typer.Option(None, "--out", help="Output checkpoint (default: <stem>.<command>.pt beside the input).")
 JSON = typer.Option(None, "--json", help="Write the report as JSON here.")
 DEVICE = typer.Option("cpu", "--device", help="Device for scoring, evaluation and latency: cpu or cuda.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars and no tables; print the summary line.")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars and no colour, even on a terminal.")
-ONNX = typer.Option(None, "--onnx", help="Also export the result to ONNX here and check it against onnxruntime.")
-ONNX_ATOL = typer.Option(DEFAULT_ATOL, "--onnx-atol", help="Largest |onnxruntime − PyTorch| accepted; above it the command exits 1.")
+ONNX = typer.Option(None, "--onnx", help="Also export the result to ONNX here, checked against onnxruntime.")
+PT2 = typer.Option(None, "--pt2", help="Also export the result with torch.export here (.pt2), reloaded and checked.")
+ONNX_ATOL = typer.Option(DEFAULT_ATOL, "--onnx-atol", help="Parity of --onnx/--pt2: absolute part of the tolerance.")
+ONNX_RTOL = typer.Option(DEFAULT_RTOL, "--onnx-rtol", help="Parity of --onnx/--pt2: part relative to the largest "
+                                                           "|output|; max |exported − PyTorch| ≤ atol + rtol·max|y|.")
 MIN_SPEEDUP = typer.Option(None, "--min-speedup", help="Budget: measured latency speed-up at --speedup-batch must reach this.")
 SPEEDUP_BATCH = typer.Option(1, "--speedup-batch", help="Batch size at which --min-speedup is measured.")
 MAX_PARAMS = typer.Option(None, "--max-params", help="Budget: parameters after, as a count (> 1) or a fraction of the original (≤ 1).")
+LATENCY_BATCHES = typer.Option("1,32", "--latency-batches", help="Batch sizes at which latency is measured before and after.")
+NO_LATENCY = typer.Option(False, "--no-latency", help="Do not measure latency.")
 FT_EPOCHS = typer.Option(0, "--finetune-epochs", help="Fine-tune this many epochs on the train split of --data after the cut.")
 LR = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate.")
 BATCH = typer.Option(128, "--batch-size", help="Fine-tuning batch size.")
@@ -85,42 +105,86 @@ DISTILL = typer.Option(False, "--distill", help="Fine-tune against the original 
 SUMMARY_MD = typer.Option(None, "--summary-md", help="Write a Markdown summary (for $GITHUB_STEP_SUMMARY) here.")
 
 
+def _out_help(suffix: str) -> typer.Option:
+    return typer.Option(None, "--out", help=f"Output checkpoint, .safetensors or .pt (default: <stem>.{suffix}"
+                                            ".safetensors beside the input).")
+
+
 def _version(value: bool):
     if value:
         print(f"prunetool {__version__}")
         raise typer.Exit()
 
 
+_ARGV: list[str] = []
+_CONFIG: str | None = None
+
+
 @app.callback()
 def main_options(ctx: typer.Context,
                  version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                               help="Print the version and exit."),
-                 config: Optional[str] = typer.Option(None, "--config", help="Options file (default: ./prunetool.toml, else [tool.prunetool] in ./pyproject.toml); flags override it.")):
+                 config: Optional[str] = typer.Option(None, "--config", help="Options file (default: ./prunetool.toml, else [tool.prunetool] in ./pyproject.toml); flags override it."),
+                 no_config: bool = typer.Option(False, "--no-config", help="Read no options file."),
+                 debug: bool = typer.Option(False, "--debug", help="Show the traceback of an internal error.")):
     """Make a trained PyTorch model physically smaller and faster, then prove it."""
+    global _CONFIG
+    _CONFIG = None
+    if no_config or any(a in ("--help", "-h") for a in _ARGV):  # help never depends on a config file
+        return
     table, source = read_config(config)
     if table:
         ctx.default_map = default_map(table, ctx.command.commands, source)
+        _CONFIG = source
 
 
-def _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device) -> dict:
+def _config_source() -> str | None:
+    """The options file applied to this run, if any (recorded in the report)."""
+    return _CONFIG
+
+
+def _device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device {device!r} is not cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
     distributed.init(device)
     if device == "cuda" and distributed.active():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    if calib < 1:
-        raise UsageError("--calib must be at least 1")
-    return dict(input_shape=parse_shape(input_shape), arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
-                unsafe_pickle=unsafe_pickle, download=download, calib=calib, device=device)
+    return device
 
 
-def _output(ckpt: str, out: str | None, json_path: str | None, suffix: str, *others: str | None) -> str:
-    out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.pt"))
-    for path in (out, json_path, *others):
-        if path:
-            check_writable(path, ckpt)
-    return out
+def _source(ckpt, arch, arch_kwargs, unsafe_pickle) -> Source:
+    return Source(ckpt, arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle)
+
+
+def _data(data, calib, eval_n, input_shape, download) -> DataOptions:
+    return DataOptions(data, calib, eval_n, parse_shape(input_shape), download)
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a list of integers; write it like 1,32") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{flag} {text!r}: give positive integers, like 1,32")
+    return values
+
+
+def _measurement(device: str, latency_batches: str, no_latency: bool, speedup_batch: int | None = None) -> Measurement:
+    batches = () if no_latency else _ints("--latency-batches", latency_batches)
+    if speedup_batch is not None and not no_latency and speedup_batch not in batches:
+        batches = tuple(sorted({*batches, speedup_batch}))
+    return Measurement(True, batches, device)
+
+
+def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol: float, rtol: float) -> Outputs:
+    out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.safetensors"))
+    outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol)
+    outputs.check()
+    return outputs
 
 
 def _console(no_progress: bool) -> Console:
@@ -128,26 +192,40 @@ def _console(no_progress: bool) -> Console:
     return Console(no_color=True, highlight=False, width=width) if no_progress else Console(width=width)
 
 
-def _finish(report: dict, json_path: str | None, quiet: bool, console: Console, summary_md: str | None,
-            budgets: dict) -> None:
-    failures = budget_failures(report, **budgets)
+def _check_budgets(budgets: Budgets, data, measurement: Measurement) -> None:
+    budgets.check()
+    if budgets.max_drop is not None and data is None:
+        raise UsageError("--max-drop needs accuracy before and after: pass --data")
+    if budgets.min_speedup is not None and not measurement.latency_batches:
+        raise UsageError("--min-speedup needs latency: drop --no-latency")
+
+
+def _conclude(report: dict, staging: Staging, outputs: Outputs, budgets: Budgets, quiet: bool,
+              console: Console) -> None:
+    """Stage the report files, commit every output together, print, and exit 1 on a missed budget."""
+    failures = budget_failures(report, budgets)
+    report["budgets"] = {"failures": failures, **{k: v for k, v in vars(budgets).items() if v is not None}}
+    report["config"] = _config_source()
     if not distributed.is_main():  # under torchrun only the first process writes and prints
+        staging.discard()
         if failures:
             raise typer.Exit(1)
         return
-    report["budgets"] = {"failures": failures, **{k: v for k, v in budgets.items() if v is not None}}
-    if json_path:
-        write_json(report, json_path)
-    if summary_md:
-        write_atomic(summary_md, summary_markdown(report, failures).encode())
+    if outputs.json:
+        staging.write(outputs.json, json_bytes(report))
+    if outputs.summary_md:
+        staging.write(outputs.summary_md, summary_markdown(report, failures).encode())
+    staging.commit()
+    written = [p for p in (outputs.out, outputs.onnx, outputs.pt2) if p]
+    line = summary_line(report) + (f"; wrote {', '.join(written)}" if written else "")
     if quiet:
-        print(summary_line(report))
+        print(line)
     else:
         render(report, console)
-        console.print(summary_line(report), highlight=False, soft_wrap=True)
+        console.print(line, highlight=False, soft_wrap=True)
     if failures:
-        for line in failures:
-            print(f"prunetool: budget missed: {line}", file=sys.stderr)
+        for f in failures:
+            print(f"prunetool: budget missed: {f}", file=sys.stderr)
         raise typer.Exit(1)
 
 
@@ -158,10 +236,6 @@ def _ratios(text: str | None) -> list[float] | None:
         return [float(r) for r in text.split(",")]
     except ValueError:
         raise UsageError(f"--schedule {text!r} is not a list of ratios; write it like 0.1,0.2,0.4,0.6") from None
-
-
-def _latency_batches(speedup_batch: int) -> tuple[int, ...]:
-    return tuple(sorted({1, 32, speedup_batch}))
 
 
 @app.command("shrink", epilog=SHRINK_EXAMPLES)
@@ -180,40 +254,46 @@ def shrink_cmd(
     recalibrate_bn: Optional[bool] = typer.Option(None, "--recalibrate-bn/--no-recalibrate-bn", help="Re-estimate BatchNorm statistics on the calibration data after every cut (default: when the model has BatchNorm)."),
     finetune_epochs: int = FT_EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIMIZER,
     distill: bool = DISTILL,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups found, what is protected and why, and the size each ratio would give; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups found, what is protected and why, and the size each ratio would give; write nothing but --json."),
     compensate: str = typer.Option(DEFAULT_COMPENSATION, help="What replaces removed units: lstsq, mean or none."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Budget: accuracy drop in percentage points (needs --data)."),
     min_speedup: Optional[float] = MIN_SPEEDUP, speedup_batch: int = SPEEDUP_BATCH,
-    max_params: Optional[float] = MAX_PARAMS, onnx: Optional[str] = ONNX, onnx_atol: float = ONNX_ATOL,
-    out: Optional[str] = OUT, json_path: Optional[str] = JSON, summary_md: Optional[str] = SUMMARY_MD,
-    device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
+    max_params: Optional[float] = MAX_PARAMS, latency_batches: str = LATENCY_BATCHES, no_latency: bool = NO_LATENCY,
+    onnx: Optional[str] = ONNX, pt2: Optional[str] = PT2, onnx_atol: float = ONNX_ATOL,
+    onnx_rtol: float = ONNX_RTOL, out: Optional[str] = _out_help("shrunk"), json_path: Optional[str] = JSON,
+    summary_md: Optional[str] = SUMMARY_MD, device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
 ):
     """Remove units (neurons, channels) ranked by a criterion, compensate them, verify and report."""
-    check_settings(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to)
-    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device)
+    opts = ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
+                         _ratios(schedule))
+    opts.check()
+    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, eval_n, input_shape,
+                                                                               download)
+    data_opts.check()
     console = _console(no_progress)
     if dry_run:
         if json_path:
-            check_writable(json_path, ckpt)
-        common.pop("device")
-        common["calib"] = min(calib, 256)
-        report = plan(ckpt, data, criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio,
-                      round_to=round_to, **common)
+            check_outputs({"--json": json_path}, {"CKPT": ckpt})
+        report = shrink_command.plan(ckpt, data, criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio,
+                                     round_to=round_to, calib=min(calib, 256), input_shape=data_opts.input_shape,
+                                     arch=arch, arch_kwargs=source.arch_kwargs, unsafe_pickle=unsafe_pickle,
+                                     download=download)
         if json_path:
-            write_json(report, json_path)
+            with Staging() as staging:
+                staging.write(json_path, json_bytes(report))
+                staging.commit()
         render_plan(report, console)
         return
-    out = _output(ckpt, out, json_path, "shrunk", onnx, summary_md)
-    _, report = shrink(
-        ckpt, data, criterion, ratio, compensate, eval=eval_n, out=out,
-        progress=console.is_terminal and not (quiet or no_progress), scope=scope, max_layer_ratio=max_layer_ratio,
-        target_params=target_params, target_macs=target_macs, round_to=round_to, onnx=onnx,
-        latency_batches=_latency_batches(speedup_batch), schedule=_ratios(schedule), recalibrate=recalibrate_bn,
-        finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, distill=distill, **common,
-    )
-    _finish(report, json_path, quiet, console, summary_md, dict(
-        max_drop=max_drop, min_speedup=min_speedup, speedup_batch=speedup_batch, max_params=max_params,
-        onnx_atol=onnx_atol))
+    measurement = _measurement(_device(device), latency_batches, no_latency,
+                               speedup_batch if min_speedup is not None else None)
+    budgets = Budgets(max_drop, min_speedup, speedup_batch, max_params)
+    _check_budgets(budgets, data, measurement)
+    outputs = _outputs(ckpt, out, onnx, pt2, json_path, summary_md, "shrunk", onnx_atol, onnx_rtol)
+    recovery = Recovery(finetune_epochs, lr, batch_size, optimizer, distill, recalibrate_bn)
+    with Staging() as staging:
+        _, report = shrink_command.run(source, data_opts, opts, recovery, measurement, outputs, staging,
+                                       progress=console.is_terminal and not (quiet or no_progress))
+        _conclude(report, staging, outputs, budgets, quiet, console)
 
 
 @app.command("lowrank", epilog=LOWRANK_EXAMPLES)
@@ -230,66 +310,115 @@ def lowrank_cmd(
     distill: bool = DISTILL,
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Search the lowest ranks keeping the calibration accuracy within this many points, and hold the test accuracy drop to it as a budget (needs --data)."),
     min_speedup: Optional[float] = MIN_SPEEDUP, speedup_batch: int = SPEEDUP_BATCH,
-    max_params: Optional[float] = MAX_PARAMS, onnx: Optional[str] = ONNX, onnx_atol: float = ONNX_ATOL,
-    out: Optional[str] = OUT, json_path: Optional[str] = JSON, summary_md: Optional[str] = SUMMARY_MD,
-    device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
+    max_params: Optional[float] = MAX_PARAMS, latency_batches: str = LATENCY_BATCHES, no_latency: bool = NO_LATENCY,
+    onnx: Optional[str] = ONNX, pt2: Optional[str] = PT2, onnx_atol: float = ONNX_ATOL,
+    onnx_rtol: float = ONNX_RTOL, out: Optional[str] = _out_help("lowrank"), json_path: Optional[str] = JSON,
+    summary_md: Optional[str] = SUMMARY_MD, device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
 ):
     """Factor layers into rank-k products (Linear → 2 Linears, Conv → conv + 1×1 conv), verify and report."""
     if elbow and (rank is not None or energy is not None):
         raise UsageError("give one of --rank, --energy and --elbow")
-    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, device)
-    out = _output(ckpt, out, json_path, "lowrank", onnx, summary_md)
+    opts = LowrankOptions(rank, energy, layers, data_aware, max_drop)
+    opts.check()
+    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, eval_n, input_shape,
+                                                                               download)
+    measurement = _measurement(_device(device), latency_batches, no_latency,
+                               speedup_batch if min_speedup is not None else None)
+    budgets = Budgets(max_drop, min_speedup, speedup_batch, max_params)
+    _check_budgets(budgets, data, measurement)
+    outputs = _outputs(ckpt, out, onnx, pt2, json_path, summary_md, "lowrank", onnx_atol, onnx_rtol)
     console = _console(no_progress)
-    _, report = lowrank(ckpt, data, rank=rank, energy=energy, layers=layers, data_aware=data_aware,
-                        max_drop=max_drop, eval=eval_n, out=out, progress=console.is_terminal and not (quiet or no_progress),
-                        onnx=onnx, latency_batches=_latency_batches(speedup_batch), finetune_epochs=finetune_epochs,
-                        lr=lr, batch_size=batch_size, optimizer=optimizer, distill=distill, **common)
-    _finish(report, json_path, quiet, console, summary_md, dict(
-        max_drop=max_drop, min_speedup=min_speedup, speedup_batch=speedup_batch, max_params=max_params,
-        onnx_atol=onnx_atol))
+    with Staging() as staging:
+        _, report = lowrank_command.run(source, data_opts, opts, Recovery(finetune_epochs, lr, batch_size, optimizer,
+                                                                          distill),
+                                        measurement, outputs, staging,
+                                        progress=console.is_terminal and not (quiet or no_progress))
+        _conclude(report, staging, outputs, budgets, quiet, console)
+
+
+@app.command("sparsify", epilog="""
+Examples:
+
+\b
+  prunetool sparsify samples/evci_cnn.pt --arch samples.nets:EvciCNN --data mnist:~/data --imp 0.3 --rounds 5
+\b
+  prunetool sparsify model.pt --arch mypkg.nets:Net --data d.npz --rounds 3 --finetune-epochs 2 --rewind
+""")
+def sparsify_cmd(
+    ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
+    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    calib: int = CALIB, eval_n: Optional[int] = EVAL,
+    imp: float = typer.Option(0.3, "--imp", help="Fraction of each layer's remaining weights pruned per round."),
+    rounds: int = typer.Option(3, "--rounds", help="Pruning rounds."),
+    finetune_epochs: int = typer.Option(1, "--finetune-epochs", help="Retraining epochs after each round."),
+    lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIMIZER,
+    rewind: bool = typer.Option(False, "--rewind", help="Rewind surviving weights to those after the first round's retraining."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Budget: accuracy drop in percentage points."),
+    max_params: Optional[float] = MAX_PARAMS, latency_batches: str = LATENCY_BATCHES, no_latency: bool = NO_LATENCY,
+    onnx: Optional[str] = ONNX, pt2: Optional[str] = PT2, onnx_atol: float = ONNX_ATOL, onnx_rtol: float = ONNX_RTOL,
+    out: Optional[str] = _out_help("sparse"), json_path: Optional[str] = JSON, summary_md: Optional[str] = SUMMARY_MD,
+    device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
+):
+    """Iterative magnitude pruning of single weights with retraining, then physical removal of the units left
+    without incoming or outgoing weights."""
+    opts = SparsifyOptions(imp, rounds, finetune_epochs, rewind)
+    opts.check()
+    if data is None:
+        raise UsageError("sparsify retrains between rounds: it needs --data with a train split")
+    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, eval_n, None, download)
+    measurement = _measurement(_device(device), latency_batches, no_latency)
+    budgets = Budgets(max_drop, None, 1, max_params)
+    _check_budgets(budgets, data, measurement)
+    outputs = _outputs(ckpt, out, onnx, pt2, json_path, summary_md, "sparse", onnx_atol, onnx_rtol)
+    console = _console(no_progress)
+    with Staging() as staging:
+        _, report = sparsify_command.run(source, data_opts, opts, Recovery(0, lr, batch_size, optimizer), measurement,
+                                         outputs, staging, progress=console.is_terminal and not (quiet or no_progress))
+        _conclude(report, staging, outputs, budgets, quiet, console)
 
 
 @app.command("export", epilog="""
 Examples:
 
 \b
-  prunetool export evci_cnn.shrunk.pt --onnx evci.onnx
+  prunetool export evci_cnn.shrunk.safetensors --onnx evci.onnx --pt2 evci.pt2
 \b
   prunetool export model.pt --arch torchvision.models:resnet18 --input-shape 3,224,224 --onnx r18.onnx
 """)
 def export_cmd(
-    ckpt: str = CKPT, onnx: str = typer.Option(..., "--onnx", help="Where to write the .onnx file."),
+    ckpt: str = CKPT, onnx: Optional[str] = typer.Option(None, "--onnx", help="Where to write the .onnx file."),
+    pt2: Optional[str] = typer.Option(None, "--pt2", help="Where to write the torch.export program (.pt2)."),
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
-    data: Optional[str] = DATA, input_shape: Optional[str] = SHAPE, calib: int = typer.Option(64, "--calib", help="Inputs compared between PyTorch and onnxruntime."),
+    data: Optional[str] = DATA, input_shape: Optional[str] = SHAPE,
+    calib: int = typer.Option(64, "--calib", help="Inputs compared between PyTorch and the exported program."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."), onnx_atol: float = ONNX_ATOL,
-    json_path: Optional[str] = JSON,
+    onnx_rtol: float = ONNX_RTOL, json_path: Optional[str] = JSON,
 ):
-    """Export a checkpoint prunetool loads to ONNX (dynamic batch), run onnx.checker and compare onnxruntime
-    with PyTorch."""
-    from .api import _prepare
-
-    for path in (onnx, json_path):
-        if path:
-            check_writable(path, ckpt)
-    job = _prepare(ckpt, data, calib, parse_shape(input_shape), arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle,
-                   False)
-    info = export_onnx(job.dense, job.x[:calib], onnx, opset)
-    report = {"command": "export", "source": ckpt, "onnx": info}
+    """Export a checkpoint prunetool loads to ONNX (dynamic batch; onnx.checker, then onnxruntime against PyTorch)
+    and/or to a torch.export program (reloaded and compared)."""
+    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, None, input_shape, False)
     if json_path:
-        write_json(report, json_path)
-    print(f"export: {onnx} (opset {opset}), max |onnxruntime − PyTorch| = {info['max_abs_diff']:.2g} on "
-          f"{min(calib, len(job.x))} inputs, onnxruntime {info['ort_latency_ms']['1']:.3f} ms at batch 1")
-    failures = budget_failures(report, onnx_atol=onnx_atol)
-    if failures:
-        print(f"prunetool: verification failed: {failures[0]}", file=sys.stderr)
-        raise typer.Exit(1)
+        check_outputs({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2), ("--json", json_path)) if v},
+                      {"CKPT": ckpt})
+    with Staging() as staging:
+        report = export_command.run(source, data_opts, staging, onnx, pt2, opset, onnx_atol, onnx_rtol)
+        report["config"] = _config_source()
+        if json_path:
+            staging.write(json_path, json_bytes(report))
+        staging.commit()
+    for kind in ("onnx", "pt2"):
+        if kind in report:
+            info = report[kind]
+            extra = f" ({info['exporter']} exporter, opset {info['opset']})" if kind == "onnx" else ""
+            print(f"export: {info['path']}{extra}, max |exported − PyTorch| = {info['max_abs_diff']:.2g} on "
+                  f"{report['inputs_compared']} inputs (tolerance {info['tolerance']:.2g})")
 
 
 @app.command("bench", epilog="""
 Examples:
 
 \b
-  prunetool bench model.pt model.shrunk.pt --arch mypkg.nets:Net --input-shape 1,28,28
+  prunetool bench model.pt model.shrunk.safetensors --arch mypkg.nets:Net --input-shape 1,28,28
 \b
   prunetool bench a.pt b.pt --batch-sizes 1,8,64 --threads 4 --no-onnx --json bench.json
 """)
@@ -304,21 +433,20 @@ def bench_cmd(
     runs: int = typer.Option(50, "--runs", help="Timed runs at most (stops after 1 s once 5 are done)."),
     json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
 ):
-    """Latency (median, p90), throughput and peak memory of checkpoints side by side, PyTorch eager and
+    """Latency (median, p10, p90), throughput and peak memory of checkpoints side by side, PyTorch eager and
     onnxruntime."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        raise UsageError(f"--batch-sizes {batch_sizes!r} is not a list of integers; write it like 1,32") from None
+    sizes = _ints("--batch-sizes", batch_sizes)
     if json_path:
-        check_writable(json_path)
+        check_outputs({"--json": json_path}, {f"CKPT {i + 1}": c for i, c in enumerate(ckpts)})
     console = _console(no_progress)
-    report = bench(ckpts, parse_shape(input_shape), sizes, threads, device, onnx, warmup, runs, arch,
-                   parse_arch_kwargs(arch_kwargs), unsafe_pickle, progress=console.is_terminal and not no_progress)
+    report = bench_command.bench(ckpts, parse_shape(input_shape), sizes, threads, _device(device), onnx, warmup, runs,
+                                 arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle,
+                                 progress=console.is_terminal and not no_progress)
+    report["config"] = _config_source()
     if json_path:
-        write_json(report, json_path)
+        with Staging() as staging:
+            staging.write(json_path, json_bytes(report))
+            staging.commit()
     render_bench(report, console)
 
 
@@ -339,58 +467,21 @@ def inspect_cmd(
     json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
 ):
     """Where is this model redundant? Dead and frozen units, MRS, spectra against Marchenko–Pastur, elbow ranks."""
-    from .redundancy import inspect
-
-    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, input_shape, calib, "cpu")
-    common.pop("device")
-    for path in (html, json_path):
-        if path:
-            check_writable(path, ckpt)
-    if plots and Path(plots).exists() and not Path(plots).is_dir():
-        raise UsageError(f"--plots {plots} is a file; give a folder")
+    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, None, input_shape,
+                                                                               download)
+    check_outputs({k: v for k, v in (("--html", html), ("--json", json_path), ("--plots", plots)) if v},
+                  {"CKPT": ckpt})
     console = _console(no_progress)
     if data is None:
         warnings.warn("no --data: dead and frozen units and MRS come from random inputs labelled by the model itself")
-    report = inspect(ckpt, data, html=html, plots=plots, progress=console.is_terminal and not no_progress, **common)
-    if json_path:
-        write_json(report, json_path)
+    with Staging() as staging:
+        report = inspect_command.run(source, data_opts, staging, html, plots,
+                                     progress=console.is_terminal and not no_progress)
+        report["config"] = _config_source()
+        if json_path:
+            staging.write(json_path, json_bytes(report))
+        staging.commit()
     render_inspect(report, console)
-
-
-@app.command("sparsify", epilog="""
-Examples:
-
-\b
-  prunetool sparsify samples/evci_cnn.pt --arch samples.nets:EvciCNN --data mnist:~/data --imp 0.3 --rounds 5
-\b
-  prunetool sparsify model.pt --arch mypkg.nets:Net --data d.npz --rounds 3 --finetune-epochs 2 --rewind
-""")
-def sparsify_cmd(
-    ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
-    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
-    calib: int = CALIB, eval_n: Optional[int] = EVAL,
-    imp: float = typer.Option(0.3, "--imp", help="Fraction of each layer's remaining weights pruned per round."),
-    rounds: int = typer.Option(3, "--rounds", help="Pruning rounds."),
-    finetune_epochs: int = typer.Option(1, "--finetune-epochs", help="Retraining epochs after each round."),
-    lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIMIZER,
-    rewind: bool = typer.Option(False, "--rewind", help="Rewind surviving weights to those after the first round's retraining."),
-    onnx: Optional[str] = ONNX, onnx_atol: float = ONNX_ATOL, max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Budget: accuracy drop in percentage points."),
-    max_params: Optional[float] = MAX_PARAMS,
-    out: Optional[str] = OUT, json_path: Optional[str] = JSON, summary_md: Optional[str] = SUMMARY_MD,
-    device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
-):
-    """Iterative magnitude pruning of single weights with retraining, then physical removal of the units left
-    without incoming or outgoing weights."""
-    from .sparsify import sparsify
-
-    common = _common(ckpt, arch, arch_kwargs, unsafe_pickle, download, None, calib, device)
-    out = _output(ckpt, out, json_path, "sparse", onnx, summary_md)
-    console = _console(no_progress)
-    _, report = sparsify(ckpt, data, imp=imp, rounds=rounds, finetune_epochs=finetune_epochs, lr=lr,
-                         batch_size=batch_size, optimizer=optimizer, rewind=rewind, eval=eval_n, out=out, onnx=onnx,
-                         progress=console.is_terminal and not (quiet or no_progress), **common)
-    _finish(report, json_path, quiet, console, summary_md, dict(max_drop=max_drop, max_params=max_params,
-                                                                 onnx_atol=onnx_atol))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -398,6 +489,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _ARGV
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    _ARGV = argv
     warnings.showwarning = _show_warning
     try:
         # Without standalone mode, click hands back typer.Exit's code as the return value.
@@ -406,12 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunetool: error: {e}", file=sys.stderr)
         return 2
     except VerificationError as e:
-        print(f"prunetool: verification failed: {e}", file=sys.stderr)
+        print(f"prunetool: verification failed: {e}; nothing was written", file=sys.stderr)
         return 1
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        print("prunetool: aborted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):
+        print("prunetool: interrupted; nothing was written", file=sys.stderr)
         return 130
     except TyperException as e:  # Typer's own usage errors (bad option value, missing argument)
         if type(e).__name__ == "NoArgsIsHelpError":
@@ -423,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; see {where} --help" if code == 2 else ""
         print(f"prunetool: error: {e.format_message()}{hint}", file=sys.stderr)
         return code
+    except Exception as e:  # a bug in prunetool or in the model's code: one line, a code of its own
+        if debug:
+            traceback.print_exc()
+        text = str(e).splitlines()[0][:200] if str(e) else ""
+        print(f"prunetool: internal error: {type(e).__name__}: {text} (run again with --debug for the traceback; "
+              "nothing was written)", file=sys.stderr)
+        return InternalError.exit_code
     return code if isinstance(code, int) else 0
 
 

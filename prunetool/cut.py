@@ -25,11 +25,11 @@ from torch import nn
 from . import layers
 from .calls import capture, design_matrix, targets
 from .distributed import reduce_sum, shard
+from .options import COMPENSATIONS
 from .progress import QUIET, Bars
 from .score import Means, consumer_hooks, mean_of, readers, replace_units, unit_means
 from .trace import Consumer, Group, Trace
 
-COMPENSATIONS = ("mean", "lstsq", "none")
 RIDGE = 1e-5  # λ relative to the mean diagonal of XᵀX: only there to keep a rank-deficient fit solvable
 ROWS_PER_CHUNK = 2 ** 21  # design-matrix elements per chunk when unfolding conv patches
 MAX_FIT_INPUTS = 10_000  # wider consumers (XᵀX over 800 MB) get only their bias refit
@@ -319,3 +319,10 @@ def _set_bias(module: nn.Module, c: Consumer, b: torch.Tensor) -> None:
         module.bias = nn.Parameter(b.contiguous(), requires_grad=module.weight.requires_grad)
     else:
         setattr(module, attr, nn.Parameter(b.contiguous(), requires_grad=getattr(module, attr).requires_grad))
+
+
+def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+    """Zero the weights a mask drops (iterative magnitude pruning)."""
+    with torch.no_grad():
+        for name, module in layers.items():
+            module.weight.mul_(masks[name].to(module.weight.dtype))

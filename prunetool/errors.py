@@ -1,9 +1,19 @@
-"""Errors the CLI turns into exit codes: bad input is 2, a failed check is 1."""
+"""Errors the CLI turns into exit codes: a failed check is 1, bad input is 2, a bug is 3."""
 
 
 class UsageError(Exception):
-    """Bad input or usage. The message is one line naming the problem and the fix."""
+    """Bad input or usage (exit 2). The message is one line naming the problem and the fix."""
+
+    exit_code = 2
 
 
 class VerificationError(Exception):
-    """The produced model failed a check (forward pass, shapes, reload parity)."""
+    """The produced model failed a check: forward pass, shapes, removal, reload or export parity (exit 1)."""
+
+    exit_code = 1
+
+
+class InternalError(Exception):
+    """Anything unexpected: a bug in prunetool or in the model's own code (exit 3)."""
+
+    exit_code = 3

@@ -8,10 +8,17 @@ trace, export to ONNX and reload like anything else.
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import layers
+from .calls import capture, design_matrix
+from .errors import UsageError
+from .progress import QUIET, Bars
 
 FACTORABLE = (nn.Linear, nn.Conv2d)
 
@@ -41,8 +48,12 @@ def matrix(module: nn.Module) -> torch.Tensor:
 
 
 def factorable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
-                                             and module.padding_mode == "zeros")
+    """A Linear or a Conv2d (groups=1; subclasses too, if they hold nothing but weight and bias)."""
+    if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
+                                              and module.padding_mode == "zeros")):
+        return False
+    own = set(dict(module.named_parameters(recurse=False))) | set(dict(module.named_buffers(recurse=False)))
+    return own <= {"weight", "bias"}
 
 
 def saves(module: nn.Module, k: int) -> bool:
@@ -83,14 +94,28 @@ def rank_for_energy(spec: Spectrum, energy: float) -> int:
     return int(min(len(s2), int((kept < energy - 1e-12).sum()) + 1))
 
 
+def _narrowed(module: nn.Module, k: int) -> nn.Module:
+    """A copy of a layer subclass with ``k`` outputs and no bias: it keeps whatever its ``forward`` does around its
+    call (padding of its own, say)."""
+    first = copy.deepcopy(module)
+    w = module.weight
+    first.weight = nn.Parameter(torch.empty((k, *w.shape[1:]), dtype=w.dtype, device=w.device))
+    first.register_parameter("bias", None)
+    layers.kind_of(first).sync(first, {w.shape[0]: k})
+    return first
+
+
 def empty_factored(module: nn.Module, k: int) -> nn.Sequential:
     """The two-layer replacement of ``module`` at rank ``k``, weights not yet set."""
     bias = module.bias is not None
+    kw = {"device": module.weight.device, "dtype": module.weight.dtype}
     if isinstance(module, nn.Linear):
-        return nn.Sequential(nn.Linear(module.in_features, k, bias=False), nn.Linear(k, module.out_features, bias=bias))
+        first = nn.Linear(module.in_features, k, bias=False, **kw) if type(module) is nn.Linear \
+            else _narrowed(module, k)
+        return nn.Sequential(first, nn.Linear(k, module.out_features, bias=bias, **kw))
     first = nn.Conv2d(module.in_channels, k, module.kernel_size, module.stride, module.padding, module.dilation,
-                      bias=False)
-    return nn.Sequential(first, nn.Conv2d(k, module.out_channels, 1, bias=bias))
+                      bias=False, **kw) if type(module) is nn.Conv2d else _narrowed(module, k)
+    return nn.Sequential(first, nn.Conv2d(k, module.out_channels, 1, bias=bias, **kw))
 
 
 def factor(module: nn.Module, k: int, spec: Spectrum | None = None) -> nn.Sequential:
@@ -124,3 +149,64 @@ def refactor(model: nn.Module, factored: dict[str, int]) -> None:
 
 def params_of(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def input_covariance(model: nn.Module, name: str, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """``C = E[x xᵀ]`` of the inputs a layer's weight multiplies (conv: unfolded patches) over ``x``."""
+    module = model.get_submodule(name)
+    total, count = None, 0
+    for xb in x.split(batch):
+        design = design_matrix(capture(model, name, xb), module.weight).double()
+        total = design.T @ design if total is None else total + design.T @ design
+        count += len(design)
+    return total / count
+
+
+def inside_factored(model: nn.Module, name: str) -> bool:
+    parent, _, _ = name.rpartition(".")
+    return bool(parent) and isinstance(model.get_submodule(parent), nn.Sequential) and \
+        len(model.get_submodule(parent)) == 2 and all(factorable(m) for m in model.get_submodule(parent))
+
+
+def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> list[str]:
+    """Layers to factor: those matching ``layers_glob`` (comma-separated globs), else every factorable layer but
+    the output head."""
+    names = [n for n, m in model.named_modules() if factorable(m) and not inside_factored(model, n)]
+    if layers_glob:
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in layers_glob.split(","))]
+        if not chosen:
+            raise UsageError(f"--layers {layers_glob!r} matches no Linear or Conv2d layer; names look like "
+                             f"{names[0]!r}" if names else f"--layers {layers_glob!r}: the model has no Linear or "
+                             "Conv2d layer to factor")
+        return chosen
+    return [n for n in names if n not in heads]
+
+
+def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * float((torch.cat([model(b).argmax(-1) for b in x.split(256)]) == y).float().mean())
+
+
+def search_ranks(dense: nn.Module, specs: dict[str, Spectrum], upper: dict[str, int], x: torch.Tensor,
+                 y: torch.Tensor, max_drop: float, bars: Bars = QUIET) -> tuple[dict[str, int], int]:
+    """Greedy: largest layers first, the smallest rank (binary search) that keeps the calibration accuracy
+    within ``max_drop`` points of the dense model, with the layers already chosen in place."""
+    base = accuracy_on(dense, x, y)
+    model = copy.deepcopy(dense)
+    chosen, evaluations = {}, 0
+    order = sorted(upper, key=lambda n: -params_of(dense.get_submodule(n)))
+    for name in bars.track(order, "rank search"):
+        original = dense.get_submodule(name)
+        lo, hi, best = 1, upper[name], None
+        while lo <= hi:
+            k = (lo + hi) // 2
+            replace(model, name, factor(original, k, specs[name]))
+            evaluations += 1
+            if base - accuracy_on(model, x, y) <= max_drop:
+                best, hi = k, k - 1
+            else:
+                lo = k + 1
+        replace(model, name, factor(original, best, specs[name]) if best else copy.deepcopy(original))
+        if best:
+            chosen[name] = best
+    return chosen, evaluations

@@ -485,6 +485,41 @@ def _class_path(model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+# --- dtypes ------------------------------------------------------------------------------------------
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def main_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype | None:
+    counts: dict[torch.dtype, int] = {}
+    for d in dtypes.values():
+        counts[d] = counts.get(d, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def upcast_half(model: nn.Module) -> bool:
+    """float16/bfloat16 parameters and buffers to float32 in place (the work is done in float32; the output is
+    written back in the file's dtypes). Returns whether there were any."""
+    found = False
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dtype in HALF:
+                t.data = t.data.float()
+                found = True
+    return found
+
+
+def round_through(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Round every floating tensor through the dtype it will be saved in, so that the model in memory computes
+    exactly what the saved file will."""
+    main = main_dtype(dtypes)
+    with torch.no_grad():
+        for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+            dt = dtypes.get(key, main)
+            if t.dtype.is_floating_point and dt is not None and dt != t.dtype:
+                t.data = t.data.to(dt).to(t.dtype)
+
+
 # --- writing -----------------------------------------------------------------------------------------
 
 def fresh_build(arch: str, kwargs: dict, factored: dict) -> nn.Module | None:
@@ -519,10 +554,7 @@ def cast_state(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | 
     """Each floating tensor in the dtype the source had for it (new tensors: the source's main dtype)."""
     if not dtypes:
         return state
-    counts: dict[torch.dtype, int] = {}
-    for d in dtypes.values():
-        counts[d] = counts.get(d, 0) + 1
-    main = max(counts, key=counts.get)
+    main = main_dtype(dtypes)
     return {k: (v.to(dtypes.get(k, main)) if v.dtype.is_floating_point else v) for k, v in state.items()}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,3 +81,47 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, dev
     """Median wall time of one forward pass in milliseconds, after warm-up."""
     return statistics.median(forward_times(model, input_shape, batch_size, device, warmup=warmup,
                                            min_runs=min_runs, max_runs=max_runs, budget_s=budget_s))
+
+
+def percentile(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def timing_stats(times: list[float], batch: int) -> dict:
+    median = statistics.median(times)
+    return {"median_ms": median, "p10_ms": percentile(times, 0.1), "p90_ms": percentile(times, 0.9),
+            "throughput": 1000.0 * batch / median, "runs": len(times)}
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_forward_mb(model: nn.Module, shape, batch: int, device: str) -> float | None:
+    """Memory a forward pass at ``batch`` adds at its peak: CUDA's allocator peak, or on the CPU the growth of
+    the process's resident high-water mark (reset through /proc/self/clear_refs)."""
+    x = torch.randn((batch, *shape), device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            model(x)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _rss_kb("VmRSS:")
+    with torch.inference_mode():
+        model(x)
+    peak = _rss_kb("VmHWM:")
+    return None if before is None or peak is None else max(0, peak - before) / 1024

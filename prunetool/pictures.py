@@ -111,14 +111,6 @@ def receptive_fields_png(name: str, module: torch.nn.Linear, image_shape: tuple[
     return _png(fig)
 
 
-def write_plots(plots: dict[str, bytes], folder: str | Path) -> list[str]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, data in plots.items():
-        (folder / name).write_bytes(data)
-        written.append(str(folder / name))
-    return written
 
 
 def page(report: dict, plots: dict[str, bytes]) -> str:

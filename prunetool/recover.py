@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .data import SEED, Data
 from .errors import UsageError
+from .options import OPTIMIZERS
 from .progress import QUIET, Bars
 
-OPTIMIZERS = ("sgd", "adam")
 
 
 def has_batchnorm(model: nn.Module) -> bool:

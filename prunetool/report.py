@@ -7,7 +7,6 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from .load import write_atomic
 
 
 def _size(n: int | None) -> str:
@@ -188,37 +187,30 @@ def _names(names: list[str], limit: int = 3) -> str:
     return shown + (f" (+{len(names) - limit})" if len(names) > limit else "")
 
 
-def write_json(report: dict, path: str) -> None:
-    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+def json_bytes(report: dict) -> bytes:
+    return (json.dumps(report, indent=2) + "\n").encode()
 
 
-def budget_failures(report: dict, max_drop: float | None = None, min_speedup: float | None = None,
-                    speedup_batch: int = 1, max_params: float | None = None, onnx_atol: float | None = None) -> list[str]:
-    """One line per missed budget or failed ONNX check; empty when everything holds."""
+def budget_failures(report: dict, budgets) -> list[str]:
+    """One line per missed budget (``budgets`` is an :class:`prunetool.options.Budgets`); empty when all hold."""
     lines = []
     b, a = report.get("before", {}), report.get("after", {})
-    if max_drop is not None:
+    if budgets.max_drop is not None:
         drop = report.get("accuracy_drop")
-        if drop is None:
-            lines.append(f"--max-drop {max_drop} needs accuracy: pass --data")
-        elif drop > max_drop:
-            lines.append(f"accuracy drop {drop:.2f} pp is above --max-drop {max_drop:g} pp by {drop - max_drop:.2f}")
-    if min_speedup is not None:
-        key = str(speedup_batch)
+        if drop is not None and drop > budgets.max_drop:
+            lines.append(f"accuracy drop {drop:.2f} pp is above --max-drop {budgets.max_drop:g} pp by "
+                         f"{drop - budgets.max_drop:.2f}")
+    if budgets.min_speedup is not None:
+        key = str(budgets.speedup_batch)
         speedup = b["latency_ms"][key] / a["latency_ms"][key]
-        if speedup < min_speedup:
-            lines.append(f"speed-up {speedup:.2f}× at batch {speedup_batch} is below --min-speedup {min_speedup:g}×")
-    if max_params is not None:
-        limit = max_params * b["params"] if max_params <= 1 else max_params
+        if speedup < budgets.min_speedup:
+            lines.append(f"speed-up {speedup:.2f}× at batch {budgets.speedup_batch} is below --min-speedup "
+                         f"{budgets.min_speedup:g}×")
+    if budgets.max_params is not None:
+        limit = budgets.max_params * b["params"] if budgets.max_params <= 1 else budgets.max_params
         if a["params"] > limit:
-            lines.append(f"{a['params']:,} parameters are above --max-params {max_params:g} "
+            lines.append(f"{a['params']:,} parameters are above --max-params {budgets.max_params:g} "
                          f"({int(limit):,}) by {a['params'] - int(limit):,}")
-    if onnx_atol is not None and "onnx" in report:
-        from .export import check_onnx
-
-        line = check_onnx(report["onnx"], onnx_atol)
-        if line:
-            lines.append(line)
     return lines
 
 

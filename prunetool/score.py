@@ -18,11 +18,10 @@ from torch import nn
 
 from . import calls
 from .distributed import reduce_sum, shard
+from .options import CRITERIA
 from .progress import QUIET, Bars
 from .trace import Consumer, Group, Trace
 
-CRITERIA = ("mrs", "mrp", "taylor", "l1", "l2", "fp", "random")
-DATA_CRITERIA = ("mrs", "mrp", "taylor")
 BATCH = 256
 
 Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × positions)
@@ -249,3 +248,40 @@ def score(model: nn.Module, trace: Trace, criterion: str, x: torch.Tensor, y: to
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}")
     return Scores(criterion, weight_scores(trace, criterion), unit_means(model, trace, x, bars))
+
+
+# --- weights, for iterative magnitude pruning (seed 004) ----------------------------------------------------
+
+def magnitude_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor], fraction: float) -> None:
+    """Drop ``fraction`` of each layer's remaining weights, smallest magnitude first (ties: lowest index)."""
+    for name, module in layers.items():
+        alive = torch.nonzero(masks[name].flatten()).flatten()
+        k = int(fraction * len(alive))
+        if k == 0:
+            continue
+        order = torch.sort(module.weight.detach().abs().flatten()[alive], stable=True).indices[:k]
+        flat = masks[name].flatten().clone()
+        flat[alive[order]] = False
+        masks[name] = flat.reshape(masks[name].shape)
+
+
+def removable_units(trace: Trace, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per group, the units kept: those with some incoming weight in a producer and some outgoing weight in a
+    consumer (Evci §2.2)."""
+    from .cut import input_columns
+
+    modules = dict(model.named_modules())
+    keep = {}
+    for g in trace.groups:
+        incoming = sum(getattr(modules[p.name], p.weight).detach().movedim(p.dim, 0).reshape(g.units, -1).abs().sum(1)
+                       for p in g.producers)
+        outgoing = torch.zeros(g.units, dtype=torch.float64)
+        for c in g.consumers:
+            w = getattr(modules[c.name], c.weight).detach().movedim(c.dim, 0)
+            cols = input_columns(c, torch.arange(g.units))
+            outgoing += w[cols].abs().reshape(len(cols), -1).sum(1).reshape(g.units, -1).sum(1).double()
+        alive = (incoming > 0) & (outgoing > 0)
+        if not alive.any():
+            alive[int(torch.argmax(incoming))] = True  # every group keeps a unit
+        keep[g.name] = torch.nonzero(alive).flatten()
+    return keep

@@ -42,7 +42,7 @@ def test_evci_reproduction_has_4019_parameters(ckpt, mnist, tmp_path, capsys):
     assert report["before"]["params"] == 20522
     assert report["after"]["params"] == 4019
     assert [layer["units_after"] for layer in report["layers"]] == [4, 7, 26]
-    assert (tmp_path / "evci.shrunk.pt").exists()
+    assert (tmp_path / "evci.shrunk.safetensors").exists()
     out = capsys.readouterr().out
     assert "4,019" in out and "accuracy drop" in out
 
@@ -58,7 +58,7 @@ def test_json_report_fields(ckpt, mnist, tmp_path, capsys):
         assert set(snap["latency_ms"]) == {"1", "32"} and all(v > 0 for v in snap["latency_ms"].values())
         assert 0 <= snap["accuracy"] <= 100
     assert report["after"]["macs"] < report["before"]["macs"]
-    assert report["after"]["file_bytes"] == os.path.getsize(tmp_path / "evci.shrunk.pt")
+    assert report["after"]["file_bytes"] == os.path.getsize(tmp_path / "evci.shrunk.safetensors")
     assert report["before"]["file_bytes"] == os.path.getsize(SAMPLES / "evci_cnn.pt")
     assert report["accuracy_drop"] == pytest.approx(report["before"]["accuracy"] - report["after"]["accuracy"])
     assert report["settings"]["criterion"] == "l1" and report["settings"]["compensation"] == "mean"
@@ -143,9 +143,9 @@ def test_pickled_module_without_unsafe_pickle(tmp_path, mnist, capsys):
     torch.save(evci_cnn(), path)
     assert run("shrink", path, "--data", mnist, "--calib", 50, "--eval", 50) == 2
     _one_line_error(capsys, "--unsafe-pickle")
-    assert not (tmp_path / "whole.shrunk.pt").exists()
+    assert not (tmp_path / "whole.shrunk.safetensors").exists()
     assert run("shrink", path, "--unsafe-pickle", "--data", mnist, "--calib", 50, "--eval", 50, "-q") == 0
-    assert (tmp_path / "whole.shrunk.pt").exists()
+    assert (tmp_path / "whole.shrunk.safetensors").exists()
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):

@@ -62,7 +62,7 @@ def test_missed_budgets_exit_1_one_line_each_and_still_write(work, mnist, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("prunetool: budget missed: ") for line in err)
     assert "--max-drop" in err[0] and "--min-speedup" in err[1] and "--max-params" in err[2]
-    assert (work / "evci_cnn.shrunk.pt").exists()
+    assert (work / "evci_cnn.shrunk.safetensors").exists()
     report = json.loads((work / "r.json").read_text())
     assert len(report["budgets"]["failures"]) == 3
     assert "Budgets missed" in (work / "s.md").read_text()
@@ -75,12 +75,24 @@ def test_met_budgets_exit_0(work, mnist):
     assert "| parameters |" in text and "all met" in text
 
 
-def test_onnx_tolerance_exceeded_exits_1(work, mnist, capsys):
+def test_onnx_tolerance_exceeded_exits_1_and_writes_nothing(work, mnist, capsys):
+    before = sorted(p.name for p in work.iterdir())
     code = main(["shrink", "conv2.pt", "--arch", "samples.nets:Conv2", "--ratio", "0.5", *fast(mnist),
-                 "--onnx", "c.onnx", "--onnx-atol", "1e-12", "--json", "r.json"])
-    diff = json.loads((work / "r.json").read_text())["onnx"]["max_abs_diff"]
-    assert diff > 1e-12 and code == 1
-    assert "ONNX output differs from PyTorch by" in capsys.readouterr().err
+                 "--onnx", "c.onnx", "--onnx-atol", "0", "--onnx-rtol", "1e-12", "--json", "r.json"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs from PyTorch by" in err[0] and "nothing was written" in err[0]
+    assert sorted(p.name for p in work.iterdir()) == before
+
+
+def test_onnx_tolerance_scales_with_the_outputs():
+    import numpy as np
+
+    from prunetool.export import tolerance
+
+    big = np.array([[27605.0, -3.0]])
+    assert tolerance(big, 1e-4, 1e-4) == (27605.0, 1e-4 + 1e-4 * 27605.0)
+    assert tolerance(np.zeros((2, 3)), 1e-4, 1e-4) == (0.0, 1e-4)
 
 
 def test_config_file_and_precedence(work, mnist):
@@ -116,12 +128,12 @@ def test_non_tty_output_has_no_escape_codes(work, mnist):
 
 def test_bench_side_by_side(work, mnist):
     assert main(["shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", "--ratio", "0.6", *fast(mnist)]) == 0
-    assert main(["bench", "evci_cnn.pt", "evci_cnn.shrunk.pt", "--arch", "samples.nets:EvciCNN", "--input-shape",
+    assert main(["bench", "evci_cnn.pt", "evci_cnn.shrunk.safetensors", "--arch", "samples.nets:EvciCNN", "--input-shape",
                  "1,28,28", "--batch-sizes", "1,4", "--runs", "5", "--threads", "1", "--json", "b.json"]) == 0
     report = json.loads((work / "b.json").read_text())
     assert [(r["checkpoint"], r["runtime"]) for r in report["results"]] == [
         ("evci_cnn.pt", "torch"), ("evci_cnn.pt", "onnxruntime"),
-        ("evci_cnn.shrunk.pt", "torch"), ("evci_cnn.shrunk.pt", "onnxruntime")]
+        ("evci_cnn.shrunk.safetensors", "torch"), ("evci_cnn.shrunk.safetensors", "onnxruntime")]
     for r in report["results"]:
         for stats in r["batches"].values():
             assert 0 < stats["median_ms"] <= stats["p90_ms"] and stats["throughput"] > 0

@@ -8,7 +8,8 @@ import torch
 
 from prunetool.cli import main
 from prunetool.factor import Spectrum, elbow
-from prunetool.redundancy import effective_rank, frame_potential, inspect, marchenko_pastur, stable_rank
+from prunetool import inspect
+from prunetool.redundancy import effective_rank, frame_potential, marchenko_pastur, stable_rank
 
 from conftest import ROOT, SAMPLES
 

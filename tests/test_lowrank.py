@@ -10,7 +10,7 @@ from torch import nn
 import prunetool
 from prunetool.cli import main
 from prunetool.factor import elbow, factor, rank_for_energy, spectrum, Spectrum
-from prunetool.lowrank import lowrank
+from prunetool import lowrank
 
 from conftest import ROOT, SAMPLES
 
@@ -26,7 +26,7 @@ def test_full_rank_factorisation_is_exact(layer, shape, data_aware):
     x = torch.randn(*shape)
     cov = None
     if data_aware:
-        from prunetool.lowrank import input_covariance
+        from prunetool.factor import input_covariance
 
         cov = input_covariance(nn.Sequential(layer), "0", x)
     spec = spectrum(layer, cov)
@@ -106,11 +106,11 @@ def test_shrink_and_lowrank_compose_both_ways(tmp_path, mnist, monkeypatch, caps
     src.write_bytes((SAMPLES / "evci_cnn.pt").read_bytes())
     fast = ["--data", mnist, "--calib", "200", "--eval", "300", "-q"]
     assert main(["lowrank", str(src), "--arch", "samples.nets:EvciCNN", "--rank", "6", *fast]) == 0
-    assert main(["shrink", str(tmp_path / "evci.lowrank.pt"), "--ratio", "0.3", *fast]) == 0
+    assert main(["shrink", str(tmp_path / "evci.lowrank.safetensors"), "--ratio", "0.3", *fast]) == 0
     assert main(["shrink", str(src), "--arch", "samples.nets:EvciCNN", "--ratio", "0.3", *fast]) == 0
-    assert main(["lowrank", str(tmp_path / "evci.shrunk.pt"), "--energy", "0.95", *fast]) == 0
+    assert main(["lowrank", str(tmp_path / "evci.shrunk.safetensors"), "--energy", "0.95", *fast]) == 0
     x = torch.rand(3, 1, 28, 28)
-    for name in ("evci.lowrank.shrunk.pt", "evci.shrunk.lowrank.pt"):
+    for name in ("evci.lowrank.shrunk.safetensors", "evci.shrunk.lowrank.safetensors"):
         model = prunetool.load(tmp_path / name).model
         assert model(x).shape == (3, 10)
     lines = capsys.readouterr().out.strip().splitlines()

@@ -8,7 +8,9 @@ import torch
 from prunetool.cli import main
 from prunetool.cut import cut, sequential_means
 from prunetool.data import calibration
-from prunetool.sparsify import apply_masks, magnitude_masks, prunable_weights, removable_units
+from prunetool.commands.sparsify import prunable_weights
+from prunetool.cut import apply_masks
+from prunetool.score import magnitude_masks, removable_units
 from prunetool.trace import trace
 
 from conftest import ROOT, SAMPLES, evci_cnn
@@ -60,4 +62,4 @@ def test_sparsify_cli(tmp_path, mnist, monkeypatch):
     assert abs(report["rounds"][-1]["sparsity"] - (1 - 0.5 ** 3)) < 0.01
     assert all(0.85 < layer["sparsity"] < 0.9 for layer in report["sparsity"])
     assert report["after"]["params"] <= report["before"]["params"]
-    assert (tmp_path / "m.sparse.pt").exists()
+    assert (tmp_path / "m.sparse.safetensors").exists()

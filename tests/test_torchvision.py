@@ -51,7 +51,7 @@ def test_cli_on_resnet18_reloads(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in _model("resnet18").state_dict().items()}}, ckpt)
     assert main(["shrink", str(ckpt), "--arch", "torchvision.models:resnet18", "--arch-kwargs", '{"num_classes": 1000}',
                  "--input-shape", "3,64,64", "--ratio", "0.5", "--calib", "8", "--quiet"]) == 0
-    small = prunetool.load(tmp_path / "r18.shrunk.pt").model
+    small = prunetool.load(tmp_path / "r18.shrunk.safetensors").model
     assert small.layer1[0].conv1.out_channels == 32
     with torch.no_grad():
         assert small(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

@@ -1,0 +1,71 @@
+"""``bench``: latency (median, p10, p90), throughput and peak memory of checkpoints side by side, in PyTorch eager
+and in onnxruntime; ratios are to the first checkpoint."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from ..errors import UsageError
+from ..export import export_onnx, ort_latency, ort_session
+from ..load import load, upcast_half
+from ..measure import forward_times, params, peak_forward_mb, timing_stats
+from ..progress import Bars
+
+
+def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_sizes=(1, 32), threads: int | None = None,
+          device: str = "cpu", onnx: bool = True, warmup: int = 5, runs: int = 50, arch: str | None = None,
+          arch_kwargs: dict | None = None, unsafe_pickle: bool = False, progress: bool = False) -> dict:
+    """Benchmark each checkpoint; ratios are to the first one."""
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads {threads} must be at least 1")
+        torch.set_num_threads(threads)
+    if runs < 1:
+        raise UsageError(f"--runs {runs} must be at least 1")
+    if warmup < 0:
+        raise UsageError(f"--warmup {warmup} must be 0 or more")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UsageError(f"--batch-sizes {','.join(map(str, batch_sizes))}: batch sizes must be at least 1")
+    bars = Bars(progress)
+    rows = []
+    jobs = [(p, runtime) for p in paths for runtime in (("torch", "onnxruntime") if onnx else ("torch",))]
+    models = {}
+    for path, runtime in bars.track(jobs, "benchmarking"):
+        if path not in models:
+            ckpt = load(path, arch, arch_kwargs, unsafe_pickle)
+            shape = input_shape or tuple(ckpt.record.get("input_shape") or ())
+            if not shape:
+                raise UsageError(f"{path} records no input shape; pass --input-shape, e.g. 1,28,28")
+            upcast_half(ckpt.model)
+            models[path] = (ckpt.model.eval(), shape)
+        model, shape = models[path]
+        entry = {"checkpoint": str(path), "runtime": runtime, "params": params(model), "input_shape": list(shape),
+                 "device": device if runtime == "torch" else "cpu", "batches": {}}
+        if runtime == "torch":
+            model.to(device)
+            for b in batch_sizes:
+                times = forward_times(model, shape, b, device, warmup=warmup, min_runs=min(5, runs), max_runs=runs,
+                                      budget_s=1.0)
+                entry["batches"][str(b)] = timing_stats(times, b)
+            entry["peak_forward_mb"] = peak_forward_mb(model, shape, max(batch_sizes), device)
+            model.to("cpu")
+        else:
+            fd, tmp = tempfile.mkstemp(suffix=".onnx")
+            os.close(fd)
+            try:
+                export_onnx(model, torch.randn(2, *shape), tmp, latency_batches=())
+                session = ort_session(tmp, threads)
+                for b in batch_sizes:
+                    entry["batches"][str(b)] = timing_stats(ort_latency(session, shape, b, warmup, runs, 1.0), b)
+                entry["peak_forward_mb"] = None
+            finally:
+                os.unlink(tmp)
+        rows.append(entry)
+    for entry in rows:
+        first = next(r for r in rows if r["runtime"] == entry["runtime"])
+        for b, stats in entry["batches"].items():
+            stats["speedup_vs_first"] = first["batches"][b]["median_ms"] / stats["median_ms"]
+    return {"command": "bench", "threads": torch.get_num_threads(), "batch_sizes": list(batch_sizes), "results": rows}

@@ -1,0 +1,160 @@
+"""The start and the end every command shares.
+
+:func:`start`: load the checkpoint, read the data, draw the calibration samples, trace the model. Work happens
+in float32 when the checkpoint is float16/bfloat16; an ``nn.Module`` handed in by a caller is never modified
+(not even its train/eval mode).
+
+:func:`finish`: record what was done, round the result through the dtypes it is saved in, save it (staged),
+check that the saved bytes reload to identical outputs, export and check ONNX / pt2 (staged), measure before and
+after, and build the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import __version__, distributed
+from ..data import Data, calibration, eval_loader, load_data
+from ..export import export_onnx, export_pt2
+from ..load import Checkpoint, format_of, load, round_through, serialize, upcast_half
+from ..measure import evaluate, latency, macs, params
+from ..options import DataOptions, Measurement, Outputs, Source
+from ..progress import Bars
+from ..staging import Staging
+from ..trace import Trace, trace
+from ..verify import check_reload
+
+DEFAULT_FORMAT = ".safetensors"
+
+
+@dataclass
+class Job:
+    """A loaded model ready for work: the checkpoint, the data, calibration samples and the trace."""
+
+    ckpt: Checkpoint
+    data: Data
+    dense: nn.Module  # the model the work reads (a float32 copy for a half-precision checkpoint)
+    x: torch.Tensor
+    y: torch.Tensor
+    graph: Trace
+    computed_in: str
+    eval: int | None = None  # test samples evaluated (None: all)
+    caller_mode: tuple[nn.Module, bool] | None = None  # a caller's module and its train flag, restored by close()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def close(self) -> None:
+        if self.caller_mode is not None:
+            module, training = self.caller_mode
+            module.train(training)
+
+
+def as_checkpoint(source: Source) -> tuple[Checkpoint, tuple[nn.Module, bool] | None]:
+    model = source.checkpoint
+    if isinstance(model, Checkpoint):
+        return model, None
+    if isinstance(model, nn.Module):
+        mode = (model, model.training)
+        return Checkpoint(model, source.arch, source.arch_kwargs or {},
+                          dtypes={k: v.dtype for k, v in model.state_dict().items() if v.dtype.is_floating_point}), mode
+    return load(model, source.arch, source.arch_kwargs, source.unsafe_pickle), None
+
+
+def input_paths(source: Source) -> dict[str, str]:
+    """The input files an output must not overwrite."""
+    return {"CKPT": str(source.checkpoint)} if isinstance(source.checkpoint, (str, os.PathLike)) else {}
+
+
+def start(source: Source, data: DataOptions) -> Job:
+    ckpt, mode = as_checkpoint(source)
+    dense = ckpt.model
+    try:
+        if any(t.dtype in (torch.float16, torch.bfloat16) for t in list(dense.parameters()) + list(dense.buffers())):
+            dense = copy.deepcopy(dense) if mode is not None else dense
+            upcast_half(dense)
+        dense.eval()
+        spec = data.data
+        loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape)
+        x, y = calibration(loaded, data.calib, data.input_shape, dense if loaded.train is None and data.input_shape
+                           else None)
+        graph = trace(dense, x[:2])
+    except BaseException:
+        if mode is not None:
+            mode[0].train(mode[1])
+        raise
+    computed = str(next((p.dtype for p in dense.parameters()), torch.float32)).replace("torch.", "")
+    return Job(ckpt, loaded, dense, x, y, graph, computed, data.eval, mode)
+
+
+def snapshot(model: nn.Module, file_bytes: int | None, loader, input_shape, measurement: Measurement, bars: Bars,
+             label: str) -> dict:
+    device = measurement.device
+    model.to(device)
+    accuracy, loss = evaluate(model, loader, device, bars, label)
+    snap = {
+        "params": params(model),
+        "macs": macs(model, input_shape),
+        "file_bytes": file_bytes,
+        "accuracy": accuracy,
+        "loss": loss,
+        "latency_ms": {str(b): latency(model, input_shape, b, device) for b in measurement.latency_batches},
+    }
+    model.to("cpu")
+    return snap
+
+
+def file_dtype(job: Job) -> str:
+    kinds = sorted({str(d).replace("torch.", "") for d in job.ckpt.dtypes.values()})
+    return "/".join(kinds) or job.computed_in
+
+
+def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict,
+           probe: torch.Tensor, *, factored: dict, outputs: Outputs, staging: Staging, measurement: Measurement,
+           bars: Bars, extra: dict | None = None) -> dict:
+    """The end every command shares (see the module docstring). Files go to ``staging``; the caller commits."""
+    ckpt = job.ckpt
+    record = {"command": command, **settings, "layers": layers, "factored": factored, "source_sha256": ckpt.sha256,
+              "input_shape": list(job.input_shape), "source": ckpt.path, "prunetool_version": __version__,
+              "history": ckpt.record.get("history", []) + [{"command": command, **settings}]}
+    round_through(small, ckpt.dtypes)
+    small.eval()
+    with torch.no_grad():
+        expected = small(probe)
+    out = outputs.out
+    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes, format_of(out or DEFAULT_FORMAT),
+                     ckpt.arch_root)
+    if ckpt.arch is not None or out is not None:
+        check_reload(blob, probe, expected)
+        checks["reload"] = "identical"
+    main = distributed.is_main()
+    if out is not None and main:
+        staging.write(out, blob)
+    report = {
+        "command": command,
+        "settings": {**settings, "calib": len(job.x), "eval": job.eval, "data": job.data.spec,
+                     "input_shape": list(job.input_shape), "device": measurement.device, "source": ckpt.path,
+                     "out": out, "dtype": {"file": file_dtype(job), "computed": job.computed_in},
+                     "prunetool_version": __version__},
+        "layers": layers, **(extra or {}), "verify": checks,
+    }
+    if outputs.onnx is not None and main:
+        report["onnx"] = export_onnx(small, probe, staging.path(outputs.onnx), outputs.atol, outputs.rtol,
+                                     latency_batches=measurement.latency_batches, shown_as=outputs.onnx)
+    if outputs.pt2 is not None and main:
+        report["pt2"] = export_pt2(small, probe, staging.path(outputs.pt2), outputs.atol, outputs.rtol, shown_as=outputs.pt2)
+    loader = eval_loader(job.data, job.eval) if measurement.evaluate else None
+    before_bytes = ckpt.file_bytes or len(serialize(job.dense, ckpt.arch, ckpt.arch_kwargs, dtypes=ckpt.dtypes))
+    report["before"] = snapshot(job.dense, before_bytes, loader, job.input_shape, measurement, bars,
+                                "evaluating dense")
+    report["after"] = snapshot(small, len(blob), loader, job.input_shape, measurement, bars,
+                               f"evaluating {command} output")
+    acc_b, acc_a = report["before"]["accuracy"], report["after"]["accuracy"]
+    report["accuracy_drop"] = None if acc_b is None else acc_b - acc_a
+    return report

@@ -1,0 +1,41 @@
+"""``export``: any checkpoint prunetool loads, to ONNX and/or pt2, each checked against PyTorch."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, export_onnx, export_pt2
+from ..options import DataOptions, Source
+from ..staging import Staging, check_outputs
+from .common import input_paths, start
+from .shrink import probe_of
+
+
+def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = None, pt2: str | None = None,
+        opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> dict:
+    if onnx is None and pt2 is None:
+        raise UsageError("export needs --onnx PATH, --pt2 PATH or both")
+    data.check()
+    check_outputs({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2)) if v}, input_paths(source))
+    job = start(source, data)
+    try:
+        probe = probe_of(job.x)
+        report = {"command": "export", "source": job.ckpt.path, "inputs_compared": len(probe)}
+        if onnx is not None:
+            report["onnx"] = export_onnx(job.dense, probe, staging.path(onnx), atol, rtol, opset, shown_as=onnx)
+        if pt2 is not None:
+            report["pt2"] = export_pt2(job.dense, probe, staging.path(pt2), atol, rtol, shown_as=pt2)
+        return report
+    finally:
+        job.close()
+
+
+def export(model, *, onnx: str | None = None, pt2: str | None = None, data=None, calib: int = 64, input_shape=None,
+           arch=None, arch_kwargs=None, unsafe_pickle: bool = False, opset: int = DEFAULT_OPSET,
+           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> dict:
+    """Export ``model`` (a path, a :class:`Checkpoint` or an ``nn.Module``) to ONNX and/or pt2, checked."""
+    with Staging() as staging:
+        report = run(Source(model, arch, arch_kwargs or {}, unsafe_pickle),
+                     DataOptions(data, calib, None, tuple(input_shape) if input_shape else None), staging, onnx, pt2,
+                     opset, atol, rtol)
+        staging.commit()
+    return report

@@ -1,0 +1,217 @@
+"""``shrink``: remove units ranked by a criterion, compensate them, verify, recover and measure; ``plan`` is its dry
+run."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from ..cut import cut, global_ratios, n_removed, select, sequential_means
+from ..data import eval_loader
+from ..errors import UsageError
+from ..measure import evaluate, macs, params
+from ..options import (DATA_CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERION, LATENCY_BATCHES, DataOptions,
+                       Measurement, Outputs, Recovery, ShrinkOptions, Source)
+from ..progress import Bars
+from ..recover import finetune, has_batchnorm, recalibrate_bn
+from ..score import Scores, score
+from ..staging import Staging, check_outputs
+from ..trace import trace
+from ..verify import verify
+from .common import finish, input_paths, start
+
+DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def keep_units(graph, scores, ratio: float, opts: ShrinkOptions) -> dict[str, torch.Tensor]:
+    per_group = global_ratios(graph, scores, ratio, opts.max_layer_ratio) if opts.scope == "global" else ratio
+    return select(graph, scores, per_group, opts.round_to)
+
+
+def size_after(dense, graph, keep, input_shape) -> tuple[int, int]:
+    """Parameters and MACs of the cut (structure only)."""
+    small = cut(copy.deepcopy(dense), graph, keep, "none")
+    return params(small), macs(small, input_shape)
+
+
+def fit_target(dense, graph, scores, opts: ShrinkOptions, input_shape) -> float:
+    """The smallest ratio whose cut keeps at most ``target_params``/``target_macs`` of the original."""
+    metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
+    index = 0 if metric == "params" else 1
+    goal = fraction * (params(dense), macs(dense, input_shape))[index]
+
+    def size(r):
+        return size_after(dense, graph, keep_units(graph, scores, r, opts), input_shape)[index]
+
+    lo, hi = 0.0, 0.99
+    if size(hi) > goal:
+        raise UsageError(f"--target-{metric} {fraction} cannot be reached: ratio 0.99 still keeps "
+                         f"{size(hi) / (goal / fraction):.3f} of the {metric} (protected layers stay whole)")
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
+    return round(hi, 4)
+
+
+def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_layer_ratio: float = 0.9,
+         round_to: int = 1, calib: int = 256, input_shape=None, arch=None, arch_kwargs=None,
+         unsafe_pickle=False, download=False, ratios=DRY_RUN_RATIOS) -> dict:
+    """The dry run: groups found, what is protected and why, and the size each ratio would give."""
+    opts = ShrinkOptions(criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to)
+    opts.check()
+    job = start(Source(model, arch, arch_kwargs or {}, unsafe_pickle), DataOptions(data, calib, None, input_shape,
+                                                                                   download))
+    try:
+        shape = job.input_shape
+        if scope == "global":
+            scores = score(job.dense, job.graph, criterion, job.x, job.y).scores
+        else:
+            scores = {g.name: torch.zeros(g.units) for g in job.graph.groups}
+        base = (params(job.dense), macs(job.dense, shape))
+        rows = []
+        for r in ratios:
+            p, m = size_after(job.dense, job.graph, keep_units(job.graph, scores, r, opts), shape)
+            rows.append({"ratio": r, "params": p, "macs": m, "params_fraction": p / base[0],
+                         "macs_fraction": m / base[1]})
+    finally:
+        job.close()
+    return {
+        "command": "dry-run", "params": base[0], "macs": base[1], "input_shape": list(shape),
+        "groups": [{"name": g.name, "units": g.units, "producers": [p.name for p in g.producers],
+                    "consumers": [c.name for c in g.consumers], "members": [m.name for m in g.members],
+                    "blocks": g.blocks} for g in job.graph.groups],
+        "protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected],
+        "ratios": rows, "settings": {"scope": scope, "round_to": round_to, "criterion": criterion},
+    }
+
+
+def _cpu(scores: Scores) -> Scores:
+    return Scores(scores.criterion, {k: v.cpu() for k, v in scores.scores.items()},
+                  {g: {c: m.cpu() for c, m in per.items()} for g, per in scores.means.items()})
+
+
+def probe_of(x: torch.Tensor) -> torch.Tensor:
+    """Up to 64 calibration inputs for the checks; at least two (exporters need a batch dimension above 1)."""
+    probe = x[: min(len(x), 64)]
+    return probe if len(probe) >= 2 else torch.cat([probe, probe])
+
+
+def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
+        outputs: Outputs, staging: Staging, progress: bool = False,
+        scores: Scores | None = None) -> tuple[nn.Module, dict]:
+    """Remove units from every prunable group, compensate, verify, recover and measure (see :func:`shrink`)."""
+    for options in (opts, data, recovery, measurement):
+        options.check()
+    check_outputs(outputs.paths(), input_paths(source))
+    bars = Bars(progress)
+    job = start(source, data)
+    try:
+        return _run(job, opts, recovery, measurement, outputs, staging, bars, scores)
+    finally:
+        job.close()
+
+
+def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
+         staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
+    dense, x, y, graph, device = job.dense, job.x, job.y, job.graph, measurement.device
+    if not graph.groups:
+        reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
+        raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
+    if recovery.finetune_epochs and not job.data.has_labels:
+        raise UsageError("--finetune-epochs needs --data with a train split")
+    if not job.data.has_labels and opts.criterion in DATA_CRITERIA:
+        warnings.warn(f"no --data: {opts.criterion} scores come from random inputs labelled by the model itself")
+    recalibrate = has_batchnorm(dense) if recovery.recalibrate_bn is None else recovery.recalibrate_bn
+    loader = eval_loader(job.data, job.eval) if measurement.evaluate else None
+    original = {g.name: g.units for g in graph.groups}
+    steps = list(opts.schedule) if opts.schedule else [opts.ratio]
+    ratio = steps[-1]
+
+    current, history, probe = dense, [], probe_of(x)
+    for step, step_ratio in enumerate(steps):
+        if step:
+            graph = trace(current, x[:2])
+        current.to(device)
+        if scores is None or step:
+            scores = score(current, graph, opts.criterion, x.to(device), y.to(device), bars)
+        current.to("cpu")
+        scores = _cpu(scores)
+        if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
+            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.input_shape)
+        if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
+            per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
+                         for g in graph.groups}
+            keep = select(graph, scores.scores, per_group, opts.round_to)
+        else:
+            keep = keep_units(graph, scores.scores, step_ratio, opts)
+        means = sequential_means(current, graph, keep, x, bars) if opts.compensate == "mean" else scores.means
+        small = cut(copy.deepcopy(current), graph, keep, opts.compensate, means, x, bars).eval()
+        checks = verify(current, small, graph, keep, probe)
+        if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
+            recalibrate_bn(small, x)
+        entry = {"ratio": step_ratio, "params": params(small)}
+        if loader is not None and (recovery.finetune_epochs or len(steps) > 1):
+            entry["accuracy_after_cut"] = evaluate(small, loader, device, bars, "evaluating the cut")[0]
+        if recovery.finetune_epochs:
+            entry["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.lr,
+                                              recovery.batch_size, recovery.optimizer,
+                                              dense if recovery.distill else None, device, bars)
+            if loader is not None:
+                entry["accuracy_after_finetune"] = evaluate(small, loader, device, bars, "evaluating")[0]
+        history.append(entry)
+        current = small
+    checks.pop("outputs")
+
+    layers = [{"name": g.name, "units_before": original.get(g.name, g.units), "units_after": len(keep[g.name]),
+               "producers": [p.name for p in g.producers]} for g in graph.groups]
+    settings = {"criterion": opts.criterion, "ratio": ratio, "compensation": opts.compensate, "scope": opts.scope,
+                "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
+                "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
+                "recalibrate_bn": recalibrate, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
+                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill}
+    extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
+    if recovery.finetune_epochs or len(steps) > 1:
+        extra["steps"] = history
+    report = finish(job, "shrink", current, settings, layers, checks, probe,
+                    factored=job.ckpt.record.get("factored", {}), outputs=outputs, staging=staging,
+                    measurement=measurement, bars=bars, extra=extra)
+    return current, report
+
+
+def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 0.5,
+           compensate: str = DEFAULT_COMPENSATION, *, calib: int = 1000, eval: int | None = None,
+           input_shape: tuple[int, ...] | None = None, device: str = "cpu", out: str | None = None,
+           onnx: str | None = None, pt2: str | None = None, arch: str | None = None,
+           arch_kwargs: dict | None = None, unsafe_pickle: bool = False, download: bool = False,
+           progress: bool = False, scope: str = "layer", max_layer_ratio: float = 0.9,
+           target_params: float | None = None, target_macs: float | None = None, round_to: int = 1,
+           latency_batches: tuple[int, ...] = LATENCY_BATCHES, scores: Scores | None = None, measure: bool = True,
+           schedule: list[float] | None = None, recalibrate: bool | None = None, finetune_epochs: int = 0,
+           lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
+           distill: bool = False) -> tuple[nn.Module, dict]:
+    """Remove units from every prunable group, compensate, verify, recover and measure.
+
+    ``model`` is an ``nn.Module`` (left as it was), a :class:`Checkpoint` or a checkpoint path. With
+    ``scope="layer"`` every group loses ``floor(ratio·n)`` units; with ``"global"`` ``ratio`` of all units go,
+    ranked across groups. ``target_params``/``target_macs`` (fractions of the original) pick the ratio instead.
+    ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``) prunes step by step, re-scoring at each
+    step, with ``finetune_epochs`` of training after every step. BatchNorm statistics are recalibrated on the
+    calibration data after every cut (``recalibrate=None``: when the model has BatchNorm). Returns the smaller
+    model and a report dict (the CLI's ``--json``). With ``out`` (``.safetensors`` or ``.pt``) the model is
+    saved there, once the saved bytes were checked to reload to identical outputs; ``onnx``/``pt2`` export it,
+    checked against PyTorch. ``measure=False`` skips evaluation and latency.
+    """
+    with Staging() as staging:
+        small, report = run(
+            Source(model, arch, arch_kwargs or {}, unsafe_pickle),
+            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download),
+            ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
+                          list(schedule) if schedule else None),
+            Recovery(finetune_epochs, lr, batch_size, optimizer, distill, recalibrate),
+            Measurement(measure, tuple(latency_batches) if measure else (), device),
+            Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress, scores)
+        staging.commit()
+    return small, report

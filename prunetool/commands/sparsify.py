@@ -1,0 +1,110 @@
+"""``sparsify``: iterative magnitude pruning of single weights (seed 004: 30% of the remaining weights of every
+layer per round, retraining between rounds, optional rewind), then physical removal of the units left without
+incoming weights (their output is a constant: bias propagation replaces them exactly) or without outgoing weights
+(nothing reads them), so the result is smaller, not just sparse (Evci §2.2)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..cut import apply_masks, cut, sequential_means
+from ..data import eval_loader
+from ..errors import UsageError
+from ..factor import factorable
+from ..measure import evaluate
+from ..options import LATENCY_BATCHES, DataOptions, Measurement, Outputs, Recovery, Source, SparsifyOptions
+from ..progress import Bars
+from ..recover import finetune, has_batchnorm, recalibrate_bn
+from ..score import magnitude_masks, removable_units
+from ..staging import Staging, check_outputs
+from ..verify import verify
+from .common import finish, input_paths, start
+from .shrink import probe_of
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if factorable(m)}
+
+
+def run(source: Source, data: DataOptions, opts: SparsifyOptions, recovery: Recovery, measurement: Measurement,
+        outputs: Outputs, staging: Staging, progress: bool = False) -> tuple[nn.Module, dict]:
+    for options in (opts, data, recovery, measurement):
+        options.check()
+    check_outputs(outputs.paths(), input_paths(source))
+    bars = Bars(progress)
+    job = start(source, data)
+    try:
+        return _run(job, opts, recovery, measurement, outputs, staging, bars)
+    finally:
+        job.close()
+
+
+def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
+         staging: Staging, bars: Bars) -> tuple[nn.Module, dict]:
+    if not job.data.has_labels:
+        raise UsageError("sparsify retrains between rounds: it needs --data with a train split")
+    dense, x, device = job.dense, job.x, measurement.device
+    sparse = copy.deepcopy(dense)
+    layers = prunable_weights(sparse)
+    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
+    early = None
+    loader = eval_loader(job.data, job.eval)
+    history = []
+    for r in range(opts.rounds):
+        magnitude_masks(layers, masks, opts.imp)
+        if opts.rewind and early is not None:
+            sparse.load_state_dict(early)
+        apply_masks(layers, masks)
+        losses = finetune(sparse, job.data, opts.finetune_epochs, recovery.lr, recovery.batch_size,
+                          recovery.optimizer, device=device, bars=bars,
+                          after_step=lambda m: apply_masks(layers, masks)) if opts.finetune_epochs else []
+        if opts.rewind and early is None:
+            early = copy.deepcopy(sparse.state_dict())
+        total = sum(int(m.numel()) for m in masks.values())
+        history.append({"round": r + 1, "sparsity": 1 - sum(int(m.sum()) for m in masks.values()) / total,
+                        "finetune_loss": losses, "accuracy": evaluate(sparse, loader, device)[0]})
+
+    graph = job.graph
+    keep = removable_units(graph, sparse)
+    means = sequential_means(sparse, graph, keep, x, bars)
+    small = cut(copy.deepcopy(sparse), graph, keep, "mean", means, x, bars).eval()
+    probe = probe_of(x)
+    checks = verify(sparse, small, graph, keep, probe)
+    checks.pop("outputs")
+    if has_batchnorm(small) and any(len(keep[g.name]) < g.units for g in graph.groups):
+        recalibrate_bn(small, x)
+
+    per_layer = [{"name": n, "weights": int(masks[n].numel()), "nonzero": int(masks[n].sum()),
+                  "sparsity": 1 - float(masks[n].float().mean())} for n in layers]
+    units = [{"name": g.name, "units_before": g.units, "units_after": len(keep[g.name]),
+              "producers": [p.name for p in g.producers]} for g in graph.groups]
+    settings = {"imp": opts.imp, "rounds": opts.rounds, "finetune_epochs": opts.finetune_epochs, "lr": recovery.lr,
+                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "rewind": opts.rewind}
+    nonzero = sum(int((p != 0).sum()) for p in small.parameters())
+    report = finish(job, "sparsify", small, settings, units, checks, probe,
+                    factored=job.ckpt.record.get("factored", {}), outputs=outputs, staging=staging,
+                    measurement=measurement, bars=bars,
+                    extra={"rounds": history, "sparsity": per_layer, "nonzero_params_after": nonzero})
+    return small, report
+
+
+def sparsify(model, data, *, imp: float = 0.3, rounds: int = 3, finetune_epochs: int = 1, lr: float = 1e-3,
+             batch_size: int = 128, optimizer: str = "adam", rewind: bool = False, calib: int = 1000,
+             eval: int | None = None, device: str = "cpu", out: str | None = None, onnx: str | None = None,
+             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False, download: bool = False,
+             progress: bool = False, latency_batches=LATENCY_BATCHES, measure: bool = True,
+             input_shape=None) -> tuple[nn.Module, dict]:
+    """Iterative magnitude pruning with retraining, then physical removal of units left without weights."""
+    with Staging() as staging:
+        small, report = run(
+            Source(model, arch, arch_kwargs or {}, unsafe_pickle),
+            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download),
+            SparsifyOptions(imp, rounds, finetune_epochs, rewind),
+            Recovery(0, lr, batch_size, optimizer),
+            Measurement(measure, tuple(latency_batches) if measure else (), device),
+            Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress)
+        staging.commit()
+    return small, report

@@ -1,0 +1,214 @@
+"""Options grouped as the CLI and the Python API share them: one small dataclass per concern.
+
+The CLI fills these from flags (and config files); ``prunetool.shrink(...)`` and the other API functions fill
+them from keyword arguments. ``check()`` refuses a nonsensical value with a one-line :class:`UsageError` that
+names the flag and the fix, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+DEFAULT_CRITERION = "mrs"
+DEFAULT_COMPENSATION = "lstsq"
+CRITERIA = ("mrs", "mrp", "taylor", "l1", "l2", "fp", "random")
+DATA_CRITERIA = ("mrs", "mrp", "taylor")
+COMPENSATIONS = ("mean", "lstsq", "none")
+SCOPES = ("layer", "global")
+OPTIMIZERS = ("sgd", "adam")
+LATENCY_BATCHES = (1, 32)
+DEFAULT_ATOL = 1e-4  # ONNX / pt2 parity: max |exported − PyTorch| ≤ atol + rtol · max |PyTorch|
+DEFAULT_RTOL = 1e-4
+
+
+@dataclass
+class Source:
+    """The model to compress: a checkpoint path, an ``nn.Module`` or a loaded :class:`Checkpoint`."""
+
+    checkpoint: object
+    arch: str | None = None
+    arch_kwargs: dict = field(default_factory=dict)
+    unsafe_pickle: bool = False
+
+
+@dataclass
+class DataOptions:
+    """Where calibration and evaluation samples come from."""
+
+    data: object = None  # a --data spec or a Data object
+    calib: int = 1000
+    eval: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    download: bool = False
+
+    def check(self) -> None:
+        if self.calib < 1:
+            raise UsageError(f"--calib {self.calib} must be at least 1")
+        if self.eval is not None and self.eval < 1:
+            raise UsageError(f"--eval {self.eval} must be at least 1 (leave it out to evaluate the whole test split)")
+
+
+@dataclass
+class Measurement:
+    """What is measured before and after: accuracy and loss on the test split, and latency at these batch
+    sizes (empty: no latency)."""
+
+    evaluate: bool = True
+    latency_batches: tuple[int, ...] = LATENCY_BATCHES
+    device: str = "cpu"
+
+    def check(self) -> None:
+        if any(b < 1 for b in self.latency_batches):
+            raise UsageError(f"--latency-batches {','.join(map(str, self.latency_batches))}: batch sizes must be "
+                             "at least 1")
+
+
+@dataclass
+class Outputs:
+    """Files a command writes; all are staged and moved into place together once every check passed."""
+
+    out: str | None = None
+    onnx: str | None = None
+    pt2: str | None = None
+    json: str | None = None
+    summary_md: str | None = None
+    atol: float = DEFAULT_ATOL  # parity of --onnx / --pt2 with PyTorch
+    rtol: float = DEFAULT_RTOL
+
+    def paths(self) -> dict[str, str]:
+        """Flag → path of every output asked for."""
+        names = {"out": "--out", "onnx": "--onnx", "pt2": "--pt2", "json": "--json", "summary_md": "--summary-md"}
+        return {names[k]: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def check(self) -> None:
+        if self.atol < 0 or self.rtol < 0:
+            raise UsageError("--onnx-atol and --onnx-rtol must be 0 or more")
+
+
+@dataclass
+class Recovery:
+    """What happens after each cut: BatchNorm recalibration and fine-tuning."""
+
+    finetune_epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 128
+    optimizer: str = "adam"
+    distill: bool = False
+    recalibrate_bn: bool | None = None  # None: when the model has BatchNorm
+
+    def check(self) -> None:
+        if self.finetune_epochs < 0:
+            raise UsageError(f"--finetune-epochs {self.finetune_epochs} must be 0 or more")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
+        if not self.lr > 0:
+            raise UsageError(f"--lr {self.lr} must be positive")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.distill and self.finetune_epochs < 1:
+            raise UsageError("--distill needs --finetune-epochs N")
+
+
+@dataclass
+class ShrinkOptions:
+    """How many units go, ranked how, and what replaces them."""
+
+    criterion: str = DEFAULT_CRITERION
+    ratio: float = 0.5
+    compensate: str = DEFAULT_COMPENSATION
+    scope: str = "layer"
+    max_layer_ratio: float = 0.9
+    target_params: float | None = None
+    target_macs: float | None = None
+    round_to: int = 1
+    schedule: list[float] | None = None
+
+    def check(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.compensate not in COMPENSATIONS:
+            raise UsageError(f"unknown compensation {self.compensate!r}; choose one of {', '.join(COMPENSATIONS)}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise UsageError(f"--ratio {self.ratio} is outside [0, 1); give the fraction of units to remove, e.g. 0.5")
+        if self.scope not in SCOPES:
+            raise UsageError(f"unknown scope {self.scope!r}; choose layer or global")
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise UsageError(f"--max-layer-ratio {self.max_layer_ratio} is outside (0, 1)")
+        for flag, value in (("--target-params", self.target_params), ("--target-macs", self.target_macs)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise UsageError(f"{flag} {value} is outside (0, 1]; give the fraction of the original to keep, "
+                                 "e.g. 0.5")
+        if self.target_params is not None and self.target_macs is not None:
+            raise UsageError("give one of --target-params and --target-macs, not both")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to {self.round_to} must be a positive integer")
+        if self.schedule is not None:
+            steps = self.schedule
+            if not steps or any(not 0.0 <= r < 1.0 for r in steps) or steps != sorted(steps):
+                raise UsageError(f"--schedule {','.join(map(str, steps))} must be increasing ratios in [0, 1)")
+
+
+@dataclass
+class LowrankOptions:
+    """Which layers are factored and at which rank."""
+
+    rank: int | None = None
+    energy: float | None = None
+    layers: str | None = None
+    data_aware: bool = False
+    max_drop: float | None = None
+
+    @property
+    def method(self) -> str:
+        return "rank" if self.rank is not None else "energy" if self.energy is not None else "elbow"
+
+    def check(self) -> None:
+        if self.rank is not None and self.energy is not None:
+            raise UsageError("give one of --rank, --energy and --elbow")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--rank {self.rank} must be at least 1")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise UsageError(f"--energy {self.energy} is outside (0, 1]; e.g. 0.9 keeps 90% of Σσ²")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise UsageError(f"--max-drop {self.max_drop} must be 0 or more percentage points")
+
+
+@dataclass
+class SparsifyOptions:
+    """Iterative magnitude pruning: the share of weights pruned per round, the rounds, rewinding."""
+
+    imp: float = 0.3
+    rounds: int = 3
+    finetune_epochs: int = 1
+    rewind: bool = False
+
+    def check(self) -> None:
+        if not 0.0 < self.imp < 1.0:
+            raise UsageError(f"--imp {self.imp} is outside (0, 1); e.g. 0.3 prunes 30% of the remaining weights per "
+                             "round")
+        if self.rounds < 1:
+            raise UsageError(f"--rounds {self.rounds} must be at least 1")
+        if self.finetune_epochs < 0:
+            raise UsageError(f"--finetune-epochs {self.finetune_epochs} must be 0 or more")
+
+
+@dataclass
+class Budgets:
+    """What a CI step demands; a missed budget exits 1 (the outputs are still written)."""
+
+    max_drop: float | None = None
+    min_speedup: float | None = None
+    speedup_batch: int = 1
+    max_params: float | None = None
+
+    def check(self) -> None:
+        if self.max_drop is not None and self.max_drop < 0:
+            raise UsageError(f"--max-drop {self.max_drop} must be 0 or more percentage points")
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            raise UsageError(f"--min-speedup {self.min_speedup} must be positive, e.g. 1.5")
+        if self.speedup_batch < 1:
+            raise UsageError(f"--speedup-batch {self.speedup_batch} must be at least 1")
+        if self.max_params is not None and not self.max_params > 0:
+            raise UsageError(f"--max-params {self.max_params} must be positive: a count, or a fraction ≤ 1")
