@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from . import distributed
 from .errors import UsageError
+from .measure import as_input
 
 SEED = 0
 
@@ -135,7 +136,7 @@ def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
         if model is None:
             return x, torch.zeros(n, dtype=torch.long)
         with torch.no_grad():
-            y = torch.cat([model(b).argmax(-1) for b in x.split(256)])
+            y = torch.cat([model(as_input(b, model)).argmax(-1) for b in x.split(256)])
         return x, y
     n = min(n, len(data.train))
     idx = torch.randperm(len(data.train), generator=gen)[:n].tolist()

@@ -16,6 +16,15 @@ from .distributed import reduce_sum
 from .progress import QUIET, Bars
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in (the dtype inputs are given in)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def as_input(x: torch.Tensor, model: nn.Module, device="cpu") -> torch.Tensor:
+    return x.to(device, model_dtype(model)) if x.dtype.is_floating_point else x.to(device)
+
+
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -25,7 +34,7 @@ def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.zeros((1, *input_shape), device=device))
+        model(torch.zeros((1, *input_shape), device=device, dtype=model_dtype(model)))
     return counter.get_total_flops() // 2
 
 
@@ -38,7 +47,7 @@ def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu",
     correct, total, loss = 0, 0, 0.0
     with torch.no_grad():
         for xb, yb in bars.track(loader, label, total=len(loader)):
-            xb, yb = xb.to(device), yb.to(device)
+            xb, yb = as_input(xb, model, device), yb.to(device)
             out = model(xb)
             loss += F.cross_entropy(out, yb, reduction="sum").item()
             correct += (out.argmax(-1) == yb).sum().item()
@@ -65,7 +74,7 @@ def forward_times(model: nn.Module, input_shape: tuple[int, ...], batch_size: in
                   **kwargs) -> list[float]:
     """Times of eager forward passes on random inputs (synchronised on CUDA)."""
     model.eval()
-    x = torch.randn((batch_size, *input_shape), device=device)
+    x = torch.randn((batch_size, *input_shape), device=device, dtype=model_dtype(model))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run():
@@ -107,7 +116,7 @@ def _rss_kb(field: str) -> int | None:
 def peak_forward_mb(model: nn.Module, shape, batch: int, device: str) -> float | None:
     """Memory a forward pass at ``batch`` adds at its peak: CUDA's allocator peak, or on the CPU the growth of
     the process's resident high-water mark (reset through /proc/self/clear_refs)."""
-    x = torch.randn((batch, *shape), device=device)
+    x = torch.randn((batch, *shape), device=device, dtype=model_dtype(model))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .data import SEED, Data
 from .errors import UsageError
+from .measure import as_input
 from .options import OPTIMIZERS
 from .progress import QUIET, Bars
 
@@ -36,7 +37,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 256) -> None:
     device = next(model.parameters()).device
     with torch.no_grad():
         for xb in x.split(batch):
-            model(xb.to(device))
+            model(as_input(xb, model, device))
     for m, momentum in saved:
         m.momentum = momentum
         m.eval()
@@ -87,7 +88,7 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
         model.train()
         total, count = 0.0, 0
         for xb, yb in bars.track(loader, f"fine-tuning, epoch {epoch + 1}/{epochs}", total=len(loader)):
-            xb, yb = xb.to(device), yb.to(device)
+            xb, yb = as_input(xb, model, device), yb.to(device)
             out = trained(xb)
             if teacher is None:
                 loss = F.cross_entropy(out, yb)

@@ -368,6 +368,7 @@ class _Analysis:
                 for key in owners:
                     self.calls[key] = self.calls.get(key, 0) + 1
         self.order: dict[str, int] = {}
+        self.views: dict[int, tuple[str, str, nn.Module]] = {}  # token → the 1-D parameter it is a view of
 
     # helpers
     def bind(self, node: Node) -> dict:
@@ -562,6 +563,7 @@ class _Analysis:
             return handler(self, node)
         ins = self.annotated(node)
         if not ins:
+            self._follow_parameter(node)
             return
         if name in MIXING:
             return self.opaque(node, f"{name} in {self.where(node)} {MIXING[name]}")
@@ -578,6 +580,20 @@ class _Analysis:
         if name in RESHAPE:
             return self.reshape(node)
         self.probe(node, ins[0])
+
+    def _follow_parameter(self, node: Node) -> None:
+        """A view of a 1-D parameter (``self.gamma.view(1, -1, 1, 1)``) keeps its elements in order: it stands for
+        the parameter where it meets the units."""
+        if len(node.inputs) != 1 or len(node.outputs) != 1:
+            return
+        tok = node.inputs[0]
+        source = self.owner.get(id(self.graph.tensors[tok])) or self.views.get(tok)
+        if source is None or self.graph.tensors[tok].dim() != 1 and tok not in self.views:
+            return
+        n = math.prod(self.graph.shapes[tok])
+        out = node.outputs[0]
+        if math.prod(self.graph.shapes[out]) == n and sum(d > 1 for d in self.graph.shapes[out]) <= 1:
+            self.views[out] = source
 
     def generic(self, node: Node) -> None:
         ins = self.annotated(node)
@@ -611,10 +627,10 @@ class _Analysis:
             shape = (1,) * (nd - len(self.graph.shapes[tok])) + self.graph.shapes[tok]
             if len(shape) > nd or shape[cdim] == 1:
                 continue
-            owner = self.owner.get(id(self.graph.tensors[tok]))
+            owner = self.owner.get(id(self.graph.tensors[tok])) or self.views.get(tok)
             if owner is not None and not ref.spatial > 1 and math.prod(shape) == shape[cdim]:
                 module_name, attr, module = owner
-                pdim = cdim - (nd - len(self.graph.shapes[tok]))
+                pdim = 0 if tok in self.views else cdim - (nd - len(self.graph.shapes[tok]))
                 for space, offset in ref.offsets():
                     self.spaces.get(space).members.append(Member(module_name, module, offset, ((attr, pdim),)))
             else:

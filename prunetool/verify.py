@@ -127,9 +127,10 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: torch.Tenso
 
 def check_reload(data: bytes, x: torch.Tensor, expected: torch.Tensor) -> None:
     """Load saved bytes back as :func:`prunetool.load` does; outputs must be identical."""
-    from .load import from_bytes
+    from .load import from_bytes, upcast_half
 
     model = from_bytes(data).model.eval()
+    upcast_half(model)
     with torch.no_grad():
         out = model(x)
     if not torch.equal(out, expected):

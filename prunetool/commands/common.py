@@ -22,7 +22,7 @@ from .. import __version__, distributed
 from ..data import Data, calibration, eval_loader, load_data
 from ..export import export_onnx, export_pt2
 from ..load import Checkpoint, format_of, load, round_through, serialize, upcast_half
-from ..measure import evaluate, latency, macs, params
+from ..measure import as_input, evaluate, latency, macs, params
 from ..options import DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
 from ..staging import Staging
@@ -82,8 +82,10 @@ def start(source: Source, data: DataOptions) -> Job:
         dense.eval()
         spec = data.data
         loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape)
-        x, y = calibration(loaded, data.calib, data.input_shape, dense if loaded.train is None and data.input_shape
-                           else None)
+        shape = data.input_shape or (tuple(ckpt.record["input_shape"]) if loaded.train is None and
+                                     ckpt.record.get("input_shape") else None)
+        x, y = calibration(loaded, data.calib, shape, dense if loaded.train is None and shape else None)
+        x = as_input(x, dense)
         graph = trace(dense, x[:2])
     except BaseException:
         if mode is not None:
