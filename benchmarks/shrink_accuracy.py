@@ -66,7 +66,7 @@ def run_model(name: str, arch: str, path: Path, calib: int, log) -> dict:
     ckpt = prunetool.load(path, arch=arch)
     dense = ckpt.model
     data = load_data(DATA)
-    x, y = calibration(data, calib)
+    x, y = calibration(data, calib).all()
     loader = eval_loader(data)
     dense_acc, _ = evaluate(dense, loader)
     graph = trace(dense, x[:2])

@@ -171,7 +171,7 @@ def _run(model, batch, run):
             model(batch)
 
 
-def _conv_geometry(call: Call, weight: torch.Tensor):
+def conv_geometry(call: Call, weight: torch.Tensor):
     a = call.args
     nd = weight.dim() - 2
     stride, padding, dilation = a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1)
@@ -191,7 +191,7 @@ def design_matrix(call: Call, weight: torch.Tensor, x: torch.Tensor | None = Non
     """The rows a layer's weight multiplies (conv: unfolded patches), for input ``x`` (default: the call's)."""
     x = call.input if x is None else x
     if call.name.startswith("conv"):
-        stride, padding, dilation = _conv_geometry(call, weight)
+        stride, padding, dilation = conv_geometry(call, weight)
         if weight.dim() == 3:  # conv1d as a conv2d of height 1
             x = x.unsqueeze(2)
             kernel, stride, padding, dilation = (1, weight.shape[2]), (1, *stride), (0, *padding), (1, *dilation)

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from . import layers
-from .calls import capture, design_matrix, targets
-from .distributed import reduce_sum, shard
+from .calibrate import Program, Settings, batch_size, boundaries_for, positions_of, replay, rows_at
+from .calls import INPUT_ARG, Call, capture, design_matrix, targets
+from .data import Samples, as_samples, batch_slice, batch_to
+from .distributed import reduce_sum
 from .options import COMPENSATIONS
 from .progress import QUIET, Bars
-from .score import Means, consumer_hooks, mean_of, readers, replace_units, unit_means
+from .score import Means, Sums, consumer_hooks, mean_of, readers, replace_units, unit_means, unit_view
 from .trace import Consumer, Group, Trace
 
 RIDGE = 1e-5  # λ relative to the mean diagonal of XᵀX: only there to keep a rank-deficient fit solvable
@@ -213,12 +216,19 @@ def apply(model: nn.Module, plan: Plan) -> None:
 
 
 def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensate: str = "mean",
-        means: Means | None = None, x: torch.Tensor | None = None, bars: Bars = QUIET) -> nn.Module:
-    """Remove the units not in ``keep`` from ``model`` in place, compensating as asked; returns ``model``."""
+        means: Means | None = None, samples=None, bars: Bars = QUIET, stats=None, settings=None,
+        dense: nn.Module | None = None) -> nn.Module:
+    """Remove the units not in ``keep`` from ``model`` in place, compensating as asked; returns ``model``.
+
+    ``lstsq`` refits stage by stage with the calibration engine when ``stats`` (from
+    :func:`prunetool.calibrate.statistics` with targets) are given and the model's forward replays; otherwise it
+    reruns the cut and the ``dense`` model (a copy of ``model`` before the cut) up to each consumer.
+    """
     if compensate not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {compensate!r}")
     modules = dict(model.named_modules())
-    dense = copy.deepcopy(model) if compensate == "lstsq" else None
+    if compensate == "lstsq" and stats is None and dense is None:
+        dense = copy.deepcopy(model)
     plan = plan_cut(trace, keep)
     if compensate == "mean":
         for g in trace.groups:
@@ -228,10 +238,19 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
             for c in g.consumers:
                 _add_to_bias(modules, c, mean_delta(c, modules[c.name], removed, mean_of(means, g, c)))
     apply(model, plan)
-    if compensate == "lstsq":
-        for name in bars.track(sorted(plan.consumers, key=lambda n: trace.order.get(n, 0)), "least-squares refit"):
-            c = plan.consumers[name]
-            refit(model, dense, c, plan.kept_outputs(name, modules[name]), x)
+    if compensate == "lstsq" and plan.consumers:
+        samples = as_samples(samples)
+        if stats is not None and refit_stagewise(model, plan, stats, samples, settings or Settings(), bars):
+            stats.paths["refit"] = "stage by stage"
+        else:
+            if stats is not None:
+                stats.paths["refit"] = "layer by layer (the model's forward does not replay)"
+            if dense is None:
+                raise RuntimeError("the stage-by-stage refit cannot replay this model and no dense copy was given")
+            for name in bars.track(sorted(plan.consumers, key=lambda n: trace.order.get(n, 0)),
+                                   "least-squares refit (layer by layer)"):
+                c = plan.consumers[name]
+                refit(model, dense, c, plan.kept_outputs(name, modules[name]), samples)
     return model
 
 
@@ -248,69 +267,206 @@ def mask_hooks(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], me
     return consumer_hooks(model, readers(trace, groups), lambda a, read: replace_units(a, read, values))
 
 
-def sequential_means(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor,
-                     bars: Bars = QUIET) -> Means:
-    """Unit means measured group by group with the earlier groups already cut.
+def sequential_means(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], samples,
+                     bars: Bars = QUIET, settings=None) -> Means:
+    """Unit means measured behind earlier cuts, for mean compensation.
 
-    Cutting layer ℓ shifts what layer ℓ+1 produces, so the dense means no longer describe the units
-    that replace layer ℓ+1's removed ones; measuring each group behind the earlier cuts keeps the
-    replacement the mean of what the cut model actually computes.
+    Cutting layer ℓ shifts what layer ℓ+1 produces, so the dense means no longer describe the units that replace
+    layer ℓ+1's removed ones. Stage by stage (the calibration engine), each consumer's means are measured with
+    everything before it already cut (removed units read as their means), in one pass; a model whose forward
+    does not replay is measured group by group, each behind the groups before it (one pass per group).
     """
-    means: Means = {}
+    settings = settings or Settings()
+    samples = as_samples(samples)
+    means = means_stagewise(model, trace, keep, samples, settings, bars)
+    if means is not None:
+        return means
+    warnings.warn("the model's forward does not replay call by call: mean compensation measures group by group")
+    means = {}
     for i, g in enumerate(bars.track(trace.groups, "unit means behind earlier cuts")):
         with mask_hooks(model, trace, keep, means, trace.groups[:i]):
-            means.update(unit_means(model, trace, x, groups=[g]))
+            means.update(unit_means(model, trace, samples, groups=[g], settings=settings))
     return means
 
 
+# --- least squares ----------------------------------------------------------------------------------------
+
+class Fit:
+    """The normal equations of one consumer's refit, accumulated batch by batch (float32 per batch, summed in
+    float64), and the ridge solve that writes the new weights."""
+
+    def __init__(self, module: nn.Module, c: Consumer, kept_outputs: torch.Tensor | None):
+        self.module, self.c, self.kept = module, c, kept_outputs
+        self.weight = getattr(module, c.weight)
+        self.w2d = as_matrix(self.weight.data, c.dim)
+        self.fit_bias = bias_attr(module, c) is not None or can_add_bias(module, c)
+        self.bias_only = self.w2d.shape[1] + 1 > MAX_FIT_INPUTS
+        self.xtx = self.xtz = None
+
+    def add(self, design: torch.Tensor, z: torch.Tensor) -> None:
+        if self.kept is not None:
+            z = z[:, self.kept.to(z.device)]
+        design, z = design.float(), z.float()
+        if self.bias_only:  # accumulate E[z − W·x] only
+            r = (z - design @ self.w2d.to(design.device).float().T).double()
+            self.xtx = (0 if self.xtx is None else self.xtx) + len(r)
+            self.xtz = (0 if self.xtz is None else self.xtz) + r.sum(0).cpu()
+            return
+        if self.fit_bias:
+            design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype, device=design.device)], 1)
+        xtx, xtz = (design.T @ design).double().cpu(), (design.T @ z).double().cpu()
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.xtz = xtz if self.xtz is None else self.xtz + xtz
+
+    def solve(self, ridge: float = RIDGE) -> None:
+        module, c, weight = self.module, self.c, self.weight
+        if self.xtx is None:
+            return
+        xtx, xtz = reduce_sum(self.xtx), reduce_sum(self.xtz)
+        if self.bias_only:
+            if self.fit_bias:
+                _set_bias(module, c, (xtz / xtx).to(weight.dtype).to(weight.device))
+            return
+        d = self.w2d.shape[1]
+        reg = torch.zeros_like(xtx)
+        reg.diagonal()[:d] = ridge * xtx.diagonal()[:d].mean().clamp_min(1e-12)
+        try:
+            sol = torch.linalg.solve(xtx + reg, xtz)
+        except RuntimeError:
+            sol = torch.linalg.lstsq(xtx + reg, xtz).solution
+        new = from_matrix(sol[:d].T.to(weight.dtype), weight, c.dim).to(weight.device)
+        setattr(module, c.weight, nn.Parameter(new.contiguous(), requires_grad=weight.requires_grad))
+        if self.fit_bias:
+            _set_bias(module, c, sol[d].to(weight.dtype).to(weight.device))
+
+
+def refit_stagewise(model: nn.Module, plan: Plan, stats, samples: Samples, settings, bars: Bars = QUIET) -> bool:
+    """Refit every consumer of ``plan`` stage by stage (see :mod:`prunetool.calibrate`) against the dense targets in
+    ``stats``; False when the cut model's forward does not replay (nothing is changed then)."""
+    consumers = plan.consumers
+    if any(name not in stats.targets for name in consumers):
+        return False
+    device, dtype = settings.device, next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    example = batch_to(samples.take(3)[0], device, dtype)
+    program = Program.record(model, example)
+    if program is None:
+        return False
+    wanted = {}
+    for c in consumers.values():
+        wanted[(c.name, c.weight)] = c
+        wanted[(c.name, "")] = c  # an atomic layer's call is the module's
+    bounds, fitted = boundaries_for(program, wanted)
+    if {c.name for lst in fitted.values() for _, c in lst} != set(consumers):
+        return False
+    modules = dict(model.named_modules())
+
+    def on_boundary(b, frontier):
+        for i, c in fitted.get(b, []):
+            fit = Fit(modules[c.name], c, plan.kept_outputs(c.name, modules[c.name]))
+            rows, index, per = stats.targets_of(c.name)
+            for call, ids in frontier.call_inputs(i, model):
+                x = call.input
+                picks = None
+                if x.shape[0] == len(ids):
+                    n_pos = positions_of(call, fit.weight, x) if call.name != "atomic" else \
+                        (math.prod(x.shape[1:-1]) if x.dim() > 2 else 1)
+                    picks = stats.positions.pick(c.name, n_pos, ids)
+                design = rows_at(call if call.name != "atomic" else Call("linear", x, {}), fit.weight, x, picks)
+                sel = (torch.tensor([index[int(j)] for j in ids])[:, None] * per + torch.arange(per)).reshape(-1)
+                fit.add(design, rows[sel.to(rows.device)].to(design.device))
+            fit.solve()
+
+    replay(program, model, samples.shard(), batch_size_for(model, example, settings), bounds, on_boundary, settings,
+           bars, label="least-squares refit, stage by stage")
+    return True
+
+
+def means_stagewise(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], samples: Samples, settings,
+                    bars: Bars = QUIET) -> Means | None:
+    """Mean compensation's means, stage by stage over the dense model with removed units read as their means
+    from each consumer on; None when the model's forward does not replay."""
+    pairs: dict[str, list] = {}
+    for g in trace.groups:
+        if len(complement(keep[g.name], g.units)):
+            for c in g.consumers:
+                pairs.setdefault(c.name, []).append((g, c))
+    if not pairs:
+        return {}
+    device, dtype = settings.device, next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    example = batch_to(samples.take(3)[0], device, dtype)
+    program = Program.record(model, example)
+    if program is None:
+        return None
+    wanted = {}
+    for name, read in pairs.items():
+        wanted[(name, read[0][1].weight)] = name
+        wanted[(name, "")] = name
+    bounds, fitted = boundaries_for(program, wanted)
+    if {name for lst in fitted.values() for _, name in lst} != set(pairs):
+        return None
+    means: Means = {}
+    transforms: dict[int, object] = {}
+
+    def on_boundary(b, frontier):
+        for i, name in fitted.get(b, []):
+            read = pairs[name]
+            sums = Sums()
+            for call, _ in frontier.call_inputs(i, model):
+                for g, c in read:
+                    sums.add((g.name, c.name, c.offset), unit_view(call.input, g, c).double(), c)
+            for g_name, per in sums.means().items():
+                means.setdefault(g_name, {}).update(per)
+            values = {(g.name, c.name, c.offset): (complement(keep[g.name], g.units),
+                                                   mean_of(means, g, c)[complement(keep[g.name], g.units)])
+                      for g, c in read}
+            transforms[i] = _replacing_input(program, i, read, values)
+
+    replay(program, model, samples.shard(), batch_size_for(model, example, settings), bounds, on_boundary, settings,
+           bars, transforms, label="unit means behind earlier cuts, stage by stage")
+    return means
+
+
+def _replacing_input(program: Program, i: int, read, values):
+    """A transform of step ``i``'s arguments that reads the removed units of its input as their means."""
+    node = program.steps[i].node
+    if node.kind == "module":
+        def transform(args, kwargs):
+            return (replace_units(args[0], read, values), *args[1:]), kwargs
+        return transform
+    pos, key = INPUT_ARG[node.name.lstrip("_")]
+
+    def transform(args, kwargs):
+        if len(args) > pos:
+            args = (*args[:pos], replace_units(args[pos], read, values), *args[pos + 1:])
+        else:
+            kwargs = {**kwargs, key: replace_units(kwargs[key], read, values)}
+        return args, kwargs
+    return transform
+
+
+def batch_size_for(model: nn.Module, example, settings) -> int:
+    """Samples per batch of a stage-by-stage pass: the budget over what one sample's forward touches."""
+    from .trace import trace as trace_model
+
+    return batch_size(trace_model(model, batch_slice(example, 0, 2)), settings)
+
+
 def refit(model: nn.Module, dense: nn.Module, c: Consumer, kept_outputs: torch.Tensor | None,
-          x: torch.Tensor, ridge: float | None = None, batch: int = 64) -> None:
-    """Ridge least-squares refit of consumer ``c`` in ``model`` to the dense model's pre-activations."""
-    ridge = RIDGE if ridge is None else ridge
-    module = model.get_submodule(c.name)
-    weight = getattr(module, c.weight)
-    w2d = as_matrix(weight.data, c.dim)
-    fit_bias = bias_attr(module, c) is not None or can_add_bias(module, c)
-    bias_only = w2d.shape[1] + 1 > MAX_FIT_INPUTS
-    xtx = xtz = None
-    for xb in shard(x).split(batch):
+          samples, ridge: float | None = None, batch: int = 64) -> None:
+    """Ridge least-squares refit of consumer ``c`` in ``model`` to the dense model's pre-activations, rerunning
+    both models up to the consumer for every batch (the path for models whose forward does not replay)."""
+    fit = Fit(model.get_submodule(c.name), c, kept_outputs)
+    for xb, _, _ in as_samples(samples).shard().batches(batch):
         call = capture(model, c.name, xb, c.weight)
         target = targets(capture(dense, c.name, xb, c.weight))
-        if kept_outputs is not None:
-            target = target[:, kept_outputs]
-        per_sample = design_matrix(call, weight, call.input[:1]).numel()
+        per_sample = design_matrix(call, fit.weight, call.input[:1]).numel()
         step = max(1, ROWS_PER_CHUNK // max(per_sample, 1))
         rows = 0
         for ib in call.input.split(step):
-            design = design_matrix(call, weight, ib)
-            z = target[rows:rows + len(design)]
+            design = design_matrix(call, fit.weight, ib)
+            fit.add(design, target[rows:rows + len(design)])
             rows += len(design)
-            if bias_only:  # accumulate E[z − W·x] only
-                r = (z - design @ w2d.T).double()
-                xtx = (0 if xtx is None else xtx) + len(r)
-                xtz = (0 if xtz is None else xtz) + r.sum(0)
-                continue
-            if fit_bias:
-                design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype)], 1)
-            design = design.double()
-            xtx = design.T @ design if xtx is None else xtx + design.T @ design
-            xtz = design.T @ z.double() if xtz is None else xtz + design.T @ z.double()
-    xtx, xtz = reduce_sum(xtx), reduce_sum(xtz)
-    if bias_only:
-        if fit_bias:
-            _set_bias(module, c, (xtz / xtx).to(weight.dtype))
-        return
-    d = w2d.shape[1]
-    reg = torch.zeros_like(xtx)
-    reg.diagonal()[:d] = ridge * xtx.diagonal()[:d].mean().clamp_min(1e-12)
-    try:
-        sol = torch.linalg.solve(xtx + reg, xtz)
-    except RuntimeError:
-        sol = torch.linalg.lstsq(xtx + reg, xtz).solution
-    new = from_matrix(sol[:d].T.to(weight.dtype), weight, c.dim)
-    setattr(module, c.weight, nn.Parameter(new.contiguous(), requires_grad=weight.requires_grad))
-    if fit_bias:
-        _set_bias(module, c, sol[d].to(weight.dtype))
+    fit.solve(RIDGE if ridge is None else ridge)
 
 
 def _set_bias(module: nn.Module, c: Consumer, b: torch.Tensor) -> None:

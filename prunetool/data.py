@@ -1,12 +1,17 @@
-"""Data specs: torchvision datasets on disk, ImageFolder trees, .npz arrays, or no data at all.
+"""Data specs: torchvision datasets on disk, ImageFolder trees, .npz arrays, or no data at all; and the samples
+drawn from them.
 
-Calibration takes ``calib`` train samples chosen with a fixed seed; evaluation uses the test split.
+Calibration takes ``calib`` train samples chosen with a fixed seed, as :class:`Samples`: held in memory when the
+data already is (arrays, MNIST), read from disk in batches when it is an image folder (never all at once).
+Evaluation uses the test split. Image folders are preprocessed as the model was trained: ``--resize``,
+``--crop``, ``--mean``, ``--std``, or a named preset (``imagenet``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -17,6 +22,104 @@ from .errors import UsageError
 from .measure import as_input
 
 SEED = 0
+PRESETS = {"imagenet": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}}
+
+Batch = Union[torch.Tensor, dict]  # a model's input: one tensor, or keyword tensors (token models)
+
+
+def batch_len(b: Batch) -> int:
+    return len(b) if isinstance(b, torch.Tensor) else len(next(iter(b.values())))
+
+
+def batch_slice(b: Batch, start: int, stop: int) -> Batch:
+    return b[start:stop] if isinstance(b, torch.Tensor) else {k: v[start:stop] for k, v in b.items()}
+
+
+def batch_cat(parts: list[Batch]) -> Batch:
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def batch_to(b: Batch, device=None, dtype: torch.dtype | None = None) -> Batch:
+    """``b`` on ``device``; its floating tensors in ``dtype`` (the model's)."""
+    def move(t):
+        return t.to(device, dtype) if dtype is not None and t.dtype.is_floating_point else t.to(device)
+    return move(b) if isinstance(b, torch.Tensor) else {k: move(v) for k, v in b.items()}
+
+
+def call(model: torch.nn.Module, b: Batch):
+    return model(**b) if isinstance(b, dict) else model(b)
+
+
+def as_samples(x, y: torch.Tensor | None = None) -> "Samples":
+    """A :class:`Samples` as it is, or one holding a tensor (or dict) of inputs and its labels."""
+    return x if isinstance(x, Samples) else Samples(x, y)
+
+
+class Samples:
+    """Samples in memory (``x``: a tensor or a dict of tensors; ``y``: labels or None) or read from ``dataset``
+    at ``indices`` batch by batch (``workers`` loader processes). ``ids`` are the samples' global numbers (they
+    seed per-sample choices, such as sampled positions, identically in every pass and under torchrun)."""
+
+    def __init__(self, x: Batch | None = None, y: torch.Tensor | None = None, dataset: Dataset | None = None,
+                 indices: list[int] | None = None, workers: int = 0, ids: torch.Tensor | None = None):
+        self.x, self.y, self.dataset, self.indices, self.workers = x, y, dataset, indices, workers
+        n = batch_len(x) if x is not None else len(indices)
+        self.ids = torch.arange(n) if ids is None else ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.y is not None or self.dataset is not None
+
+    def batches(self, size: int) -> Iterator[tuple[Batch, torch.Tensor | None, torch.Tensor]]:
+        """(inputs, labels, ids) in order, ``size`` at a time."""
+        size = max(1, int(size))
+        if self.x is not None:
+            for start in range(0, len(self), size):
+                stop = min(start + size, len(self))
+                y = self.y[start:stop] if self.y is not None else None
+                yield batch_slice(self.x, start, stop), y, self.ids[start:stop]
+            return
+        loader = DataLoader(Subset(self.dataset, self.indices), batch_size=size, shuffle=False,
+                            num_workers=self.workers)
+        start = 0
+        for xb, yb in loader:
+            n = batch_len(xb)
+            yield xb, torch.as_tensor(yb).long(), self.ids[start:start + n]
+            start += n
+
+    def take(self, n: int) -> tuple[Batch, torch.Tensor | None]:
+        """The first ``n`` samples, in memory."""
+        n = min(n, len(self))
+        if self.x is not None:
+            return batch_slice(self.x, 0, n), (self.y[:n] if self.y is not None else None)
+        xs, ys = [], []
+        for xb, yb, _ in self.batches(n):
+            xs.append(xb)
+            ys.append(yb)
+            break
+        return xs[0], ys[0]
+
+    def all(self) -> tuple[Batch, torch.Tensor | None]:
+        """Every sample, in memory."""
+        return self.take(len(self))
+
+    def shard(self) -> "Samples":
+        """This process's share under torchrun: every ``world``-th sample, starting at its rank."""
+        if not distributed.active():
+            return self
+        r, w = distributed.rank(), distributed.world()
+        if self.x is not None:
+            x = self.x[r::w] if isinstance(self.x, torch.Tensor) else {k: v[r::w] for k, v in self.x.items()}
+            return Samples(x, self.y[r::w] if self.y is not None else None, ids=self.ids[r::w])
+        return Samples(dataset=self.dataset, indices=self.indices[r::w], workers=self.workers, ids=self.ids[r::w])
+
+    def labelled(self, y: torch.Tensor) -> "Samples":
+        return Samples(self.x, y, self.dataset, self.indices, self.workers, self.ids)
 
 
 @dataclass
@@ -82,21 +185,64 @@ def _torchvision(kind: str, root: str, download: bool) -> Data:
     return Data(tensors(train), tensors(test), f"{kind}:{root}")
 
 
-def _image_folder(root: Path, input_shape: tuple[int, ...] | None) -> Data:
+@dataclass
+class Preprocessing:
+    """How an image folder's pictures become inputs: resize (shorter side), centre crop, normalise."""
+
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    preset: str | None = None
+
+    def resolved(self) -> "Preprocessing":
+        if self.preset is None:
+            return self
+        if self.preset not in PRESETS:
+            raise UsageError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        base = PRESETS[self.preset]
+        return Preprocessing(self.resize or base["resize"], self.crop or base["crop"], self.mean or base["mean"],
+                             self.std or base["std"])
+
+    def check(self) -> None:
+        p = self.resolved()
+        for flag, v in (("--resize", p.resize), ("--crop", p.crop)):
+            if v is not None and v < 1:
+                raise UsageError(f"{flag} {v} must be a positive number of pixels")
+        if (p.mean is None) != (p.std is None) or (p.mean is not None and len(p.mean) != len(p.std)):
+            raise UsageError("give --mean and --std together, one value per channel (e.g. 0.485,0.456,0.406)")
+        if p.std is not None and any(v <= 0 for v in p.std):
+            raise UsageError("--std values must be positive")
+
+
+def _image_folder(root: Path, input_shape: tuple[int, ...] | None, pre: Preprocessing | None = None) -> Data:
     from torchvision import datasets, transforms
 
+    pre = (pre or Preprocessing()).resolved()
     steps = []
-    if input_shape is not None:
-        if input_shape[0] == 1:
-            steps.append(transforms.Grayscale())
+    if input_shape is not None and input_shape[0] == 1:
+        steps.append(transforms.Grayscale())
+    if pre.resize is not None:
+        steps.append(transforms.Resize(pre.resize))
+    if pre.crop is not None:
+        steps.append(transforms.CenterCrop(pre.crop))
+    if pre.resize is None and pre.crop is None and input_shape is not None:
         steps.append(transforms.Resize(tuple(input_shape[1:])))
     steps.append(transforms.ToTensor())
+    if pre.mean is not None:
+        steps.append(transforms.Normalize(pre.mean, pre.std))
     tf = transforms.Compose(steps)
     val = root / "val" if (root / "val").is_dir() else root / "test"
-    return Data(datasets.ImageFolder(root / "train", tf), datasets.ImageFolder(val, tf), str(root))
+    try:
+        train, test = datasets.ImageFolder(root / "train", tf), datasets.ImageFolder(val, tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"--data {root}: {str(e).splitlines()[0]}; an image folder holds train/CLASS/*.jpg and "
+                         "val/CLASS/*.jpg") from None
+    return Data(train, test, str(root))
 
 
-def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, ...] | None = None) -> Data:
+def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, ...] | None = None,
+              pre: Preprocessing | None = None) -> Data:
     """Parse ``--data``: ``mnist:ROOT``, ``fashion-mnist:ROOT``, ``cifar10:ROOT``, a directory, or a ``.npz``."""
     if not spec:
         return Data(None, None)
@@ -112,38 +258,34 @@ def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, 
     if path.is_dir():
         if not (path / "train").is_dir() or not ((path / "val").is_dir() or (path / "test").is_dir()):
             raise UsageError(f"--data {spec}: an image folder needs train/ and val/ subdirectories")
-        return _image_folder(path, input_shape)
+        return _image_folder(path, input_shape, pre)
     raise UsageError(f"--data {spec!r} is not understood; use mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, "
                      "an ImageFolder directory or an .npz file")
 
 
-def _stack(ds: Dataset, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(ds, TensorDataset):
-        x, y = ds.tensors
-        return x[idx], y[idx]
-    xs, ys = zip(*(ds[i] for i in idx))
-    return torch.stack(xs), torch.as_tensor(ys).long()
-
-
 def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
-                model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                model: torch.nn.Module | None = None, workers: int = 0) -> Samples:
     """``n`` train samples chosen with a fixed seed; without data, seeded random inputs labelled by ``model``."""
     gen = torch.Generator().manual_seed(SEED)
     if data.train is None:
         if input_shape is None:
-            raise UsageError("no --data and no --input-shape; pass one (e.g. --input-shape 1,28,28 for a structure-only run)")
+            raise UsageError("no --data and no --input-shape; pass one (e.g. --input-shape 1,28,28 for a "
+                             "structure-only run)")
         x = torch.randn((n, *input_shape), generator=gen)
         if model is None:
-            return x, torch.zeros(n, dtype=torch.long)
+            return Samples(x, torch.zeros(n, dtype=torch.long))
         with torch.no_grad():
-            y = torch.cat([model(as_input(b, model)).argmax(-1) for b in x.split(256)])
-        return x, y
+            y = torch.cat([call(model, as_input(b, model)).argmax(-1) for b in x.split(64)])
+        return Samples(x, y)
     n = min(n, len(data.train))
     idx = torch.randperm(len(data.train), generator=gen)[:n].tolist()
-    return _stack(data.train, idx)
+    if isinstance(data.train, TensorDataset):
+        x, y = data.train.tensors
+        return Samples(x[idx], y[idx])
+    return Samples(dataset=data.train, indices=idx, workers=workers)
 
 
-def eval_loader(data: Data, n: int | None = None, batch_size: int = 256) -> DataLoader | None:
+def eval_loader(data: Data, n: int | None = None, batch_size: int = 256, workers: int = 0) -> DataLoader | None:
     """The test split (first ``n`` samples of a seeded permutation when ``n`` is given)."""
     if data.test is None:
         return None
@@ -153,7 +295,7 @@ def eval_loader(data: Data, n: int | None = None, batch_size: int = 256) -> Data
         ds = Subset(ds, idx)
     if distributed.active():  # each process evaluates its share; measure.evaluate all-reduces the counts
         ds = Subset(ds, list(range(distributed.rank(), len(ds), distributed.world())))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:

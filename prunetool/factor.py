@@ -17,6 +17,7 @@ from torch import nn
 
 from . import layers
 from .calls import capture, design_matrix
+from .data import as_samples, batch_to, call
 from .errors import UsageError
 from .progress import QUIET, Bars
 
@@ -69,11 +70,22 @@ def spectrum(module: nn.Module, cov: torch.Tensor | None = None) -> Spectrum:
         return Spectrum(s, u, vh)
     # Any square root of C gives the same singular values (W·L = W·C^½·Q, Q orthogonal); the Cholesky factor
     # is the cheap one. A tiny ridge keeps it defined when some inputs never vary.
-    cov = cov.double()
-    cov = cov + torch.eye(len(cov), dtype=cov.dtype) * 1e-8 * cov.diagonal().mean().clamp_min(1e-12)
-    chol = torch.linalg.cholesky(cov)
+    chol = cholesky(cov.double())
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     return Spectrum(s, u, vh, chol)
+
+
+def cholesky(cov: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factor of a covariance, with the smallest ridge (1e-8 of the mean variance, then ten times
+    more until it works) that makes it defined: inputs that never vary, and float32 sums, leave it at the edge
+    of positive-definite."""
+    scale = cov.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(len(cov), dtype=cov.dtype)
+    for jitter in (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+        chol, info = torch.linalg.cholesky_ex(cov + eye * jitter * scale)
+        if int(info) == 0:
+            return chol
+    return torch.linalg.cholesky(cov + eye * 1e-2 * scale)
 
 
 def elbow(spec: Spectrum) -> int:
@@ -182,16 +194,22 @@ def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> l
     return [n for n in names if n not in heads]
 
 
-def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy_on(model: nn.Module, samples) -> float:
+    """Top-1 accuracy in percent on labelled calibration samples."""
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    correct = total = 0
     with torch.no_grad():
-        return 100.0 * float((torch.cat([model(b).argmax(-1) for b in x.split(256)]) == y).float().mean())
+        for xb, yb, _ in as_samples(samples).batches(256):
+            correct += int((call(model, batch_to(xb, None, dtype)).argmax(-1) == yb).sum())
+            total += len(yb)
+    return 100.0 * correct / max(1, total)
 
 
-def search_ranks(dense: nn.Module, specs: dict[str, Spectrum], upper: dict[str, int], x: torch.Tensor,
-                 y: torch.Tensor, max_drop: float, bars: Bars = QUIET) -> tuple[dict[str, int], int]:
+def search_ranks(dense: nn.Module, specs: dict[str, Spectrum], upper: dict[str, int], samples, max_drop: float,
+                 bars: Bars = QUIET) -> tuple[dict[str, int], int]:
     """Greedy: largest layers first, the smallest rank (binary search) that keeps the calibration accuracy
     within ``max_drop`` points of the dense model, with the layers already chosen in place."""
-    base = accuracy_on(dense, x, y)
+    base = accuracy_on(dense, samples)
     model = copy.deepcopy(dense)
     chosen, evaluations = {}, 0
     order = sorted(upper, key=lambda n: -params_of(dense.get_submodule(n)))
@@ -202,7 +220,7 @@ def search_ranks(dense: nn.Module, specs: dict[str, Spectrum], upper: dict[str, 
             k = (lo + hi) // 2
             replace(model, name, factor(original, k, specs[name]))
             evaluations += 1
-            if base - accuracy_on(model, x, y) <= max_drop:
+            if base - accuracy_on(model, samples) <= max_drop:
                 best, hi = k, k - 1
             else:
                 lo = k + 1

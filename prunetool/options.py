@@ -19,6 +19,8 @@ COMPENSATIONS = ("mean", "lstsq", "none")
 SCOPES = ("layer", "global")
 OPTIMIZERS = ("sgd", "adam")
 LATENCY_BATCHES = (1, 32)
+DEFAULT_CALIB_MEMORY = 2 * 2 ** 30  # bytes of cached activations kept on the device, and the size of batches
+DEFAULT_POSITIONS = 64  # output positions sampled per sample from a convolution or a token sequence
 DEFAULT_ATOL = 1e-4  # ONNX / pt2 parity: max |exported − PyTorch| ≤ atol + rtol · max |PyTorch|
 DEFAULT_RTOL = 1e-4
 
@@ -42,12 +44,24 @@ class DataOptions:
     eval: int | None = None
     input_shape: tuple[int, ...] | None = None
     download: bool = False
+    memory: int = DEFAULT_CALIB_MEMORY
+    positions: int = DEFAULT_POSITIONS
+    workers: int = 0
+    preprocessing: object = None  # a data.Preprocessing for image folders
 
     def check(self) -> None:
         if self.calib < 1:
             raise UsageError(f"--calib {self.calib} must be at least 1")
         if self.eval is not None and self.eval < 1:
             raise UsageError(f"--eval {self.eval} must be at least 1 (leave it out to evaluate the whole test split)")
+        if self.memory < 2 ** 20:
+            raise UsageError(f"--calib-memory {self.memory} bytes is too small; give at least 1 MB, e.g. 2G")
+        if self.positions < 1:
+            raise UsageError(f"--calib-positions {self.positions} must be at least 1")
+        if self.workers < 0:
+            raise UsageError(f"--workers {self.workers} must be 0 or more")
+        if self.preprocessing is not None:
+            self.preprocessing.check()
 
 
 @dataclass

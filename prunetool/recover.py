@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .data import SEED, Data
+from .data import SEED, Data, as_samples, batch_to, call
 from .errors import UsageError
-from .measure import as_input
+from .measure import as_input, model_dtype
 from .options import OPTIMIZERS
 from .progress import QUIET, Bars
 
@@ -22,8 +22,9 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 256) -> None:
-    """Re-estimate every BatchNorm's running mean and variance on ``x`` (cumulative average, no momentum)."""
+def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None = None) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on ``samples`` (a :class:`Samples` or a tensor of
+    inputs; cumulative average, no momentum)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return
@@ -35,9 +36,10 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 256) -> None:
         m.momentum = None
         m.train()
     device = next(model.parameters()).device
+    size = batch or (256 if settings is None else max(1, settings.memory // (64 * 2 ** 20)))
     with torch.no_grad():
-        for xb in x.split(batch):
-            model(as_input(xb, model, device))
+        for xb, _, _ in as_samples(samples).batches(size):
+            call(model, batch_to(xb, device, model_dtype(model)))
     for m, momentum in saved:
         m.momentum = momentum
         m.eval()

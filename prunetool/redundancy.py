@@ -21,7 +21,8 @@ from torch import nn
 from . import calls
 from .factor import Spectrum, elbow, factorable, matrix, spectrum
 from .progress import QUIET, Bars
-from .score import mrp, mrs
+from .data import Samples, batch_to, call
+from .score import mrp, mrs, unit_means
 from .trace import Trace
 
 DEAD_NATS = 1e-6  # mean |loss change| per sample below which a unit is dead
@@ -85,7 +86,7 @@ def matrix_report(name: str, module: nn.Module) -> tuple[dict, Spectrum]:
     }, spec
 
 
-def _frozen(model: nn.Module, trace: Trace, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def _frozen(model: nn.Module, trace: Trace, samples: Samples, size: int) -> dict[str, torch.Tensor]:
     """Mean |∂L/∂h_i| at each group's producer outputs (pre-activation), per unit."""
     sums: dict[str, torch.Tensor] = {}
     on_output, weights = {}, {}
@@ -99,30 +100,37 @@ def _frozen(model: nn.Module, trace: Trace, x: torch.Tensor, y: torch.Tensor) ->
                 if out.requires_grad:
                     out.register_hook(on_grad)
             on_output[p.name], weights[p.name] = hook, p.weight
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     try:
         with calls.hooks(model, on_output=on_output, weights=weights):
-            for xb, yb in zip(x.split(256), y.split(256)):
+            for xb, yb, _ in samples.batches(size):
                 model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(xb), yb, reduction="sum").backward()
+                F.cross_entropy(call(model, batch_to(xb, None, dtype)), yb, reduction="sum").backward()
     finally:
         model.zero_grad(set_to_none=True)
-    return {k: v / len(x) for k, v in sums.items()}
+    return {k: v / len(samples) for k, v in sums.items()}
 
 
-def unit_report(model: nn.Module, trace: Trace, x: torch.Tensor, y: torch.Tensor, bars: Bars = QUIET) -> list[dict]:
+def unit_report(model: nn.Module, trace: Trace, samples: Samples, settings, bars: Bars = QUIET) -> list[dict]:
+    from .calibrate import batch_size
+
     model.eval()
+    size = batch_size(trace, settings, backward=True)
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     with torch.no_grad():
-        mean_loss = float(torch.cat([F.cross_entropy(model(xb), yb, reduction="none")
-                                     for xb, yb in zip(x.split(256), y.split(256))]).mean())
-    saliency = mrs(model, trace, x, y, bars).scores
+        mean_loss = float(torch.cat([F.cross_entropy(call(model, batch_to(xb, None, dtype)), yb, reduction="none")
+                                     for xb, yb, _ in samples.batches(size)]).mean())
+    means = unit_means(model, trace, samples, settings=settings)
+    saliency = mrs(model, trace, samples, means, settings, bars).scores
     units = sum(g.units for g in trace.groups)
     exact = units <= MRP_MAX_UNITS
-    penalty = mrp(model, trace, x, y, bars).scores if exact else saliency
-    frozen = _frozen(model, trace, x, y)
+    penalty = mrp(model, trace, samples, means, settings, bars).scores if exact else saliency
+    frozen = _frozen(model, trace, samples, size)
+    n = len(samples)
     out = []
     for g in trace.groups:
-        per_sample = saliency[g.name].double() / len(x)
-        dead = (penalty[g.name].double() / len(x) < DEAD_NATS).nonzero().reshape(-1).tolist()
+        per_sample = saliency[g.name].double() / n
+        dead = (penalty[g.name].double() / n < DEAD_NATS).nonzero().reshape(-1).tolist()
         grad = frozen[g.name]
         frozen_idx = (grad <= FROZEN_RELATIVE * grad.median().clamp_min(1e-30)).nonzero().reshape(-1).tolist()
         order = per_sample.sort().values

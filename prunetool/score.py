@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import calls
-from .distributed import reduce_sum, shard
+from .data import Samples, as_samples, batch_to, call
+from .distributed import reduce_sum
 from .options import CRITERIA
 from .progress import QUIET, Bars
 from .trace import Consumer, Group, Trace
 
-BATCH = 256
 
 Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × positions)
 
@@ -81,7 +81,7 @@ def replace_units(x: torch.Tensor, read, values: dict) -> torch.Tensor:
     return y
 
 
-class _Sums:
+class Sums:
     """Running sums for dataset means per (group, consumer)."""
 
     def __init__(self):
@@ -110,92 +110,90 @@ def mean_of(means: Means, g: Group, c: Consumer) -> torch.Tensor:
     return means[g.name][mean_key(c.name, c.offset)]
 
 
-def unit_means(model: nn.Module, trace: Trace, x: torch.Tensor, bars: Bars = QUIET,
-               groups: list[Group] | None = None) -> Means:
-    """Dataset means of every unit as each consumer reads it, over all of ``x``."""
-    sums = _Sums()
+def unit_means(model: nn.Module, trace: Trace, samples, bars: Bars = QUIET, groups: list[Group] | None = None,
+               settings=None) -> Means:
+    """Dataset means of every unit as each consumer reads it, over all of ``samples`` (a :class:`Samples` or a
+    tensor of inputs)."""
+    from .calibrate import Settings, statistics
 
-    def on_input(a, read):
-        for g, c in read:
-            sums.add((g.name, c.name, c.offset), unit_view(a.detach(), g, c), c)
-
-    with torch.no_grad(), consumer_hooks(model, readers(trace, groups), on_input):
-        for xb in bars.track(shard(x).split(BATCH), "unit means"):
-            model(xb)
-    return sums.means()
+    return statistics(model, trace, as_samples(samples), settings or Settings(), bars, groups=groups).means
 
 
-def _gradient_pass(model, trace, x, y, bars: Bars):
-    """One forward+backward per batch; keeps per-sample sums so MRS needs no second pass for the mean."""
-    sums = _Sums()
-    grads: dict[tuple, list] = {}
-    dots: dict[tuple, list] = {}
+def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, settings, bars: Bars,
+                 label: str) -> dict[str, torch.Tensor]:
+    """One forward+backward per batch. For each sample and unit, the first-order loss change of replacing what
+    every consumer reads of the unit by its mean (``use_mean``) or by zero, summed over the group's consumers,
+    then its absolute value summed over samples: memory in O(batch × units), whatever the number of samples."""
+    from .calibrate import batch_size
+
+    scores = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in trace.groups}
+    changes: dict[str, torch.Tensor] = {}
 
     def on_input(a, read):
         # A view of its own per consumer: a tensor read by several layers (a residual stream) must give each
         # consumer the gradient through that consumer alone, not the sum over all of them.
         a = a.view_as(a) if a.requires_grad else a.detach().requires_grad_()
-        for g, c in read:
-            sums.add((g.name, c.name, c.offset), unit_view(a.detach(), g, c), c)
 
         def on_grad(grad, a=a.detach(), read=read):
             for g, c in read:
-                key = (g.name, c.name, c.offset)
-                gv, av = unit_view(grad, g, c), unit_view(a, g, c)
-                grads.setdefault(key, []).append((gv if per_position(c) else gv.sum(2, keepdim=True)).double())
-                dots.setdefault(key, []).append((av * gv).sum(2).double())
+                gv, av = unit_view(grad, g, c).double(), unit_view(a, g, c).double()
+                change = -(av * gv).sum(2)
+                if use_mean:
+                    change = change + (gv * mean_of(means, g, c).to(gv.device).double()).sum(2)
+                changes[g.name] = changes[g.name] + change if g.name in changes else change
 
         a.register_hook(on_grad)
         return a
 
+    device = settings.device
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    size = batch_size(trace, settings, backward=True)
+    shard = samples.shard()
+    model.eval()
     with consumer_hooks(model, readers(trace), on_input):
-        for xb, yb in bars.track(list(zip(shard(x).split(BATCH), shard(y).split(BATCH))), "scoring (forward+backward)"):
+        for xb, yb, _ in bars.track(shard.batches(size), label, total=-(-len(shard) // size)):
+            changes.clear()
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb, reduction="sum").backward()
+            out = call(model, batch_to(xb, device, dtype))
+            F.cross_entropy(out, yb.to(device), reduction="sum").backward()
+            for name, change in changes.items():
+                scores[name] += change.abs().sum(0).cpu()
     model.zero_grad(set_to_none=True)
-    return sums.means(), {k: torch.cat(v) for k, v in grads.items()}, {k: torch.cat(v) for k, v in dots.items()}
+    return {k: reduce_sum(v).float() for k, v in scores.items()}
 
 
-def _first_order(trace, means, grads, dots, use_mean: bool) -> dict[str, torch.Tensor]:
-    scores = {}
-    for g in trace.groups:
-        total = 0
-        for c in g.consumers:
-            key = (g.name, c.name, c.offset)
-            change = -dots[key]
-            if use_mean:
-                change = change + (grads[key] * mean_of(means, g, c).double()).sum(2)
-            total = total + change
-        scores[g.name] = reduce_sum(total.abs().sum(0)).float()
-    return scores
+def mrs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Scores:
+    """Mean Replacement Saliency: the dataset means come from a forward pass before (:func:`unit_means`)."""
+    return Scores("mrs", _first_order(model, trace, as_samples(samples), means, True, settings, bars,
+                                      "scoring MRS (forward+backward)"), means)
 
 
-def mrs(model, trace, x, y, bars: Bars = QUIET) -> Scores:
-    means, grads, dots = _gradient_pass(model, trace, x, y, bars)
-    return Scores("mrs", _first_order(trace, means, grads, dots, True), means)
+def taylor(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Scores:
+    return Scores("taylor", _first_order(model, trace, as_samples(samples), means, False, settings, bars,
+                                         "scoring Taylor (forward+backward)"), means)
 
 
-def taylor(model, trace, x, y, bars: Bars = QUIET) -> Scores:
-    means, grads, dots = _gradient_pass(model, trace, x, y, bars)
-    return Scores("taylor", _first_order(trace, means, grads, dots, False), means)
-
-
-def _losses(model, x, y) -> torch.Tensor:
+def _losses(model, samples: Samples, size: int) -> torch.Tensor:
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return torch.cat([F.cross_entropy(model(xb), yb, reduction="none") for xb, yb in zip(x.split(BATCH), y.split(BATCH))])
+        return torch.cat([F.cross_entropy(call(model, batch_to(xb, device, dtype)), yb.to(device), reduction="none")
+                          for xb, yb, _ in samples.batches(size)])
 
 
-def mrp(model, trace, x, y, bars: Bars = QUIET) -> Scores:
+def mrp(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Scores:
     """Exact: the loss change when each unit alone is replaced by its mean. One forward pass per unit."""
-    means = unit_means(model, trace, x)
-    x, y = shard(x), shard(y)
-    base = _losses(model, x, y)
+    from .calibrate import batch_size
+
+    samples = as_samples(samples).shard()
+    size = batch_size(trace, settings)
+    base = _losses(model, samples, size)
     scores = {g.name: torch.zeros(g.units) for g in trace.groups}
     jobs = [(g, i) for g in trace.groups for i in range(g.units)]
     for g, i in bars.track(jobs, "MRP (one forward per unit)"):
         values = {(g.name, c.name, c.offset): ([i], mean_of(means, g, c)[i]) for c in g.consumers}
         with consumer_hooks(model, readers(trace, [g]), lambda a, read: replace_units(a, read, values)):
-            scores[g.name][i] = reduce_sum((_losses(model, x, y) - base).abs().sum())
+            scores[g.name][i] = reduce_sum((_losses(model, samples, size) - base).abs().sum())
     return Scores("mrp", scores, means)
 
 
@@ -235,19 +233,26 @@ def weight_scores(trace: Trace, criterion: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def score(model: nn.Module, trace: Trace, criterion: str, x: torch.Tensor, y: torch.Tensor,
-          bars: Bars = QUIET) -> Scores:
-    """Score every unit of every group with ``criterion`` on calibration data ``x, y``."""
-    model.eval()
-    if criterion == "mrs":
-        return mrs(model, trace, x, y, bars)
-    if criterion == "taylor":
-        return taylor(model, trace, x, y, bars)
-    if criterion == "mrp":
-        return mrp(model, trace, x, y, bars)
+def score(model: nn.Module, trace: Trace, criterion: str, samples, y: torch.Tensor | None = None,
+          bars: Bars = QUIET, means: Means | None = None, settings=None) -> Scores:
+    """Score every unit of every group with ``criterion`` on calibration ``samples`` (a :class:`Samples`, or a
+    tensor of inputs with labels ``y``). ``means`` (from the statistics pass) are measured when not given."""
+    from .calibrate import Settings
+
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}")
-    return Scores(criterion, weight_scores(trace, criterion), unit_means(model, trace, x, bars))
+    settings = settings or Settings()
+    samples = as_samples(samples, y)
+    model.eval()
+    if means is None:
+        means = unit_means(model, trace, samples, bars, settings=settings)
+    if criterion == "mrs":
+        return mrs(model, trace, samples, means, settings, bars)
+    if criterion == "taylor":
+        return taylor(model, trace, samples, means, settings, bars)
+    if criterion == "mrp":
+        return mrp(model, trace, samples, means, settings, bars)
+    return Scores(criterion, weight_scores(trace, criterion), means)
 
 
 # --- weights, for iterative magnitude pruning (seed 004) ----------------------------------------------------

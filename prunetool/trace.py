@@ -104,6 +104,7 @@ class Trace:
     output_shape: tuple[int, ...]
     order: dict[str, int] = field(default_factory=dict)  # layer name → position of its first call
     heads: list[str] = field(default_factory=list)  # producers whose units are the model's outputs
+    activation_bytes: int = 0  # every intermediate tensor of one sample's forward pass (sizes batches)
 
     def group(self, name: str) -> Group:
         return next(g for g in self.groups if g.name == name)
@@ -782,7 +783,10 @@ def trace(model: nn.Module, example) -> Trace:
     order = analysis.order
     groups.sort(key=lambda g: min(order[p.name] for p in g.producers))
     shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else ()
-    return Trace(groups, protected, shape, output_shape[1:], order, heads)
+    n = len(example) if isinstance(example, torch.Tensor) else len(next(iter(example.values())))
+    produced = [t for node in graph.nodes for t in node.outputs]
+    activations = sum(math.prod(graph.shapes[t]) * graph.tensors[t].element_size() for t in produced) // max(1, n)
+    return Trace(groups, protected, shape, output_shape[1:], order, heads, activations)
 
 
 def _unique(items: list) -> list:

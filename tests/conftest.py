@@ -89,7 +89,7 @@ def traced(model: nn.Module, data: Data, n: int):
     from prunetool.data import calibration
     from prunetool.trace import trace
 
-    x, y = calibration(data, n)
+    x, y = calibration(data, n).all()
     return model, trace(model, x[:2]), x, y
 
 

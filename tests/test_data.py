@@ -25,7 +25,7 @@ def test_mnist_layout_on_disk(tmp_path):
         _idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
     data = load_data(f"mnist:{tmp_path}")
-    x, y = calibration(data, 1000)
+    x, y = calibration(data, 1000).all()
     assert x.shape == (30, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert sum(len(b[1]) for b in eval_loader(data)) == 10
 
@@ -43,7 +43,7 @@ def test_image_folder(tmp_path):
             for i in range(3):
                 Image.fromarray(np.full((12, 10, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     data = load_data(str(tmp_path), input_shape=(3, 8, 8))
-    x, y = calibration(data, 4)
+    x, y = calibration(data, 4).all()
     assert x.shape == (4, 3, 8, 8) and set(y.tolist()) <= {0, 1}
 
 
@@ -51,14 +51,14 @@ def test_npz_scales_uint8_and_accepts_nhw(tmp_path):
     x = np.full((5, 28, 28), 255, dtype=np.uint8)
     y = np.arange(5)
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
-    xs, ys = calibration(load_data(str(tmp_path / "d.npz")), 3)
+    xs, ys = calibration(load_data(str(tmp_path / "d.npz")), 3).all()
     assert xs.shape == (3, 1, 28, 28) and torch.all(xs == 1.0)
 
 
 def test_calibration_is_seeded_and_sized(mnist):
     data = load_data(mnist)
-    a, _ = calibration(data, 100)
-    b, _ = calibration(data, 100)
+    a, _ = calibration(data, 100).all()
+    b, _ = calibration(data, 100).all()
     assert torch.equal(a, b) and len(a) == 100
 
 

@@ -23,7 +23,7 @@ def _scores_in_two_processes(rank: int, world: int, init: str, out: str):
         from prunetool.trace import trace
 
         model = load(SAMPLES / "evci_cnn.pt", arch="samples.nets:EvciCNN").model
-        x, y = calibration(load_data(str(SAMPLES / "mnist_subset.npz")), 300)
+        x, y = calibration(load_data(str(SAMPLES / "mnist_subset.npz")), 300).all()
         graph = trace(model, x[:2])
         result = {c: {k: v.tolist() for k, v in score(model, graph, c, x, y).scores.items()} for c in ("mrs", "mrp")}
         if rank == 0:
@@ -43,7 +43,7 @@ def test_sharded_scores_equal_single_process(tmp_path, mnist_small):
     mp.spawn(_scores_in_two_processes, args=(2, f"file://{tmp_path / 'rdv'}", str(out)), nprocs=2, join=True)
     got = json.loads(out.read_text())
     model = load(SAMPLES / "evci_cnn.pt", arch="samples.nets:EvciCNN").model
-    x, y = calibration(load_data(str(SAMPLES / "mnist_subset.npz")), 300)
+    x, y = calibration(load_data(str(SAMPLES / "mnist_subset.npz")), 300).all()
     graph = trace(model, x[:2])
     for criterion in ("mrs", "mrp"):
         single = score(model, graph, criterion, x, y).scores

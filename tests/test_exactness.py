@@ -42,7 +42,7 @@ def test_constant_unit_removed_with_mean_leaves_outputs_unchanged(layer, units, 
     # l1 ranks the zeroed unit lowest; the ratio removes exactly one unit of that layer
     ratio = {name: 0.0 for name in ("features.0", "features.3", "classifier.1")}
     ratio[layer] = 1.0 / units
-    x, y = calibration(mnist_small, 200)
+    x, y = calibration(mnist_small, 200).all()
     graph = trace(dense, x[:2])
     scores = score(dense, graph, "l1", x, y)
     keep = select(graph, scores.scores, ratio)
@@ -56,7 +56,7 @@ def test_constant_unit_removed_with_mean_leaves_outputs_unchanged(layer, units, 
 def test_constant_unit_into_biasless_conv_is_absorbed_by_batchnorm(mnist_small):
     dense = functional_net()
     _force_constant_unit(dense, "conv1", unit=2, value=0.5)
-    x, y = calibration(mnist_small, 200)
+    x, y = calibration(mnist_small, 200).all()
     graph = trace(dense, x[:2])
     assert graph.group("conv1").consumers[0].norm_after == "bn2"
     scores = score(dense, graph, "l1", x, y)
@@ -90,7 +90,7 @@ def test_lstsq_recovers_a_duplicated_unit(mnist_small):
         dense.classifier[3].weight.div_(10)
         fc1.weight[0] = fc1.weight[5] * 0.01
         fc1.bias[0] = fc1.bias[5] * 0.01
-    x, y = calibration(mnist_small, 300)
+    x, y = calibration(mnist_small, 300).all()
     graph = trace(dense, x[:2])
     scores = score(dense, graph, "l1", x, y)
     keep = select(graph, scores.scores, {"features.0": 0.0, "features.3": 0.0, "classifier.1": 1 / 64})
@@ -108,7 +108,7 @@ def test_lstsq_recovers_a_duplicated_unit(mnist_small):
 
 def test_lstsq_beats_mean_and_none_on_the_calibration_loss(mnist_small):
     dense = evci_cnn()
-    x, y = calibration(mnist_small, 500)
+    x, y = calibration(mnist_small, 500).all()
     graph = trace(dense, x[:2])
     scores = score(dense, graph, "l2", x, y)
     keep = select(graph, scores.scores, 0.6)

@@ -78,7 +78,7 @@ def test_max_drop_search_respects_the_budget(mnist_small):
 
     small, report = lowrank(SAMPLES / "lenet_300_100.pt", mnist_small, arch="samples.nets:LeNet300100",
                             max_drop=1.0, calib=300, measure=False)
-    x, y = calibration(mnist_small, 300)
+    x, y = calibration(mnist_small, 300).all()
     dense = prunetool.load(SAMPLES / "lenet_300_100.pt", arch="samples.nets:LeNet300100").model
     with torch.no_grad():
         acc = lambda m: 100 * (m(x).argmax(-1) == y).float().mean().item()  # noqa: E731

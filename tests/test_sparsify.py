@@ -39,7 +39,7 @@ def test_units_without_incoming_or_outgoing_weights_are_removed_exactly(mnist_sm
         model.classifier[1].weight[[2, 9]] = 0.0  # no incoming weights: a constant unit
         model.classifier[3].weight[:, [5, 11]] = 0.0  # no outgoing weights: nobody reads it
         model.features[3].weight[:, 6] = 0.0  # conv channel 6 of features.0 is read by nothing
-    x, _ = calibration(mnist_small, 200)
+    x, _ = calibration(mnist_small, 200).all()
     graph = trace(model, x[:2])
     keep = removable_units(graph, model)
     assert sorted(set(range(64)) - set(keep["classifier.1"].tolist())) == [2, 5, 9, 11]

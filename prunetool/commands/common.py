@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .. import __version__, distributed
-from ..data import Data, calibration, eval_loader, load_data
+from ..calibrate import Settings
+from ..data import Data, Samples, calibration, eval_loader, load_data
 from ..export import export_onnx, export_pt2
 from ..load import Checkpoint, format_of, load, round_through, serialize, upcast_half
 from ..measure import as_input, evaluate, latency, macs, params
@@ -34,21 +35,23 @@ DEFAULT_FORMAT = ".safetensors"
 
 @dataclass
 class Job:
-    """A loaded model ready for work: the checkpoint, the data, calibration samples and the trace."""
+    """A loaded model ready for work: the checkpoint, the data, calibration samples, a probe batch for the checks,
+    the trace, and the calibration engine's settings."""
 
     ckpt: Checkpoint
     data: Data
     dense: nn.Module  # the model the work reads (a float32 copy for a half-precision checkpoint)
-    x: torch.Tensor
-    y: torch.Tensor
+    calib: Samples
+    probe: torch.Tensor  # up to 64 calibration inputs (at least 2: exporters need a batch above 1)
     graph: Trace
     computed_in: str
+    settings: Settings
     eval: int | None = None  # test samples evaluated (None: all)
     caller_mode: tuple[nn.Module, bool] | None = None  # a caller's module and its train flag, restored by close()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
+        return tuple(self.probe.shape[1:])
 
     def close(self) -> None:
         if self.caller_mode is not None:
@@ -72,7 +75,7 @@ def input_paths(source: Source) -> dict[str, str]:
     return {"CKPT": str(source.checkpoint)} if isinstance(source.checkpoint, (str, os.PathLike)) else {}
 
 
-def start(source: Source, data: DataOptions) -> Job:
+def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
     ckpt, mode = as_checkpoint(source)
     dense = ckpt.model
     try:
@@ -81,18 +84,23 @@ def start(source: Source, data: DataOptions) -> Job:
             upcast_half(dense)
         dense.eval()
         spec = data.data
-        loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape)
+        loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape,
+                                                               data.preprocessing)
         shape = data.input_shape or (tuple(ckpt.record["input_shape"]) if loaded.train is None and
                                      ckpt.record.get("input_shape") else None)
-        x, y = calibration(loaded, data.calib, shape, dense if loaded.train is None and shape else None)
-        x = as_input(x, dense)
-        graph = trace(dense, x[:2])
+        calib = calibration(loaded, data.calib, shape, dense if loaded.train is None and shape else None,
+                            data.workers)
+        probe = as_input(calib.take(64)[0], dense)
+        if len(probe) < 2:
+            probe = torch.cat([probe, probe])
+        graph = trace(dense, probe[:2])
     except BaseException:
         if mode is not None:
             mode[0].train(mode[1])
         raise
     computed = str(next((p.dtype for p in dense.parameters()), torch.float32)).replace("torch.", "")
-    return Job(ckpt, loaded, dense, x, y, graph, computed, data.eval, mode)
+    settings = Settings(data.memory, data.positions, device)
+    return Job(ckpt, loaded, dense, calib, probe, graph, computed, settings, data.eval, mode)
 
 
 def snapshot(model: nn.Module, file_bytes: int | None, loader, input_shape, measurement: Measurement, bars: Bars,
@@ -117,14 +125,15 @@ def file_dtype(job: Job) -> str:
     return "/".join(kinds) or job.computed_in
 
 
-def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict,
-           probe: torch.Tensor, *, factored: dict, outputs: Outputs, staging: Staging, measurement: Measurement,
+def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict, *, factored: dict, outputs: Outputs, staging: Staging, measurement: Measurement,
            bars: Bars, extra: dict | None = None) -> dict:
     """The end every command shares (see the module docstring). Files go to ``staging``; the caller commits."""
     ckpt = job.ckpt
     record = {"command": command, **settings, "layers": layers, "factored": factored, "source_sha256": ckpt.sha256,
               "input_shape": list(job.input_shape), "source": ckpt.path, "prunetool_version": __version__,
               "history": ckpt.record.get("history", []) + [{"command": command, **settings}]}
+    probe = job.probe
+    small.cpu()
     round_through(small, ckpt.dtypes)
     small.eval()
     with torch.no_grad():
@@ -140,7 +149,7 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         staging.write(out, blob)
     report = {
         "command": command,
-        "settings": {**settings, "calib": len(job.x), "eval": job.eval, "data": job.data.spec,
+        "settings": {**settings, "calib": len(job.calib), "eval": job.eval, "data": job.data.spec,
                      "input_shape": list(job.input_shape), "device": measurement.device, "source": ckpt.path,
                      "out": out, "dtype": {"file": file_dtype(job), "computed": job.computed_in},
                      "prunetool_version": __version__},

@@ -7,7 +7,6 @@ from ..export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, export_onnx, exp
 from ..options import DataOptions, Source
 from ..staging import Staging, check_outputs
 from .common import input_paths, start
-from .shrink import probe_of
 
 
 def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = None, pt2: str | None = None,
@@ -18,7 +17,7 @@ def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = 
     check_outputs({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2)) if v}, input_paths(source))
     job = start(source, data)
     try:
-        probe = probe_of(job.x)
+        probe = job.probe
         report = {"command": "export", "source": job.ckpt.path, "inputs_compared": len(probe)}
         if onnx is not None:
             report["onnx"] = export_onnx(job.dense, probe, staging.path(onnx), atol, rtol, opset, shown_as=onnx)

@@ -36,13 +36,13 @@ def run(source: Source, data: DataOptions, staging: Staging, html: str | None = 
 
 def _run(job, staging: Staging, html: str | None, plots: str | None, bars: Bars) -> dict:
     dense = job.dense
-    groups = unit_report(dense, job.graph, job.x, job.y, bars) if job.graph.groups else []
+    groups = unit_report(dense, job.graph, job.calib, job.settings, bars) if job.graph.groups else []
     layers, modules = [], {}
     for name, module in bars.track(matrices(dense), "spectra"):
         layers.append(matrix_report(name, module)[0])
         modules[name] = module
     report = {
-        "command": "inspect", "source": job.ckpt.path, "params": params(dense), "calib": len(job.x),
+        "command": "inspect", "source": job.ckpt.path, "params": params(dense), "calib": len(job.calib),
         "data": job.data.spec, "input_shape": list(job.input_shape),
         "dead_by": "mrp" if sum(g.units for g in job.graph.groups) <= MRP_MAX_UNITS else "mrs",
         "thresholds": {"dead_nats": DEAD_NATS, "frozen_relative": FROZEN_RELATIVE, "loss_budget": BUDGET,

@@ -9,8 +9,9 @@ from torch import nn
 
 from ..data import eval_loader
 from ..errors import UsageError
-from ..factor import (candidates, elbow, factor, input_covariance, matrix, params_of, rank_for_energy, replace, saves,
-                      search_ranks, spectrum)
+from ..calibrate import covariances
+from ..factor import (candidates, elbow, factor, matrix, params_of, rank_for_energy, replace, saves, search_ranks,
+                      spectrum)
 from ..measure import evaluate
 from ..options import LATENCY_BATCHES, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
 from ..progress import Bars
@@ -18,7 +19,6 @@ from ..recover import finetune
 from ..staging import Staging, check_outputs
 from ..verify import check_forward
 from .common import finish, input_paths, start
-from .shrink import probe_of
 
 
 def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recovery, measurement: Measurement,
@@ -27,7 +27,7 @@ def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recov
         options.check()
     check_outputs(outputs.paths(), input_paths(source))
     bars = Bars(progress)
-    job = start(source, data)
+    job = start(source, data, measurement.device)
     try:
         return _run(job, opts, recovery, measurement, outputs, staging, bars)
     finally:
@@ -40,14 +40,15 @@ def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         raise UsageError("--data-aware and --max-drop need --data (calibration inputs and labels)")
     if recovery.finetune_epochs and not job.data.has_labels:
         raise UsageError("--finetune-epochs needs --data with a train split")
-    dense, x, y, device = job.dense, job.x, job.y, measurement.device
+    dense, calib, device = job.dense, job.calib, measurement.device
     names = candidates(dense, job.graph.heads, opts.layers)
     method = opts.method
+    covs = covariances(dense, names, calib, job.settings, job.graph, bars) if opts.data_aware else {}
 
     specs, entries, upper = {}, [], {}
     for name in bars.track(names, "singular values"):
         module = dense.get_submodule(name)
-        specs[name] = spectrum(module, input_covariance(dense, name, x) if opts.data_aware else None)
+        specs[name] = spectrum(module, covs.get(name))
         full = len(specs[name].sigma)
         k = min(full, opts.rank) if method == "rank" else rank_for_energy(specs[name], opts.energy) \
             if method == "energy" else elbow(specs[name])
@@ -58,7 +59,7 @@ def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
                         "params_before": params_of(module)})
     evaluations = 0
     if opts.max_drop is not None:
-        chosen, evaluations = search_ranks(dense, specs, {n: u for n, u in upper.items() if u >= 1}, x, y,
+        chosen, evaluations = search_ranks(dense, specs, {n: u for n, u in upper.items() if u >= 1}, calib,
                                            opts.max_drop, bars)
         for e in entries:
             e["rank"] = chosen.get(e["name"])
@@ -77,7 +78,7 @@ def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         factored[e["name"]] = k
         e.update(energy=specs[e["name"]].energy(k), params_after=params_of(new))
     small.eval()
-    probe = probe_of(x)
+    probe = job.probe
     check_forward(small, probe, job.graph.output_shape)
     extra = {}
     if recovery.finetune_epochs:
@@ -93,7 +94,7 @@ def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
                 "data_aware": opts.data_aware, "max_drop": opts.max_drop, "search_evaluations": evaluations,
                 "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr, "batch_size": recovery.batch_size,
                 "optimizer": recovery.optimizer, "distill": recovery.distill}
-    report = finish(job, "lowrank", small, settings, entries, {"forward": "ok"}, probe, factored=factored,
+    report = finish(job, "lowrank", small, settings, entries, {"forward": "ok"}, factored=factored,
                     outputs=outputs, staging=staging, measurement=measurement, bars=bars, extra=extra)
     return small, report
 

@@ -19,6 +19,7 @@ from ..progress import Bars
 from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
 from ..staging import Staging, check_outputs
+from ..calibrate import statistics
 from ..trace import trace
 from ..verify import verify
 from .common import finish, input_paths, start
@@ -67,7 +68,7 @@ def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_l
     try:
         shape = job.input_shape
         if scope == "global":
-            scores = score(job.dense, job.graph, criterion, job.x, job.y).scores
+            scores = score(job.dense, job.graph, criterion, job.calib, settings=job.settings).scores
         else:
             scores = {g.name: torch.zeros(g.units) for g in job.graph.groups}
         base = (params(job.dense), macs(job.dense, shape))
@@ -93,12 +94,6 @@ def _cpu(scores: Scores) -> Scores:
                   {g: {c: m.cpu() for c, m in per.items()} for g, per in scores.means.items()})
 
 
-def probe_of(x: torch.Tensor) -> torch.Tensor:
-    """Up to 64 calibration inputs for the checks; at least two (exporters need a batch dimension above 1)."""
-    probe = x[: min(len(x), 64)]
-    return probe if len(probe) >= 2 else torch.cat([probe, probe])
-
-
 def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         outputs: Outputs, staging: Staging, progress: bool = False,
         scores: Scores | None = None) -> tuple[nn.Module, dict]:
@@ -107,7 +102,7 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
         options.check()
     check_outputs(outputs.paths(), input_paths(source))
     bars = Bars(progress)
-    job = start(source, data)
+    job = start(source, data, measurement.device)
     try:
         return _run(job, opts, recovery, measurement, outputs, staging, bars, scores)
     finally:
@@ -116,7 +111,7 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
 
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
-    dense, x, y, graph, device = job.dense, job.x, job.y, job.graph, measurement.device
+    dense, calib, graph, device, engine = job.dense, job.calib, job.graph, measurement.device, job.settings
     if not graph.groups:
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
         raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
@@ -130,14 +125,14 @@ def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     steps = list(opts.schedule) if opts.schedule else [opts.ratio]
     ratio = steps[-1]
 
-    current, history, probe = dense, [], probe_of(x)
+    current, history, probe = dense, [], job.probe
     for step, step_ratio in enumerate(steps):
         if step:
-            graph = trace(current, x[:2])
+            graph = trace(current, probe[:2])
         current.to(device)
+        stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
         if scores is None or step:
-            scores = score(current, graph, opts.criterion, x.to(device), y.to(device), bars)
-        current.to("cpu")
+            scores = score(current, graph, opts.criterion, calib, bars=bars, means=stats.means, settings=engine)
         scores = _cpu(scores)
         if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.input_shape)
@@ -147,11 +142,17 @@ def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep = select(graph, scores.scores, per_group, opts.round_to)
         else:
             keep = keep_units(graph, scores.scores, step_ratio, opts)
-        means = sequential_means(current, graph, keep, x, bars) if opts.compensate == "mean" else scores.means
-        small = cut(copy.deepcopy(current), graph, keep, opts.compensate, means, x, bars).eval()
+        means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
+            else scores.means
+        small = cut(copy.deepcopy(current), graph, keep, opts.compensate, means, calib, bars, stats=stats,
+                    settings=engine, dense=current).eval()
+        paths = dict(stats.paths)
+        del stats
+        current.cpu()
+        small.cpu()
         checks = verify(current, small, graph, keep, probe)
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
-            recalibrate_bn(small, x)
+            recalibrate_bn(small, calib, engine)
         entry = {"ratio": step_ratio, "params": params(small)}
         if loader is not None and (recovery.finetune_epochs or len(steps) > 1):
             entry["accuracy_after_cut"] = evaluate(small, loader, device, bars, "evaluating the cut")[0]
@@ -171,11 +172,12 @@ def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
                 "recalibrate_bn": recalibrate, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
-                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill}
+                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill,
+                "engine": paths}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if recovery.finetune_epochs or len(steps) > 1:
         extra["steps"] = history
-    report = finish(job, "shrink", current, settings, layers, checks, probe,
+    report = finish(job, "shrink", current, settings, layers, checks,
                     factored=job.ckpt.record.get("factored", {}), outputs=outputs, staging=staging,
                     measurement=measurement, bars=bars, extra=extra)
     return current, report

@@ -22,7 +22,6 @@ from ..score import magnitude_masks, removable_units
 from ..staging import Staging, check_outputs
 from ..verify import verify
 from .common import finish, input_paths, start
-from .shrink import probe_of
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
@@ -35,7 +34,7 @@ def run(source: Source, data: DataOptions, opts: SparsifyOptions, recovery: Reco
         options.check()
     check_outputs(outputs.paths(), input_paths(source))
     bars = Bars(progress)
-    job = start(source, data)
+    job = start(source, data, measurement.device)
     try:
         return _run(job, opts, recovery, measurement, outputs, staging, bars)
     finally:
@@ -46,7 +45,7 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
          staging: Staging, bars: Bars) -> tuple[nn.Module, dict]:
     if not job.data.has_labels:
         raise UsageError("sparsify retrains between rounds: it needs --data with a train split")
-    dense, x, device = job.dense, job.x, measurement.device
+    dense, calib, device = job.dense, job.calib, measurement.device
     sparse = copy.deepcopy(dense)
     layers = prunable_weights(sparse)
     masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
@@ -69,13 +68,12 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
 
     graph = job.graph
     keep = removable_units(graph, sparse)
-    means = sequential_means(sparse, graph, keep, x, bars)
-    small = cut(copy.deepcopy(sparse), graph, keep, "mean", means, x, bars).eval()
-    probe = probe_of(x)
-    checks = verify(sparse, small, graph, keep, probe)
+    means = sequential_means(sparse, graph, keep, calib, bars, job.settings)
+    small = cut(copy.deepcopy(sparse), graph, keep, "mean", means, calib, bars).eval()
+    checks = verify(sparse, small, graph, keep, job.probe)
     checks.pop("outputs")
     if has_batchnorm(small) and any(len(keep[g.name]) < g.units for g in graph.groups):
-        recalibrate_bn(small, x)
+        recalibrate_bn(small, calib, job.settings)
 
     per_layer = [{"name": n, "weights": int(masks[n].numel()), "nonzero": int(masks[n].sum()),
                   "sparsity": 1 - float(masks[n].float().mean())} for n in layers]
@@ -84,7 +82,7 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
     settings = {"imp": opts.imp, "rounds": opts.rounds, "finetune_epochs": opts.finetune_epochs, "lr": recovery.lr,
                 "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "rewind": opts.rewind}
     nonzero = sum(int((p != 0).sum()) for p in small.parameters())
-    report = finish(job, "sparsify", small, settings, units, checks, probe,
+    report = finish(job, "sparsify", small, settings, units, checks,
                     factored=job.ckpt.record.get("factored", {}), outputs=outputs, staging=staging,
                     measurement=measurement, bars=bars,
                     extra={"rounds": history, "sparsity": per_layer, "nonzero_params_after": nonzero})

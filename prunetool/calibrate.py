@@ -1,0 +1,541 @@
+"""The calibration engine: every statistic prunetool gathers from calibration data, in as few passes over it as
+the arithmetic allows, within a memory budget, on the chosen device.
+
+Streaming passes (batches of samples through the whole model; any model):
+
+- :func:`statistics`: one forward pass gives the mean of every unit as each consumer reads it (what mean
+  compensation folds into a bias and MRS replaces a unit by) and every consumer's dense output at sampled
+  positions (the targets of the least-squares refit);
+- :func:`covariances`: one forward pass gives ``XᵀX`` of the inputs of chosen layers (data-aware lowrank);
+- MRS itself (:mod:`prunetool.score`) is one forward and backward pass on top of those means.
+
+Stage by stage (:class:`Program`): the model's forward is recorded as a list of calls (one recording at two
+batch sizes, so that sizes computed from the batch become symbolic) and replayed over all calibration batches
+one *stage* at a time. A stage ends where a consumer must be refitted; the activations that cross the boundary
+are cached, everything else is freed as soon as its last reader has run. Each consumer is refitted as soon as
+its inputs are final, consumers whose inputs do not depend on each other's refit are fitted at the same
+boundary, and nothing before a stage is ever recomputed: a refit costs one forward pass of the cut model. The
+same loop measures the means of mean compensation behind every earlier cut. A model whose forward cannot be
+replayed (data-dependent control flow, a batch size baked into a cached tensor) is refused by
+:meth:`Program.record`, and the callers fall back to rerunning the model up to each consumer (prunetool 0.1's
+path, same results, slower).
+
+Precision and sampling: ``XᵀX`` and ``XᵀZ`` are accumulated in float32 per batch and summed in float64; the
+solve is in float64. A convolution or a token sequence contributes ``positions`` sampled output positions per
+sample (ThiNet-style, the same positions in the dense and the cut model; default chosen by measurement,
+docs/BENCHMARKS.md). Cached tensors stay on the device until they exceed ``memory`` bytes; beyond that they go
+to host memory in float16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+
+from . import calls
+from .data import Batch, Samples, batch_len, batch_slice, batch_to
+from .distributed import reduce_sum
+from .options import DEFAULT_CALIB_MEMORY, DEFAULT_POSITIONS
+from .progress import QUIET, Bars
+from .trace import Consumer, Group, Tok, Trace, record
+
+
+@dataclass
+class Settings:
+    """``memory``: bytes of cached activations and targets kept on the device; ``positions``: output positions
+    sampled per sample from each convolution or token sequence; batches are sized to ``memory`` too."""
+
+    memory: int = DEFAULT_CALIB_MEMORY
+    positions: int = DEFAULT_POSITIONS
+    device: str = "cpu"
+    seed: int = 0
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+class Store:
+    """Tensors kept for later, on the device until the budget is spent, then on the host in float16."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.used = 0
+
+    def keep(self, t: torch.Tensor) -> tuple:
+        size = t.numel() * t.element_size()
+        if self.used + size <= self.settings.memory or not t.dtype.is_floating_point:
+            self.used += size
+            return (t, None)
+        return (t.to("cpu", torch.float16), t.dtype)
+
+    def release(self, kept: tuple) -> None:
+        t, dtype = kept
+        if dtype is None:
+            self.used -= t.numel() * t.element_size()
+
+    def get(self, kept: tuple) -> torch.Tensor:
+        t, dtype = kept
+        return t if dtype is None else t.to(self.settings.device, dtype)
+
+
+def batch_size(trace: Trace, settings: Settings, backward: bool = False) -> int:
+    """Samples per batch so that a pass's activations stay within the memory budget (a forward keeps far fewer
+    of them alive than a forward and backward)."""
+    per_sample = max(1, trace.activation_bytes)
+    share = settings.memory / (per_sample if backward else per_sample / 4)
+    return int(max(1, min(256, share)))
+
+
+# --- sampled positions ---------------------------------------------------------------------------------
+
+class Positions:
+    """For each consumer, ``count`` of its output positions per sample, drawn once per sample id and reused by
+    every pass (dense targets and cut inputs meet at the same positions)."""
+
+    def __init__(self, count: int, seed: int = 0):
+        self.count, self.seed = count, seed
+        self.table: dict[str, dict[int, torch.Tensor]] = {}
+
+    def pick(self, key: str, n_positions: int, ids: torch.Tensor) -> torch.Tensor:
+        if n_positions <= self.count:
+            return torch.arange(n_positions).expand(len(ids), -1)
+        table = self.table.setdefault(key, {})
+        missing = [int(i) for i in ids if int(i) not in table]
+        if missing:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + (hash(key) & 0xFFFF) * 7919 + missing[0])
+            drawn = torch.rand(len(missing), n_positions, generator=gen).topk(self.count, dim=1).indices
+            for i, row in zip(missing, drawn.sort(1).values):
+                table[i] = row
+        return torch.stack([table[int(i)] for i in ids])
+
+
+def rows_at(call: calls.Call, weight: torch.Tensor, x: torch.Tensor, picks: torch.Tensor | None) -> torch.Tensor:
+    """The design rows a layer's weight multiplies, at the sampled output positions ``picks`` (n × P; None: all
+    rows), as (n·P) × fan-in."""
+    if call.name.startswith("conv"):
+        stride, padding, dilation = calls.conv_geometry(call, weight)
+        if weight.dim() == 3:
+            x = x.unsqueeze(2)
+            kernel, stride, padding, dilation = (1, weight.shape[2]), (1, *stride), (0, *padding), (1, *dilation)
+        else:
+            kernel = tuple(weight.shape[2:])
+        if picks is None:
+            return calls.design_matrix(call, weight, x if weight.dim() == 4 else x.squeeze(2))
+        n, c, h, w = x.shape
+        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        w_out = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        i, j = picks // w_out, picks % w_out
+        rows = (i * stride[0])[..., None] + torch.arange(kernel[0], device=x.device) * dilation[0]
+        cols = (j * stride[1])[..., None] + torch.arange(kernel[1], device=x.device) * dilation[1]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        patches = xp.permute(0, 2, 3, 1)[batch, rows[:, :, :, None], cols[:, :, None, :]]  # n, P, kh, kw, c
+        return patches.permute(0, 1, 4, 2, 3).reshape(n * picks.shape[1], c * kernel[0] * kernel[1])
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x[:, None, :]
+    if picks is None:
+        return flat.reshape(-1, flat.shape[-1])
+    return flat.gather(1, picks[..., None].expand(-1, -1, flat.shape[-1]).to(x.device)).reshape(-1, flat.shape[-1])
+
+
+def out_positions(call: calls.Call, out: torch.Tensor) -> int:
+    """Output positions per sample of a call (spatial positions of a conv, tokens of a sequence)."""
+    if call.name.startswith("conv"):
+        return math.prod(out.shape[2:])
+    return math.prod(out.shape[1:-1]) if out.dim() > 2 else 1
+
+
+def targets_at(call: calls.Call, out: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """A call's outputs at the sampled positions, (n·P) × outputs."""
+    if call.name.startswith("conv"):
+        flat = out.flatten(2)  # n, C, positions
+        return flat.gather(2, picks[:, None, :].expand(-1, flat.shape[1], -1).to(out.device)).transpose(1, 2) \
+            .reshape(-1, flat.shape[1])
+    flat = out.reshape(out.shape[0], -1, out.shape[-1]) if out.dim() > 2 else out[:, None, :]
+    return flat.gather(1, picks[..., None].expand(-1, -1, flat.shape[-1]).to(out.device)).reshape(-1, flat.shape[-1])
+
+
+def _per_sample(call: calls.Call, x: torch.Tensor, n: int) -> bool:
+    """Whether a call's leading dimension is the batch of samples (not the tokens of a flattened batch)."""
+    return x.shape[0] == n
+
+
+# --- streaming passes ----------------------------------------------------------------------------------
+
+@dataclass
+class Statistics:
+    """What one forward pass over the calibration samples gives: unit means per (group, consumer), and each
+    consumer's dense outputs at sampled positions with the sample ids they belong to."""
+
+    means: dict[str, dict[str, torch.Tensor]]
+    targets: dict[str, list[tuple]] = field(default_factory=dict)  # consumer → kept chunks (Store entries)
+    target_ids: dict[str, torch.Tensor] = field(default_factory=dict)
+    positions: Positions | None = None
+    store: Store | None = None
+    paths: dict[str, str] = field(default_factory=dict)  # what ran how: "refit" → "stage by stage", ...
+
+    def targets_of(self, name: str) -> tuple[torch.Tensor, dict[int, int], int]:
+        """A consumer's dense targets (rows of every sample, in gathering order), each sample id's row number,
+        and the rows per sample."""
+        rows = torch.cat([self.store.get(k) for k in self.targets[name]])
+        ids = self.target_ids[name]
+        return rows, {int(i): r for r, i in enumerate(ids)}, len(rows) // max(1, len(ids))
+
+
+def consumers_of(trace: Trace) -> dict[str, Consumer]:
+    """Every consumer layer, once (a layer reading several groups appears once)."""
+    out = {}
+    for g in trace.groups:
+        for c in g.consumers:
+            out.setdefault(c.name, c)
+    return out
+
+
+def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Settings, bars: Bars = QUIET,
+               targets: bool = False, groups: list[Group] | None = None) -> Statistics:
+    """Unit means (and, with ``targets``, every consumer's dense outputs at sampled positions) in one forward
+    pass over ``samples``."""
+    from .score import Sums, readers, unit_view
+
+    model.eval()
+    sums = Sums()
+    pairs = readers(trace, groups)
+    store = Store(settings)
+    positions = Positions(settings.positions, settings.seed)
+    stats = Statistics({}, positions=positions, store=store)
+    current: dict = {}
+    on_input, on_output, weights = {}, {}, {}
+    for name, read in pairs.items():
+        weights[name] = read[0][1].weight
+
+        def seen(a, read=read):
+            a = a.detach()
+            for g, c in read:
+                sums.add((g.name, c.name, c.offset), unit_view(a, g, c).double(), c)
+        on_input[name] = seen
+        if targets:
+            def produced(out, name=name, c=read[0][1]):
+                ids, n = current["ids"], current["n"]
+                call = calls.Call(_call_name(c), out, {})
+                if out.shape[0] != n:
+                    return
+                picks = positions.pick(name, out_positions(call, out), ids)
+                rows = targets_at(call, out.detach(), picks)
+                stats.targets.setdefault(name, []).append(store.keep(rows))
+                stats.target_ids[name] = torch.cat([stats.target_ids.get(name, torch.empty(0, dtype=torch.long)),
+                                                    ids])
+            on_output[name] = produced
+    device = settings.device
+    size = batch_size(trace, settings)
+    shard = samples.shard()
+    with torch.no_grad(), calls.hooks(model, on_input, on_output, weights):
+        for xb, _, ids in bars.track(shard.batches(size), "unit means" + (" and targets" if targets else ""),
+                                     total=math.ceil(len(shard) / size)):
+            current.update(ids=ids, n=batch_len(xb))
+            model(**batch_to(xb, device, _dtype(model))) if isinstance(xb, dict) else \
+                model(batch_to(xb, device, _dtype(model)))
+    stats.means = sums.means()
+    return stats
+
+
+def _call_name(c: Consumer) -> str:
+    return "conv2d" if c.layout == "conv" else "linear"
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def covariances(model: nn.Module, names: list[str], samples: Samples, settings: Settings, trace: Trace,
+                bars: Bars = QUIET) -> dict[str, torch.Tensor]:
+    """``E[x xᵀ]`` of the inputs each named layer's weight multiplies (conv: patches at sampled positions), from
+    one forward pass."""
+    positions = Positions(settings.positions, settings.seed)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current: dict = {}
+    modules = dict(model.named_modules())
+    captured: dict[str, calls.Call] = {}
+
+    def make(name):
+        def seen(x):
+            call = captured.get(name)
+            weight = modules[name].weight
+            ids = current["ids"]
+            picks = None
+            if call is not None and _per_sample(call, x, len(ids)):
+                probe = calls.Call(call.name, x, call.args)
+                n_pos = positions_of(probe, weight, x)
+                picks = positions.pick(name, n_pos, ids)
+            design = rows_at(captured.get(name) or calls.Call("linear", x, {}), weight, x, picks)
+            block = (design.T.float() @ design.float()).double()
+            sums[name] = sums.get(name, 0) + block.cpu()
+            counts[name] = counts.get(name, 0) + len(design)
+        return seen
+
+    shard = samples.shard()
+    example = shard.take(2)[0]
+    for name in names:  # the geometry of each layer's own call (stride, padding, dilation)
+        captured[name] = calls.capture(model, name, batch_to(example, settings.device, _dtype(model)))
+    size = batch_size(trace, settings)
+    with torch.no_grad(), calls.hooks(model, {n: make(n) for n in names}):
+        for xb, _, ids in bars.track(shard.batches(size), "input covariances", total=math.ceil(len(shard) / size)):
+            current["ids"] = ids
+            model(**batch_to(xb, settings.device, _dtype(model))) if isinstance(xb, dict) else \
+                model(batch_to(xb, settings.device, _dtype(model)))
+    return {n: reduce_sum(sums[n]) / reduce_sum(counts[n]) for n in names}
+
+
+def positions_of(call: calls.Call, weight: torch.Tensor, x: torch.Tensor) -> int:
+    if call.name.startswith("conv"):
+        stride, padding, dilation = calls.conv_geometry(call, weight)
+        size = 1
+        for d, (s, p, dl, k) in enumerate(zip(stride, padding, dilation, weight.shape[2:])):
+            size *= (x.shape[2 + d] + 2 * p - dl * (k - 1) - 1) // s + 1
+        return size
+    return math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
+
+
+# --- programs ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Step:
+    node: object
+    symbolic: dict[int, tuple[int, int]]  # leaf index → (a, c): the value is a·batch + c
+
+
+class Program:
+    """A model's forward as recorded calls, replayable on any batch size (see the module docstring)."""
+
+    def __init__(self, steps, inputs, outputs, owners, constants, keys):
+        self.steps: list[_Step] = steps
+        self.inputs: list[int] = inputs  # tokens of the model inputs (for dict inputs, in ``keys`` order)
+        self.outputs: list[int] = outputs
+        self.owners: dict[int, tuple[str, str]] = owners  # token → (module path, attribute) of a parameter/buffer
+        self.constants: dict[int, torch.Tensor] = constants
+        self.keys = keys
+        self.last_use: dict[int, int] = {}
+        for i, step in enumerate(steps):
+            for t in step.node.inputs:
+                self.last_use[t] = i
+
+    @classmethod
+    def record(cls, model: nn.Module, example: Batch) -> "Program | None":
+        """Record ``model`` on ``example`` (at least 3 samples); None when its forward cannot be replayed."""
+        if batch_len(example) < 3:
+            return None
+        try:
+            with torch.no_grad():
+                model(**batch_slice(example, 0, 1)) if isinstance(example, dict) else model(example[:1])  # warm caches
+            g2, in2, out2, _ = record(model, batch_slice(example, 0, 2))
+            g3, _, _, _ = record(model, batch_slice(example, 0, 3))
+        except Exception:
+            return None
+        if len(g2.nodes) != len(g3.nodes):
+            return None
+        owner = {}
+        for mname, module in model.named_modules():
+            for attr, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if t is not None:
+                    owner.setdefault(id(t), (mname, attr))
+        produced = {t for n in g2.nodes for t in n.outputs}
+        steps, owners, constants = [], {}, {}
+        for a, b in zip(g2.nodes, g3.nodes):
+            if a.name != b.name or a.kind != b.kind or len(a.outputs) != len(b.outputs):
+                return None
+            la, lb = tree_leaves((a.args, a.kwargs)), tree_leaves((b.args, b.kwargs))
+            if len(la) != len(lb):
+                return None
+            symbolic = {}
+            for i, (u, v) in enumerate(zip(la, lb)):
+                if isinstance(u, Tok):
+                    if not isinstance(v, Tok):
+                        return None
+                    if u.id in produced or u.id in in2:
+                        continue
+                    t2, t3 = g2.tensors[u.id], g3.tensors[v.id]
+                    if id(t2) in owner:
+                        owners[u.id] = owner[id(t2)]
+                    elif t2.shape == t3.shape and torch.equal(t2, t3):
+                        constants[u.id] = t2
+                    else:
+                        return None  # a cached tensor that depends on the batch
+                elif isinstance(u, int) and not isinstance(u, bool) and isinstance(v, int) and u != v:
+                    symbolic[i] = (v - u, u - 2 * (v - u))
+                elif type(u) is not type(v) or (not isinstance(u, torch.Tensor) and u != v):
+                    return None
+            steps.append(_Step(a, symbolic))
+        keys = list(example) if isinstance(example, dict) else None
+        program = cls(steps, in2, out2, owners, constants, keys)
+        if not program.replays(model, example):
+            return None
+        return program
+
+    def replays(self, model: nn.Module, example: Batch) -> bool:
+        """Whether the program computes what the model does on ``example`` (3 samples, unseen sizes included)."""
+        try:
+            with torch.no_grad():
+                want = model(**example) if isinstance(example, dict) else model(example)
+                env = self.start(model, example)
+                for i in range(len(self.steps)):
+                    self.execute(i, model, env, batch_len(example), keep_all=True)
+        except Exception:
+            return False
+        want_t = [t for t in tree_leaves(want) if isinstance(t, torch.Tensor)]
+        got = [env.get(t) for t in self.outputs]
+        return len(got) == len(want_t) and all(
+            g is not None and g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5)
+            for g, w in zip(got, want_t))
+
+    def start(self, model: nn.Module, batch: Batch) -> dict:
+        values = [batch[k] for k in self.keys] if self.keys else [batch]
+        return dict(zip(self.inputs, values))
+
+    def execute(self, i: int, model: nn.Module, env: dict, n: int, keep_all: bool = False,
+                transform: Callable | None = None) -> None:
+        """Run step ``i`` on the values in ``env`` (a batch of ``n`` samples); free what no later step reads."""
+        step = self.steps[i]
+        node = step.node
+        leaves, spec = tree_flatten((node.args, node.kwargs))
+        values = []
+        for j, leaf in enumerate(leaves):
+            if isinstance(leaf, Tok):
+                if leaf.id in env:
+                    values.append(env[leaf.id])
+                elif leaf.id in self.owners:
+                    path, attr = self.owners[leaf.id]
+                    values.append(getattr(model.get_submodule(path), attr))
+                else:
+                    values.append(self.constants[leaf.id])
+            elif j in step.symbolic:
+                a, c = step.symbolic[j]
+                values.append(a * n + c)
+            else:
+                values.append(leaf)
+        args, kwargs = tree_unflatten(values, spec)
+        if transform is not None:
+            args, kwargs = transform(args, kwargs)
+        if node.kind == "module":
+            out = model.get_submodule(node.name)(*args, **kwargs)
+        else:
+            out = node.op(*args, **kwargs)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for tok, t in zip(node.outputs, outs):
+            env[tok] = t
+        if not keep_all:
+            for tok in node.inputs:
+                if self.last_use.get(tok, -1) <= i:
+                    env.pop(tok, None)
+
+    def call_of(self, i: int) -> tuple[str, str] | None:
+        """(layer, weight attribute) of a step that is a layer's own weighted call (or an atomic layer)."""
+        node = self.steps[i].node
+        if node.kind == "module":
+            return node.name, ""
+        where = calls.WEIGHT_ARG.get(node.name.lstrip("_"))
+        if where is None:
+            return None
+        w = node.args[where[0]] if len(node.args) > where[0] else node.kwargs.get(where[1])
+        return self.owners.get(w.id) if isinstance(w, Tok) else None
+
+
+def replay(program: Program, model: nn.Module, samples: Samples, size: int, boundaries: list[int],
+           on_boundary: Callable[[int, "Frontier"], None], settings: Settings, bars: Bars = QUIET,
+           transforms: dict[int, Callable] | None = None, label: str = "stage by stage") -> None:
+    """Replay ``program`` over ``samples`` stage by stage: before step ``b`` of each boundary, ``on_boundary(b,
+    frontier)`` sees the values crossing it for every batch (and may change the model)."""
+    transforms = transforms if transforms is not None else {}
+    store = Store(settings)
+    frontier: Frontier | None = None
+    end = len(program.steps)
+    stops = sorted(set(b for b in boundaries if 0 < b < end)) + [end]
+    start = 0
+    device, dtype = settings.device, _dtype(model)
+    with torch.no_grad():
+        for stop in bars.track(stops, label):
+            new = Frontier(store, program, stop)
+            if frontier is None:  # the first stage reads the samples themselves
+                envs = ((program.start(model, batch_to(xb, device, dtype)), ids) for xb, _, ids in samples.batches(size))
+            else:
+                envs = frontier.batches()
+            for env, ids in envs:
+                for i in range(start, stop):
+                    program.execute(i, model, env, len(ids), transform=transforms.get(i))
+                if stop < end:
+                    new.add({t: v for t, v in env.items() if program.last_use.get(t, -1) >= stop}, ids)
+            if frontier is not None:
+                frontier.release()
+            frontier = new
+            if stop < end:
+                on_boundary(stop, frontier)
+            start = stop
+
+
+class Frontier:
+    """The values crossing a stage boundary, batch by batch."""
+
+    def __init__(self, store: Store, program: Program, step: int):
+        self.store, self.program, self.step = store, program, step
+        self.chunks: list[tuple[dict, torch.Tensor]] = []
+
+    def add(self, env: dict, ids: torch.Tensor) -> None:
+        self.chunks.append(({t: self.store.keep(v) for t, v in env.items()}, ids))
+
+    def batches(self):
+        for kept, ids in self.chunks:
+            yield {t: self.store.get(v) for t, v in kept.items()}, ids
+
+    def release(self) -> None:
+        for kept, _ in self.chunks:
+            for v in kept.values():
+                self.store.release(v)
+        self.chunks = []
+
+    def call_inputs(self, i: int, model: nn.Module):
+        """For each batch: step ``i``'s call (its input resolved) and the batch's sample ids."""
+        node = self.program.steps[i].node
+        for env, ids in self.batches():
+            if node.kind == "module":
+                x = env[node.inputs[0]]
+                yield calls.Call("atomic", x, {}), ids
+                continue
+            name = node.name.lstrip("_")
+            pos, key = calls.INPUT_ARG[name]
+            arg = node.args[pos] if len(node.args) > pos else node.kwargs.get(key)
+            x = env[arg.id]
+            bound = {}
+            if name.startswith("conv"):
+                bound = dict(zip(calls.CONV_ARGS, node.args))
+                bound.update(node.kwargs)
+                bound = {k: v for k, v in bound.items() if not isinstance(v, Tok)}
+            yield calls.Call(name, x, bound), ids
+
+
+def boundaries_for(program: Program, wanted: dict[tuple[str, str], object]) -> tuple[list[int], dict[int, list]]:
+    """The steps where stages must end so that each wanted call (layer, weight) is fitted as soon as its inputs
+    are final, and which calls are fitted at each boundary (those whose inputs were all computed before an
+    earlier boundary join it)."""
+    made_at: dict[int, int] = {}
+    for i, step in enumerate(program.steps):
+        for t in step.node.outputs:
+            made_at[t] = i
+    bounds: list[int] = []
+    fitted: dict[int, list] = {}
+    for i in range(len(program.steps)):
+        key = program.call_of(i)
+        if key is None:
+            continue
+        match = wanted.get(key) or wanted.get((key[0], ""))
+        if match is None:
+            continue
+        ready = max((made_at.get(t, -1) for t in program.steps[i].node.inputs if t not in program.owners
+                     and t not in program.constants), default=-1)
+        if bounds and ready < bounds[-1]:
+            fitted[bounds[-1]].append((i, match))
+        else:
+            bounds.append(i)
+            fitted[i] = [(i, match)]
+    return bounds, fitted
