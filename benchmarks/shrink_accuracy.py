@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import prunetool
-from prunetool.options import COMPENSATIONS, CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERION
+from prunetool.calibrate import Settings, statistics
+from prunetool.options import COMPENSATIONS, CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_ROWS
 from prunetool.cut import cut, select, sequential_means
-from prunetool.data import calibration, eval_loader, load_data
+from prunetool.data import Samples, calibration, eval_loader, load_data
 from prunetool.measure import evaluate, params
 from prunetool.score import score
 from prunetool.trace import trace
@@ -26,6 +27,8 @@ from prunetool.trace import trace
 from .common import DATA, ROOT, SAMPLES, machine, today, write_section
 
 RATIOS = (0.3, 0.5, 0.7, 0.9)
+ROWS = (2, 4, 8, 16, 32, 10 ** 9)  # 10⁹: every position of every sample
+PREVIOUS = ROOT / "benchmarks" / "results" / "shrink_accuracy_v01.json"  # prunetool 0.1's engine, kept for comparison
 MRP_CALIB = {"conv2": 250}  # MRP runs one forward pass per unit: Conv-2's 640 units × 1000 samples is too slow
 
 
@@ -66,33 +69,49 @@ def run_model(name: str, arch: str, path: Path, calib: int, log) -> dict:
     ckpt = prunetool.load(path, arch=arch)
     dense = ckpt.model
     data = load_data(DATA)
-    x, y = calibration(data, calib).all()
+    samples = calibration(data, calib)
+    x, y = samples.all()
     loader = eval_loader(data)
     dense_acc, _ = evaluate(dense, loader)
     graph = trace(dense, x[:2])
-    result = {"dense": dense_acc, "params": params(dense), "ours": {}, "tp": {}, "params_at": {}, "timing": {}}
+    result = {"dense": dense_acc, "params": params(dense), "ours": {}, "tp": {}, "params_at": {}, "timing": {},
+              "rows": {}}
+    settings = Settings()
 
     fb = forward_backward_seconds(dense, x, y)
     result["timing"]["forward_backward_s"] = fb
     mrp_n = MRP_CALIB.get(name, calib)
     result["timing"]["mrp_calib"] = mrp_n
     result["timing"]["forward_backward_mrp_calib_s"] = forward_backward_seconds(dense, x[:mrp_n], y[:mrp_n])
+    stats = statistics(dense, graph, samples, settings, targets=True)
     for criterion in CRITERIA:
         n = mrp_n if criterion == "mrp" else calib
-        start = time.perf_counter()
-        scores = score(dense, graph, criterion, x[:n], y[:n])
+        start = time.perf_counter()  # scoring cost: the means' forward pass and the criterion's own pass
+        means = statistics(dense, graph, Samples(x[:n], y[:n]), settings).means
+        scores = score(dense, graph, criterion, Samples(x[:n], y[:n]), means=means, settings=settings)
         result["timing"][f"{criterion}_s"] = time.perf_counter() - start
         log(f"{name}: scored {criterion} in {result['timing'][f'{criterion}_s']:.2f}s")
         for ratio in RATIOS:
             keep = select(graph, scores.scores, ratio)
             for comp in COMPENSATIONS:
-                means = sequential_means(dense, graph, keep, x) if comp == "mean" else scores.means
-                small = cut(copy.deepcopy(dense), graph, keep, comp, means, x).eval()
+                means = sequential_means(dense, graph, keep, samples, settings=settings) if comp == "mean" \
+                    else scores.means
+                small = cut(copy.deepcopy(dense), graph, keep, comp, means, samples, stats=stats,
+                            settings=settings, dense=dense).eval()
                 acc, _ = evaluate(small, loader)
                 result["ours"].setdefault(f"{criterion}+{comp}", {})[str(ratio)] = acc
                 result["params_at"][str(ratio)] = params(small)
             log(f"{name}: {criterion} r={ratio}: " + ", ".join(
                 f"{c} {result['ours'][f'{criterion}+{c}'][str(ratio)]:.2f}" for c in COMPENSATIONS))
+    mrs = score(dense, graph, "mrs", samples, means=stats.means, settings=settings).scores
+    for rows in ROWS:  # the default's least-squares rows per input: how many sampled positions are enough
+        sampled = Settings(rows=rows)
+        rows_stats = statistics(dense, graph, samples, sampled, targets=True)
+        for ratio in RATIOS:
+            small = cut(copy.deepcopy(dense), graph, select(graph, mrs, ratio), "lstsq", None, samples,
+                        stats=rows_stats, settings=sampled, dense=dense).eval()
+            result["rows"].setdefault(str(rows), {})[str(ratio)] = evaluate(small, loader)[0]
+        log(f"{name}: rows {rows}: " + ", ".join(f"{v:.2f}" for v in result["rows"][str(rows)].values()))
     for imp in ("magnitude", "taylor"):
         for ratio in RATIOS:
             pruned = torch_pruning(dense, x, y, ratio, imp)
@@ -105,6 +124,7 @@ def run_model(name: str, arch: str, path: Path, calib: int, log) -> dict:
 
 def markdown(results: dict, calib: int, seconds: float) -> str:
     default = f"{DEFAULT_CRITERION}+{DEFAULT_COMPENSATION}"
+    previous = json.loads(PREVIOUS.read_text()) if PREVIOUS.exists() else {}
     lines = [
         "## shrink: accuracy without fine-tuning",
         "",
@@ -133,12 +153,36 @@ def markdown(results: dict, calib: int, seconds: float) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for imp in ("magnitude", "taylor"):
             lines.append(f"| Torch-Pruning {imp} | " + " | ".join(f"{r['tp'][imp][q]:.2f}" for q in ratios) + " |")
+        old = previous.get(name, {}).get("ours", {})
+        for method in (default, "mrs+mean"):
+            if method in old:
+                lines.append(f"| {method}, prunetool 0.1's engine | " + " | ".join(
+                    f"{old[method][q]:.2f}" for q in ratios) + " |")
         tp_best = {q: max(r["tp"]["magnitude"][q], r["tp"]["taylor"][q]) for q in ratios}
         margin = ", ".join(f"R={q}: {r['ours'][default][q] - tp_best[q]:+.2f} pp" for q in ratios)
-        lines += ["", f"Default minus Torch-Pruning's best: {margin}.", ""]
+        lines += ["", f"Default minus Torch-Pruning's best: {margin}."]
+        if default in old:
+            shift = ", ".join(f"R={q}: {r['ours'][default][q] - old[default][q]:+.2f} pp" for q in ratios)
+            lines += [f"Default, new engine minus 0.1's engine: {shift}."]
+        lines.append("")
+    lines += ["### Sampled positions of the least-squares refit", "",
+              f"Default `{default}`, accuracy (%) by least-squares rows per input of a layer (`--calib-rows`; "
+              "each calibration image contributes `rows × fan-in / images` sampled output positions, at least one); "
+              f"'all' uses every position of every image. The default is {DEFAULT_ROWS}.", ""]
+    for name, r in results.items():
+        ratios = [str(x) for x in RATIOS]
+        lines += [f"**{name}**", "", "| rows | " + " | ".join(f"R={q}" for q in ratios) + " | largest gap to 'all' |",
+                  "|---|" + "---:|" * (len(ratios) + 1)]
+        full = r["rows"][str(10 ** 9)]
+        for rows, accs in r["rows"].items():
+            label = "all" if rows == str(10 ** 9) else rows
+            gap = max(abs(accs[q] - full[q]) for q in ratios)
+            lines.append(f"| {label} | " + " | ".join(f"{accs[q]:.2f}" for q in ratios) + f" | {gap:.2f} pp |")
+        lines.append("")
     lines += ["### Scoring cost", "",
-              "Wall time of scoring all units of all layers, as a ratio to one plain forward+backward pass "
-              "(cross-entropy) over the same calibration samples.", "",
+              "Wall time of scoring all units of all layers (the forward pass that measures the means, and the "
+              "criterion's own pass), as a ratio to one plain forward+backward pass (cross-entropy) over the same "
+              "calibration samples.", "",
               "| sample | forward+backward | MRS | ratio | taylor | MRP | MRP samples | MRP ratio |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():

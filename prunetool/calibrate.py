@@ -21,15 +21,18 @@ replayed (data-dependent control flow, a batch size baked into a cached tensor) 
 path, same results, slower).
 
 Precision and sampling: ``XᵀX`` and ``XᵀZ`` are accumulated in float32 per batch and summed in float64; the
-solve is in float64. A convolution or a token sequence contributes ``positions`` sampled output positions per
-sample (ThiNet-style, the same positions in the dense and the cut model; default chosen by measurement,
-docs/BENCHMARKS.md). Cached tensors stay on the device until they exceed ``memory`` bytes; beyond that they go
-to host memory in float16.
+solve is in float64. A least-squares fit needs rows in proportion to its inputs, not to the pictures' size:
+a convolution or a token sequence contributes ``rows × fan-in / samples`` output positions per sample (at least
+one; ThiNet-style, the same positions in the dense and the cut model; default ``rows`` chosen by measurement,
+docs/BENCHMARKS.md), so the dense targets kept for the refit take ``rows`` floats per weight. Cached tensors
+(targets and stage activations together) stay on the device until they exceed ``memory`` bytes; beyond that
+they go to host memory in float16.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,20 +44,27 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from . import calls
 from .data import Batch, Samples, batch_len, batch_slice, batch_to
 from .distributed import reduce_sum
-from .options import DEFAULT_CALIB_MEMORY, DEFAULT_POSITIONS
+from .options import DEFAULT_CALIB_MEMORY, DEFAULT_ROWS
 from .progress import QUIET, Bars
 from .trace import Consumer, Group, Tok, Trace, record
 
 
 @dataclass
 class Settings:
-    """``memory``: bytes of cached activations and targets kept on the device; ``positions``: output positions
-    sampled per sample from each convolution or token sequence; batches are sized to ``memory`` too."""
+    """``memory``: bytes of cached activations and targets kept on the device (batches are sized to it too);
+    ``rows``: least-squares rows per input of a layer, drawn as output positions per sample."""
 
     memory: int = DEFAULT_CALIB_MEMORY
-    positions: int = DEFAULT_POSITIONS
+    rows: int = DEFAULT_ROWS
     device: str = "cpu"
     seed: int = 0
+    store: "Store | None" = field(default=None, repr=False, compare=False)
+
+    def cache(self) -> "Store":
+        """The one store every pass of a run keeps tensors in (one budget for targets and stage activations)."""
+        if self.store is None:
+            self.store = Store(self)
+        return self.store
 
 
 # --- memory -----------------------------------------------------------------------------------------
@@ -84,34 +94,41 @@ class Store:
 
 
 def batch_size(trace: Trace, settings: Settings, backward: bool = False) -> int:
-    """Samples per batch so that a pass's activations stay within the memory budget (a forward keeps far fewer
-    of them alive than a forward and backward)."""
+    """Samples per batch so that a pass's activations stay within what the memory budget has left after the
+    tensors already kept (a forward keeps far fewer of its activations alive than a forward and backward)."""
     per_sample = max(1, trace.activation_bytes)
-    share = settings.memory / (per_sample if backward else per_sample / 4)
-    return int(max(1, min(256, share)))
+    left = max(settings.memory - settings.cache().used, settings.memory // 4)
+    share = left / (per_sample if backward else per_sample / 2)
+    return int(max(1, min(256 if backward else 64, share)))
 
 
 # --- sampled positions ---------------------------------------------------------------------------------
 
 class Positions:
-    """For each consumer, ``count`` of its output positions per sample, drawn once per sample id and reused by
-    every pass (dense targets and cut inputs meet at the same positions)."""
+    """For each consumer, the output positions a sample contributes (drawn with replacement): as many as give
+    ``rows`` least-squares rows per input of the layer over all samples, at least one. Which ones is a function of
+    the layer's name, the sample's id and the seed alone: every pass, whatever its batches, and every process
+    under torchrun meet the same positions (dense targets and cut inputs line up)."""
 
-    def __init__(self, count: int, seed: int = 0):
-        self.count, self.seed = count, seed
-        self.table: dict[str, dict[int, torch.Tensor]] = {}
+    def __init__(self, rows: int, samples: int, seed: int = 0):
+        self.rows, self.samples, self.seed = rows, max(1, samples), seed
+        self.counts: dict[str, int] = {}
 
-    def pick(self, key: str, n_positions: int, ids: torch.Tensor) -> torch.Tensor:
-        if n_positions <= self.count:
+    def count(self, key: str, fan_in: int) -> int:
+        if key not in self.counts:
+            self.counts[key] = max(1, math.ceil(self.rows * fan_in / self.samples))
+        return self.counts[key]
+
+    def pick(self, key: str, n_positions: int, ids: torch.Tensor, fan_in: int | None = None) -> torch.Tensor:
+        count = self.counts[key] if fan_in is None else self.count(key, fan_in)
+        if n_positions <= count:
             return torch.arange(n_positions).expand(len(ids), -1)
-        table = self.table.setdefault(key, {})
-        missing = [int(i) for i in ids if int(i) not in table]
-        if missing:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + (hash(key) & 0xFFFF) * 7919 + missing[0])
-            drawn = torch.rand(len(missing), n_positions, generator=gen).topk(self.count, dim=1).indices
-            for i, row in zip(missing, drawn.sort(1).values):
-                table[i] = row
-        return torch.stack([table[int(i)] for i in ids])
+        salt = zlib.crc32(key.encode()) ^ self.seed
+        j = torch.arange(count, dtype=torch.long)
+        x = (ids.long()[:, None] * 2654435761 + j * 40503 + salt) % 2 ** 31
+        for _ in range(3):  # a few rounds of a linear congruential generator mix id, position and salt
+            x = (x * 1103515245 + 12345) % 2 ** 31
+        return (x % n_positions).sort(1).values
 
 
 def rows_at(call: calls.Call, weight: torch.Tensor, x: torch.Tensor, picks: torch.Tensor | None) -> torch.Tensor:
@@ -177,6 +194,13 @@ class Statistics:
     store: Store | None = None
     paths: dict[str, str] = field(default_factory=dict)  # what ran how: "refit" → "stage by stage", ...
 
+    def release(self) -> None:
+        """Give the targets' memory back to the budget."""
+        for kept in self.targets.values():
+            for k in kept:
+                self.store.release(k)
+        self.targets.clear()
+
     def targets_of(self, name: str) -> tuple[torch.Tensor, dict[int, int], int]:
         """A consumer's dense targets (rows of every sample, in gathering order), each sample id's row number,
         and the rows per sample."""
@@ -203,9 +227,10 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
     model.eval()
     sums = Sums()
     pairs = readers(trace, groups)
-    store = Store(settings)
-    positions = Positions(settings.positions, settings.seed)
+    store = settings.cache()
+    positions = Positions(settings.rows, len(samples), settings.seed)
     stats = Statistics({}, positions=positions, store=store)
+    modules = dict(model.named_modules())
     current: dict = {}
     on_input, on_output, weights = {}, {}, {}
     for name, read in pairs.items():
@@ -222,7 +247,8 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
                 call = calls.Call(_call_name(c), out, {})
                 if out.shape[0] != n:
                     return
-                picks = positions.pick(name, out_positions(call, out), ids)
+                fan_in = getattr(modules[name], c.weight).movedim(c.dim, 0)[0].numel()
+                picks = positions.pick(name, out_positions(call, out), ids, fan_in)
                 rows = targets_at(call, out.detach(), picks)
                 stats.targets.setdefault(name, []).append(store.keep(rows))
                 stats.target_ids[name] = torch.cat([stats.target_ids.get(name, torch.empty(0, dtype=torch.long)),
@@ -253,7 +279,7 @@ def covariances(model: nn.Module, names: list[str], samples: Samples, settings: 
                 bars: Bars = QUIET) -> dict[str, torch.Tensor]:
     """``E[x xᵀ]`` of the inputs each named layer's weight multiplies (conv: patches at sampled positions), from
     one forward pass."""
-    positions = Positions(settings.positions, settings.seed)
+    positions = Positions(settings.rows, len(samples), settings.seed)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     current: dict = {}
@@ -269,7 +295,7 @@ def covariances(model: nn.Module, names: list[str], samples: Samples, settings: 
             if call is not None and _per_sample(call, x, len(ids)):
                 probe = calls.Call(call.name, x, call.args)
                 n_pos = positions_of(probe, weight, x)
-                picks = positions.pick(name, n_pos, ids)
+                picks = positions.pick(name, n_pos, ids, weight[0].numel())
             design = rows_at(captured.get(name) or calls.Call("linear", x, {}), weight, x, picks)
             block = (design.T.float() @ design.float()).double()
             sums[name] = sums.get(name, 0) + block.cpu()
@@ -448,7 +474,7 @@ def replay(program: Program, model: nn.Module, samples: Samples, size: int, boun
     """Replay ``program`` over ``samples`` stage by stage: before step ``b`` of each boundary, ``on_boundary(b,
     frontier)`` sees the values crossing it for every batch (and may change the model)."""
     transforms = transforms if transforms is not None else {}
-    store = Store(settings)
+    store = settings.cache()
     frontier: Frontier | None = None
     end = len(program.steps)
     stops = sorted(set(b for b in boundaries if 0 < b < end)) + [end]

@@ -28,7 +28,7 @@ from .commands import lowrank as lowrank_command
 from .commands import shrink as shrink_command
 from .commands import sparsify as sparsify_command
 from .config import default_map, read as read_config
-from .data import parse_shape
+from .data import Preprocessing, parse_shape
 from .errors import InternalError, UsageError, VerificationError
 from .load import parse_arch_kwargs
 from .options import (DEFAULT_ATOL, DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_RTOL, Budgets, DataOptions,
@@ -82,6 +82,14 @@ DOWNLOAD = typer.Option(False, "--download", help="Download a torchvision datase
 SHAPE = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 1,28,28 (needed without --data, "
                                                  "unless the checkpoint records it).")
 CALIB = typer.Option(1000, "--calib", help="Calibration samples from the train split (fixed seed).")
+CALIB_MEMORY = typer.Option("2G", "--calib-memory", help="Memory for cached activations and batches of the calibration passes (e.g. 512M, 4G); beyond it, caches go to host memory in float16.")
+ROWS = typer.Option(16, "--calib-rows", help="Least-squares rows per input of a layer for compensation, drawn as output positions of each calibration sample.")
+WORKERS = typer.Option(0, "--workers", help="Data-loading worker processes for image folders.")
+PRESET = typer.Option(None, "--preset", help="Preprocessing of an image folder by name: imagenet (resize 256, crop 224, ImageNet mean and std).")
+RESIZE = typer.Option(None, "--resize", help="Image folder: resize the shorter side to this many pixels.")
+CROP = typer.Option(None, "--crop", help="Image folder: centre crop to this many pixels.")
+MEAN = typer.Option(None, "--mean", help="Image folder: per-channel mean to subtract, e.g. 0.485,0.456,0.406.")
+STD = typer.Option(None, "--std", help="Image folder: per-channel standard deviation to divide by, e.g. 0.229,0.224,0.225.")
 EVAL = typer.Option(None, "--eval", help="Evaluate on this many test samples (default: all).")
 JSON = typer.Option(None, "--json", help="Write the report as JSON here.")
 DEVICE = typer.Option("cpu", "--device", help="Device for scoring, evaluation and latency: cpu or cuda.")
@@ -159,8 +167,32 @@ def _source(ckpt, arch, arch_kwargs, unsafe_pickle) -> Source:
     return Source(ckpt, arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle)
 
 
-def _data(data, calib, eval_n, input_shape, download) -> DataOptions:
-    return DataOptions(data, calib, eval_n, parse_shape(input_shape), download)
+def _bytes(text: str) -> int:
+    units = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[:len(t) - len(unit)])
+    except ValueError:
+        raise UsageError(f"--calib-memory {text!r} is not a size; write it like 512M or 4G") from None
+    return int(value * units[unit])
+
+
+def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a list of numbers; write it like 0.485,0.456,0.406") from None
+
+
+def _data(data, calib, eval_n, input_shape, download, memory="2G", rows=16, workers=0, preset=None,
+          resize=None, crop=None, mean=None, std=None) -> DataOptions:
+    pre = Preprocessing(resize, crop, _floats("--mean", mean), _floats("--std", std), preset)
+    opts = DataOptions(data, calib, eval_n, parse_shape(input_shape), download, _bytes(memory), rows, workers, pre)
+    opts.check()
+    return opts
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:
@@ -242,7 +274,9 @@ def _ratios(text: str | None) -> list[float] | None:
 def shrink_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
-    input_shape: Optional[str] = SHAPE, calib: int = CALIB, eval_n: Optional[int] = EVAL,
+    input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
+    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL,
     criterion: str = typer.Option(DEFAULT_CRITERION, help="Unit score: mrs, mrp, taylor, l1, l2, fp or random."),
     ratio: float = typer.Option(0.5, help="Fraction of units removed: from every prunable layer (--scope layer) or of all units (--scope global), in [0, 1)."),
     scope: str = typer.Option("layer", help="layer: the same ratio in every layer; global: units ranked across layers (scores normalised per layer)."),
@@ -267,9 +301,9 @@ def shrink_cmd(
     opts = ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
                          _ratios(schedule))
     opts.check()
-    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, eval_n, input_shape,
-                                                                               download)
-    data_opts.check()
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    data_opts = _data(data, calib, eval_n, input_shape, download, calib_memory, calib_rows, workers, preset,
+                      resize, crop, mean, std)
     console = _console(no_progress)
     if dry_run:
         if json_path:
@@ -300,7 +334,9 @@ def shrink_cmd(
 def lowrank_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
-    input_shape: Optional[str] = SHAPE, calib: int = CALIB, eval_n: Optional[int] = EVAL,
+    input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
+    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL,
     rank: Optional[int] = typer.Option(None, help="Factor every chosen layer at this rank."),
     energy: Optional[float] = typer.Option(None, help="Smallest rank keeping this fraction of Σσ², e.g. 0.9."),
     elbow: bool = typer.Option(False, "--elbow", help="Rank at the elbow of the residual curve (the default)."),
@@ -320,8 +356,9 @@ def lowrank_cmd(
         raise UsageError("give one of --rank, --energy and --elbow")
     opts = LowrankOptions(rank, energy, layers, data_aware, max_drop)
     opts.check()
-    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, eval_n, input_shape,
-                                                                               download)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    data_opts = _data(data, calib, eval_n, input_shape, download, calib_memory, calib_rows, workers, preset,
+                      resize, crop, mean, std)
     measurement = _measurement(_device(device), latency_batches, no_latency,
                                speedup_batch if min_speedup is not None else None)
     budgets = Budgets(max_drop, min_speedup, speedup_batch, max_params)
@@ -347,7 +384,9 @@ Examples:
 def sparsify_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
-    calib: int = CALIB, eval_n: Optional[int] = EVAL,
+    calib: int = CALIB, eval_n: Optional[int] = EVAL, calib_memory: str = CALIB_MEMORY,
+    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     imp: float = typer.Option(0.3, "--imp", help="Fraction of each layer's remaining weights pruned per round."),
     rounds: int = typer.Option(3, "--rounds", help="Pruning rounds."),
     finetune_epochs: int = typer.Option(1, "--finetune-epochs", help="Retraining epochs after each round."),
@@ -365,7 +404,9 @@ def sparsify_cmd(
     opts.check()
     if data is None:
         raise UsageError("sparsify retrains between rounds: it needs --data with a train split")
-    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, eval_n, None, download)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    data_opts = _data(data, calib, eval_n, None, download, calib_memory, calib_rows, workers, preset, resize,
+                      crop, mean, std)
     measurement = _measurement(_device(device), latency_batches, no_latency)
     budgets = Budgets(max_drop, None, 1, max_params)
     _check_budgets(budgets, data, measurement)
@@ -461,14 +502,17 @@ Examples:
 def inspect_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
-    input_shape: Optional[str] = SHAPE, calib: int = CALIB,
+    input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
+    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     html: Optional[str] = typer.Option(None, "--html", help="Write one self-contained HTML page with every picture."),
     plots: Optional[str] = typer.Option(None, "--plots", help="Write the pictures as PNG files into this folder."),
     json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
 ):
     """Where is this model redundant? Dead and frozen units, MRS, spectra against Marchenko–Pastur, elbow ranks."""
-    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, None, input_shape,
-                                                                               download)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    data_opts = _data(data, calib, None, input_shape, download, calib_memory, calib_rows, workers, preset,
+                      resize, crop, mean, std)
     check_outputs({k: v for k, v in (("--html", html), ("--json", json_path), ("--plots", plots)) if v},
                   {"CKPT": ckpt})
     console = _console(no_progress)

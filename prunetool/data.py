@@ -63,10 +63,19 @@ class Samples:
     seed per-sample choices, such as sampled positions, identically in every pass and under torchrun)."""
 
     def __init__(self, x: Batch | None = None, y: torch.Tensor | None = None, dataset: Dataset | None = None,
-                 indices: list[int] | None = None, workers: int = 0, ids: torch.Tensor | None = None):
+                 indices: list[int] | None = None, workers: int = 0, ids: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None):
         self.x, self.y, self.dataset, self.indices, self.workers = x, y, dataset, indices, workers
-        n = batch_len(x) if x is not None else len(indices)
+        self.rows = rows  # in memory: which rows of x (and y) are the samples, without copying them
+        n = len(rows) if rows is not None else batch_len(x) if x is not None else len(indices)
         self.ids = torch.arange(n) if ids is None else ids
+
+    def _rows(self, start: int, stop: int) -> tuple[Batch, torch.Tensor | None]:
+        if self.rows is None:
+            return batch_slice(self.x, start, stop), (self.y[start:stop] if self.y is not None else None)
+        r = self.rows[start:stop]
+        x = self.x[r] if isinstance(self.x, torch.Tensor) else {k: v[r] for k, v in self.x.items()}
+        return x, (self.y[r] if self.y is not None else None)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,8 +90,8 @@ class Samples:
         if self.x is not None:
             for start in range(0, len(self), size):
                 stop = min(start + size, len(self))
-                y = self.y[start:stop] if self.y is not None else None
-                yield batch_slice(self.x, start, stop), y, self.ids[start:stop]
+                x, y = self._rows(start, stop)
+                yield x, y, self.ids[start:stop]
             return
         loader = DataLoader(Subset(self.dataset, self.indices), batch_size=size, shuffle=False,
                             num_workers=self.workers)
@@ -96,7 +105,7 @@ class Samples:
         """The first ``n`` samples, in memory."""
         n = min(n, len(self))
         if self.x is not None:
-            return batch_slice(self.x, 0, n), (self.y[:n] if self.y is not None else None)
+            return self._rows(0, n)
         xs, ys = [], []
         for xb, yb, _ in self.batches(n):
             xs.append(xb)
@@ -114,12 +123,9 @@ class Samples:
             return self
         r, w = distributed.rank(), distributed.world()
         if self.x is not None:
-            x = self.x[r::w] if isinstance(self.x, torch.Tensor) else {k: v[r::w] for k, v in self.x.items()}
-            return Samples(x, self.y[r::w] if self.y is not None else None, ids=self.ids[r::w])
+            rows = torch.arange(len(self)) if self.rows is None else self.rows
+            return Samples(self.x, self.y, ids=self.ids[r::w], rows=rows[r::w])
         return Samples(dataset=self.dataset, indices=self.indices[r::w], workers=self.workers, ids=self.ids[r::w])
-
-    def labelled(self, y: torch.Tensor) -> "Samples":
-        return Samples(self.x, y, self.dataset, self.indices, self.workers, self.ids)
 
 
 @dataclass
@@ -281,7 +287,7 @@ def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
     idx = torch.randperm(len(data.train), generator=gen)[:n].tolist()
     if isinstance(data.train, TensorDataset):
         x, y = data.train.tensors
-        return Samples(x[idx], y[idx])
+        return Samples(x, y, rows=torch.tensor(idx))
     return Samples(dataset=data.train, indices=idx, workers=workers)
 
 

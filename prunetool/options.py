@@ -20,7 +20,7 @@ SCOPES = ("layer", "global")
 OPTIMIZERS = ("sgd", "adam")
 LATENCY_BATCHES = (1, 32)
 DEFAULT_CALIB_MEMORY = 2 * 2 ** 30  # bytes of cached activations kept on the device, and the size of batches
-DEFAULT_POSITIONS = 64  # output positions sampled per sample from a convolution or a token sequence
+DEFAULT_ROWS = 16  # least-squares rows per input of a layer (sampled output positions; docs/BENCHMARKS.md)
 DEFAULT_ATOL = 1e-4  # ONNX / pt2 parity: max |exported − PyTorch| ≤ atol + rtol · max |PyTorch|
 DEFAULT_RTOL = 1e-4
 
@@ -45,7 +45,7 @@ class DataOptions:
     input_shape: tuple[int, ...] | None = None
     download: bool = False
     memory: int = DEFAULT_CALIB_MEMORY
-    positions: int = DEFAULT_POSITIONS
+    rows: int = DEFAULT_ROWS
     workers: int = 0
     preprocessing: object = None  # a data.Preprocessing for image folders
 
@@ -56,8 +56,8 @@ class DataOptions:
             raise UsageError(f"--eval {self.eval} must be at least 1 (leave it out to evaluate the whole test split)")
         if self.memory < 2 ** 20:
             raise UsageError(f"--calib-memory {self.memory} bytes is too small; give at least 1 MB, e.g. 2G")
-        if self.positions < 1:
-            raise UsageError(f"--calib-positions {self.positions} must be at least 1")
+        if self.rows < 1:
+            raise UsageError(f"--calib-rows {self.rows} must be at least 1")
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers} must be 0 or more")
         if self.preprocessing is not None:

@@ -88,8 +88,8 @@ class Sums:
         self.sums, self.counts = {}, {}
 
     def add(self, key, view: torch.Tensor, c: Consumer):
-        s = view.double().sum(0)
-        s = s if per_position(c) else s.sum(1, keepdim=True)
+        # positions are summed in the activations' dtype (a few thousand terms), samples in float64
+        s = (view if per_position(c) else view.sum(2, keepdim=True)).double().sum(0)
         self.sums[key] = self.sums.get(key, 0) + s
         self.counts[key] = self.counts.get(key, 0) + view.shape[0] * (1 if per_position(c) else view.shape[2])
 
@@ -136,10 +136,12 @@ def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, s
 
         def on_grad(grad, a=a.detach(), read=read):
             for g, c in read:
-                gv, av = unit_view(grad, g, c).double(), unit_view(a, g, c).double()
-                change = -(av * gv).sum(2)
+                gv, av = unit_view(grad, g, c), unit_view(a, g, c)
+                # Σ_p (μ_p − a_p)·g_p per sample and unit; positions reduced in float32, samples kept in float64
+                change = -(av * gv).sum(2).double()
                 if use_mean:
-                    change = change + (gv * mean_of(means, g, c).to(gv.device).double()).sum(2)
+                    mu = mean_of(means, g, c).to(gv.device, gv.dtype)
+                    change += ((gv * mu).sum(2) if per_position(c) else gv.sum(2) * mu[:, 0]).double()
                 changes[g.name] = changes[g.name] + change if g.name in changes else change
 
         a.register_hook(on_grad)

@@ -54,7 +54,8 @@ def check_identity(dense: nn.Module, trace: Trace, x: torch.Tensor) -> None:
 
 
 def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor) -> float:
-    """Removal must equal zeroing the removed units where they are read. Returns the relative difference."""
+    """Removal must equal zeroing the removed units where they are read (the cut without compensation against
+    the dense model with those units zeroed). Returns the relative difference."""
     from .cut import complement, cut, mask_hooks
     from .score import mean_key
 
@@ -138,12 +139,16 @@ def check_reload(data: bytes, x: torch.Tensor, expected: torch.Tensor) -> None:
         raise VerificationError(f"the saved model reloads with different outputs (max abs diff {diff:.3g})")
 
 
+EXACT_PROBE = 8  # samples for the checks that must hold exactly (ratio 0, a constant unit)
+REMOVAL_PROBE = 16  # a misread graph differs by orders of magnitude more than the tolerance on any sample
+
+
 def verify(dense: nn.Module, small: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
            x: torch.Tensor) -> dict:
     """Every check on the cut model; raises :class:`VerificationError` on the first failure."""
     out = check_forward(small, x, trace.output_shape)
-    check_identity(dense, trace, x)
-    removal = check_removal(dense, trace, keep, x)
-    constant = check_constant_unit(dense, trace, x)
+    check_identity(dense, trace, x[:EXACT_PROBE])
+    removal = check_removal(dense, trace, keep, x[:REMOVAL_PROBE])
+    constant = check_constant_unit(dense, trace, x[:EXACT_PROBE])
     return {"forward": "ok", "ratio_zero": "exact", "removal_rel_diff": removal,
             "constant_unit_rel_diff": constant, "outputs": out}

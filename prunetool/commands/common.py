@@ -99,7 +99,7 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
             mode[0].train(mode[1])
         raise
     computed = str(next((p.dtype for p in dense.parameters()), torch.float32)).replace("torch.", "")
-    settings = Settings(data.memory, data.positions, device)
+    settings = Settings(data.memory, data.rows, device)
     return Job(ckpt, loaded, dense, calib, probe, graph, computed, settings, data.eval, mode)
 
 

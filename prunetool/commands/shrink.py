@@ -147,7 +147,7 @@ def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         small = cut(copy.deepcopy(current), graph, keep, opts.compensate, means, calib, bars, stats=stats,
                     settings=engine, dense=current).eval()
         paths = dict(stats.paths)
-        del stats
+        stats.release()
         current.cpu()
         small.cpu()
         checks = verify(current, small, graph, keep, probe)

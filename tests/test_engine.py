@@ -1,0 +1,196 @@
+"""The calibration engine: programs replay the model exactly or refuse; the stage-by-stage refit and means equal
+the layer-by-layer ones; positions are per sample; caches past the budget go to float16; image folders stream."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunetool
+from prunetool.calibrate import Positions, Program, Settings, Store, statistics
+from prunetool.cut import cut, plan_cut, select, sequential_means
+from prunetool.data import Samples, calibration, load_data
+from prunetool.score import score
+from prunetool.trace import trace
+
+import zoo
+from conftest import evci_cnn
+
+
+class Flatten2(nn.Module):
+    """A batch size computed in forward (x.view(x.size(0), -1)) must replay at any batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8 * 14 * 14, 5)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_program_replays_at_any_batch_size():
+    torch.manual_seed(0)
+    for model in (Flatten2().eval(), zoo.build("DepthwiseSENet"), zoo.build("ThirdPartyNet")):
+        shape = (3, 16, 16)
+        program = Program.record(model, torch.randn(3, *shape))
+        assert program is not None
+        x = torch.randn(7, *shape)
+        env = program.start(model, x)
+        with torch.no_grad():
+            for i in range(len(program.steps)):
+                program.execute(i, model, env, 7)
+            assert torch.equal(env[program.outputs[0]], model(x))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: the recorded calls are not the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.mean() > 0 else self.b(x).relu()
+
+
+def test_program_refuses_data_dependent_control_flow():
+    x = torch.tensor([[1.0] * 4, [1.0] * 4, [-9.0] * 4])  # mean of 2 samples > 0, of 3 samples < 0
+    assert Program.record(Branchy().eval(), x) is None
+
+
+def _cut_both_ways(model, data, compensate):
+    samples = calibration(data, 400)  # more samples than the widest refit has inputs: a determined fit
+    graph = trace(model, samples.take(2)[0])
+    settings = Settings(rows=10 ** 6)  # every position: the two paths then see the same rows
+    stats = statistics(model, graph, samples, settings, targets=True)
+    keep = select(graph, score(model, graph, "l2", samples, means=stats.means, settings=settings).scores, 0.5)
+    if compensate == "mean":
+        fast = sequential_means(model, graph, keep, samples, settings=settings)
+        slow = {}
+        from prunetool.cut import mask_hooks
+        from prunetool.score import unit_means
+
+        for i, g in enumerate(graph.groups):
+            with mask_hooks(model, graph, keep, slow, graph.groups[:i]):
+                slow.update(unit_means(model, graph, samples, groups=[g]))
+        return fast, slow
+    staged = cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats, settings=settings)
+    assert stats.paths["refit"] == "stage by stage"
+    layered = cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples)
+    return staged, layered
+
+
+def test_stage_by_stage_refit_equals_layer_by_layer(mnist_small):
+    staged, layered = _cut_both_ways(evci_cnn(), mnist_small, "lstsq")
+    x = mnist_small.test.tensors[0][:200]
+    with torch.no_grad():
+        a, b = staged(x), layered(x)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max())), float((a - b).abs().max())
+    for (name, p), q in zip(staged.named_parameters(), layered.parameters()):
+        assert p.shape == q.shape, name
+
+
+def test_stage_by_stage_means_on_a_chain_equal_group_by_group(mnist_small):
+    """On a chain every earlier group is upstream: both definitions of 'behind earlier cuts' agree."""
+    fast, slow = _cut_both_ways(evci_cnn(), mnist_small, "mean")
+    assert set(fast) == set(slow)
+    for g in fast:
+        for key in fast[g]:
+            assert torch.allclose(fast[g][key], slow[g][key], rtol=1e-4, atol=1e-6), (g, key)
+
+
+def test_positions_are_per_sample_whatever_the_batches():
+    pos = Positions(rows=5, samples=10, seed=3)
+    ids = torch.arange(10)
+    whole = pos.pick("layer", 100, ids, fan_in=10)  # 5 rows per input × 10 inputs / 10 samples: 5 per sample
+    again = Positions(rows=5, samples=10, seed=3)
+    parts = torch.cat([again.pick("layer", 100, ids[:4], fan_in=10), again.pick("layer", 100, ids[4:], fan_in=10)])
+    assert torch.equal(whole, parts) and whole.shape == (10, 5)
+    assert len({tuple(r.tolist()) for r in whole}) > 1, "positions differ between samples"
+    assert torch.equal(pos.pick("small", 3, ids, fan_in=10), torch.arange(3).expand(10, 3))  # fewer: all
+    assert Positions(rows=16, samples=1000).count("wide", 4608) == 74  # rows in proportion to the inputs
+
+
+def test_store_goes_to_float16_past_the_budget():
+    store = Store(Settings(memory=1000))
+    small = store.keep(torch.ones(10))
+    big = store.keep(torch.full((1000,), 1 / 3))
+    assert small[1] is None and store.get(small).dtype == torch.float32
+    assert big[0].dtype == torch.float16 and store.get(big).dtype == torch.float32
+    assert torch.allclose(store.get(big), torch.full((1000,), 1 / 3), rtol=1e-3)
+
+
+def test_a_tight_budget_gives_the_same_cut_within_float16(mnist_small):
+    model = evci_cnn()
+    samples = calibration(mnist_small, 96)
+    graph = trace(model, samples.take(2)[0])
+    results = []
+    for memory in (2 ** 30, 2 ** 20):
+        settings = Settings(memory=memory)
+        stats = statistics(model, graph, samples, settings, targets=True)
+        keep = select(graph, score(model, graph, "l2", samples, means=stats.means, settings=settings).scores, 0.5)
+        results.append(cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats,
+                           settings=settings))
+    x = mnist_small.test.tensors[0][:200]
+    with torch.no_grad():
+        a, b = results[0](x), results[1](x)
+    assert torch.allclose(a, b, rtol=2e-2, atol=2e-2 * float(a.abs().max()))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            d = tmp_path / split / label
+            d.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return tmp_path
+
+
+def test_image_folders_stream_with_preprocessing(image_folder):
+    from prunetool.data import Preprocessing
+
+    data = load_data(str(image_folder), pre=Preprocessing(resize=36, crop=32, mean=(0.5, 0.5, 0.5),
+                                                          std=(0.25, 0.25, 0.25)))
+    samples = calibration(data, 10)
+    assert samples.x is None and len(samples) == 10  # read from disk batch by batch, never held
+    batches = list(samples.batches(4))
+    assert [len(b[2]) for b in batches] == [4, 4, 2] and batches[0][0].shape == (4, 3, 32, 32)
+    assert float(batches[0][0].min()) < -1.0  # normalised
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 2)).eval()
+    small, report = prunetool.shrink(model, data, ratio=0.5, calib=10, measure=False)
+    assert small[2].in_channels == 4 and report["settings"]["engine"]["refit"] == "stage by stage"
+
+
+def test_unknown_preset_and_half_normalisation_are_refused(tmp_path):
+    from prunetool.data import Preprocessing
+    from prunetool.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown --preset"):
+        Preprocessing(preset="cifar").check()
+    with pytest.raises(UsageError, match="--mean and --std together"):
+        Preprocessing(mean=(0.5, 0.5, 0.5)).check()
+
+
+def test_streamed_and_in_memory_samples_give_the_same_statistics(mnist_small):
+    model = evci_cnn()
+    memory = calibration(mnist_small, 50)
+    x, y = memory.all()
+    streamed = Samples(dataset=torch.utils.data.TensorDataset(x, y), indices=list(range(50)))
+    graph = trace(model, x[:2])
+    a = statistics(model, graph, memory, Settings()).means
+    b = statistics(model, graph, streamed, Settings(memory=2 ** 20)).means
+    for g in a:
+        for key in a[g]:
+            assert torch.allclose(a[g][key], b[g][key], atol=1e-6)
