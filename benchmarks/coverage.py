@@ -69,11 +69,14 @@ def make(name: str, path: str) -> None:
     torch.save(build_arch(arch, kwargs).state_dict(), path)
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's prunetool, as if installed, in every process
+
+
 def _cli(args: list[str], cwd: Path, timeout: int) -> tuple[int, str, float]:
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "prunetool", *args], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, env=ENV)
     except subprocess.TimeoutExpired:
         return -1, f"over {timeout} s on this machine", time.perf_counter() - start
     last = (proc.stderr.strip().splitlines() or [""])[-1]
@@ -87,7 +90,7 @@ def one(name: str, work: Path, timeout: int) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     row: dict = {"name": name, "size": size, "reasons": {}}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.coverage", "--make", name, "--path",
-                           str(d / "model.pt")], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                           str(d / "model.pt")], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     if proc.returncode != 0:
         row["reasons"]["cut"] = "cannot build: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
         return row
@@ -126,8 +129,7 @@ def one(name: str, work: Path, timeout: int) -> dict:
         args = [str(d / "x.pt"), str(size)] + [str(d / f"x.{k}") if have[k] and (d / f"x.{k}").exists() else "-"
                                                 for k in ("onnx", "pt2")]
         proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "coverage_reload.py"), *args],
-                              cwd=elsewhere, capture_output=True, text=True, timeout=timeout,
-                              env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                              cwd=elsewhere, capture_output=True, text=True, timeout=timeout, env=ENV)
         shutil.rmtree(elsewhere, ignore_errors=True)
         if proc.returncode == 0:
             row["reload_check"] = json.loads(proc.stdout.strip().splitlines()[-1])
