@@ -3,13 +3,15 @@
 Each command turns its flags into the option dataclasses of :mod:`prunetool.options`, runs the command with a
 staging area, stages its report files beside the model, commits them all together, prints and sets the exit
 code: 0 done, 1 a budget missed or a verification failed, 2 bad input, 3 an internal error (a bug: ``--debug``
-shows the traceback), 130 interrupted.
+shows the traceback), 4 a speed-up gate could not be judged (the machine was too noisy), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -34,7 +36,7 @@ from .load import parse_arch_kwargs
 from .options import (DEFAULT_ATOL, DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_RTOL, Budgets, DataOptions,
                       LowrankOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source, SparsifyOptions)
 from .report import (budget_failures, json_bytes, render, render_bench, render_inspect, render_plan, summary_line,
-                     summary_markdown)
+                     summary_markdown, too_noisy)
 from .staging import Staging, check_outputs
 
 app = typer.Typer(
@@ -209,10 +211,14 @@ def _measurement(device: str, latency_batches: str, no_latency: bool, speedup_ba
     batches = () if no_latency else _ints("--latency-batches", latency_batches)
     if speedup_batch is not None and not no_latency and speedup_batch not in batches:
         batches = tuple(sorted({*batches, speedup_batch}))
-    return Measurement(True, batches, device)
+    return Measurement(True, batches, device, speedup_batch)
 
 
 def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol: float, rtol: float) -> Outputs:
+    if Path(ckpt).is_dir():
+        raise UsageError(f"{ckpt} is a directory; pass a checkpoint file (.pt, .pth or .safetensors)")
+    if not Path(ckpt).exists():
+        raise UsageError(f"{ckpt}: no such file; check the checkpoint path")
     out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.safetensors"))
     outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol)
     outputs.check()
@@ -232,16 +238,22 @@ def _check_budgets(budgets: Budgets, data, measurement: Measurement) -> None:
         raise UsageError("--min-speedup needs latency: drop --no-latency")
 
 
+NOISY = 4  # exit code: a speed-up gate could not be judged on this machine
+
+
 def _conclude(report: dict, staging: Staging, outputs: Outputs, budgets: Budgets, quiet: bool,
               console: Console) -> None:
-    """Stage the report files, commit every output together, print, and exit 1 on a missed budget."""
+    """Stage the report files, commit every output together, print; exit 1 on a missed budget, 4 when the
+    machine was too noisy to judge a speed-up gate."""
     failures = budget_failures(report, budgets)
-    report["budgets"] = {"failures": failures, **{k: v for k, v in vars(budgets).items() if v is not None}}
+    noisy = too_noisy(report, budgets)
+    report["budgets"] = {"failures": failures, "too_noisy": noisy,
+                         **{k: v for k, v in vars(budgets).items() if v is not None}}
     report["config"] = _config_source()
     if not distributed.is_main():  # under torchrun only the first process writes and prints
         staging.discard()
-        if failures:
-            raise typer.Exit(1)
+        if failures or noisy:
+            raise typer.Exit(1 if failures else NOISY)
         return
     if outputs.json:
         staging.write(outputs.json, json_bytes(report))
@@ -255,10 +267,12 @@ def _conclude(report: dict, staging: Staging, outputs: Outputs, budgets: Budgets
     else:
         render(report, console)
         console.print(line, highlight=False, soft_wrap=True)
-    if failures:
-        for f in failures:
-            print(f"prunetool: budget missed: {f}", file=sys.stderr)
-        raise typer.Exit(1)
+    for f in failures:
+        print(f"prunetool: budget missed: {f}", file=sys.stderr)
+    if noisy:
+        print(f"prunetool: not judged: {noisy}", file=sys.stderr)
+    if failures or noisy:
+        raise typer.Exit(1 if failures else NOISY)
 
 
 def _ratios(text: str | None) -> list[float] | None:
@@ -532,6 +546,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"prunetool: warning: {message}", file=sys.stderr)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # a CI runner cancelling the job: clean up staged files as on Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     global _ARGV
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -539,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     _ARGV = argv
     warnings.showwarning = _show_warning
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         # Without standalone mode, click hands back typer.Exit's code as the return value.
         code = app(args=argv, standalone_mode=False, prog_name="prunetool")
@@ -570,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunetool: internal error: {type(e).__name__}: {text} (run again with --debug for the traceback; "
               "nothing was written)", file=sys.stderr)
         return InternalError.exit_code
+    if code == 130:  # Typer turns an interrupt into this code by itself
+        print("prunetool: interrupted; nothing was written", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 

@@ -154,20 +154,70 @@ def _to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _npz(path: Path) -> Data:
     try:
-        arrays = np.load(path)
+        arrays = np.load(path, allow_pickle=False)
+        files = set(arrays.files)
     except Exception as e:
-        raise UsageError(f"cannot read {path} as .npz ({e}); save it with numpy.savez") from None
+        raise UsageError(f"cannot read {path} as .npz ({str(e).splitlines()[0][:120]}); save it with numpy.savez") \
+            from None
     need = {"x_train", "y_train", "x_test", "y_test"}
-    missing = need - set(arrays.files)
+    missing = need - files
     if missing:
         raise UsageError(f"{path} lacks arrays {', '.join(sorted(missing))}; it needs x_train, y_train, x_test, y_test")
     split = {}
     for name in ("train", "test"):
-        x, y = _to_float(arrays[f"x_{name}"]), torch.as_tensor(np.asarray(arrays[f"y_{name}"])).long()
+        try:
+            raw_x, raw_y = np.asarray(arrays[f"x_{name}"]), np.asarray(arrays[f"y_{name}"])
+        except Exception as e:  # object arrays need pickle, which is refused
+            raise UsageError(f"{path}: cannot read x_{name}/y_{name} ({str(e).splitlines()[0][:100]}); save plain "
+                             "numeric arrays") from None
+        _check_images(raw_x, f"{path}: x_{name}")
+        _check_labels(raw_y, f"{path}: y_{name}")
+        x, y = _to_float(raw_x), torch.as_tensor(raw_y).long()
         if len(x) != len(y):
-            raise UsageError(f"{path}: x_{name} has {len(x)} samples but y_{name} has {len(y)}")
+            raise UsageError(f"{path}: x_{name} has {len(x)} samples but y_{name} has {len(y)}; give one label per "
+                             "sample")
+        if len(x) == 0:
+            raise UsageError(f"{path}: x_{name} has no samples; the {name} split needs at least one")
         split[name] = TensorDataset(x, y)
     return Data(split["train"], split["test"], str(path))
+
+
+def _check_images(x: np.ndarray, what: str) -> None:
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise UsageError(f"{what} holds {x.dtype} values, not numbers; save images as uint8 or float arrays")
+    if x.ndim < 2:
+        raise UsageError(f"{what} has shape {x.shape}; save it as N×C×H×W (or N×H×W, N×features)")
+    if np.issubdtype(x.dtype, np.floating) and x.size:
+        if not np.isfinite(x).all():
+            raise UsageError(f"{what} holds NaN or infinite values; clean the data")
+        if x.min() >= 0 and x.max() > 2.0 and float(x.max()) <= 255.0 and (x == np.round(x)).mean() > 0.99:
+            raise UsageError(f"{what} holds float pixels in 0..255; prunetool feeds floats as they are: save uint8 "
+                             "images (scaled to [0, 1] on loading) or divide by 255")
+
+
+def _check_labels(y: np.ndarray, what: str) -> None:
+    if y.ndim != 1:
+        hint = " (one-hot?)" if y.ndim == 2 else ""
+        raise UsageError(f"{what} has shape {y.shape}{hint}; give one class index per sample, e.g. y.argmax(1)")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
+            raise UsageError(f"{what} holds {y.dtype} values that are not class indices; give integer labels")
+    if y.size and y.min() < 0:
+        raise UsageError(f"{what} has negative labels (e.g. {int(y.min())}); labels are class indices 0 … classes-1")
+
+
+def check_labels(data: Data, outputs: int) -> None:
+    """Labels must name one of the model's ``outputs`` classes (checked before any work)."""
+    for name, ds in (("train", data.train), ("test", data.test)):
+        if isinstance(ds, TensorDataset):
+            y = ds.tensors[1]
+            if len(y) and int(y.max()) >= outputs:
+                raise UsageError(f"{data.spec}: {name} labels go up to {int(y.max())} but the model has {outputs} "
+                                 "outputs; check the data or --arch-kwargs (num_classes)")
+        classes = getattr(ds, "classes", None)
+        if classes is not None and len(classes) > outputs:
+            raise UsageError(f"{data.spec}: {name} has {len(classes)} classes but the model has {outputs} outputs; "
+                             "check the data or --arch-kwargs (num_classes)")
 
 
 def _torchvision(kind: str, root: str, download: bool) -> Data:
@@ -280,8 +330,13 @@ def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
         x = torch.randn((n, *input_shape), generator=gen)
         if model is None:
             return Samples(x, torch.zeros(n, dtype=torch.long))
-        with torch.no_grad():
-            y = torch.cat([call(model, as_input(b, model)).argmax(-1) for b in x.split(64)])
+        try:
+            with torch.no_grad():
+                y = torch.cat([call(model, as_input(b, model)).argmax(-1) for b in x.split(64)])
+        except Exception as e:
+            raise UsageError(f"inputs of shape {tuple(input_shape)} do not fit the model "
+                             f"({str(e).splitlines()[0][:160]}); check --input-shape (without the batch size, "
+                             "e.g. 1,28,28)") from None
         return Samples(x, y)
     n = min(n, len(data.train))
     idx = torch.randperm(len(data.train), generator=gen)[:n].tolist()

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import typing
 import warnings
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +379,10 @@ def from_bytes(data: bytes, path: str = "<saved>", arch: str | None = None, arch
     if _is_safetensors(data):
         obj = _read_safetensors(data, path)
     else:
+        if not (data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"):  # neither torch's zip nor a pickle
+            raise UsageError(f"{path} is not a PyTorch checkpoint (nor safetensors); pass a file written by "
+                             "torch.save or safetensors")
+        _check_zip(data, path)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -393,6 +398,19 @@ def from_bytes(data: bytes, path: str = "<saved>", arch: str | None = None, arch
     ckpt = _from_object(obj, path, arch, arch_kwargs)
     ckpt.model.eval()
     return ckpt
+
+
+def _check_zip(data: bytes, path: str) -> None:
+    """torch.save's zip archives carry a CRC-32 per entry, which torch.load does not check: check it."""
+    if not data.startswith(b"PK\x03\x04"):
+        return
+    try:
+        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise UsageError(f"{path} is a damaged or truncated checkpoint ({str(e).splitlines()[0][:100]}); copy or save "
+                         "it again") from None
+    if bad is not None:
+        raise UsageError(f"{path} is damaged: {bad} fails its checksum; copy or save it again")
 
 
 def _unpickle(data: bytes, path: str):

@@ -134,3 +134,42 @@ def peak_forward_mb(model: nn.Module, shape, batch: int, device: str) -> float |
         model(x)
     peak = _rss_kb("VmHWM:")
     return None if before is None or peak is None else max(0, peak - before) / 1024
+
+
+NOISE = 0.2  # a speed-up is judged only when its p10–p90 range over measurement rounds is within ±20% of its median
+
+
+def compare_latency(before: nn.Module, after: nn.Module, input_shape: tuple[int, ...], batch: int,
+                    device: str = "cpu", rounds: int = 7, budget_s: float = 2.0) -> dict:
+    """Latency of two models measured in alternating rounds (so that both see the same machine), with the spread
+    of each and of the speed-up: the per-round ratios' p10, p50 and p90. ``noisy`` when the speed-up's p10–p90
+    range is wider than ±``NOISE`` of its median."""
+    xa = torch.randn((batch, *input_shape), device=device, dtype=model_dtype(before))
+    xb = xa.to(model_dtype(after))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    before.eval()
+    after.eval()
+
+    def once(model, x) -> float:
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        return 1000.0 * (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up
+            once(before, xa)
+            once(after, xb)
+        first = once(before, xa) + once(after, xb)
+        per_round = max(1, int(budget_s * 1000 / rounds / max(first, 1e-3)))
+        times_a, times_b, ratios = [], [], []
+        for _ in range(rounds):
+            ta = [once(before, xa) for _ in range(per_round)]
+            tb = [once(after, xb) for _ in range(per_round)]
+            times_a += ta
+            times_b += tb
+            ratios.append(statistics.median(ta) / max(statistics.median(tb), 1e-9))
+    speedup = {"p10": percentile(ratios, 0.1), "p50": statistics.median(ratios), "p90": percentile(ratios, 0.9)}
+    spread = (speedup["p90"] - speedup["p10"]) / 2 / max(speedup["p50"], 1e-9)
+    return {"batch": batch, "before": timing_stats(times_a, batch), "after": timing_stats(times_b, batch),
+            "speedup": speedup, "spread": spread, "noisy": spread > NOISE, "rounds": rounds}

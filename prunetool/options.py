@@ -72,6 +72,7 @@ class Measurement:
     evaluate: bool = True
     latency_batches: tuple[int, ...] = LATENCY_BATCHES
     device: str = "cpu"
+    gate_batch: int | None = None  # the batch a --min-speedup gate reads: measured again while too noisy
 
     def check(self) -> None:
         if any(b < 1 for b in self.latency_batches):

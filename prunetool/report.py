@@ -75,9 +75,11 @@ def metrics_table(report: dict) -> Table:
     table.add_row("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"]))
     table.add_row("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
     table.add_row("loss", _loss(b["loss"]), _loss(a["loss"]), "")
-    for bs in b["latency_ms"]:
-        lb, la = b["latency_ms"][bs], a["latency_ms"][bs]
-        table.add_row(f"latency, batch {bs}", f"{lb:.3f} ms", f"{la:.3f} ms", _ratio(lb, la))
+    for bs, m in report.get("latency", {}).items():
+        before, after, s = m["before"], m["after"], m["speedup"]
+        table.add_row(f"latency, batch {bs}", f"{before['median_ms']:.3f} ms ({before['p10_ms']:.2f}–{before['p90_ms']:.2f})",
+                      f"{after['median_ms']:.3f} ms ({after['p10_ms']:.2f}–{after['p90_ms']:.2f})",
+                      f"{s['p50']:.2f}× ({s['p10']:.2f}–{s['p90']:.2f})" + (" noisy" if m["noisy"] else ""))
     return table
 
 
@@ -150,8 +152,17 @@ def render(report: dict, console: Console) -> None:
                       f"({v['removal_rel_diff']:.1e})"
                       + (f", constant unit removed exactly ({const:.1e})" if const is not None else "")
                       + (", reload identical" if v.get("reload") else ""))
-    if s.get("out"):
-        console.print(f"wrote {s['out']}")
+    for kind in ("onnx", "pt2"):
+        if kind in report:
+            o = report[kind]
+            how = f" ({o['exporter']} exporter, opset {o['opset']})" if kind == "onnx" else ""
+            console.print(f"{kind}: {o['path']}{how}, max |exported − PyTorch| {o['max_abs_diff']:.2g} "
+                          f"(tolerance {o['tolerance']:.2g})")
+    dtype = s.get("dtype")
+    if dtype and dtype["file"] != dtype["computed"]:
+        console.print(f"dtype: written as {dtype['file']}, computed in {dtype['computed']}")
+    if report.get("config"):
+        console.print(f"config: options from {report['config']}")
 
 
 def render_plan(report: dict, console: Console) -> None:
@@ -192,7 +203,8 @@ def json_bytes(report: dict) -> bytes:
 
 
 def budget_failures(report: dict, budgets) -> list[str]:
-    """One line per missed budget (``budgets`` is an :class:`prunetool.options.Budgets`); empty when all hold."""
+    """One line per missed budget (``budgets`` is an :class:`prunetool.options.Budgets`); empty when all hold. A
+    speed-up measured too noisily to judge is not a miss: :func:`too_noisy` says so."""
     lines = []
     b, a = report.get("before", {}), report.get("after", {})
     if budgets.max_drop is not None:
@@ -201,17 +213,33 @@ def budget_failures(report: dict, budgets) -> list[str]:
             lines.append(f"accuracy drop {drop:.2f} pp is above --max-drop {budgets.max_drop:g} pp by "
                          f"{drop - budgets.max_drop:.2f}")
     if budgets.min_speedup is not None:
-        key = str(budgets.speedup_batch)
-        speedup = b["latency_ms"][key] / a["latency_ms"][key]
-        if speedup < budgets.min_speedup:
-            lines.append(f"speed-up {speedup:.2f}× at batch {budgets.speedup_batch} is below --min-speedup "
-                         f"{budgets.min_speedup:g}×")
+        m = report["latency"][str(budgets.speedup_batch)]
+        s = m["speedup"]
+        if not m["noisy"] and s["p50"] < budgets.min_speedup:
+            lines.append(f"speed-up {s['p50']:.2f}× (p10 {s['p10']:.2f}×, p90 {s['p90']:.2f}×) at batch "
+                         f"{budgets.speedup_batch} is below --min-speedup {budgets.min_speedup:g}×")
     if budgets.max_params is not None:
         limit = budgets.max_params * b["params"] if budgets.max_params <= 1 else budgets.max_params
         if a["params"] > limit:
             lines.append(f"{a['params']:,} parameters are above --max-params {budgets.max_params:g} "
                          f"({int(limit):,}) by {a['params'] - int(limit):,}")
     return lines
+
+
+def too_noisy(report: dict, budgets) -> str | None:
+    """The line saying a speed-up gate could not be judged: the measurement stayed too noisy."""
+    from .measure import NOISE
+
+    if budgets.min_speedup is None:
+        return None
+    m = report["latency"][str(budgets.speedup_batch)]
+    if not m["noisy"]:
+        return None
+    s = m["speedup"]
+    return (f"the machine was too noisy to judge --min-speedup {budgets.min_speedup:g}× at batch "
+            f"{budgets.speedup_batch}: the speed-up ranged {s['p10']:.2f}×–{s['p90']:.2f}× over {m['rounds']} rounds "
+            f"in each of {m['attempts']} measurements (judged within ±{100 * NOISE:.0f}% of the median); run it on an "
+            "idle machine, or pin threads with OMP_NUM_THREADS")
 
 
 def summary_markdown(report: dict, failures: list[str]) -> str:
@@ -221,8 +249,9 @@ def summary_markdown(report: dict, failures: list[str]) -> str:
             ("MACs / sample", f"{b['macs']:,}", f"{a['macs']:,}", _ratio(b["macs"], a["macs"])),
             ("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"])),
             ("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")]
-    rows += [(f"latency, batch {k}", f"{b['latency_ms'][k]:.3f} ms", f"{a['latency_ms'][k]:.3f} ms",
-              _ratio(b["latency_ms"][k], a["latency_ms"][k])) for k in b["latency_ms"]]
+    rows += [(f"latency, batch {k}", f"{m['before']['median_ms']:.3f} ms", f"{m['after']['median_ms']:.3f} ms",
+              f"{m['speedup']['p50']:.2f}× ({m['speedup']['p10']:.2f}–{m['speedup']['p90']:.2f})"
+              + (" noisy" if m["noisy"] else "")) for k, m in report.get("latency", {}).items()]
     lines = [f"### prunetool {report['command']}", "", f"`{summary_line(report)}`", "",
              "| | before | after | ratio |", "|---|--:|--:|--:|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]

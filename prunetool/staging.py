@@ -18,6 +18,9 @@ def _umask() -> int:
     return mask
 
 
+DIRECTORY_OUTPUTS = ("--plots",)
+
+
 def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None) -> None:
     """Refuse outputs that collide with each other or with an input, or cannot be written; one line each."""
     seen: dict[Path, str] = {}
@@ -32,7 +35,7 @@ def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None)
             raise UsageError(f"{flag} {path} is {what}; give each output its own path")
         seen[resolved] = flag
         parent = p.parent if str(p.parent) else Path(".")
-        if p.is_dir() and not flag.endswith("dir"):
+        if p.is_dir() and flag not in DIRECTORY_OUTPUTS:
             raise UsageError(f"{flag} {path} is a directory; give a file path")
         if not parent.is_dir():
             raise UsageError(f"cannot write {path}: directory {parent} does not exist; create it or choose another "

@@ -56,16 +56,50 @@ def test_lowrank_with_onnx(work, mnist):
 
 def test_missed_budgets_exit_1_one_line_each_and_still_write(work, mnist, capsys):
     code = main(["shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", "--ratio", "0.9", *fast(mnist),
-                 "--max-drop", "0.5", "--max-params", "100", "--min-speedup", "1000", "--json", "r.json",
-                 "--summary-md", "s.md"])
+                 "--max-drop", "0.5", "--max-params", "100", "--json", "r.json", "--summary-md", "s.md"])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("prunetool: budget missed: ") for line in err)
-    assert "--max-drop" in err[0] and "--min-speedup" in err[1] and "--max-params" in err[2]
+    assert len(err) == 2 and all(line.startswith("prunetool: budget missed: ") for line in err)
+    assert "--max-drop" in err[0] and "--max-params" in err[1]
     assert (work / "evci_cnn.shrunk.safetensors").exists()
     report = json.loads((work / "r.json").read_text())
-    assert len(report["budgets"]["failures"]) == 3
+    assert len(report["budgets"]["failures"]) == 2
     assert "Budgets missed" in (work / "s.md").read_text()
+
+
+def _latency(p10, p50, p90, noisy):
+    stats = {"median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.1, "throughput": 1.0, "runs": 10}
+    return {"batch": 1, "before": stats, "after": stats, "speedup": {"p10": p10, "p50": p50, "p90": p90},
+            "spread": (p90 - p10) / 2 / p50, "noisy": noisy, "rounds": 7, "attempts": 3 if noisy else 1}
+
+
+@pytest.mark.parametrize("measured,code,line", [
+    ((1.9, 2.0, 2.1, False), 0, None),
+    ((1.1, 1.2, 1.3, False), 1, "budget missed: speed-up 1.20× (p10 1.10×, p90 1.30×) at batch 1 is below"),
+    ((0.5, 2.0, 9.0, True), 4, "not judged: the machine was too noisy to judge --min-speedup 1.5×"),
+])
+def test_speedup_gate_passes_fails_or_says_the_machine_is_too_noisy(work, mnist, capsys, monkeypatch, measured,
+                                                                    code, line):
+    import prunetool.commands.common as common
+
+    monkeypatch.setattr(common, "compare_latency", lambda *a, **k: _latency(*measured))
+    assert main(["shrink", "evci_cnn.pt", "--arch", "samples.nets:EvciCNN", "--ratio", "0.5", *fast(mnist),
+                 "--min-speedup", "1.5", "--latency-batches", "1", "--json", "r.json"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (not err) if line is None else (len(err) == 1 and line in err[0])
+    assert json.loads((work / "r.json").read_text())["budgets"]["too_noisy"] is not None if code == 4 else True
+
+
+def test_interleaved_latency_reports_a_spread():
+    from prunetool.measure import compare_latency
+
+    torch.manual_seed(0)
+    big = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    small = torch.nn.Sequential(torch.nn.Linear(256, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    m = compare_latency(big, small, (256,), 8, rounds=5, budget_s=0.3)
+    s = m["speedup"]
+    assert s["p10"] <= s["p50"] <= s["p90"] and m["before"]["p10_ms"] <= m["before"]["median_ms"] <= m["before"]["p90_ms"]
+    assert m["noisy"] == (m["spread"] > 0.2) and m["before"]["runs"] == m["after"]["runs"] >= 5
 
 
 def test_met_budgets_exit_0(work, mnist):

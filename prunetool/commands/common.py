@@ -20,10 +20,10 @@ from torch import nn
 
 from .. import __version__, distributed
 from ..calibrate import Settings
-from ..data import Data, Samples, calibration, eval_loader, load_data
+from ..data import Data, Samples, calibration, check_labels, eval_loader, load_data
 from ..export import export_onnx, export_pt2
 from ..load import Checkpoint, format_of, load, round_through, serialize, upcast_half
-from ..measure import as_input, evaluate, latency, macs, params
+from ..measure import as_input, compare_latency, evaluate, macs, params
 from ..options import DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
 from ..staging import Staging
@@ -94,6 +94,8 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
         if len(probe) < 2:
             probe = torch.cat([probe, probe])
         graph = trace(dense, probe[:2])
+        if loaded.train is not None and graph.output_shape:
+            check_labels(loaded, graph.output_shape[-1])
     except BaseException:
         if mode is not None:
             mode[0].train(mode[1])
@@ -108,16 +110,32 @@ def snapshot(model: nn.Module, file_bytes: int | None, loader, input_shape, meas
     device = measurement.device
     model.to(device)
     accuracy, loss = evaluate(model, loader, device, bars, label)
-    snap = {
-        "params": params(model),
-        "macs": macs(model, input_shape),
-        "file_bytes": file_bytes,
-        "accuracy": accuracy,
-        "loss": loss,
-        "latency_ms": {str(b): latency(model, input_shape, b, device) for b in measurement.latency_batches},
-    }
+    snap = {"params": params(model), "macs": macs(model, input_shape), "file_bytes": file_bytes,
+            "accuracy": accuracy, "loss": loss, "latency_ms": {}}
     model.to("cpu")
     return snap
+
+
+def measure_latency(report: dict, dense: nn.Module, small: nn.Module, input_shape, measurement: Measurement,
+                    bars: Bars, gate_batch: int | None = None, attempts: int = 3) -> None:
+    """Latency before and after, interleaved, at every batch size; the batch a speed-up gate reads is measured
+    again (up to ``attempts`` times) while the machine is too noisy to judge it."""
+    device = measurement.device
+    dense.to(device)
+    small.to(device)
+    report["latency"] = {}
+    for b in bars.track(measurement.latency_batches, "measuring latency"):
+        tries = attempts if b == gate_batch else 1
+        for attempt in range(1, tries + 1):
+            result = compare_latency(dense, small, input_shape, b, device)
+            result["attempts"] = attempt
+            if not result["noisy"]:
+                break
+        report["latency"][str(b)] = result
+        report["before"]["latency_ms"][str(b)] = result["before"]["median_ms"]
+        report["after"]["latency_ms"][str(b)] = result["after"]["median_ms"]
+    dense.to("cpu")
+    small.to("cpu")
 
 
 def file_dtype(job: Job) -> str:
@@ -166,6 +184,8 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
                                 "evaluating dense")
     report["after"] = snapshot(small, len(blob), loader, job.input_shape, measurement, bars,
                                f"evaluating {command} output")
+    if measurement.latency_batches:
+        measure_latency(report, job.dense, small, job.input_shape, measurement, bars, measurement.gate_batch)
     acc_b, acc_a = report["before"]["accuracy"], report["after"]["accuracy"]
     report["accuracy_drop"] = None if acc_b is None else acc_b - acc_a
     return report
