@@ -34,6 +34,7 @@ from .score import Means, Sums, consumer_hooks, mean_of, readers, replace_units,
 from .trace import Consumer, Group, Trace
 
 RIDGE = 1e-5  # λ relative to the mean diagonal of XᵀX: only there to keep a rank-deficient fit solvable
+FLOAT32_NOISE = 16 * 2 ** -24  # λ never below this times trace(XᵀX): the rounding of a float32 Gram matrix
 ROWS_PER_CHUNK = 2 ** 21  # design-matrix elements per chunk when unfolding conv patches
 MAX_FIT_INPUTS = 10_000  # wider consumers (XᵀX over 800 MB) get only their bias refit
 
@@ -328,12 +329,19 @@ class Fit:
                 _set_bias(module, c, (xtz / xtx).to(weight.dtype).to(weight.device))
             return
         d = self.w2d.shape[1]
+        gram = xtx[:d, :d].diagonal()
+        # The ridge pulls towards the layer's weights as they are (the kept ones), so that directions the samples
+        # do not determine (fewer rows than inputs) keep them rather than going to zero; it is never below the
+        # float32 noise of XᵀX (eps · trace), which would otherwise make a rank-deficient system indefinite.
+        lam = max(ridge * float(gram.mean()), FLOAT32_NOISE * float(gram.sum()), 1e-12)
         reg = torch.zeros_like(xtx)
-        reg.diagonal()[:d] = ridge * xtx.diagonal()[:d].mean().clamp_min(1e-12)
+        reg.diagonal()[:d] = lam
+        prior = torch.zeros_like(xtz)
+        prior[:d] = lam * self.w2d.double().cpu().T
         try:
-            sol = torch.linalg.solve(xtx + reg, xtz)
+            sol = torch.linalg.solve(xtx + reg, xtz + prior)
         except RuntimeError:
-            sol = torch.linalg.lstsq(xtx + reg, xtz).solution
+            sol = torch.linalg.lstsq(xtx + reg, xtz + prior).solution
         new = from_matrix(sol[:d].T.to(weight.dtype), weight, c.dim).to(weight.device)
         setattr(module, c.weight, nn.Parameter(new.contiguous(), requires_grad=weight.requires_grad))
         if self.fit_bias:

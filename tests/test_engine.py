@@ -194,3 +194,23 @@ def test_streamed_and_in_memory_samples_give_the_same_statistics(mnist_small):
     for g in a:
         for key in a[g]:
             assert torch.allclose(a[g][key], b[g][key], atol=1e-6)
+
+
+def test_an_underdetermined_refit_keeps_the_weights_it_cannot_determine():
+    """Fewer calibration rows than inputs (a flattened conv into a wide Linear, few samples): the directions the
+    samples do not reach keep the layer's weights instead of blowing up through float32 rounding."""
+    from prunetool.cut import Fit
+    from prunetool.trace import Consumer
+
+    torch.manual_seed(0)
+    layer = nn.Linear(600, 8)
+    original = layer.weight.detach().clone()
+    fit = Fit(layer, Consumer("fc", layer, bias="bias"), None)
+    x = torch.randn(40, 1) @ torch.randn(1, 600) + 1e-3 * torch.randn(40, 600)  # 40 rows, nearly rank one
+    fit.add(x, layer(x).detach())
+    fit.solve()
+    assert torch.isfinite(layer.weight).all()
+    assert float((layer.weight - original).norm()) < 0.1 * float(original.norm())
+    probe = torch.randn(5, 600)
+    with torch.no_grad():
+        assert torch.allclose(layer(probe), probe @ original.T + layer.bias, atol=0.5)
