@@ -565,3 +565,42 @@ def boundaries_for(program: Program, wanted: dict[tuple[str, str], object]) -> t
             bounds.append(i)
             fitted[i] = [(i, match)]
     return bounds, fitted
+
+
+def output_sensitivity(model: nn.Module, names: list[str], samples: Samples, settings: Settings, trace: Trace,
+                       bars: Bars = QUIET) -> dict[str, torch.Tensor]:
+    """For each named layer, the mean over samples of the squared gradient of the loss at each of its outputs
+    (summed over positions): the diagonal Fisher weights of :func:`prunetool.factor.predicted_loss`. One forward
+    and backward pass."""
+    import torch.nn.functional as F
+
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+
+    def make(name):
+        def seen(out):
+            if not out.requires_grad:
+                return
+            channel = 1 if out.dim() > 2 and not isinstance(modules[name], nn.Linear) else out.dim() - 1
+
+            def on_grad(grad):
+                g2 = grad.detach().double() ** 2
+                per = g2.movedim(channel, -1).reshape(-1, g2.shape[channel]).sum(0)
+                sums[name] = sums.get(name, 0) + per.cpu()
+            out.register_hook(on_grad)
+        return seen
+
+    dtype = _dtype(model)
+    size = batch_size(trace, settings, backward=True)
+    shard = samples.shard()
+    model.eval()
+    with calls.hooks(model, on_output={n: make(n) for n in names}):
+        for xb, yb, _ in bars.track(shard.batches(size), "sensitivities (forward+backward)",
+                                    total=math.ceil(len(shard) / size)):
+            model.zero_grad(set_to_none=True)
+            out = model(**batch_to(xb, settings.device, dtype)) if isinstance(xb, dict) else \
+                model(batch_to(xb, settings.device, dtype))
+            F.cross_entropy(out, yb.to(settings.device), reduction="sum").backward()
+    model.zero_grad(set_to_none=True)
+    n = reduce_sum(float(len(shard)))
+    return {k: reduce_sum(v) / n for k, v in sums.items()}

@@ -24,6 +24,7 @@ from typer.exceptions import TyperException
 
 from . import __version__, distributed
 from .commands import bench as bench_command
+from .commands import compress as compress_command
 from .commands import export as export_command
 from .commands import inspect as inspect_command
 from .commands import lowrank as lowrank_command
@@ -33,8 +34,9 @@ from .config import default_map, read as read_config
 from .data import Preprocessing, parse_shape
 from .errors import InternalError, UsageError, VerificationError
 from .load import parse_arch_kwargs
-from .options import (DEFAULT_ATOL, DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_RTOL, Budgets, DataOptions,
-                      LowrankOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source, SparsifyOptions)
+from .options import (DEFAULT_ATOL, DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEFAULT_RTOL, Budgets, CompressOptions,
+                      DataOptions, LowrankOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source,
+                      SparsifyOptions)
 from .report import (budget_failures, json_bytes, render, render_bench, render_inspect, render_plan, summary_line,
                      summary_markdown, too_noisy)
 from .staging import Staging, check_outputs
@@ -353,9 +355,13 @@ def lowrank_cmd(
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL,
     rank: Optional[int] = typer.Option(None, help="Factor every chosen layer at this rank."),
     energy: Optional[float] = typer.Option(None, help="Smallest rank keeping this fraction of Σσ², e.g. 0.9."),
-    elbow: bool = typer.Option(False, "--elbow", help="Rank at the elbow of the residual curve (the default)."),
-    layers: Optional[str] = typer.Option(None, help="Comma-separated globs of layer names (default: every Linear and Conv2d but the output head)."),
-    data_aware: bool = typer.Option(False, "--data-aware", help="Factor W·C^½ (C: calibration input covariance) instead of W."),
+    elbow: bool = typer.Option(False, "--elbow", help="Heitmann's plain elbow of each layer's residual curve, uncapped (the default caps it, see --max-layer-error)."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Ranks chosen across layers together to keep at most this fraction of the parameters, e.g. 0.5."),
+    target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Ranks chosen across layers together to keep at most this fraction of the MACs."),
+    max_layer_error: float = typer.Option(0.02, "--max-layer-error", help="Default rule: the elbow, raised until a layer loses at most this share of its output energy (measured on the calibration data)."),
+    search: str = typer.Option("allocate", "--search", help="How a budget chooses ranks: allocate (one sensitivity pass, few evaluations) or greedy (AIMET's per-layer candidates, for comparison)."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated globs of layer names (default: every Linear and Conv2d but the output heads, which are factored only when named exactly)."),
+    data_aware: Optional[bool] = typer.Option(None, "--data-aware/--no-data-aware", help="Factor W·C^½ (C: calibration input covariance) instead of W (default: with --data)."),
     finetune_epochs: int = FT_EPOCHS, lr: float = LR, batch_size: int = BATCH, optimizer: str = OPTIMIZER,
     distill: bool = DISTILL,
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Search the lowest ranks keeping the calibration accuracy within this many points, and hold the test accuracy drop to it as a budget (needs --data)."),
@@ -366,9 +372,8 @@ def lowrank_cmd(
     summary_md: Optional[str] = SUMMARY_MD, device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
 ):
     """Factor layers into rank-k products (Linear → 2 Linears, Conv → conv + 1×1 conv), verify and report."""
-    if elbow and (rank is not None or energy is not None):
-        raise UsageError("give one of --rank, --energy and --elbow")
-    opts = LowrankOptions(rank, energy, layers, data_aware, max_drop)
+    opts = LowrankOptions(rank, energy, layers, data_aware, max_drop, elbow, target_params, target_macs,
+                          max_layer_error, search)
     opts.check()
     source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
     data_opts = _data(data, calib, eval_n, input_shape, download, calib_memory, calib_rows, workers, preset,
@@ -384,6 +389,52 @@ def lowrank_cmd(
                                                                           distill),
                                         measurement, outputs, staging,
                                         progress=console.is_terminal and not (quiet or no_progress))
+        _conclude(report, staging, outputs, budgets, quiet, console)
+
+
+@app.command("compress", epilog="""
+Examples:
+
+\b
+  prunetool compress samples/conv2.pt --arch samples.nets:Conv2 --data samples/mnist_subset.npz --target-macs 0.5 --max-drop 1
+\b
+  prunetool compress model.pt --arch mypkg.nets:Net --data d.npz --target-params 0.25 --plans shrink,shrink+lowrank
+""")
+def compress_cmd(
+    ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
+    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
+    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+    eval_n: Optional[int] = EVAL,
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Keep at most this fraction of the parameters, e.g. 0.5."),
+    target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Keep at most this fraction of the MACs, e.g. 0.5."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Choose among the plans within this calibration accuracy drop, and hold the test drop to it as a budget."),
+    plans: str = typer.Option("shrink,lowrank,shrink+lowrank,lowrank+shrink", "--plans", help="The plans tried (each reaches the target; two steps split it evenly)."),
+    min_speedup: Optional[float] = MIN_SPEEDUP, speedup_batch: int = SPEEDUP_BATCH,
+    max_params: Optional[float] = MAX_PARAMS, latency_batches: str = LATENCY_BATCHES, no_latency: bool = NO_LATENCY,
+    onnx: Optional[str] = ONNX, pt2: Optional[str] = PT2, onnx_atol: float = ONNX_ATOL,
+    onnx_rtol: float = ONNX_RTOL, out: Optional[str] = _out_help("compressed"), json_path: Optional[str] = JSON,
+    summary_md: Optional[str] = SUMMARY_MD, device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
+):
+    """shrink and lowrank under one budget: every plan (shrink, lowrank, both in either order) reaches the target,
+    the best calibration accuracy within --max-drop is kept, the report shows every plan and each step."""
+    opts = CompressOptions(target_params, target_macs, max_drop, tuple(p.strip() for p in plans.split(",") if p.strip()))
+    opts.check()
+    if data is None:
+        raise UsageError("compress chooses between plans by their accuracy: it needs --data")
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    data_opts = _data(data, calib, eval_n, input_shape, download, calib_memory, calib_rows, workers, preset,
+                      resize, crop, mean, std)
+    measurement = _measurement(_device(device), latency_batches, no_latency,
+                               speedup_batch if min_speedup is not None else None)
+    budgets = Budgets(max_drop, min_speedup, speedup_batch, max_params)
+    _check_budgets(budgets, data, measurement)
+    outputs = _outputs(ckpt, out, onnx, pt2, json_path, summary_md, "compressed", onnx_atol, onnx_rtol)
+    console = _console(no_progress)
+    with Staging() as staging:
+        _, report = compress_command.run(source, data_opts, opts, measurement, outputs, staging,
+                                         progress=console.is_terminal and not (quiet or no_progress))
         _conclude(report, staging, outputs, budgets, quiet, console)
 
 

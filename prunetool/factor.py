@@ -180,18 +180,20 @@ def inside_factored(model: nn.Module, name: str) -> bool:
         len(model.get_submodule(parent)) == 2 and all(factorable(m) for m in model.get_submodule(parent))
 
 
-def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> list[str]:
-    """Layers to factor: those matching ``layers_glob`` (comma-separated globs), else every factorable layer but
-    the output head."""
+def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> tuple[list[str], list[str]]:
+    """Layers to factor, and the output heads among them: those matching ``layers_glob`` (comma-separated globs;
+    a head only when named exactly), else every factorable layer but the output heads."""
     names = [n for n, m in model.named_modules() if factorable(m) and not inside_factored(model, n)]
-    if layers_glob:
-        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in layers_glob.split(","))]
-        if not chosen:
-            raise UsageError(f"--layers {layers_glob!r} matches no Linear or Conv2d layer; names look like "
-                             f"{names[0]!r}" if names else f"--layers {layers_glob!r}: the model has no Linear or "
-                             "Conv2d layer to factor")
-        return chosen
-    return [n for n in names if n not in heads]
+    if not layers_glob:
+        return [n for n in names if n not in heads], []
+    patterns = [g.strip() for g in layers_glob.split(",") if g.strip()]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in patterns)
+              and (n not in heads or n in patterns)]
+    if not chosen:
+        hint = f"names look like {names[0]!r}" if names else "the model has no Linear or Conv2d layer to factor"
+        raise UsageError(f"--layers {layers_glob!r} matches no Linear or Conv2d layer (output heads only when named "
+                         f"exactly); {hint}")
+    return chosen, [n for n in chosen if n in heads]
 
 
 def accuracy_on(model: nn.Module, samples) -> float:
@@ -205,26 +207,172 @@ def accuracy_on(model: nn.Module, samples) -> float:
     return 100.0 * correct / max(1, total)
 
 
-def search_ranks(dense: nn.Module, specs: dict[str, Spectrum], upper: dict[str, int], samples, max_drop: float,
-                 bars: Bars = QUIET) -> tuple[dict[str, int], int]:
-    """Greedy: largest layers first, the smallest rank (binary search) that keeps the calibration accuracy
-    within ``max_drop`` points of the dense model, with the layers already chosen in place."""
-    base = accuracy_on(dense, samples)
-    model = copy.deepcopy(dense)
-    chosen, evaluations = {}, 0
-    order = sorted(upper, key=lambda n: -params_of(dense.get_submodule(n)))
-    for name in bars.track(order, "rank search"):
-        original = dense.get_submodule(name)
-        lo, hi, best = 1, upper[name], None
-        while lo <= hi:
-            k = (lo + hi) // 2
-            replace(model, name, factor(original, k, specs[name]))
+# --- choosing ranks ----------------------------------------------------------------------------------------
+
+def relative_error(spec: Spectrum, k: int) -> float:
+    """``r(k) / r(0)``: the share of the layer's output energy a rank-k factorisation loses (data-aware: of
+    ``E‖W x‖²`` over the calibration inputs, the expected relative output error)."""
+    r = spec.residual()
+    return float(r[min(k, len(r) - 1)] / r[0]) if r[0] > 0 else 0.0
+
+
+def capped_rank(spec: Spectrum, k: int, max_error: float) -> tuple[int, str]:
+    """``k`` if it loses at most ``max_error`` of the output energy, else the smallest rank that does."""
+    r = spec.residual()
+    if r[0] <= 0 or r[min(k, len(r) - 1)] / r[0] <= max_error:
+        return k, "elbow"
+    within = torch.nonzero(r / r[0] <= max_error).reshape(-1)
+    return int(within[0]) if len(within) else len(r) - 1, "output-error cap"
+
+
+@dataclass
+class Candidate:
+    """A layer that may be factored: its spectrum, what each rank costs and (with data) the loss it predicts."""
+
+    name: str
+    spec: Spectrum
+    m: int
+    n: int
+    bias: int
+    positions: int  # output positions per sample (tokens, conv pixels): MACs = positions × weights
+    upper: int  # the largest rank that still saves
+    loss: torch.Tensor | None = None  # predicted loss increase at rank k = 0 … len(σ)
+
+    def params(self, k: int | None) -> int:
+        return (self.m * self.n if k is None else k * (self.m + self.n)) + self.bias
+
+    def macs(self, k: int | None) -> int:
+        return self.positions * (self.m * self.n if k is None else k * (self.m + self.n))
+
+    def predicted(self, k: int | None) -> float:
+        if k is None:
+            return 0.0
+        if self.loss is not None:
+            return float(self.loss[min(k, len(self.loss) - 1)])
+        return relative_error(self.spec, k)  # without data: the share of the output energy lost
+
+
+def predicted_loss(spec: Spectrum, fisher: torch.Tensor) -> torch.Tensor:
+    """Second-order estimate of the loss a rank-k factorisation adds, for every k: ``½ Σ_{i>k} σ_i² Σ_j F_j U_ji²``
+    (``F_j``: mean squared gradient of the loss at output unit j; ``U, σ``: the whitened spectrum), since the output
+    error ``(W − W_k) x`` has covariance ``U_{>k} Σ²_{>k} U_{>k}ᵀ``."""
+    w = (fisher.double()[:, None] * spec.u.double() ** 2).sum(0)
+    terms = 0.5 * spec.sigma.double() ** 2 * w
+    return torch.cat([terms.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=terms.dtype)])
+
+
+def choices(c: Candidate, limit: int = 48) -> list[int | None]:
+    """The ranks worth considering for a layer (about ``limit``, denser at small ranks) and None (kept whole)."""
+    if c.upper < 1:
+        return [None]
+    ks = sorted({max(1, round(c.upper * (i / limit) ** 2)) for i in range(1, limit + 1)} | {1, c.upper})
+    return ks + [None]
+
+
+def allocate(cands: list[Candidate], lam: float, key: str) -> dict[str, int | None]:
+    """Per layer, the rank that minimises predicted loss + λ × cost (``key``: params or macs)."""
+    out = {}
+    for c in cands:
+        cost = c.params if key == "params" else c.macs
+        out[c.name] = min(choices(c), key=lambda k: (c.predicted(k) + lam * cost(k), -(k or 10 ** 9)))
+    return out
+
+
+def cost_of(cands: list[Candidate], ranks: dict[str, int | None], key: str) -> int:
+    return sum((c.params if key == "params" else c.macs)(ranks[c.name]) for c in cands)
+
+
+def lambda_scale(cands: list[Candidate], key: str) -> float:
+    """A λ at which factoring everything at rank 1 is preferred (the top of the search range)."""
+    top = 0.0
+    for c in cands:
+        cost = c.params if key == "params" else c.macs
+        saved = cost(None) - cost(1)
+        if saved > 0:
+            top = max(top, c.predicted(1) / saved)
+    return max(top * 10, 1e-12)
+
+
+def fit_budget(cands: list[Candidate], key: str, goal: int, fixed: int) -> tuple[dict[str, int | None], bool]:
+    """The allocation of the smallest λ (bisection in log space) whose total cost, with ``fixed`` (what cannot be
+    factored), meets ``goal``; False when even the most compressing allocation does not."""
+    hi = lambda_scale(cands, key)
+    if fixed + cost_of(cands, allocate(cands, hi, key), key) > goal:
+        return allocate(cands, hi, key), False
+    lo = hi * 1e-15
+    if fixed + cost_of(cands, allocate(cands, lo, key), key) <= goal:
+        return allocate(cands, lo, key), True
+    for _ in range(60):
+        mid = (lo * hi) ** 0.5
+        if fixed + cost_of(cands, allocate(cands, mid, key), key) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return allocate(cands, hi, key), True
+
+
+def search_drop(cands: list[Candidate], key: str, evaluate_ranks, base: float, max_drop: float,
+                steps: int = 8) -> tuple[dict[str, int | None], int]:
+    """The most compressing λ (bisection in log space, ``steps`` full evaluations) whose calibration accuracy is
+    within ``max_drop`` points of ``base``; ``evaluate_ranks(ranks)`` gives the accuracy of an allocation."""
+    hi = lambda_scale(cands, key)
+    lo = hi * 1e-12
+    best = {c.name: None for c in cands}
+    evaluations = 0
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        ranks = allocate(cands, mid, key)
+        evaluations += 1
+        if base - evaluate_ranks(ranks) <= max_drop:
+            best, lo = ranks, mid
+        else:
+            hi = mid
+    return best, evaluations
+
+
+def greedy_baseline(cands: list[Candidate], key: str, goal: int, fixed: int, evaluate_ranks, candidates: int = 10
+                    ) -> tuple[dict[str, int | None], int, dict]:
+    """AIMET's SVD selection, the standard of the field: each layer alone factored at ``candidates`` ranks (even
+    steps of compression) and the whole network evaluated each time; then the target accuracy is bisected, each
+    layer taking the smallest rank whose own score reaches it (interpolated between candidates), until the total
+    meets ``goal``. Returns the ranks, the number of full evaluations and the per-layer scores."""
+    table, evaluations = {}, 0
+    for c in cands:
+        ranks = sorted({max(1, round(c.upper * i / candidates)) for i in range(1, candidates + 1)})
+        scores = []
+        for k in ranks:
+            allocation = {d.name: None for d in cands}
+            allocation[c.name] = k
+            scores.append((k, evaluate_ranks(allocation)))
             evaluations += 1
-            if base - accuracy_on(model, samples) <= max_drop:
-                best, hi = k, k - 1
-            else:
-                lo = k + 1
-        replace(model, name, factor(original, best, specs[name]) if best else copy.deepcopy(original))
-        if best:
-            chosen[name] = best
-    return chosen, evaluations
+        table[c.name] = scores
+
+    def pick(target: float) -> dict[str, int | None]:
+        out = {}
+        for c in cands:
+            scores = table[c.name]
+            good = [k for k, acc in scores if acc >= target]
+            if not good:
+                out[c.name] = None
+                continue
+            k = min(good)
+            below = [(kk, acc) for kk, acc in scores if kk < k]
+            if below:  # interpolate towards the next smaller candidate
+                k0, a0 = below[-1]
+                a1 = dict(scores)[k]
+                if a1 > a0:
+                    k = max(1, round(k0 + (k - k0) * (target - a0) / (a1 - a0)))
+            out[c.name] = k
+        return out
+
+    lo = min(acc for s in table.values() for _, acc in s) - 1
+    hi = max(acc for s in table.values() for _, acc in s)
+    best = pick(hi)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        ranks = pick(mid)
+        if fixed + cost_of(cands, ranks, key) <= goal:
+            best, lo = ranks, mid
+        else:
+            hi = mid
+    return best, evaluations, table

@@ -165,29 +165,92 @@ class ShrinkOptions:
                 raise UsageError(f"--schedule {','.join(map(str, steps))} must be increasing ratios in [0, 1)")
 
 
+DEFAULT_MAX_LAYER_ERROR = 0.02  # lowrank's default cap on a layer's relative output error (docs/BENCHMARKS.md)
+SEARCHES = ("allocate", "greedy")
+
+
 @dataclass
 class LowrankOptions:
-    """Which layers are factored and at which rank."""
+    """Which layers are factored and at which rank.
+
+    The rule: a fixed ``rank``, an ``energy`` share, Heitmann's plain ``elbow``, a budget (``target_params``,
+    ``target_macs``, ``max_drop``: ranks chosen across layers together), or by default the elbow of each layer's
+    spectrum (whitened by its inputs when there is data) capped so that no layer loses more than
+    ``max_layer_error`` of its output energy. ``data_aware=None``: whitened whenever there is data.
+    """
 
     rank: int | None = None
     energy: float | None = None
     layers: str | None = None
-    data_aware: bool = False
+    data_aware: bool | None = None
     max_drop: float | None = None
+    elbow: bool = False
+    target_params: float | None = None
+    target_macs: float | None = None
+    max_layer_error: float = DEFAULT_MAX_LAYER_ERROR
+    search: str = "allocate"
 
     @property
     def method(self) -> str:
-        return "rank" if self.rank is not None else "energy" if self.energy is not None else "elbow"
+        if self.rank is not None:
+            return "rank"
+        if self.energy is not None:
+            return "energy"
+        if self.elbow:
+            return "elbow"
+        if self.target_params is not None or self.target_macs is not None or self.max_drop is not None:
+            return "budget"
+        return "auto"
 
     def check(self) -> None:
-        if self.rank is not None and self.energy is not None:
-            raise UsageError("give one of --rank, --energy and --elbow")
+        given = [f for f, v in (("--rank", self.rank), ("--energy", self.energy), ("--elbow", self.elbow or None),
+                                ("--target-params", self.target_params), ("--target-macs", self.target_macs))
+                 if v is not None]
+        if len(given) > 1:
+            raise UsageError(f"give one of --rank, --energy, --elbow, --target-params and --target-macs, not "
+                             f"{' and '.join(given)}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank {self.rank} must be at least 1")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise UsageError(f"--energy {self.energy} is outside (0, 1]; e.g. 0.9 keeps 90% of Σσ²")
         if self.max_drop is not None and self.max_drop < 0:
             raise UsageError(f"--max-drop {self.max_drop} must be 0 or more percentage points")
+        for flag, value in (("--target-params", self.target_params), ("--target-macs", self.target_macs)):
+            if value is not None and not 0.0 < value <= 1.0:
+                raise UsageError(f"{flag} {value} is outside (0, 1]; give the fraction of the original to keep, "
+                                 "e.g. 0.5")
+        if not 0.0 < self.max_layer_error < 1.0:
+            raise UsageError(f"--max-layer-error {self.max_layer_error} is outside (0, 1); e.g. 0.05 lets a layer "
+                             "lose 5% of its output energy")
+        if self.search not in SEARCHES:
+            raise UsageError(f"unknown --search {self.search!r}; choose allocate or greedy")
+
+
+PLANS = ("shrink", "lowrank", "shrink+lowrank", "lowrank+shrink")
+
+
+@dataclass
+class CompressOptions:
+    """One budget for shrink and lowrank together: each plan reaches it (two steps split it evenly), the best
+    calibration accuracy within ``max_drop`` wins."""
+
+    target_params: float | None = None
+    target_macs: float | None = None
+    max_drop: float | None = None
+    plans: tuple[str, ...] = PLANS
+
+    def check(self) -> None:
+        if (self.target_params is None) == (self.target_macs is None):
+            raise UsageError("compress needs one of --target-params and --target-macs, e.g. --target-macs 0.5")
+        value = self.target_params if self.target_params is not None else self.target_macs
+        if not 0.0 < value < 1.0:
+            raise UsageError(f"--target-{'params' if self.target_params is not None else 'macs'} {value} is outside "
+                             "(0, 1); give the fraction of the original to keep, e.g. 0.5")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise UsageError(f"--max-drop {self.max_drop} must be 0 or more percentage points")
+        unknown = [p for p in self.plans if p not in PLANS]
+        if unknown or not self.plans:
+            raise UsageError(f"--plans {','.join(self.plans)}: choose among {', '.join(PLANS)}")
 
 
 @dataclass

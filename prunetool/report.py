@@ -99,15 +99,16 @@ def summary_line(report: dict) -> str:
 def factored_table(report: dict) -> Table:
     table = Table(title="factored layers", title_justify="left")
     for col, justify in (("layer", "left"), ("shape", "right"), ("elbow", "right"), ("rank", "right"),
-                         ("energy kept", "right"), ("params before → after", "right")):
+                         ("decided by", "left"), ("output error", "right"), ("params before → after", "right")):
         table.add_column(col, justify=justify)
     for e in report["layers"]:
         shape = "×".join(str(d) for d in e["shape"])
         if e["rank"] is None:
-            table.add_row(f"[dim]{e['name']}[/dim]", shape, str(e["elbow"]), "", "", f"[dim]kept: {e['skipped']}[/dim]")
+            table.add_row(f"[dim]{e['name']}[/dim]", shape, str(e["elbow"]), "", e.get("rule") or "", "",
+                          f"[dim]kept: {e['skipped']}[/dim]")
         else:
-            table.add_row(e["name"], shape, str(e["elbow"]), str(e["rank"]), f"{100 * e['energy']:.1f}%",
-                          f"{e['params_before']:,} → {e['params_after']:,}")
+            table.add_row(e["name"], shape, str(e["elbow"]), str(e["rank"]), e.get("rule") or "",
+                          f"{100 * e['relative_output_error']:.1f}%", f"{e['params_before']:,} → {e['params_after']:,}")
     return table
 
 
@@ -124,12 +125,36 @@ def render(report: dict, console: Console) -> None:
             sp.add_row(row["name"], f"{row['weights']:,}", f"{row['nonzero']:,}", f"{100 * row['sparsity']:.1f}%")
         console.print(sp)
         console.print(layers_table(report))
+    elif report["command"] == "compress":
+        target = next((f"{k.removeprefix('target_')} {v}" for k, v in s.items() if k.startswith("target_") and v),
+                      "")
+        console.print(f"[bold]prunetool compress[/bold]  target {target}, plan [cyan]{s['plan']}[/cyan] chosen on "
+                      f"{s['calib']} calibration samples from {s['data']}")
+        plans = Table(title="plans (calibration samples)", title_justify="left")
+        for col in ("plan", "size kept", "accuracy", "drop", ""):
+            plans.add_column(col, justify="left" if col in ("plan", "") else "right")
+        for p in s["plans"]:
+            if "error" in p:
+                plans.add_row(p["plan"], "", "", "", f"[dim]{p['error']}[/dim]")
+                continue
+            frac = next(v for k, v in p.items() if k.endswith("_fraction"))
+            plans.add_row(p["plan"], f"{frac:.3f}", f"{p['calibration_accuracy']:.2f}%",
+                          f"{p['calibration_drop']:.2f}", "chosen" if p["plan"] == s["plan"] else
+                          ("" if p["reached"] else "above the target"))
+        console.print(plans)
+        for step in report.get("steps", []):
+            console.print(f"step {step['command']}: {step['params']:,} parameters, {step['macs']:,} MACs")
     elif report["command"] == "lowrank":
+        budget = ", ".join(f"{k.removeprefix('target_').replace('_', '-')} {v}" for k, v in s.items()
+                           if k in ("target_params", "target_macs") and v is not None)
         how = {"rank": f"rank [cyan]{s['rank']}[/cyan]", "energy": f"energy [cyan]{s['energy']}[/cyan]",
-               "elbow": "rank at the [cyan]elbow[/cyan]"}[s["method"]]
+               "elbow": "rank at the plain [cyan]elbow[/cyan]",
+               "auto": f"the elbow, each layer's output error capped at [cyan]{100 * s['max_layer_error']:g}%[/cyan]",
+               "budget": f"ranks allocated across layers ([cyan]{s['search']}[/cyan]"
+                         + (f", {budget}" if budget else "") + ")"}[s["method"]]
         extra = (", data-aware" if s["data_aware"] else "") + (
-            f", accuracy budget {s['max_drop']} pp ({s['search_evaluations']} evaluations)" if s["max_drop"] is not None
-            else "")
+            f", accuracy budget {s['max_drop']} pp" if s["max_drop"] is not None else "") + (
+            f", {s['search_evaluations']} full evaluations" if s["method"] == "budget" else "")
         console.print(f"[bold]prunetool lowrank[/bold]  {how}{extra}, {s['calib']} calibration samples from {s['data']}")
         console.print(factored_table(report))
     else:
@@ -137,7 +162,7 @@ def render(report: dict, console: Console) -> None:
                       f"ratio [cyan]{s['ratio']}[/cyan] ({s['scope']}), compensation [cyan]{s['compensation']}[/cyan], "
                       f"{s['calib']} calibration samples from {s['data']}")
         console.print(layers_table(report))
-    if report.get("steps"):
+    if report.get("steps") and report["command"] != "compress":
         console.print(steps_table(report))
     if "before" in report:
         console.print(metrics_table(report))

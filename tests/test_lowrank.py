@@ -130,3 +130,94 @@ def test_lowrank_bad_input(args, needle, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evci.pt"]
+
+
+def test_default_caps_each_layers_output_error_on_the_calibration_data(mnist_small):
+    """With data the default is data-aware; no layer loses more than --max-layer-error of its output energy, which
+    is the empirical relative error of its output on the calibration inputs (a Linear: every row), up to the small
+    ridge that keeps the Cholesky factor of a covariance with constant inputs defined."""
+    from prunetool.data import calibration
+
+    small, report = lowrank(SAMPLES / "evci_cnn.pt", mnist_small, arch="samples.nets:EvciCNN", calib=300,
+                            measure=False)
+    assert report["settings"]["method"] == "auto" and report["settings"]["data_aware"] is True
+    factored = [e for e in report["layers"] if e["rank"] is not None]
+    assert factored and all(e["relative_output_error"] <= 0.02 for e in factored)
+    assert all(e["rule"] in ("elbow", "output-error cap") for e in factored)
+    fc = next(e for e in factored if e["name"] == "classifier.1")
+    dense = prunetool.load(SAMPLES / "evci_cnn.pt", arch="samples.nets:EvciCNN").model
+    x, _ = calibration(mnist_small, 300).all()
+    features = torch.flatten(dense.features(x), 1)
+    with torch.no_grad():
+        want, got = dense.classifier[1](features), small.classifier[1](features)
+    measured = float(((want - got) ** 2).sum() / (want ** 2).sum())
+    assert measured == pytest.approx(fc["relative_output_error"], rel=1e-2)
+
+
+def test_plain_elbow_is_an_explicit_choice(mnist_small):
+    _, report = lowrank(SAMPLES / "evci_cnn.pt", mnist_small, arch="samples.nets:EvciCNN", calib=128, elbow=True,
+                        data_aware=False, measure=False)
+    first = next(e for e in report["layers"] if e["name"] == "features.0")
+    assert report["settings"]["method"] == "elbow" and first["rank"] == first["elbow"] == 3  # Heitmann's, uncapped
+
+
+def test_predicted_loss_is_the_fisher_weighted_whitened_residual():
+    """½ Σ_{i>k} σ_i² Σ_j F_j U_ji² equals ½ Σ_j F_j E[((W − W_k) x)_j²] over the samples the covariance comes from."""
+    from prunetool.factor import predicted_loss
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4, bias=False)
+    x = torch.randn(500, 6) @ torch.randn(6, 6)
+    cov = (x.T @ x / len(x)).double()
+    spec = spectrum(layer, cov)
+    fisher = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    curve = predicted_loss(spec, fisher)
+    for k in range(1, 4):
+        approx = factor(layer, k, spec)
+        with torch.no_grad():
+            delta = (layer(x) - approx(x)).double()
+        direct = 0.5 * float((fisher.double() * (delta ** 2).mean(0)).sum())
+        assert float(curve[k]) == pytest.approx(direct, rel=1e-4)
+    assert float(curve[len(spec.sigma)]) == 0.0
+
+
+@pytest.mark.parametrize("search", ["allocate", "greedy"])
+def test_budget_meets_the_target(mnist_small, search):
+    dense = prunetool.load(SAMPLES / "evci_cnn.pt", arch="samples.nets:EvciCNN").model
+    before = sum(p.numel() for p in dense.parameters())
+    small, report = lowrank(dense, mnist_small, target_params=0.5, search=search, calib=200, measure=False)
+    assert sum(p.numel() for p in small.parameters()) <= 0.5 * before
+    evaluations = report["settings"]["search_evaluations"]
+    assert evaluations == 0 if search == "allocate" else evaluations >= 10  # AIMET-style: candidates per layer
+
+
+def test_output_heads_only_when_named_exactly():
+    from prunetool.factor import candidates
+    from samples.nets import EvciCNN
+
+    model = EvciCNN()
+    names, heads = candidates(model, ["classifier.3"], "classifier.*")
+    assert names == ["classifier.1"] and heads == []
+    names, heads = candidates(model, ["classifier.3"], "classifier.3")
+    assert names == ["classifier.3"] and heads == ["classifier.3"]
+
+
+def test_compress_keeps_the_best_plan_within_the_budget(mnist_small, tmp_path):
+    from prunetool import compress
+
+    dense = prunetool.load(SAMPLES / "evci_cnn.pt", arch="samples.nets:EvciCNN")
+    before = sum(p.numel() for p in dense.model.parameters())
+    small, report = compress(dense, mnist_small, target_params=0.3, max_drop=3.0, calib=200, eval=300,
+                             latency_batches=(), out=str(tmp_path / "c.safetensors"))
+    plans = report["settings"]["plans"]
+    assert [p["plan"] for p in plans] == ["shrink", "lowrank", "shrink+lowrank", "lowrank+shrink"]
+    ok = [p for p in plans if p.get("reached") and p["calibration_drop"] <= 3.0]
+    chosen = next(p for p in plans if p["plan"] == report["settings"]["plan"])
+    assert chosen["calibration_accuracy"] == max(p["calibration_accuracy"] for p in ok)
+    assert sum(p.numel() for p in small.parameters()) <= 0.3 * before
+    assert report["verify"]["reload"] == "identical"
+    assert [s["command"] for s in report["steps"]] == report["settings"]["plan"].split("+")
+    again = prunetool.load(tmp_path / "c.safetensors").model
+    x = mnist_small.test.tensors[0][:20]
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))

@@ -59,6 +59,27 @@ class Job:
             module.train(training)
 
 
+@dataclass
+class Step:
+    """What a command's work made, before the shared end: the model, and what to record and report about it."""
+
+    model: nn.Module
+    settings: dict
+    layers: list
+    checks: dict
+    extra: dict
+    factored: dict
+
+
+def derive(job: Job, model: nn.Module, record: dict) -> Job:
+    """The job for a model made from ``job``'s (the next step of a composition): same data and samples, traced
+    anew, its record carrying what earlier steps did."""
+    ckpt = Checkpoint(model, job.ckpt.arch, job.ckpt.arch_kwargs, record, job.ckpt.path, job.ckpt.sha256,
+                      job.ckpt.file_bytes, job.ckpt.dtypes, job.ckpt.arch_root)
+    return Job(ckpt, job.data, model.eval(), job.calib, job.probe, trace(model, job.probe[:2]), job.computed_in,
+               job.settings, job.eval, None)
+
+
 def as_checkpoint(source: Source) -> tuple[Checkpoint, tuple[nn.Module, bool] | None]:
     model = source.checkpoint
     if isinstance(model, Checkpoint):

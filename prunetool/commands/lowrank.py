@@ -4,21 +4,25 @@ the residual curve, or an accuracy budget. Same start and end as shrink."""
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 from torch import nn
 
 from ..data import eval_loader
 from ..errors import UsageError
-from ..calibrate import covariances
-from ..factor import (candidates, elbow, factor, matrix, params_of, rank_for_energy, replace, saves, search_ranks,
-                      spectrum)
-from ..measure import evaluate
-from ..options import LATENCY_BATCHES, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
+from ..calibrate import covariances, output_sensitivity
+from ..factor import (Candidate, accuracy_on, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
+                      greedy_baseline, matrix, params_of, predicted_loss, rank_for_energy, relative_error, replace,
+                      saves, search_drop, spectrum)
+from ..measure import evaluate, macs, params
+from ..options import (DEFAULT_MAX_LAYER_ERROR, LATENCY_BATCHES, DataOptions, LowrankOptions, Measurement, Outputs,
+                       Recovery, Source)
 from ..progress import Bars
 from ..recover import finetune
 from ..staging import Staging, check_outputs
 from ..verify import check_forward
-from .common import finish, input_paths, start
+from .common import Step, finish, input_paths, start
 
 
 def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recovery, measurement: Measurement,
@@ -34,49 +38,118 @@ def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recov
         job.close()
 
 
+def _candidates(job, names: list[str], covs: dict, fisher: dict | None) -> list[Candidate]:
+    from ..calls import capture
+
+    out = []
+    example = job.probe[:1]
+    for name in names:
+        module = job.dense.get_submodule(name)
+        spec = spectrum(module, covs.get(name))
+        m, n = matrix(module).shape
+        call = capture(job.dense, name, example)
+        positions = math.prod(call.output.shape[2:]) if call.name.startswith("conv") else \
+            (math.prod(call.output.shape[1:-1]) if call.output.dim() > 2 else 1)
+        upper = min(len(spec.sigma), max(0, (m * n - 1) // (m + n)))
+        loss = predicted_loss(spec, fisher[name]) if fisher is not None and name in fisher else None
+        out.append(Candidate(name, spec, m, n, m if module.bias is not None else 0, positions, upper, loss))
+    return out
+
+
+def _apply(dense: nn.Module, cands: list[Candidate], ranks: dict) -> nn.Module:
+    model = copy.deepcopy(dense)
+    for c in cands:
+        k = ranks.get(c.name)
+        if k is not None and k <= c.upper:
+            replace(model, c.name, factor(dense.get_submodule(c.name), k, c.spec))
+    return model.eval()
+
+
 def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars) -> tuple[nn.Module, dict]:
-    if (opts.data_aware or opts.max_drop is not None) and not job.data.has_labels:
+    step = work(job, opts, recovery, measurement, bars)
+    report = finish(job, "lowrank", step.model, step.settings, step.layers, step.checks, factored=step.factored,
+                    outputs=outputs, staging=staging, measurement=measurement, bars=bars, extra=step.extra)
+    return step.model, report
+
+
+def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement, bars: Bars) -> Step:
+    """The factorisation itself, without the shared end."""
+    method = opts.method
+    data_aware = job.data.has_labels if opts.data_aware is None else opts.data_aware
+    if (data_aware or opts.max_drop is not None) and not job.data.has_labels:
         raise UsageError("--data-aware and --max-drop need --data (calibration inputs and labels)")
     if recovery.finetune_epochs and not job.data.has_labels:
         raise UsageError("--finetune-epochs needs --data with a train split")
     dense, calib, device = job.dense, job.calib, measurement.device
-    names = candidates(dense, job.graph.heads, opts.layers)
-    method = opts.method
-    covs = covariances(dense, names, calib, job.settings, job.graph, bars) if opts.data_aware else {}
+    names, named_heads = candidates(dense, job.graph.heads, opts.layers)
+    for head in named_heads:
+        warnings.warn(f"factoring the output head {head}, as --layers names it: the model's outputs themselves "
+                      "become approximate")
+    covs = covariances(dense, names, calib, job.settings, job.graph, bars) if data_aware and names else {}
+    fisher = None
+    if method == "budget" and job.data.has_labels and names:
+        fisher = output_sensitivity(dense, names, calib, job.settings, job.graph, bars)
+    cands = _candidates(job, names, covs, fisher)
+    evaluations, rules = 0, {}
 
-    specs, entries, upper = {}, [], {}
-    for name in bars.track(names, "singular values"):
-        module = dense.get_submodule(name)
-        specs[name] = spectrum(module, covs.get(name))
-        full = len(specs[name].sigma)
-        k = min(full, opts.rank) if method == "rank" else rank_for_energy(specs[name], opts.energy) \
-            if method == "energy" else elbow(specs[name])
-        m, n = matrix(module).shape
-        max_saving = max(0, (m * n - 1) // (m + n))
-        upper[name] = min(full, max_saving)
-        entries.append({"name": name, "shape": [m, n], "full_rank": full, "elbow": elbow(specs[name]), "rank": k,
-                        "params_before": params_of(module)})
-    evaluations = 0
-    if opts.max_drop is not None:
-        chosen, evaluations = search_ranks(dense, specs, {n: u for n, u in upper.items() if u >= 1}, calib,
-                                           opts.max_drop, bars)
-        for e in entries:
-            e["rank"] = chosen.get(e["name"])
+    def accuracy(ranks):
+        return accuracy_on(_apply(dense, cands, ranks), calib)
+
+    if method == "budget":
+        key = "macs" if opts.target_macs is not None else "params"
+        fixed = (params(dense) if key == "params" else macs(dense, job.input_shape)) - \
+            cost_of(cands, {c.name: None for c in cands}, key)
+        total = fixed + cost_of(cands, {c.name: None for c in cands}, key)
+        fraction = opts.target_params if key == "params" else opts.target_macs
+        if fraction is not None:
+            goal = int(fraction * total)
+            if opts.search == "greedy":
+                ranks, evaluations, _ = greedy_baseline(cands, key, goal, fixed, accuracy)
+            else:
+                ranks, reached = fit_budget(cands, key, goal, fixed)
+                if not reached:
+                    raise UsageError(f"--target-{key} {fraction} cannot be reached: rank 1 in every layer still keeps "
+                                     f"{(fixed + cost_of(cands, ranks, key)) / total:.3f} of the {key} (layers that "
+                                     "cannot be factored stay whole)")
+            rule = f"budget ({opts.search})"
+        else:
+            ranks, evaluations = search_drop(cands, key, accuracy, accuracy_on(dense, calib), opts.max_drop)
+            evaluations += 1
+            rule = "accuracy budget"
+        rules = {c.name: rule for c in cands}
+    else:
+        ranks = {}
+        for c in cands:
+            full = len(c.spec.sigma)
+            if method == "rank":
+                ranks[c.name], rules[c.name] = min(full, opts.rank), "fixed rank"
+            elif method == "energy":
+                ranks[c.name], rules[c.name] = rank_for_energy(c.spec, opts.energy), "energy"
+            elif method == "elbow":
+                ranks[c.name], rules[c.name] = elbow(c.spec), "elbow"
+            else:
+                ranks[c.name], rules[c.name] = capped_rank(c.spec, elbow(c.spec), opts.max_layer_error)
 
     small = copy.deepcopy(dense)
     factored = dict(job.ckpt.record.get("factored", {}))
-    for e in entries:
-        module = dense.get_submodule(e["name"])
-        k = e["rank"]
+    entries = []
+    for c in cands:
+        module = dense.get_submodule(c.name)
+        k = ranks.get(c.name)
+        e = {"name": c.name, "shape": [c.m, c.n], "full_rank": len(c.spec.sigma), "elbow": elbow(c.spec),
+             "rank": k, "rule": rules.get(c.name), "params_before": params_of(module),
+             "relative_output_error": relative_error(c.spec, k) if k is not None else 0.0}
         if k is None or not saves(module, k):
-            e.update(rank=None, energy=None, params_after=e["params_before"],
-                     skipped=f"rank {k} would not save parameters" if k else "no rank within the accuracy budget")
-            continue
-        new = factor(module, k, specs[e["name"]])
-        replace(small, e["name"], new)
-        factored[e["name"]] = k
-        e.update(energy=specs[e["name"]].energy(k), params_after=params_of(new))
+            e.update(rank=None, energy=None, params_after=e["params_before"], relative_output_error=0.0,
+                     skipped=f"rank {k} would not save parameters" if k is not None else
+                     ("the budget keeps it whole" if method == "budget" else "kept whole"))
+        else:
+            new = factor(module, k, c.spec)
+            replace(small, c.name, new)
+            factored[c.name] = k
+            e.update(energy=c.spec.energy(k), params_after=params_of(new))
+        entries.append(e)
     small.eval()
     probe = job.probe
     check_forward(small, probe, job.graph.output_shape)
@@ -91,27 +164,32 @@ def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         check_forward(small, probe, job.graph.output_shape)
 
     settings = {"method": method, "rank": opts.rank, "energy": opts.energy, "layers": opts.layers,
-                "data_aware": opts.data_aware, "max_drop": opts.max_drop, "search_evaluations": evaluations,
-                "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr, "batch_size": recovery.batch_size,
-                "optimizer": recovery.optimizer, "distill": recovery.distill}
-    report = finish(job, "lowrank", small, settings, entries, {"forward": "ok"}, factored=factored,
-                    outputs=outputs, staging=staging, measurement=measurement, bars=bars, extra=extra)
-    return small, report
+                "data_aware": data_aware, "max_drop": opts.max_drop, "target_params": opts.target_params,
+                "target_macs": opts.target_macs, "max_layer_error": opts.max_layer_error, "search": opts.search,
+                "search_evaluations": evaluations, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
+                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill}
+    return Step(small, settings, entries, {"forward": "ok"}, extra, factored)
 
 
 def lowrank(model, data=None, *, rank: int | None = None, energy: float | None = None, layers: str | None = None,
-            data_aware: bool = False, max_drop: float | None = None, calib: int = 1000, eval: int | None = None,
+            data_aware: bool | None = None, max_drop: float | None = None, elbow: bool = False,
+            target_params: float | None = None, target_macs: float | None = None,
+            max_layer_error: float = DEFAULT_MAX_LAYER_ERROR, search: str = "allocate", calib: int = 1000,
+            eval: int | None = None,
             input_shape=None, device: str = "cpu", out: str | None = None, onnx: str | None = None,
             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False, download: bool = False,
             progress: bool = False, latency_batches=LATENCY_BATCHES, measure: bool = True, finetune_epochs: int = 0,
             lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
             distill: bool = False) -> tuple[nn.Module, dict]:
-    """Factor layers into rank-k products; the rank by ``rank``, ``energy``, or the elbow (default)."""
+    """Factor layers into rank-k products. The rank: ``rank``, ``energy``, Heitmann's plain ``elbow``, a budget
+    (``target_params``/``target_macs``/``max_drop``, ranks chosen across layers), or by default each layer's elbow
+    (whitened by its inputs when there is data) capped at ``max_layer_error`` of its output energy."""
     with Staging() as staging:
         small, report = run(
             Source(model, arch, arch_kwargs or {}, unsafe_pickle),
             DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download),
-            LowrankOptions(rank, energy, layers, data_aware, max_drop),
+            LowrankOptions(rank, energy, layers, data_aware, max_drop, elbow, target_params, target_macs,
+                           max_layer_error, search),
             Recovery(finetune_epochs, lr, batch_size, optimizer, distill),
             Measurement(measure, tuple(latency_batches) if measure else (), device),
             Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress)

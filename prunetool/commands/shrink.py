@@ -4,12 +4,13 @@ run."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
 from torch import nn
 
-from ..cut import cut, global_ratios, n_removed, select, sequential_means
+from ..cut import as_matrix, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError
 from ..measure import evaluate, macs, params
@@ -22,7 +23,7 @@ from ..staging import Staging, check_outputs
 from ..calibrate import statistics
 from ..trace import trace
 from ..verify import verify
-from .common import finish, input_paths, start
+from .common import Step, finish, input_paths, start
 
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -32,10 +33,17 @@ def keep_units(graph, scores, ratio: float, opts: ShrinkOptions) -> dict[str, to
     return select(graph, scores, per_group, opts.round_to)
 
 
-def size_after(dense, graph, keep, input_shape) -> tuple[int, int]:
-    """Parameters and MACs of the cut (structure only)."""
+def size_after(dense, graph, keep, input_shape, compensate: str = "none") -> tuple[int, int]:
+    """Parameters and MACs of the cut (structure only), counting the biases least squares gives the consumers it
+    refits that had none."""
     small = cut(copy.deepcopy(dense), graph, keep, "none")
-    return params(small), macs(small, input_shape)
+    added = 0
+    if compensate == "lstsq":
+        modules = dict(small.named_modules())
+        for name, c in plan_cut(graph, keep).consumers.items():
+            if can_add_bias(modules[name], c):
+                added += as_matrix(getattr(modules[name], c.weight), c.dim).shape[0]
+    return params(small) + added, macs(small, input_shape)
 
 
 def fit_target(dense, graph, scores, opts: ShrinkOptions, input_shape) -> float:
@@ -45,7 +53,7 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, input_shape) -> float:
     goal = fraction * (params(dense), macs(dense, input_shape))[index]
 
     def size(r):
-        return size_after(dense, graph, keep_units(graph, scores, r, opts), input_shape)[index]
+        return size_after(dense, graph, keep_units(graph, scores, r, opts), input_shape, opts.compensate)[index]
 
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
@@ -54,7 +62,7 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, input_shape) -> float:
     for _ in range(14):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
-    return round(hi, 4)
+    return min(0.99, math.ceil(hi * 1e4) / 1e4)  # rounded up: a larger ratio never keeps more
 
 
 def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_layer_ratio: float = 0.9,
@@ -111,6 +119,15 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
 
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
+    step = work(job, opts, recovery, measurement, bars, scores)
+    report = finish(job, "shrink", step.model, step.settings, step.layers, step.checks, factored=step.factored,
+                    outputs=outputs, staging=staging, measurement=measurement, bars=bars, extra=step.extra)
+    return step.model, report
+
+
+def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars,
+         scores: Scores | None = None) -> "Step":
+    """The cut itself, without the shared end: the smaller model and what to record and report about it."""
     dense, calib, graph, device, engine = job.dense, job.calib, job.graph, measurement.device, job.settings
     if not graph.groups:
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
@@ -177,10 +194,7 @@ def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if recovery.finetune_epochs or len(steps) > 1:
         extra["steps"] = history
-    report = finish(job, "shrink", current, settings, layers, checks,
-                    factored=job.ckpt.record.get("factored", {}), outputs=outputs, staging=staging,
-                    measurement=measurement, bars=bars, extra=extra)
-    return current, report
+    return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
 
 
 def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 0.5,
