@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from . import calls
-from .data import Batch, Samples, batch_len, batch_slice, batch_to
+from . import calls, task
+from .batch import Batch, batch_len, batch_slice, batch_to, call
+from .data import Samples
 from .distributed import reduce_sum
 from .options import DEFAULT_CALIB_MEMORY, DEFAULT_ROWS
 from .progress import QUIET, Bars
@@ -58,6 +59,7 @@ class Settings:
     rows: int = DEFAULT_ROWS
     device: str = "cpu"
     seed: int = 0
+    output_key: str | None = None  # which entry of a structured output holds the logits (prunetool.task.logits)
     store: "Store | None" = field(default=None, repr=False, compare=False)
 
     def cache(self) -> "Store":
@@ -572,8 +574,6 @@ def output_sensitivity(model: nn.Module, names: list[str], samples: Samples, set
     """For each named layer, the mean over samples of the squared gradient of the loss at each of its outputs
     (summed over positions): the diagonal Fisher weights of :func:`prunetool.factor.predicted_loss`. One forward
     and backward pass."""
-    import torch.nn.functional as F
-
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
 
@@ -598,9 +598,8 @@ def output_sensitivity(model: nn.Module, names: list[str], samples: Samples, set
         for xb, yb, _ in bars.track(shard.batches(size), "sensitivities (forward+backward)",
                                     total=math.ceil(len(shard) / size)):
             model.zero_grad(set_to_none=True)
-            out = model(**batch_to(xb, settings.device, dtype)) if isinstance(xb, dict) else \
-                model(batch_to(xb, settings.device, dtype))
-            F.cross_entropy(out, yb.to(settings.device), reduction="sum").backward()
+            out = call(model, batch_to(xb, settings.device, dtype), settings.output_key)
+            task.loss(out, yb.to(settings.device), "sum").backward()
     model.zero_grad(set_to_none=True)
     n = reduce_sum(float(len(shard)))
     return {k: reduce_sum(v) / n for k, v in sums.items()}

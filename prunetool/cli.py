@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from typer.exceptions import TyperException
 
-from . import __version__, distributed
+from . import __version__, distributed, hf
 from .commands import bench as bench_command
 from .commands import compress as compress_command
 from .commands import export as export_command
@@ -80,8 +80,13 @@ CKPT = typer.Argument(..., metavar="CKPT", help="Checkpoint: a state_dict (.pt/.
                                                 "prunetool output, or a pickled module.")
 ARCH = typer.Option(None, "--arch", help="Architecture as MODULE:CALLABLE, e.g. torchvision.models:resnet18.")
 ARCH_KWARGS = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")
+TRUST = typer.Option(False, "--trust-remote-code", help="Allow a Hugging Face directory's own model code (auto_map) to run.")
+TOKENS = typer.Option(None, "--tokens", help="Token models without --data: random sequences of this many token ids (below the vocabulary size).")
+SEQ_LEN = typer.Option(None, "--seq-len", help="Text --data: tokens per sequence (default 128).")
+TOKENIZER = typer.Option(None, "--tokenizer", help="Text --data: the tokenizer directory (default: the model's Hugging Face directory).")
+OUTPUT_KEY = typer.Option(None, "--output-key", help="Which entry of a structured output (ModelOutput, dict, tuple) holds the logits (default: 'logits', else the first tensor).")
 UNSAFE = typer.Option(False, "--unsafe-pickle", help="Allow unpickling a whole nn.Module (runs code from the file).")
-DATA = typer.Option(None, "--data", help="mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, an ImageFolder dir or an .npz.")
+DATA = typer.Option(None, "--data", help="mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, an ImageFolder dir, an .npz (images, or input_ids for token models) or a text file (.txt, tokenised for a language model).")
 DOWNLOAD = typer.Option(False, "--download", help="Download a torchvision dataset into ROOT if it is missing.")
 SHAPE = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 1,28,28 (needed without --data, "
                                                  "unless the checkpoint records it).")
@@ -119,7 +124,9 @@ SUMMARY_MD = typer.Option(None, "--summary-md", help="Write a Markdown summary (
 
 def _out_help(suffix: str) -> typer.Option:
     return typer.Option(None, "--out", help=f"Output checkpoint, .safetensors or .pt (default: <stem>.{suffix}"
-                                            ".safetensors beside the input).")
+                                            ".safetensors beside the input); for a Hugging Face model directory, a "
+                                            f"directory (default: <dir>.{suffix}, or <dir>.{suffix}.safetensors when "
+                                            "its config cannot hold the result).")
 
 
 def _version(value: bool):
@@ -167,8 +174,8 @@ def _device(device: str) -> str:
     return device
 
 
-def _source(ckpt, arch, arch_kwargs, unsafe_pickle) -> Source:
-    return Source(ckpt, arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle)
+def _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code=False) -> Source:
+    return Source(ckpt, arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle, trust_remote_code)
 
 
 def _bytes(text: str) -> int:
@@ -192,9 +199,11 @@ def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
 
 
 def _data(data, calib, eval_n, input_shape, download, memory="2G", rows=16, workers=0, preset=None,
-          resize=None, crop=None, mean=None, std=None) -> DataOptions:
+          resize=None, crop=None, mean=None, std=None, tokens=None, seq_len=None, tokenizer=None,
+          output_key=None) -> DataOptions:
     pre = Preprocessing(resize, crop, _floats("--mean", mean), _floats("--std", std), preset)
-    opts = DataOptions(data, calib, eval_n, parse_shape(input_shape), download, _bytes(memory), rows, workers, pre)
+    opts = DataOptions(data, calib, eval_n, parse_shape(input_shape), download, _bytes(memory), rows, workers, pre,
+                       tokens, seq_len, tokenizer, output_key)
     opts.check()
     return opts
 
@@ -217,12 +226,18 @@ def _measurement(device: str, latency_batches: str, no_latency: bool, speedup_ba
 
 
 def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol: float, rtol: float) -> Outputs:
+    fallback = None
     if Path(ckpt).is_dir():
-        raise UsageError(f"{ckpt} is a directory; pass a checkpoint file (.pt, .pth or .safetensors)")
-    if not Path(ckpt).exists():
-        raise UsageError(f"{ckpt}: no such file; check the checkpoint path")
+        if not hf.is_dir(ckpt):
+            raise UsageError(f"{ckpt} is a directory without config.json; pass a checkpoint file (.pt, .pth or "
+                             ".safetensors) or a Hugging Face model directory")
+        if out is None:  # a directory like the input; prunetool's own file when its config cannot hold the cut
+            base = Path(ckpt).resolve()
+            out, fallback = str(base.with_name(f"{base.name}.{suffix}")), str(base.with_name(f"{base.name}.{suffix}.safetensors"))
+    elif not Path(ckpt).exists():
+        raise UsageError(f"{ckpt}: no such file or directory; check the checkpoint path")
     out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.safetensors"))
-    outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol)
+    outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol, fallback)
     outputs.check()
     return outputs
 
@@ -235,7 +250,7 @@ def _console(no_progress: bool) -> Console:
 def _check_budgets(budgets: Budgets, data, measurement: Measurement) -> None:
     budgets.check()
     if budgets.max_drop is not None and data is None:
-        raise UsageError("--max-drop needs accuracy before and after: pass --data")
+        raise UsageError("--max-drop needs the metric (accuracy or perplexity) before and after: pass --data")
     if budgets.min_speedup is not None and not measurement.latency_batches:
         raise UsageError("--min-speedup needs latency: drop --no-latency")
 
@@ -289,10 +304,11 @@ def _ratios(text: str | None) -> list[float] | None:
 @app.command("shrink", epilog=SHRINK_EXAMPLES)
 def shrink_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
-    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
     calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
-    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
+    seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     criterion: str = typer.Option(DEFAULT_CRITERION, help="Unit score: mrs, mrp, taylor, l1, l2, fp or random."),
     ratio: float = typer.Option(0.5, help="Fraction of units removed: from every prunable layer (--scope layer) or of all units (--scope global), in [0, 1)."),
     scope: str = typer.Option("layer", help="layer: the same ratio in every layer; global: units ranked across layers (scores normalised per layer)."),
@@ -317,9 +333,9 @@ def shrink_cmd(
     opts = ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
                          _ratios(schedule))
     opts.check()
-    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code)
     data_opts = _data(data, calib, eval_n, input_shape, download, calib_memory, calib_rows, workers, preset,
-                      resize, crop, mean, std)
+                      resize, crop, mean, std, tokens, seq_len, tokenizer, output_key)
     console = _console(no_progress)
     if dry_run:
         if json_path:
@@ -327,7 +343,8 @@ def shrink_cmd(
         report = shrink_command.plan(ckpt, data, criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio,
                                      round_to=round_to, calib=min(calib, 256), input_shape=data_opts.input_shape,
                                      arch=arch, arch_kwargs=source.arch_kwargs, unsafe_pickle=unsafe_pickle,
-                                     download=download)
+                                     download=download, tokens=tokens, seq_len=seq_len, tokenizer=tokenizer,
+                                     output_key=output_key, trust_remote_code=trust_remote_code)
         if json_path:
             with Staging() as staging:
                 staging.write(json_path, json_bytes(report))
@@ -349,10 +366,11 @@ def shrink_cmd(
 @app.command("lowrank", epilog=LOWRANK_EXAMPLES)
 def lowrank_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
-    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
     calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
-    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
+    seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     rank: Optional[int] = typer.Option(None, help="Factor every chosen layer at this rank."),
     energy: Optional[float] = typer.Option(None, help="Smallest rank keeping this fraction of Σσ², e.g. 0.9."),
     elbow: bool = typer.Option(False, "--elbow", help="Heitmann's plain elbow of each layer's residual curve, uncapped (the default caps it, see --max-layer-error)."),
@@ -375,9 +393,9 @@ def lowrank_cmd(
     opts = LowrankOptions(rank, energy, layers, data_aware, max_drop, elbow, target_params, target_macs,
                           max_layer_error, search)
     opts.check()
-    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code)
     data_opts = _data(data, calib, eval_n, input_shape, download, calib_memory, calib_rows, workers, preset,
-                      resize, crop, mean, std)
+                      resize, crop, mean, std, tokens, seq_len, tokenizer, output_key)
     measurement = _measurement(_device(device), latency_batches, no_latency,
                                speedup_batch if min_speedup is not None else None)
     budgets = Budgets(max_drop, min_speedup, speedup_batch, max_params)
@@ -402,11 +420,12 @@ Examples:
 """)
 def compress_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
-    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
     calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
-    eval_n: Optional[int] = EVAL,
+    eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
+    seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     target_params: Optional[float] = typer.Option(None, "--target-params", help="Keep at most this fraction of the parameters, e.g. 0.5."),
     target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Keep at most this fraction of the MACs, e.g. 0.5."),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Choose among the plans within this calibration accuracy drop, and hold the test drop to it as a budget."),
@@ -423,9 +442,9 @@ def compress_cmd(
     opts.check()
     if data is None:
         raise UsageError("compress chooses between plans by their accuracy: it needs --data")
-    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code)
     data_opts = _data(data, calib, eval_n, input_shape, download, calib_memory, calib_rows, workers, preset,
-                      resize, crop, mean, std)
+                      resize, crop, mean, std, tokens, seq_len, tokenizer, output_key)
     measurement = _measurement(_device(device), latency_batches, no_latency,
                                speedup_batch if min_speedup is not None else None)
     budgets = Budgets(max_drop, min_speedup, speedup_batch, max_params)
@@ -448,8 +467,9 @@ Examples:
 """)
 def sparsify_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
-    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
-    calib: int = CALIB, eval_n: Optional[int] = EVAL, calib_memory: str = CALIB_MEMORY,
+    unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    calib: int = CALIB, eval_n: Optional[int] = EVAL,
+    seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY, calib_memory: str = CALIB_MEMORY,
     calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     imp: float = typer.Option(0.3, "--imp", help="Fraction of each layer's remaining weights pruned per round."),
@@ -469,9 +489,9 @@ def sparsify_cmd(
     opts.check()
     if data is None:
         raise UsageError("sparsify retrains between rounds: it needs --data with a train split")
-    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code)
     data_opts = _data(data, calib, eval_n, None, download, calib_memory, calib_rows, workers, preset, resize,
-                      crop, mean, std)
+                      crop, mean, std, None, seq_len, tokenizer, output_key)
     measurement = _measurement(_device(device), latency_batches, no_latency)
     budgets = Budgets(max_drop, None, 1, max_params)
     _check_budgets(budgets, data, measurement)
@@ -494,15 +514,18 @@ Examples:
 def export_cmd(
     ckpt: str = CKPT, onnx: Optional[str] = typer.Option(None, "--onnx", help="Where to write the .onnx file."),
     pt2: Optional[str] = typer.Option(None, "--pt2", help="Where to write the torch.export program (.pt2)."),
-    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
-    data: Optional[str] = DATA, input_shape: Optional[str] = SHAPE,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST,
+    data: Optional[str] = DATA, input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS,
+    seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     calib: int = typer.Option(64, "--calib", help="Inputs compared between PyTorch and the exported program."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."), onnx_atol: float = ONNX_ATOL,
     onnx_rtol: float = ONNX_RTOL, json_path: Optional[str] = JSON,
 ):
     """Export a checkpoint prunetool loads to ONNX (dynamic batch; onnx.checker, then onnxruntime against PyTorch)
     and/or to a torch.export program (reloaded and compared)."""
-    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle), _data(data, calib, None, input_shape, False)
+    source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code), _data(
+        data, calib, None, input_shape, False, tokens=tokens, seq_len=seq_len, tokenizer=tokenizer,
+        output_key=output_key)
     if json_path:
         check_outputs({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2), ("--json", json_path)) if v},
                       {"CKPT": ckpt})
@@ -530,8 +553,8 @@ Examples:
 """)
 def bench_cmd(
     ckpts: list[str] = typer.Argument(..., metavar="CKPT...", help="Checkpoints to compare; ratios are to the first."),
-    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
-    input_shape: Optional[str] = SHAPE,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST,
+    input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS,
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and onnxruntime."),
     device: str = DEVICE, onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time onnxruntime (CPU)."),
@@ -547,7 +570,8 @@ def bench_cmd(
     console = _console(no_progress)
     report = bench_command.bench(ckpts, parse_shape(input_shape), sizes, threads, _device(device), onnx, warmup, runs,
                                  arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle,
-                                 progress=console.is_terminal and not no_progress)
+                                 progress=console.is_terminal and not no_progress, tokens=tokens,
+                                 trust_remote_code=trust_remote_code)
     report["config"] = _config_source()
     if json_path:
         with Staging() as staging:
@@ -566,18 +590,20 @@ Examples:
 """)
 def inspect_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
-    unsafe_pickle: bool = UNSAFE, data: Optional[str] = DATA, download: bool = DOWNLOAD,
+    unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
     calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+    tokens: Optional[int] = TOKENS, seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER,
+    output_key: Optional[str] = OUTPUT_KEY,
     html: Optional[str] = typer.Option(None, "--html", help="Write one self-contained HTML page with every picture."),
     plots: Optional[str] = typer.Option(None, "--plots", help="Write the pictures as PNG files into this folder."),
     json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
 ):
     """Where is this model redundant? Dead and frozen units, MRS, spectra against Marchenko–Pastur, elbow ranks."""
-    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle)
+    source = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code)
     data_opts = _data(data, calib, None, input_shape, download, calib_memory, calib_rows, workers, preset,
-                      resize, crop, mean, std)
+                      resize, crop, mean, std, tokens, seq_len, tokenizer, output_key)
     check_outputs({k: v for k, v in (("--html", html), ("--json", json_path), ("--plots", plots)) if v},
                   {"CKPT": ckpt})
     console = _console(no_progress)

@@ -26,7 +26,8 @@ from torch import nn
 from . import layers
 from .calibrate import Program, Settings, batch_size, boundaries_for, positions_of, replay, rows_at
 from .calls import INPUT_ARG, Call, capture, design_matrix, targets
-from .data import Samples, as_samples, batch_slice, batch_to
+from .batch import batch_slice, batch_to
+from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import COMPENSATIONS
 from .progress import QUIET, Bars
@@ -119,8 +120,7 @@ def mean_delta(c: Consumer, module: nn.Module, removed: torch.Tensor, means: tor
     m = means[removed]
     cols = w[:, input_columns(c, removed)]
     if c.layout == "linear":
-        m = m.reshape(-1) if c.spatial > 1 else m[:, 0]
-        return cols @ m.to(w.dtype)
+        return cols @ m.reshape(-1).to(w.dtype)
     return (cols.sum(tuple(range(2, cols.dim()))) * m[:, 0].to(w.dtype)).sum(1)
 
 
@@ -185,8 +185,8 @@ def plan_cut(trace: Trace, keep: dict[str, torch.Tensor]) -> Plan:
         if not len(removed):
             continue
         for p in g.producers:
-            plan.add(p.name, p.weight, p.dim, removed)
-            plan.add(p.name, p.bias, 0, removed)
+            plan.add(p.name, p.weight, p.dim, p.rows(removed))
+            plan.add(p.name, p.bias, 0, p.rows(removed))
             plan.producers[p.name] = (p.weight, p.dim)
         for m in g.members:
             for attr, dim in m.tensors:
@@ -211,9 +211,7 @@ def apply(model: nn.Module, plan: Plan) -> None:
         n = getattr(module, attr).shape[dim]
         layers.slice_tensor(module, attr, dim, _keep(n, drop))
         changed.setdefault(name, {})[n] = n - len(drop)
-    for name, sizes in changed.items():
-        layers.kind_of(modules[name]).sync(modules[name], sizes)
-    layers.sync_containers(model, before)
+    layers.resync(model, changed, before)
 
 
 def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensate: str = "mean",

@@ -1,56 +1,35 @@
-"""Data specs: torchvision datasets on disk, ImageFolder trees, .npz arrays, or no data at all; and the samples
-drawn from them.
+"""Data specs: torchvision datasets on disk, ImageFolder trees, .npz arrays, token data, or no data at all; and the
+samples drawn from them.
 
 Calibration takes ``calib`` train samples chosen with a fixed seed, as :class:`Samples`: held in memory when the
-data already is (arrays, MNIST), read from disk in batches when it is an image folder (never all at once).
+data already is (arrays, MNIST, tokens), read from disk in batches when it is an image folder (never all at once).
 Evaluation uses the test split. Image folders are preprocessed as the model was trained: ``--resize``,
 ``--crop``, ``--mean``, ``--std``, or a named preset (``imagenet``).
+
+Token models read a :class:`TokenDataset`: an ``.npz`` with ``input_ids`` (N×T integers), optional
+``attention_mask`` (N×T, 1 = a real token) and ``labels`` (N: classification; N×T: per token), or a text file
+tokenised with the model's tokenizer into sequences of ``--seq-len`` tokens. Without labels the targets are the
+next tokens (a language model: metric perplexity). An ``.npz`` may give ``_train``/``_test`` splits
+(``input_ids_train`` ...); with one split, or for a text file, the last tenth of the sequences is the test split.
+``--tokens T`` is the structure-only run for a token model: random ids below the vocabulary size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from . import distributed
+from . import distributed, task
 from .errors import UsageError
-from .measure import as_input
+from .batch import Batch, as_input, batch_len, batch_slice, call
 
 SEED = 0
 PRESETS = {"imagenet": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}}
-
-Batch = Union[torch.Tensor, dict]  # a model's input: one tensor, or keyword tensors (token models)
-
-
-def batch_len(b: Batch) -> int:
-    return len(b) if isinstance(b, torch.Tensor) else len(next(iter(b.values())))
-
-
-def batch_slice(b: Batch, start: int, stop: int) -> Batch:
-    return b[start:stop] if isinstance(b, torch.Tensor) else {k: v[start:stop] for k, v in b.items()}
-
-
-def batch_cat(parts: list[Batch]) -> Batch:
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def batch_to(b: Batch, device=None, dtype: torch.dtype | None = None) -> Batch:
-    """``b`` on ``device``; its floating tensors in ``dtype`` (the model's)."""
-    def move(t):
-        return t.to(device, dtype) if dtype is not None and t.dtype.is_floating_point else t.to(device)
-    return move(b) if isinstance(b, torch.Tensor) else {k: move(v) for k, v in b.items()}
-
-
-def call(model: torch.nn.Module, b: Batch):
-    return model(**b) if isinstance(b, dict) else model(b)
-
 
 def as_samples(x, y: torch.Tensor | None = None) -> "Samples":
     """A :class:`Samples` as it is, or one holding a tensor (or dict) of inputs and its labels."""
@@ -159,10 +138,13 @@ def _npz(path: Path) -> Data:
     except Exception as e:
         raise UsageError(f"cannot read {path} as .npz ({str(e).splitlines()[0][:120]}); save it with numpy.savez") \
             from None
+    if "input_ids" in files or "input_ids_train" in files:
+        return _token_npz(path, arrays, files)
     need = {"x_train", "y_train", "x_test", "y_test"}
     missing = need - files
     if missing:
-        raise UsageError(f"{path} lacks arrays {', '.join(sorted(missing))}; it needs x_train, y_train, x_test, y_test")
+        raise UsageError(f"{path} lacks arrays {', '.join(sorted(missing))}; it needs x_train, y_train, x_test, y_test "
+                         "(images) or input_ids (tokens)")
     split = {}
     for name in ("train", "test"):
         try:
@@ -209,8 +191,8 @@ def _check_labels(y: np.ndarray, what: str) -> None:
 def check_labels(data: Data, outputs: int) -> None:
     """Labels must name one of the model's ``outputs`` classes (checked before any work)."""
     for name, ds in (("train", data.train), ("test", data.test)):
-        if isinstance(ds, TensorDataset):
-            y = ds.tensors[1]
+        y = ds.tensors[1] if isinstance(ds, TensorDataset) else ds.labels if isinstance(ds, TokenDataset) else None
+        if y is not None:
             if len(y) and int(y.max()) >= outputs:
                 raise UsageError(f"{data.spec}: {name} labels go up to {int(y.max())} but the model has {outputs} "
                                  "outputs; check the data or --arch-kwargs (num_classes)")
@@ -218,6 +200,22 @@ def check_labels(data: Data, outputs: int) -> None:
         if classes is not None and len(classes) > outputs:
             raise UsageError(f"{data.spec}: {name} has {len(classes)} classes but the model has {outputs} outputs; "
                              "check the data or --arch-kwargs (num_classes)")
+
+
+def check_token_ids(data: Data, model: torch.nn.Module) -> None:
+    """Token ids must index the model's vocabulary, and only a model that embeds tokens takes them."""
+    sets = [(n, ds) for n, ds in (("train", data.train), ("test", data.test)) if isinstance(ds, TokenDataset)]
+    if not sets:
+        return
+    vocab = vocabulary(model)
+    if vocab is None:
+        raise UsageError(f"{data.spec} holds token ids but the model embeds no tokens; give image data or an "
+                         "input shape")
+    for name, ds in sets:
+        top = int(ds.inputs["input_ids"].max())
+        if top >= vocab:
+            raise UsageError(f"{data.spec}: {name} input_ids go up to {top} but the model's vocabulary has {vocab} "
+                             "tokens; tokenise with the model's own tokenizer")
 
 
 def _torchvision(kind: str, root: str, download: bool) -> Data:
@@ -297,9 +295,130 @@ def _image_folder(root: Path, input_shape: tuple[int, ...] | None, pre: Preproce
     return Data(train, test, str(root))
 
 
+class TokenDataset(Dataset):
+    """Token sequences: ``inputs`` (``input_ids``, maybe ``attention_mask``; N×T) and ``labels`` (N classes, or N×T
+    per-token targets; by default the next tokens)."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None):
+        self.inputs = {"input_ids": input_ids.long()}
+        if attention_mask is not None:
+            self.inputs["attention_mask"] = attention_mask.long()
+        self.labels = (labels.long() if labels is not None else task.next_tokens(input_ids, attention_mask))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.inputs.items()}, self.labels[i]
+
+    def split(self, rows) -> "TokenDataset":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return TokenDataset(self.inputs["input_ids"][rows], self.inputs.get("attention_mask", None)[rows]
+                            if "attention_mask" in self.inputs else None, self.labels[rows])
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+TEST_SHARE = 0.1  # one split given: the last tenth of the sequences is the test split
+
+
+def _token_npz(path: Path, arrays, files: set[str]) -> Data:
+    splits = {}
+    suffixes = ("_train", "_test") if "input_ids_train" in files else ("",)
+    for suffix in suffixes:
+        try:
+            got = {k: np.asarray(arrays[k + suffix]) for k in TOKEN_KEYS if k + suffix in files}
+        except Exception as e:
+            raise UsageError(f"{path}: cannot read its token arrays ({str(e).splitlines()[0][:100]}); save plain "
+                             "integer arrays") from None
+        if "input_ids" not in got:
+            raise UsageError(f"{path} has input_ids_train but no input_ids{suffix}; give both splits or neither suffix")
+        splits[suffix] = _token_arrays(got, f"{path}: ", suffix)
+    if suffixes == ("",):
+        return _held_out(splits[""], str(path))
+    return Data(splits["_train"], splits["_test"], str(path))
+
+
+def _token_arrays(got: dict, where: str, suffix: str = "") -> TokenDataset:
+    ids = got["input_ids"]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise UsageError(f"{where}input_ids{suffix} has shape {ids.shape} and dtype {ids.dtype}; save token ids as an "
+                         "N×T integer array")
+    if len(ids) == 0 or ids.shape[1] == 0:
+        raise UsageError(f"{where}input_ids{suffix} is empty; give at least one sequence of one token")
+    if ids.min() < 0:
+        raise UsageError(f"{where}input_ids{suffix} has negative ids (e.g. {int(ids.min())}); ids index the vocabulary")
+    mask = got.get("attention_mask")
+    if mask is not None and (mask.shape != ids.shape or not np.isin(mask, (0, 1)).all()):
+        raise UsageError(f"{where}attention_mask{suffix} must be 0/1 with the shape of input_ids {ids.shape}")
+    labels = got.get("labels")
+    if labels is not None:
+        if labels.shape != ids.shape and labels.shape != ids.shape[:1]:
+            raise UsageError(f"{where}labels{suffix} has shape {labels.shape}; give one class per sequence "
+                             f"({ids.shape[0]},) or one per token {ids.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise UsageError(f"{where}labels{suffix} holds {labels.dtype} values; give integer class indices")
+    return TokenDataset(torch.as_tensor(ids), torch.as_tensor(mask) if mask is not None else None,
+                        torch.as_tensor(labels) if labels is not None else None)
+
+
+def _held_out(ds: TokenDataset, spec: str) -> Data:
+    """One split: the last tenth of the sequences for evaluation, the rest for calibration (both, when too few)."""
+    n = len(ds)
+    n_test = max(1, int(round(TEST_SHARE * n)))
+    if n - n_test < 1:
+        return Data(ds, ds, spec)
+    return Data(ds.split(range(n - n_test)), ds.split(range(n - n_test, n)), spec)
+
+
+def _text(path: Path, tokenizer: str | None, seq_len: int | None) -> Data:
+    """A text file cut into sequences of ``seq_len`` tokens by the tokenizer in directory ``tokenizer``."""
+    if tokenizer is None:
+        raise UsageError(f"--data {path} is text: it needs a tokenizer; pass --tokenizer DIR (a Hugging Face "
+                         "tokenizer directory), or give a model directory that has one")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as e:
+        raise UsageError(f"cannot load a tokenizer from {tokenizer} ({str(e).splitlines()[0][:120]}); pass "
+                         "--tokenizer DIR with tokenizer.json or the files AutoTokenizer reads") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--data {path} is not UTF-8 text; save it as UTF-8") from None
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    length = seq_len or DEFAULT_SEQ_LEN
+    if len(ids) < 2 * length:
+        raise UsageError(f"--data {path} holds {len(ids)} tokens: fewer than two sequences of {length}; give more "
+                         "text or a smaller --seq-len")
+    n = len(ids) // length
+    return _held_out(TokenDataset(torch.tensor(ids[:n * length]).reshape(n, length)), str(path))
+
+
+DEFAULT_SEQ_LEN = 128
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+def random_tokens(n: int, length: int, vocab: int, gen: torch.Generator) -> dict:
+    """Structure-only token inputs: ids drawn uniformly below ``vocab``, every token attended."""
+    ids = torch.randint(vocab, (n, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def vocabulary(model: torch.nn.Module) -> int | None:
+    """The number of token ids the model takes: its input embedding's rows."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return emb.num_embeddings if emb is not None else None
+
+
 def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, ...] | None = None,
-              pre: Preprocessing | None = None) -> Data:
-    """Parse ``--data``: ``mnist:ROOT``, ``fashion-mnist:ROOT``, ``cifar10:ROOT``, a directory, or a ``.npz``."""
+              pre: Preprocessing | None = None, tokenizer: str | None = None, seq_len: int | None = None) -> Data:
+    """Parse ``--data``: ``mnist:ROOT``, ``fashion-mnist:ROOT``, ``cifar10:ROOT``, a directory, a ``.npz``, or a
+    text file (tokenised by the tokenizer in directory ``tokenizer``)."""
     if not spec:
         return Data(None, None)
     kind, sep, root = spec.partition(":")
@@ -311,38 +430,61 @@ def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, 
         if not path.is_file():
             raise UsageError(f"--data {spec}: no such file; check the path")
         return _npz(path)
+    if path.suffix in TEXT_SUFFIXES:
+        if not path.is_file():
+            raise UsageError(f"--data {spec}: no such file; check the path")
+        return _text(path, tokenizer, seq_len)
     if path.is_dir():
         if not (path / "train").is_dir() or not ((path / "val").is_dir() or (path / "test").is_dir()):
             raise UsageError(f"--data {spec}: an image folder needs train/ and val/ subdirectories")
         return _image_folder(path, input_shape, pre)
     raise UsageError(f"--data {spec!r} is not understood; use mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, "
-                     "an ImageFolder directory or an .npz file")
+                     "an ImageFolder directory, an .npz file or a .txt file")
 
 
 def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
-                model: torch.nn.Module | None = None, workers: int = 0) -> Samples:
-    """``n`` train samples chosen with a fixed seed; without data, seeded random inputs labelled by ``model``."""
+                model: torch.nn.Module | None = None, workers: int = 0, tokens: int | None = None,
+                output_key: str | None = None) -> Samples:
+    """``n`` train samples chosen with a fixed seed; without data, seeded random inputs (images of
+    ``input_shape``, or ``tokens`` random token ids) labelled by ``model``."""
     gen = torch.Generator().manual_seed(SEED)
     if data.train is None:
-        if input_shape is None:
+        if tokens is not None:
+            vocab = vocabulary(model) if model is not None else None
+            if vocab is None:
+                raise UsageError("--tokens needs a model that embeds token ids (no nn.Embedding found); use "
+                                 "--input-shape for a model that takes float tensors")
+            x = random_tokens(n, tokens, vocab, gen)
+            what = f"{tokens} random tokens"
+        elif input_shape is None:
             raise UsageError("no --data and no --input-shape; pass one (e.g. --input-shape 1,28,28 for a "
-                             "structure-only run)")
-        x = torch.randn((n, *input_shape), generator=gen)
+                             "structure-only run, or --tokens 128 for a token model)")
+        else:
+            x = torch.randn((n, *input_shape), generator=gen)
+            what = f"inputs of shape {tuple(input_shape)}"
         if model is None:
             return Samples(x, torch.zeros(n, dtype=torch.long))
         try:
             with torch.no_grad():
-                y = torch.cat([call(model, as_input(b, model)).argmax(-1) for b in x.split(64)])
+                y = torch.cat([task.labels_from(call(model, as_input(batch_slice(x, i, i + 64), model), output_key))
+                               for i in range(0, n, 64)])
+        except task.OutputError as e:
+            raise UsageError(str(e)) from None
         except Exception as e:
-            raise UsageError(f"inputs of shape {tuple(input_shape)} do not fit the model "
-                             f"({str(e).splitlines()[0][:160]}); check --input-shape (without the batch size, "
-                             "e.g. 1,28,28)") from None
+            if tokens is None and vocabulary(model) is not None:
+                raise UsageError(f"{what} do not fit the model ({str(e).splitlines()[0][:120]}); it embeds token "
+                                 "ids: pass --tokens T (sequence length) instead of --input-shape") from None
+            raise UsageError(f"{what} do not fit the model ({str(e).splitlines()[0][:160]}); check "
+                             + ("--tokens" if tokens is not None else "--input-shape (without the batch size, e.g. "
+                                "1,28,28)")) from None
         return Samples(x, y)
     n = min(n, len(data.train))
     idx = torch.randperm(len(data.train), generator=gen)[:n].tolist()
     if isinstance(data.train, TensorDataset):
         x, y = data.train.tensors
         return Samples(x, y, rows=torch.tensor(idx))
+    if isinstance(data.train, TokenDataset):
+        return Samples(data.train.inputs, data.train.labels, rows=torch.tensor(idx))
     return Samples(dataset=data.train, indices=idx, workers=workers)
 
 
@@ -356,6 +498,8 @@ def eval_loader(data: Data, n: int | None = None, batch_size: int = 256, workers
         ds = Subset(ds, idx)
     if distributed.active():  # each process evaluates its share; measure.evaluate all-reduces the counts
         ds = Subset(ds, list(range(distributed.rank(), len(ds), distributed.world())))
+    if isinstance(data.test, TokenDataset):  # logits are sequence × vocabulary per sample
+        batch_size = max(1, min(batch_size, 2 ** 11 // data.test.inputs["input_ids"].shape[1]))
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 

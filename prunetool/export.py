@@ -6,6 +6,9 @@ graph (adaptive pooling to a size that does not divide its input, say) or its ou
 dynamo-based exporter (onnxscript; several seconds). Parity: ``max |exported − PyTorch| ≤ atol + rtol · max
 |PyTorch|``: an absolute floor for outputs near zero, and a tolerance that grows with large logits. A file that
 fails to export or to match raises :class:`VerificationError`; the caller writes nothing.
+
+A token model is exported with its keyword inputs as named inputs (``input_ids``, ``attention_mask``), batch and
+sequence length dynamic, and its logits (:func:`prunetool.task.logits`) as the one output.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batch import Batch, resized
 from .errors import VerificationError
 from .options import DEFAULT_ATOL, DEFAULT_RTOL
+from .task import logits
 
 DEFAULT_OPSET = 17
 
@@ -44,13 +49,42 @@ def ort_session(path: str, threads: int | None = None):
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def ort_latency(session, input_shape, batch_size: int, warmup: int = 3, runs: int = 30,
+def ort_latency(session, example, batch_size: int, warmup: int = 3, runs: int = 30,
                 budget_s: float = 0.5) -> list[float]:
+    """Times of onnxruntime runs on a batch of ``batch_size``: random inputs of a shape (``example`` a tuple), or a
+    batch's samples repeated."""
     from .measure import timings
 
-    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
-    name = session.get_inputs()[0].name
-    return timings(lambda: session.run(None, {name: x}), warmup, max_runs=runs, budget_s=budget_s)
+    if isinstance(example, tuple):
+        feed = {session.get_inputs()[0].name:
+                np.random.default_rng(0).standard_normal((batch_size, *example)).astype(np.float32)}
+    else:
+        feed = _feed(session, resized(example, batch_size))
+    return timings(lambda: session.run(None, feed), warmup, max_runs=runs, budget_s=budget_s)
+
+
+class Logits(nn.Module):
+    """``model`` as exporters take it: positional tensors in, the logits out."""
+
+    def __init__(self, model: nn.Module, keys: list[str] | None, output_key: str | None = None):
+        super().__init__()
+        self.model, self.keys, self.output_key = model, keys, output_key
+
+    def forward(self, *inputs):
+        out = self.model(**dict(zip(self.keys, inputs))) if self.keys else self.model(inputs[0])
+        return logits(out, self.output_key)
+
+
+def _inputs(x: Batch) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    if isinstance(x, torch.Tensor):
+        return ["input"], (x,)
+    return list(x), tuple(x.values())
+
+
+def _feed(session, x: Batch) -> dict:
+    names = [i.name for i in session.get_inputs()]
+    _, values = _inputs(x)
+    return {n: v.numpy() for n, v in zip(names, values)}
 
 
 @contextlib.contextmanager
@@ -67,16 +101,26 @@ def _quiet():
         logging.disable(previous)
 
 
-def _export(model: nn.Module, x: torch.Tensor, path: str, opset: int, exporter: str) -> None:
+def _dims(x: Batch) -> list[dict[int, str]]:
+    """Dynamic dimensions of each input: the batch, and the sequence of token inputs."""
+    names, values = _inputs(x)
+    return [{0: "batch", 1: "sequence"} if not v.dtype.is_floating_point and v.dim() == 2 else {0: "batch"}
+            for v in values]
+
+
+def _export(model: nn.Module, x: Batch, path: str, opset: int, exporter: str) -> None:
+    names, values = _inputs(x)
+    dims = _dims(x)
     with _quiet():
         if exporter == "torchscript":
-            torch.onnx.export(model, (x[:1],), path, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
+            torch.onnx.export(model, tuple(v[:1] for v in values), path, input_names=names, output_names=["output"],
+                              dynamic_axes={**dict(zip(names, dims)), "output": {0: "batch"}}, opset_version=opset,
                               dynamo=False)
         else:  # an example of batch 2: torch.export specialises dimensions of size 1
-            torch.onnx.export(model, (x[:2],), path, input_names=["input"], output_names=["output"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-                              external_data=False)
+            shared = {label: torch.export.Dim(label) for label in ("batch", "sequence")}
+            torch.onnx.export(model, tuple(v[:2] for v in values), path, input_names=names, output_names=["output"],
+                              dynamic_shapes=(tuple({d: shared[label] for d, label in dd.items()} for dd in dims),),
+                              dynamo=True, verbose=False, external_data=False)
 
 
 def _first_line(e: Exception) -> str:
@@ -87,16 +131,16 @@ def _first_line(e: Exception) -> str:
     return type(e).__name__
 
 
-def export_onnx(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, atol: float = DEFAULT_ATOL,
+def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float = DEFAULT_ATOL,
                 rtol: float = DEFAULT_RTOL, opset: int = DEFAULT_OPSET, latency_batches=(1,),
-                shown_as: str | None = None) -> dict:
+                shown_as: str | None = None, output_key: str | None = None) -> dict:
     """Export ``model`` to ``path``, check it, compare onnxruntime with PyTorch on ``x`` (batch ≥ 2)."""
     import onnx
 
     path = str(path)
-    model = model.eval().cpu()
+    model = Logits(model.eval().cpu(), None if isinstance(x, torch.Tensor) else list(x), output_key)
     with torch.no_grad():
-        want = model(x).numpy()
+        want = model(*_inputs(x)[1]).numpy()
     scale, tol = tolerance(want, atol, rtol)
     tried = []
     for exporter in ("torchscript", "dynamo"):
@@ -105,7 +149,7 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, atol
             _export(model, x, path, opset, exporter)
             onnx.checker.check_model(path)
             session = ort_session(path)
-            got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+            got = session.run(None, _feed(session, x))[0]
         except Exception as e:
             tried.append(f"{exporter}: {_first_line(e)}")
             continue
@@ -117,8 +161,8 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, atol
             tried.append(f"{exporter}: output differs from PyTorch by {diff:.3g} (tolerance {tol:.3g} = --onnx-atol "
                          f"{atol:g} + --onnx-rtol {rtol:g} × max |output| {scale:.3g})")
             continue
-        shape = tuple(x.shape[1:])
-        latency = {str(b): statistics.median(ort_latency(session, shape, b)) for b in latency_batches}
+        example = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else x
+        latency = {str(b): statistics.median(ort_latency(session, example, b)) for b in latency_batches}
         opset_used = next((o.version for o in onnx.load(path, load_external_data=False).opset_import
                            if o.domain in ("", "ai.onnx")), opset)
         return {"path": shown_as or path, "exporter": exporter, "opset": opset_used, "max_abs_diff": diff,
@@ -133,22 +177,25 @@ def _remove_external_data(path: str) -> None:
         os.unlink(path + ".data")
 
 
-def export_pt2(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, atol: float = DEFAULT_ATOL,
-               rtol: float = DEFAULT_RTOL, shown_as: str | None = None) -> dict:
-    """``torch.export`` with a dynamic batch dimension, saved to ``path``, loaded back with
-    ``torch.export.load`` and compared with the PyTorch model on ``x`` (batch ≥ 2)."""
+def export_pt2(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float = DEFAULT_ATOL,
+               rtol: float = DEFAULT_RTOL, shown_as: str | None = None, output_key: str | None = None) -> dict:
+    """``torch.export`` with a dynamic batch dimension (and sequence, for tokens), saved to ``path``, loaded back
+    with ``torch.export.load`` and compared with the PyTorch model on ``x`` (batch ≥ 2)."""
     path = str(path)
-    model = model.eval().cpu()
+    model = Logits(model.eval().cpu(), None if isinstance(x, torch.Tensor) else list(x), output_key)
+    _, values = _inputs(x)
     with torch.no_grad():
-        want = model(x)
+        want = model(*values)
     scale, tol = tolerance(want.numpy(), atol, rtol)
+    shared = {label: torch.export.Dim(label) for label in ("batch", "sequence")}
+    dynamic = (tuple({d: shared[label] for d, label in dd.items()} for dd in _dims(x)),)  # forward(*inputs)
     try:
         with _quiet():
-            program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            program = torch.export.export(model, tuple(v[:2] for v in values), dynamic_shapes=dynamic)
             torch.export.save(program, path)
             loaded = torch.export.load(path)
             with torch.no_grad():
-                got = loaded.module()(x)
+                got = loaded.module()(*values)
     except Exception as e:
         raise VerificationError(f"pt2 export of the result failed: {_first_line(e)}") from None
     if got.shape != want.shape:

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from . import layers
+from .batch import batch_to, call
 from .calls import capture, design_matrix
-from .data import as_samples, batch_to, call
+from .data import as_samples
 from .errors import UsageError
-from .progress import QUIET, Bars
+from .task import Quality, Tally
 
 FACTORABLE = (nn.Linear, nn.Conv2d)
 
@@ -196,15 +197,14 @@ def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> t
     return chosen, [n for n in chosen if n in heads]
 
 
-def accuracy_on(model: nn.Module, samples) -> float:
-    """Top-1 accuracy in percent on labelled calibration samples."""
+def quality_on(model: nn.Module, samples, output_key: str | None = None) -> Quality:
+    """Accuracy, loss and the task's metric on labelled calibration samples."""
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-    correct = total = 0
+    tally = Tally()
     with torch.no_grad():
-        for xb, yb, _ in as_samples(samples).batches(256):
-            correct += int((call(model, batch_to(xb, None, dtype)).argmax(-1) == yb).sum())
-            total += len(yb)
-    return 100.0 * correct / max(1, total)
+        for xb, yb, _ in as_samples(samples).batches(64):
+            tally.add(call(model, batch_to(xb, None, dtype), output_key), yb)
+    return tally.result()
 
 
 # --- choosing ranks ----------------------------------------------------------------------------------------

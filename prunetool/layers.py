@@ -23,11 +23,23 @@ A layer of your own::
 ``layout`` is ``"linear"`` (weight ``out × in``, reads the last dimension) or ``"transposed"`` (weight
 ``in × out``, as Hugging Face's GPT-2 ``Conv1D``); ``widths`` names the attributes that record the output and
 input widths.
+
+A class can also be registered by its dotted name (``"transformers.models.gpt2.modeling_gpt2.GPT2Attention"``),
+so that a kind for a library's layer costs nothing until that library is imported. An attention block that
+records its head count (GPT-2's ``split_size``, BERT's ``all_head_size``) gets an :class:`AttentionKind`: its
+``follow`` sets them from its projections after a cut inside it.
+
+``torch.nn.MultiheadAttention`` computes its head size from the model width, so heads cannot be removed from it
+as it is: :func:`prepare` gives each one the class :class:`MultiheadAttention`, the same module (same tensors,
+same state_dict keys) whose forward also runs with fewer heads.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Attribute names that, by convention, record a width. A module type without an entry in the registry has
@@ -47,6 +59,9 @@ class Kind:
             value = getattr(module, attr, None)
             if isinstance(value, int) and not isinstance(value, bool) and value in changed:
                 setattr(module, attr, changed[value])
+
+    def follow(self, module: nn.Module) -> None:
+        """Called on every module that holds a layer whose tensors were sliced, after those layers synced."""
 
 
 class LinearKind(Kind):
@@ -124,12 +139,151 @@ class Atomic(Kind):
             setattr(module, attr, sizes[which])
 
 
-_REGISTRY: dict[type, Kind] = {}
+class AttentionKind(Kind):
+    """An attention block whose forward reads its head count from attributes: after a cut inside it, ``heads``
+    (attribute names) are set to the query projection's width over the head size, ``widths`` to that width.
+
+    ``query`` names the child projection; with ``fused`` parts (GPT-2's q|k|v ``c_attn``) its width is
+    divided by that. ``head_size`` is the attribute holding the size of one head."""
+
+    def __init__(self, query: str, head_size: str, heads: tuple[str, ...] = (), widths: tuple[str, ...] = (),
+                 fused: int = 1, key: str | None = None, kv_heads: tuple[str, ...] = ()):
+        self.query, self.head_size, self.heads, self.widths = query, head_size, heads, widths
+        self.fused, self.key, self.kv_heads = fused, key, kv_heads
+
+    def follow(self, module):
+        size = getattr(module, self.head_size, None)
+        proj = getattr(module, self.query, None)
+        if not isinstance(size, int) or proj is None:
+            return
+        width = _out_width(proj) // self.fused
+        key = getattr(module, self.key, None) if self.key else None
+        values = {**{a: width for a in self.widths}, **{a: width // size for a in self.heads},
+                  **{a: _out_width(key) // size for a in self.kv_heads if key is not None}}
+        for attr, value in values.items():
+            if isinstance(getattr(module, attr, None), int):  # only what the module records
+                setattr(module, attr, value)
 
 
-def register(module_type: type, kind: Kind) -> Kind:
-    """Use ``kind`` for ``module_type`` and its subclasses (a later registration of a subclass wins)."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+def _out_width(layer: nn.Module) -> int:
+    if hasattr(layer, "nf"):  # Hugging Face's Conv1D: weight in × out
+        return layer.weight.shape[1]
+    return layer.weight.shape[0]
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` that also runs with heads removed (``in_proj_weight`` of 3·h·d rows for h heads of
+    size ``head_dim``, the model width unchanged). Self-attention computes q, k and v in one call on the packed
+    projection, which is what lets trace see its heads; anything it does not handle goes to the parent's forward
+    while no head has been removed."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        inner = self.in_proj_weight.shape[0] // 3 if self.in_proj_weight is not None else self.embed_dim
+        plain = self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
+        if not plain or (attn_mask is not None and attn_mask.dim() == 3) or query.dim() != 3:
+            if inner != self.embed_dim:
+                raise RuntimeError("this MultiheadAttention has heads removed; it supports batched inputs, 2-D "
+                                   "masks, no bias_k/bias_v and no add_zero_attn")
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, t, s = query.shape[0], query.shape[1], key.shape[1]
+        heads = inner // self.head_dim
+        if query is key and key is value:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            w, b = self.in_proj_weight.chunk(3), (self.in_proj_bias.chunk(3) if self.in_proj_bias is not None
+                                                  else (None,) * 3)
+            q, k, v = F.linear(query, w[0], b[0]), F.linear(key, w[1], b[1]), F.linear(value, w[2], b[2])
+        q = q.reshape(n, t, heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(n, s, heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(n, s, heads, self.head_dim).transpose(1, 2)
+        mask = _additive_mask(attn_mask, key_padding_mask, q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1),
+                                            float("-inf"))
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=is_causal and mask is None)
+            weights = None
+        out = self.out_proj(out.transpose(1, 2).reshape(n, t, inner))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(1)
+        return out, weights
+
+
+def _additive_mask(attn_mask, key_padding_mask, dtype):
+    """``nn.MultiheadAttention``'s masks (True or -inf: not attended) as one additive float mask."""
+    mask = None
+    for m, shape in ((attn_mask, None), (key_padding_mask, "padding")):
+        if m is None:
+            continue
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        m = m.to(dtype)
+        if shape == "padding":
+            m = m[:, None, None, :]
+        mask = m if mask is None else mask + m
+    return mask
+
+
+class MultiheadAttentionKind(Kind):
+    def sync(self, module, changed):
+        module.num_heads = module.in_proj_weight.shape[0] // 3 // module.head_dim
+
+
+class EncoderLayerKind(Kind):
+    """``nn.TransformerEncoderLayer``: its fused inference kernel assumes every head; with heads removed it takes
+    the module path (the flag it checks is used for nothing else)."""
+
+    def follow(self, module):
+        attn = module.self_attn
+        if attn.in_proj_weight is not None and attn.in_proj_weight.shape[0] != 3 * attn.embed_dim:
+            module.activation_relu_or_gelu = 0
+
+
+class TransposedLinearKind(Kind):
+    """A linear layer with its weight stored in × out (Hugging Face's ``Conv1D``)."""
+
+    def sync(self, module, changed):
+        module.nx, module.nf = module.weight.shape
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Give every ``nn.MultiheadAttention`` (exactly that class) the class :class:`MultiheadAttention`, in place:
+    same tensors and keys, a forward that trace can follow into heads. Returns ``model``."""
+    for module in model.modules():
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = MultiheadAttention
+    return model
+
+
+def needs_prepare(model: nn.Module) -> bool:
+    return any(type(m) is nn.MultiheadAttention for m in model.modules())
+
+
+_REGISTRY: dict[type | str, Kind] = {}
+
+
+def register(module_type: type | str, kind: Kind) -> Kind:
+    """Use ``kind`` for ``module_type`` (a class, or its dotted name ``"package.module.Class"``) and its
+    subclasses (a later registration of a subclass wins)."""
+    if isinstance(module_type, str):
+        if "." not in module_type:
+            raise TypeError(f"{module_type!r} is not a dotted class name (package.module.Class)")
+    elif not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"{module_type!r} is not an nn.Module class")
     _REGISTRY[module_type] = kind
     return kind
@@ -139,6 +293,9 @@ def kind_of(module: nn.Module) -> Kind:
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in _REGISTRY:
+            return _REGISTRY[name]
     return _DEFAULT
 
 
@@ -150,6 +307,20 @@ register(nn.GroupNorm, GroupNormKind())
 register(nn.PReLU, PReLUKind())
 register(nn.Embedding, EmbeddingKind())
 register(nn.LayerNorm, LayerNormKind())
+register(MultiheadAttention, MultiheadAttentionKind())
+register(nn.TransformerEncoderLayer, EncoderLayerKind())
+
+# Hugging Face transformers, by name (nothing is imported).
+_HF = "transformers.models"
+register("transformers.pytorch_utils.Conv1D", TransposedLinearKind())
+register(f"{_HF}.gpt2.modeling_gpt2.GPT2Attention", AttentionKind("c_attn", "head_dim", ("num_heads",),
+                                                                  ("split_size",), fused=3))
+register(f"{_HF}.bert.modeling_bert.BertSelfAttention", AttentionKind("query", "attention_head_size",
+                                                                      ("num_attention_heads",), ("all_head_size",)))
+register(f"{_HF}.vit.modeling_vit.ViTAttention", AttentionKind("q_proj", "head_dim", ("num_attention_heads",)))
+for _family, _cls in (("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"), ("mistral", "MistralAttention")):
+    register(f"{_HF}.{_family}.modeling_{_family}.{_cls}",
+             AttentionKind("q_proj", "head_dim", ("num_heads",), key="k_proj", kv_heads=("num_key_value_heads",)))
 
 
 def widths(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -161,6 +332,19 @@ def widths(model: nn.Module) -> dict[str, dict[str, int]]:
         if found:
             out[name] = found
     return out
+
+
+def resync(model: nn.Module, changed: dict[str, dict[int, int]], before: dict[str, dict[str, int]]) -> None:
+    """After ``changed`` layers (name → old size → new size) were sliced: each syncs its width attributes, every
+    module holding one of them follows (:meth:`Kind.follow`), and containers recording a width follow it."""
+    modules = dict(model.named_modules())
+    for name, sizes in changed.items():
+        kind_of(modules[name]).sync(modules[name], sizes)
+    holders = {".".join(name.split(".")[:i]) for name in changed for i in range(name.count(".") + 1)}
+    for name in sorted(holders, key=lambda n: (-n.count("."), n) if n else (1, "")):
+        if name in modules:
+            kind_of(modules[name]).follow(modules[name])
+    sync_containers(model, before)
 
 
 def sync_containers(model: nn.Module, before: dict[str, dict[str, int]]) -> None:

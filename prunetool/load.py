@@ -58,6 +58,7 @@ class Checkpoint:
     file_bytes: int | None = None
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # floating tensors of the file, by key
     arch_root: str | None = None  # the sys.path entry the architecture was imported from, when not installed
+    tokenizer: str | None = None  # a directory with the model's tokenizer (a Hugging Face model directory)
 
 
 # --- architectures ---------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def build_arch(spec: str, kwargs: dict | None = None, root: str | None = None,
                          f"check {flag} and --arch-kwargs") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"{flag} {spec} returned {type(model).__name__}, not an nn.Module")
-    return model
+    return layers.prepare(model)
 
 
 def parse_arch_kwargs(text: str | None) -> dict:
@@ -240,7 +241,8 @@ def _describe_mismatch(model: nn.Module, state: dict) -> str | None:
 def resize_to_state_dict(model: nn.Module, state: dict) -> None:
     """Give every parameter and buffer named in ``state`` its shape and dtype there (a cut model), creating
     parameters the cut added (a bias), then let each resized layer's width attributes follow."""
-    changed: dict[nn.Module, dict[int, int]] = {}
+    changed: dict[str, dict[int, int]] = {}
+    before = layers.widths(model)
     for key, t in state.items():
         mname, _, attr = key.rpartition(".")
         try:
@@ -259,10 +261,9 @@ def resize_to_state_dict(model: nn.Module, state: dict) -> None:
         else:
             continue
         if cur is not None and cur.shape != t.shape:
-            sizes = changed.setdefault(module, {})
+            sizes = changed.setdefault(mname, {})
             sizes.update({a: b for a, b in zip(cur.shape, t.shape) if a != b})
-    for module, sizes in changed.items():
-        layers.kind_of(module).sync(module, sizes)
+    layers.resync(model, changed, before)
 
 
 def _simple(v) -> bool:
@@ -364,9 +365,19 @@ def _read_safetensors(data: bytes, path: str) -> dict:
 
 
 def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
-         unsafe_pickle: bool = False) -> Checkpoint:
-    """Load a checkpoint: prunetool's own file, a state_dict (``.pt`` or ``.safetensors``) with ``arch``, or (if
-    allowed) a pickled module."""
+         unsafe_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
+    """Load a checkpoint: prunetool's own file, a state_dict (``.pt`` or ``.safetensors``) with ``arch``, a Hugging
+    Face model directory (:mod:`prunetool.hf`), or (if allowed) a pickled module."""
+    from . import hf
+
+    if hf.is_dir(path):
+        if arch:
+            raise UsageError(f"{path} is a Hugging Face model directory: its config names the architecture; drop "
+                             "--arch")
+        return hf.load_dir(path, trust_remote_code)
+    if Path(path).is_dir():
+        raise UsageError(f"{path} is a directory without config.json; pass a checkpoint file (.pt, .pth, "
+                         ".safetensors) or a Hugging Face model directory")
     data = _read(path)
     ckpt = from_bytes(data, str(path), arch, arch_kwargs, unsafe_pickle)
     ckpt.path, ckpt.sha256, ckpt.file_bytes = str(path), _sha256(data), len(data)
@@ -431,11 +442,12 @@ def _from_object(obj: Any, path: str, arch: str | None, arch_kwargs: dict | None
     if isinstance(obj, dict) and obj.get(FORMAT_KEY):
         return _from_own(obj, path, arch, arch_kwargs)
     if isinstance(obj, nn.Module):
-        return Checkpoint(obj, arch or _class_path(obj), arch_kwargs or {}, dtypes=_dtypes(obj.state_dict()))
+        return Checkpoint(layers.prepare(obj), arch or _class_path(obj), arch_kwargs or {},
+                          dtypes=_dtypes(obj.state_dict()))
     if isinstance(obj, dict):
         for key in ("model", "module", "net"):
             if isinstance(obj.get(key), nn.Module):
-                return Checkpoint(obj[key], arch or _class_path(obj[key]), arch_kwargs or {},
+                return Checkpoint(layers.prepare(obj[key]), arch or _class_path(obj[key]), arch_kwargs or {},
                                   dtypes=_dtypes(obj[key].state_dict()))
         state = _find_state_dict(obj)
         if state is not None:

@@ -7,53 +7,44 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from .batch import Batch, as_input, call, resized
 from .distributed import reduce_sum
 from .progress import QUIET, Bars
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype the model computes in (the dtype inputs are given in)."""
-    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-
-
-def as_input(x: torch.Tensor, model: nn.Module, device="cpu") -> torch.Tensor:
-    return x.to(device, model_dtype(model)) if x.dtype.is_floating_point else x.to(device)
+from .task import Quality, Tally
 
 
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one sample's forward pass (matmuls and convolutions), via torch's FLOP counter."""
+def macs(model: nn.Module, example: Batch | tuple[int, ...]) -> int:
+    """Multiply-accumulates of one sample's forward pass (matmuls and convolutions), via torch's FLOP counter;
+    ``example`` is a batch (its first sample is counted) or one sample's shape."""
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.zeros((1, *input_shape), device=device, dtype=model_dtype(model)))
+        x = resized(example, 1, model, device)
+        model(**x) if isinstance(x, dict) else model(x)
     return counter.get_total_flops() // 2
 
 
-def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu",
-             bars: Bars = QUIET, label: str = "evaluating") -> tuple[float | None, float | None]:
-    """Top-1 accuracy in percent and mean cross-entropy over ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu", bars: Bars = QUIET,
+             label: str = "evaluating", output_key: str | None = None) -> Quality:
+    """Top-1 accuracy (of samples, or of tokens), mean cross-entropy and the task's metric over ``loader``."""
     if loader is None:
-        return None, None
+        return Quality("accuracy", None, None)
     model.eval()
-    correct, total, loss = 0, 0, 0.0
+    tally = Tally()
     with torch.no_grad():
         for xb, yb in bars.track(loader, label, total=len(loader)):
-            xb, yb = as_input(xb, model, device), yb.to(device)
-            out = model(xb)
-            loss += F.cross_entropy(out, yb, reduction="sum").item()
-            correct += (out.argmax(-1) == yb).sum().item()
-            total += len(yb)
-    correct, total, loss = reduce_sum(correct), reduce_sum(total), reduce_sum(loss)
-    return 100.0 * correct / total, loss / total
+            tally.add(call(model, as_input(xb, model, device), output_key), yb.to(device))
+    tally.correct, tally.count, tally.loss_sum = (reduce_sum(tally.correct), reduce_sum(tally.count),
+                                                  reduce_sum(tally.loss_sum))
+    return tally.result()
 
 
 def timings(run, warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget_s: float = 0.5) -> list[float]:
@@ -70,25 +61,30 @@ def timings(run, warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget
     return times
 
 
-def forward_times(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str = "cpu",
+def _forward(model: nn.Module, x: Batch):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def forward_times(model: nn.Module, example: Batch | tuple[int, ...], batch_size: int, device: str = "cpu",
                   **kwargs) -> list[float]:
-    """Times of eager forward passes on random inputs (synchronised on CUDA)."""
+    """Times of eager forward passes on a batch of ``batch_size`` (random inputs of a shape, or ``example``'s
+    samples repeated), synchronised on CUDA."""
     model.eval()
-    x = torch.randn((batch_size, *input_shape), device=device, dtype=model_dtype(model))
+    x = resized(example, batch_size, model, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run():
-        model(x)
+        _forward(model, x)
         sync()
 
     with torch.inference_mode():
         return timings(run, **kwargs)
 
 
-def latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: str = "cpu",
+def latency(model: nn.Module, example: Batch | tuple[int, ...], batch_size: int, device: str = "cpu",
             warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget_s: float = 0.5) -> float:
     """Median wall time of one forward pass in milliseconds, after warm-up."""
-    return statistics.median(forward_times(model, input_shape, batch_size, device, warmup=warmup,
+    return statistics.median(forward_times(model, example, batch_size, device, warmup=warmup,
                                            min_runs=min_runs, max_runs=max_runs, budget_s=budget_s))
 
 
@@ -113,16 +109,16 @@ def _rss_kb(field: str) -> int | None:
     return None
 
 
-def peak_forward_mb(model: nn.Module, shape, batch: int, device: str) -> float | None:
+def peak_forward_mb(model: nn.Module, example: Batch | tuple[int, ...], batch: int, device: str) -> float | None:
     """Memory a forward pass at ``batch`` adds at its peak: CUDA's allocator peak, or on the CPU the growth of
     the process's resident high-water mark (reset through /proc/self/clear_refs)."""
-    x = torch.randn((batch, *shape), device=device, dtype=model_dtype(model))
+    x = resized(example, batch, model, device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         with torch.inference_mode():
-            model(x)
+            _forward(model, x)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     try:
@@ -131,7 +127,7 @@ def peak_forward_mb(model: nn.Module, shape, batch: int, device: str) -> float |
         return None
     before = _rss_kb("VmRSS:")
     with torch.inference_mode():
-        model(x)
+        _forward(model, x)
     peak = _rss_kb("VmHWM:")
     return None if before is None or peak is None else max(0, peak - before) / 1024
 
@@ -139,20 +135,20 @@ def peak_forward_mb(model: nn.Module, shape, batch: int, device: str) -> float |
 NOISE = 0.2  # a speed-up is judged only when its p10–p90 range over measurement rounds is within ±20% of its median
 
 
-def compare_latency(before: nn.Module, after: nn.Module, input_shape: tuple[int, ...], batch: int,
+def compare_latency(before: nn.Module, after: nn.Module, example: Batch | tuple[int, ...], batch: int,
                     device: str = "cpu", rounds: int = 7, budget_s: float = 2.0) -> dict:
     """Latency of two models measured in alternating rounds (so that both see the same machine), with the spread
     of each and of the speed-up: the per-round ratios' p10, p50 and p90. ``noisy`` when the speed-up's p10–p90
     range is wider than ±``NOISE`` of its median."""
-    xa = torch.randn((batch, *input_shape), device=device, dtype=model_dtype(before))
-    xb = xa.to(model_dtype(after))
+    xa = resized(example, batch, before, device)
+    xb = resized(xa, batch, after, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     before.eval()
     after.eval()
 
     def once(model, x) -> float:
         t0 = time.perf_counter()
-        model(x)
+        _forward(model, x)
         sync()
         return 1000.0 * (time.perf_counter() - t0)
 

@@ -33,6 +33,7 @@ class Source:
     arch: str | None = None
     arch_kwargs: dict = field(default_factory=dict)
     unsafe_pickle: bool = False
+    trust_remote_code: bool = False  # a Hugging Face directory's own model code may run
 
 
 @dataclass
@@ -48,10 +49,21 @@ class DataOptions:
     rows: int = DEFAULT_ROWS
     workers: int = 0
     preprocessing: object = None  # a data.Preprocessing for image folders
+    tokens: int | None = None  # structure-only run of a token model: sequences of this many random ids
+    seq_len: int | None = None  # tokens per sequence cut from a text file
+    tokenizer: str | None = None  # the directory of the tokenizer for a text file (default: the model's directory)
+    output_key: str | None = None  # the entry of a structured output that holds the logits
 
     def check(self) -> None:
         if self.calib < 1:
             raise UsageError(f"--calib {self.calib} must be at least 1")
+        if self.tokens is not None and self.tokens < 1:
+            raise UsageError(f"--tokens {self.tokens} must be at least 1 (tokens per random sequence)")
+        if self.tokens is not None and self.input_shape is not None:
+            raise UsageError("--tokens and --input-shape both describe random inputs; give one (--tokens for a "
+                             "model that takes token ids)")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise UsageError(f"--seq-len {self.seq_len} must be at least 2 (a token and the one it predicts)")
         if self.eval is not None and self.eval < 1:
             raise UsageError(f"--eval {self.eval} must be at least 1 (leave it out to evaluate the whole test split)")
         if self.memory < 2 ** 20:
@@ -91,6 +103,7 @@ class Outputs:
     summary_md: str | None = None
     atol: float = DEFAULT_ATOL  # parity of --onnx / --pt2 with PyTorch
     rtol: float = DEFAULT_RTOL
+    out_fallback: str | None = None  # written instead of a Hugging Face directory ``out`` that cannot hold the cut
 
     def paths(self) -> dict[str, str]:
         """Flag → path of every output asked for."""

@@ -6,7 +6,6 @@ import base64
 import html
 import io
 import math
-from pathlib import Path
 
 import torch
 

@@ -10,9 +10,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .data import SEED, Data, as_samples, batch_to, call
+from . import task
+from .batch import as_input, batch_len, batch_to, call, model_dtype
+from .data import SEED, Data, as_samples
 from .errors import UsageError
-from .measure import as_input, model_dtype
 from .options import OPTIMIZERS
 from .progress import QUIET, Bars
 
@@ -49,14 +50,16 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float = 4.0,
                       alpha: float = 0.5) -> torch.Tensor:
     """``(1−α)·CE(student, y) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))`` (Hinton et al.)."""
+    if task.per_token(y):  # one distribution per token
+        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
                   reduction="batchmean", log_target=True)
-    return (1 - alpha) * F.cross_entropy(student, y) + alpha * temperature ** 2 * kl
+    return (1 - alpha) * task.loss(student, y) + alpha * temperature ** 2 * kl
 
 
 def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_size: int = 128,
              optimizer: str = "adam", teacher: nn.Module | None = None, device: str = "cpu",
-             bars: Bars = QUIET, after_step=None) -> list[float]:
+             bars: Bars = QUIET, after_step=None, output_key: str | None = None) -> list[float]:
     """Train ``model`` on the train split for ``epochs`` (shuffled with a fixed seed); returns each epoch's
     mean training loss."""
     if data.train is None:
@@ -91,20 +94,20 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
         total, count = 0.0, 0
         for xb, yb in bars.track(loader, f"fine-tuning, epoch {epoch + 1}/{epochs}", total=len(loader)):
             xb, yb = as_input(xb, model, device), yb.to(device)
-            out = trained(xb)
+            out = call(trained, xb, output_key)
             if teacher is None:
-                loss = F.cross_entropy(out, yb)
+                loss = task.loss(out, yb)
             else:
                 with torch.no_grad():
-                    target = teacher(xb)
+                    target = call(teacher, xb, output_key)
                 loss = distillation_loss(out, target, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if after_step is not None:
                 after_step(model)
-            total += loss.item() * len(yb)
-            count += len(yb)
+            total += loss.item() * batch_len(xb)
+            count += batch_len(xb)
         losses.append(distributed.reduce_sum(total) / distributed.reduce_sum(count))
     model.eval().to("cpu")
     if teacher is not None:

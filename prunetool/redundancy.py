@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import calls
+from . import calls, task
+from .batch import batch_to, call
+from .data import Samples
 from .factor import Spectrum, elbow, factorable, matrix, spectrum
 from .progress import QUIET, Bars
-from .data import Samples, batch_to, call
 from .score import mrp, mrs, unit_means
 from .trace import Trace
 
@@ -86,26 +87,32 @@ def matrix_report(name: str, module: nn.Module) -> tuple[dict, Spectrum]:
     }, spec
 
 
-def _frozen(model: nn.Module, trace: Trace, samples: Samples, size: int) -> dict[str, torch.Tensor]:
+def _frozen(model: nn.Module, trace: Trace, samples: Samples, size: int,
+            output_key: str | None = None) -> dict[str, torch.Tensor]:
     """Mean |∂L/∂h_i| at each group's producer outputs (pre-activation), per unit."""
     sums: dict[str, torch.Tensor] = {}
     on_output, weights = {}, {}
+    readers: dict[str, list] = {}
     for g in trace.groups:
         for p in g.producers:
-            def hook(out, g=g, p=p):
-                def on_grad(grad):
-                    cdim = 1 if grad.dim() == 4 else -1
-                    v = grad.detach().abs().movedim(cdim, 0).reshape(g.units, -1).double()
+            readers.setdefault(p.name, []).append((g, p))
+    for name, read in readers.items():
+        def hook(out, read=read):
+            def on_grad(grad):
+                cdim = 1 if grad.dim() == 4 else -1
+                rows = grad.detach().abs().movedim(cdim, 0)
+                for g, p in read:  # a fused projection holds several groups' rows (queries, keys, values)
+                    v = rows[p.rows(torch.arange(g.units)).to(rows.device)].reshape(g.units, -1).double()
                     sums[g.name] = sums.get(g.name, 0) + v.sum(1) / v.shape[1]
-                if out.requires_grad:
-                    out.register_hook(on_grad)
-            on_output[p.name], weights[p.name] = hook, p.weight
+            if out.requires_grad:
+                out.register_hook(on_grad)
+        on_output[name], weights[name] = hook, read[0][1].weight
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     try:
         with calls.hooks(model, on_output=on_output, weights=weights):
             for xb, yb, _ in samples.batches(size):
                 model.zero_grad(set_to_none=True)
-                F.cross_entropy(call(model, batch_to(xb, None, dtype)), yb, reduction="sum").backward()
+                task.loss(call(model, batch_to(xb, None, dtype), output_key), yb, "sum").backward()
     finally:
         model.zero_grad(set_to_none=True)
     return {k: v / len(samples) for k, v in sums.items()}
@@ -118,14 +125,14 @@ def unit_report(model: nn.Module, trace: Trace, samples: Samples, settings, bars
     size = batch_size(trace, settings, backward=True)
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     with torch.no_grad():
-        mean_loss = float(torch.cat([F.cross_entropy(call(model, batch_to(xb, None, dtype)), yb, reduction="none")
+        mean_loss = float(torch.cat([task.loss(call(model, batch_to(xb, None, dtype), settings.output_key), yb, "none")
                                      for xb, yb, _ in samples.batches(size)]).mean())
     means = unit_means(model, trace, samples, settings=settings)
     saliency = mrs(model, trace, samples, means, settings, bars).scores
     units = sum(g.units for g in trace.groups)
     exact = units <= MRP_MAX_UNITS
     penalty = mrp(model, trace, samples, means, settings, bars).scores if exact else saliency
-    frozen = _frozen(model, trace, samples, size)
+    frozen = _frozen(model, trace, samples, size, settings.output_key)
     n = len(samples)
     out = []
     for g in trace.groups:

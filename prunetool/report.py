@@ -27,6 +27,17 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}%"
 
 
+def _metric(name: str, v: float | None) -> str:
+    """A value of the task's metric: accuracy in percent, perplexity as a number."""
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if name == "perplexity" else f"{v:.2f}%"
+
+
+def _metric_name(report: dict) -> str:
+    return (report.get("metric") or {}).get("name") or report.get("before", {}).get("metric") or "accuracy"
+
+
 def _loss(v: float | None) -> str:
     return "–" if v is None else f"{v:.4f}"
 
@@ -53,12 +64,13 @@ def layers_table(report: dict) -> Table:
 
 def steps_table(report: dict) -> Table:
     table = Table(title="steps", title_justify="left")
-    for col in ("step", "ratio", "parameters", "accuracy after cut", "after fine-tuning", "fine-tuning loss"):
+    name = _metric_name(report)
+    for col in ("step", "ratio", "parameters", f"{name} after cut", "after fine-tuning", "fine-tuning loss"):
         table.add_column(col, justify="right")
     for i, st in enumerate(report["steps"], 1):
         losses = st.get("finetune_loss") or []
         table.add_row(str(i), str(st.get("ratio", "")), f"{st['params']:,}" if "params" in st else "",
-                      _pct(st.get("accuracy_after_cut")), _pct(st.get("accuracy_after_finetune")),
+                      _metric(name, st.get(f"{name}_after_cut")), _metric(name, st.get(f"{name}_after_finetune")),
                       " → ".join(f"{v:.3f}" for v in losses))
     return table
 
@@ -73,7 +85,12 @@ def metrics_table(report: dict) -> Table:
     table.add_row("parameters", _count(b["params"]), _count(a["params"]), _ratio(b["params"], a["params"]))
     table.add_row("MACs / sample", _count(b["macs"]), _count(a["macs"]), _ratio(b["macs"], a["macs"]))
     table.add_row("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"]))
-    table.add_row("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
+    if _metric_name(report) == "perplexity":
+        table.add_row("perplexity", _metric("perplexity", b.get("perplexity")),
+                      _metric("perplexity", a.get("perplexity")), "")
+        table.add_row("next-token accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
+    else:
+        table.add_row("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
     table.add_row("loss", _loss(b["loss"]), _loss(a["loss"]), "")
     for bs, m in report.get("latency", {}).items():
         before, after, s = m["before"], m["after"], m["speedup"]
@@ -91,8 +108,12 @@ def summary_line(report: dict) -> str:
     if bs is not None:
         lb, la = b["latency_ms"][bs], a["latency_ms"][bs]
         parts.append(f"{lb:.2f} → {la:.2f} ms at batch {bs} ({_ratio(lb, la)})")
-    if b["accuracy"] is not None:
-        parts.append(f"{b['accuracy']:.2f}% → {a['accuracy']:.2f}% ({-report['accuracy_drop']:+.2f} pp)")
+    m = report.get("metric") or {}
+    if m.get("before") is not None:
+        name = m["name"]
+        drop = m["drop"] if name == "perplexity" else -m["drop"]  # the sign of the change, as seen
+        label = "perplexity " if name == "perplexity" else ""
+        parts.append(f"{label}{_metric(name, m['before'])} → {_metric(name, m['after'])} ({drop:+.2f} {m['unit']})")
     return f"{report['command']}: " + ", ".join(parts)
 
 
@@ -131,14 +152,15 @@ def render(report: dict, console: Console) -> None:
         console.print(f"[bold]prunetool compress[/bold]  target {target}, plan [cyan]{s['plan']}[/cyan] chosen on "
                       f"{s['calib']} calibration samples from {s['data']}")
         plans = Table(title="plans (calibration samples)", title_justify="left")
-        for col in ("plan", "size kept", "accuracy", "drop", ""):
+        name = _metric_name(report)
+        for col in ("plan", "size kept", name, "drop", ""):
             plans.add_column(col, justify="left" if col in ("plan", "") else "right")
         for p in s["plans"]:
             if "error" in p:
                 plans.add_row(p["plan"], "", "", "", f"[dim]{p['error']}[/dim]")
                 continue
             frac = next(v for k, v in p.items() if k.endswith("_fraction"))
-            plans.add_row(p["plan"], f"{frac:.3f}", f"{p['calibration_accuracy']:.2f}%",
+            plans.add_row(p["plan"], f"{frac:.3f}", _metric(name, p.get(f"calibration_{name}")),
                           f"{p['calibration_drop']:.2f}", "chosen" if p["plan"] == s["plan"] else
                           ("" if p["reached"] else "above the target"))
         console.print(plans)
@@ -153,7 +175,7 @@ def render(report: dict, console: Console) -> None:
                "budget": f"ranks allocated across layers ([cyan]{s['search']}[/cyan]"
                          + (f", {budget}" if budget else "") + ")"}[s["method"]]
         extra = (", data-aware" if s["data_aware"] else "") + (
-            f", accuracy budget {s['max_drop']} pp" if s["max_drop"] is not None else "") + (
+            f", drop budget {s['max_drop']}" if s["max_drop"] is not None else "") + (
             f", {s['search_evaluations']} full evaluations" if s["method"] == "budget" else "")
         console.print(f"[bold]prunetool lowrank[/bold]  {how}{extra}, {s['calib']} calibration samples from {s['data']}")
         console.print(factored_table(report))
@@ -166,8 +188,10 @@ def render(report: dict, console: Console) -> None:
         console.print(steps_table(report))
     if "before" in report:
         console.print(metrics_table(report))
-        if report.get("accuracy_drop") is not None:
-            console.print(f"accuracy drop: [bold]{report['accuracy_drop']:.2f}[/bold] percentage points")
+        m = report.get("metric") or {}
+        if m.get("drop") is not None:
+            unit = "percentage points" if m["unit"] == "pp" else "% (relative increase)"
+            console.print(f"{m['name']} drop: [bold]{m['drop']:.2f}[/bold] {unit}")
         else:
             console.print("accuracy: not measured (no --data)")
     v = report.get("verify", {})
@@ -233,9 +257,10 @@ def budget_failures(report: dict, budgets) -> list[str]:
     lines = []
     b, a = report.get("before", {}), report.get("after", {})
     if budgets.max_drop is not None:
-        drop = report.get("accuracy_drop")
+        m = report.get("metric") or {}
+        drop, unit = m.get("drop"), m.get("unit", "pp")
         if drop is not None and drop > budgets.max_drop:
-            lines.append(f"accuracy drop {drop:.2f} pp is above --max-drop {budgets.max_drop:g} pp by "
+            lines.append(f"{m['name']} drop {drop:.2f} {unit} is above --max-drop {budgets.max_drop:g} {unit} by "
                          f"{drop - budgets.max_drop:.2f}")
     if budgets.min_speedup is not None:
         m = report["latency"][str(budgets.speedup_batch)]
@@ -273,7 +298,8 @@ def summary_markdown(report: dict, failures: list[str]) -> str:
     rows = [("parameters", f"{b['params']:,}", f"{a['params']:,}", _ratio(b["params"], a["params"])),
             ("MACs / sample", f"{b['macs']:,}", f"{a['macs']:,}", _ratio(b["macs"], a["macs"])),
             ("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"])),
-            ("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")]
+            (_metric_name(report), _metric(_metric_name(report), b.get(_metric_name(report))),
+             _metric(_metric_name(report), a.get(_metric_name(report))), "")]
     rows += [(f"latency, batch {k}", f"{m['before']['median_ms']:.3f} ms", f"{m['after']['median_ms']:.3f} ms",
               f"{m['speedup']['p50']:.2f}× ({m['speedup']['p10']:.2f}–{m['speedup']['p90']:.2f})"
               + (" noisy" if m["noisy"] else "")) for k, m in report.get("latency", {}).items()]

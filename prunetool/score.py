@@ -1,10 +1,11 @@
 """Score stage: one number per unit, low = removed first (formulas in docs/METHOD.md).
 
-``a_i`` is what a consumer reads from unit i. For a conv consumer a unit's mean is one scalar per channel;
-when a conv output is flattened into a Linear each flattened position keeps its own mean (the compensation
-that goes with it is then exact). A group read by several consumers (coupled channels) is scored as one
-unit of removal: the first-order loss changes at all its consumers are added per sample *before* the
-absolute value, because the unit disappears from all of them at once.
+``a_i`` is what a consumer reads from unit i: at every position (pixel, token) a vector of the unit's ``width``
+channels (1 for a conv channel or an MLP unit, the head size for an attention head, ``H·W`` for a conv channel
+flattened into a Linear). A unit's mean is that vector averaged over samples and positions, so replacing a
+unit by its mean is exact for a unit that is constant. A group read by several consumers (coupled channels) is
+scored as one unit of removal: the first-order loss changes at all its consumers are added per sample *before*
+the absolute value, because the unit disappears from all of them at once.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import calls
-from .data import Samples, as_samples, batch_to, call
+from . import calls, task
+from .batch import batch_to, call
+from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import CRITERIA
 from .progress import QUIET, Bars
 from .trace import Consumer, Group, Trace
 
 
-Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × positions)
+Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × width)
 
 
 @dataclass
@@ -37,19 +39,12 @@ class Scores:
 
 
 def unit_view(x: torch.Tensor, group: Group, consumer: Consumer) -> torch.Tensor:
-    """The group's units in a consumer's input, as a (batch, units, positions) view of ``x``."""
-    n, o = x.shape[0], consumer.offset
+    """The group's units in a consumer's input, as a (batch, units, positions, width) view of ``x``."""
+    n, o, s = x.shape[0], consumer.offset, consumer.spatial
     if consumer.layout == "conv":
-        v = x.reshape(n, x.shape[1], -1)
-    elif consumer.spatial > 1:
-        v = x.reshape(n, -1, consumer.spatial)
-    else:
-        v = x.reshape(n, -1, x.shape[-1]).movedim(-1, 1)
-    return v[:, o:o + group.units]
-
-
-def per_position(consumer: Consumer) -> bool:
-    return consumer.spatial > 1
+        return x.reshape(n, x.shape[1], -1)[:, o:o + group.units, :, None]
+    v = x.reshape(n, -1, x.shape[-1]) if x.dim() > 2 else x.reshape(n, 1, -1)
+    return v[:, :, o * s:(o + group.units) * s].unflatten(2, (group.units, s)).transpose(1, 2)
 
 
 def readers(trace: Trace, groups: list[Group] | None = None) -> dict[str, list[tuple[Group, Consumer]]]:
@@ -77,7 +72,7 @@ def replace_units(x: torch.Tensor, read, values: dict) -> torch.Tensor:
     for g, c in read:
         if (g.name, c.name, c.offset) in values:
             idx, m = values[(g.name, c.name, c.offset)]
-            unit_view(y, g, c)[:, idx, :] = m.to(y.dtype)
+            unit_view(y, g, c)[:, idx] = m.to(y.dtype).reshape(len(idx), 1, -1)
     return y
 
 
@@ -89,9 +84,9 @@ class Sums:
 
     def add(self, key, view: torch.Tensor, c: Consumer):
         # positions are summed in the activations' dtype (a few thousand terms), samples in float64
-        s = (view if per_position(c) else view.sum(2, keepdim=True)).double().sum(0)
+        s = view.sum(2).double().sum(0)
         self.sums[key] = self.sums.get(key, 0) + s
-        self.counts[key] = self.counts.get(key, 0) + view.shape[0] * (1 if per_position(c) else view.shape[2])
+        self.counts[key] = self.counts.get(key, 0) + view.shape[0] * view.shape[2]
 
     def means(self) -> Means:
         out: Means = {}
@@ -137,11 +132,11 @@ def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, s
         def on_grad(grad, a=a.detach(), read=read):
             for g, c in read:
                 gv, av = unit_view(grad, g, c), unit_view(a, g, c)
-                # Σ_p (μ_p − a_p)·g_p per sample and unit; positions reduced in float32, samples kept in float64
-                change = -(av * gv).sum(2).double()
+                # Σ_p (μ − a_p)·g_p per sample and unit; positions reduced in float32, samples kept in float64
+                change = -(av * gv).sum((2, 3)).double()
                 if use_mean:
                     mu = mean_of(means, g, c).to(gv.device, gv.dtype)
-                    change += ((gv * mu).sum(2) if per_position(c) else gv.sum(2) * mu[:, 0]).double()
+                    change += (gv.sum(2) * mu).sum(2).double()
                 changes[g.name] = changes[g.name] + change if g.name in changes else change
 
         a.register_hook(on_grad)
@@ -156,8 +151,8 @@ def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, s
         for xb, yb, _ in bars.track(shard.batches(size), label, total=-(-len(shard) // size)):
             changes.clear()
             model.zero_grad(set_to_none=True)
-            out = call(model, batch_to(xb, device, dtype))
-            F.cross_entropy(out, yb.to(device), reduction="sum").backward()
+            out = call(model, batch_to(xb, device, dtype), settings.output_key)
+            task.loss(out, yb.to(device), "sum").backward()
             for name, change in changes.items():
                 scores[name] += change.abs().sum(0).cpu()
     model.zero_grad(set_to_none=True)
@@ -175,11 +170,11 @@ def taylor(model, trace, samples, means: Means, settings, bars: Bars = QUIET) ->
                                          "scoring Taylor (forward+backward)"), means)
 
 
-def _losses(model, samples: Samples, size: int) -> torch.Tensor:
+def _losses(model, samples: Samples, size: int, output_key: str | None = None) -> torch.Tensor:
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     device = next(model.parameters()).device
     with torch.no_grad():
-        return torch.cat([F.cross_entropy(call(model, batch_to(xb, device, dtype)), yb.to(device), reduction="none")
+        return torch.cat([task.loss(call(model, batch_to(xb, device, dtype), output_key), yb.to(device), "none")
                           for xb, yb, _ in samples.batches(size)])
 
 
@@ -189,19 +184,20 @@ def mrp(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
 
     samples = as_samples(samples).shard()
     size = batch_size(trace, settings)
-    base = _losses(model, samples, size)
+    base = _losses(model, samples, size, settings.output_key)
     scores = {g.name: torch.zeros(g.units) for g in trace.groups}
     jobs = [(g, i) for g in trace.groups for i in range(g.units)]
     for g, i in bars.track(jobs, "MRP (one forward per unit)"):
         values = {(g.name, c.name, c.offset): ([i], mean_of(means, g, c)[i]) for c in g.consumers}
         with consumer_hooks(model, readers(trace, [g]), lambda a, read: replace_units(a, read, values)):
-            scores[g.name][i] = reduce_sum((_losses(model, samples, size) - base).abs().sum())
+            scores[g.name][i] = reduce_sum((_losses(model, samples, size, settings.output_key) - base).abs().sum())
     return Scores("mrp", scores, means)
 
 
 def incoming(group: Group) -> torch.Tensor:
     """Each unit's incoming weights, all coupled producers side by side (units × fan-in)."""
-    return torch.cat([getattr(p.module, p.weight).detach().movedim(p.dim, 0).reshape(group.units, -1)
+    rows = torch.arange(group.units)
+    return torch.cat([getattr(p.module, p.weight).detach().movedim(p.dim, 0)[p.rows(rows)].reshape(group.units, -1)
                       for p in group.producers], 1)
 
 
@@ -280,8 +276,9 @@ def removable_units(trace: Trace, model: nn.Module) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     keep = {}
     for g in trace.groups:
-        incoming = sum(getattr(modules[p.name], p.weight).detach().movedim(p.dim, 0).reshape(g.units, -1).abs().sum(1)
-                       for p in g.producers)
+        rows = torch.arange(g.units)
+        incoming = sum(getattr(modules[p.name], p.weight).detach().movedim(p.dim, 0)[p.rows(rows)]
+                       .reshape(g.units, -1).abs().sum(1) for p in g.producers)
         outgoing = torch.zeros(g.units, dtype=torch.float64)
         for c in g.consumers:
             w = getattr(modules[c.name], c.weight).detach().movedim(c.dim, 0)

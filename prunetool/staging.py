@@ -21,8 +21,11 @@ def _umask() -> int:
 DIRECTORY_OUTPUTS = ("--plots",)
 
 
-def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None) -> None:
-    """Refuse outputs that collide with each other or with an input, or cannot be written; one line each."""
+def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None,
+                  directories: tuple[str, ...] = DIRECTORY_OUTPUTS) -> None:
+    """Refuse outputs that collide with each other or with an input, or cannot be written; one line each.
+    ``directories``: flags whose output is a directory; an existing one is replaced only when empty or written
+    by prunetool before (it holds ``prunetool.json``)."""
     seen: dict[Path, str] = {}
     for flag, path in (inputs or {}).items():
         seen[Path(path).resolve()] = flag
@@ -35,8 +38,11 @@ def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None)
             raise UsageError(f"{flag} {path} is {what}; give each output its own path")
         seen[resolved] = flag
         parent = p.parent if str(p.parent) else Path(".")
-        if p.is_dir() and flag not in DIRECTORY_OUTPUTS:
+        if p.is_dir() and flag not in directories:
             raise UsageError(f"{flag} {path} is a directory; give a file path")
+        if p.is_dir() and flag not in DIRECTORY_OUTPUTS and any(p.iterdir()) and not (p / "prunetool.json").exists():
+            raise UsageError(f"{flag} {path} is a directory prunetool did not write; give a new path (it would be "
+                             "replaced)")
         if not parent.is_dir():
             raise UsageError(f"cannot write {path}: directory {parent} does not exist; create it or choose another "
                              f"{flag}")

@@ -35,17 +35,26 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from . import layers
 from .errors import UsageError
+from .task import OutputError, logits
 
 
 @dataclass
 class Producer:
-    """A layer whose outputs are the group's units: rows (``dim``) of its ``weight`` and entries of ``bias``."""
+    """A layer whose outputs are the group's units: rows (``dim``) of its ``weight`` and entries of ``bias``.
+
+    Unit u is rows ``offset + u·width … offset + (u+1)·width``: ``width`` > 1 for an attention head (its channels),
+    ``offset`` for one part of a fused projection (the keys of a q|k|v layer)."""
 
     name: str
     module: nn.Module
     weight: str = "weight"
     bias: str | None = "bias"
     dim: int = 0
+    offset: int = 0
+    width: int = 1
+
+    def rows(self, units: torch.Tensor) -> torch.Tensor:
+        return (self.offset + units[:, None] * self.width + torch.arange(self.width)).reshape(-1)
 
 
 @dataclass
@@ -199,8 +208,9 @@ def _call(model: nn.Module, example):
     return model(example)
 
 
-def record(model: nn.Module, example) -> tuple[Graph, list[int], list[int], tuple[int, ...]]:
-    """Run ``model`` once on ``example``; return the graph, input tokens, output tokens and output shape."""
+def record(model: nn.Module, example, output_key: str | None = None) -> tuple[Graph, list[int], list[int],
+                                                                             tuple[int, ...]]:
+    """Run ``model`` once on ``example``; return the graph, input tokens, output tokens and the logits' shape."""
     names = {m: n for n, m in model.named_modules()}
     graph = Graph(names)
     atomic = {m for m in names if layers.kind_of(m).atomic}
@@ -237,16 +247,21 @@ def record(model: nn.Module, example) -> tuple[Graph, list[int], list[int], tupl
         with torch.enable_grad(), _Recorder(graph):
             out = _call(model, example)
     except Exception as e:
-        shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else "given"
+        shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else \
+            ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in example.items())
         raise UsageError(f"inputs of shape {shape} do not fit the model "
-                         f"({str(e).splitlines()[0][:160]}); check --data or --input-shape") from None
+                         f"({str(e).splitlines()[0][:160]}); check --data, --input-shape or --tokens") from None
     finally:
         for h in handles:
             h.remove()
     outs = _tensors(out)
     if not outs:
         raise UsageError("the model returns no tensor; prunetool needs a model whose forward returns logits")
-    return graph, inputs, [graph.token(t) for t in outs], tuple(outs[0].shape)
+    try:
+        main = logits(out, output_key)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    return graph, inputs, [graph.token(t) for t in outs], tuple(main.shape)
 
 
 # --- channel analysis -------------------------------------------------------------------------------
@@ -318,6 +333,32 @@ class _Spaces:
             s = self.get(space)
             s.reason = s.reason or reason
 
+    def untouched(self, i: int) -> bool:
+        """Whether a space's units are still plain producer outputs (no reader or member yet): only then may they
+        be regrouped or partitioned."""
+        s = self.get(i)
+        return not s.consumers and not s.members and bool(s.producers) and s.blocks == 1
+
+    def regroup(self, i: int, factor: int) -> None:
+        """Units become blocks of ``factor`` consecutive units (channels become heads, heads become kv groups)."""
+        s = self.get(i)
+        s.size //= factor
+        for p in s.producers:
+            p.width *= factor
+
+    def partition(self, i: int, sizes: list[int]) -> list[int]:
+        """Split a space into consecutive parts (the queries, keys and values of one fused projection)."""
+        s = self.get(i)
+        parts, start = [], 0
+        for n in sizes:
+            part = self.new(n, s.reason)
+            self.spaces[part].producers = [Producer(p.name, p.module, p.weight, p.bias, p.dim,
+                                                    p.offset + start * p.width, p.width) for p in s.producers]
+            parts.append(part)
+            start += n
+        s.producers = []
+        return parts
+
 
 # Signatures of the calls the analysis reads by name (torch's own parameter names).
 SIGNATURES = {
@@ -332,6 +373,7 @@ SIGNATURES = {
     "embedding": ("input", "weight"),
     "addmm": ("input", "mat1", "mat2"),
     "matmul": ("input", "other"),
+    "scaled_dot_product_attention": ("query", "key", "value", "attn_mask"),
 }
 ELEMENTWISE = {"relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "sigmoid", "tanh", "hardswish",
                "hardsigmoid", "hardtanh", "mish", "softplus", "softsign", "tanhshrink", "logsigmoid", "erf", "dropout",
@@ -343,7 +385,7 @@ BINARY = {"add", "sub", "mul", "div", "rsub", "true_divide", "maximum", "minimum
           "__rtruediv__", "__itruediv__"}
 RESHAPE = {"flatten", "view", "reshape"}
 MIXING = {"layer_norm": "normalises across channels", "rms_norm": "normalises across channels",
-          "scaled_dot_product_attention": "is attention", "multi_head_attention_forward": "is attention"}
+          "multi_head_attention_forward": "is attention with packed projections prunetool does not cut"}
 
 
 class _Analysis:
@@ -474,12 +516,6 @@ class _Analysis:
     def f_addmm(self, node):  # bias + x @ W with W (in × out): Hugging Face's Conv1D
         b = self.bind(node)
         self.weighted(node, b.get("mat1"), b.get("mat2"), b.get("input"), "linear", 1, 0)
-
-    def f_matmul(self, node):
-        b = self.bind(node)
-        if self.owned(b.get("other")) is not None and len(self.shape(b.get("other"))) == 2:
-            return self.weighted(node, b.get("input"), b.get("other"), None, "linear", 1, 0)
-        self.generic(node)
 
     def f_embedding(self, node):
         b = self.bind(node)
@@ -656,31 +692,124 @@ class _Analysis:
             self.binary(node, ins)
 
     def reshape(self, node: Node) -> None:
+        """A reshape that keeps the channel dimension, merges it with the dimensions after it (a flatten: each unit
+        then spans their size), or splits it (into heads: its units become blocks of channels)."""
         tok = node.inputs[0]
         a = self.ann[tok]
         src, dst = self.graph.shapes[tok], self.graph.shapes[node.outputs[0]]
-        c = a.cdim
+        c, s, out = a.cdim, a.spatial, node.outputs[0]
         lead = math.prod(src[:c])
         prods = [math.prod(dst[:i]) for i in range(len(dst) + 1)]
-        where = [i for i in range(len(dst)) if prods[i] == lead]
-        for i in where:
+        for i in [i for i in range(len(dst)) if prods[i] == lead]:
             if dst[i] == src[c]:  # same leading block and same channel size: every channel keeps its place
-                self.ann[node.outputs[0]] = _Ann(a.segs, i, a.spatial)
+                self.ann[out] = _Ann(a.segs, i, s)
                 return
-            if i == len(dst) - 1 and dst[i] == src[c] * math.prod(src[c + 1:]):
-                self.ann[node.outputs[0]] = _Ann(a.segs, i, a.spatial * math.prod(src[c + 1:]))
-                return
+            for m in range(1, len(src) - c):  # the channel dim merged with the m dims after it
+                merged = math.prod(src[c + 1:c + 1 + m])
+                if dst[i] == src[c] * merged and math.prod(dst[i + 1:]) == math.prod(src[c + 1 + m:]):
+                    self.ann[out] = _Ann(a.segs, i, s * merged)
+                    return
+            if src[c] % dst[i] == 0 and math.prod(dst[i + 1:]) == math.prod(src[c + 1:]) * (src[c] // dst[i]):
+                inner = src[c] // dst[i]  # the channel dim split into dst[i] × inner
+                if s % inner == 0:  # each unit still spans whole indices of the outer part
+                    self.ann[out] = _Ann(a.segs, i, s // inner)
+                    return
+                if inner % s == 0 and self._regroupable(tok, a):  # channels become heads
+                    self.spaces.regroup(a.segs[0][0], inner // s)
+                    self.ann[out] = _Ann(((a.segs[0][0], a.units * s // inner),), i, 1)
+                    return
         self.opaque(node, f"{node.name} in {self.where(node)} {src[1:]}→{dst[1:]} splits or mixes channels")
+
+    def _regroupable(self, tok: int, a: _Ann) -> bool:
+        return len(a.segs) == 1 and self.spaces.untouched(a.segs[0][0]) and len(self.users.get(tok, [])) == 1
+
+    def align(self, pairs: list[tuple[int, _Ann]]) -> list[_Ann] | None:
+        """Annotations of tensors whose channel dims must match unit for unit (attention heads), the finer ones
+        regrouped to the coarsest grouping (query heads into the groups that share a key/value head); None when
+        they cannot be."""
+        if len({a.units * a.spatial for _, a in pairs}) != 1 or any(len(a.segs) != 1 for _, a in pairs):
+            return None
+        units = min(a.units for _, a in pairs)
+        out = []
+        for tok, a in pairs:
+            if a.units != units:
+                factor = a.units // units
+                if a.units % units or not self._regroupable(tok, a):
+                    return None
+                self.spaces.regroup(a.segs[0][0], factor)
+                a = _Ann(((a.segs[0][0], units),), a.cdim, a.spatial * factor)
+            out.append(a)
+        return out
+
+    def f_attention(self, node):
+        """``scaled_dot_product_attention(q, k, v)``: heads of q, k, v and the output are one space (with grouped
+        keys and values, a unit is one key/value head and the query heads that share it)."""
+        b = self.bind(node)
+        q, k, v = b.get("query"), b.get("key"), b.get("value")
+        toks = [t.id if isinstance(t, Tok) else None for t in (q, k, v)]
+        anns = [self.ann.get(t) for t in toks]
+        if any(a is None or a.cdim != 1 or len(self.graph.shapes[t]) != 4 for a, t in zip(anns, toks)):
+            return self.opaque(node, f"{node.name} in {self.where(node)} is attention whose heads prunetool cannot "
+                                     "follow")
+        heads = [self.graph.shapes[t][1] for t in toks]
+        if b.get("enable_gqa") and heads[0] != heads[1] and heads[0] % heads[1] == 0:
+            # grouped-query attention inside the kernel: each key/value head serves heads[0] // heads[1] query heads
+            anns = [anns[0]] + [_Ann(a.segs, a.cdim, a.spatial * (heads[0] // heads[1])) for a in anns[1:]]
+        aligned = self.align(list(zip(toks, anns)))
+        if aligned is None:
+            return self.opaque(node, f"{node.name} in {self.where(node)} is attention whose heads prunetool cannot "
+                                     "follow")
+        for other in aligned[1:]:
+            self.spaces.union(aligned[0].segs[0][0], other.segs[0][0])
+        self.ann[node.outputs[0]] = _Ann(aligned[0].segs, 1, aligned[0].spatial)
+
+    def f_matmul(self, node):
+        b = self.bind(node)
+        other, x = b.get("other"), b.get("input")
+        if self.owned(other) is not None and len(self.shape(other)) == 2:
+            return self.weighted(node, x, other, None, "linear", 1, 0)
+        ins = self.annotated(node)
+        if len(ins) == 2:  # a batched product of two annotated tensors (attention scores, scores × values)
+            (t1, a1), (t2, a2) = ins
+            n1, n2 = len(self.graph.shapes[t1]), len(self.graph.shapes[t2])
+            nd = len(self.graph.shapes[node.outputs[0]])
+            if a1.cdim - n1 == a2.cdim - n2 and a1.cdim < n1 - 2:
+                aligned = self.align(ins)
+                if aligned is not None:
+                    self.spaces.union(aligned[0].segs[0][0], aligned[1].segs[0][0])
+                    self.ann[node.outputs[0]] = _Ann(aligned[0].segs, a1.cdim + nd - n1, aligned[0].spatial)
+                    return
+            return self.opaque(node, f"{node.name} in {self.where(node)} combines them with other tensors")
+        self.generic(node)
+
+    def f_split(self, node):
+        """``split``/``chunk`` along the channel dim of a fresh projection: the queries, keys and values of a fused
+        q|k|v layer become spaces of their own."""
+        ins = self.annotated(node)
+        if len(ins) != 1:
+            return self.generic(node)
+        tok, a = ins[0]
+        nd = len(self.graph.shapes[tok])
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) % nd
+        if dim != a.cdim:
+            return self.probe(node, ins[0])
+        sizes = [self.graph.shapes[o][dim] for o in node.outputs]
+        if any(n % a.spatial for n in sizes) or not self._regroupable(tok, a):
+            return self.opaque(node, f"{node.name} in {self.where(node)} splits channels that are read elsewhere")
+        parts = self.spaces.partition(a.segs[0][0], [n // a.spatial for n in sizes])
+        for o, part, n in zip(node.outputs, parts, sizes):
+            self.ann[o] = _Ann(((part, n // a.spatial),), dim, a.spatial)
 
     def probe(self, node: Node, ins) -> None:
         """An op of one annotated tensor that trace has no rule for: rerun it on the traced tensors with one
-        channel perturbed at a time. It passes the channels through if each perturbation changes exactly the
-        same channel of every output, along one dimension of the channel count."""
+        channel perturbed at a time. It passes the units through if each perturbation changes, in every output,
+        only the block of the perturbed channel's unit along one dimension (a multiple of the unit count)."""
         tok, a = ins
         width = a.units * a.spatial
         original = self.graph.tensors[tok]
-        if a.spatial != 1 or not original.dtype.is_floating_point:
+        if not original.dtype.is_floating_point:
             return self.opaque(node, f"{node.name} in {self.where(node)} is an op prunetool cannot cut through")
+
         def run(replacement):
             args = tree_map(lambda v: replacement if isinstance(v, Tok) and v.id == tok
                             else (self.graph.tensors[v.id].clone() if isinstance(v, Tok) else v),
@@ -692,7 +821,7 @@ class _Analysis:
             base = run(original.clone())
             gen = torch.Generator().manual_seed(len(self.graph.nodes))
             channels = sorted({0, width - 1, int(torch.randint(width, (1,), generator=gen))})
-            found: list[int | None] = [None] * len(base)
+            found: list[set | None] = [None] * len(base)
             for ch in channels:
                 bumped = original.clone()
                 bumped.select(a.cdim, ch).add_(1.0 + bumped.select(a.cdim, ch).abs())
@@ -700,14 +829,19 @@ class _Analysis:
                 if len(moved) != len(base):
                     raise ValueError
                 for i, (b0, b1) in enumerate(zip(base, moved)):
-                    d = _changed_dim(b0, b1, ch, width)
-                    if d is None or (found[i] is not None and found[i] != d):
+                    blocks = _changed_blocks(b0, b1, ch // a.spatial, a.units)
+                    if blocks is None:
+                        continue  # nothing changed: this channel says nothing about where units go
+                    found[i] = blocks if found[i] is None else found[i] & blocks
+                    if not found[i]:
                         raise ValueError
-                    found[i] = d
+            if any(f is None for f in found):
+                raise ValueError
         except Exception:
             return self.opaque(node, f"{node.name} in {self.where(node)} mixes, splits or reorders channels")
-        for out, d in zip(node.outputs, found):
-            self.ann[out] = _Ann(a.segs, d, 1)
+        for out, blocks in zip(node.outputs, found):
+            d, spatial = min(blocks, key=lambda b: (b[1] != a.spatial, b[0]))  # keep the element layout if possible
+            self.ann[out] = _Ann(a.segs, d, spatial)
 
     def run(self, input_tokens: list[int], output_tokens: list[int]) -> None:
         for tok in input_tokens:
@@ -726,23 +860,30 @@ class _Analysis:
                 self.output_roots.add(space)
 
 
-def _changed_dim(before: torch.Tensor, after: torch.Tensor, channel: int, width: int) -> int | None:
-    """The dimension along which exactly index ``channel`` changed (of size ``width``), or None."""
-    if before.shape != after.shape or not before.dtype.is_floating_point:
-        return None
-    changed = (before != after) & ~(before.isnan() & after.isnan())
+def _changed_blocks(before: torch.Tensor, after: torch.Tensor, unit: int, units: int) -> set | None:
+    """The (dimension, indices per unit) along which every changed entry lies in block ``unit`` of ``units`` equal
+    blocks; None when nothing changed. Raises ValueError when the shapes differ."""
+    if before.shape != after.shape:
+        raise ValueError
+    changed = before != after
+    if before.dtype.is_floating_point:
+        changed &= ~(before.isnan() & after.isnan())
     if not changed.any():
         return None
+    nz = changed.nonzero()
+    out = set()
     for d in range(1, before.dim()):
-        if before.shape[d] != width:
+        size = before.shape[d]
+        if size % units:
             continue
-        idx = changed.nonzero()[:, d]
-        if bool((idx == channel).all()):
-            return d
-    return None
+        per = size // units
+        if bool(((nz[:, d] // per) == unit).all()):
+            out.add((d, per))
+    return out
 
 
 HANDLERS = {
+    "scaled_dot_product_attention": _Analysis.f_attention, "split": _Analysis.f_split, "chunk": _Analysis.f_split,
     "linear": _Analysis.f_linear, "conv1d": _Analysis.f_conv, "conv2d": _Analysis.f_conv,
     "conv3d": _Analysis.f_conv, "addmm": _Analysis.f_addmm, "matmul": _Analysis.f_matmul,
     "embedding": _Analysis.f_embedding, "batch_norm": _Analysis.f_norm, "instance_norm": _Analysis.f_norm,
@@ -750,12 +891,13 @@ HANDLERS = {
 }
 
 
-def trace(model: nn.Module, example) -> Trace:
-    """Find the prunable groups of ``model`` from one forward pass on ``example``."""
+def trace(model: nn.Module, example, output_key: str | None = None) -> Trace:
+    """Find the prunable groups of ``model`` from one forward pass on ``example`` (a tensor, or a dict of keyword
+    tensors); ``output_key`` picks the logits in a structured output (:func:`prunetool.task.logits`)."""
     was_training = model.training
     model.eval()
     try:
-        graph, input_tokens, output_tokens, output_shape = record(model, example)
+        graph, input_tokens, output_tokens, output_shape = record(model, example, output_key)
     finally:
         model.train(was_training)
     analysis = _Analysis(graph, model)
@@ -777,7 +919,7 @@ def trace(model: nn.Module, example) -> Trace:
         if reason is not None:
             protected.append(Protected(names, reason))
             continue
-        producers = list({p.name: p for p in space.producers}.values())
+        producers = list({(p.name, p.weight, p.offset): p for p in space.producers}.values())
         groups.append(Group(producers[0].name, producers, space.size, _unique(space.members),
                             _unique(space.consumers), space.blocks))
     order = analysis.order

@@ -9,22 +9,24 @@ outputs unchanged; and the saved file reloads to identical outputs.
 from __future__ import annotations
 
 import copy
-import io
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
+from .batch import Batch, batch_slice, call
 from .errors import VerificationError
 from .trace import Trace
 
 TOLERANCE = 1e-4  # relative to the largest output magnitude
 
 
-def check_forward(model: nn.Module, x: torch.Tensor, output_shape: tuple[int, ...]) -> torch.Tensor:
-    """Run ``model`` on ``x``; the output must have the dense model's shape and be finite."""
+def check_forward(model: nn.Module, x: Batch, output_shape: tuple[int, ...], output_key: str | None = None
+                  ) -> torch.Tensor:
+    """Run ``model`` on ``x``; its logits must have the dense model's shape and be finite."""
     try:
         with torch.no_grad():
-            out = model(x)
+            out = call(model, x, output_key)
     except Exception as e:
         raise VerificationError(f"the cut model fails its forward pass: {str(e).splitlines()[0]}") from None
     if tuple(out.shape[1:]) != tuple(output_shape):
@@ -34,26 +36,29 @@ def check_forward(model: nn.Module, x: torch.Tensor, output_shape: tuple[int, ..
     return out
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def outputs_of(model: nn.Module, x: Batch) -> torch.Tensor:
+    """Every tensor the model returns, flattened and joined (a structured output is compared whole)."""
     with torch.no_grad():
-        return model(x)
+        out = model(**x) if isinstance(x, dict) else model(x)
+    return torch.cat([t.reshape(-1).float() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                      and t.dtype.is_floating_point])
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def check_identity(dense: nn.Module, trace: Trace, x: torch.Tensor) -> None:
+def check_identity(dense: nn.Module, trace: Trace, x: Batch) -> None:
     """A cut that keeps every unit must leave the model exactly as it was."""
     from .cut import cut
 
     keep = {g.name: torch.arange(g.units) for g in trace.groups}
     same = cut(copy.deepcopy(dense), trace, keep, "none")
-    if not torch.equal(_outputs(same, x), _outputs(dense, x)):
+    if not torch.equal(outputs_of(same, x), outputs_of(dense, x)):
         raise VerificationError("a cut that removes nothing changes the outputs (ratio 0 is not exact)")
 
 
-def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: Batch) -> float:
     """Removal must equal zeroing the removed units where they are read (the cut without compensation against
     the dense model with those units zeroed). Returns the relative difference."""
     from .cut import complement, cut, mask_hooks
@@ -63,8 +68,8 @@ def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
     zeros = {g.name: {mean_key(c.name, c.offset): torch.zeros(g.units, c.spatial) for c in g.consumers}
              for g in trace.groups}
     with mask_hooks(dense, trace, keep, zeros):
-        masked = _outputs(dense, x)
-    diff = _relative(_outputs(small, x), masked)
+        masked = outputs_of(dense, x)
+    diff = _relative(outputs_of(small, x), masked)
     if diff > TOLERANCE:
         removed = sum(len(complement(keep[g.name], g.units)) for g in trace.groups)
         raise VerificationError(f"removing {removed} units is not the same as zeroing them "
@@ -78,7 +83,7 @@ def _unpadded(consumer) -> bool:
     return consumer.layout == "linear" or not consumer.padded
 
 
-def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> float | None:
+def check_constant_unit(dense: nn.Module, trace: Trace, x: Batch) -> float | None:
     """Make one unit constant, remove it with mean compensation: outputs must not change.
 
     Unit 0 of a group is made constant by zeroing its incoming weights in every producer. Only a group in
@@ -95,15 +100,16 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> floa
         modules = dict(model.named_modules())
         with torch.no_grad():
             for p in group.producers:
-                getattr(modules[p.name], p.weight).select(p.dim, 0).zero_()
+                rows = p.rows(torch.tensor([0]))
+                getattr(modules[p.name], p.weight).index_fill_(p.dim, rows, 0.0)
                 if p.bias is not None:
-                    getattr(modules[p.name], p.bias)[0] = 0.5
+                    getattr(modules[p.name], p.bias)[rows] = 0.5
         if not _constant_at_consumers(model, trace, group, x):
             continue
         keep = {g.name: torch.arange(1 if g is group else 0, g.units) for g in trace.groups}
         means = unit_means(model, trace, x, groups=[group])
         small = cut(copy.deepcopy(model), trace, keep, "mean", means)
-        diff = _relative(_outputs(small, x), _outputs(model, x))
+        diff = _relative(outputs_of(small, x), outputs_of(model, x))
         if diff > TOLERANCE:
             raise VerificationError(f"removing a constant unit of {group.name} with mean compensation changes "
                                     f"the outputs (relative difference {diff:.2g})")
@@ -111,7 +117,7 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: torch.Tensor) -> floa
     return None
 
 
-def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: torch.Tensor) -> bool:
+def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> bool:
     from .score import consumer_hooks, readers, unit_view
 
     spans = []
@@ -122,18 +128,17 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: torch.Tenso
             spans.append(((v.max() - v.min()) / v.abs().max().clamp_min(1e-12)).item())
 
     with torch.no_grad(), consumer_hooks(model, readers(trace, [group]), on_input):
-        model(x)
+        model(**x) if isinstance(x, dict) else model(x)
     return bool(spans) and max(spans) < 1e-6
 
 
-def check_reload(data: bytes, x: torch.Tensor, expected: torch.Tensor) -> None:
+def check_reload(data: bytes, x: Batch, expected: torch.Tensor) -> None:
     """Load saved bytes back as :func:`prunetool.load` does; outputs must be identical."""
     from .load import from_bytes, upcast_half
 
     model = from_bytes(data).model.eval()
     upcast_half(model)
-    with torch.no_grad():
-        out = model(x)
+    out = outputs_of(model, x)
     if not torch.equal(out, expected):
         diff = (out - expected).abs().max().item()
         raise VerificationError(f"the saved model reloads with different outputs (max abs diff {diff:.3g})")
@@ -144,11 +149,11 @@ REMOVAL_PROBE = 16  # a misread graph differs by orders of magnitude more than t
 
 
 def verify(dense: nn.Module, small: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
-           x: torch.Tensor) -> dict:
+           x: Batch, output_key: str | None = None) -> dict:
     """Every check on the cut model; raises :class:`VerificationError` on the first failure."""
-    out = check_forward(small, x, trace.output_shape)
-    check_identity(dense, trace, x[:EXACT_PROBE])
-    removal = check_removal(dense, trace, keep, x[:REMOVAL_PROBE])
-    constant = check_constant_unit(dense, trace, x[:EXACT_PROBE])
+    out = check_forward(small, x, trace.output_shape, output_key)
+    check_identity(dense, trace, batch_slice(x, 0, EXACT_PROBE))
+    removal = check_removal(dense, trace, keep, batch_slice(x, 0, REMOVAL_PROBE))
+    constant = check_constant_unit(dense, trace, batch_slice(x, 0, EXACT_PROBE))
     return {"forward": "ok", "ratio_zero": "exact", "removal_rel_diff": removal,
             "constant_unit_rel_diff": constant, "outputs": out}

@@ -8,6 +8,8 @@ import tempfile
 
 import torch
 
+from ..batch import batch_len
+from ..data import random_tokens, vocabulary
 from ..errors import UsageError
 from ..export import export_onnx, ort_latency, ort_session
 from ..load import load, upcast_half
@@ -15,10 +17,31 @@ from ..measure import forward_times, params, peak_forward_mb, timing_stats
 from ..progress import Bars
 
 
+def _example(path, ckpt, input_shape, tokens, others=()):
+    """One sample's shape, or (token models) two sequences of random ids. A checkpoint that records no input takes
+    what another one compared with it records (a model and its compressed copy take the same inputs)."""
+    record = ckpt.record if ckpt.record.get("input_shape") else next(
+        (o.record for o in others if o.record.get("input_shape")), {})
+    recorded = record.get("input_shape")
+    if tokens is None and input_shape is None and recorded and record.get("inputs") == "tokens":
+        tokens = recorded[0]
+    if tokens is not None:
+        vocab = vocabulary(ckpt.model)
+        if vocab is None:
+            raise UsageError(f"--tokens: {path} embeds no token ids; use --input-shape")
+        return random_tokens(2, tokens, vocab, torch.Generator().manual_seed(0))
+    shape = input_shape or tuple(recorded or ())
+    if not shape:
+        raise UsageError(f"{path} records no input shape; pass --input-shape (e.g. 1,28,28) or --tokens (e.g. 128)")
+    return shape
+
+
 def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_sizes=(1, 32), threads: int | None = None,
           device: str = "cpu", onnx: bool = True, warmup: int = 5, runs: int = 50, arch: str | None = None,
-          arch_kwargs: dict | None = None, unsafe_pickle: bool = False, progress: bool = False) -> dict:
-    """Benchmark each checkpoint; ratios are to the first one."""
+          arch_kwargs: dict | None = None, unsafe_pickle: bool = False, progress: bool = False,
+          tokens: int | None = None, trust_remote_code: bool = False) -> dict:
+    """Benchmark each checkpoint; ratios are to the first one. Inputs: random of ``input_shape``, or sequences of
+    ``tokens`` random token ids (by default what each checkpoint records)."""
     if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads {threads} must be at least 1")
@@ -32,17 +55,15 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
     bars = Bars(progress)
     rows = []
     jobs = [(p, runtime) for p in paths for runtime in (("torch", "onnxruntime") if onnx else ("torch",))]
+    ckpts = {p: load(p, arch, arch_kwargs, unsafe_pickle, trust_remote_code) for p in dict.fromkeys(paths)}
     models = {}
+    for path, ckpt in ckpts.items():
+        upcast_half(ckpt.model)
+        models[path] = (ckpt.model.eval(), _example(path, ckpt, input_shape, tokens, ckpts.values()))
     for path, runtime in bars.track(jobs, "benchmarking"):
-        if path not in models:
-            ckpt = load(path, arch, arch_kwargs, unsafe_pickle)
-            shape = input_shape or tuple(ckpt.record.get("input_shape") or ())
-            if not shape:
-                raise UsageError(f"{path} records no input shape; pass --input-shape, e.g. 1,28,28")
-            upcast_half(ckpt.model)
-            models[path] = (ckpt.model.eval(), shape)
         model, shape = models[path]
-        entry = {"checkpoint": str(path), "runtime": runtime, "params": params(model), "input_shape": list(shape),
+        entry = {"checkpoint": str(path), "runtime": runtime, "params": params(model),
+                 "input_shape": list(shape) if isinstance(shape, tuple) else [batch_len(shape), "tokens"],
                  "device": device if runtime == "torch" else "cpu", "batches": {}}
         if runtime == "torch":
             model.to(device)
@@ -56,7 +77,8 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
             fd, tmp = tempfile.mkstemp(suffix=".onnx")
             os.close(fd)
             try:
-                export_onnx(model, torch.randn(2, *shape), tmp, latency_batches=())
+                export_onnx(model, torch.randn(2, *shape) if isinstance(shape, tuple) else shape, tmp,
+                            latency_batches=())
                 session = ort_session(tmp, threads)
                 for b in batch_sizes:
                     entry["batches"][str(b)] = timing_stats(ort_latency(session, shape, b, warmup, runs, 1.0), b)

@@ -12,23 +12,27 @@ after, and build the report.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import __version__, distributed
+from .. import __version__, distributed, hf, layers, task
 from ..calibrate import Settings
-from ..data import Data, Samples, calibration, check_labels, eval_loader, load_data
+from ..data import Data, Samples, calibration, check_labels, check_token_ids, eval_loader, load_data
 from ..export import export_onnx, export_pt2
+from ..batch import as_input, batch_cat, batch_len, batch_slice, shape_of
+from ..errors import UsageError, VerificationError
 from ..load import Checkpoint, format_of, load, round_through, serialize, upcast_half
-from ..measure import as_input, compare_latency, evaluate, macs, params
+from ..measure import compare_latency, evaluate, macs, params
 from ..options import DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
-from ..staging import Staging
+from ..staging import DIRECTORY_OUTPUTS, Staging, check_outputs
 from ..trace import Trace, trace
-from ..verify import check_reload
+from ..verify import check_reload, outputs_of
 
 DEFAULT_FORMAT = ".safetensors"
 
@@ -51,7 +55,13 @@ class Job:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.probe.shape[1:])
+        """One sample's shape (of its token ids, for a token model)."""
+        return shape_of(self.probe)
+
+    @property
+    def example(self):
+        """What measuring feeds: random inputs of the input shape, or the probe's token batches (ids must be ids)."""
+        return self.input_shape if isinstance(self.probe, torch.Tensor) else self.probe
 
     def close(self) -> None:
         if self.caller_mode is not None:
@@ -76,7 +86,8 @@ def derive(job: Job, model: nn.Module, record: dict) -> Job:
     anew, its record carrying what earlier steps did."""
     ckpt = Checkpoint(model, job.ckpt.arch, job.ckpt.arch_kwargs, record, job.ckpt.path, job.ckpt.sha256,
                       job.ckpt.file_bytes, job.ckpt.dtypes, job.ckpt.arch_root)
-    return Job(ckpt, job.data, model.eval(), job.calib, job.probe, trace(model, job.probe[:2]), job.computed_in,
+    return Job(ckpt, job.data, model.eval(), job.calib, job.probe,
+               trace(model, batch_slice(job.probe, 0, 2), job.settings.output_key), job.computed_in,
                job.settings, job.eval, None)
 
 
@@ -88,7 +99,15 @@ def as_checkpoint(source: Source) -> tuple[Checkpoint, tuple[nn.Module, bool] | 
         mode = (model, model.training)
         return Checkpoint(model, source.arch, source.arch_kwargs or {},
                           dtypes={k: v.dtype for k, v in model.state_dict().items() if v.dtype.is_floating_point}), mode
-    return load(model, source.arch, source.arch_kwargs, source.unsafe_pickle), None
+    return load(model, source.arch, source.arch_kwargs, source.unsafe_pickle, source.trust_remote_code), None
+
+
+def check_job_outputs(outputs: Outputs, source: Source) -> None:
+    """Refuse colliding or unwritable outputs before any work; ``--out`` may be a directory for a Hugging Face
+    model (written as one)."""
+    hf_source = isinstance(source.checkpoint, (str, os.PathLike)) and hf.is_dir(source.checkpoint)
+    out_dir = ("--out",) if hf_source and not str(outputs.out or "").endswith(FILE_SUFFIXES) else ()
+    check_outputs(outputs.paths(), input_paths(source), DIRECTORY_OUTPUTS + out_dir)
 
 
 def input_paths(source: Source) -> dict[str, str]:
@@ -100,21 +119,27 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
     ckpt, mode = as_checkpoint(source)
     dense = ckpt.model
     try:
-        if any(t.dtype in (torch.float16, torch.bfloat16) for t in list(dense.parameters()) + list(dense.buffers())):
-            dense = copy.deepcopy(dense) if mode is not None else dense
+        half = any(t.dtype in (torch.float16, torch.bfloat16) for t in list(dense.parameters()) + list(dense.buffers()))
+        if mode is not None and (half or layers.needs_prepare(dense)):
+            dense = layers.prepare(copy.deepcopy(dense))  # the caller's module stays as it was
+        if half:
             upcast_half(dense)
         dense.eval()
         spec = data.data
         loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape,
-                                                               data.preprocessing)
-        shape = data.input_shape or (tuple(ckpt.record["input_shape"]) if loaded.train is None and
-                                     ckpt.record.get("input_shape") else None)
-        calib = calibration(loaded, data.calib, shape, dense if loaded.train is None and shape else None,
-                            data.workers)
+                                                               data.preprocessing, data.tokenizer or ckpt.tokenizer,
+                                                               data.seq_len)
+        check_token_ids(loaded, dense)
+        recorded = ckpt.record.get("input_shape") if loaded.train is None else None
+        tokens = data.tokens or (recorded[0] if recorded and ckpt.record.get("inputs") == "tokens" and
+                                 data.input_shape is None else None)
+        shape = data.input_shape or (tuple(recorded) if recorded and tokens is None else None)
+        calib = calibration(loaded, data.calib, shape, dense if loaded.train is None and (shape or tokens) else None,
+                            data.workers, tokens, data.output_key)
         probe = as_input(calib.take(64)[0], dense)
-        if len(probe) < 2:
-            probe = torch.cat([probe, probe])
-        graph = trace(dense, probe[:2])
+        if batch_len(probe) < 2:
+            probe = batch_cat([probe, probe])
+        graph = trace(dense, batch_slice(probe, 0, 2), data.output_key)
         if loaded.train is not None and graph.output_shape:
             check_labels(loaded, graph.output_shape[-1])
     except BaseException:
@@ -122,22 +147,31 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
             mode[0].train(mode[1])
         raise
     computed = str(next((p.dtype for p in dense.parameters()), torch.float32)).replace("torch.", "")
-    settings = Settings(data.memory, data.rows, device)
+    settings = Settings(data.memory, data.rows, device, output_key=data.output_key)
     return Job(ckpt, loaded, dense, calib, probe, graph, computed, settings, data.eval, mode)
 
 
-def snapshot(model: nn.Module, file_bytes: int | None, loader, input_shape, measurement: Measurement, bars: Bars,
-             label: str) -> dict:
+def snapshot(model: nn.Module, file_bytes: int | None, loader, example, measurement: Measurement, bars: Bars,
+             label: str, output_key: str | None = None) -> dict:
     device = measurement.device
     model.to(device)
-    accuracy, loss = evaluate(model, loader, device, bars, label)
-    snap = {"params": params(model), "macs": macs(model, input_shape), "file_bytes": file_bytes,
-            "accuracy": accuracy, "loss": loss, "latency_ms": {}}
+    q = evaluate(model, loader, device, bars, label, output_key)
+    snap = {"params": params(model), "macs": macs(model, example), "file_bytes": file_bytes, "metric": q.metric,
+            "accuracy": q.accuracy, "loss": q.loss, "latency_ms": {}}
+    if q.metric == "perplexity":
+        snap["perplexity"] = q.perplexity
     model.to("cpu")
     return snap
 
 
-def measure_latency(report: dict, dense: nn.Module, small: nn.Module, input_shape, measurement: Measurement,
+def metric_summary(before: dict, after: dict) -> dict:
+    """The task's metric before and after, and the drop (:func:`prunetool.task.drop`)."""
+    name = before.get("metric", "accuracy")
+    b, a = before.get(name), after.get(name)
+    return {"name": name, "before": b, "after": a, "drop": task.drop(name, b, a), "unit": task.drop_unit(name)}
+
+
+def measure_latency(report: dict, dense: nn.Module, small: nn.Module, example, measurement: Measurement,
                     bars: Bars, gate_batch: int | None = None, attempts: int = 3) -> None:
     """Latency before and after, interleaved, at every batch size; the batch a speed-up gate reads is measured
     again (up to ``attempts`` times) while the machine is too noisy to judge it."""
@@ -148,7 +182,7 @@ def measure_latency(report: dict, dense: nn.Module, small: nn.Module, input_shap
     for b in bars.track(measurement.latency_batches, "measuring latency"):
         tries = attempts if b == gate_batch else 1
         for attempt in range(1, tries + 1):
-            result = compare_latency(dense, small, input_shape, b, device)
+            result = compare_latency(dense, small, example, b, device)
             result["attempts"] = attempt
             if not result["noisy"]:
                 break
@@ -164,6 +198,37 @@ def file_dtype(job: Job) -> str:
     return "/".join(kinds) or job.computed_in
 
 
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def _write_hf(job: Job, small: nn.Module, record: dict, out: str, fallback: str | None, staging: Staging,
+              expected: torch.Tensor, notes: list[str]) -> tuple[str, int | None]:
+    """Stage ``small`` as a Hugging Face directory at ``out``, read back with ``from_pretrained`` and compared;
+    when its config cannot hold the cut, the path of prunetool's own file to write instead (``fallback``), with
+    a note saying why. Returns the output path and its weights' bytes."""
+    try:
+        if not distributed.is_main():
+            hf.config_for(small, job.ckpt.arch_kwargs["architecture"], job.ckpt.arch_kwargs["config"],
+                          bool(job.ckpt.arch_kwargs.get("trust_remote_code")))
+            return out, None
+        tmp = staging.path(out, directory=True)
+        hf.write_dir(small, job.ckpt, tmp, job.ckpt.path if job.ckpt.path and hf.is_dir(job.ckpt.path) else None)
+    except hf.NotRepresentable as e:
+        staging.discard_one(out)
+        if fallback is None:
+            raise UsageError(f"--out {out}: a Hugging Face directory cannot hold this result ({e}); write "
+                             f"--out {Path(out).name}.safetensors (prunetool's own file)") from None
+        notes.append(f"written as prunetool's own file {fallback}, not as a Hugging Face directory: {e}; load it "
+                     "with prunetool.load (from_pretrained cannot)")
+        return fallback, None
+    Path(tmp, "prunetool.json").write_text(json.dumps(record, indent=2) + "\n")
+    back = outputs_of(hf.read_back(tmp, job.ckpt), job.probe)
+    if not torch.equal(back, expected):
+        raise VerificationError(f"the Hugging Face directory reloads with different outputs (max abs diff "
+                                f"{(back - expected).abs().max().item():.3g})")
+    return out, sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+
+
 def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict, *, factored: dict, outputs: Outputs, staging: Staging, measurement: Measurement,
            bars: Bars, extra: dict | None = None) -> dict:
     """The end every command shares (see the module docstring). Files go to ``staging``; the caller commits."""
@@ -171,42 +236,55 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
     record = {"command": command, **settings, "layers": layers, "factored": factored, "source_sha256": ckpt.sha256,
               "input_shape": list(job.input_shape), "source": ckpt.path, "prunetool_version": __version__,
               "history": ckpt.record.get("history", []) + [{"command": command, **settings}]}
+    if not isinstance(job.probe, torch.Tensor):
+        record["inputs"] = "tokens"
     probe = job.probe
     small.cpu()
     round_through(small, ckpt.dtypes)
     small.eval()
-    with torch.no_grad():
-        expected = small(probe)
-    out = outputs.out
-    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes, format_of(out or DEFAULT_FORMAT),
-                     ckpt.arch_root)
+    expected = outputs_of(small, probe)
+    out, notes, weights_bytes = outputs.out, [], None
+    hf_dir = out is not None and hf.is_hf(ckpt) and not out.endswith(FILE_SUFFIXES)
+    if hf_dir:  # out becomes the fallback file when the family's config cannot hold the cut
+        out, weights_bytes = _write_hf(job, small, record, out, outputs.out_fallback, staging, expected, notes)
+        hf_dir = out == outputs.out
+    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes,
+                     format_of(out if out is not None and not hf_dir else DEFAULT_FORMAT), ckpt.arch_root)
     if ckpt.arch is not None or out is not None:
         check_reload(blob, probe, expected)
         checks["reload"] = "identical"
-    main = distributed.is_main()
-    if out is not None and main:
+    if hf_dir:
+        checks["reload_from_pretrained"] = "identical"
+    elif out is not None and distributed.is_main():
         staging.write(out, blob)
     report = {
         "command": command,
         "settings": {**settings, "calib": len(job.calib), "eval": job.eval, "data": job.data.spec,
                      "input_shape": list(job.input_shape), "device": measurement.device, "source": ckpt.path,
-                     "out": out, "dtype": {"file": file_dtype(job), "computed": job.computed_in},
+                     "out": out, "out_format": "huggingface" if hf_dir else format_of(out or DEFAULT_FORMAT),
+                     "dtype": {"file": file_dtype(job), "computed": job.computed_in},
                      "prunetool_version": __version__},
         "layers": layers, **(extra or {}), "verify": checks,
     }
+    if notes:
+        report["notes"] = notes
+    main = distributed.is_main()
     if outputs.onnx is not None and main:
         report["onnx"] = export_onnx(small, probe, staging.path(outputs.onnx), outputs.atol, outputs.rtol,
-                                     latency_batches=measurement.latency_batches, shown_as=outputs.onnx)
+                                     latency_batches=measurement.latency_batches, shown_as=outputs.onnx,
+                                     output_key=job.settings.output_key)
     if outputs.pt2 is not None and main:
-        report["pt2"] = export_pt2(small, probe, staging.path(outputs.pt2), outputs.atol, outputs.rtol, shown_as=outputs.pt2)
+        report["pt2"] = export_pt2(small, probe, staging.path(outputs.pt2), outputs.atol, outputs.rtol,
+                                   shown_as=outputs.pt2, output_key=job.settings.output_key)
     loader = eval_loader(job.data, job.eval) if measurement.evaluate else None
     before_bytes = ckpt.file_bytes or len(serialize(job.dense, ckpt.arch, ckpt.arch_kwargs, dtypes=ckpt.dtypes))
-    report["before"] = snapshot(job.dense, before_bytes, loader, job.input_shape, measurement, bars,
-                                "evaluating dense")
-    report["after"] = snapshot(small, len(blob), loader, job.input_shape, measurement, bars,
-                               f"evaluating {command} output")
+    okey = job.settings.output_key
+    report["before"] = snapshot(job.dense, before_bytes, loader, job.example, measurement, bars, "evaluating dense",
+                                okey)
+    report["after"] = snapshot(small, weights_bytes if hf_dir else len(blob), loader, job.example, measurement, bars,
+                               f"evaluating {command} output", okey)
     if measurement.latency_batches:
-        measure_latency(report, job.dense, small, job.input_shape, measurement, bars, measurement.gate_batch)
-    acc_b, acc_a = report["before"]["accuracy"], report["after"]["accuracy"]
-    report["accuracy_drop"] = None if acc_b is None else acc_b - acc_a
+        measure_latency(report, job.dense, small, job.example, measurement, bars, measurement.gate_batch)
+    report["metric"] = metric_summary(report["before"], report["after"])
+    report["accuracy_drop"] = report["metric"]["drop"] if report["metric"]["name"] == "accuracy" else None
     return report

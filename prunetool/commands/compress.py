@@ -11,22 +11,23 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import task
 from ..errors import UsageError
-from ..factor import accuracy_on
+from ..factor import quality_on
 from ..measure import macs, params
 from ..options import (CompressOptions, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, ShrinkOptions,
                        Source)
 from ..progress import Bars
-from ..staging import Staging, check_outputs
+from ..staging import Staging
 from . import lowrank, shrink
-from .common import derive, finish, input_paths, start
+from .common import derive, finish, check_job_outputs, start
 
 
 def run(source: Source, data: DataOptions, opts: CompressOptions, measurement: Measurement, outputs: Outputs,
         staging: Staging, progress: bool = False) -> tuple[nn.Module, dict]:
     for options in (opts, data, measurement):
         options.check()
-    check_outputs(outputs.paths(), input_paths(source))
+    check_job_outputs(outputs, source)
     bars = Bars(progress)
     job = start(source, data, measurement.device)
     try:
@@ -38,16 +39,17 @@ def run(source: Source, data: DataOptions, opts: CompressOptions, measurement: M
 def _run(job, opts: CompressOptions, measurement: Measurement, outputs: Outputs, staging: Staging,
          bars: Bars) -> tuple[nn.Module, dict]:
     if not job.data.has_labels:
-        raise UsageError("compress chooses between plans by their accuracy: it needs --data")
+        raise UsageError("compress chooses between plans by their accuracy (or perplexity): it needs --data")
     key = "params" if opts.target_params is not None else "macs"
     fraction = opts.target_params if key == "params" else opts.target_macs
 
     def size(model):
-        return params(model) if key == "params" else macs(model, job.input_shape)
+        return params(model) if key == "params" else macs(model, job.probe)
 
     total = size(job.dense)
     goal = fraction * total
-    base = accuracy_on(job.dense, job.calib)
+    okey = job.settings.output_key
+    base = quality_on(job.dense, job.calib, okey)
     quiet = Measurement(False, (), measurement.device)
     plans = []
     for plan in bars.track(opts.plans, "plans"):
@@ -64,13 +66,14 @@ def _run(job, opts: CompressOptions, measurement: Measurement, outputs: Outputs,
                 record = {**record, "factored": step.factored,
                           "history": record.get("history", []) + [{"command": command, **step.settings}]}
                 made.append({"command": command, f"target_{key}": share, "params": params(step.model),
-                             "macs": macs(step.model, job.input_shape), "layers": step.layers, "step": step})
+                             "macs": macs(step.model, job.probe), "layers": step.layers, "step": step})
                 current = derive(current, step.model, record)
         except UsageError as e:  # this plan cannot reach the target (everything left is protected, say)
             plans.append({"plan": plan, "error": str(e)})
             continue
-        accuracy = accuracy_on(current.dense, job.calib)
-        plans.append({"plan": plan, "calibration_accuracy": accuracy, "calibration_drop": base - accuracy,
+        q = quality_on(current.dense, job.calib, okey)
+        plans.append({"plan": plan, f"calibration_{base.metric}": q.value,
+                      "calibration_drop": task.drop(base.metric, base.value, q.value),
                       f"{key}_fraction": size(current.dense) / total, "reached": size(current.dense) <= goal * 1.001,
                       "steps": made, "model": current.dense, "record": record})
     ok = [p for p in plans if "error" not in p and p["reached"]]
@@ -78,12 +81,12 @@ def _run(job, opts: CompressOptions, measurement: Measurement, outputs: Outputs,
         reasons = "; ".join(f"{p['plan']}: {p.get('error', 'above the target')}" for p in plans)
         raise UsageError(f"no plan reaches --target-{key} {fraction} ({reasons})")
     within = [p for p in ok if opts.max_drop is None or p["calibration_drop"] <= opts.max_drop]
-    chosen = max(within or ok, key=lambda p: p["calibration_accuracy"])
+    chosen = min(within or ok, key=lambda p: p["calibration_drop"])
     last = chosen["steps"][-1]["step"]
     layers = [{"step": s["command"], **layer} for s in chosen["steps"] for layer in s["layers"]]
     settings = {f"target_{key}": fraction, "max_drop": opts.max_drop, "plan": chosen["plan"],
                 "plans": [{k: v for k, v in p.items() if k not in ("steps", "model", "record")} for p in plans],
-                "calibration_accuracy_before": base}
+                f"calibration_{base.metric}_before": base.value}
     extra = {"steps": [{"command": s["command"], f"target_{key}": s[f"target_{key}"], "params": s["params"],
                         "macs": s["macs"], "layers": s["layers"]} for s in chosen["steps"]]}
     checks = {k: v for s in chosen["steps"] for k, v in s["step"].checks.items() if k != "outputs"}
@@ -98,14 +101,16 @@ def compress(model, data, *, target_params: float | None = None, target_macs: fl
              input_shape=None, device: str = "cpu", out: str | None = None, onnx: str | None = None,
              pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False,
              download: bool = False, progress: bool = False, latency_batches=(1, 32),
-             measure: bool = True) -> tuple[nn.Module, dict]:
+             measure: bool = True, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+             output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
     """Shrink and lowrank under one budget (see the module docstring)."""
     from ..options import PLANS
 
     with Staging() as staging:
         small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download),
+            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
+            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
+                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
             CompressOptions(target_params, target_macs, max_drop, tuple(plans) if plans else PLANS),
             Measurement(measure, tuple(latency_batches) if measure else (), device),
             Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress)

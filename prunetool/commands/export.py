@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..batch import batch_len
 from ..errors import UsageError
 from ..export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, export_onnx, export_pt2
 from ..options import DataOptions, Source
@@ -18,11 +19,13 @@ def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = 
     job = start(source, data)
     try:
         probe = job.probe
-        report = {"command": "export", "source": job.ckpt.path, "inputs_compared": len(probe)}
+        report = {"command": "export", "source": job.ckpt.path, "inputs_compared": batch_len(probe)}
+        key = job.settings.output_key
         if onnx is not None:
-            report["onnx"] = export_onnx(job.dense, probe, staging.path(onnx), atol, rtol, opset, shown_as=onnx)
+            report["onnx"] = export_onnx(job.dense, probe, staging.path(onnx), atol, rtol, opset, shown_as=onnx,
+                                         output_key=key)
         if pt2 is not None:
-            report["pt2"] = export_pt2(job.dense, probe, staging.path(pt2), atol, rtol, shown_as=pt2)
+            report["pt2"] = export_pt2(job.dense, probe, staging.path(pt2), atol, rtol, shown_as=pt2, output_key=key)
         return report
     finally:
         job.close()
@@ -30,11 +33,13 @@ def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = 
 
 def export(model, *, onnx: str | None = None, pt2: str | None = None, data=None, calib: int = 64, input_shape=None,
            arch=None, arch_kwargs=None, unsafe_pickle: bool = False, opset: int = DEFAULT_OPSET,
-           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> dict:
+           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+           output_key: str | None = None, trust_remote_code: bool = False) -> dict:
     """Export ``model`` (a path, a :class:`Checkpoint` or an ``nn.Module``) to ONNX and/or pt2, checked."""
     with Staging() as staging:
-        report = run(Source(model, arch, arch_kwargs or {}, unsafe_pickle),
-                     DataOptions(data, calib, None, tuple(input_shape) if input_shape else None), staging, onnx, pt2,
+        report = run(Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
+                     DataOptions(data, calib, None, tuple(input_shape) if input_shape else None, False,
+                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key), staging, onnx, pt2,
                      opset, atol, rtol)
         staging.commit()
     return report

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .. import pictures as pic
@@ -61,7 +62,8 @@ def _run(job, staging: Staging, html: str | None, plots: str | None, bars: Bars)
             images[f"spectrum_{n}.png"] = pic.spectrum_png(m)
             images[f"esd_{n}.png"] = pic.esd_png(m)
             images[f"weights_{n}.png"] = pic.weights_png(n, modules[n])
-            if n == first and isinstance(modules[n], nn.Linear) and len(shape) == 3 and \
+            if n == first and isinstance(modules[n], nn.Linear) and isinstance(job.probe, torch.Tensor) and \
+                    len(shape) == 3 and \
                     modules[n].in_features == math.prod(shape):
                 images[f"fields_{n}.png"] = pic.receptive_fields_png(n, modules[n], shape)
         if plots:
@@ -86,11 +88,13 @@ def _stage_plots(staging: Staging, images: dict[str, bytes], folder: str) -> lis
 
 def inspect(model, data=None, *, calib: int = 1000, input_shape=None, arch=None, arch_kwargs=None,
             unsafe_pickle: bool = False, download: bool = False, html: str | None = None, plots: str | None = None,
-            progress: bool = False) -> dict:
+            progress: bool = False, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+            output_key: str | None = None, trust_remote_code: bool = False) -> dict:
     """Every number of :mod:`prunetool.redundancy` as a report; with ``html``/``plots`` the pictures too."""
     with Staging() as staging:
-        report = run(Source(model, arch, arch_kwargs or {}, unsafe_pickle),
-                     DataOptions(data, calib, None, tuple(input_shape) if input_shape else None, download),
+        report = run(Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
+                     DataOptions(data, calib, None, tuple(input_shape) if input_shape else None, download,
+                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
                      staging, html, plots, progress)
         staging.commit()
     return report

@@ -9,27 +9,28 @@ import warnings
 
 from torch import nn
 
+from .. import task
+from ..calibrate import covariances, output_sensitivity
 from ..data import eval_loader
 from ..errors import UsageError
-from ..calibrate import covariances, output_sensitivity
-from ..factor import (Candidate, accuracy_on, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
+from ..factor import (Candidate, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
                       greedy_baseline, matrix, params_of, predicted_loss, rank_for_energy, relative_error, replace,
-                      saves, search_drop, spectrum)
+                      quality_on, saves, search_drop, spectrum)
 from ..measure import evaluate, macs, params
 from ..options import (DEFAULT_MAX_LAYER_ERROR, LATENCY_BATCHES, DataOptions, LowrankOptions, Measurement, Outputs,
                        Recovery, Source)
 from ..progress import Bars
 from ..recover import finetune
-from ..staging import Staging, check_outputs
+from ..staging import Staging
 from ..verify import check_forward
-from .common import Step, finish, input_paths, start
+from .common import Step, finish, check_job_outputs, start
 
 
 def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recovery, measurement: Measurement,
         outputs: Outputs, staging: Staging, progress: bool = False) -> tuple[nn.Module, dict]:
     for options in (opts, data, recovery, measurement):
         options.check()
-    check_outputs(outputs.paths(), input_paths(source))
+    check_job_outputs(outputs, source)
     bars = Bars(progress)
     job = start(source, data, measurement.device)
     try:
@@ -93,12 +94,16 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
     cands = _candidates(job, names, covs, fisher)
     evaluations, rules = 0, {}
 
-    def accuracy(ranks):
-        return accuracy_on(_apply(dense, cands, ranks), calib)
+    okey = job.settings.output_key
+    base = quality_on(dense, calib, okey) if method == "budget" and job.data.has_labels else None
+
+    def accuracy(ranks):  # higher is better: minus the metric's drop from the dense model on the calibration samples
+        q = quality_on(_apply(dense, cands, ranks), calib, okey)
+        return -task.drop(base.metric, base.value, q.value)
 
     if method == "budget":
         key = "macs" if opts.target_macs is not None else "params"
-        fixed = (params(dense) if key == "params" else macs(dense, job.input_shape)) - \
+        fixed = (params(dense) if key == "params" else macs(dense, job.probe)) - \
             cost_of(cands, {c.name: None for c in cands}, key)
         total = fixed + cost_of(cands, {c.name: None for c in cands}, key)
         fraction = opts.target_params if key == "params" else opts.target_macs
@@ -114,7 +119,7 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
                                      "cannot be factored stay whole)")
             rule = f"budget ({opts.search})"
         else:
-            ranks, evaluations = search_drop(cands, key, accuracy, accuracy_on(dense, calib), opts.max_drop)
+            ranks, evaluations = search_drop(cands, key, accuracy, 0.0, opts.max_drop)
             evaluations += 1
             rule = "accuracy budget"
         rules = {c.name: rule for c in cands}
@@ -156,10 +161,12 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
     extra = {}
     if recovery.finetune_epochs:
         loader = eval_loader(job.data, job.eval)
-        step = {"accuracy_after_cut": evaluate(small, loader, device, bars, "evaluating the factored model")[0]}
+        q = evaluate(small, loader, device, bars, "evaluating the factored model", okey)
+        step = {f"{q.metric}_after_cut": q.value}
         step["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.lr, recovery.batch_size,
-                                         recovery.optimizer, dense if recovery.distill else None, device, bars)
-        step["accuracy_after_finetune"] = evaluate(small, loader, device, bars, "evaluating")[0]
+                                         recovery.optimizer, dense if recovery.distill else None, device, bars,
+                                         output_key=okey)
+        step[f"{q.metric}_after_finetune"] = evaluate(small, loader, device, bars, "evaluating", okey).value
         extra["steps"] = [step]
         check_forward(small, probe, job.graph.output_shape)
 
@@ -180,14 +187,16 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False, download: bool = False,
             progress: bool = False, latency_batches=LATENCY_BATCHES, measure: bool = True, finetune_epochs: int = 0,
             lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
-            distill: bool = False) -> tuple[nn.Module, dict]:
+            distill: bool = False, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+            output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
     """Factor layers into rank-k products. The rank: ``rank``, ``energy``, Heitmann's plain ``elbow``, a budget
     (``target_params``/``target_macs``/``max_drop``, ranks chosen across layers), or by default each layer's elbow
     (whitened by its inputs when there is data) capped at ``max_layer_error`` of its output energy."""
     with Staging() as staging:
         small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download),
+            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
+            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
+                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
             LowrankOptions(rank, energy, layers, data_aware, max_drop, elbow, target_params, target_macs,
                            max_layer_error, search),
             Recovery(finetune_epochs, lr, batch_size, optimizer, distill),

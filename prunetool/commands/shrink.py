@@ -10,6 +10,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..batch import batch_slice
 from ..cut import as_matrix, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError
@@ -19,11 +20,11 @@ from ..options import (DATA_CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERION, L
 from ..progress import Bars
 from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
-from ..staging import Staging, check_outputs
+from ..staging import Staging
 from ..calibrate import statistics
 from ..trace import trace
 from ..verify import verify
-from .common import Step, finish, input_paths, start
+from .common import Step, finish, check_job_outputs, start
 
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -33,7 +34,7 @@ def keep_units(graph, scores, ratio: float, opts: ShrinkOptions) -> dict[str, to
     return select(graph, scores, per_group, opts.round_to)
 
 
-def size_after(dense, graph, keep, input_shape, compensate: str = "none") -> tuple[int, int]:
+def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[int, int]:
     """Parameters and MACs of the cut (structure only), counting the biases least squares gives the consumers it
     refits that had none."""
     small = cut(copy.deepcopy(dense), graph, keep, "none")
@@ -43,17 +44,17 @@ def size_after(dense, graph, keep, input_shape, compensate: str = "none") -> tup
         for name, c in plan_cut(graph, keep).consumers.items():
             if can_add_bias(modules[name], c):
                 added += as_matrix(getattr(modules[name], c.weight), c.dim).shape[0]
-    return params(small) + added, macs(small, input_shape)
+    return params(small) + added, macs(small, example)
 
 
-def fit_target(dense, graph, scores, opts: ShrinkOptions, input_shape) -> float:
+def fit_target(dense, graph, scores, opts: ShrinkOptions, example) -> float:
     """The smallest ratio whose cut keeps at most ``target_params``/``target_macs`` of the original."""
     metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
     index = 0 if metric == "params" else 1
-    goal = fraction * (params(dense), macs(dense, input_shape))[index]
+    goal = fraction * (params(dense), macs(dense, example))[index]
 
     def size(r):
-        return size_after(dense, graph, keep_units(graph, scores, r, opts), input_shape, opts.compensate)[index]
+        return size_after(dense, graph, keep_units(graph, scores, r, opts), example, opts.compensate)[index]
 
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
@@ -67,14 +68,16 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, input_shape) -> float:
 
 def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_layer_ratio: float = 0.9,
          round_to: int = 1, calib: int = 256, input_shape=None, arch=None, arch_kwargs=None,
-         unsafe_pickle=False, download=False, ratios=DRY_RUN_RATIOS) -> dict:
+         unsafe_pickle=False, download=False, ratios=DRY_RUN_RATIOS, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+         output_key: str | None = None, trust_remote_code: bool = False) -> dict:
     """The dry run: groups found, what is protected and why, and the size each ratio would give."""
     opts = ShrinkOptions(criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to)
     opts.check()
-    job = start(Source(model, arch, arch_kwargs or {}, unsafe_pickle), DataOptions(data, calib, None, input_shape,
-                                                                                   download))
+    job = start(Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code), DataOptions(
+        data, calib, None, input_shape, download, tokens=tokens, seq_len=seq_len, tokenizer=tokenizer,
+        output_key=output_key))
     try:
-        shape = job.input_shape
+        shape = job.example
         if scope == "global":
             scores = score(job.dense, job.graph, criterion, job.calib, settings=job.settings).scores
         else:
@@ -88,7 +91,7 @@ def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_l
     finally:
         job.close()
     return {
-        "command": "dry-run", "params": base[0], "macs": base[1], "input_shape": list(shape),
+        "command": "dry-run", "params": base[0], "macs": base[1], "input_shape": list(job.input_shape),
         "groups": [{"name": g.name, "units": g.units, "producers": [p.name for p in g.producers],
                     "consumers": [c.name for c in g.consumers], "members": [m.name for m in g.members],
                     "blocks": g.blocks} for g in job.graph.groups],
@@ -108,7 +111,7 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
     """Remove units from every prunable group, compensate, verify, recover and measure (see :func:`shrink`)."""
     for options in (opts, data, recovery, measurement):
         options.check()
-    check_outputs(outputs.paths(), input_paths(source))
+    check_job_outputs(outputs, source)
     bars = Bars(progress)
     job = start(source, data, measurement.device)
     try:
@@ -145,14 +148,14 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     current, history, probe = dense, [], job.probe
     for step, step_ratio in enumerate(steps):
         if step:
-            graph = trace(current, probe[:2])
+            graph = trace(current, batch_slice(probe, 0, 2), engine.output_key)
         current.to(device)
         stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
         if scores is None or step:
             scores = score(current, graph, opts.criterion, calib, bars=bars, means=stats.means, settings=engine)
         scores = _cpu(scores)
         if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
-            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.input_shape)
+            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example)
         if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
             per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
                          for g in graph.groups}
@@ -167,18 +170,21 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         stats.release()
         current.cpu()
         small.cpu()
-        checks = verify(current, small, graph, keep, probe)
+        checks = verify(current, small, graph, keep, probe, engine.output_key)
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
             recalibrate_bn(small, calib, engine)
         entry = {"ratio": step_ratio, "params": params(small)}
         if loader is not None and (recovery.finetune_epochs or len(steps) > 1):
-            entry["accuracy_after_cut"] = evaluate(small, loader, device, bars, "evaluating the cut")[0]
+            q = evaluate(small, loader, device, bars, "evaluating the cut", engine.output_key)
+            entry[f"{q.metric}_after_cut"] = q.value
         if recovery.finetune_epochs:
             entry["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.lr,
                                               recovery.batch_size, recovery.optimizer,
-                                              dense if recovery.distill else None, device, bars)
+                                              dense if recovery.distill else None, device, bars,
+                                              output_key=engine.output_key)
             if loader is not None:
-                entry["accuracy_after_finetune"] = evaluate(small, loader, device, bars, "evaluating")[0]
+                q = evaluate(small, loader, device, bars, "evaluating", engine.output_key)
+                entry[f"{q.metric}_after_finetune"] = q.value
         history.append(entry)
         current = small
     checks.pop("outputs")
@@ -207,7 +213,8 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
            latency_batches: tuple[int, ...] = LATENCY_BATCHES, scores: Scores | None = None, measure: bool = True,
            schedule: list[float] | None = None, recalibrate: bool | None = None, finetune_epochs: int = 0,
            lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
-           distill: bool = False) -> tuple[nn.Module, dict]:
+           distill: bool = False, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+           output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
     """Remove units from every prunable group, compensate, verify, recover and measure.
 
     ``model`` is an ``nn.Module`` (left as it was), a :class:`Checkpoint` or a checkpoint path. With
@@ -222,8 +229,9 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
     """
     with Staging() as staging:
         small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download),
+            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
+            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
+                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
             ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
                           list(schedule) if schedule else None),
             Recovery(finetune_epochs, lr, batch_size, optimizer, distill, recalibrate),

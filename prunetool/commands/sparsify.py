@@ -19,9 +19,9 @@ from ..options import LATENCY_BATCHES, DataOptions, Measurement, Outputs, Recove
 from ..progress import Bars
 from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import magnitude_masks, removable_units
-from ..staging import Staging, check_outputs
+from ..staging import Staging
 from ..verify import verify
-from .common import finish, input_paths, start
+from .common import finish, check_job_outputs, start
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
@@ -32,7 +32,7 @@ def run(source: Source, data: DataOptions, opts: SparsifyOptions, recovery: Reco
         outputs: Outputs, staging: Staging, progress: bool = False) -> tuple[nn.Module, dict]:
     for options in (opts, data, recovery, measurement):
         options.check()
-    check_outputs(outputs.paths(), input_paths(source))
+    check_job_outputs(outputs, source)
     bars = Bars(progress)
     job = start(source, data, measurement.device)
     try:
@@ -59,18 +59,20 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
         apply_masks(layers, masks)
         losses = finetune(sparse, job.data, opts.finetune_epochs, recovery.lr, recovery.batch_size,
                           recovery.optimizer, device=device, bars=bars,
-                          after_step=lambda m: apply_masks(layers, masks)) if opts.finetune_epochs else []
+                          after_step=lambda m: apply_masks(layers, masks),
+                          output_key=job.settings.output_key) if opts.finetune_epochs else []
         if opts.rewind and early is None:
             early = copy.deepcopy(sparse.state_dict())
         total = sum(int(m.numel()) for m in masks.values())
         history.append({"round": r + 1, "sparsity": 1 - sum(int(m.sum()) for m in masks.values()) / total,
-                        "finetune_loss": losses, "accuracy": evaluate(sparse, loader, device)[0]})
+                        "finetune_loss": losses,
+                        "accuracy": evaluate(sparse, loader, device, output_key=job.settings.output_key).accuracy})
 
     graph = job.graph
     keep = removable_units(graph, sparse)
     means = sequential_means(sparse, graph, keep, calib, bars, job.settings)
     small = cut(copy.deepcopy(sparse), graph, keep, "mean", means, calib, bars).eval()
-    checks = verify(sparse, small, graph, keep, job.probe)
+    checks = verify(sparse, small, graph, keep, job.probe, job.settings.output_key)
     checks.pop("outputs")
     if has_batchnorm(small) and any(len(keep[g.name]) < g.units for g in graph.groups):
         recalibrate_bn(small, calib, job.settings)

@@ -1,0 +1,336 @@
+"""Hugging Face directories in and out: ``config.json`` with ``*.safetensors``, as ``save_pretrained`` writes them.
+
+In (:func:`load_dir`): the class named by the config's ``architectures`` from ``transformers`` (code shipped in
+the directory only with ``trust_remote_code``), weights in the file's dtypes, attention through SDPA (the kernel
+trace follows into heads), no key/value cache. The checkpoint's architecture is :func:`build` with the config as
+its arguments, so prunetool's own file of a cut model rebuilds the same class.
+
+Out (:func:`write_dir`): the config is updated to the cut model's widths, read off the model by
+:func:`config_for`. Which config entry sets which tensor dimension is *measured*, not assumed: each width entry
+(``intermediate_size``, ``num_attention_heads``, ...) is moved by one on a model built on the meta device and the
+dimensions that move with it are recorded as ``dim = a · entry + b``. The cut model's dimensions then give each
+entry's new value; the result holds only if one value explains every layer (uniform widths) and a model built
+from the new config has exactly the cut model's tensors. A family whose config cannot express the change (BERT
+and GPT-2 derive the head size from the model width, so fewer heads change nothing a config can say; widths that
+differ per layer) is refused with the reason, and the command writes prunetool's own file instead. Biases the
+compensation added are kept by switching on the config's bias flag (``attention_bias``, ``mlp_bias``) where the
+family has one; the biases that flag also creates elsewhere are zero. The written directory is read back with
+``from_pretrained`` and must give identical outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+BUILD = "prunetool.hf:build"
+WIDTH_ENTRIES = ("intermediate_size", "n_inner", "num_attention_heads", "num_key_value_heads", "n_head",
+                 "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "encoder_attention_heads",
+                 "decoder_attention_heads", "moe_intermediate_size")
+BIAS_FLAGS = ("attention_bias", "mlp_bias", "qkv_bias", "use_bias", "bias")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
+
+
+class NotRepresentable(Exception):
+    """The cut model's widths cannot be written as a config of its family."""
+
+
+def is_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def quiet():
+    """transformers without its progress bars and advisory logging."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _class(config, where: str, trust_remote_code: bool):
+    import transformers
+
+    names = list(getattr(config, "architectures", None) or [])
+    auto_map = getattr(config, "auto_map", None) or {}
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls, name
+    if auto_map:
+        if not trust_remote_code:
+            raise UsageError(f"{where} needs the model code shipped with it (auto_map in config.json); pass "
+                             "--trust-remote-code if you trust that code")
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        ref = next((v for k, v in auto_map.items() if k.startswith("AutoModelFor")), None) or \
+            next(iter(auto_map.values()))
+        ref = ref[0] if isinstance(ref, (list, tuple)) else ref
+        return get_class_from_dynamic_module(ref, where), ref
+    raise UsageError(f"{where}: config.json names architectures {names or 'none'}, which transformers "
+                     f"{transformers.__version__} does not have; upgrade transformers or fix the config")
+
+
+def _from_config(cls, config):
+    try:
+        return cls._from_config(config, attn_implementation="sdpa")
+    except (ValueError, ImportError):
+        return cls._from_config(config, attn_implementation="eager")
+
+
+def build(architecture: str, config: dict, trust_remote_code: bool = False) -> nn.Module:
+    """The model of class ``architecture`` for ``config`` (a config's dict), with fresh weights."""
+    import transformers
+
+    with quiet():
+        cfg = transformers.AutoConfig.for_model(**config)
+        cfg.use_cache = False
+        cls, _ = _class(cfg, "the recorded config", trust_remote_code) if architecture not in dir(transformers) \
+            else (getattr(transformers, architecture), architecture)
+        return _from_config(cls, cfg).eval()
+
+
+def load_dir(path, trust_remote_code: bool = False):
+    """A :class:`prunetool.load.Checkpoint` for a Hugging Face model directory."""
+    from .load import Checkpoint
+
+    path = Path(path)
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError(f"{path} is a Hugging Face model directory: install transformers "
+                         "(pip install transformers)") from None
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise UsageError(f"{path} has config.json but no *.safetensors weights; save it with save_pretrained")
+    if not any(p.suffix == ".safetensors" for p in weights):
+        raise UsageError(f"{path} holds only pickled *.bin weights; convert them to safetensors "
+                         "(model.save_pretrained(dir, safe_serialization=True))")
+    with quiet():
+        try:
+            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise UsageError(f"{path}/config.json cannot be read ({str(e).splitlines()[0][:160]}); fix the "
+                             "config") from None
+        cls, name = _class(config, str(path), trust_remote_code)
+        original = config.to_dict()
+        try:
+            model = _pretrained(cls, path, trust_remote_code)
+        except Exception as e:
+            raise UsageError(f"{path} does not load as {name} ({str(e).splitlines()[0][:160]}); check the "
+                             "directory") from None
+    model.config.use_cache = False
+    model.eval()
+    digest = hashlib.sha256()
+    for p in weights:
+        digest.update(p.read_bytes())
+    dtypes = {k: v.dtype for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    kwargs = {"architecture": name, "config": _plain(original)}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    tokenizer = str(path) if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                "vocab.txt", "tokenizer.model")) else None
+    record = {}  # what prunetool wrote beside the weights (history, input shape): read, never required
+    if (path / "prunetool.json").is_file():
+        try:
+            record = json.loads((path / "prunetool.json").read_text())
+        except (ValueError, UnicodeDecodeError):
+            warnings.warn(f"{path}/prunetool.json is not valid JSON; ignored (the model itself loaded)")
+    return Checkpoint(model, BUILD, kwargs, path=str(path), sha256=digest.hexdigest(),
+                      file_bytes=sum(p.stat().st_size for p in weights), dtypes=dtypes, tokenizer=tokenizer,
+                      record=record if isinstance(record, dict) else {})
+
+
+def _pretrained(cls, path, trust_remote_code):
+    try:
+        return cls.from_pretrained(path, dtype="auto", attn_implementation="sdpa",
+                                   trust_remote_code=trust_remote_code)
+    except (ValueError, ImportError) as e:
+        if "sdpa" not in str(e).lower() and "attn" not in str(e).lower():
+            raise
+        return cls.from_pretrained(path, dtype="auto", attn_implementation="eager",
+                                   trust_remote_code=trust_remote_code)
+
+
+def _plain(config: dict) -> dict:
+    """The config as JSON would carry it (dtype objects as names)."""
+    return json.loads(json.dumps(config, default=lambda v: str(v).replace("torch.", "")))
+
+
+def is_hf(ckpt) -> bool:
+    return getattr(ckpt, "arch", None) == BUILD
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+def _meta(architecture: str, config: dict, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"), quiet():
+        model = build(architecture, config, trust_remote_code)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _effective(config: dict, entry: str):
+    value = config.get(entry)
+    if entry == "n_inner" and value is None and isinstance(config.get("n_embd"), int):
+        return 4 * config["n_embd"]  # GPT-2: None means 4 × the width
+    return value
+
+
+def dependencies(architecture: str, config: dict, trust_remote_code: bool = False) -> dict:
+    """For each width entry of the config: the tensor dimensions it sets, as ``(key, dim) → (a, b)`` with
+    ``size = a · value + b`` (measured on meta-device builds)."""
+    base = _meta(architecture, config, trust_remote_code)
+    out = {}
+    for entry in WIDTH_ENTRIES:
+        v0 = _effective(config, entry)
+        if not isinstance(v0, int) or isinstance(v0, bool):
+            continue
+        for v1 in (v0 + 1, 2 * v0):
+            try:
+                moved = _meta(architecture, {**config, entry: v1}, trust_remote_code)
+            except Exception:
+                continue
+            deps = {}
+            for key, shape in base.items():
+                other = moved.get(key)
+                if other is None or len(other) != len(shape):
+                    continue
+                for d, (s0, s1) in enumerate(zip(shape, other)):
+                    if s0 != s1:
+                        a = (s1 - s0) / (v1 - v0)
+                        deps[(key, d)] = (a, s0 - a * v0)
+            if deps:
+                out[entry] = deps
+            break
+    return out
+
+
+def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_code: bool = False
+               ) -> tuple[dict, list[str]]:
+    """The config of ``model`` (a cut model of ``architecture`` built from ``config``), and the keys of the zero
+    biases a bias flag adds; raises :class:`NotRepresentable` with the reason when there is none."""
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    base = _meta(architecture, config, trust_remote_code)
+    new = dict(config)
+    explained = set()
+    for entry, deps in dependencies(architecture, config, trust_remote_code).items():
+        values = {}
+        for (key, d), (a, b) in deps.items():
+            if key in state and a:
+                value = (state[key][d] - b) / a
+                values.setdefault(value, []).append(key)
+                explained.add((key, d))
+        if len(values) > 1:
+            (v1, k1), (v2, k2) = list(values.items())[:2]
+            raise NotRepresentable(f"{entry} would be {_show(v1)} for {k1[0]} but {_show(v2)} for {k2[0]} "
+                                   "(widths differ per layer)")
+        if values:
+            value = next(iter(values))
+            if value != int(value) or value < 1:
+                raise NotRepresentable(f"{entry} would be {value:g} for {next(iter(values.values()))[0]}")
+            if int(value) != _effective(config, entry):
+                new[entry] = int(value)
+    for key, shape in state.items():
+        old = base.get(key)
+        if old is not None and old != shape:
+            dims = [d for d, (a, b) in enumerate(zip(old, shape)) if a != b and (key, d) not in explained]
+            if dims:
+                raise NotRepresentable(f"no {architecture} config entry sets dimension {dims[0]} of {key} "
+                                       f"({old[dims[0]]} → {shape[dims[0]]}): the family's config cannot express "
+                                       "this cut")
+    built = _meta(architecture, new, trust_remote_code)
+    added = []
+    extra = [k for k in state if k not in built]
+    if extra:
+        for flag in BIAS_FLAGS:
+            if isinstance(config.get(flag), bool) and not config[flag]:
+                trial = _meta(architecture, {**new, flag: True}, trust_remote_code)
+                if any(k in trial for k in extra):
+                    new[flag], built = True, trial
+                    extra = [k for k in state if k not in built]
+        if extra:
+            raise NotRepresentable(f"the cut added {extra[0]}, which {architecture}'s config cannot hold")
+        added = [k for k in built if k not in state]
+        if any(not k.endswith(".bias") for k in added):
+            raise NotRepresentable(f"the config would add {added[0]}, which is not a bias")
+    for key, shape in built.items():
+        if key in state and state[key] != shape:
+            raise NotRepresentable(f"a {architecture} built from the new config has {key} of shape {shape}, the "
+                                   f"cut model {state[key]}")
+    return new, added
+
+
+def _show(v: float) -> str:
+    return f"{v:g}"
+
+
+def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = None) -> None:
+    """Write ``model`` (cut from ``ckpt``, a Hugging Face checkpoint) as a model directory at ``dest`` that
+    ``from_pretrained`` reads; tokenizer and generation files are copied from ``source``. Raises
+    :class:`NotRepresentable` when its config cannot hold it."""
+    kwargs = ckpt.arch_kwargs
+    architecture, config = kwargs["architecture"], kwargs["config"]
+    trust = bool(kwargs.get("trust_remote_code"))
+    new, added = config_for(model, architecture, config, trust)
+    out = copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    for key in added:  # the zero biases a bias flag creates beside the ones the compensation added
+        mname, _, attr = key.rpartition(".")
+        module = modules[mname]
+        weight = getattr(module, "weight")
+        setattr(module, attr, nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype)))
+    import transformers
+
+    with quiet():
+        cfg = transformers.AutoConfig.for_model(**new)
+    for attr in ("_attn_implementation_internal", "_attn_implementation"):
+        with contextlib.suppress(Exception):
+            setattr(cfg, attr, getattr(model.config, attr))
+    out.config = cfg
+    from .load import cast_state
+
+    with torch.no_grad():  # written in the source's dtypes
+        dtypes = cast_state({k: v for k, v in out.state_dict().items()}, ckpt.dtypes)
+        for key, t in list(out.named_parameters()) + list(out.named_buffers()):
+            if key in dtypes and t.dtype != dtypes[key].dtype:
+                t.data = t.data.to(dtypes[key].dtype)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with quiet():
+        out.save_pretrained(dest, safe_serialization=True)
+    if source is not None:
+        for f in Path(source).iterdir():
+            if f.is_file() and f.name != "config.json" and not any(f.match(p) for p in WEIGHT_FILES):
+                shutil.copy2(f, dest / f.name)
+
+
+def read_back(dest: str | Path, ckpt) -> nn.Module:
+    """The directory loaded as a user will: ``from_pretrained`` of its class."""
+    kwargs = ckpt.arch_kwargs
+    with quiet():
+        config = __import__("transformers").AutoConfig.from_pretrained(dest, trust_remote_code=bool(
+            kwargs.get("trust_remote_code")))
+        cls, _ = _class(config, str(dest), bool(kwargs.get("trust_remote_code")))
+        model = _pretrained(cls, dest, bool(kwargs.get("trust_remote_code")))
+    model.config.use_cache = False
+    return model.eval()

@@ -1,0 +1,288 @@
+"""Transformers: heads and MLP units of the Hugging Face families, torchvision's ViT and nn.MultiheadAttention;
+token data, structured outputs, perplexity, and Hugging Face directories in and out. Tiny random models built
+from configs (no download)."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")  # a core dependency: present wherever `make install` ran
+
+import prunetool  # noqa: E402
+from prunetool import layers, task, verify  # noqa: E402
+from prunetool.cli import main  # noqa: E402
+from prunetool.cut import cut  # noqa: E402
+from prunetool.trace import trace  # noqa: E402
+
+VOCAB = 100
+
+
+class Logits(nn.Module):
+    """A Hugging Face model called with token ids, returning its logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
+
+
+def hf_model(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    T = transformers
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if family == "bert":
+        m = T.BertForSequenceClassification(T.BertConfig(vocab_size=VOCAB, max_position_embeddings=64, num_labels=3,
+                                                         **small))
+    elif family == "gpt2":
+        m = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           bos_token_id=0, eos_token_id=0))
+    elif family == "llama":
+        m = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=64,
+                                             **small))
+    elif family == "qwen2":
+        m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=64,
+                                             **small))
+    elif family == "vit":
+        m = T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_channels=1, num_labels=10,
+                                                    **small))
+    m.config.use_cache = False
+    return m.eval()
+
+
+def family_case(family: str):
+    """(model, input, expected head-group units, MLP units) of one family."""
+    if family == "tv-vit":
+        import torchvision
+
+        v = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10)
+        nn.init.normal_(v.heads.head.weight)
+        return layers.prepare(v).eval(), torch.randn(8, 3, 32, 32), 4, 64
+    if family == "encoder":
+        class Encoder(nn.Module):
+            def __init__(self):
+                super().__init__()
+                layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+                self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+                self.head = nn.Linear(32, 5)
+
+            def forward(self, x):
+                return self.head(self.enc(x).mean(1))
+
+        return layers.prepare(Encoder()).eval(), torch.randn(8, 10, 32), 4, 64
+    m = Logits(hf_model(family)).eval()
+    if family == "vit":
+        return m, torch.randn(8, 1, 16, 16), 4, 64
+    heads = 2 if family in ("llama", "qwen2") else 4  # grouped-query attention: a unit is a key/value group
+    return m, torch.randint(0, VOCAB, (8, 12)), heads, 128 if family == "gpt2" else 64
+
+
+FAMILIES = ["bert", "gpt2", "llama", "qwen2", "vit", "tv-vit", "encoder"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_and_mlp_units_are_groups_and_cut_exactly(family):
+    model, x, heads, hidden = family_case(family)
+    graph = trace(model, x[:2])
+    units = sorted({g.units for g in graph.groups if "pooler" not in g.name})
+    assert units == sorted({heads, hidden}), [(g.name, g.units) for g in graph.groups]
+    assert sum(g.units == heads for g in graph.groups) == 2  # one head group per layer
+    verify.check_identity(model, graph, x)
+    gen = torch.Generator().manual_seed(1)
+    keep = {g.name: torch.sort(torch.randperm(g.units, generator=gen)[: max(1, g.units // 2)]).values
+            for g in graph.groups}
+    assert verify.check_removal(model, graph, keep, x) < 1e-5  # the cut model equals the masked dense model
+    const = verify.check_constant_unit(model, graph, x)
+    assert const is not None and const < 1e-5
+    small = cut(copy.deepcopy(model), graph, keep, "none")
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_grouped_query_attention_removes_whole_key_value_groups():
+    model, x, _, _ = family_case("llama")
+    graph = trace(model, x[:2])
+    g = next(g for g in graph.groups if g.units == 2)
+    keep = {other.name: torch.arange(other.units) for other in graph.groups}
+    keep[g.name] = torch.tensor([1])
+    small = cut(copy.deepcopy(model), graph, keep, "none")
+    attn = small.model.model.layers[0].self_attn
+    assert attn.k_proj.out_features == 8 and attn.q_proj.out_features == 16  # 1 kv head of 8, its 2 query heads
+    assert small.model.config.num_attention_heads == 4  # the config is the family's, widths live on the modules
+    with torch.no_grad():
+        assert small(x).shape == model(x).shape
+
+
+def test_structured_outputs_reduce_to_logits_by_the_documented_rule():
+    t = torch.randn(2, 3)
+    out = transformers.modeling_outputs.SequenceClassifierOutput(loss=torch.tensor(1.0), logits=t)
+    assert task.logits(out) is t
+    assert task.logits({"hidden": torch.randn(2), "logits": t}) is t
+    assert task.logits({"scores": t, "other": torch.randn(2)}) is t  # no "logits": the first tensor
+    assert task.logits((t, torch.randn(2))) is t
+    assert task.logits((torch.randn(2), t), "1") is t
+    with pytest.raises(task.OutputError, match="--output-key"):
+        task.logits({"logits": t}, "nope")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A word-level tokenizer of a small vocabulary, saved the way Hugging Face directories hold one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ("in the beginning god created heaven and earth was without form void darkness upon face of deep "
+             "spirit moved waters said let there be light saw that it good divided from").split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    d = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(d)
+    text = " ".join(words[i % len(words)] for i in range(0, 7 * 1200, 7))
+    return d, text
+
+
+def hf_dir(tmp_path, family: str, tokenizer=None):
+    d = tmp_path / family
+    hf_model(family).save_pretrained(d)
+    if tokenizer is not None:
+        transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(d)
+    return d
+
+
+def test_llama_directory_in_and_out_reads_back_with_from_pretrained(tmp_path):
+    src = hf_dir(tmp_path, "llama")
+    out = tmp_path / "llama.small"
+    small, report = prunetool.shrink(str(src), ratio=0.5, tokens=16, calib=16, out=str(out), latency_batches=())
+    assert report["settings"]["out_format"] == "huggingface"
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 32 and config["num_key_value_heads"] == 1
+    assert config["num_attention_heads"] == 2
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, VOCAB, (3, 10))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, small(input_ids=x).logits)
+    assert json.loads((out / "prunetool.json").read_text())["command"] == "shrink"
+    assert prunetool.load(out).record["command"] == "shrink"
+
+
+def test_ratio_zero_on_a_language_model_changes_nothing(tmp_path):
+    src = hf_dir(tmp_path, "qwen2")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    small, _ = prunetool.shrink(str(src), ratio=0.0, tokens=12, calib=8, measure=False)
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(small(input_ids=x).logits, dense(input_ids=x).logits, atol=1e-6, rtol=0)
+
+
+def test_compensation_brings_a_language_model_closer_to_the_dense_one(tmp_path):
+    src = hf_dir(tmp_path, "llama")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    x = torch.randint(0, VOCAB, (8, 16))
+    ids = np.random.default_rng(0).integers(0, VOCAB, (64, 16))
+    np.savez(tmp_path / "tok.npz", input_ids=ids)
+    errors = {}
+    for how in ("none", "mean", "lstsq"):
+        small, _ = prunetool.shrink(str(src), str(tmp_path / "tok.npz"), ratio=0.5, compensate=how, calib=48,
+                                    measure=False)
+        with torch.no_grad():
+            errors[how] = (small(input_ids=x).logits - dense(input_ids=x).logits).pow(2).mean().item()
+    assert errors["lstsq"] < min(errors["mean"], errors["none"]), errors
+
+
+def test_text_data_gives_perplexity_and_a_drop_in_percent(tmp_path, tokenizer_dir):
+    tok, text = tokenizer_dir
+    src = hf_dir(tmp_path, "gpt2", tokenizer=tok)
+    (tmp_path / "text.txt").write_text(text)
+    _, report = prunetool.shrink(str(src), str(tmp_path / "text.txt"), ratio=0.25, seq_len=32, calib=20,
+                                 latency_batches=())
+    m = report["metric"]
+    assert m["name"] == "perplexity" and m["unit"] == "%"
+    assert m["before"] > 1 and m["after"] > 1
+    assert m["drop"] == pytest.approx(100 * (m["after"] / m["before"] - 1))
+    assert report["accuracy_drop"] is None  # accuracy here is next-token accuracy, not the metric
+
+
+def test_token_classifier_data_gives_accuracy(tmp_path):
+    src = hf_dir(tmp_path, "bert")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cls.npz", input_ids=rng.integers(0, VOCAB, (60, 12)), attention_mask=np.ones((60, 12)),
+             labels=rng.integers(0, 3, 60))
+    _, report = prunetool.shrink(str(src), str(tmp_path / "cls.npz"), ratio=0.25, calib=32, latency_batches=())
+    assert report["metric"]["name"] == "accuracy" and report["metric"]["unit"] == "pp"
+    assert report["accuracy_drop"] == report["metric"]["drop"]
+
+
+def test_bert_heads_fall_back_to_prunetools_own_file_with_a_note(tmp_path, capsys):
+    src = hf_dir(tmp_path, "bert")
+    code = main(["shrink", str(src), "--tokens", "12", "--calib", "16", "--ratio", "0.5", "--no-latency",
+                 "--json", str(tmp_path / "r.json"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    fallback = tmp_path / "bert.shrunk.safetensors"
+    assert fallback.exists() and not (tmp_path / "bert.shrunk").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert any("from_pretrained cannot" in n for n in report["notes"])
+    again = prunetool.load(fallback).model.eval()
+    x = torch.randint(0, VOCAB, (2, 12))
+    assert again(input_ids=x).logits.shape == (2, 3)
+
+
+def test_cli_writes_a_directory_beside_a_directory_and_records_tokens(tmp_path, capsys):
+    src = hf_dir(tmp_path, "llama")
+    capsys.readouterr()
+    code = main(["shrink", str(src), "--tokens", "12", "--calib", "16", "--ratio", "0.25", "--no-latency", "-q"])
+    assert code == 0, capsys.readouterr().err
+    out = tmp_path / "llama.shrunk"
+    assert (out / "config.json").exists()
+    # the output records token inputs: bench and export need no --tokens
+    code = main(["bench", str(src), str(out), "--batch-sizes", "1", "--runs", "2", "--warmup", "0", "--no-onnx",
+                 "--json", str(tmp_path / "b.json")])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert rows[1]["params"] < rows[0]["params"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-shape", "3,8,8"], "token"),
+    (["--output-key", "nope"], "--output-key"),
+    (["--tokens", "0"], "--tokens 0"),
+    (["--arch", "torchvision.models:resnet18"], "--arch"),
+])
+def test_bad_token_model_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    src = hf_dir(tmp_path, "gpt2")
+    capsys.readouterr()
+    code = main(["shrink", str(src), "--calib", "8", "--no-latency", *(["--tokens", "8"] if "--tokens" not in argv and
+                                                                        "--input-shape" not in argv else []), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "gpt2.shrunk").exists() and not (tmp_path / "gpt2.shrunk.safetensors").exists()
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path, capsys):
+    src = hf_dir(tmp_path, "gpt2")
+    np.savez(tmp_path / "big.npz", input_ids=np.full((10, 8), VOCAB + 5))
+    capsys.readouterr()
+    code = main(["shrink", str(src), "--data", str(tmp_path / "big.npz"), "--no-latency"])
+    err = capsys.readouterr().err
+    assert code == 2 and "vocabulary has 100" in err
+
+
+def test_multihead_attention_keeps_its_interface_after_prepare():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    swapped = layers.prepare(copy.deepcopy(mha))
+    assert type(swapped) is not nn.MultiheadAttention and isinstance(swapped, nn.MultiheadAttention)
+    q, k = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    mask = torch.rand(5, 7) > 0.8
+    with torch.no_grad():
+        for kwargs in ({}, {"attn_mask": mask}, {"key_padding_mask": torch.zeros(2, 7, dtype=torch.bool)}):
+            a, wa = mha(q, k, k, **kwargs)
+            b, wb = swapped(q, k, k, **kwargs)
+            assert torch.allclose(a, b, atol=1e-5) and torch.allclose(wa, wb, atol=1e-5)
