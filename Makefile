@@ -29,6 +29,7 @@ bench:
 	$(BIN)/python -m benchmarks.shrink_accuracy --out docs/BENCHMARKS.md
 	$(BIN)/python -m benchmarks.lowrank --out docs/BENCHMARKS.md
 	$(BIN)/python -m benchmarks.latency --out docs/BENCHMARKS.md
+	$(BIN)/python -m benchmarks.transformers --out docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

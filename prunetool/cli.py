@@ -234,6 +234,8 @@ def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol
         if out is None:  # a directory like the input; prunetool's own file when its config cannot hold the cut
             base = Path(ckpt).resolve()
             out, fallback = str(base.with_name(f"{base.name}.{suffix}")), str(base.with_name(f"{base.name}.{suffix}.safetensors"))
+        elif not out.endswith((".safetensors", ".pt", ".pth")):
+            fallback = f"{out.rstrip('/')}.safetensors"
     elif not Path(ckpt).exists():
         raise UsageError(f"{ckpt}: no such file or directory; check the checkpoint path")
     out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.safetensors"))
@@ -277,7 +279,8 @@ def _conclude(report: dict, staging: Staging, outputs: Outputs, budgets: Budgets
     if outputs.summary_md:
         staging.write(outputs.summary_md, summary_markdown(report, failures).encode())
     staging.commit()
-    written = [p for p in (outputs.out, outputs.onnx, outputs.pt2) if p]
+    model_path = report.get("settings", {}).get("out") or outputs.out  # the fallback file, when one was written
+    written = [p for p in (model_path, outputs.onnx, outputs.pt2) if p]
     line = summary_line(report) + (f"; wrote {', '.join(written)}" if written else "")
     if quiet:
         print(line)

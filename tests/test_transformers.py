@@ -231,6 +231,12 @@ def test_bert_heads_fall_back_to_prunetools_own_file_with_a_note(tmp_path, capsy
     again = prunetool.load(fallback).model.eval()
     x = torch.randint(0, VOCAB, (2, 12))
     assert again(input_ids=x).logits.shape == (2, 3)
+    # an explicit directory --out falls back the same way, and the summary names the file written
+    code = main(["shrink", str(src), "--tokens", "12", "--calib", "16", "--ratio", "0.5", "--no-latency", "-q",
+                 "--out", str(tmp_path / "mine")])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "mine.safetensors").exists() and not (tmp_path / "mine").exists()
+    assert f"wrote {tmp_path / 'mine.safetensors'}" in out
 
 
 def test_cli_writes_a_directory_beside_a_directory_and_records_tokens(tmp_path, capsys):
