@@ -292,3 +292,18 @@ def test_multihead_attention_keeps_its_interface_after_prepare():
             a, wa = mha(q, k, k, **kwargs)
             b, wb = swapped(q, k, k, **kwargs)
             assert torch.allclose(a, b, atol=1e-5) and torch.allclose(wa, wb, atol=1e-5)
+
+
+def test_head_counts_the_family_config_refuses_fall_back_with_the_reason(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=8,
+                                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    capsys.readouterr()
+    # a quarter of 4 key/value groups: 6 query heads, and Llama's config wants the width a multiple of the heads
+    code = main(["shrink", str(tmp_path / "llama"), "--tokens", "12", "--calib", "16", "--ratio", "0.25",
+                 "--no-latency", "-q", "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("num_attention_heads 8 → 6" in n for n in notes), notes
+    assert (tmp_path / "llama.shrunk.safetensors").exists()
