@@ -92,7 +92,7 @@ SHAPE = typer.Option(None, "--input-shape", help="Input shape without batch, e.g
                                                  "unless the checkpoint records it).")
 CALIB = typer.Option(1000, "--calib", help="Calibration samples from the train split (fixed seed).")
 CALIB_MEMORY = typer.Option("2G", "--calib-memory", help="Memory for cached activations and batches of the calibration passes (e.g. 512M, 4G); beyond it, caches go to host memory in float16.")
-ROWS = typer.Option(16, "--calib-rows", help="Least-squares rows per input of a layer for compensation, drawn as output positions of each calibration sample.")
+ROWS = typer.Option(None, "--calib-rows", help="Least-squares rows per input of a layer for compensation, drawn as output positions of each calibration sample (default 16 for images, 64 for token sequences).")
 WORKERS = typer.Option(0, "--workers", help="Data-loading worker processes for image folders.")
 PRESET = typer.Option(None, "--preset", help="Preprocessing of an image folder by name: imagenet (resize 256, crop 224, ImageNet mean and std).")
 RESIZE = typer.Option(None, "--resize", help="Image folder: resize the shorter side to this many pixels.")
@@ -198,7 +198,7 @@ def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
         raise UsageError(f"{flag} {text!r} is not a list of numbers; write it like 0.485,0.456,0.406") from None
 
 
-def _data(data, calib, eval_n, input_shape, download, memory="2G", rows=16, workers=0, preset=None,
+def _data(data, calib, eval_n, input_shape, download, memory="2G", rows=None, workers=0, preset=None,
           resize=None, crop=None, mean=None, std=None, tokens=None, seq_len=None, tokenizer=None,
           output_key=None) -> DataOptions:
     pre = Preprocessing(resize, crop, _floats("--mean", mean), _floats("--std", std), preset)
@@ -309,7 +309,7 @@ def shrink_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
-    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
     seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     criterion: str = typer.Option(DEFAULT_CRITERION, help="Unit score: mrs, mrp, taylor, l1, l2, fp or random."),
@@ -371,7 +371,7 @@ def lowrank_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
-    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
     seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     rank: Optional[int] = typer.Option(None, help="Factor every chosen layer at this rank."),
@@ -425,7 +425,7 @@ def compress_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
-    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
     seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
@@ -473,7 +473,7 @@ def sparsify_cmd(
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     calib: int = CALIB, eval_n: Optional[int] = EVAL,
     seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY, calib_memory: str = CALIB_MEMORY,
-    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     imp: float = typer.Option(0.3, "--imp", help="Fraction of each layer's remaining weights pruned per round."),
     rounds: int = typer.Option(3, "--rounds", help="Pruning rounds."),
@@ -595,7 +595,7 @@ def inspect_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
-    calib_rows: int = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
+    calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     tokens: Optional[int] = TOKENS, seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER,
     output_key: Optional[str] = OUTPUT_KEY,

@@ -28,7 +28,7 @@ from ..batch import as_input, batch_cat, batch_len, batch_slice, shape_of
 from ..errors import UsageError, VerificationError
 from ..load import Checkpoint, format_of, load, round_through, serialize, upcast_half
 from ..measure import compare_latency, evaluate, macs, params
-from ..options import DataOptions, Measurement, Outputs, Source
+from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
 from ..staging import DIRECTORY_OUTPUTS, Staging, check_outputs
 from ..trace import Trace, trace
@@ -147,7 +147,8 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
             mode[0].train(mode[1])
         raise
     computed = str(next((p.dtype for p in dense.parameters()), torch.float32)).replace("torch.", "")
-    settings = Settings(data.memory, data.rows, device, output_key=data.output_key)
+    rows = data.rows or (DEFAULT_ROWS if isinstance(probe, torch.Tensor) else DEFAULT_TOKEN_ROWS)
+    settings = Settings(data.memory, rows, device, output_key=data.output_key)
     return Job(ckpt, loaded, dense, calib, probe, graph, computed, settings, data.eval, mode)
 
 
