@@ -19,17 +19,19 @@ from prunetool import lowrank
 from .common import DATA, ROOT, SAMPLES, machine, today, write_section
 
 METHODS = {
-    "elbow": {},
-    "energy 0.9": {"energy": 0.9},
-    "energy 0.99": {"energy": 0.99},
-    "rank 10": {"rank": 10},
-    "rank 32": {"rank": 32},
+    "default (data-aware elbow, capped)": {},
+    "plain elbow (Heitmann)": {"elbow": True, "data_aware": False},
+    "data-aware elbow": {"elbow": True, "data_aware": True},
+    "energy 0.9": {"energy": 0.9, "data_aware": False},
+    "energy 0.99": {"energy": 0.99, "data_aware": False},
+    "rank 10": {"rank": 10, "data_aware": False},
     "data-aware rank 10": {"data_aware": True, "rank": 10},
-    "data-aware elbow": {"data_aware": True},
-    "data-aware energy 0.99": {"data_aware": True, "energy": 0.99},
-    "max-drop 1.0 (data-aware)": {"data_aware": True, "max_drop": 1.0},
+    "params 0.5, allocate": {"target_params": 0.5},
+    "params 0.5, greedy (AIMET-style)": {"target_params": 0.5, "search": "greedy"},
+    "params 0.25, allocate": {"target_params": 0.25},
+    "params 0.25, greedy (AIMET-style)": {"target_params": 0.25, "search": "greedy"},
+    "max-drop 1.0": {"max_drop": 1.0},
 }
-
 
 def run(name, arch, path, data, calib, **kwargs) -> dict:
     start = time.perf_counter()
@@ -89,19 +91,26 @@ def markdown(results: dict, heitmann: dict, calib: int) -> str:
         "Default layers: every Linear and Conv2d but the output head, each only where the rank saves "
         "parameters. Latency: median eager CPU forward pass, batch 1 and 32.",
         "",
-        "| sample | method | params | reduction | accuracy | drop (pp) | latency b=1 | latency b=32 | time |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| sample | method | params | reduction | MACs | accuracy | drop (pp) | evaluations | latency b=1 | "
+        "latency b=32 | time |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for (name, method), r in results.items():
         b, a = r["before"], r["after"]
         lines.append(
             f"| {name} | {method} | {b['params']:,} → {a['params']:,} | {b['params'] / a['params']:.1f}× | "
-            f"{b['accuracy']:.2f} → {a['accuracy']:.2f} | {r['accuracy_drop']:.2f} | "
+            f"{b['macs']:,} → {a['macs']:,} | {b['accuracy']:.2f} → {a['accuracy']:.2f} | {r['accuracy_drop']:.2f} | "
+            f"{r['settings'].get('search_evaluations') or 0} | "
             f"{b['latency_ms']['1']:.2f} → {a['latency_ms']['1']:.2f} ms | "
             f"{b['latency_ms']['32']:.1f} → {a['latency_ms']['32']:.1f} ms | {r['seconds']:.0f} s |")
-    evals = {name: r["settings"]["search_evaluations"] for (name, m), r in results.items() if "max-drop" in m}
-    lines += ["", "The `--max-drop` search ran " + ", ".join(f"{n}: {e}" for n, e in evals.items()) +
-              " evaluations of the calibration set (binary search per layer, largest layer first)."]
+    lines += ["", "*evaluations*: full passes over the calibration set that the rank choice needed (the budget "
+              "searches; the default and the fixed rules need none). *allocate* chooses all ranks together from "
+              "one pass of per-layer sensitivities (the whitened residual, the expected output error) by the "
+              "loss per parameter saved (a Lagrange bisection on cost), with no full evaluation; `--max-drop` bisects the "
+              "same trade-off with a few; *greedy* is the field's per-layer "
+              "search (AIMET's SVD): about ten candidate ranks per layer, each evaluated on the whole network, "
+              "interpolated to equal accuracy. The default: each layer's elbow on its whitened spectrum W·C^½, "
+              "raised until the layer loses at most 2% of its output energy (`--max-layer-error`)."]
     return "\n".join(lines) + "\n"
 
 
