@@ -233,7 +233,8 @@ def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol
                              ".safetensors) or a Hugging Face model directory")
         if out is None:  # a directory like the input; prunetool's own file when its config cannot hold the cut
             base = Path(ckpt).resolve()
-            out, fallback = str(base.with_name(f"{base.name}.{suffix}")), str(base.with_name(f"{base.name}.{suffix}.safetensors"))
+            out = str(base.with_name(f"{base.name}.{suffix}"))
+            fallback = str(base.with_name(f"{base.name}.{suffix}.safetensors"))
         elif not out.endswith((".safetensors", ".pt", ".pth")):
             fallback = f"{out.rstrip('/')}.safetensors"
     elif not Path(ckpt).exists():
@@ -310,7 +311,8 @@ def shrink_cmd(
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
     calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
-    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+    eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
     seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     criterion: str = typer.Option(DEFAULT_CRITERION, help="Unit score: mrs, mrp, taylor, l1, l2, fp or random."),
     ratio: float = typer.Option(0.5, help="Fraction of units removed: from every prunable layer (--scope layer) or of all units (--scope global), in [0, 1)."),
@@ -372,7 +374,8 @@ def lowrank_cmd(
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     input_shape: Optional[str] = SHAPE, calib: int = CALIB, calib_memory: str = CALIB_MEMORY,
     calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
-    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD, eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
+    resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
+    eval_n: Optional[int] = EVAL, tokens: Optional[int] = TOKENS,
     seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     rank: Optional[int] = typer.Option(None, help="Factor every chosen layer at this rank."),
     energy: Optional[float] = typer.Option(None, help="Smallest rank keeping this fraction of Σσ², e.g. 0.9."),
@@ -472,7 +475,8 @@ def sparsify_cmd(
     ckpt: str = CKPT, arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS,
     unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST, data: Optional[str] = DATA, download: bool = DOWNLOAD,
     calib: int = CALIB, eval_n: Optional[int] = EVAL,
-    seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY, calib_memory: str = CALIB_MEMORY,
+    seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
+    calib_memory: str = CALIB_MEMORY,
     calib_rows: Optional[int] = ROWS, workers: int = WORKERS, preset: Optional[str] = PRESET,
     resize: Optional[int] = RESIZE, crop: Optional[int] = CROP, mean: Optional[str] = MEAN, std: Optional[str] = STD,
     imp: float = typer.Option(0.3, "--imp", help="Fraction of each layer's remaining weights pruned per round."),
@@ -517,7 +521,8 @@ Examples:
 def export_cmd(
     ckpt: str = CKPT, onnx: Optional[str] = typer.Option(None, "--onnx", help="Where to write the .onnx file."),
     pt2: Optional[str] = typer.Option(None, "--pt2", help="Where to write the torch.export program (.pt2)."),
-    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
+    trust_remote_code: bool = TRUST,
     data: Optional[str] = DATA, input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS,
     seq_len: Optional[int] = SEQ_LEN, tokenizer: Optional[str] = TOKENIZER, output_key: Optional[str] = OUTPUT_KEY,
     calib: int = typer.Option(64, "--calib", help="Inputs compared between PyTorch and the exported program."),
@@ -556,7 +561,8 @@ Examples:
 """)
 def bench_cmd(
     ckpts: list[str] = typer.Argument(..., metavar="CKPT...", help="Checkpoints to compare; ratios are to the first."),
-    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE, trust_remote_code: bool = TRUST,
+    arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
+    trust_remote_code: bool = TRUST,
     input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS,
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and onnxruntime."),

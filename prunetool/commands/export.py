@@ -33,7 +33,8 @@ def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = 
 
 def export(model, *, onnx: str | None = None, pt2: str | None = None, data=None, calib: int = 64, input_shape=None,
            arch=None, arch_kwargs=None, unsafe_pickle: bool = False, opset: int = DEFAULT_OPSET,
-           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+           tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
            output_key: str | None = None, trust_remote_code: bool = False) -> dict:
     """Export ``model`` (a path, a :class:`Checkpoint` or an ``nn.Module``) to ONNX and/or pt2, checked."""
     with Staging() as staging:

@@ -68,7 +68,8 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, example) -> float:
 
 def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_layer_ratio: float = 0.9,
          round_to: int = 1, calib: int = 256, input_shape=None, arch=None, arch_kwargs=None,
-         unsafe_pickle=False, download=False, ratios=DRY_RUN_RATIOS, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+         unsafe_pickle=False, download=False, ratios=DRY_RUN_RATIOS,
+         tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
          output_key: str | None = None, trust_remote_code: bool = False) -> dict:
     """The dry run: groups found, what is protected and why, and the size each ratio would give."""
     opts = ShrinkOptions(criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to)
@@ -213,7 +214,8 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
            latency_batches: tuple[int, ...] = LATENCY_BATCHES, scores: Scores | None = None, measure: bool = True,
            schedule: list[float] | None = None, recalibrate: bool | None = None, finetune_epochs: int = 0,
            lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
-           distill: bool = False, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+           distill: bool = False,
+           tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
            output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
     """Remove units from every prunable group, compensate, verify, recover and measure.
 
@@ -225,7 +227,10 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
     calibration data after every cut (``recalibrate=None``: when the model has BatchNorm). Returns the smaller
     model and a report dict (the CLI's ``--json``). With ``out`` (``.safetensors`` or ``.pt``) the model is
     saved there, once the saved bytes were checked to reload to identical outputs; ``onnx``/``pt2`` export it,
-    checked against PyTorch. ``measure=False`` skips evaluation and latency.
+    checked against PyTorch. ``measure=False`` skips evaluation and latency. ``model`` may be a Hugging Face
+    model directory (``out`` then a directory too); token models take ``tokens`` (a structure-only run of random
+    ids), ``seq_len``/``tokenizer`` (text data) and ``output_key`` (the logits of a structured output);
+    ``trust_remote_code`` lets a directory's own model code run.
     """
     with Staging() as staging:
         small, report = run(
