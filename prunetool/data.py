@@ -409,8 +409,11 @@ def random_tokens(n: int, length: int, vocab: int, gen: torch.Generator) -> dict
 def vocabulary(model: torch.nn.Module) -> int | None:
     """The number of token ids the model takes: its input embedding's rows."""
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if emb is None:
+    try:
+        emb = get() if callable(get) else None
+    except Exception:  # a Hugging Face model without token embeddings may raise here (NotImplementedError)
+        emb = None
+    if not isinstance(emb, torch.nn.Embedding):  # an image model's "input embeddings" are patch projections
         emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
     return emb.num_embeddings if emb is not None else None
 

@@ -262,8 +262,8 @@ def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_c
         built = _meta(architecture, new, trust_remote_code)
     except Exception as e:  # the family's config validates its widths (Llama: the width a multiple of the heads)
         changed = ", ".join(f"{k} {config.get(k)} → {v}" for k, v in new.items() if config.get(k) != v)
-        raise NotRepresentable(f"{architecture}'s config refuses {changed} ({str(e).strip().splitlines()[-1][:120]})"
-                               ) from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
+        raise NotRepresentable(f"{architecture}'s config refuses {changed} ({why})") from None
     added = []
     extra = [k for k in state if k not in built]
     if extra:

@@ -26,6 +26,12 @@ def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None,
     """Refuse outputs that collide with each other or with an input, or cannot be written; one line each.
     ``directories``: flags whose output is a directory; an existing one is replaced only when empty or written
     by prunetool before (it holds ``prunetool.json``)."""
+    folders = {Path(path).resolve(): flag for flag, path in outputs.items() if flag in directories}
+    for flag, path in outputs.items():  # a directory output is replaced whole: nothing else may be written in it
+        for folder, dflag in folders.items():
+            if flag != dflag and Path(path).resolve().is_relative_to(folder):
+                raise UsageError(f"{flag} {path} lies inside {dflag} {outputs[dflag]}, which is written as a whole; "
+                                 f"put {flag} elsewhere")
     seen: dict[Path, str] = {}
     for flag, path in (inputs or {}).items():
         seen[Path(path).resolve()] = flag
@@ -40,7 +46,7 @@ def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None,
         parent = p.parent if str(p.parent) else Path(".")
         if p.is_dir() and flag not in directories:
             raise UsageError(f"{flag} {path} is a directory; give a file path")
-        if p.is_dir() and flag not in DIRECTORY_OUTPUTS and any(p.iterdir()) and not (p / "prunetool.json").exists():
+        if p.is_dir() and any(p.iterdir()) and not _written_by_us(p, flag):
             raise UsageError(f"{flag} {path} is a directory prunetool did not write; give a new path (it would be "
                              "replaced)")
         if not parent.is_dir():
@@ -48,6 +54,13 @@ def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None,
                              f"{flag}")
         if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
             raise UsageError(f"cannot write {path}: permission denied; choose another {flag}")
+
+
+def _written_by_us(folder: Path, flag: str) -> bool:
+    """A folder an earlier run wrote: a model directory holds prunetool.json, a --plots folder only pictures."""
+    if flag == "--plots":
+        return all(f.is_file() and f.suffix == ".png" for f in folder.iterdir())
+    return (folder / "prunetool.json").is_file()
 
 
 class Staging:

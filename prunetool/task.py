@@ -138,6 +138,8 @@ class Quality:
     def perplexity(self) -> float | None:
         if self.loss is None:
             return None
+        if not math.isfinite(self.loss):  # a NaN loss is no perplexity at all: infinitely bad, never within budget
+            return math.inf
         return math.exp(min(self.loss, 700.0))
 
     @property

@@ -81,3 +81,14 @@ def test_cli_writes_a_self_contained_page(tmp_path, mnist, monkeypatch):
         assert {"singular_values", "stable_rank", "effective_rank", "elbow_rank", "elbow_energy", "mp",
                 "frame_potential", "lowrank_at_elbow"} <= set(m)
     assert len(list((tmp_path / "plots").glob("*.png"))) >= 3 * 4
+
+
+def test_plots_never_replaces_a_folder_of_other_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("keep me")
+    code = main(["inspect", str(SAMPLES / "evci_cnn.pt"), "--arch", "samples.nets:EvciCNN", "--input-shape",
+                 "1,28,28", "--calib", "16", "--plots", str(folder)])
+    assert code == 2 and "did not write" in capsys.readouterr().err
+    assert (folder / "thesis.tex").read_text() == "keep me"

@@ -307,3 +307,17 @@ def test_head_counts_the_family_config_refuses_fall_back_with_the_reason(tmp_pat
     notes = json.loads((tmp_path / "r.json").read_text())["notes"]
     assert any("num_attention_heads 8 → 6" in n for n in notes), notes
     assert (tmp_path / "llama.shrunk.safetensors").exists()
+
+
+def test_outputs_inside_an_output_directory_are_refused_before_any_work(tmp_path, capsys):
+    src = hf_dir(tmp_path, "llama")
+    capsys.readouterr()
+    code = main(["shrink", str(src), "--tokens", "8", "--no-latency", "--out", str(tmp_path / "small"),
+                 "--json", str(tmp_path / "small" / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "lies inside --out" in err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not prunetool's")
+    code = main(["shrink", str(src), "--tokens", "8", "--no-latency", "--out", str(tmp_path / "mine")])
+    assert code == 2 and "did not write" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").exists()

@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from ..batch import batch_len
+from ..batch import shape_of
 from ..data import random_tokens, vocabulary
 from ..errors import UsageError
 from ..export import export_onnx, ort_latency, ort_session
@@ -63,7 +63,7 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
     for path, runtime in bars.track(jobs, "benchmarking"):
         model, shape = models[path]
         entry = {"checkpoint": str(path), "runtime": runtime, "params": params(model),
-                 "input_shape": list(shape) if isinstance(shape, tuple) else [batch_len(shape), "tokens"],
+                 "input_shape": list(shape) if isinstance(shape, tuple) else [shape_of(shape)[0], "tokens"],
                  "device": device if runtime == "torch" else "cpu", "batches": {}}
         if runtime == "torch":
             model.to(device)

@@ -107,7 +107,10 @@ def check_job_outputs(outputs: Outputs, source: Source) -> None:
     model (written as one)."""
     hf_source = isinstance(source.checkpoint, (str, os.PathLike)) and hf.is_dir(source.checkpoint)
     out_dir = ("--out",) if hf_source and not str(outputs.out or "").endswith(FILE_SUFFIXES) else ()
-    check_outputs(outputs.paths(), input_paths(source), DIRECTORY_OUTPUTS + out_dir)
+    paths = outputs.paths()
+    if out_dir and outputs.out_fallback:  # written instead when the family's config cannot hold the cut
+        paths["--out (its fallback file)"] = outputs.out_fallback
+    check_outputs(paths, input_paths(source), DIRECTORY_OUTPUTS + out_dir)
 
 
 def input_paths(source: Source) -> dict[str, str]:

@@ -95,7 +95,7 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
     evaluations, rules = 0, {}
 
     okey = job.settings.output_key
-    base = quality_on(dense, calib, okey) if method == "budget" and job.data.has_labels else None
+    base = quality_on(dense, calib, okey) if method == "budget" else None  # without data: the model's own labels
 
     def accuracy(ranks):  # higher is better: minus the metric's drop from the dense model on the calibration samples
         q = quality_on(_apply(dense, cands, ranks), calib, okey)
