@@ -346,15 +346,21 @@ class Fit:
             _set_bias(module, c, sol[d].to(weight.dtype).to(weight.device))
 
 
+def _recorded(model: nn.Module, samples: Samples, settings):
+    """The model's forward recorded on a few calibration samples (None when it does not replay), and those
+    samples on the device in the model's dtype."""
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    example = batch_to(samples.take(3)[0], settings.device, dtype)
+    return Program.record(model, example), example
+
+
 def refit_stagewise(model: nn.Module, plan: Plan, stats, samples: Samples, settings, bars: Bars = QUIET) -> bool:
     """Refit every consumer of ``plan`` stage by stage (see :mod:`prunetool.calibrate`) against the dense targets in
     ``stats``; False when the cut model's forward does not replay (nothing is changed then)."""
     consumers = plan.consumers
     if any(name not in stats.targets for name in consumers):
         return False
-    device, dtype = settings.device, next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-    example = batch_to(samples.take(3)[0], device, dtype)
-    program = Program.record(model, example)
+    program, example = _recorded(model, samples, settings)
     if program is None:
         return False
     wanted = {}
@@ -398,9 +404,7 @@ def means_stagewise(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor
                 pairs.setdefault(c.name, []).append((g, c))
     if not pairs:
         return {}
-    device, dtype = settings.device, next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-    example = batch_to(samples.take(3)[0], device, dtype)
-    program = Program.record(model, example)
+    program, example = _recorded(model, samples, settings)
     if program is None:
         return None
     wanted = {}

@@ -295,11 +295,11 @@ def too_noisy(report: dict, budgets) -> str | None:
 def summary_markdown(report: dict, failures: list[str]) -> str:
     """A Markdown table fit for a CI job summary."""
     b, a = report["before"], report["after"]
+    name = _metric_name(report)
     rows = [("parameters", f"{b['params']:,}", f"{a['params']:,}", _ratio(b["params"], a["params"])),
             ("MACs / sample", f"{b['macs']:,}", f"{a['macs']:,}", _ratio(b["macs"], a["macs"])),
             ("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"])),
-            (_metric_name(report), _metric(_metric_name(report), b.get(_metric_name(report))),
-             _metric(_metric_name(report), a.get(_metric_name(report))), "")]
+            (name, _metric(name, b.get(name)), _metric(name, a.get(name)), "")]
     rows += [(f"latency, batch {k}", f"{m['before']['median_ms']:.3f} ms", f"{m['after']['median_ms']:.3f} ms",
               f"{m['speedup']['p50']:.2f}× ({m['speedup']['p10']:.2f}–{m['speedup']['p90']:.2f})"
               + (" noisy" if m["noisy"] else "")) for k, m in report.get("latency", {}).items()]
