@@ -3,9 +3,13 @@
 
 ONNX: torch's TorchScript-based exporter first (about a second on a ResNet), then, if it cannot export the
 graph (adaptive pooling to a size that does not divide its input, say) or its output does not match, the
-dynamo-based exporter (onnxscript; several seconds). Parity: ``max |exported − PyTorch| ≤ atol + rtol · max
-|PyTorch|``: an absolute floor for outputs near zero, and a tolerance that grows with large logits. A file that
-fails to export or to match raises :class:`VerificationError`; the caller writes nothing.
+dynamo-based exporter (onnxscript; several seconds). Parity: ``max |exported − PyTorch| ≤ max(atol + rtol · max
+|PyTorch|, 4 · noise)``: an absolute floor for outputs near zero, a part that grows with large logits, and the
+model's own float32 rounding noise (``noise = max |float32 output − float64 output|``, measured only when the
+first part is exceeded): two float32 implementations of the same graph that sum in different orders differ by
+about that much, which on a deep network with large activations (resnext101, efficientnet_v2_l with random
+weights) is more than any fixed tolerance allows. A file that fails to export or to match raises
+:class:`VerificationError`; the caller writes nothing.
 
 A token model is exported with its keyword inputs as named inputs (``input_ids``, ``attention_mask``), batch and
 sequence length dynamic, and its logits (:func:`prunetool.task.logits`) as the one output.
@@ -37,6 +41,44 @@ def tolerance(want: np.ndarray, atol: float, rtol: float) -> tuple[float, float]
     """The largest |output| and the tolerance it gives."""
     scale = float(np.abs(want).max()) if want.size else 0.0
     return scale, atol + rtol * scale
+
+
+NOISE_FACTOR = 4.0  # exported vs PyTorch: each is one float32 rounding of the graph, so ≤ 2·noise; 2× headroom
+
+
+def float32_noise(model: nn.Module, values: tuple, want: np.ndarray) -> float | None:
+    """``max |want − float64 model(values)|``: the float32 rounding noise of ``model`` on these inputs, ``want``
+    its float32 output. None when the model does not run in float64 (an op without a double kernel)."""
+    import copy
+
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return None  # a half-precision model is compared at its own precision; noise is not measured
+    try:
+        double = copy.deepcopy(model).double()
+        with torch.no_grad():
+            exact = double(*(v.double() if v.is_floating_point() else v for v in values))
+    except Exception:  # noqa: BLE001 - any op without a float64 kernel: no noise floor, the fixed tolerance stands
+        return None
+    return float(np.abs(exact.numpy() - want.astype(np.float64)).max())
+
+
+def within(diff: float, want: np.ndarray, model: nn.Module, values: tuple, atol: float, rtol: float,
+           noise: list) -> tuple[bool, float]:
+    """Whether ``diff`` passes parity, and the tolerance applied. ``noise`` caches the measured float32 noise
+    across the exporters tried (a one-element list, empty until measured)."""
+    scale, tol = tolerance(want, atol, rtol)
+    if diff <= tol:
+        return True, tol
+    if not noise:
+        noise.append(float32_noise(model, values, want))
+    if noise[0] is not None:
+        tol = max(tol, NOISE_FACTOR * noise[0])
+    return diff <= tol, tol
+
+
+def _tolerance_text(tol: float, atol: float, rtol: float, scale: float, noise: list) -> str:
+    text = f"tolerance {tol:.3g} = max(--onnx-atol {atol:g} + --onnx-rtol {rtol:g} × max |output| {scale:.3g}"
+    return text + (f", {NOISE_FACTOR:g} × float32 noise {noise[0]:.3g})" if noise and noise[0] is not None else ")")
 
 
 def ort_session(path: str, threads: int | None = None):
@@ -142,7 +184,7 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
     with torch.no_grad():
         want = model(*_inputs(x)[1]).numpy()
     scale, tol = tolerance(want, atol, rtol)
-    tried = []
+    values, noise, tried = _inputs(x)[1], [], []
     for exporter in ("torchscript", "dynamo"):
         try:
             _remove_external_data(path)
@@ -157,16 +199,18 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
             tried.append(f"{exporter}: output shape {got.shape} differs from PyTorch's {want.shape}")
             continue
         diff = float(np.abs(got - want).max())
-        if diff > tol:
-            tried.append(f"{exporter}: output differs from PyTorch by {diff:.3g} (tolerance {tol:.3g} = --onnx-atol "
-                         f"{atol:g} + --onnx-rtol {rtol:g} × max |output| {scale:.3g})")
+        ok, tol = within(diff, want, model, values, atol, rtol, noise)
+        if not ok:
+            tried.append(f"{exporter}: output differs from PyTorch by {diff:.3g} "
+                         f"({_tolerance_text(tol, atol, rtol, scale, noise)})")
             continue
         example = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else x
         latency = {str(b): statistics.median(ort_latency(session, example, b)) for b in latency_batches}
         opset_used = next((o.version for o in onnx.load(path, load_external_data=False).opset_import
                            if o.domain in ("", "ai.onnx")), opset)
         return {"path": shown_as or path, "exporter": exporter, "opset": opset_used, "max_abs_diff": diff,
-                "max_abs_output": scale, "tolerance": tol, "ort_latency_ms": latency}
+                "max_abs_output": scale, "tolerance": tol, "float32_noise": noise[0] if noise else None,
+                "ort_latency_ms": latency}
     _remove_external_data(path)
     raise VerificationError(f"ONNX export of the result failed: {'; '.join(tried)}")
 
@@ -201,8 +245,10 @@ def export_pt2(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float 
     if got.shape != want.shape:
         raise VerificationError(f"the pt2 program's output shape {tuple(got.shape)} differs from PyTorch's "
                                 f"{tuple(want.shape)}")
-    diff = float((got - want).abs().max())
-    if diff > tol:
-        raise VerificationError(f"the pt2 program's output differs from PyTorch by {diff:.3g} (tolerance {tol:.3g})")
+    diff, noise = float((got - want).abs().max()), []
+    ok, tol = within(diff, want.numpy(), model, values, atol, rtol, noise)
+    if not ok:
+        raise VerificationError(f"the pt2 program's output differs from PyTorch by {diff:.3g} "
+                                f"({_tolerance_text(tol, atol, rtol, scale, noise)})")
     return {"path": shown_as or path, "max_abs_diff": diff, "max_abs_output": scale, "tolerance": tol,
-            "bytes": Path(path).stat().st_size}
+            "float32_noise": noise[0] if noise else None, "bytes": Path(path).stat().st_size}

@@ -109,7 +109,11 @@ def test_met_budgets_exit_0(work, mnist):
     assert "| parameters |" in text and "all met" in text
 
 
-def test_onnx_tolerance_exceeded_exits_1_and_writes_nothing(work, mnist, capsys):
+def test_onnx_tolerance_exceeded_exits_1_and_writes_nothing(work, mnist, capsys, monkeypatch):
+    import importlib
+
+    # no float32-noise floor (prunetool.export the module, not the function of that name): nothing meets the tolerance
+    monkeypatch.setattr(importlib.import_module("prunetool.export"), "NOISE_FACTOR", 0.0)
     before = sorted(p.name for p in work.iterdir())
     code = main(["shrink", "conv2.pt", "--arch", "samples.nets:Conv2", "--ratio", "0.5", *fast(mnist),
                  "--onnx", "c.onnx", "--onnx-atol", "0", "--onnx-rtol", "1e-12", "--json", "r.json"])
@@ -172,3 +176,45 @@ def test_bench_side_by_side(work, mnist):
         for stats in r["batches"].values():
             assert 0 < stats["median_ms"] <= stats["p90_ms"] and stats["throughput"] > 0
     assert report["results"][0]["batches"]["1"]["speedup_vs_first"] == 1.0
+
+
+class _Cancel(torch.nn.Module):
+    """(x + 1e4) − 1e4: exact in float64, rounded to about 1e-3 in float32, like a deep net's large activations."""
+
+    def forward(self, x):
+        return (x + 1e4) - 1e4
+
+
+class _Float32Only(torch.nn.Module):
+    def forward(self, x):
+        return x @ torch.ones(x.shape[-1], 2)  # a float32 constant: no float64 run
+
+
+def test_parity_tolerance_grows_to_the_models_float32_noise():
+    from prunetool.export import NOISE_FACTOR, float32_noise, tolerance, within
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    model = _Cancel()
+    with torch.no_grad():
+        want = model(x).numpy()
+    noise = float32_noise(model, (x,), want)
+    scale, fixed = tolerance(want, 1e-4, 1e-4)
+    assert fixed < noise < 1e-3  # the fixed tolerance is below what float32 itself gets wrong here
+    cache = []
+    assert within(fixed / 2, want, model, (x,), 1e-4, 1e-4, cache) == (True, fixed)
+    assert cache == []  # noise is measured only when the fixed tolerance is exceeded
+    assert within(2 * noise, want, model, (x,), 1e-4, 1e-4, cache) == (True, NOISE_FACTOR * noise)
+    assert cache == [noise]
+    assert not within(10 * noise, want, model, (x,), 1e-4, 1e-4, cache)[0]  # a real mismatch still fails
+
+
+def test_parity_without_a_float64_run_keeps_the_fixed_tolerance():
+    from prunetool.export import float32_noise, tolerance, within
+
+    x = torch.randn(4, 8)
+    model = _Float32Only()
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert float32_noise(model, (x,), want) is None
+    _, fixed = tolerance(want, 1e-4, 1e-4)
+    assert within(2 * fixed, want, model, (x,), 1e-4, 1e-4, []) == (False, fixed)
