@@ -16,7 +16,6 @@ slice; then the layer's width attributes follow its tensors (:mod:`prunetool.lay
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -227,7 +226,7 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
         raise ValueError(f"unknown compensation {compensate!r}")
     modules = dict(model.named_modules())
     if compensate == "lstsq" and stats is None and dense is None:
-        dense = copy.deepcopy(model)
+        dense = layers.clone(model)
     plan = plan_cut(trace, keep)
     if compensate == "mean":
         for g in trace.groups:
@@ -313,7 +312,11 @@ class Fit:
             return
         if self.fit_bias:
             design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype, device=design.device)], 1)
-        xtx, xtz = (design.T @ design).double().cpu(), (design.T @ z).double().cpu()
+        # Power-of-two scales keep float32 products finite when activations are huge (random weights in deep
+        # nets reach 1e14: squared and summed, that overflows float32); they are exact, so results do not change.
+        a, b = _pow2_scale(design), _pow2_scale(z)
+        xtx = ((design / a).T @ (design / a)).double().cpu() * (a * a)
+        xtz = ((design / a).T @ (z / b)).double().cpu() * (a * b)
         self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.xtz = xtz if self.xtz is None else self.xtz + xtz
 
@@ -344,6 +347,12 @@ class Fit:
         setattr(module, c.weight, nn.Parameter(new.contiguous(), requires_grad=weight.requires_grad))
         if self.fit_bias:
             _set_bias(module, c, sol[d].to(weight.dtype).to(weight.device))
+
+
+def _pow2_scale(t: torch.Tensor) -> float:
+    """1, or a power of two near max |t| when t is large enough for its float32 products to overflow."""
+    top = float(t.abs().max()) if t.numel() else 0.0
+    return 1.0 if not top < float("inf") or top < 2.0 ** 40 else 2.0 ** math.floor(math.log2(top))
 
 
 def _recorded(model: nn.Module, samples: Samples, settings):

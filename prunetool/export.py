@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import layers
 from .batch import Batch, resized
 from .errors import VerificationError
 from .options import DEFAULT_ATOL, DEFAULT_RTOL
@@ -49,12 +50,10 @@ NOISE_FACTOR = 4.0  # exported vs PyTorch: each is one float32 rounding of the g
 def float32_noise(model: nn.Module, values: tuple, want: np.ndarray) -> float | None:
     """``max |want − float64 model(values)|``: the float32 rounding noise of ``model`` on these inputs, ``want``
     its float32 output. None when the model does not run in float64 (an op without a double kernel)."""
-    import copy
-
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return None  # a half-precision model is compared at its own precision; noise is not measured
     try:
-        double = copy.deepcopy(model).double()
+        double = layers.clone(model).double()
         with torch.no_grad():
             exact = double(*(v.double() if v.is_floating_point() else v for v in values))
     except Exception:  # noqa: BLE001 - any op without a float64 kernel: no noise floor, the fixed tolerance stands

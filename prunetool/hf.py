@@ -21,7 +21,6 @@ family has one; the biases that flag also creates elsewhere are zero. The writte
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import layers
 from .errors import UsageError
 
 BUILD = "prunetool.hf:build"
@@ -297,7 +297,7 @@ def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = Non
     architecture, config = kwargs["architecture"], kwargs["config"]
     trust = bool(kwargs.get("trust_remote_code"))
     new, added = config_for(model, architecture, config, trust)
-    out = copy.deepcopy(model)
+    out = layers.clone(model)
     modules = dict(out.named_modules())
     for key in added:  # the zero biases a bias flag creates beside the ones the compensation added
         mname, _, attr = key.rpartition(".")

@@ -36,6 +36,7 @@ same state_dict keys) whose forward also runs with fewer heads.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -345,6 +346,31 @@ def resync(model: nn.Module, changed: dict[str, dict[int, int]], before: dict[st
         if name in modules:
             kind_of(modules[name]).follow(modules[name])
     sync_containers(model, before)
+    clear_caches(model)
+
+
+def clear_caches(model: nn.Module) -> nn.Module:
+    """Empty every module's dict of tensors whose attribute name says it is a cache (timm's LeViT, EfficientFormer
+    and EfficientViT keep ``attention_bias_cache``, filled by an eval-mode forward): it holds tensors derived from
+    parameters, stale after a cut and, when filled with gradients on, not deep-copyable. The module refills it."""
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if ("cache" in attr.lower() and isinstance(value, dict) and value
+                    and all(isinstance(v, torch.Tensor) for v in value.values())):
+                value.clear()
+    return model
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` of a model, its caches emptied first (:func:`clear_caches`) and any other tensor attribute
+    that autograd produced (not a leaf, so not deep-copyable) copied detached."""
+    clear_caches(model)
+    memo = {}
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def sync_containers(model: nn.Module, before: dict[str, dict[str, int]]) -> None:

@@ -4,6 +4,8 @@ fine-tuning; the test split never chooses anything."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +25,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None = None) -> None:
+def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None = None, probe=None,
+                   output_key: str | None = None) -> bool:
     """Re-estimate every BatchNorm's running mean and variance on ``samples`` (a :class:`Samples` or a tensor of
-    inputs; cumulative average, no momentum)."""
+    inputs; cumulative average, no momentum). With a ``probe`` batch: when the model's outputs on it were finite
+    before and are not after (statistics that overflow float32, as in deep nets with random weights), the
+    statistics from before are put back with a warning. Returns whether the new statistics were kept."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
-        return
+        return False
+    was_finite = probe is None or _finite(model, probe, output_key)
+    before = [{k: t.clone() for k, t in m.named_buffers(recurse=False)} for m in norms]
     saved = [(m, m.momentum) for m in norms]
     was_training = model.training
     model.eval()
@@ -45,6 +52,25 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
         m.momentum = momentum
         m.eval()
     model.train(was_training)
+    if probe is not None and was_finite and not _finite(model, probe, output_key):
+        with torch.no_grad():
+            for m, buffers in zip(norms, before):
+                for k, t in buffers.items():
+                    getattr(m, k).copy_(t)
+        warnings.warn("BatchNorm recalibration made the outputs non-finite (the activations overflow float32); "
+                      "the statistics from before it are kept")
+        return False
+    return True
+
+
+def _finite(model: nn.Module, probe, output_key: str | None) -> bool:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = call(model, batch_to(probe, device, model_dtype(model)), output_key)
+    model.train(was_training)
+    return bool(torch.isfinite(out).all())
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float = 4.0,

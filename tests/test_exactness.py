@@ -118,3 +118,21 @@ def test_lstsq_beats_mean_and_none_on_the_calibration_loss(mnist_small):
         with torch.no_grad():
             losses[comp] = nn.functional.cross_entropy(small(x), y).item()
     assert losses["lstsq"] < min(losses["mean"], losses["none"]) / 10, losses
+
+
+def test_lstsq_refit_of_activations_whose_squares_overflow_float32(mnist_small):
+    """Random-weight deep nets reach activations of 1e14 and more; XᵀX must not overflow to inf (NaN weights)."""
+    dense = evci_cnn()
+    with torch.no_grad():
+        dense.features[0].weight.mul_(1e20)  # every later activation is about 1e20: squares overflow float32
+        dense.features[0].bias.mul_(1e20)
+    x, y = calibration(mnist_small, 100).all()
+    graph = trace(dense, x[:2])
+    scores = score(dense, graph, "l1", x, y)
+    keep = select(graph, scores.scores, 0.25)
+    refit = cut(copy.deepcopy(dense), graph, keep, "lstsq", scores.means, x)
+    plain = cut(copy.deepcopy(dense), graph, keep, "none", scores.means, x)
+    assert all(torch.isfinite(p).all() for p in refit.parameters())
+    with torch.no_grad():
+        ref = dense(x)
+        assert (refit(x) - ref).abs().max() < (plain(x) - ref).abs().max()

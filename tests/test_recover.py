@@ -63,3 +63,43 @@ def test_recovery_bad_input(args, needle, tmp_path, capsys, monkeypatch):
     assert main(["shrink", str(src), "--arch", "samples.nets:EvciCNN", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_recalibration_that_overflows_float32_is_undone():
+    bn = torch.nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.weight.fill_(3e38)  # finite while the stored variance is huge; inf once it is re-estimated near 1
+        bn.running_var.fill_(1e30)
+    model = torch.nn.Sequential(bn).eval()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert recalibrate_bn(model, x, probe=x[:8]) is False
+    assert torch.equal(bn.running_var, torch.full((4,), 1e30)) and torch.isfinite(model(x)).all()
+    assert recalibrate_bn(model, x) is True and bn.running_var.max() < 10  # no probe: nothing is checked
+
+
+def test_clone_copies_a_model_holding_a_cache_filled_with_gradients():
+    from prunetool import layers
+
+    class Cached(torch.nn.Module):  # timm's LeViT: an eval-mode forward caches a tensor derived from a parameter
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(3))
+            self.bias_cache = {}
+
+        def forward(self, x):
+            if "cpu" not in self.bias_cache:
+                self.bias_cache["cpu"] = self.bias * 2
+            return x + self.bias_cache["cpu"]
+
+    model = Cached().eval()
+    model(torch.zeros(1, 3)).sum().backward()
+    with pytest.raises(RuntimeError):
+        import copy
+
+        copy.deepcopy(model)
+    model(torch.zeros(1, 3))
+    twin = layers.clone(model)
+    with torch.no_grad():
+        twin.bias.zero_()
+    assert torch.equal(twin(torch.zeros(1, 3)), torch.zeros(1, 3))  # the copy refilled its cache from its own bias

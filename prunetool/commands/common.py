@@ -11,7 +11,6 @@ after, and build the report.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -124,7 +123,7 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
     try:
         half = any(t.dtype in (torch.float16, torch.bfloat16) for t in list(dense.parameters()) + list(dense.buffers()))
         if mode is not None and (half or layers.needs_prepare(dense)):
-            dense = layers.prepare(copy.deepcopy(dense))  # the caller's module stays as it was
+            dense = layers.prepare(layers.clone(dense))  # the caller's module stays as it was
         if half:
             upcast_half(dense)
         dense.eval()

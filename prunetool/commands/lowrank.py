@@ -3,13 +3,12 @@ the residual curve, or an accuracy budget. Same start and end as shrink."""
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
 from torch import nn
 
-from .. import task
+from .. import layers, task
 from ..calibrate import covariances, output_sensitivity
 from ..data import eval_loader
 from ..errors import UsageError
@@ -58,7 +57,7 @@ def _candidates(job, names: list[str], covs: dict, fisher: dict | None) -> list[
 
 
 def _apply(dense: nn.Module, cands: list[Candidate], ranks: dict) -> nn.Module:
-    model = copy.deepcopy(dense)
+    model = layers.clone(dense)
     for c in cands:
         k = ranks.get(c.name)
         if k is not None and k <= c.upper:
@@ -136,7 +135,7 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
             else:
                 ranks[c.name], rules[c.name] = capped_rank(c.spec, elbow(c.spec), opts.max_layer_error)
 
-    small = copy.deepcopy(dense)
+    small = layers.clone(dense)
     factored = dict(job.ckpt.record.get("factored", {}))
     entries = []
     for c in cands:

@@ -3,13 +3,13 @@ run."""
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
 import torch
 from torch import nn
 
+from ..layers import clone
 from ..batch import batch_slice
 from ..cut import as_matrix, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
@@ -37,7 +37,7 @@ def keep_units(graph, scores, ratio: float, opts: ShrinkOptions) -> dict[str, to
 def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[int, int]:
     """Parameters and MACs of the cut (structure only), counting the biases least squares gives the consumers it
     refits that had none."""
-    small = cut(copy.deepcopy(dense), graph, keep, "none")
+    small = cut(clone(dense), graph, keep, "none")
     added = 0
     if compensate == "lstsq":
         modules = dict(small.named_modules())
@@ -146,7 +146,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     steps = list(opts.schedule) if opts.schedule else [opts.ratio]
     ratio = steps[-1]
 
-    current, history, probe = dense, [], job.probe
+    current, history, probe, reverted = dense, [], job.probe, False
     for step, step_ratio in enumerate(steps):
         if step:
             graph = trace(current, batch_slice(probe, 0, 2), engine.output_key)
@@ -165,7 +165,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep = keep_units(graph, scores.scores, step_ratio, opts)
         means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
             else scores.means
-        small = cut(copy.deepcopy(current), graph, keep, opts.compensate, means, calib, bars, stats=stats,
+        small = cut(clone(current), graph, keep, opts.compensate, means, calib, bars, stats=stats,
                     settings=engine, dense=current).eval()
         paths = dict(stats.paths)
         stats.release()
@@ -173,7 +173,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         small.cpu()
         checks = verify(current, small, graph, keep, probe, engine.output_key)
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
-            recalibrate_bn(small, calib, engine)
+            reverted |= not recalibrate_bn(small, calib, engine, probe=probe, output_key=engine.output_key)
         entry = {"ratio": step_ratio, "params": params(small)}
         if loader is not None and (recovery.finetune_epochs or len(steps) > 1):
             q = evaluate(small, loader, device, bars, "evaluating the cut", engine.output_key)
@@ -195,7 +195,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     settings = {"criterion": opts.criterion, "ratio": ratio, "compensation": opts.compensate, "scope": opts.scope,
                 "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
-                "recalibrate_bn": recalibrate, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
+                "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
                 "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill,
                 "engine": paths}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}

@@ -10,6 +10,7 @@ import copy
 import torch
 from torch import nn
 
+from ..layers import clone
 from ..cut import apply_masks, cut, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError
@@ -46,7 +47,7 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
     if not job.data.has_labels:
         raise UsageError("sparsify retrains between rounds: it needs --data with a train split")
     dense, calib, device = job.dense, job.calib, measurement.device
-    sparse = copy.deepcopy(dense)
+    sparse = clone(dense)
     layers = prunable_weights(sparse)
     masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
     early = None
@@ -71,11 +72,11 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
     graph = job.graph
     keep = removable_units(graph, sparse)
     means = sequential_means(sparse, graph, keep, calib, bars, job.settings)
-    small = cut(copy.deepcopy(sparse), graph, keep, "mean", means, calib, bars).eval()
+    small = cut(clone(sparse), graph, keep, "mean", means, calib, bars).eval()
     checks = verify(sparse, small, graph, keep, job.probe, job.settings.output_key)
     checks.pop("outputs")
     if has_batchnorm(small) and any(len(keep[g.name]) < g.units for g in graph.groups):
-        recalibrate_bn(small, calib, job.settings)
+        recalibrate_bn(small, calib, job.settings, probe=job.probe, output_key=job.settings.output_key)
 
     per_layer = [{"name": n, "weights": int(masks[n].numel()), "nonzero": int(masks[n].sum()),
                   "sparsity": 1 - float(masks[n].float().mean())} for n in layers]
