@@ -88,7 +88,7 @@ def one(name: str, work: Path, timeout: int) -> dict:
     stem = re.sub(r"\W", "_", name)
     d = work / stem
     d.mkdir(parents=True, exist_ok=True)
-    row: dict = {"name": name, "size": size, "reasons": {}}
+    row: dict = {"name": name, "size": size, "reasons": {}, "commit": _commit()}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.coverage", "--make", name, "--path",
                            str(d / "model.pt")], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     if proc.returncode != 0:
@@ -147,6 +147,11 @@ def one(name: str, work: Path, timeout: int) -> dict:
     return row
 
 
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or "?"
+
+
 def _kinds(reasons: list[str], most: int = 3) -> list[str]:
     """The distinct kinds of reason, module paths dropped ("layer_norm in … (LayerNorm) …" stays readable)."""
     kinds = []
@@ -194,6 +199,12 @@ def main() -> None:
 
 
 def markdown(rows: list[dict], seconds: float) -> str:
+    import torchvision
+
+    order = {n: i for i, n in enumerate(torchvision.models.list_models(module=torchvision.models)
+                                        + [f"timm:{n}" for n in TIMM])}
+    rows = sorted(rows, key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+    commits = sorted({r.get("commit", "?") for r in rows})
     tv = [r for r in rows if not r["name"].startswith("timm:")]
     tm = [r for r in rows if r["name"].startswith("timm:")]
 
@@ -203,7 +214,9 @@ def markdown(rows: list[dict], seconds: float) -> str:
     lines = [
         "# Coverage: torchvision classifiers and timm architectures, through the CLI",
         "",
-        f"`python -m benchmarks.coverage --out docs/COVERAGE.md`, {today()}, on {machine()}; {seconds / 60:.0f} min.",
+        f"`python -m benchmarks.coverage --out docs/COVERAGE.md`, {today()}, on {machine()}; rows from commit"
+        f"{'s' if len(commits) > 1 else ''} {', '.join(commits)} of main (each row's `commit` in "
+        "benchmarks/results/coverage.json; `--only NAME ...` reruns some rows and keeps the others).",
         "",
         "Each model is built with random weights (seed 0) and saved as a state_dict; then, exactly as a user would: "
         f"`prunetool shrink model.pt --arch … --input-shape 3,S,S --ratio {RATIO} --calib {CALIB} --out x.pt --onnx "
@@ -214,7 +227,8 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "- **cut**: the model lost parameters; **verify**: every check of the verify stage passed (forward, ratio 0 "
         "exact, removal = zeroing, constant unit, saved bytes reload identical); **reload**: the fresh process from "
         "another directory loaded it and its outputs match; **onnx**, **pt2**: export and parity "
-        "(|Δ| ≤ 1e-4 + 1e-4·max|y|).",
+        "(|Δ| ≤ max(1e-4 + 1e-4·max|y|, 4 × the model's float32 noise measured against float64), the CLI's "
+        "default rule).",
         "- *kept*: parameters after ÷ before. *Protected because*: up to three kinds of reason (module paths shown "
         "as …; `--dry-run` names them).",
         "",
