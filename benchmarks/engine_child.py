@@ -56,7 +56,7 @@ def main() -> None:
         import torch_pruning as tp
 
         model.load_state_dict(torch.load(ckpt, weights_only=True))
-        if name.startswith("vit"):  # the MLP units, as prunetool (attention and the residual stream stay whole)
+        if name.startswith("vit"):  # the MLP units only (its head pruning needs per-model configuration)
             ignored = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("mlp.0")]
             ignored.append(model.conv_proj)
         else:
