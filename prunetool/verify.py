@@ -8,7 +8,6 @@ outputs unchanged; and the saved file reloads to identical outputs.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
