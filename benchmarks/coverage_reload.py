@@ -36,8 +36,8 @@ def main() -> None:
         got = torch.export.load(pt2_path).module()(x)
         result["pt2_diff"] = float((got - want).abs().max())
     # the rule of the CLI's own check (prunetool.export): the fixed tolerance, or 4 × the model's float32 noise
-    bad = [k for k in ("onnx_diff", "pt2_diff") if not within(result.get(k, 0.0), want.numpy(), model, (x,),
-                                                                 DEFAULT_ATOL, DEFAULT_RTOL, noise)[0]]
+    bad = [k for k in ("onnx_diff", "pt2_diff") if not within(result.get(k, 0.0), tol, want.numpy(), model, (x,),
+                                                                 noise)[0]]
     result["float32_noise"] = noise[0] if noise else None
     if bad:
         print(f"fresh reload differs from {', '.join(bad)}: {result}", file=sys.stderr)

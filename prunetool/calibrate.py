@@ -20,10 +20,11 @@ replayed (data-dependent control flow, a batch size baked into a cached tensor) 
 :meth:`Program.record`, and the callers fall back to rerunning the model up to each consumer (prunetool 0.1's
 path, same results, slower).
 
-Precision and sampling: ``XᵀX`` and ``XᵀZ`` are accumulated in float32 per batch (divided first by an exact power
-of two when activations pass 2⁴⁰, whose squares would overflow) and summed in float64; the solve is in float64. A least-squares fit needs rows in proportion to its inputs, not to the pictures' size:
-a convolution or a token sequence contributes ``rows × fan-in / samples`` output positions per sample (at least
-one; ThiNet-style, the same positions in the dense and the cut model; default ``rows`` chosen by measurement,
+Precision and sampling: ``XᵀX`` and ``XᵀZ`` are accumulated in float32 per batch (divided first by an exact
+power of two when activations pass 2⁴⁰, whose squares would overflow) and summed in float64; the solve is in
+float64. A least-squares fit needs rows in proportion to its inputs, not to the pictures' size: a convolution
+or a token sequence contributes ``rows × fan-in / samples`` output positions per sample (at least one;
+ThiNet-style, the same positions in the dense and the cut model; default ``rows`` chosen by measurement,
 docs/BENCHMARKS.md), so the dense targets kept for the refit take ``rows`` floats per weight. Cached tensors
 (targets and stage activations together) stay on the device until they exceed ``memory`` bytes; beyond that
 they go to host memory in float16.

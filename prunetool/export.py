@@ -61,17 +61,16 @@ def float32_noise(model: nn.Module, values: tuple, want: np.ndarray) -> float | 
     return float(np.abs(exact.numpy() - want.astype(np.float64)).max())
 
 
-def within(diff: float, want: np.ndarray, model: nn.Module, values: tuple, atol: float, rtol: float,
+def within(diff: float, fixed: float, want: np.ndarray, model: nn.Module, values: tuple,
            noise: list) -> tuple[bool, float]:
-    """Whether ``diff`` passes parity, and the tolerance applied. ``noise`` caches the measured float32 noise
-    across the exporters tried (a one-element list, empty until measured)."""
-    scale, tol = tolerance(want, atol, rtol)
-    if diff <= tol:
-        return True, tol
+    """Whether ``diff`` passes parity, and the tolerance applied: ``fixed`` (from :func:`tolerance`), raised to
+    ``NOISE_FACTOR`` × the model's float32 noise when ``diff`` exceeds it. ``noise`` caches that noise across the
+    exporters tried (a one-element list, empty until measured)."""
+    if diff <= fixed:
+        return True, fixed
     if not noise:
         noise.append(float32_noise(model, values, want))
-    if noise[0] is not None:
-        tol = max(tol, NOISE_FACTOR * noise[0])
+    tol = fixed if noise[0] is None else max(fixed, NOISE_FACTOR * noise[0])
     return diff <= tol, tol
 
 
@@ -180,10 +179,11 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
 
     path = str(path)
     model = Logits(model.eval().cpu(), None if isinstance(x, torch.Tensor) else list(x), output_key)
+    _, values = _inputs(x)
     with torch.no_grad():
-        want = model(*_inputs(x)[1]).numpy()
-    scale, tol = tolerance(want, atol, rtol)
-    values, noise, tried = _inputs(x)[1], [], []
+        want = model(*values).numpy()
+    scale, fixed = tolerance(want, atol, rtol)
+    noise, tried = [], []
     for exporter in ("torchscript", "dynamo"):
         try:
             _remove_external_data(path)
@@ -198,7 +198,7 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
             tried.append(f"{exporter}: output shape {got.shape} differs from PyTorch's {want.shape}")
             continue
         diff = float(np.abs(got - want).max())
-        ok, tol = within(diff, want, model, values, atol, rtol, noise)
+        ok, tol = within(diff, fixed, want, model, values, noise)
         if not ok:
             tried.append(f"{exporter}: output differs from PyTorch by {diff:.3g} "
                          f"({_tolerance_text(tol, atol, rtol, scale, noise)})")
@@ -229,7 +229,7 @@ def export_pt2(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float 
     _, values = _inputs(x)
     with torch.no_grad():
         want = model(*values)
-    scale, tol = tolerance(want.numpy(), atol, rtol)
+    scale, fixed = tolerance(want.numpy(), atol, rtol)
     shared = {label: torch.export.Dim(label) for label in ("batch", "sequence")}
     dynamic = (tuple({d: shared[label] for d, label in dd.items()} for dd in _dims(x)),)  # forward(*inputs)
     try:
@@ -245,7 +245,7 @@ def export_pt2(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float 
         raise VerificationError(f"the pt2 program's output shape {tuple(got.shape)} differs from PyTorch's "
                                 f"{tuple(want.shape)}")
     diff, noise = float((got - want).abs().max()), []
-    ok, tol = within(diff, want.numpy(), model, values, atol, rtol, noise)
+    ok, tol = within(diff, fixed, want.numpy(), model, values, noise)
     if not ok:
         raise VerificationError(f"the pt2 program's output differs from PyTorch by {diff:.3g} "
                                 f"({_tolerance_text(tol, atol, rtol, scale, noise)})")

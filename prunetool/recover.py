@@ -34,8 +34,8 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return False
-    was_finite = probe is None or _finite(model, probe, output_key)
-    before = [{k: t.clone() for k, t in m.named_buffers(recurse=False)} for m in norms]
+    checked = probe is not None and _finite(model, probe, output_key)  # only outputs that were finite can be lost
+    before = [{k: t.clone() for k, t in m.named_buffers(recurse=False)} for m in norms] if checked else []
     saved = [(m, m.momentum) for m in norms]
     was_training = model.training
     model.eval()
@@ -52,7 +52,7 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
         m.momentum = momentum
         m.eval()
     model.train(was_training)
-    if probe is not None and was_finite and not _finite(model, probe, output_key):
+    if checked and not _finite(model, probe, output_key):
         with torch.no_grad():
             for m, buffers in zip(norms, before):
                 for k, t in buffers.items():

@@ -201,11 +201,11 @@ def test_parity_tolerance_grows_to_the_models_float32_noise():
     scale, fixed = tolerance(want, 1e-4, 1e-4)
     assert fixed < noise < 1e-3  # the fixed tolerance is below what float32 itself gets wrong here
     cache = []
-    assert within(fixed / 2, want, model, (x,), 1e-4, 1e-4, cache) == (True, fixed)
+    assert within(fixed / 2, fixed, want, model, (x,), cache) == (True, fixed)
     assert cache == []  # noise is measured only when the fixed tolerance is exceeded
-    assert within(2 * noise, want, model, (x,), 1e-4, 1e-4, cache) == (True, NOISE_FACTOR * noise)
+    assert within(2 * noise, fixed, want, model, (x,), cache) == (True, NOISE_FACTOR * noise)
     assert cache == [noise]
-    assert not within(10 * noise, want, model, (x,), 1e-4, 1e-4, cache)[0]  # a real mismatch still fails
+    assert not within(10 * noise, fixed, want, model, (x,), cache)[0]  # a real mismatch still fails
 
 
 def test_parity_without_a_float64_run_keeps_the_fixed_tolerance():
@@ -217,4 +217,4 @@ def test_parity_without_a_float64_run_keeps_the_fixed_tolerance():
         want = model(x).numpy()
     assert float32_noise(model, (x,), want) is None
     _, fixed = tolerance(want, 1e-4, 1e-4)
-    assert within(2 * fixed, want, model, (x,), 1e-4, 1e-4, []) == (False, fixed)
+    assert within(2 * fixed, fixed, want, model, (x,), []) == (False, fixed)

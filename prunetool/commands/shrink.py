@@ -195,9 +195,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     settings = {"criterion": opts.criterion, "ratio": ratio, "compensation": opts.compensate, "scope": opts.scope,
                 "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
-                "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
-                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill,
-                "engine": paths}
+                "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs,
+                "lr": recovery.lr, "batch_size": recovery.batch_size, "optimizer": recovery.optimizer,
+                "distill": recovery.distill, "engine": paths}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if recovery.finetune_epochs or len(steps) > 1:
         extra["steps"] = history
