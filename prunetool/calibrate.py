@@ -25,18 +25,28 @@ power of two when activations pass 2⁴⁰, whose squares would overflow) and su
 float64. A least-squares fit needs rows in proportion to its inputs, not to the pictures' size: a convolution
 or a token sequence contributes ``rows × fan-in / samples`` output positions per sample (at least one;
 ThiNet-style, the same positions in the dense and the cut model; default ``rows`` chosen by measurement,
-docs/BENCHMARKS.md), so the dense targets kept for the refit take ``rows`` floats per weight. Cached tensors
-(targets and stage activations together) stay on the device until they exceed ``memory`` bytes; beyond that
-they go to host memory in float16.
+docs/BENCHMARKS.md), so the dense targets kept for the refit take ``rows`` floats per weight.
+
+Memory: cached tensors (targets and stage activations together) stay on the device until they would exceed
+``memory`` bytes, and batches are sized to what is left. Beyond it, on a GPU they go to host memory in float16;
+on the CPU, where host memory is what the budget bounds, they go unchanged to a temporary file (so the budget
+changes where they live, never the result). Targets are read once, late, and leave first; a stage's activations
+are given back as its last reader goes through them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import shutil
+import tempfile
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +56,7 @@ from . import calls, task
 from .batch import Batch, batch_len, batch_slice, batch_to, call
 from .data import Samples
 from .distributed import reduce_sum
+from .errors import UsageError
 from .options import DEFAULT_CALIB_MEMORY, DEFAULT_ROWS
 from .progress import QUIET, Bars
 from .trace import Consumer, Group, Tok, Trace, record
@@ -72,35 +83,116 @@ class Settings:
 
 # --- memory -----------------------------------------------------------------------------------------
 
+def _libc_trim() -> Callable[[], None]:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return lambda: None
+    return lambda: trim(0) and None
+
+
+trim_heap = _libc_trim()
+trim_heap.__doc__ = """Hand freed heap memory back to the operating system (glibc keeps it otherwise: the many small
+tensors a pass frees leave holes that larger ones cannot reuse, and the process's resident size grows past what
+it holds)."""
+
+
+class Kept:
+    """One kept tensor: where it lives (``tensor`` on the device, ``tensor`` in float16 on the host, or ``path``
+    in the spill directory) and what to give back."""
+
+    __slots__ = ("tensor", "path", "dtype", "shape", "cold", "nbytes")
+
+    def __init__(self, tensor: torch.Tensor, cold: bool):
+        self.tensor: torch.Tensor | None = tensor
+        self.path: str | None = None
+        self.dtype, self.shape, self.cold = tensor.dtype, tensor.shape, cold
+        self.nbytes = tensor.numel() * tensor.element_size()
+
+
 class Store:
-    """Tensors kept for later, on the device until the budget is spent, then on the host in float16."""
+    """Tensors kept for later, on the device while three quarters of the budget last (the rest is for the
+    batches). Beyond that they go to host memory in float16 when the device is an accelerator; when the device is
+    the CPU, whose memory the budget bounds, they go exactly to a temporary file (``TMPDIR``), deleted on release.
+    Cold tensors (read once, late: the refit targets) leave the device first, to make room for hot ones (stage
+    activations, read twice, at once)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.capacity = settings.memory - settings.memory // 4  # the last quarter is for the batches
         self.used = 0
+        self.resident: dict[int, Kept] = {}  # id → cold entries on the device, oldest first
+        self.disk = torch.device(settings.device).type == "cpu"  # where tensors past the budget go
+        self.spilled = 0  # bytes written to the spill directory so far
+        self._dir: str | None = None
+        self._count = 0
 
-    def keep(self, t: torch.Tensor) -> tuple:
-        size = t.numel() * t.element_size()
-        if self.used + size <= self.settings.memory or not t.dtype.is_floating_point:
-            self.used += size
-            return (t, None)
-        return (t.to("cpu", torch.float16), t.dtype)
+    def keep(self, t: torch.Tensor, cold: bool = False) -> Kept:
+        kept = Kept(t, cold)
+        if not t.dtype.is_floating_point:
+            self.used += kept.nbytes
+            return kept
+        if self.used + kept.nbytes > self.capacity and not cold and self.resident:
+            for other in list(self.resident.values()):
+                if self.used + kept.nbytes <= self.capacity:
+                    break
+                self._spill(other)
+            trim_heap()
+        if self.used + kept.nbytes <= self.capacity:
+            self.used += kept.nbytes
+            if cold:
+                self.resident[id(kept)] = kept
+        else:
+            kept.tensor = t.detach()
+            kept.nbytes = 0
+            self._spill(kept, counted=False)
+        return kept
 
-    def release(self, kept: tuple) -> None:
-        t, dtype = kept
-        if dtype is None:
-            self.used -= t.numel() * t.element_size()
+    def release(self, kept: Kept) -> None:
+        self.resident.pop(id(kept), None)
+        if kept.path is not None:
+            os.remove(kept.path)
+            kept.path = None
+        elif kept.nbytes:
+            self.used -= kept.nbytes
+        kept.tensor, kept.nbytes = None, 0
 
-    def get(self, kept: tuple) -> torch.Tensor:
-        t, dtype = kept
-        return t if dtype is None else t.to(self.settings.device, dtype)
+    def get(self, kept: Kept) -> torch.Tensor:
+        if kept.path is not None:
+            raw = np.fromfile(kept.path, dtype=np.uint8)
+            return torch.from_numpy(raw).view(kept.dtype).reshape(kept.shape).to(self.settings.device)
+        return kept.tensor.to(self.settings.device, kept.dtype)  # itself when nothing moves
+
+    def _spill(self, kept: Kept, counted: bool = True) -> None:
+        t = kept.tensor
+        if counted:
+            self.used -= kept.nbytes
+            self.resident.pop(id(kept), None)
+        kept.nbytes = 0
+        if not self.disk:
+            kept.tensor = t.to("cpu", torch.float16)
+            return
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="prunetool-cache-")
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._count += 1
+        path = os.path.join(self._dir, f"{self._count}.bin")
+        try:
+            t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tofile(path)
+        except OSError as e:
+            raise UsageError(f"the calibration cache cannot write {path} ({e.strerror}); give it more memory "
+                             "(--calib-memory) or point TMPDIR at a disk with room") from None
+        self.spilled += t.numel() * t.element_size()
+        kept.path, kept.tensor = path, None
 
 
-def batch_size(trace: Trace, settings: Settings, backward: bool = False) -> int:
-    """Samples per batch so that a pass's activations stay within what the memory budget has left after the
-    tensors already kept (a forward keeps far fewer of its activations alive than a forward and backward)."""
+def batch_size(trace: Trace, settings: Settings, backward: bool = False, reserve: int = 0) -> int:
+    """Samples per batch so that a pass's activations fit in what the memory budget has left after the tensors
+    already kept and ``reserve`` bytes the pass will keep (at least its last quarter; a forward keeps far fewer of
+    its activations alive than a forward and backward)."""
     per_sample = max(1, trace.activation_bytes)
-    left = max(settings.memory - settings.cache().used, settings.memory // 4)
+    kept = min(settings.cache().used + reserve, settings.cache().capacity)
+    left = settings.memory - kept
     share = left / (per_sample if backward else per_sample / 2)
     return int(max(1, min(256 if backward else 64, share)))
 
@@ -191,18 +283,17 @@ class Statistics:
     consumer's dense outputs at sampled positions with the sample ids they belong to."""
 
     means: dict[str, dict[str, torch.Tensor]]
-    targets: dict[str, list[tuple]] = field(default_factory=dict)  # consumer → kept chunks (Store entries)
+    targets: dict[str, list[Kept]] = field(default_factory=dict)  # consumer → kept chunks
     target_ids: dict[str, torch.Tensor] = field(default_factory=dict)
     positions: Positions | None = None
     store: Store | None = None
     paths: dict[str, str] = field(default_factory=dict)  # what ran how: "refit" → "stage by stage", ...
 
-    def release(self) -> None:
-        """Give the targets' memory back to the budget."""
-        for kept in self.targets.values():
-            for k in kept:
+    def release(self, name: str | None = None) -> None:
+        """Give the targets' memory back to the budget (one consumer's, or all)."""
+        for key in [name] if name is not None else list(self.targets):
+            for k in self.targets.pop(key, []):
                 self.store.release(k)
-        self.targets.clear()
 
     def targets_of(self, name: str) -> tuple[torch.Tensor, dict[int, int], int]:
         """A consumer's dense targets (rows of every sample, in gathering order), each sample id's row number,
@@ -253,12 +344,14 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
                 fan_in = getattr(modules[name], c.weight).movedim(c.dim, 0)[0].numel()
                 picks = positions.pick(name, out_positions(call, out), ids, fan_in)
                 rows = targets_at(call, out.detach(), picks)
-                stats.targets.setdefault(name, []).append(store.keep(rows))
+                stats.targets.setdefault(name, []).append(store.keep(rows, cold=True))
                 stats.target_ids[name] = torch.cat([stats.target_ids.get(name, torch.empty(0, dtype=torch.long)),
                                                     ids])
             on_output[name] = produced
     device = settings.device
-    size = batch_size(trace, settings)
+    kept = [getattr(modules[name], attr) for name, attr in weights.items()] if targets else []
+    reserve = sum(settings.rows * w.numel() * w.element_size() for w in kept)
+    size = batch_size(trace, settings, reserve=reserve)  # the targets take about ``rows`` floats per weight
     shard = samples.shard()
     with torch.no_grad(), calls.hooks(model, on_input, on_output, weights):
         for xb, _, ids in bars.track(shard.batches(size), "unit means" + (" and targets" if targets else ""),
@@ -489,15 +582,14 @@ def replay(program: Program, model: nn.Module, samples: Samples, size: int, boun
             if frontier is None:  # the first stage reads the samples themselves
                 envs = ((program.start(model, batch_to(xb, device, dtype)), ids) for xb, _, ids in samples.batches(size))
             else:
-                envs = frontier.batches()
+                envs = frontier.batches(release=True)  # this stage is the frontier's last reader
             for env, ids in envs:
                 for i in range(start, stop):
                     program.execute(i, model, env, len(ids), transform=transforms.get(i))
                 if stop < end:
                     new.add({t: v for t, v in env.items() if program.last_use.get(t, -1) >= stop}, ids)
-            if frontier is not None:
-                frontier.release()
             frontier = new
+            trim_heap()
             if stop < end:
                 on_boundary(stop, frontier)
             start = stop
@@ -513,15 +605,18 @@ class Frontier:
     def add(self, env: dict, ids: torch.Tensor) -> None:
         self.chunks.append(({t: self.store.keep(v) for t, v in env.items()}, ids))
 
-    def batches(self):
-        for kept, ids in self.chunks:
-            yield {t: self.store.get(v) for t, v in kept.items()}, ids
-
-    def release(self) -> None:
-        for kept, _ in self.chunks:
+    def batches(self, release: bool = False):
+        """Each batch's values; with ``release``, each chunk is given back as soon as it has been read."""
+        if not release:
+            for kept, ids in self.chunks:
+                yield {t: self.store.get(v) for t, v in kept.items()}, ids
+            return
+        while self.chunks:
+            kept, ids = self.chunks.pop(0)
+            values = {t: self.store.get(v) for t, v in kept.items()}
             for v in kept.values():
                 self.store.release(v)
-        self.chunks = []
+            yield values, ids
 
     def call_inputs(self, i: int, model: nn.Module):
         """For each batch: step ``i``'s call (its input resolved) and the batch's sample ids."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -380,6 +381,7 @@ def refit_stagewise(model: nn.Module, plan: Plan, stats, samples: Samples, setti
     if {c.name for lst in fitted.values() for _, c in lst} != set(consumers):
         return False
     modules = dict(model.named_modules())
+    calls_left = Counter(c.name for lst in fitted.values() for _, c in lst)
 
     def on_boundary(b, frontier):
         for i, c in fitted.get(b, []):
@@ -396,6 +398,9 @@ def refit_stagewise(model: nn.Module, plan: Plan, stats, samples: Samples, setti
                 sel = (torch.tensor([index[int(j)] for j in ids])[:, None] * per + torch.arange(per)).reshape(-1)
                 fit.add(design, rows[sel.to(rows.device)].to(design.device))
             fit.solve()
+            calls_left[c.name] -= 1
+            if not calls_left[c.name]:  # its targets' memory goes to the stages still to come
+                stats.release(c.name)
 
     replay(program, model, samples.shard(), batch_size_for(model, example, settings), bounds, on_boundary, settings,
            bars, label="least-squares refit, stage by stage")
