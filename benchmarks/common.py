@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -30,6 +31,12 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
             f"Python {platform.python_version()}")
+
+
+def commit() -> str:
+    """The short commit of main a row was measured at."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or "?"
 
 
 def today() -> str:

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import ROOT, machine, today
+from .common import ROOT, commit, machine, today
 
 TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": False},
                       "inception_v3": {"aux_logits": False, "init_weights": False},
@@ -88,7 +88,7 @@ def one(name: str, work: Path, timeout: int) -> dict:
     stem = re.sub(r"\W", "_", name)
     d = work / stem
     d.mkdir(parents=True, exist_ok=True)
-    row: dict = {"name": name, "size": size, "reasons": {}, "commit": _commit()}
+    row: dict = {"name": name, "size": size, "reasons": {}, "commit": commit()}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.coverage", "--make", name, "--path",
                            str(d / "model.pt")], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     if proc.returncode != 0:
@@ -145,11 +145,6 @@ def one(name: str, work: Path, timeout: int) -> dict:
     row["ok"] = all(row[c] for c in COLUMNS) and code == 0
     shutil.rmtree(d, ignore_errors=True)
     return row
-
-
-def _commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return proc.stdout.strip() or "?"
 
 
 def _kinds(reasons: list[str], most: int = 3) -> list[str]:

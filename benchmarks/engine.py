@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import ROOT, machine, today, write_section
+from .common import ROOT, commit, machine, today, write_section
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
 OLD_MODELS = ("resnet18", "mobilenet_v2")  # prunetool 0.1 takes hours on the others (one pass per layer)
@@ -45,12 +45,14 @@ def measure(method: str, name: str, calib: int, work: str, old: str | None, time
         return {"method": method, "model": name, "error": f"over {timeout} s"}
     if proc.returncode != 0:
         return {"method": method, "model": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), commit=commit(), date=today())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                        help="rerun these rows only (the others keep their figures in engine.json)")
     parser.add_argument("--calib", type=int, default=CALIB)
     parser.add_argument("--old-engine", help="a checkout of prunetool 0.1 (commit 83b0d72)")
     parser.add_argument("--timeout", type=int, default=6 * 3600)
@@ -62,7 +64,7 @@ def main() -> None:
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     work = tempfile.mkdtemp(prefix="prunetool-engine-")
     for name in args.models:
-        for method in METHODS:
+        for method in args.methods:
             if method == "prunetool 0.1" and (args.old_engine is None or name not in OLD_MODELS):
                 continue
             row = measure(method, name, args.calib, work, args.old_engine, args.timeout)
@@ -120,6 +122,13 @@ def markdown(rows: list[dict], calib: int, threads: int) -> str:
                if method != "prunetool 0.1" and any(m == model for m, _ in by) and (model, method) not in by]
     if missing:
         lines += ["", f"Not measured in this run: {', '.join(missing)}."]
+    runs: dict[str, list[str]] = {}
+    for r in rows:
+        runs.setdefault(f"{r['commit']} ({r['date']})" if "commit" in r else "an earlier run", []).append(
+            f"{r['model']} {r['method']}")
+    if len(runs) > 1:
+        lines += ["", "Rows by run (`commit` and `date` of each in benchmarks/results/engine.json; the ratios pair "
+                      "rows of one run): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in runs.items()) + "."]
     lines += ["", "On vit_b_16 prunetool removes MLP units and attention heads; Torch-Pruning is given the MLP units "
                   "only (its head pruning needs per-model configuration), so it keeps more parameters."]
     return "\n".join(lines) + "\n"
