@@ -13,7 +13,7 @@ from torch import nn
 
 import prunetool
 from prunetool.calibrate import Positions, Program, Settings, Store, statistics
-from prunetool.cut import cut, plan_cut, select, sequential_means
+from prunetool.cut import cut, select, sequential_means
 from prunetool.data import Samples, calibration, load_data
 from prunetool.score import score
 from prunetool.trace import trace
@@ -133,6 +133,15 @@ def test_store_on_the_cpu_spills_exactly_to_a_file_past_the_budget():
     del store, small, big
     gc.collect()
     assert not os.path.exists(folder)
+
+
+def test_a_spill_that_cannot_be_written_is_a_usage_error(monkeypatch, tmp_path):
+    from prunetool.errors import UsageError
+
+    monkeypatch.setattr("tempfile.mkdtemp", lambda **k: str(tmp_path / "gone"))  # a directory that is not there
+    store = Store(Settings(memory=1000))
+    with pytest.raises(UsageError, match="--calib-memory.*TMPDIR"):
+        store.keep(torch.ones(1000))
 
 
 def test_cold_tensors_leave_the_budget_first():
