@@ -35,6 +35,7 @@ METHODS = ("forward+backward", "prunetool", "prunetool 0.1", "torch-pruning magn
 
 
 def measure(method: str, name: str, calib: int, work: str, old: str | None, timeout: int) -> dict:
+    at = commit()  # the code the child runs, whatever lands while it does
     env = dict(os.environ)
     env["PYTHONPATH"] = old if method == "prunetool 0.1" else str(ROOT)  # which prunetool the process imports
     cmd = [sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "engine_child.py"), method, name, str(calib),
@@ -45,7 +46,7 @@ def measure(method: str, name: str, calib: int, work: str, old: str | None, time
         return {"method": method, "model": name, "error": f"over {timeout} s"}
     if proc.returncode != 0:
         return {"method": method, "model": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), commit=commit(), date=today())
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), commit=at, date=today())
 
 
 def main() -> None:
