@@ -86,9 +86,10 @@ def markdown(rows: list[dict], calib: int, threads: int) -> str:
         f"torchvision models with random weights at 3×224×224, {calib} calibration images, `--ratio {RATIO}`, default "
         "criterion (mrs) and compensation (lstsq); wall time of the whole `shrink` from loading the checkpoint to "
         "the verified file, without evaluation and latency, and the memory it takes beyond the model and the "
-        "calibration tensors (peak resident size minus the resident size before the work). Every figure is a "
-        "fresh process of the same run; *×* is the ratio to one plain forward+backward over the same calibration "
-        "set (batch 32). prunetool 0.1 reruns the model up to each consumer for every batch; it is measured on "
+        "calibration tensors (peak resident size minus the resident size before the work; GB = 1024³ bytes). Every "
+        "figure is a fresh process on an otherwise idle machine; *×* is the ratio to one plain forward+backward "
+        "over the same calibration set (batch 32), marked † where the two rows come from different runs. "
+        "prunetool 0.1 reruns the model up to each consumer for every batch; it is measured on "
         "the two smaller models only (hours on the others).",
         "",
         "| model | method | seconds | × forward+backward | memory beyond model and data | parameters after |",
@@ -103,7 +104,8 @@ def markdown(rows: list[dict], calib: int, threads: int) -> str:
             if "error" in r:
                 lines.append(f"| {model} | {method} | – | – | {r['error']} | |")
                 continue
-            ratio = f"{r['seconds'] / fb:.2f}×" if fb else ""
+            other = _run(by[(model, "forward+backward")]) != _run(r) if fb else False
+            ratio = f"{r['seconds'] / fb:.2f}×{' †' if other else ''}" if fb else ""
             label = f"**{method}**" if method == "prunetool" else method
             params = f"{r['params_after']:,}" if r.get("params_after") else ""
             lines.append(f"| {model} | {label} | {r['seconds']:.0f} | {ratio} | {r['peak_beyond_mb'] / 1024:.2f} GB | {params} |")
@@ -125,14 +127,17 @@ def markdown(rows: list[dict], calib: int, threads: int) -> str:
         lines += ["", f"Not measured in this run: {', '.join(missing)}."]
     runs: dict[str, list[str]] = {}
     for r in rows:
-        runs.setdefault(f"{r['commit']} ({r['date']})" if "commit" in r else "an earlier run", []).append(
-            f"{r['model']} {r['method']}")
+        runs.setdefault(_run(r), []).append(f"{r['model']} {r['method']}")
     if len(runs) > 1:
-        lines += ["", "Rows by run (`commit` and `date` of each in benchmarks/results/engine.json; the ratios pair "
-                      "rows of one run): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in runs.items()) + "."]
+        lines += ["", "Rows by run (`commit` and `date` of each in benchmarks/results/engine.json): "
+                      + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(runs.items())) + "."]
     lines += ["", "On vit_b_16 prunetool removes MLP units and attention heads; Torch-Pruning is given the MLP units "
                   "only (its head pruning needs per-model configuration), so it keeps more parameters."]
     return "\n".join(lines) + "\n"
+
+
+def _run(row: dict) -> str:
+    return f"{row.get('commit', 'commit not recorded')} ({row.get('date', 'date not recorded')})"
 
 
 if __name__ == "__main__":
