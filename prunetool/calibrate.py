@@ -101,13 +101,13 @@ class Kept:
     """One kept tensor: where it lives (``tensor`` on the device, ``tensor`` in float16 on the host, or ``path``
     in the spill directory) and what to give back."""
 
-    __slots__ = ("tensor", "path", "dtype", "shape", "cold", "nbytes")
+    __slots__ = ("tensor", "path", "dtype", "shape", "nbytes")
 
-    def __init__(self, tensor: torch.Tensor, cold: bool):
+    def __init__(self, tensor: torch.Tensor):
         self.tensor: torch.Tensor | None = tensor
         self.path: str | None = None
-        self.dtype, self.shape, self.cold = tensor.dtype, tensor.shape, cold
-        self.nbytes = tensor.numel() * tensor.element_size()
+        self.dtype, self.shape = tensor.dtype, tensor.shape
+        self.nbytes = tensor.numel() * tensor.element_size()  # what it takes of the budget (0 once spilled)
 
 
 class Store:
@@ -128,7 +128,7 @@ class Store:
         self._count = 0
 
     def keep(self, t: torch.Tensor, cold: bool = False) -> Kept:
-        kept = Kept(t, cold)
+        kept = Kept(t)
         if not t.dtype.is_floating_point:
             self.used += kept.nbytes
             return kept
@@ -143,9 +143,8 @@ class Store:
             if cold:
                 self.resident[id(kept)] = kept
         else:
-            kept.tensor = t.detach()
-            kept.nbytes = 0
-            self._spill(kept, counted=False)
+            kept.nbytes = 0  # never counted
+            self._spill(kept)
         return kept
 
     def release(self, kept: Kept) -> None:
@@ -163,11 +162,10 @@ class Store:
             return torch.from_numpy(raw).view(kept.dtype).reshape(kept.shape).to(self.settings.device)
         return kept.tensor.to(self.settings.device, kept.dtype)  # itself when nothing moves
 
-    def _spill(self, kept: Kept, counted: bool = True) -> None:
-        t = kept.tensor
-        if counted:
-            self.used -= kept.nbytes
-            self.resident.pop(id(kept), None)
+    def _spill(self, kept: Kept) -> None:
+        t = kept.tensor.detach()
+        self.used -= kept.nbytes
+        self.resident.pop(id(kept), None)
         kept.nbytes = 0
         if not self.disk:
             kept.tensor = t.to("cpu", torch.float16)
@@ -178,7 +176,7 @@ class Store:
         self._count += 1
         path = os.path.join(self._dir, f"{self._count}.bin")
         try:
-            t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tofile(path)
+            t.contiguous().reshape(-1).view(torch.uint8).numpy().tofile(path)
         except OSError as e:
             raise UsageError(f"the calibration cache cannot write {path} ({e.strerror}); give it more memory "
                              "(--calib-memory) or point TMPDIR at a disk with room") from None
@@ -349,8 +347,8 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
                                                     ids])
             on_output[name] = produced
     device = settings.device
-    kept = [getattr(modules[name], attr) for name, attr in weights.items()] if targets else []
-    reserve = sum(settings.rows * w.numel() * w.element_size() for w in kept)
+    fitted = [getattr(modules[name], attr) for name, attr in weights.items()] if targets else []
+    reserve = sum(settings.rows * w.numel() * w.element_size() for w in fitted)
     size = batch_size(trace, settings, reserve=reserve)  # the targets take about ``rows`` floats per weight
     shard = samples.shard()
     with torch.no_grad(), calls.hooks(model, on_input, on_output, weights):
