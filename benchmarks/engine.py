@@ -114,7 +114,8 @@ def markdown(rows: list[dict], calib: int, threads: int) -> str:
         fb, ours = by.get((model, "forward+backward"), {}), by.get((model, "prunetool"), {})
         if "seconds" in fb and "seconds" in ours:
             x, gb = ours["seconds"] / fb["seconds"], ours["peak_beyond_mb"] / 1024
-            time_ok.append(f"{model} {x:.2f}× {'✓' if x <= TIME_TARGET else '✗'}")
+            mark = " †" if _run(fb) != _run(ours) else ""
+            time_ok.append(f"{model} {x:.2f}×{mark} {'✓' if x <= TIME_TARGET else '✗'}")
             memory_ok.append(f"{model} {gb:.2f} GB {'✓' if gb <= MEMORY_TARGET_GB else '✗'} "
                              f"(forward+backward alone: {fb['peak_beyond_mb'] / 1024:.2f} GB)")
     if time_ok:
@@ -124,7 +125,7 @@ def markdown(rows: list[dict], calib: int, threads: int) -> str:
     missing = [f"{method} on {model}" for model in MODELS for method in METHODS
                if method != "prunetool 0.1" and any(m == model for m, _ in by) and (model, method) not in by]
     if missing:
-        lines += ["", f"Not measured in this run: {', '.join(missing)}."]
+        lines += ["", f"Not measured: {', '.join(missing)}."]
     runs: dict[str, list[str]] = {}
     for r in rows:
         runs.setdefault(_run(r), []).append(f"{r['model']} {r['method']}")
