@@ -688,12 +688,10 @@ def output_sensitivity(model: nn.Module, names: list[str], samples: Samples, set
     size = batch_size(trace, settings, backward=True)
     shard = samples.shard()
     model.eval()
-    with calls.hooks(model, on_output={n: make(n) for n in names}):
+    with calls.activation_gradients(model), calls.hooks(model, on_output={n: make(n) for n in names}):
         for xb, yb, _ in bars.track(shard.batches(size), "sensitivities (forward+backward)",
                                     total=math.ceil(len(shard) / size)):
-            model.zero_grad(set_to_none=True)
             out = call(model, batch_to(xb, settings.device, dtype), settings.output_key)
             task.loss(out, yb.to(settings.device), "sum").backward()
-    model.zero_grad(set_to_none=True)
     n = reduce_sum(float(len(shard)))
     return {k: reduce_sum(v) / n for k, v in sums.items()}

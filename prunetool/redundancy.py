@@ -108,13 +108,9 @@ def _frozen(model: nn.Module, trace: Trace, samples: Samples, size: int,
                 out.register_hook(on_grad)
         on_output[name], weights[name] = hook, read[0][1].weight
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-    try:
-        with calls.hooks(model, on_output=on_output, weights=weights):
-            for xb, yb, _ in samples.batches(size):
-                model.zero_grad(set_to_none=True)
-                task.loss(call(model, batch_to(xb, None, dtype), output_key), yb, "sum").backward()
-    finally:
-        model.zero_grad(set_to_none=True)
+    with calls.activation_gradients(model), calls.hooks(model, on_output=on_output, weights=weights):
+        for xb, yb, _ in samples.batches(size):
+            task.loss(call(model, batch_to(xb, None, dtype), output_key), yb, "sum").backward()
     return {k: v / len(samples) for k, v in sums.items()}
 
 

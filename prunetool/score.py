@@ -116,7 +116,7 @@ def unit_means(model: nn.Module, trace: Trace, samples, bars: Bars = QUIET, grou
 
 def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, settings, bars: Bars,
                  label: str) -> dict[str, torch.Tensor]:
-    """One forward+backward per batch. For each sample and unit, the first-order loss change of replacing what
+    """One forward+backward per batch (activation gradients only). For each sample and unit, the first-order loss change of replacing what
     every consumer reads of the unit by its mean (``use_mean``) or by zero, summed over the group's consumers,
     then its absolute value summed over samples: memory in O(batch × units), whatever the number of samples."""
     from .calibrate import batch_size
@@ -147,15 +147,13 @@ def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, s
     size = batch_size(trace, settings, backward=True)
     shard = samples.shard()
     model.eval()
-    with consumer_hooks(model, readers(trace), on_input):
+    with calls.activation_gradients(model), consumer_hooks(model, readers(trace), on_input):
         for xb, yb, _ in bars.track(shard.batches(size), label, total=-(-len(shard) // size)):
             changes.clear()
-            model.zero_grad(set_to_none=True)
             out = call(model, batch_to(xb, device, dtype), settings.output_key)
             task.loss(out, yb.to(device), "sum").backward()
             for name, change in changes.items():
                 scores[name] += change.abs().sum(0).cpu()
-    model.zero_grad(set_to_none=True)
     return {k: reduce_sum(v).float() for k, v in scores.items()}
 
 

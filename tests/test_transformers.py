@@ -104,6 +104,42 @@ def test_heads_and_mlp_units_are_groups_and_cut_exactly(family):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("family", ["tv-vit", "encoder", "gpt2"])
+def test_backward_passes_differentiate_activations_only_and_match_a_full_backward(family, monkeypatch):
+    """MRS, Taylor and the output sensitivities of data-aware lowrank freeze the parameters for their backward
+    pass (no weight gradients): their figures equal those of a plain backward bit for bit, the first layers
+    still see a gradient, and requires_grad comes back as it was."""
+    import contextlib
+
+    from prunetool import calls
+    from prunetool.calibrate import Settings, output_sensitivity
+    from prunetool.data import as_samples
+    from prunetool.score import score
+
+    model, x, _, _ = family_case(family)
+    y = torch.randint(0, model(x).shape[-1], model(x).shape[:-1], generator=torch.Generator().manual_seed(0))
+    graph = trace(model, x[:2])
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+    def figures():
+        out = {c: score(model, graph, c, x, y).scores for c in ("mrs", "taylor")}
+        out["sensitivity"] = output_sensitivity(model, linears, as_samples(x, y), Settings(), graph)
+        return out
+
+    first = next(model.parameters())
+    first.requires_grad_(False)  # a parameter the user froze stays frozen
+    frozen = figures()
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [p is not first for p in model.parameters()]
+    monkeypatch.setattr(calls, "activation_gradients", lambda m: contextlib.nullcontext())
+    plain = figures()
+    assert set(plain["sensitivity"]) == set(linears)
+    for kind in plain:
+        for name in plain[kind]:
+            assert plain[kind][name].abs().min() > 0, (kind, name)
+            assert torch.equal(frozen[kind][name], plain[kind][name]), (kind, name)
+
+
 def test_grouped_query_attention_removes_whole_key_value_groups():
     model, x, _, _ = family_case("llama")
     graph = trace(model, x[:2])
