@@ -357,3 +357,16 @@ def test_outputs_inside_an_output_directory_are_refused_before_any_work(tmp_path
     code = main(["shrink", str(src), "--tokens", "8", "--no-latency", "--out", str(tmp_path / "mine")])
     assert code == 2 and "did not write" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_sparsify_api_takes_text_data_with_the_tokenizer_named(tmp_path, tokenizer_dir):
+    """sparsify() has the CLI's token options: text cut by a tokenizer that lives outside the model directory."""
+    tok, text = tokenizer_dir
+    src = hf_dir(tmp_path, "gpt2")
+    (tmp_path / "text.txt").write_text(text)
+    small, report = prunetool.sparsify(str(src), str(tmp_path / "text.txt"), imp=0.3, rounds=1, finetune_epochs=1,
+                                       seq_len=16, tokenizer=str(tok), calib=16, batch_size=16, latency_batches=())
+    assert report["metric"]["name"] == "perplexity"
+    masked = {row["name"] for row in report["sparsity"]}
+    assert {"lm_head", "transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn"} <= masked  # GPT-2's Conv1D too
+    assert all(row["sparsity"] == pytest.approx(0.3, abs=0.01) for row in report["sparsity"])

@@ -10,11 +10,11 @@ import copy
 import torch
 from torch import nn
 
+from .. import layers as layer_kinds
 from ..layers import clone
 from ..cut import apply_masks, cut, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError
-from ..factor import factorable
 from ..measure import evaluate
 from ..options import LATENCY_BATCHES, DataOptions, Measurement, Outputs, Recovery, Source, SparsifyOptions
 from ..progress import Bars
@@ -25,8 +25,14 @@ from ..verify import verify
 from .common import finish, check_job_outputs, start
 
 
+WEIGHTED = (layer_kinds.LinearKind, layer_kinds.ConvKind, layer_kinds.TransposedLinearKind)
+
+
 def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if factorable(m)}
+    """The layers whose single weights are masked: linear layers in either orientation (Hugging Face's GPT-2
+    ``Conv1D`` too) and convolutions, depthwise ones included."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(layer_kinds.kind_of(m), WEIGHTED) and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 def run(source: Source, data: DataOptions, opts: SparsifyOptions, recovery: Recovery, measurement: Measurement,
@@ -97,12 +103,16 @@ def sparsify(model, data, *, imp: float = 0.3, rounds: int = 3, finetune_epochs:
              eval: int | None = None, device: str = "cpu", out: str | None = None, onnx: str | None = None,
              pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False, download: bool = False,
              progress: bool = False, latency_batches=LATENCY_BATCHES, measure: bool = True,
-             input_shape=None) -> tuple[nn.Module, dict]:
-    """Iterative magnitude pruning with retraining, then physical removal of units left without weights."""
+             input_shape=None, seq_len: int | None = None, tokenizer: str | None = None,
+             output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
+    """Iterative magnitude pruning with retraining, then physical removal of units left without weights.
+    ``data`` needs a train split; for a token model, a text file cut into ``seq_len`` tokens by ``tokenizer``
+    (default: the model directory's), and ``output_key`` names the logits of a structured output."""
     with Staging() as staging:
         small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download),
+            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
+            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
+                        seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
             SparsifyOptions(imp, rounds, finetune_epochs, rewind),
             Recovery(0, lr, batch_size, optimizer),
             Measurement(measure, tuple(latency_batches) if measure else (), device),
