@@ -564,7 +564,7 @@ def bench_cmd(
     ckpts: list[str] = typer.Argument(..., metavar="CKPT...", help="Checkpoints to compare; ratios are to the first."),
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
     trust_remote_code: bool = TRUST,
-    input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS,
+    input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS, output_key: Optional[str] = OUTPUT_KEY,
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and onnxruntime."),
     device: str = DEVICE, onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time onnxruntime (CPU)."),
@@ -581,7 +581,7 @@ def bench_cmd(
     report = bench_command.bench(ckpts, parse_shape(input_shape), sizes, threads, _device(device), onnx, warmup, runs,
                                  arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle,
                                  progress=console.is_terminal and not no_progress, tokens=tokens,
-                                 trust_remote_code=trust_remote_code)
+                                 trust_remote_code=trust_remote_code, output_key=output_key)
     report["config"] = _config_source()
     if json_path:
         with Staging() as staging:

@@ -370,3 +370,16 @@ def test_sparsify_api_takes_text_data_with_the_tokenizer_named(tmp_path, tokeniz
     masked = {row["name"] for row in report["sparsity"]}
     assert {"lm_head", "transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn"} <= masked  # GPT-2's Conv1D too
     assert all(row["sparsity"] == pytest.approx(0.3, abs=0.01) for row in report["sparsity"])
+
+
+def test_bench_exports_the_output_key_it_is_given_and_refuses_a_missing_one(tmp_path, capsys):
+    src = hf_dir(tmp_path, "gpt2")
+    common = ["bench", str(src), "--tokens", "8", "--batch-sizes", "1", "--runs", "1", "--warmup", "0"]
+    capsys.readouterr()
+    code = main([*common, "--output-key", "logits", "--json", str(tmp_path / "b.json")])
+    assert code == 0, capsys.readouterr().err
+    assert [r["runtime"] for r in json.loads((tmp_path / "b.json").read_text())["results"]] == ["torch", "onnxruntime"]
+    code = main([*common, "--output-key", "nope", "--json", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--output-key" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "c.json").exists()

@@ -8,13 +8,14 @@ import tempfile
 
 import torch
 
-from ..batch import shape_of
+from ..batch import call, shape_of
 from ..data import random_tokens, vocabulary
 from ..errors import UsageError
 from ..export import export_onnx, ort_latency, ort_session
 from ..load import load, upcast_half
 from ..measure import forward_times, params, peak_forward_mb, timing_stats
 from ..progress import Bars
+from ..task import OutputError
 
 
 def _example(path, ckpt, input_shape, tokens, others=()):
@@ -36,12 +37,26 @@ def _example(path, ckpt, input_shape, tokens, others=()):
     return shape
 
 
+def _batch(shape):
+    return torch.randn(2, *shape) if isinstance(shape, tuple) else shape
+
+
+def _check_output(path, model, shape, output_key) -> None:
+    """The exported graph keeps the logits: refuse, before any timing, an output the rule cannot read."""
+    with torch.no_grad():
+        try:
+            call(model, _batch(shape), output_key)
+        except OutputError as e:
+            raise UsageError(f"{path}: {e}") from None
+
+
 def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_sizes=(1, 32), threads: int | None = None,
           device: str = "cpu", onnx: bool = True, warmup: int = 5, runs: int = 50, arch: str | None = None,
           arch_kwargs: dict | None = None, unsafe_pickle: bool = False, progress: bool = False,
-          tokens: int | None = None, trust_remote_code: bool = False) -> dict:
+          tokens: int | None = None, trust_remote_code: bool = False, output_key: str | None = None) -> dict:
     """Benchmark each checkpoint; ratios are to the first one. Inputs: random of ``input_shape``, or sequences of
-    ``tokens`` random token ids (by default what each checkpoint records)."""
+    ``tokens`` random token ids (by default what each checkpoint records). ``output_key`` names the entry of a
+    structured output that the ONNX export keeps (default: ``logits``, else the first tensor)."""
     if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads {threads} must be at least 1")
@@ -60,6 +75,8 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
     for path, ckpt in ckpts.items():
         upcast_half(ckpt.model)
         models[path] = (ckpt.model.eval(), _example(path, ckpt, input_shape, tokens, ckpts.values()))
+        if onnx:
+            _check_output(path, *models[path], output_key)
     for path, runtime in bars.track(jobs, "benchmarking"):
         model, shape = models[path]
         entry = {"checkpoint": str(path), "runtime": runtime, "params": params(model),
@@ -77,8 +94,7 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
             fd, tmp = tempfile.mkstemp(suffix=".onnx")
             os.close(fd)
             try:
-                export_onnx(model, torch.randn(2, *shape) if isinstance(shape, tuple) else shape, tmp,
-                            latency_batches=())
+                export_onnx(model, _batch(shape), tmp, latency_batches=(), output_key=output_key)
                 session = ort_session(tmp, threads)
                 for b in batch_sizes:
                     entry["batches"][str(b)] = timing_stats(ort_latency(session, shape, b, warmup, runs, 1.0), b)
