@@ -91,7 +91,7 @@ DOWNLOAD = typer.Option(False, "--download", help="Download a torchvision datase
 SHAPE = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 1,28,28 (needed without --data, "
                                                  "unless the checkpoint records it).")
 CALIB = typer.Option(1000, "--calib", help="Calibration samples from the train split (fixed seed).")
-CALIB_MEMORY = typer.Option("2G", "--calib-memory", help="Memory for cached activations and batches of the calibration passes (e.g. 512M, 4G); beyond it, caches go to a temporary file (TMPDIR) on the CPU, or to host memory in float16 from a GPU.")
+CALIB_MEMORY = typer.Option("1.5G", "--calib-memory", help="Memory for cached activations and batches of the calibration passes (e.g. 512M, 4G); beyond it, caches go to a temporary file (TMPDIR) on the CPU, or to host memory in float16 from a GPU.")
 ROWS = typer.Option(None, "--calib-rows", help="Least-squares rows per input of a layer for compensation, drawn as output positions of each calibration sample (default 16 for images, 64 for token sequences).")
 WORKERS = typer.Option(0, "--workers", help="Data-loading worker processes for image folders.")
 PRESET = typer.Option(None, "--preset", help="Preprocessing of an image folder by name: imagenet (resize 256, crop 224, ImageNet mean and std).")
@@ -199,7 +199,7 @@ def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
         raise UsageError(f"{flag} {text!r} is not a list of numbers; write it like 0.485,0.456,0.406") from None
 
 
-def _data(data, calib, eval_n, input_shape, download, memory="2G", rows=None, workers=0, preset=None,
+def _data(data, calib, eval_n, input_shape, download, memory="1.5G", rows=None, workers=0, preset=None,
           resize=None, crop=None, mean=None, std=None, tokens=None, seq_len=None, tokenizer=None,
           output_key=None) -> DataOptions:
     pre = Preprocessing(resize, crop, _floats("--mean", mean), _floats("--std", std), preset)
