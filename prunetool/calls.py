@@ -118,31 +118,33 @@ def hooks(model: nn.Module, on_input: dict[str, Callable] | None = None, on_outp
 def activation_gradients(model: nn.Module):
     """Within the context a backward pass through ``model`` computes the gradients of activations and nothing
     else: its parameters stop requiring grad (their gradients, and the products that make them, are skipped),
-    and a module that owns parameters but is given no floating input that requires grad gets inputs that do
-    (a tensor passed twice stays one tensor). Without that, nothing before the first tensor that requires grad
-    would be differentiated: hooks on those layers' outputs would see no gradient, the loss might not require
-    grad at all, and torch's attention layers would take their fused paths, which skip the calls hooks read.
-    ``requires_grad`` is restored on exit."""
+    and a module that owns parameters but is given no floating input that requires grad gets its first one, the
+    data, as a tensor that does (passed twice, it stays one tensor). Without that, nothing before the first
+    tensor that requires grad would be differentiated: hooks on those layers' outputs would see no gradient, the
+    loss might not require grad at all, and torch's attention layers would take their fused paths, which skip
+    the calls hooks read. ``requires_grad`` is restored on exit.
+    """
     def lift(module, args, kwargs):
         if not torch.is_grad_enabled():
             return None
         floats = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if not floats or any(t.requires_grad for t in floats):
             return None
-        made: dict[int, torch.Tensor] = {}
+        first = floats[0]  # the data; a float mask or bias passed beside it needs no gradient
+        lifted = first.detach().requires_grad_()
 
         def one(t):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                return made.setdefault(id(t), t.detach().requires_grad_())
-            return t
+            return lifted if t is first else t
         return tuple(one(t) for t in args), {k: one(v) for k, v in kwargs.items()}
 
     frozen = [p for p in model.parameters() if p.requires_grad]
-    handles = [m.register_forward_pre_hook(lift, with_kwargs=True) for m in model.modules()
-               if next(m.parameters(recurse=False), None) is not None]
-    for p in frozen:
-        p.requires_grad_(False)
+    handles = []
     try:
+        for m in model.modules():
+            if next(m.parameters(recurse=False), None) is not None:
+                handles.append(m.register_forward_pre_hook(lift, with_kwargs=True))
+        for p in frozen:
+            p.requires_grad_(False)
         yield
     finally:
         for p in frozen:

@@ -564,7 +564,8 @@ def bench_cmd(
     ckpts: list[str] = typer.Argument(..., metavar="CKPT...", help="Checkpoints to compare; ratios are to the first."),
     arch: Optional[str] = ARCH, arch_kwargs: Optional[str] = ARCH_KWARGS, unsafe_pickle: bool = UNSAFE,
     trust_remote_code: bool = TRUST,
-    input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS, output_key: Optional[str] = OUTPUT_KEY,
+    input_shape: Optional[str] = SHAPE, tokens: Optional[int] = TOKENS, output_key: Optional[str] = typer.Option(
+        None, "--output-key", help="Which entry of a structured output the ONNX export keeps (default: 'logits', else the first tensor); unused with --no-onnx."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and onnxruntime."),
     device: str = DEVICE, onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time onnxruntime (CPU)."),

@@ -135,6 +135,7 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
             total += loss.item() * batch_len(xb)
             count += batch_len(xb)
         losses.append(distributed.reduce_sum(total) / distributed.reduce_sum(count))
+    opt.zero_grad(set_to_none=True)  # the next calibration pass would carry a model's worth of gradients
     model.eval().to("cpu")
     if teacher is not None:
         teacher.to("cpu")

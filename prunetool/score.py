@@ -116,9 +116,10 @@ def unit_means(model: nn.Module, trace: Trace, samples, bars: Bars = QUIET, grou
 
 def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, settings, bars: Bars,
                  label: str) -> dict[str, torch.Tensor]:
-    """One forward+backward per batch (activation gradients only). For each sample and unit, the first-order loss change of replacing what
-    every consumer reads of the unit by its mean (``use_mean``) or by zero, summed over the group's consumers,
-    then its absolute value summed over samples: memory in O(batch × units), whatever the number of samples."""
+    """One forward+backward per batch, differentiating activations only. For each sample and unit, the
+    first-order loss change of replacing what every consumer reads of the unit by its mean (``use_mean``) or by
+    zero, summed over the group's consumers, then its absolute value summed over samples: memory in
+    O(batch × units), whatever the number of samples."""
     from .calibrate import batch_size
 
     scores = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in trace.groups}

@@ -106,14 +106,15 @@ def test_heads_and_mlp_units_are_groups_and_cut_exactly(family):
 
 @pytest.mark.parametrize("family", ["tv-vit", "encoder", "gpt2"])
 def test_backward_passes_differentiate_activations_only_and_match_a_full_backward(family, monkeypatch):
-    """MRS, Taylor and the output sensitivities of data-aware lowrank freeze the parameters for their backward
-    pass (no weight gradients): their figures equal those of a plain backward bit for bit, the first layers
-    still see a gradient, and requires_grad comes back as it was."""
+    """MRS, Taylor, the output sensitivities of data-aware lowrank and inspect's gradients at producer outputs
+    freeze the parameters for their backward pass (no weight gradients): their figures equal those of a plain
+    backward bit for bit, the first layers still see a gradient, and requires_grad comes back as it was."""
     import contextlib
 
     from prunetool import calls
     from prunetool.calibrate import Settings, output_sensitivity
     from prunetool.data import as_samples
+    from prunetool.redundancy import unit_report
     from prunetool.score import score
 
     model, x, _, _ = family_case(family)
@@ -124,6 +125,8 @@ def test_backward_passes_differentiate_activations_only_and_match_a_full_backwar
     def figures():
         out = {c: score(model, graph, c, x, y).scores for c in ("mrs", "taylor")}
         out["sensitivity"] = output_sensitivity(model, linears, as_samples(x, y), Settings(), graph)
+        out["producer gradients"] = {r["name"]: torch.tensor(r["mean_abs_grad"])
+                                     for r in unit_report(model, graph, as_samples(x, y), Settings())}
         return out
 
     first = next(model.parameters())
@@ -372,12 +375,21 @@ def test_sparsify_api_takes_text_data_with_the_tokenizer_named(tmp_path, tokeniz
     assert all(row["sparsity"] == pytest.approx(0.3, abs=0.01) for row in report["sparsity"])
 
 
-def test_bench_exports_the_output_key_it_is_given_and_refuses_a_missing_one(tmp_path, capsys):
+def test_bench_exports_the_output_key_it_is_given_and_refuses_a_missing_one(tmp_path, capsys, monkeypatch):
     src = hf_dir(tmp_path, "gpt2")
     common = ["bench", str(src), "--tokens", "8", "--batch-sizes", "1", "--runs", "1", "--warmup", "0"]
     capsys.readouterr()
+    from prunetool.commands import bench as bench_command
+
+    keys, real = [], bench_command.export_onnx
+
+    def export(*args, **kwargs):
+        keys.append(kwargs.get("output_key"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench_command, "export_onnx", export)
     code = main([*common, "--output-key", "logits", "--json", str(tmp_path / "b.json")])
     assert code == 0, capsys.readouterr().err
+    assert keys == ["logits"]
     assert [r["runtime"] for r in json.loads((tmp_path / "b.json").read_text())["results"]] == ["torch", "onnxruntime"]
     code = main([*common, "--output-key", "nope", "--json", str(tmp_path / "c.json")])
     err = capsys.readouterr().err.strip()

@@ -29,8 +29,9 @@ WEIGHTED = (layer_kinds.LinearKind, layer_kinds.ConvKind, layer_kinds.Transposed
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers whose single weights are masked: linear layers in either orientation (Hugging Face's GPT-2
-    ``Conv1D`` too) and convolutions, depthwise ones included."""
+    """The layers whose single weights are masked: those of the linear and convolution kinds of
+    :mod:`prunetool.layers` (Hugging Face's GPT-2 ``Conv1D``, depthwise and transposed convolutions too); layers
+    registered as atomic keep their weights."""
     return {n: m for n, m in model.named_modules()
             if isinstance(layer_kinds.kind_of(m), WEIGHTED) and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
