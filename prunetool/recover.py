@@ -16,7 +16,7 @@ from . import task
 from .batch import as_input, batch_len, batch_to, call, model_dtype
 from .data import SEED, Data, as_samples
 from .errors import UsageError
-from .options import OPTIMIZERS
+from .options import DEFAULT_CALIB_MEMORY, OPTIMIZERS
 from .progress import QUIET, Bars
 
 
@@ -44,7 +44,9 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
         m.momentum = None
         m.train()
     device = next(model.parameters()).device
-    size = batch or (256 if settings is None else max(1, settings.memory // (64 * 2 ** 20)))
+    # 32 samples at the default budget, in proportion beyond it: the running variance averages per-batch
+    # variances, so a budget that moves the batch moves the statistics.
+    size = batch or (256 if settings is None else max(1, round(32 * settings.memory / DEFAULT_CALIB_MEMORY)))
     with torch.no_grad():
         for xb, _, _ in as_samples(samples).batches(size):
             call(model, batch_to(xb, device, model_dtype(model)))
