@@ -18,7 +18,6 @@ from prunetool.errors import UsageError
 from prunetool.trace import trace
 
 import zoo
-from conftest import ROOT
 
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
