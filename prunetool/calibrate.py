@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from . import calls, task
-from .batch import Batch, batch_len, batch_slice, batch_to, call
+from .batch import Batch, batch_len, batch_slice, batch_to, call, model_dtype
 from .data import Samples
 from .distributed import reduce_sum
 from .errors import UsageError
@@ -355,18 +355,14 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
         for xb, _, ids in bars.track(shard.batches(size), "unit means" + (" and targets" if targets else ""),
                                      total=math.ceil(len(shard) / size)):
             current.update(ids=ids, n=batch_len(xb))
-            model(**batch_to(xb, device, _dtype(model))) if isinstance(xb, dict) else \
-                model(batch_to(xb, device, _dtype(model)))
+            model(**batch_to(xb, device, model_dtype(model))) if isinstance(xb, dict) else \
+                model(batch_to(xb, device, model_dtype(model)))
     stats.means = sums.means()
     return stats
 
 
 def _call_name(c: Consumer) -> str:
     return "conv2d" if c.layout == "conv" else "linear"
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
 
 
 def covariances(model: nn.Module, names: list[str], samples: Samples, settings: Settings, trace: Trace,
@@ -399,13 +395,13 @@ def covariances(model: nn.Module, names: list[str], samples: Samples, settings: 
     shard = samples.shard()
     example = shard.take(2)[0]
     for name in names:  # the geometry of each layer's own call (stride, padding, dilation)
-        captured[name] = calls.capture(model, name, batch_to(example, settings.device, _dtype(model)))
+        captured[name] = calls.capture(model, name, batch_to(example, settings.device, model_dtype(model)))
     size = batch_size(trace, settings)
     with torch.no_grad(), calls.hooks(model, {n: make(n) for n in names}):
         for xb, _, ids in bars.track(shard.batches(size), "input covariances", total=math.ceil(len(shard) / size)):
             current["ids"] = ids
-            model(**batch_to(xb, settings.device, _dtype(model))) if isinstance(xb, dict) else \
-                model(batch_to(xb, settings.device, _dtype(model)))
+            model(**batch_to(xb, settings.device, model_dtype(model))) if isinstance(xb, dict) else \
+                model(batch_to(xb, settings.device, model_dtype(model)))
     return {n: reduce_sum(sums[n]) / reduce_sum(counts[n]) for n in names}
 
 
@@ -573,7 +569,7 @@ def replay(program: Program, model: nn.Module, samples: Samples, size: int, boun
     end = len(program.steps)
     stops = sorted(set(b for b in boundaries if 0 < b < end)) + [end]
     start = 0
-    device, dtype = settings.device, _dtype(model)
+    device, dtype = settings.device, model_dtype(model)
     with torch.no_grad():
         for stop in bars.track(stops, label):
             new = Frontier(store, program, stop)
@@ -684,7 +680,7 @@ def output_sensitivity(model: nn.Module, names: list[str], samples: Samples, set
             out.register_hook(on_grad)
         return seen
 
-    dtype = _dtype(model)
+    dtype = model_dtype(model)
     size = batch_size(trace, settings, backward=True)
     shard = samples.shard()
     model.eval()

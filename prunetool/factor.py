@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import layers
-from .batch import batch_to, call
+from .batch import batch_to, call, model_dtype
 from .calls import capture, design_matrix
 from .data import as_samples
 from .errors import UsageError
@@ -199,7 +199,7 @@ def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> t
 
 def quality_on(model: nn.Module, samples, output_key: str | None = None) -> Quality:
     """Accuracy, loss and the task's metric on labelled calibration samples."""
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    dtype = model_dtype(model)
     tally = Tally()
     with torch.no_grad():
         for xb, yb, _ in as_samples(samples).batches(64):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import calls, task
-from .batch import batch_to, call
+from .batch import batch_to, call, model_dtype
 from .data import Samples
 from .factor import Spectrum, elbow, factorable, matrix, spectrum
 from .progress import QUIET, Bars
@@ -107,7 +107,7 @@ def _frozen(model: nn.Module, trace: Trace, samples: Samples, size: int,
             if out.requires_grad:
                 out.register_hook(on_grad)
         on_output[name], weights[name] = hook, read[0][1].weight
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    dtype = model_dtype(model)
     with calls.activation_gradients(model), calls.hooks(model, on_output=on_output, weights=weights):
         for xb, yb, _ in samples.batches(size):
             task.loss(call(model, batch_to(xb, None, dtype), output_key), yb, "sum").backward()
@@ -119,7 +119,7 @@ def unit_report(model: nn.Module, trace: Trace, samples: Samples, settings, bars
 
     model.eval()
     size = batch_size(trace, settings, backward=True)
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    dtype = model_dtype(model)
     with torch.no_grad():
         mean_loss = float(torch.cat([task.loss(call(model, batch_to(xb, None, dtype), settings.output_key), yb, "none")
                                      for xb, yb, _ in samples.batches(size)]).mean())

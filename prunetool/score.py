@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import calls, task
-from .batch import batch_to, call
+from .batch import batch_to, call, model_dtype
 from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import CRITERIA
@@ -144,7 +144,7 @@ def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, s
         return a
 
     device = settings.device
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    dtype = model_dtype(model)
     size = batch_size(trace, settings, backward=True)
     shard = samples.shard()
     model.eval()
@@ -170,7 +170,7 @@ def taylor(model, trace, samples, means: Means, settings, bars: Bars = QUIET) ->
 
 
 def _losses(model, samples: Samples, size: int, output_key: str | None = None) -> torch.Tensor:
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    dtype = model_dtype(model)
     device = next(model.parameters()).device
     with torch.no_grad():
         return torch.cat([task.loss(call(model, batch_to(xb, device, dtype), output_key), yb.to(device), "none")
