@@ -39,6 +39,7 @@ from .options import (DEFAULT_ATOL, DEFAULT_COMPENSATION, DEFAULT_CRITERION, DEF
                       SparsifyOptions)
 from .report import (budget_failures, json_bytes, render, render_bench, render_inspect, render_plan, summary_line,
                      summary_markdown, too_noisy)
+from .commands.common import preflight
 from .staging import Staging, check_outputs
 
 app = typer.Typer(
@@ -163,6 +164,11 @@ def _config_source() -> str | None:
     return _CONFIG
 
 
+def _config_input() -> dict[str, str]:
+    """The options file as an input no output may overwrite."""
+    return {"the options file (--config)": _CONFIG} if _CONFIG else {}
+
+
 def _device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UsageError(f"--device {device!r} is not cpu, cuda or cuda:N")
@@ -241,7 +247,7 @@ def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol
     elif not Path(ckpt).exists():
         raise UsageError(f"{ckpt}: no such file or directory; check the checkpoint path")
     out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.safetensors"))
-    outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol, fallback)
+    outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol, fallback, _config_input())
     outputs.check()
     return outputs
 
@@ -345,7 +351,7 @@ def shrink_cmd(
     console = _console(no_progress)
     if dry_run:
         if json_path:
-            check_outputs({"--json": json_path}, {"CKPT": ckpt})
+            preflight({"--json": json_path}, source, data_opts, inputs=_config_input())
         report = shrink_command.plan(ckpt, data, criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio,
                                      round_to=round_to, calib=min(calib, 256), input_shape=data_opts.input_shape,
                                      arch=arch, arch_kwargs=source.arch_kwargs, unsafe_pickle=unsafe_pickle,
@@ -535,9 +541,8 @@ def export_cmd(
     source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code), _data(
         data, calib, None, input_shape, False, tokens=tokens, seq_len=seq_len, tokenizer=tokenizer,
         output_key=output_key)
-    if json_path:
-        check_outputs({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2), ("--json", json_path)) if v},
-                      {"CKPT": ckpt})
+    preflight({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2), ("--json", json_path)) if v}, source, data_opts,
+              inputs=_config_input())
     with Staging() as staging:
         report = export_command.run(source, data_opts, staging, onnx, pt2, opset, onnx_atol, onnx_rtol)
         report["config"] = _config_source()
@@ -577,7 +582,8 @@ def bench_cmd(
     onnxruntime."""
     sizes = _ints("--batch-sizes", batch_sizes)
     if json_path:
-        check_outputs({"--json": json_path}, {f"CKPT {i + 1}": c for i, c in enumerate(ckpts)})
+        check_outputs({"--json": json_path}, {**{f"the input CKPT {i + 1}": c for i, c in enumerate(ckpts)},
+                                              **_config_input()})
     console = _console(no_progress)
     report = bench_command.bench(ckpts, parse_shape(input_shape), sizes, threads, _device(device), onnx, warmup, runs,
                                  arch, parse_arch_kwargs(arch_kwargs), unsafe_pickle,
@@ -615,8 +621,8 @@ def inspect_cmd(
     source = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code)
     data_opts = _data(data, calib, None, input_shape, download, calib_memory, calib_rows, workers, preset,
                       resize, crop, mean, std, tokens, seq_len, tokenizer, output_key)
-    check_outputs({k: v for k, v in (("--html", html), ("--json", json_path), ("--plots", plots)) if v},
-                  {"CKPT": ckpt})
+    preflight({k: v for k, v in (("--html", html), ("--json", json_path), ("--plots", plots)) if v}, source, data_opts,
+              inputs=_config_input())
     console = _console(no_progress)
     if data is None:
         warnings.warn("no --data: dead and frozen units and MRS come from random inputs labelled by the model itself")

@@ -9,8 +9,9 @@ counts), the state-dict version metadata some layers check, and a SHA-256 of the
 architecture, reapplies factorisations, resizes every parameter and buffer by key to the saved shape, restores
 the attributes and checks the tensors against their hash. Files of format 1 still load.
 
-A recorded architecture is called only if it is an ``nn.Module`` class or a function annotated to return one,
-so a file cannot name an arbitrary callable; ``--arch`` given by the user is taken as is.
+A recorded architecture is called only if it is an ``nn.Module`` class, a function annotated to return one, or
+any callable when the file was signed by this machine's key (:mod:`prunetool.trust`: every file prunetool writes
+here reloads with no flags); ``--arch`` given by the user is taken as is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import pickle
 import struct
 import sys
 import tempfile
-import typing
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers
+from . import layers, trust
 from .errors import UsageError
 from .factor import refactor
 
@@ -76,12 +76,12 @@ def _source_root(module) -> str | None:
     return str(root)
 
 
-def import_arch(spec: str, root: str | None = None, recorded_in: str | None = None):
+def import_arch(spec: str, root: str | None = None, recorded_in: str | None = None, signed: bool = False):
     """Resolve ``module.path:Callable`` or ``path/to/file.py:Callable``.
 
     ``recorded_in`` (a file) means the spec was read from that file rather than typed by the user: it may then
-    be imported from ``root``, the directory it was imported from when the file was written, and it must be an
-    ``nn.Module`` class or a function annotated to return one.
+    be imported from ``root``, the directory it was imported from when the file was written, and unless the file
+    is ``signed`` by this machine's key it must be an ``nn.Module`` class or a function annotated to return one.
     """
     flag = f"the architecture recorded in {recorded_in}" if recorded_in else "--arch"
     if ":" not in spec:
@@ -104,20 +104,11 @@ def import_arch(spec: str, root: str | None = None, recorded_in: str | None = No
         obj = getattr(obj, part)
     if not callable(obj):
         raise UsageError(f"{flag} {spec!r} is not callable; name a class or factory function")
-    if recorded_in is not None and not _builds_module(obj):
-        raise UsageError(f"{recorded_in} names architecture {spec}, which is not an nn.Module class or a builder "
-                         "annotated to return one; pass --arch yourself if you trust the file")
+    if recorded_in is not None and not trust.builds_module(obj) and (not signed or trust.standard_library(obj)):
+        raise UsageError(f"{recorded_in} names architecture {spec}, a plain function, and was not written on this "
+                         f"machine (no signature of {trust.key_path()}); pass --arch {spec} if you trust the file "
+                         "(README: Checkpoint)")
     return obj
-
-
-def _builds_module(obj) -> bool:
-    if isinstance(obj, type):
-        return issubclass(obj, nn.Module)
-    try:
-        ret = typing.get_type_hints(obj).get("return")
-    except Exception:
-        ret = getattr(obj, "__annotations__", {}).get("return")
-    return isinstance(ret, type) and issubclass(ret, nn.Module)
 
 
 def _import_module(name: str, root: str | None, flag: str, recorded_in: str | None):
@@ -150,6 +141,20 @@ def _import_file(path: str, root: str | None, flag: str):
     return module
 
 
+def arch_source(spec: str) -> str | None:
+    """The source file of ``spec``'s module, found without running it (None when it cannot be found)."""
+    mod_name = spec.rpartition(":")[0]
+    if mod_name.endswith(".py"):
+        return mod_name
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(mod_name)
+    except Exception:  # a parent package fails to import: import_arch says so
+        return None
+    return found.origin if found is not None and found.has_location else None
+
+
 def arch_root(spec: str) -> str | None:
     """Where ``spec``'s module lives, if it is not an installed package (recorded so reloads work elsewhere)."""
     mod_name = spec.rpartition(":")[0]
@@ -160,8 +165,8 @@ def arch_root(spec: str) -> str | None:
 
 
 def build_arch(spec: str, kwargs: dict | None = None, root: str | None = None,
-               recorded_in: str | None = None) -> nn.Module:
-    factory = import_arch(spec, root, recorded_in)
+               recorded_in: str | None = None, signed: bool = False) -> nn.Module:
+    factory = import_arch(spec, root, recorded_in, signed)
     flag = f"the architecture recorded in {recorded_in}" if recorded_in else "--arch"
     try:
         model = factory(**(kwargs or {}))
@@ -315,11 +320,18 @@ def _with_versions(state: dict, versions: dict | None) -> dict:
     return state
 
 
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with unit strides in every dimension: ``contiguous()`` keeps any stride on a dimension of size 1
+    (a layer cut to one unit), which byte views and some writers refuse."""
+    t = t.detach().cpu()
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+
 def tensor_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
     h = hashlib.sha256()
     for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
+        t = packed(state[key])
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -501,7 +513,12 @@ def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) 
     if not arch:
         raise UsageError(f"{path} records no architecture; pass --arch MODULE:CALLABLE")
     root = structure.get("arch_root")
-    model = build_arch(arch, kwargs, root, None if given else path)
+    signed = not given and trust.signed(structure.get("signature"), arch, kwargs, root)
+    if not given and not signed and isinstance(kwargs, dict) and kwargs.get("trust_remote_code"):
+        raise UsageError(f"{path} asks to run a Hugging Face model's own code (trust_remote_code) and was not "
+                         "written on this machine; reload it from its directory with --trust-remote-code if you "
+                         "trust it")
+    model = build_arch(arch, kwargs, root, None if given else path, signed)
     refactor(model, record.get("factored", {}))
     resize_to_state_dict(model, state)
     restore_attributes(model, structure.get("attributes", {}))
@@ -592,10 +609,11 @@ def serialize(model: nn.Module, arch: str | None, arch_kwargs: dict | None = Non
               dtypes: dict[str, torch.dtype] | None = None, fmt: str = ".pt", root: str | None = None) -> bytes:
     """The bytes of prunetool's file format for ``model`` (``fmt``: ``.safetensors`` or ``.pt``)."""
     record = record or {}
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: packed(v) for k, v in model.state_dict().items()}
     state = cast_state(state, dtypes)
     structure = structure_of(model, arch, arch_kwargs, record.get("factored", {}), state, root)
     arch = arch or _class_path(model)
+    structure["signature"] = trust.sign(arch, arch_kwargs or {}, structure["arch_root"])
     if fmt == ".safetensors":
         from safetensors.torch import save as st_save
 

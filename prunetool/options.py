@@ -109,6 +109,7 @@ class Outputs:
     atol: float = DEFAULT_ATOL  # parity of --onnx / --pt2 with PyTorch
     rtol: float = DEFAULT_RTOL
     out_fallback: str | None = None  # written instead of a Hugging Face directory ``out`` that cannot hold the cut
+    inputs: dict[str, str] = field(default_factory=dict)  # more files the run reads (the options file): never written
 
     def paths(self) -> dict[str, str]:
         """Flag → path of every output asked for."""

@@ -34,6 +34,11 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return False
+    samples = as_samples(samples)
+    if len(samples) < 2:  # a BatchNorm after a global pool sees one value per channel: no variance to estimate
+        warnings.warn("BatchNorm recalibration needs at least 2 calibration samples; the statistics from before "
+                      "are kept (raise --calib)")
+        return False
     checked = probe is not None and _finite(model, probe, output_key)  # only outputs that were finite can be lost
     before = [{k: t.clone() for k, t in m.named_buffers(recurse=False)} for m in norms] if checked else []
     saved = [(m, m.momentum) for m in norms]
@@ -47,8 +52,11 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
     # 32 samples at the default budget, in proportion beyond it: the running variance averages per-batch
     # variances, so a budget that moves the batch moves the statistics.
     size = batch or (256 if settings is None else max(1, round(32 * settings.memory / DEFAULT_CALIB_MEMORY)))
+    size = max(size, 2)
+    while len(samples) % size == 1:  # a last batch of one sample: one value per channel after a global pool
+        size += 1
     with torch.no_grad():
-        for xb, _, _ in as_samples(samples).batches(size):
+        for xb, _, _ in samples.batches(size):
             call(model, batch_to(xb, device, model_dtype(model)))
     for m, momentum in saved:
         m.momentum = momentum
@@ -97,13 +105,14 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
     sampler = None
+    lone = len(data.train) % batch_size == 1 and len(data.train) > 1  # a last batch of one breaks BatchNorm in training
     if distributed.active():
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data.train, shuffle=True, seed=SEED)
-        loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler)
+        loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, drop_last=lone)
     else:
-        loader = DataLoader(data.train, batch_size=batch_size, shuffle=True,
+        loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=lone,
                             generator=torch.Generator().manual_seed(SEED))
     model.to(device)
     trained = model

@@ -131,12 +131,14 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> b
     return bool(spans) and max(spans) < 1e-6
 
 
-def check_reload(data: bytes, x: Batch, expected: torch.Tensor) -> None:
-    """Load saved bytes back as :func:`prunetool.load` does; outputs must be identical (an output that overflows
-    to inf or NaN, as random weights in some deep nets do, must do so at the same places)."""
+def check_reload(data: bytes, x: Batch, expected: torch.Tensor, arch: str | None = None,
+                 arch_kwargs: dict | None = None) -> None:
+    """Load saved bytes back as :func:`prunetool.load` does, with the architecture the user passed (if any);
+    outputs must be identical (an output that overflows to inf or NaN, as random weights in some deep nets do,
+    must do so at the same places)."""
     from .load import from_bytes, upcast_half
 
-    model = from_bytes(data).model.eval()
+    model = from_bytes(data, arch=arch, arch_kwargs=arch_kwargs).model.eval()
     upcast_half(model)
     out = outputs_of(model, x)
     if not torch.allclose(out, expected, rtol=0.0, atol=0.0, equal_nan=True):

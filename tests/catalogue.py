@@ -118,6 +118,46 @@ def _safetensors_sd(d: Path) -> None:
     save_file(torch.load(d / "m.pt", weights_only=True), d / "m.safetensors")
 
 
+MYNET = "from samples.nets import EvciCNN\n\n\ndef build():\n    return EvciCNN()\n"
+
+
+def _mynet(d: Path) -> None:
+    """A user's module: a plain builder function, no annotation."""
+    _npz(d)
+    (d / "mynet.py").write_text(MYNET)
+
+
+def _foreign(arch: str, kwargs: dict | None = None) -> Callable[[Path], None]:
+    """prunetool's own file naming ``arch``, written on another machine (signed by a key this one does not
+    hold)."""
+    def setup(d: Path) -> None:
+        import os
+
+        import torch
+
+        from prunetool.load import serialize
+        from samples.nets import EvciCNN
+
+        _mynet(d)
+        model = EvciCNN()
+        model.load_state_dict(torch.load(d / "m.pt", weights_only=True))
+        mine = os.environ.get("PRUNETOOL_KEY")
+        os.environ["PRUNETOOL_KEY"] = str(d.parent / f"{d.name}-other-machine.key")
+        try:
+            (d / "own.safetensors").write_bytes(serialize(model, arch, kwargs, fmt=".safetensors", root=str(d)))
+        finally:
+            if mine is None:
+                os.environ.pop("PRUNETOOL_KEY")
+            else:
+                os.environ["PRUNETOOL_KEY"] = mine
+    return setup
+
+
+def _hf_copy(d: Path) -> None:
+    _ckpt(d)
+    shutil.copytree(SAMPLES / "kjv_llama", d / "llama")
+
+
 def _config(text: str) -> Callable[[Path], None]:
     return _text("prunetool.toml", text)
 
@@ -345,6 +385,45 @@ CASES: list[Case] = [
                                        "no/s.md"], needles=("--summary-md",), setup=_ckpt),
     Case("html is a directory", ["inspect", "m.pt", *EVCI, "--input-shape", "1,28,28", "--html", "."],
          needles=("--html",), setup=_ckpt),
+    # --- outputs over inputs, suffixes (issue 21): refused before any work ---
+    Case("out over the data", ["shrink", "m.pt", *EVCI, "--data", "d.npz", "--out", "d.npz"],
+         needles=("--out", "--data"), setup=_npz, since="0.2"),
+    Case("json over the data", ["shrink", "m.pt", *EVCI, "--data", "d.npz", "--json", "d.npz"],
+         needles=("--json", "--data"), setup=_npz, since="0.2"),
+    Case("out over the architecture's source", ["shrink", "m.pt", "--arch", "mynet:build", "--data", "d.npz",
+                                                "--out", "mynet.py"], needles=("--out", "--arch"), setup=_mynet,
+         since="0.2"),
+    Case("summary over the architecture's source", ["shrink", "m.pt", "--arch", "mynet:build", "--data", "d.npz",
+                                                    "--summary-md", "mynet.py"], needles=("--summary-md", "--arch"),
+         setup=_mynet, since="0.2"),
+    Case("lowrank json over a file architecture", ["lowrank", "m.pt", "--arch", "mynet.py:build", "--data",
+                                                   "d.npz", "--json", "mynet.py"], needles=("--json", "--arch"),
+         setup=_mynet, since="0.2"),
+    Case("out named .onnx", ["shrink", "m.pt", *EVCI, "--input-shape", "1,28,28", "--out", "x.onnx"],
+         needles=("--out", ".onnx", "x.safetensors"), setup=_ckpt, since="0.2"),
+    Case("pt2 named .onnx", ["shrink", "m.pt", *EVCI, "--input-shape", "1,28,28", "--pt2", "x.onnx"],
+         needles=("--pt2", ".pt2"), setup=_ckpt, since="0.2"),
+    Case("json into a missing folder", ["shrink", "m.pt", *EVCI, "--input-shape", "1,28,28", "--json", "newdir/"],
+         needles=("--json", "folder", "newdir/report.json"), setup=_ckpt, since="0.2"),
+    Case("export json into a folder", ["export", "m.pt", *EVCI, "--input-shape", "1,28,28", "--onnx", "m.onnx",
+                                       "--json", "newdir/"], needles=("--json", "folder"), setup=_ckpt, since="0.2"),
+    Case("json inside a Hugging Face input", ["shrink", "llama", "--tokens", "8", "--json", "llama/report.json"],
+         needles=("--json", "inside", "CKPT"), setup=_hf_copy, since="0.2"),
+    Case("json over the options file", ["shrink", "m.pt", *EVCI, "--input-shape", "1,28,28", "--json",
+                                        "prunetool.toml"], needles=("--json", "--config"),
+         setup=_config("[shrink]\nratio = 0.4\n"), since="0.2"),
+    Case("dry-run json over the data", ["shrink", "m.pt", *EVCI, "--data", "d.npz", "--dry-run", "--json", "d.npz"],
+         needles=("--json", "--data"), setup=_npz, since="0.2"),
+    Case("inspect html over the data", ["inspect", "m.pt", *EVCI, "--data", "d.npz", "--html", "d.npz"],
+         needles=("--html", "--data"), setup=_npz, since="0.2"),
+    # --- architectures a file names (issue 21) ---
+    Case("foreign file names a plain builder", ["shrink", "own.safetensors", "--input-shape", "1,28,28"],
+         needles=("mynet:build", "--arch mynet:build"), setup=_foreign("mynet:build"), since="0.2"),
+    Case("foreign file names a standard-library callable", ["shrink", "own.safetensors", "--input-shape", "1,28,28"],
+         needles=("os:getcwd", "--arch"), setup=_foreign("os:getcwd"), since="0.2"),
+    Case("foreign file asks for remote code", ["shrink", "own.safetensors", "--input-shape", "1,28,28"],
+         needles=("trust_remote_code",), setup=_foreign("samples.nets:EvciCNN", {"trust_remote_code": True}),
+         since="0.2"),
     # --- config ---
     Case("config not TOML", ["shrink", "m.pt", *EVCI, "--input-shape", "1,28,28"], needles=("prunetool.toml",),
          setup=_config("ratio = = 1\n")),

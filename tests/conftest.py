@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ if str(ROOT) not in sys.path:
 from prunetool.data import Data  # noqa: E402
 
 torch.set_num_threads(1)
+# Files written by the suite are signed with a key of its own (inherited by the CLI run in subprocesses), never
+# with the developer's ~/.config/prunetool/key
+os.environ["PRUNETOOL_KEY"] = os.path.join(tempfile.mkdtemp(prefix="prunetool-key-"), "key")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ naming the problem, no traceback, no file left and none changed; then the same p
 option values and over data files."""
 
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ def work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mynet", raising=False)  # a user module of an earlier case's folder
     return tmp_path
 
 

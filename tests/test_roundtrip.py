@@ -136,7 +136,23 @@ def test_a_file_cannot_name_an_arbitrary_callable(tmp_path):
 
     save_file({"w": torch.zeros(1)}, tmp_path / "evil.safetensors",
               metadata={"prunetool_format": "2", "arch": "os:system", "arch_kwargs": '{"command": "true"}'})
-    with pytest.raises(UsageError, match="not an nn.Module class"):
+    with pytest.raises(UsageError, match="os:system, a plain function, and was not written on this machine"):
+        prunetool.load(tmp_path / "evil.safetensors")
+
+
+def test_a_signed_file_still_cannot_name_the_standard_library(tmp_path):
+    """Even a file signed by this machine's key never makes load call Python's own callables."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from prunetool import trust
+
+    structure = {"signature": trust.sign("os:system", {"command": "true"}, None), "arch_root": None}
+    save_file({"w": torch.zeros(1)}, tmp_path / "evil.safetensors",
+              metadata={"prunetool_format": "2", "arch": "os:system", "arch_kwargs": '{"command": "true"}',
+                        "structure": json.dumps(structure)})
+    with pytest.raises(UsageError, match="os:system"):
         prunetool.load(tmp_path / "evil.safetensors")
 
 

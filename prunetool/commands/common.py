@@ -11,21 +11,23 @@ after, and build the report.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import __version__, distributed, hf, layers, task
+from .. import __version__, distributed, hf, layers, task, trust
 from ..calibrate import Settings
 from ..data import Data, Samples, calibration, check_labels, check_token_ids, eval_loader, load_data
 from ..export import export_onnx, export_pt2
 from ..batch import as_input, batch_cat, batch_len, batch_slice, shape_of
 from ..errors import UsageError, VerificationError
-from ..load import Checkpoint, format_of, load, round_through, serialize, upcast_half
+from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, serialize, upcast_half
 from ..measure import compare_latency, evaluate, macs, params
 from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
@@ -101,20 +103,59 @@ def as_checkpoint(source: Source) -> tuple[Checkpoint, tuple[nn.Module, bool] | 
     return load(model, source.arch, source.arch_kwargs, source.unsafe_pickle, source.trust_remote_code), None
 
 
-def check_job_outputs(outputs: Outputs, source: Source) -> None:
-    """Refuse colliding or unwritable outputs before any work; ``--out`` may be a directory for a Hugging Face
-    model (written as one)."""
+def check_job_outputs(outputs: Outputs, source: Source, data: DataOptions | None = None) -> None:
+    """The preflight of a command that writes a model (:func:`preflight`); ``--out`` may be a directory for a
+    Hugging Face model (written as one)."""
     hf_source = isinstance(source.checkpoint, (str, os.PathLike)) and hf.is_dir(source.checkpoint)
     out_dir = ("--out",) if hf_source and not str(outputs.out or "").endswith(FILE_SUFFIXES) else ()
     paths = outputs.paths()
     if out_dir and outputs.out_fallback:  # written instead when the family's config cannot hold the cut
         paths["--out (its fallback file)"] = outputs.out_fallback
-    check_outputs(paths, input_paths(source), DIRECTORY_OUTPUTS + out_dir)
+    preflight(paths, source, data, DIRECTORY_OUTPUTS + out_dir, outputs.inputs)
 
 
-def input_paths(source: Source) -> dict[str, str]:
-    """The input files an output must not overwrite."""
-    return {"CKPT": str(source.checkpoint)} if isinstance(source.checkpoint, (str, os.PathLike)) else {}
+def preflight(outputs: dict[str, str], source: Source, data: DataOptions | None = None,
+              directories: tuple[str, ...] = DIRECTORY_OUTPUTS, inputs: dict[str, str] | None = None) -> None:
+    """Everything that can fail without the model's numbers, refused before any work with one line naming the
+    flag and the fix: the architecture imports (and a file written with it will reload), every output path
+    (suffix, folder, permission), no output over or inside any input, the exporters asked for are installed."""
+    if source.arch:
+        obj = import_arch(source.arch)
+        if not trust.builds_module(obj) and any(f in outputs for f in ("--out", "--out (its fallback file)")) \
+                and trust.sign(source.arch, source.arch_kwargs or {}, None) is None:
+            warnings.warn(f"no signing key can be kept at {trust.key_path()}: the file written will reload only "
+                          f"with --arch {source.arch} (set {trust.KEY_ENV} to a writable path)")
+    check_outputs(outputs, {**input_paths(source, data), **(inputs or {})}, directories)
+    for flag, modules in (("--onnx", ("onnx", "onnxruntime", "onnxscript")), ("--pt2", ("torch.export",))):
+        missing = [m for m in modules if flag in outputs and importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(f"{flag} needs the {missing[0]} package, which is not installed; pip install "
+                             f"{missing[0]} or drop {flag}")
+
+
+TORCHVISION_FOLDERS = {"mnist": ("MNIST",), "fashion-mnist": ("FashionMNIST",), "fashionmnist": ("FashionMNIST",),
+                       "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz")}
+
+
+def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, str]:
+    """The files and folders a run reads (checkpoint, the architecture's source, data, tokenizer): no output may
+    be written over one of them or inside one of the folders."""
+    paths = {}
+    if isinstance(source.checkpoint, (str, os.PathLike)):
+        paths["the input checkpoint (CKPT)"] = str(source.checkpoint)
+    if source.arch and (file := arch_source(source.arch)):
+        paths["the source of --arch"] = file
+    spec = data.data if data is not None else None
+    if isinstance(spec, (str, os.PathLike)):
+        kind, sep, root = str(spec).partition(":")
+        if sep and kind.lower() in TORCHVISION_FOLDERS:
+            for name in TORCHVISION_FOLDERS[kind.lower()]:
+                paths[f"the input --data ({name})"] = str(Path(root or ".").expanduser() / name)
+        else:
+            paths["the input --data"] = str(spec)
+    if data is not None and data.tokenizer:
+        paths["the input --tokenizer"] = str(data.tokenizer)
+    return paths
 
 
 def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
@@ -254,7 +295,7 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
     blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes,
                      format_of(out if out is not None and not hf_dir else DEFAULT_FORMAT), ckpt.arch_root)
     if ckpt.arch is not None or out is not None:
-        check_reload(blob, probe, expected)
+        check_reload(blob, probe, expected, ckpt.arch, ckpt.arch_kwargs)
         checks["reload"] = "identical"
     if hf_dir:
         checks["reload_from_pretrained"] = "identical"

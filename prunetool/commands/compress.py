@@ -27,7 +27,7 @@ def run(source: Source, data: DataOptions, opts: CompressOptions, measurement: M
         staging: Staging, progress: bool = False) -> tuple[nn.Module, dict]:
     for options in (opts, data, measurement):
         options.check()
-    check_job_outputs(outputs, source)
+    check_job_outputs(outputs, source, data)
     bars = Bars(progress)
     job = start(source, data, measurement.device)
     try:

@@ -6,8 +6,8 @@ from ..batch import batch_len
 from ..errors import UsageError
 from ..export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, export_onnx, export_pt2
 from ..options import DataOptions, Source
-from ..staging import Staging, check_outputs
-from .common import input_paths, start
+from ..staging import Staging
+from .common import preflight, start
 
 
 def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = None, pt2: str | None = None,
@@ -15,7 +15,7 @@ def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = 
     if onnx is None and pt2 is None:
         raise UsageError("export needs --onnx PATH, --pt2 PATH or both")
     data.check()
-    check_outputs({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2)) if v}, input_paths(source))
+    preflight({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2)) if v}, source, data)
     job = start(source, data)
     try:
         probe = job.probe

@@ -15,14 +15,14 @@ from ..measure import params
 from ..options import DataOptions, Source
 from ..progress import Bars
 from ..redundancy import (BUDGET, DEAD_NATS, FROZEN_RELATIVE, MRP_MAX_UNITS, matrices, matrix_report, unit_report)
-from ..staging import Staging, check_outputs
-from .common import input_paths, start
+from ..staging import Staging
+from .common import preflight, start
 
 
 def run(source: Source, data: DataOptions, staging: Staging, html: str | None = None, plots: str | None = None,
         progress: bool = False) -> dict:
     data.check()
-    check_outputs({k: v for k, v in (("--html", html),) if v}, input_paths(source))
+    preflight({k: v for k, v in (("--html", html),) if v}, source, data)
     if plots is not None and Path(plots).exists() and not Path(plots).is_dir():
         from ..errors import UsageError
 

@@ -112,7 +112,7 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
     """Remove units from every prunable group, compensate, verify, recover and measure (see :func:`shrink`)."""
     for options in (opts, data, recovery, measurement):
         options.check()
-    check_job_outputs(outputs, source)
+    check_job_outputs(outputs, source, data)
     bars = Bars(progress)
     job = start(source, data, measurement.device)
     try:

@@ -40,7 +40,7 @@ def run(source: Source, data: DataOptions, opts: SparsifyOptions, recovery: Reco
         outputs: Outputs, staging: Staging, progress: bool = False) -> tuple[nn.Module, dict]:
     for options in (opts, data, recovery, measurement):
         options.check()
-    check_job_outputs(outputs, source)
+    check_job_outputs(outputs, source, data)
     bars = Bars(progress)
     job = start(source, data, measurement.device)
     try:
