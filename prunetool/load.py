@@ -379,7 +379,13 @@ def _read_safetensors(data: bytes, path: str) -> dict:
 def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
          unsafe_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
     """Load a checkpoint: prunetool's own file, a state_dict (``.pt`` or ``.safetensors``) with ``arch``, a Hugging
-    Face model directory (:mod:`prunetool.hf`), or (if allowed) a pickled module."""
+    Face model directory (:mod:`prunetool.hf`), or (if allowed) a pickled module.
+
+    prunetool's own file needs no ``arch``: the callable it records is called when it is an ``nn.Module`` class,
+    a function annotated ``-> nn.Module``, or any other builder when the file was signed by this machine's key
+    (:mod:`prunetool.trust`; every file prunetool writes here is). A file from elsewhere that names a plain
+    function raises :class:`UsageError` unless ``arch`` is given: passing it says you trust the file.
+    """
     from . import hf
 
     if hf.is_dir(path):
