@@ -575,7 +575,7 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and onnxruntime."),
     device: str = DEVICE, onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time onnxruntime (CPU)."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs first."),
-    runs: int = typer.Option(50, "--runs", help="Timed runs at most (stops after 1 s once 5 are done)."),
+    runs: int = typer.Option(50, "--runs", help="Timed runs of each checkpoint at most, in up to 7 alternating rounds (about 1 s per checkpoint); a speed-up is the median of paired rounds, marked noisy when they disagree by over ±20%."),
     json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
 ):
     """Latency (median, p10, p90), throughput and peak memory of checkpoints side by side, PyTorch eager and

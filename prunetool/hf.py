@@ -14,8 +14,8 @@ from the new config has exactly the cut model's tensors. A family whose config c
 and GPT-2 derive the head size from the model width, so fewer heads change nothing a config can say; widths that
 differ per layer) is refused with the reason, and the command writes prunetool's own file instead. Biases the
 compensation added are kept by switching on the config's bias flag (``attention_bias``, ``mlp_bias``) where the
-family has one; the biases that flag also creates elsewhere are zero. The written directory is read back with
-``from_pretrained`` and must give identical outputs.
+family has one; the biases that flag also creates elsewhere are zero, and count in the written model's parameters.
+The written directory is read back with ``from_pretrained`` (:func:`read_back`) and must give identical outputs.
 """
 
 from __future__ import annotations
@@ -330,7 +330,9 @@ def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = Non
 
 
 def read_back(dest: str | Path, ckpt) -> nn.Module:
-    """The directory loaded as a user will: ``from_pretrained`` of its class."""
+    """The directory loaded as a user will: ``from_pretrained`` of its class, in the file's dtypes. It can hold more
+    parameters than the model written (the zero biases a bias flag adds, see :func:`config_for`), so a report
+    measures this model, not the one in memory."""
     kwargs = ckpt.arch_kwargs
     with quiet():
         config = __import__("transformers").AutoConfig.from_pretrained(dest, trust_remote_code=bool(

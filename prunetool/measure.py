@@ -65,20 +65,25 @@ def _forward(model: nn.Module, x: Batch):
     return model(**x) if isinstance(x, dict) else model(x)
 
 
-def forward_times(model: nn.Module, example: Batch | tuple[int, ...], batch_size: int, device: str = "cpu",
-                  **kwargs) -> list[float]:
-    """Times of eager forward passes on a batch of ``batch_size`` (random inputs of a shape, or ``example``'s
-    samples repeated), synchronised on CUDA."""
-    model.eval()
-    x = resized(example, batch_size, model, device)
+def synced(model: nn.Module, x: Batch, device: str = "cpu"):
+    """One eager forward pass of ``model`` on ``x`` as a callable to time, synchronised on CUDA."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run():
         _forward(model, x)
         sync()
 
+    return run
+
+
+def forward_times(model: nn.Module, example: Batch | tuple[int, ...], batch_size: int, device: str = "cpu",
+                  **kwargs) -> list[float]:
+    """Times of eager forward passes on a batch of ``batch_size`` (random inputs of a shape, or ``example``'s
+    samples repeated), synchronised on CUDA."""
+    model.eval()
+    x = resized(example, batch_size, model, device)
     with torch.inference_mode():
-        return timings(run, **kwargs)
+        return timings(synced(model, x, device), **kwargs)
 
 
 def latency(model: nn.Module, example: Batch | tuple[int, ...], batch_size: int, device: str = "cpu",
@@ -135,37 +140,57 @@ def peak_forward_mb(model: nn.Module, example: Batch | tuple[int, ...], batch: i
 NOISE = 0.2  # a speed-up is judged only when its p10–p90 range over measurement rounds is within ±20% of its median
 
 
-def compare_latency(before: nn.Module, after: nn.Module, example: Batch | tuple[int, ...], batch: int,
-                    device: str = "cpu", rounds: int = 7, budget_s: float = 2.0) -> dict:
-    """Latency of two models measured in alternating rounds (so that both see the same machine), with the spread
-    of each and of the speed-up: the per-round ratios' p10, p50 and p90. ``noisy`` when the speed-up's p10–p90
-    range is wider than ±``NOISE`` of its median."""
-    xa = resized(example, batch, before, device)
-    xb = resized(xa, batch, after, device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    before.eval()
-    after.eval()
+def interleaved(runs: list, rounds: int = 7, budget_s: float = 2.0, warmup: int = 2,
+                max_runs: int | None = None) -> list[list[list[float]]]:
+    """Wall times in milliseconds of each of ``runs`` (callables, one timed call each) measured in alternating
+    rounds, so that all see the same machine: ``warmup`` untimed calls of each, then ``rounds`` rounds in which
+    each is called as often as fits ``budget_s`` over all rounds (at least once a round; with ``max_runs``, at most
+    that often in all when it is at least ``rounds``). Returns, for each run, its times in each round."""
 
-    def once(model, x) -> float:
+    def once(run) -> float:
         t0 = time.perf_counter()
-        _forward(model, x)
-        sync()
+        run()
         return 1000.0 * (time.perf_counter() - t0)
 
-    with torch.inference_mode():
-        for _ in range(2):  # warm-up
-            once(before, xa)
-            once(after, xb)
-        first = once(before, xa) + once(after, xb)
-        per_round = max(1, int(budget_s * 1000 / rounds / max(first, 1e-3)))
-        times_a, times_b, ratios = [], [], []
-        for _ in range(rounds):
-            ta = [once(before, xa) for _ in range(per_round)]
-            tb = [once(after, xb) for _ in range(per_round)]
-            times_a += ta
-            times_b += tb
-            ratios.append(statistics.median(ta) / max(statistics.median(tb), 1e-9))
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    first = sum(once(run) for run in runs)
+    per_round = max(1, int(budget_s * 1000 / rounds / max(first, 1e-3)))
+    if max_runs is not None:
+        per_round = max(1, min(per_round, max_runs // rounds))
+    times = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, kept in zip(runs, times):
+            kept.append([once(run) for _ in range(per_round)])
+    return times
+
+
+def flat(rounds: list[list[float]]) -> list[float]:
+    """All times of the rounds of :func:`interleaved`, in order."""
+    return [t for r in rounds for t in r]
+
+
+def paired_speedup(base: list[list[float]], other: list[list[float]]) -> dict:
+    """The speed-up of ``other`` over ``base`` from their rounds of :func:`interleaved`: ``speedup`` is the p10,
+    p50 and p90 of the per-round ratios of medians (each round's pair saw the same machine), ``spread`` half their
+    p10–p90 range over the p50, ``noisy`` when that is above ``NOISE`` (the ratio cannot be judged)."""
+    ratios = [statistics.median(a) / max(statistics.median(b), 1e-9) for a, b in zip(base, other)]
     speedup = {"p10": percentile(ratios, 0.1), "p50": statistics.median(ratios), "p90": percentile(ratios, 0.9)}
     spread = (speedup["p90"] - speedup["p10"]) / 2 / max(speedup["p50"], 1e-9)
-    return {"batch": batch, "before": timing_stats(times_a, batch), "after": timing_stats(times_b, batch),
-            "speedup": speedup, "spread": spread, "noisy": spread > NOISE, "rounds": rounds}
+    return {"speedup": speedup, "spread": spread, "noisy": spread > NOISE}
+
+
+def compare_latency(before: nn.Module, after: nn.Module, example: Batch | tuple[int, ...], batch: int,
+                    device: str = "cpu", rounds: int = 7, budget_s: float = 2.0) -> dict:
+    """Latency of two models measured in alternating rounds (:func:`interleaved`), with the spread of each and of
+    the speed-up (:func:`paired_speedup`): the per-round ratios' p10, p50 and p90. ``noisy`` when the speed-up's
+    p10–p90 range is wider than ±``NOISE`` of its median."""
+    xa = resized(example, batch, before, device)
+    xb = resized(xa, batch, after, device)
+    before.eval()
+    after.eval()
+    with torch.inference_mode():
+        times_a, times_b = interleaved([synced(before, xa, device), synced(after, xb, device)], rounds, budget_s)
+    return {"batch": batch, "before": timing_stats(flat(times_a), batch), "after": timing_stats(flat(times_b), batch),
+            **paired_speedup(times_a, times_b), "rounds": rounds}

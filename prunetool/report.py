@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 from rich.console import Console
 from rich.table import Table
-
 
 
 def _size(n: int | None) -> str:
@@ -46,6 +46,19 @@ def _ratio(before, after) -> str:
     if before is None or after is None or not after:
         return ""
     return f"{before / after:.2f}×"
+
+
+def speedup(report: dict, batch) -> dict | None:
+    """The speed-up at ``batch`` that the summary line, the tables, the JSON report and the ``--min-speedup`` gate
+    all show: the median of paired per-round ratios of :func:`prunetool.measure.compare_latency` (``p50``), with
+    ``p10``, ``p90`` and ``noisy``; None where latency was not measured. Never a ratio of the two medians."""
+    m = (report.get("latency") or {}).get(str(batch))
+    return None if m is None else {**m["speedup"], "noisy": m["noisy"]}
+
+
+def _speedup(s: dict) -> str:
+    """``2.20× (2.10–2.30)``, marked ``noisy`` when the machine was too noisy to judge it."""
+    return f"{s['p50']:.2f}× ({s['p10']:.2f}–{s['p90']:.2f})" + (" noisy" if s["noisy"] else "")
 
 
 def layers_table(report: dict) -> Table:
@@ -93,21 +106,23 @@ def metrics_table(report: dict) -> Table:
         table.add_row("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
     table.add_row("loss", _loss(b["loss"]), _loss(a["loss"]), "")
     for bs, m in report.get("latency", {}).items():
-        before, after, s = m["before"], m["after"], m["speedup"]
+        before, after = m["before"], m["after"]
         table.add_row(f"latency, batch {bs}", f"{before['median_ms']:.3f} ms ({before['p10_ms']:.2f}–{before['p90_ms']:.2f})",
                       f"{after['median_ms']:.3f} ms ({after['p10_ms']:.2f}–{after['p90_ms']:.2f})",
-                      f"{s['p50']:.2f}× ({s['p10']:.2f}–{s['p90']:.2f})" + (" noisy" if m["noisy"] else ""))
+                      _speedup(speedup(report, bs)))
     return table
 
 
 def summary_line(report: dict) -> str:
-    """``shrink: 20522 → 4019 params (5.1×), 0.9 → 0.4 ms (2.2×), 98.9% → 98.6% (−0.3 pp)``"""
+    """``shrink: 20522 → 4019 params (5.1×), 0.9 → 0.4 ms at batch 1 (2.2×), 98.9% → 98.6% (−0.3 pp)``; the
+    speed-up is :func:`speedup`'s p50 (marked ``noisy`` when it could not be judged)."""
     b, a = report["before"], report["after"]
     parts = [f"{b['params']} → {a['params']} params ({_ratio(b['params'], a['params'])})"]
     bs = next(iter(b["latency_ms"]), None)
     if bs is not None:
-        lb, la = b["latency_ms"][bs], a["latency_ms"][bs]
-        parts.append(f"{lb:.2f} → {la:.2f} ms at batch {bs} ({_ratio(lb, la)})")
+        lb, la, s = b["latency_ms"][bs], a["latency_ms"][bs], speedup(report, bs)
+        ratio = "" if s is None else f" ({s['p50']:.2f}×" + (", noisy)" if s["noisy"] else ")")
+        parts.append(f"{lb:.2f} → {la:.2f} ms at batch {bs}{ratio}")
     m = report.get("metric") or {}
     if m.get("before") is not None:
         name = m["name"]
@@ -263,9 +278,8 @@ def budget_failures(report: dict, budgets) -> list[str]:
             lines.append(f"{m['name']} drop {drop:.2f} {unit} is above --max-drop {budgets.max_drop:g} {unit} by "
                          f"{drop - budgets.max_drop:.2f}")
     if budgets.min_speedup is not None:
-        m = report["latency"][str(budgets.speedup_batch)]
-        s = m["speedup"]
-        if not m["noisy"] and s["p50"] < budgets.min_speedup:
+        s = speedup(report, budgets.speedup_batch)
+        if not s["noisy"] and s["p50"] < budgets.min_speedup:
             lines.append(f"speed-up {s['p50']:.2f}× (p10 {s['p10']:.2f}×, p90 {s['p90']:.2f}×) at batch "
                          f"{budgets.speedup_batch} is below --min-speedup {budgets.min_speedup:g}×")
     if budgets.max_params is not None:
@@ -282,10 +296,9 @@ def too_noisy(report: dict, budgets) -> str | None:
 
     if budgets.min_speedup is None:
         return None
-    m = report["latency"][str(budgets.speedup_batch)]
-    if not m["noisy"]:
+    m, s = report["latency"][str(budgets.speedup_batch)], speedup(report, budgets.speedup_batch)
+    if not s["noisy"]:
         return None
-    s = m["speedup"]
     return (f"the machine was too noisy to judge --min-speedup {budgets.min_speedup:g}× at batch "
             f"{budgets.speedup_batch}: the speed-up ranged {s['p10']:.2f}×–{s['p90']:.2f}× over {m['rounds']} rounds "
             f"in each of {m['attempts']} measurements (judged within ±{100 * NOISE:.0f}% of the median); run it on an "
@@ -301,8 +314,7 @@ def summary_markdown(report: dict, failures: list[str]) -> str:
             ("file size", _size(b["file_bytes"]), _size(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"])),
             (name, _metric(name, b.get(name)), _metric(name, a.get(name)), "")]
     rows += [(f"latency, batch {k}", f"{m['before']['median_ms']:.3f} ms", f"{m['after']['median_ms']:.3f} ms",
-              f"{m['speedup']['p50']:.2f}× ({m['speedup']['p10']:.2f}–{m['speedup']['p90']:.2f})"
-              + (" noisy" if m["noisy"] else "")) for k, m in report.get("latency", {}).items()]
+              _speedup(speedup(report, k))) for k, m in report.get("latency", {}).items()]
     lines = [f"### prunetool {report['command']}", "", f"`{summary_line(report)}`", "",
              "| | before | after | ratio |", "|---|--:|--:|--:|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in rows]
@@ -314,9 +326,28 @@ def summary_markdown(report: dict, failures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_noise(report: dict) -> str | None:
+    """The one line saying which of bench's speed-ups the machine was too noisy to judge; None when all were judged."""
+    from .measure import NOISE
+
+    noisy = []
+    for r in report["results"]:
+        for b, st in r["batches"].items():
+            if st["noisy"]:
+                s = st["speedup"]
+                noisy.append(f"{r['checkpoint']} ({r['runtime']}, batch {b}: {s['p10']:.2f}×–{s['p90']:.2f}×)")
+    if not noisy:
+        return None
+    return (f"the machine was too noisy to judge the speed-up of {'; '.join(noisy)} over {report['rounds']} rounds "
+            f"(judged within ±{100 * NOISE:.0f}% of the median); run it on an idle machine, or pin threads with "
+            "OMP_NUM_THREADS")
+
+
 def render_bench(report: dict, console: Console) -> None:
-    table = Table(title=f"latency ({report['threads']} threads); speed-up is against the first checkpoint",
-                  title_justify="left")
+    """The table of bench's checkpoints; speed-ups the machine was too noisy to judge are marked ``noisy``, and one
+    warning (:func:`bench_noise`) names them."""
+    table = Table(title=f"latency ({report['threads']} threads); speed-up is against the first checkpoint (median "
+                        "of paired rounds, p10–p90)", title_justify="left")
     for col in ("checkpoint", "runtime", "params", "batch", "median", "p90", "throughput", "speed-up", "peak fwd"):
         table.add_column(col, justify="left" if col in ("checkpoint", "runtime") else "right")
     for r in report["results"]:
@@ -324,9 +355,12 @@ def render_bench(report: dict, console: Console) -> None:
             peak = r.get("peak_forward_mb")
             table.add_row(r["checkpoint"], r["runtime"] + ("" if r["runtime"] != "torch" else f" ({r['device']})"),
                           f"{r['params']:,}", b, f"{st['median_ms']:.3f} ms", f"{st['p90_ms']:.3f} ms",
-                          f"{st['throughput']:,.0f}/s", f"{st['speedup_vs_first']:.2f}×",
+                          f"{st['throughput']:,.0f}/s", _speedup({**st["speedup"], "noisy": st["noisy"]}),
                           "" if peak is None else f"{peak:.1f} MB")
     console.print(table)
+    line = bench_noise(report)
+    if line:
+        warnings.warn(line)
 
 
 def render_inspect(report: dict, console: Console) -> None:

@@ -1,21 +1,26 @@
 """``bench``: latency (median, p10, p90), throughput and peak memory of checkpoints side by side, in PyTorch eager
-and in onnxruntime; ratios are to the first checkpoint."""
+and in onnxruntime; ratios are to the first checkpoint. The checkpoints of a runtime are timed in alternating rounds
+(:func:`prunetool.measure.interleaved`, as ``shrink`` times before and after), so each speed-up is the median of
+per-round ratios, with its p10–p90 range and a ``noisy`` flag when the machine was too noisy to judge it."""
 
 from __future__ import annotations
 
-import os
 import tempfile
+from pathlib import Path
 
 import torch
 
-from ..batch import call, shape_of
+from ..batch import call, resized, shape_of
 from ..data import random_tokens, vocabulary
 from ..errors import UsageError
-from ..export import export_onnx, ort_latency, ort_session
+from ..export import _feed, export_onnx, ort_session
 from ..load import load, upcast_half
-from ..measure import forward_times, params, peak_forward_mb, timing_stats
+from ..measure import flat, interleaved, paired_speedup, params, peak_forward_mb, synced, timing_stats
 from ..progress import Bars
 from ..task import OutputError
+
+ROUNDS = 7  # alternating rounds per batch size (fewer when --runs is smaller)
+BUDGET_S = 1.0  # seconds of timing per checkpoint and batch size
 
 
 def _example(path, ckpt, input_shape, tokens, others=()):
@@ -54,7 +59,10 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
           device: str = "cpu", onnx: bool = True, warmup: int = 5, runs: int = 50, arch: str | None = None,
           arch_kwargs: dict | None = None, unsafe_pickle: bool = False, progress: bool = False,
           tokens: int | None = None, trust_remote_code: bool = False, output_key: str | None = None) -> dict:
-    """Benchmark each checkpoint; ratios are to the first one. Inputs: random of ``input_shape``, or sequences of
+    """Benchmark each checkpoint; ratios are to the first one: the median of per-round ratios, the checkpoints timed
+    in alternating rounds (``speedup_vs_first``, with ``speedup`` p10/p50/p90, ``spread`` and ``noisy`` as ``shrink``
+    reports them). Each is called ``warmup`` times untimed, then at most ``runs`` times (at least once in each of
+    ``min(7, runs)`` rounds, about a second each in all). Inputs: random of ``input_shape``, or sequences of
     ``tokens`` random token ids (by default what each checkpoint records). ``output_key`` names the entry of a
     structured output that the ONNX export keeps (default: ``logits``, else the first tensor)."""
     if threads is not None:
@@ -68,8 +76,7 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UsageError(f"--batch-sizes {','.join(map(str, batch_sizes))}: batch sizes must be at least 1")
     bars = Bars(progress)
-    rows = []
-    jobs = [(p, runtime) for p in paths for runtime in (("torch", "onnxruntime") if onnx else ("torch",))]
+    runtimes = ("torch", "onnxruntime") if onnx else ("torch",)
     ckpts = {p: load(p, arch, arch_kwargs, unsafe_pickle, trust_remote_code) for p in dict.fromkeys(paths)}
     models = {}
     for path, ckpt in ckpts.items():
@@ -77,33 +84,57 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
         models[path] = (ckpt.model.eval(), _example(path, ckpt, input_shape, tokens, ckpts.values()))
         if onnx:
             _check_output(path, *models[path], output_key)
-    for path, runtime in bars.track(jobs, "benchmarking"):
+    rows = {(i, runtime): {"checkpoint": str(path), "runtime": runtime, "params": params(models[path][0]),
+                           "input_shape": _shown(models[path][1]), "device": device if runtime == "torch" else "cpu",
+                           "batches": {}}
+            for i, path in enumerate(paths) for runtime in runtimes}
+    rounds = min(ROUNDS, runs)
+    with tempfile.TemporaryDirectory(prefix="prunetool-bench-") as tmp:
+        for runtime in runtimes:
+            if runtime == "torch":
+                for model, _ in models.values():
+                    model.to(device)
+                runs_at = _torch_runs([models[p] for p in paths], device)
+            else:
+                runs_at = _ort_runs(models, paths, tmp, threads, output_key)
+            for b in bars.track(batch_sizes, f"benchmarking ({runtime})"):
+                with torch.inference_mode():
+                    times = interleaved(runs_at(b), rounds, BUDGET_S * len(paths), warmup, runs)
+                for i, t in enumerate(times):
+                    judged = paired_speedup(times[0], t)
+                    rows[i, runtime]["batches"][str(b)] = {**timing_stats(flat(t), b),
+                                                           "speedup_vs_first": judged["speedup"]["p50"], **judged}
+            for i, path in enumerate(paths):
+                model, shape = models[path]
+                rows[i, runtime]["peak_forward_mb"] = (peak_forward_mb(model, shape, max(batch_sizes), device)
+                                                       if runtime == "torch" else None)
+            for model, _ in models.values():
+                model.to("cpu")
+    return {"command": "bench", "threads": torch.get_num_threads(), "batch_sizes": list(batch_sizes), "rounds": rounds,
+            "results": list(rows.values())}
+
+
+def _shown(shape) -> list:
+    return list(shape) if isinstance(shape, tuple) else [shape_of(shape)[0], "tokens"]
+
+
+def _torch_runs(models: list, device: str):
+    """For a batch size, each model's timed eager forward pass (in the order given) on its own inputs."""
+    return lambda b: [synced(model, resized(shape, b, model, device), device) for model, shape in models]
+
+
+def _ort_runs(models: dict, paths: list[str], tmp: str, threads: int | None, output_key: str | None):
+    """For a batch size, each checkpoint's timed onnxruntime run (in the order of ``paths``), exported into
+    ``tmp`` once."""
+    sessions = {}
+    for path in dict.fromkeys(paths):
         model, shape = models[path]
-        entry = {"checkpoint": str(path), "runtime": runtime, "params": params(model),
-                 "input_shape": list(shape) if isinstance(shape, tuple) else [shape_of(shape)[0], "tokens"],
-                 "device": device if runtime == "torch" else "cpu", "batches": {}}
-        if runtime == "torch":
-            model.to(device)
-            for b in batch_sizes:
-                times = forward_times(model, shape, b, device, warmup=warmup, min_runs=min(5, runs), max_runs=runs,
-                                      budget_s=1.0)
-                entry["batches"][str(b)] = timing_stats(times, b)
-            entry["peak_forward_mb"] = peak_forward_mb(model, shape, max(batch_sizes), device)
-            model.to("cpu")
-        else:
-            fd, tmp = tempfile.mkstemp(suffix=".onnx")
-            os.close(fd)
-            try:
-                export_onnx(model, _batch(shape), tmp, latency_batches=(), output_key=output_key)
-                session = ort_session(tmp, threads)
-                for b in batch_sizes:
-                    entry["batches"][str(b)] = timing_stats(ort_latency(session, shape, b, warmup, runs, 1.0), b)
-                entry["peak_forward_mb"] = None
-            finally:
-                os.unlink(tmp)
-        rows.append(entry)
-    for entry in rows:
-        first = next(r for r in rows if r["runtime"] == entry["runtime"])
-        for b, stats in entry["batches"].items():
-            stats["speedup_vs_first"] = first["batches"][b]["median_ms"] / stats["median_ms"]
-    return {"command": "bench", "threads": torch.get_num_threads(), "batch_sizes": list(batch_sizes), "results": rows}
+        f = str(Path(tmp) / f"{len(sessions)}.onnx")
+        export_onnx(model, _batch(shape), f, latency_batches=(), output_key=output_key)
+        sessions[path] = ort_session(f, threads), shape
+
+    def at(b):
+        feeds = [(session, _feed(session, resized(shape, b))) for session, shape in map(sessions.get, paths)]
+        return [lambda s=session, feed=feed: s.run(None, feed) for session, feed in feeds]
+
+    return at

@@ -246,15 +246,16 @@ FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 def _write_hf(job: Job, small: nn.Module, record: dict, out: str, fallback: str | None, staging: Staging,
-              expected: torch.Tensor, notes: list[str]) -> tuple[str, int | None]:
+              expected: torch.Tensor, notes: list[str]) -> tuple[str, int | None, nn.Module]:
     """Stage ``small`` as a Hugging Face directory at ``out``, read back with ``from_pretrained`` and compared;
     when its config cannot hold the cut, the path of prunetool's own file to write instead (``fallback``), with
-    a note saying why. Returns the output path and its weights' bytes."""
+    a note saying why. Returns the output path, its weights' bytes and the model to measure: the one read back
+    (with the zero biases a bias flag adds), else ``small``."""
     try:
         if not distributed.is_main():
             hf.config_for(small, job.ckpt.arch_kwargs["architecture"], job.ckpt.arch_kwargs["config"],
                           bool(job.ckpt.arch_kwargs.get("trust_remote_code")))
-            return out, None
+            return out, None, small
         tmp = staging.path(out, directory=True)
         hf.write_dir(small, job.ckpt, tmp, job.ckpt.path if job.ckpt.path and hf.is_dir(job.ckpt.path) else None)
     except hf.NotRepresentable as e:
@@ -264,13 +265,15 @@ def _write_hf(job: Job, small: nn.Module, record: dict, out: str, fallback: str 
                              f"--out {Path(out).name}.safetensors (prunetool's own file)") from None
         notes.append(f"written as prunetool's own file {fallback}, not as a Hugging Face directory: {e}; load it "
                      "with prunetool.load (from_pretrained cannot)")
-        return fallback, None
+        return fallback, None, small
     Path(tmp, "prunetool.json").write_text(json.dumps(record, indent=2) + "\n")
-    back = outputs_of(hf.read_back(tmp, job.ckpt), job.probe)
+    reloaded = hf.read_back(tmp, job.ckpt)
+    back = outputs_of(reloaded, job.probe)
     if not torch.equal(back, expected):
         raise VerificationError(f"the Hugging Face directory reloads with different outputs (max abs diff "
                                 f"{(back - expected).abs().max().item():.3g})")
-    return out, sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+    upcast_half(reloaded)  # measured in float32, as the dense model is
+    return out, sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")), reloaded
 
 
 def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict, *, factored: dict, outputs: Outputs, staging: Staging, measurement: Measurement,
@@ -287,10 +290,11 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
     round_through(small, ckpt.dtypes)
     small.eval()
     expected = outputs_of(small, probe)
-    out, notes, weights_bytes = outputs.out, [], None
+    out, notes, weights_bytes, measured = outputs.out, [], None, small
     hf_dir = out is not None and hf.is_hf(ckpt) and not out.endswith(FILE_SUFFIXES)
     if hf_dir:  # out becomes the fallback file when the family's config cannot hold the cut
-        out, weights_bytes = _write_hf(job, small, record, out, outputs.out_fallback, staging, expected, notes)
+        out, weights_bytes, measured = _write_hf(job, small, record, out, outputs.out_fallback, staging, expected,
+                                                 notes)
         hf_dir = out == outputs.out
     blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes,
                      format_of(out if out is not None and not hf_dir else DEFAULT_FORMAT), ckpt.arch_root)
@@ -325,10 +329,10 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
     okey = job.settings.output_key
     report["before"] = snapshot(job.dense, before_bytes, loader, job.example, measurement, bars, "evaluating dense",
                                 okey)
-    report["after"] = snapshot(small, weights_bytes if hf_dir else len(blob), loader, job.example, measurement, bars,
-                               f"evaluating {command} output", okey)
+    report["after"] = snapshot(measured, weights_bytes if hf_dir else len(blob), loader, job.example, measurement,
+                               bars, f"evaluating {command} output", okey)
     if measurement.latency_batches:
-        measure_latency(report, job.dense, small, job.example, measurement, bars, measurement.gate_batch)
+        measure_latency(report, job.dense, measured, job.example, measurement, bars, measurement.gate_batch)
     report["metric"] = metric_summary(report["before"], report["after"])
     report["accuracy_drop"] = report["metric"]["drop"] if report["metric"]["name"] == "accuracy" else None
     return report
