@@ -268,3 +268,19 @@ def test_the_digest_of_a_layer_cut_to_one_unit():
     w = torch.randn(1, 8)[:, 2:3].t()
     assert w.is_contiguous() and w.reshape(-1).stride() != (1,)
     assert tensor_digest({"w": w}) == tensor_digest({"w": w.clone(memory_format=torch.contiguous_format)})
+
+
+@pytest.mark.parametrize("sample", ["kjv_llama", "mnist_vit"])
+def test_edge_ratio_on_the_hugging_face_samples(sample, tmp_path):
+    """0.999 leaves one head and one MLP unit per layer; the result (a directory, or prunetool's own file when the
+    config cannot hold it) reloads to the outputs in memory."""
+    data = str(SAMPLES / ("kjv_tokens.npz" if sample == "kjv_llama" else "mnist_subset.npz"))
+    small, report = prunetool.shrink(str(SAMPLES / sample), data, ratio=0.999, calib=8, eval=8, measure=False,
+                                     out=str(tmp_path / "o"))
+    written = report["settings"]["out"]
+    assert Path(written).exists()
+    if report["settings"]["out_format"] == "huggingface":
+        assert report["verify"]["reload_from_pretrained"] == "identical"
+    else:
+        assert report["verify"]["reload"] == "identical"
+    assert report["after"]["params"] < report["before"]["params"]

@@ -108,6 +108,8 @@ def check_job_outputs(outputs: Outputs, source: Source, data: DataOptions | None
     Hugging Face model (written as one)."""
     hf_source = isinstance(source.checkpoint, (str, os.PathLike)) and hf.is_dir(source.checkpoint)
     out_dir = ("--out",) if hf_source and not str(outputs.out or "").endswith(FILE_SUFFIXES) else ()
+    if out_dir and outputs.out and outputs.out_fallback is None:  # the API's out, as the CLI's --out
+        outputs.out_fallback = f"{str(outputs.out).rstrip('/')}.safetensors"
     paths = outputs.paths()
     if out_dir and outputs.out_fallback:  # written instead when the family's config cannot hold the cut
         paths["--out (its fallback file)"] = outputs.out_fallback
