@@ -1,9 +1,12 @@
 """A model's input: one tensor (images, features) or a dict of keyword tensors (``input_ids``,
-``attention_mask``), and the few operations every stage needs on either: length, slices, device, calling the
-model for its logits, and a batch of another size for measuring."""
+``attention_mask``, or one per forward parameter), and the few operations every stage needs on either: length,
+slices, device, calling the model for its logits, a batch of another size for measuring, and what the model's
+forward takes (:func:`forward_of`)."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -63,6 +66,42 @@ def resized(example: Batch | tuple[int, ...], size: int, model: nn.Module | None
 
 
 def shape_of(example: Batch) -> tuple[int, ...]:
-    """One sample's shape (of ``input_ids`` for a dict)."""
+    """One sample's shape (of the first input for a dict: ``input_ids`` for tokens)."""
     t = example if isinstance(example, torch.Tensor) else next(iter(example.values()))
     return tuple(t.shape[1:])
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What a model's forward takes: its named parameters in order, those that can come by position, those
+    without a default, and whether it also takes ``*args`` / ``**kwargs``."""
+
+    names: tuple[str, ...]
+    positional: tuple[str, ...]
+    required: tuple[str, ...]
+    var_args: bool = False
+    var_kwargs: bool = False
+
+    def takes(self, name: str) -> bool:
+        """Whether a keyword input ``name`` reaches the forward."""
+        return name in self.names or self.var_kwargs
+
+    def shown(self, most: int = 4) -> str:
+        """The parameters as a message shows them, those without a default if any: ``(image, meta)``."""
+        names = list(self.required or self.names) or ["*args"] * self.var_args + ["**kwargs"] * self.var_kwargs
+        return f"({', '.join(names[:most] + ['…'] * (len(names) > most))})"
+
+
+def forward_of(model: nn.Module) -> Forward | None:
+    """The parameters of ``model.forward`` (None when Python cannot tell: a scripted or compiled module)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kind = inspect.Parameter
+    return Forward(tuple(p.name for p in params if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)),
+                   tuple(p.name for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)),
+                   tuple(p.name for p in params if p.default is kind.empty
+                         and p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)),
+                   any(p.kind == kind.VAR_POSITIONAL for p in params),
+                   any(p.kind == kind.VAR_KEYWORD for p in params))

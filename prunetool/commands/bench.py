@@ -35,7 +35,7 @@ def _example(path, ckpt, input_shape, tokens, others=()):
         vocab = vocabulary(ckpt.model)
         if vocab is None:
             raise UsageError(f"--tokens: {path} embeds no token ids; use --input-shape")
-        return random_tokens(2, tokens, vocab, torch.Generator().manual_seed(0))
+        return random_tokens(2, tokens, vocab, torch.Generator().manual_seed(0), ckpt.model)
     shape = input_shape or tuple(recorded or ())
     if not shape:
         raise UsageError(f"{path} records no input shape; pass --input-shape (e.g. 1,28,28) or --tokens (e.g. 128)")

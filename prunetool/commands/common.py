@@ -23,7 +23,8 @@ from torch import nn
 
 from .. import __version__, distributed, hf, layers, task, trust
 from ..calibrate import Settings
-from ..data import Data, Samples, calibration, check_labels, check_token_ids, eval_loader, load_data
+from ..data import (Data, Samples, TokenDataset, calibration, check_labels, check_token_ids, eval_loader, load_data,
+                    too_few)
 from ..export import export_onnx, export_pt2
 from ..batch import as_input, batch_cat, batch_len, batch_slice, shape_of
 from ..errors import UsageError, VerificationError
@@ -187,6 +188,9 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
         graph = trace(dense, batch_slice(probe, 0, 2), data.output_key)
         if loaded.train is not None and graph.output_shape:
             check_labels(loaded, graph.output_shape[-1])
+        advice = too_few(loaded, data.calib)  # after every refusal: an error stays the one line printed
+        if advice is not None:
+            warnings.warn(advice)
     except BaseException:
         if mode is not None:
             mode[0].train(mode[1])
@@ -286,7 +290,7 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
               "input_shape": list(job.input_shape), "source": ckpt.path, "prunetool_version": __version__,
               "history": ckpt.record.get("history", []) + [{"command": command, **settings}]}
     if not isinstance(job.probe, torch.Tensor):
-        record["inputs"] = "tokens"
+        record["inputs"] = "tokens" if job.data.train is None or isinstance(job.data.train, TokenDataset) else "named"
     probe = job.probe
     small.cpu()
     round_through(small, ckpt.dtypes)
