@@ -12,7 +12,9 @@ on X.onnx and with ``torch.export.load(X.pt2)``. When the whole command fails, i
 exports, and ``prunetool export`` is run for each export, so that each column says what failed.
 
 Columns: cut (the model lost parameters), verify (every check of the verify stage passed), reload (fresh
-process, other directory, no flags, outputs match), onnx, pt2 (export and parity).
+process, other directory, no flags, outputs match), onnx, pt2 (export and parity). For timm, one more: builder
+(the same shrink with ``--arch mymodels:build``, a plain ``def build(): return timm.create_model(...)`` in the
+user's own module, then the same fresh-process reload with no flags).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ TIMM_KWARGS = {"vit_tiny_patch16_224": {"img_size": 64}, "deit_tiny_patch16_224"
                "resmlp_12_224": {"img_size": 64}, "mixer_b16_224": {"img_size": 64}}
 TIMM_SIZES = {"efficientformer_l1": 224}
 COLUMNS = ("cut", "verify", "reload", "onnx", "pt2")
+BUILDER = """import timm
+
+
+def build():
+    return timm.create_model({name!r}, **{kwargs!r})
+"""
 CALIB = 16
 RATIO = 0.5
 
@@ -69,7 +77,8 @@ def make(name: str, path: str) -> None:
     torch.save(build_arch(arch, kwargs).state_dict(), path)
 
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's prunetool, as if installed, in every process
+# this checkout's prunetool, as if installed, in every process; files signed with a key of the run's own
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def _cli(args: list[str], cwd: Path, timeout: int) -> tuple[int, str, float]:
@@ -143,8 +152,33 @@ def one(name: str, work: Path, timeout: int) -> dict:
     for col in COLUMNS:
         row[col] = col not in row["reasons"]
     row["ok"] = all(row[c] for c in COLUMNS) and code == 0
+    if name.startswith("timm:"):
+        builder(name, d, size, work, timeout, row)
     shutil.rmtree(d, ignore_errors=True)
     return row
+
+
+def builder(name: str, d: Path, size: int, work: Path, timeout: int, row: dict) -> None:
+    """The builder column: the user's module ``mymodels.py`` with a plain ``build()`` around timm, given as
+    ``--arch mymodels:build`` (no kwargs), then a fresh process in another folder reloads with no flags."""
+    _, kwargs, _ = spec(name)
+    model_name = kwargs.pop("model_name")
+    (d / "mymodels.py").write_text(BUILDER.format(name=model_name, kwargs=kwargs))
+    code, last, seconds = _cli(["shrink", "model.pt", "--arch", "mymodels:build", "--input-shape", f"3,{size},{size}",
+                                "--ratio", str(RATIO), "--calib", str(CALIB), "--out", "y.safetensors",
+                                "--no-latency", "--no-progress", "-q"], d, timeout)
+    row["builder_seconds"] = seconds
+    if code != 0:
+        row["builder_error"] = last[:240]
+    else:
+        elsewhere = Path(tempfile.mkdtemp(prefix="elsewhere-", dir=work))
+        proc = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "coverage_reload.py"),
+                               str(d / "y.safetensors"), str(size), "-", "-"], cwd=elsewhere, capture_output=True,
+                              text=True, timeout=timeout, env=ENV)
+        shutil.rmtree(elsewhere, ignore_errors=True)
+        if proc.returncode != 0:
+            row["builder_error"] = "reload: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:240]
+    row["builder"] = "builder_error" not in row
 
 
 def _kinds(reasons: list[str], most: int = 3) -> list[str]:
@@ -178,6 +212,7 @@ def main() -> None:
         if results_path.exists() and args.only \
         else {}
     work = Path(tempfile.mkdtemp(prefix="prunetool-coverage-"))
+    ENV["PRUNETOOL_KEY"] = str(work / "key")  # the run's files are signed by a key of its own, as a user's are
     start = time.perf_counter()
     try:
         for name in names:
@@ -231,17 +266,25 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "",
         f"**timm: {sum(r['ok'] for r in tm)} of {len(tm)} pass every column** ({counts(tm)}).",
         "",
-        "| model | S | cut | verify | reload | onnx | pt2 | params before | kept | protected | protected because | "
-        "exporter | s | why ✗ |",
-        "|---|--:|:-:|:-:|:-:|:-:|:-:|--:|--:|--:|---|---|--:|---|",
+        f"**timm through a user's builder module: {sum(bool(r.get('builder')) for r in tm)} of "
+        f"{sum('builder' in r for r in tm)}** (column *builder*: `--arch mymodels:build`, a plain "
+        "`def build(): return timm.create_model(NAME, ...)` without annotation in the user's own file, then the same "
+        "fresh-process reload from another folder with no flags; rows without a mark were not run this way).",
+        "",
+        "| model | S | cut | verify | reload | onnx | pt2 | builder | params before | kept | protected | "
+        "protected because | exporter | s | why ✗ |",
+        "|---|--:|:-:|:-:|:-:|:-:|:-:|:-:|--:|--:|--:|---|---|--:|---|",
     ]
     for r in rows:
         marks = " | ".join("✓" if r.get(c) else "✗" for c in COLUMNS)
         kept = f"{r['params_after'] / r['params_before']:.2f}" if "params_before" in r else ""
         before = f"{r['params_before']:,}" if "params_before" in r else ""
-        why = "; ".join(f"{c}: {t}" for c, t in r["reasons"].items()).replace("|", "\\|")
+        why = "; ".join([f"{c}: {t}" for c, t in r["reasons"].items()]
+                        + ([f"builder: {r['builder_error']}"] if r.get("builder_error") else [])).replace("|", "\\|")
+        built = "" if "builder" not in r else "✓" if r["builder"] else "✗"
         reasons = "; ".join(r.get("protected_reasons", [])).replace("|", "\\|")
-        lines.append(f"| {r['name']} | {r['size']} | {marks} | {before} | {kept} | {r.get('protected', '')} | "
+        lines.append(f"| {r['name']} | {r['size']} | {marks} | {built} | {before} | {kept} | "
+                     f"{r.get('protected', '')} | "
                      f"{reasons} | {r.get('onnx_exporter', '')} | {r.get('seconds', 0):.0f} | {why} |")
     return "\n".join(lines) + "\n"
 

@@ -242,8 +242,6 @@ def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol
             base = Path(ckpt).resolve()
             out = str(base.with_name(f"{base.name}.{suffix}"))
             fallback = str(base.with_name(f"{base.name}.{suffix}.safetensors"))
-        elif not out.endswith((".safetensors", ".pt", ".pth")):
-            fallback = f"{out.rstrip('/')}.safetensors"
     elif not Path(ckpt).exists():
         raise UsageError(f"{ckpt}: no such file or directory; check the checkpoint path")
     out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.safetensors"))
@@ -575,7 +573,9 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for PyTorch and onnxruntime."),
     device: str = DEVICE, onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time onnxruntime (CPU)."),
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs first."),
-    runs: int = typer.Option(50, "--runs", help="Timed runs of each checkpoint at most, in up to 7 alternating rounds (about 1 s per checkpoint); a speed-up is the median of paired rounds, marked noisy when they disagree by over ±20%."),
+    runs: int = typer.Option(50, "--runs", help=(
+        "Timed runs of each checkpoint at most, in up to 7 alternating rounds (about 1 s per checkpoint); a "
+        "speed-up is the median of paired rounds, marked noisy when they disagree by over ±20%.")),
     json_path: Optional[str] = JSON, no_progress: bool = NO_PROGRESS,
 ):
     """Latency (median, p10, p90), throughput and peak memory of checkpoints side by side, PyTorch eager and

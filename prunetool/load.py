@@ -79,17 +79,26 @@ def _source_root(module) -> str | None:
 def import_arch(spec: str, root: str | None = None, recorded_in: str | None = None, signed: bool = False):
     """Resolve ``module.path:Callable`` or ``path/to/file.py:Callable``.
 
-    ``recorded_in`` (a file) means the spec was read from that file rather than typed by the user: it may then
-    be imported from ``root``, the directory it was imported from when the file was written, and unless the file
-    is ``signed`` by this machine's key it must be an ``nn.Module`` class or a function annotated to return one.
+    ``recorded_in`` (a file) means the spec was read from that file rather than typed by the user. A file
+    ``signed`` by this machine's key may name anything but Python's own callables, imported also from the working
+    directory or ``root`` (where it was imported from when the file was written). An unsigned one may name only
+    an ``nn.Module`` class or a function annotated to return one, in a module Python finds as it is: a ``.py``
+    path is refused before it runs (:mod:`prunetool.trust`).
     """
     flag = f"the architecture recorded in {recorded_in}" if recorded_in else "--arch"
     if ":" not in spec:
         raise UsageError(f"{flag} {spec!r} is not MODULE:CALLABLE; write it like mypkg.nets:LeNet")
     mod_name, _, attr = spec.rpartition(":")
+    foreign = recorded_in is not None and not signed
+    if foreign and mod_name.endswith(".py"):
+        raise UsageError(f"{recorded_in} names architecture {spec}, a file of its own, and was not written on this "
+                         f"machine (no signature of {trust.key_path()}); pass --arch {spec} if you trust the file "
+                         "(README: Architectures a file names)")
     try:
         if mod_name.endswith(".py"):
             module = _import_file(mod_name, root, flag)
+        elif foreign:
+            module = _import_installed(mod_name, flag, root)
         else:
             module = _import_module(mod_name, root, flag, recorded_in)
     except UsageError:
@@ -104,11 +113,26 @@ def import_arch(spec: str, root: str | None = None, recorded_in: str | None = No
         obj = getattr(obj, part)
     if not callable(obj):
         raise UsageError(f"{flag} {spec!r} is not callable; name a class or factory function")
-    if recorded_in is not None and not trust.builds_module(obj) and (not signed or trust.standard_library(obj)):
+    if foreign and not trust.builds_module(obj):
         raise UsageError(f"{recorded_in} names architecture {spec}, a plain function, and was not written on this "
                          f"machine (no signature of {trust.key_path()}); pass --arch {spec} if you trust the file "
-                         "(README: Checkpoint)")
+                         "(README: Architectures a file names)")
+    if recorded_in is not None and not trust.builds_module(obj) and trust.standard_library(obj):
+        raise UsageError(f"{recorded_in} names architecture {spec}, a callable of Python itself, which prunetool never "
+                         f"calls from a file; pass --arch {spec} if you mean it")
     return obj
+
+
+def _import_installed(name: str, flag: str, root: str | None):
+    """Import ``name`` only where Python finds it as it is (an unsigned file's architecture)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is None or not name.startswith(e.name):
+            raise
+        where = f" (it records {root})" if root else ""
+        raise UsageError(f"cannot import {name!r} for {flag}, and the file was not written on this machine{where}: "
+                         "install its package or add its folder to PYTHONPATH") from None
 
 
 def _import_module(name: str, root: str | None, flag: str, recorded_in: str | None):
@@ -523,6 +547,10 @@ def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) 
     if not given and not signed and isinstance(kwargs, dict) and kwargs.get("trust_remote_code"):
         raise UsageError(f"{path} asks to run a Hugging Face model's own code (trust_remote_code) and was not "
                          "written on this machine; reload it from its directory with --trust-remote-code if you "
+                         "trust it")
+    if not given and not signed and isinstance(kwargs, dict) and (fetching := trust.fetching_arguments(kwargs)):
+        raise UsageError(f"{path} was not written on this machine and sets {', '.join(fetching)} for {arch}, which "
+                         f"would read or fetch what the file chooses; pass --arch {arch} (and --arch-kwargs) if you "
                          "trust it")
     model = build_arch(arch, kwargs, root, None if given else path, signed)
     refactor(model, record.get("factored", {}))

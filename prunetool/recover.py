@@ -110,6 +110,7 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data.train, shuffle=True, seed=SEED)
+        lone = len(sampler) % batch_size == 1 and len(sampler) > 1  # each process's share
         loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, drop_last=lone)
     else:
         loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=lone,

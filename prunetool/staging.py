@@ -4,9 +4,12 @@ one. Outputs that collide with each other or with an input are refused before an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import UsageError
@@ -49,7 +52,7 @@ def check_outputs(outputs: dict[str, str], inputs: dict[str, str] | None = None,
         p = Path(path)
         resolved = p.resolve()
         for iflag, source in inputs.items():
-            if resolved == source:
+            if resolved == source or (p.exists() and source.exists() and os.path.samefile(p, source)):
                 raise UsageError(f"{flag} {path} would overwrite {iflag}; give each output its own path")
             if source.is_dir() and resolved.is_relative_to(source):
                 raise UsageError(f"{flag} {path} lies inside {iflag} {source}; write it elsewhere (an input is never "
@@ -137,6 +140,10 @@ class Staging:
         nothing: should one move fail, the files already moved are taken back and what they replaced restored."""
         mode = 0o666 & ~_umask()
         done: list[tuple[str, str | None]] = []  # destination, and the old file or folder moved aside for it
+        with _signals_held():
+            return self._commit(mode, done)
+
+    def _commit(self, mode: int, done: list[tuple[str, str | None]]) -> list[str]:
         try:
             for dest, tmp in list(self.files.items()):
                 if os.path.isdir(tmp):
@@ -156,10 +163,17 @@ class Staging:
                 del self.files[dest]
                 done.append((dest, old))
         except BaseException:
-            for dest, old in reversed(done):
-                _remove(dest)
-                if old is not None:
-                    os.replace(old, dest)
+            hidden = []
+            for dest, old in reversed(done):  # every one is tried, whatever the others do
+                try:
+                    _remove(dest)
+                    if old is not None:
+                        os.replace(old, dest)
+                except OSError:
+                    hidden.append(f"{dest} (kept as {old})")
+            if hidden:
+                raise UsageError(f"writing the outputs failed and could not be taken back: {', '.join(hidden)}; "
+                                 "move them back by hand") from None
             raise
         for _, old in done:
             if old is not None:
@@ -177,6 +191,18 @@ class Staging:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.discard()  # after a commit there is nothing left to discard
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the moves are done or taken back (held on the main thread only)."""
+    held = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if held else None
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _aside(dest: str) -> str:

@@ -13,18 +13,22 @@ callable is called only when one of these holds:
   key file through ``PRUNETOOL_KEY``.
 
 Anything else (a plain function in a file from elsewhere, a callable of Python's standard library) is refused with
-a one-line error whose fix is ``--arch`` (the user then vouches for it). ``trust_remote_code`` recorded for a
-Hugging Face model counts only in a signed file.
+a one-line error whose fix is ``--arch`` (the user then vouches for it). An unsigned file is refused before any of
+its code runs when it names a ``.py`` file, and imports only modules Python already finds (never from the working
+directory or the folder the file records); its arguments may not make the builder fetch or read anything
+(:func:`fetching_arguments`), and a recorded ``trust_remote_code`` counts only in a signed file.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import sys
+import sysconfig
+import tempfile
 import typing
 from pathlib import Path
 
@@ -41,28 +45,38 @@ def key_path() -> Path:
     return Path(base) / "prunetool" / "key"
 
 
+KEY_BYTES = 32
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key in ``path``; None when it is missing, unreadable or too short to be one (an empty file or
+    /dev/null never signs, nor accepts a signature)."""
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return key if len(key) >= KEY_BYTES else None
+
+
 def _key(create: bool) -> bytes | None:
     path = key_path()
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        if not create:
-            return None
-    except (OSError, ValueError):
-        return None
-    try:  # O_EXCL: two runs starting together agree on one key
+    key = _read_key(path)
+    if key is not None or not create or path.exists():
+        return key
+    try:  # written whole under a temporary name, then linked into place: no run ever reads half a key
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, tmp = tempfile.mkstemp(prefix=".key.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-    except FileExistsError:
-        pass
+            f.write(secrets.token_hex(KEY_BYTES) + "\n")
+        try:
+            os.link(tmp, path)  # fails if another run made the key first: theirs is kept
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     except OSError:
         return None
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
+    return _read_key(path)
 
 
 def _message(arch: str, arch_kwargs: dict, root: str | None) -> bytes:
@@ -78,7 +92,7 @@ def sign(arch: str, arch_kwargs: dict, root: str | None) -> str | None:
 def signed(signature: str | None, arch: str, arch_kwargs: dict, root: str | None) -> bool:
     """Whether ``signature`` was made by this machine's key for exactly this architecture and arguments."""
     key = _key(create=False) if signature else None
-    if key is None:
+    if not key:
         return False
     want = hmac.new(key, _message(arch, arch_kwargs, root), hashlib.sha256).hexdigest()
     return hmac.compare_digest(want, str(signature))
@@ -96,7 +110,24 @@ def builds_module(obj) -> bool:
 
 
 def standard_library(obj) -> bool:
-    """A callable defined by Python itself (``os.system``, ``builtins.exec``, ``subprocess.run`` ...)."""
-    module = getattr(obj, "__module__", None) or ""
-    top = module.split(".", 1)[0]
-    return top in sys.stdlib_module_names or top in ("builtins", "")
+    """A callable of Python itself (``os.system``, ``builtins.exec``, ``subprocess.run``, a ``functools.partial``
+    of one, anything written in C), judged by the file its code comes from, not by its module's name (a user's
+    ``nets/signal.py`` is not the standard library)."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    code = getattr(getattr(obj, "__func__", obj), "__code__", None)
+    if code is None:
+        return True
+    file = Path(code.co_filename).resolve()
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    return file.is_relative_to(stdlib) and not {"site-packages", "dist-packages"} & set(file.parts)
+
+
+FETCHING = ("pretrained", "weights", "checkpoint", "path", "url", "file", "hub", "download", "cache")
+
+
+def fetching_arguments(kwargs: dict) -> list[str]:
+    """Arguments of a recorded architecture that would make its builder read or fetch something of the file's
+    choosing (``pretrained=True``, ``checkpoint_path=...``, ``pretrained_cfg_overlay={"url": ...}``): an
+    unsigned file may not set them."""
+    return [k for k, v in kwargs.items() if v and any(word in k.lower() for word in FETCHING)]

@@ -132,18 +132,27 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> b
 
 
 def check_reload(data: bytes, x: Batch, expected: torch.Tensor, arch: str | None = None,
-                 arch_kwargs: dict | None = None) -> None:
-    """Load saved bytes back as :func:`prunetool.load` does, with the architecture the user passed (if any);
-    outputs must be identical (an output that overflows to inf or NaN, as random weights in some deep nets do,
-    must do so at the same places)."""
+                 arch_kwargs: dict | None = None) -> str:
+    """Load saved bytes back as a later :func:`prunetool.load` with no flags will; outputs must be identical (an
+    output that overflows to inf or NaN, as random weights in some deep nets do, must do so at the same places).
+    When the file's architecture is refused without flags (no signing key could be kept on this machine), it is
+    loaded with ``arch`` as the user gave it. Returns ``"identical"`` or ``"identical with --arch"``."""
+    from .errors import UsageError
     from .load import from_bytes, upcast_half
 
-    model = from_bytes(data, arch=arch, arch_kwargs=arch_kwargs).model.eval()
+    how = "identical"
+    try:
+        model = from_bytes(data).model.eval()
+    except UsageError:
+        if arch is None:
+            raise
+        model, how = from_bytes(data, arch=arch, arch_kwargs=arch_kwargs).model.eval(), "identical with --arch"
     upcast_half(model)
     out = outputs_of(model, x)
     if not torch.allclose(out, expected, rtol=0.0, atol=0.0, equal_nan=True):
         diff = (out - expected).abs().nan_to_num(nan=float("inf")).max().item()
         raise VerificationError(f"the saved model reloads with different outputs (max abs diff {diff:.3g})")
+    return how
 
 
 EXACT_PROBE = 8  # samples for the checks that must hold exactly (ratio 0, a constant unit)

@@ -284,3 +284,73 @@ def test_edge_ratio_on_the_hugging_face_samples(sample, tmp_path):
     else:
         assert report["verify"]["reload"] == "identical"
     assert report["after"]["params"] < report["before"]["params"]
+
+
+def test_an_empty_key_neither_signs_nor_accepts_a_signature(project, monkeypatch):
+    """PRUNETOOL_KEY=/dev/null (or an empty file) must not make the empty key a valid one: anyone could sign."""
+    import hmac as hmac_
+
+    from prunetool import trust
+
+    monkeypatch.setenv("PRUNETOOL_KEY", "/dev/null")
+    assert trust.sign("mynet:build", {}, None) is None
+    forged = hmac_.new(b"", trust._message("mynet:build", {}, None), "sha256").hexdigest()
+    assert not trust.signed(forged, "mynet:build", {}, None)
+    empty = project / "empty.key"
+    empty.write_text("")
+    monkeypatch.setenv("PRUNETOOL_KEY", str(empty))
+    assert not trust.signed(forged, "mynet:build", {}, None) and trust.sign("mynet:build", {}, None) is None
+
+
+def _foreign_file(path: Path, arch: str, kwargs: dict, root: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(path), metadata={
+        "prunetool_format": "2", "arch": arch, "arch_kwargs": json.dumps(kwargs),
+        "structure": json.dumps({"arch_root": root, "signature": "0" * 64})})
+
+
+def test_a_foreign_file_naming_a_python_file_is_refused_before_it_runs(project):
+    (project / "evil.py").write_text("open('ran', 'w').close()\ndef f():\n    pass\n")
+    _foreign_file(project / "f.safetensors", f"{project / 'evil.py'}:f", {})
+    with pytest.raises(UsageError, match="a file of its own, and was not written on this machine"):
+        prunetool.load(project / "f.safetensors")
+    assert not (project / "ran").exists()
+
+
+def test_a_foreign_file_may_not_make_an_annotated_builder_fetch(project):
+    """timm.create_model is annotated -> nn.Module; a file from elsewhere still may not set pretrained or a url."""
+    _foreign_file(project / "f.safetensors", "torchvision.models:get_model",
+                  {"name": "resnet18", "weights": "DEFAULT"})
+    with pytest.raises(UsageError, match="sets weights"):
+        prunetool.load(project / "f.safetensors")
+
+
+def test_signed_builders_from_partials_and_files_named_like_the_standard_library(project, capsys):
+    """A user's nets/signal.py or a functools.partial is the user's code, not Python's."""
+    (project / "nets").mkdir()
+    (project / "nets" / "signal.py").write_text(NET)
+    (project / "mynet.py").write_text(NET + "\nimport functools\nnarrow = functools.partial(build_kw, width=32, seed=3)\n")
+    del sys.modules["mynet"]  # the fixture imported the module as it was
+    for arch, out in (("nets/signal.py:build", "a.safetensors"), ("mynet:narrow", "b.safetensors")):
+        assert main(["shrink", "m.pt", "--arch", arch, *QUICK, "--out", out, "--json", f"{out}.json"]) == 0, \
+            capsys.readouterr().err
+        assert json.loads(Path(f"{out}.json").read_text())["verify"]["reload"] == "identical"
+        assert prunetool.load(out).model is not None
+
+
+def test_a_model_beside_its_image_folder(project, capsys):
+    """--data DIR reads DIR/train and DIR/val only: outputs may sit beside them."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (project / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(project / split / label / f"{i}.png")
+    code = main(["shrink", "m.pt", "--arch", "mynet:build", "--data", ".", "--preset", "imagenet", "--crop", "28",
+                 "--resize", "28", "--calib", "6", "--no-latency", "-q", "--summary-md", "summary.md"])
+    err = capsys.readouterr().err
+    assert "inside" not in err
+    assert main(["shrink", "m.pt", "--arch", "mynet:build", "--data", ".", "--json", "train/r.json"]) == 2
+    assert "inside the input --data (train/)" in capsys.readouterr().err

@@ -29,6 +29,9 @@ def _example(path, ckpt, input_shape, tokens, others=()):
     record = ckpt.record if ckpt.record.get("input_shape") else next(
         (o.record for o in others if o.record.get("input_shape")), {})
     recorded = record.get("input_shape")
+    if record.get("inputs") == "named" and tokens is None and input_shape is None:
+        raise UsageError(f"{path} takes several named inputs (it was made from named arrays); bench times one input "
+                         "tensor (--input-shape) or token ids (--tokens): time it in your own harness")
     if tokens is None and input_shape is None and recorded and record.get("inputs") == "tokens":
         tokens = recorded[0]
     if tokens is not None:

@@ -32,7 +32,7 @@ from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_
 from ..measure import compare_latency, evaluate, macs, params
 from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
-from ..staging import DIRECTORY_OUTPUTS, Staging, check_outputs
+from ..staging import DIRECTORY_OUTPUTS, SUFFIXES, Staging, check_outputs
 from ..trace import Trace, trace
 from ..verify import check_reload, outputs_of
 
@@ -154,6 +154,9 @@ def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, st
         if sep and kind.lower() in TORCHVISION_FOLDERS:
             for name in TORCHVISION_FOLDERS[kind.lower()]:
                 paths[f"the input --data ({name})"] = str(Path(root or ".").expanduser() / name)
+        elif Path(spec).is_dir():  # an image folder: only its splits are read (a model may sit beside them)
+            for split in ("train", "val", "test"):
+                paths[f"the input --data ({split}/)"] = str(Path(spec) / split)
         else:
             paths["the input --data"] = str(spec)
     if data is not None and data.tokenizer:
@@ -248,7 +251,7 @@ def file_dtype(job: Job) -> str:
     return "/".join(kinds) or job.computed_in
 
 
-FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
+FILE_SUFFIXES = SUFFIXES["--out"]
 
 
 def _write_hf(job: Job, small: nn.Module, record: dict, out: str, fallback: str | None, staging: Staging,
@@ -305,8 +308,10 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
     blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes,
                      format_of(out if out is not None and not hf_dir else DEFAULT_FORMAT), ckpt.arch_root)
     if ckpt.arch is not None or out is not None:
-        check_reload(blob, probe, expected, ckpt.arch, ckpt.arch_kwargs)
-        checks["reload"] = "identical"
+        checks["reload"] = check_reload(blob, probe, expected, ckpt.arch, ckpt.arch_kwargs)
+        if checks["reload"] != "identical":
+            notes.append(f"the file reloads only given --arch {ckpt.arch}: no signing key could be kept at "
+                         f"{trust.key_path()} (set {trust.KEY_ENV} to a writable file)")
     if hf_dir:
         checks["reload_from_pretrained"] = "identical"
     elif out is not None and distributed.is_main():
