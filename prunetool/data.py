@@ -267,11 +267,6 @@ def check_labels(data: Data, outputs: int) -> None:
                              "check the data or --arch-kwargs (num_classes)")
 
 
-def check_token_ids(data: Data, model: torch.nn.Module) -> None:
-    """:func:`fit_inputs`, in place (the name the commands' start calls)."""
-    fit_inputs(data, model)
-
-
 def fit_inputs(data: Data, model: torch.nn.Module) -> Data:
     """``data`` checked against ``model``'s forward before any work, its inputs named as the forward takes them
     (in place: the splits become renamed views; the datasets themselves are not changed). Token ids must index

@@ -99,7 +99,7 @@ def ort_latency(session, example, batch_size: int, warmup: int = 3, runs: int = 
         feed = {session.get_inputs()[0].name:
                 np.random.default_rng(0).standard_normal((batch_size, *example)).astype(np.float32)}
     else:
-        feed = _feed(session, resized(example, batch_size))
+        feed = ort_feed(session, resized(example, batch_size))
     return timings(lambda: session.run(None, feed), warmup, max_runs=runs, budget_s=budget_s)
 
 
@@ -121,7 +121,8 @@ def _inputs(x: Batch) -> tuple[list[str], tuple[torch.Tensor, ...]]:
     return list(x), tuple(x.values())
 
 
-def _feed(session, x: Batch) -> dict:
+def ort_feed(session, x: Batch) -> dict:
+    """onnxruntime's feed for batch ``x``: the session's inputs in order, as numpy arrays."""
     names = [i.name for i in session.get_inputs()]
     _, values = _inputs(x)
     return {n: v.numpy() for n, v in zip(names, values)}
@@ -190,7 +191,7 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
             _export(model, x, path, opset, exporter)
             onnx.checker.check_model(path)
             session = ort_session(path)
-            got = session.run(None, _feed(session, x))[0]
+            got = session.run(None, ort_feed(session, x))[0]
         except Exception as e:
             tried.append(f"{exporter}: {_first_line(e)}")
             continue

@@ -13,7 +13,7 @@ import torch
 from ..batch import call, resized, shape_of
 from ..data import random_tokens, vocabulary
 from ..errors import UsageError
-from ..export import _feed, export_onnx, ort_session
+from ..export import ort_feed, export_onnx, ort_session
 from ..load import load, upcast_half
 from ..measure import flat, interleaved, paired_speedup, params, peak_forward_mb, synced, timing_stats
 from ..progress import Bars
@@ -137,7 +137,7 @@ def _ort_runs(models: dict, paths: list[str], tmp: str, threads: int | None, out
         sessions[path] = ort_session(f, threads), shape
 
     def at(b):
-        feeds = [(session, _feed(session, resized(shape, b))) for session, shape in map(sessions.get, paths)]
+        feeds = [(session, ort_feed(session, resized(shape, b))) for session, shape in map(sessions.get, paths)]
         return [lambda s=session, feed=feed: s.run(None, feed) for session, feed in feeds]
 
     return at

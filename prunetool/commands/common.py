@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import __version__, distributed, hf, layers, task, trust
 from ..calibrate import Settings
-from ..data import (Data, Samples, TokenDataset, calibration, check_labels, check_token_ids, eval_loader, load_data,
+from ..data import (Data, Samples, TokenDataset, calibration, check_labels, eval_loader, fit_inputs, load_data,
                     too_few)
 from ..export import export_onnx, export_pt2
 from ..batch import as_input, batch_cat, batch_len, batch_slice, shape_of
@@ -178,7 +178,7 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
         loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape,
                                                                data.preprocessing, data.tokenizer or ckpt.tokenizer,
                                                                data.seq_len)
-        check_token_ids(loaded, dense)
+        fit_inputs(loaded, dense)  # names the inputs as the forward takes them, or refuses in one line
         recorded = ckpt.record.get("input_shape") if loaded.train is None else None
         tokens = data.tokens or (recorded[0] if recorded and ckpt.record.get("inputs") == "tokens" and
                                  data.input_shape is None else None)
