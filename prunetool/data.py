@@ -635,6 +635,21 @@ def vocabulary(model: torch.nn.Module) -> int | None:
     return emb.num_embeddings if emb is not None else None
 
 
+TORCHVISION = {"mnist": ("MNIST",), "fashion-mnist": ("FashionMNIST",), "fashionmnist": ("FashionMNIST",),
+               "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz")}  # kind → what it keeps under ROOT
+
+
+def data_paths(spec: str) -> list[tuple[str, str]]:
+    """What ``--data spec`` reads from disk, as (what, path): a torchvision dataset's folder under ROOT, an image
+    folder's splits (not the folder itself: a model may sit beside them), or the file."""
+    kind, sep, root = spec.partition(":")
+    if sep and kind.lower() in TORCHVISION:
+        return [(name, str(Path(root or ".").expanduser() / name)) for name in TORCHVISION[kind.lower()]]
+    if Path(spec).is_dir():
+        return [(f"{split}/", str(Path(spec) / split)) for split in ("train", "val", "test")]
+    return [("", spec)]
+
+
 def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, ...] | None = None,
               pre: Preprocessing | None = None, tokenizer: str | None = None, seq_len: int | None = None) -> Data:
     """Parse ``--data``: ``mnist:ROOT``, ``fashion-mnist:ROOT``, ``cifar10:ROOT``, a directory, a ``.npz``, or a
@@ -642,7 +657,7 @@ def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, 
     if not spec:
         return Data(None, None)
     kind, sep, root = spec.partition(":")
-    if sep and kind.lower() in ("mnist", "fashion-mnist", "fashionmnist", "cifar10"):
+    if sep and kind.lower() in TORCHVISION:
         kind = "fashion-mnist" if kind.lower() == "fashionmnist" else kind.lower()
         return _torchvision(kind, root or ".", download)
     path = Path(spec)

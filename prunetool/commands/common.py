@@ -23,8 +23,8 @@ from torch import nn
 
 from .. import __version__, distributed, hf, layers, task, trust
 from ..calibrate import Settings
-from ..data import (Data, Samples, TokenDataset, calibration, check_labels, eval_loader, fit_inputs, load_data,
-                    too_few)
+from ..data import (Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader, fit_inputs,
+                    load_data, too_few)
 from ..export import export_onnx, export_pt2
 from ..batch import as_input, batch_cat, batch_len, batch_slice, shape_of
 from ..errors import UsageError, VerificationError
@@ -136,10 +136,6 @@ def preflight(outputs: dict[str, str], source: Source, data: DataOptions | None 
                              f"{missing[0]} or drop {flag}")
 
 
-TORCHVISION_FOLDERS = {"mnist": ("MNIST",), "fashion-mnist": ("FashionMNIST",), "fashionmnist": ("FashionMNIST",),
-                       "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz")}
-
-
 def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, str]:
     """The files and folders a run reads (checkpoint, the architecture's source, data, tokenizer): no output may
     be written over one of them or inside one of the folders."""
@@ -150,15 +146,7 @@ def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, st
         paths["the source of --arch"] = file
     spec = data.data if data is not None else None
     if isinstance(spec, (str, os.PathLike)):
-        kind, sep, root = str(spec).partition(":")
-        if sep and kind.lower() in TORCHVISION_FOLDERS:
-            for name in TORCHVISION_FOLDERS[kind.lower()]:
-                paths[f"the input --data ({name})"] = str(Path(root or ".").expanduser() / name)
-        elif Path(spec).is_dir():  # an image folder: only its splits are read (a model may sit beside them)
-            for split in ("train", "val", "test"):
-                paths[f"the input --data ({split}/)"] = str(Path(spec) / split)
-        else:
-            paths["the input --data"] = str(spec)
+        paths.update({f"the input --data{f' ({what})' if what else ''}": path for what, path in data_paths(str(spec))})
     if data is not None and data.tokenizer:
         paths["the input --tokenizer"] = str(data.tokenizer)
     return paths
