@@ -35,6 +35,7 @@ from pathlib import Path
 from torch import nn
 
 KEY_ENV = "PRUNETOOL_KEY"
+KEY_BYTES = 32
 
 
 def key_path() -> Path:
@@ -43,9 +44,6 @@ def key_path() -> Path:
         return Path(os.environ[KEY_ENV]).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base) / "prunetool" / "key"
-
-
-KEY_BYTES = 32
 
 
 def _read_key(path: Path) -> bytes | None:
@@ -99,7 +97,8 @@ def signed(signature: str | None, arch: str, arch_kwargs: dict, root: str | None
 
 
 def builds_module(obj) -> bool:
-    """An ``nn.Module`` class, or a function annotated to return one: safe to call with any arguments."""
+    """An ``nn.Module`` class, or a function annotated to return one: what an unsigned file may name (with
+    arguments that fetch nothing, :func:`fetching_arguments`)."""
     if isinstance(obj, type):
         return issubclass(obj, nn.Module)
     try:
@@ -123,11 +122,15 @@ def standard_library(obj) -> bool:
     return file.is_relative_to(stdlib) and not {"site-packages", "dist-packages"} & set(file.parts)
 
 
-FETCHING = ("pretrained", "weights", "checkpoint", "path", "url", "file", "hub", "download", "cache")
+FETCHING = {"pretrained", "weights", "checkpoint", "url", "hub", "download"}  # anywhere in an argument's name
+LOCATING = {"path", "paths", "file", "files", "dir", "url", "uri"}  # at its end (drop_path_rate is no path)
 
 
 def fetching_arguments(kwargs: dict) -> list[str]:
     """Arguments of a recorded architecture that would make its builder read or fetch something of the file's
-    choosing (``pretrained=True``, ``checkpoint_path=...``, ``pretrained_cfg_overlay={"url": ...}``): an
-    unsigned file may not set them."""
-    return [k for k, v in kwargs.items() if v and any(word in k.lower() for word in FETCHING)]
+    choosing (``pretrained=True``, ``checkpoint_path=...``, ``pretrained_cfg_overlay={"url": ...}``, ``cache_dir``):
+    an unsigned file may not set them."""
+    def fetches(name: str) -> bool:
+        words = name.lower().split("_")
+        return bool(FETCHING & set(words)) or words[-1] in LOCATING
+    return [k for k, v in kwargs.items() if v and fetches(k)]

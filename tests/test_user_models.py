@@ -328,6 +328,13 @@ def test_a_foreign_file_may_not_make_an_annotated_builder_fetch(project):
                   {"name": "resnet18", "weights": "DEFAULT"})
     with pytest.raises(UsageError, match="sets weights"):
         prunetool.load(project / "f.safetensors")
+    from prunetool.trust import fetching_arguments
+
+    assert fetching_arguments({"drop_path_rate": 0.1, "num_classes": 5, "img_size": 64, "weights_backbone": None,
+                               "pretrained": False}) == []
+    assert fetching_arguments({"checkpoint_path": "x", "cache_dir": "/x", "pretrained_cfg_overlay": {"url": "u"},
+                               "hf_hub_id": "a/b"}) == ["checkpoint_path", "cache_dir", "pretrained_cfg_overlay",
+                                                        "hf_hub_id"]
 
 
 def test_signed_builders_from_partials_and_files_named_like_the_standard_library(project, capsys):
