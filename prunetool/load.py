@@ -591,11 +591,15 @@ def upcast_half(model: nn.Module) -> bool:
 
 
 def round_through(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
-    """Round every floating tensor through the dtype it will be saved in, so that the model in memory computes
-    exactly what the saved file will."""
+    """Round every floating tensor the file will hold through the dtype it is saved in, so that the model in
+    memory computes exactly what the saved file will. A buffer the state dict leaves out (a rotary embedding's
+    ``inv_freq``) is not saved but built anew at reload, in its own dtype: it is left as it is."""
     main = main_dtype(dtypes)
+    saved = set(model.state_dict())
     with torch.no_grad():
         for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if key not in saved:
+                continue
             dt = dtypes.get(key, main)
             if t.dtype.is_floating_point and dt is not None and dt != t.dtype:
                 t.data = t.data.to(dt).to(t.dtype)

@@ -265,11 +265,11 @@ def _write_hf(job: Job, small: nn.Module, record: dict, out: str, fallback: str 
         return fallback, None, small
     Path(tmp, "prunetool.json").write_text(json.dumps(record, indent=2) + "\n")
     reloaded = hf.read_back(tmp, job.ckpt)
+    upcast_half(reloaded)  # like with like: the saved half-precision weights computed in float32, as ``small`` is
     back = outputs_of(reloaded, job.probe)
     if not torch.equal(back, expected):
         raise VerificationError(f"the Hugging Face directory reloads with different outputs (max abs diff "
                                 f"{(back - expected).abs().max().item():.3g})")
-    upcast_half(reloaded)  # measured in float32, as the dense model is
     return out, sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")), reloaded
 
 
@@ -300,6 +300,9 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         if checks["reload"] != "identical":
             notes.append(f"the file reloads only given --arch {ckpt.arch}: no signing key could be kept at "
                          f"{trust.key_path()} (set {trust.KEY_ENV} to a writable file)")
+    if any(d in (torch.float16, torch.bfloat16) for d in ckpt.dtypes.values()):
+        checks["reload_compared"] = (f"{file_dtype(job)} weights as saved, computed in float32 on both sides "
+                                     "(like with like: no tolerance needed)")
     if hf_dir:
         checks["reload_from_pretrained"] = "identical"
     elif out is not None and distributed.is_main():
