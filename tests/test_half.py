@@ -1,5 +1,5 @@
-"""Half precision end to end (issue 22, first part): bf16 and fp16 checkpoints of a Llama-style, a GPT-2-style and a
-CNN model prune, verify and reload; the written file keeps the input dtype; the reload check compares like with
+"""Half precision end to end (issue 22, first part): bf16 and fp16 checkpoints of Llama-, Qwen2- and GPT-2-style
+models and of a CNN prune, verify and reload; the written file keeps the input dtype; the reload check compares like with
 like (the saved weights computed in float32 on both sides), so it stays exact."""
 
 import json
@@ -14,6 +14,9 @@ import zoo
 
 FAMILIES = {
     "llama": (transformers.LlamaForCausalLM, lambda: transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32)),
+    "qwen2": (transformers.Qwen2ForCausalLM, lambda: transformers.Qwen2Config(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32)),
     "gpt2": (transformers.GPT2LMHeadModel, lambda: transformers.GPT2Config(
