@@ -1,6 +1,6 @@
 """Half precision end to end (issue 22, first part): bf16 and fp16 checkpoints of Llama-, Qwen2- and GPT-2-style
-models and of a CNN prune, verify and reload; the written file keeps the input dtype; the reload check compares like with
-like (the saved weights computed in float32 on both sides), so it stays exact."""
+models and of a CNN prune, verify and reload; the written file keeps the input dtype; the reload check compares
+like with like (the saved weights computed in float32 on both sides), so it stays exact."""
 
 import json
 from pathlib import Path

@@ -341,7 +341,8 @@ def test_signed_builders_from_partials_and_files_named_like_the_standard_library
     """A user's nets/signal.py or a functools.partial is the user's code, not Python's."""
     (project / "nets").mkdir()
     (project / "nets" / "signal.py").write_text(NET)
-    (project / "mynet.py").write_text(NET + "\nimport functools\nnarrow = functools.partial(build_kw, width=32, seed=3)\n")
+    (project / "mynet.py").write_text(NET + "\nimport functools\n"
+                                      "narrow = functools.partial(build_kw, width=32, seed=3)\n")
     del sys.modules["mynet"]  # the fixture imported the module as it was
     for arch, out in (("nets/signal.py:build", "a.safetensors"), ("mynet:narrow", "b.safetensors")):
         assert main(["shrink", "m.pt", "--arch", arch, *QUICK, "--out", out, "--json", f"{out}.json"]) == 0, \
