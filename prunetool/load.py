@@ -92,13 +92,13 @@ def import_arch(spec: str, root: str | None = None, recorded_in: str | None = No
     foreign = recorded_in is not None and not signed
     if foreign and mod_name.endswith(".py"):
         raise UsageError(f"{recorded_in} names architecture {spec}, a file of its own, and was not written on this "
-                         f"machine (no signature of {trust.key_path()}); pass --arch {spec} if you trust the file "
-                         "(README: Architectures a file names)")
+                         f"machine (no signature of {trust.key_path()}); pass --arch {spec} (arch= in Python) if you "
+                         "trust the file")
     try:
         if mod_name.endswith(".py"):
             module = _import_file(mod_name, root, flag)
         elif foreign:
-            module = _import_installed(mod_name, flag, root)
+            module = _import_installed(mod_name, spec, recorded_in)
         else:
             module = _import_module(mod_name, root, flag, recorded_in)
     except UsageError:
@@ -115,24 +115,24 @@ def import_arch(spec: str, root: str | None = None, recorded_in: str | None = No
         raise UsageError(f"{flag} {spec!r} is not callable; name a class or factory function")
     if foreign and not trust.builds_module(obj):
         raise UsageError(f"{recorded_in} names architecture {spec}, a plain function, and was not written on this "
-                         f"machine (no signature of {trust.key_path()}); pass --arch {spec} if you trust the file "
-                         "(README: Architectures a file names)")
+                         f"machine (no signature of {trust.key_path()}); pass --arch {spec} (arch= in Python) if you "
+                         "trust the file")
     if recorded_in is not None and not trust.builds_module(obj) and trust.standard_library(obj):
         raise UsageError(f"{recorded_in} names architecture {spec}, a callable of Python itself, which prunetool never "
                          f"calls from a file; pass --arch {spec} if you mean it")
     return obj
 
 
-def _import_installed(name: str, flag: str, root: str | None):
+def _import_installed(name: str, spec: str, recorded_in: str):
     """Import ``name`` only where Python finds it as it is (an unsigned file's architecture)."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name is None or not name.startswith(e.name):
             raise
-        where = f" (it records {root})" if root else ""
-        raise UsageError(f"cannot import {name!r} for {flag}, and the file was not written on this machine{where}: "
-                         "install its package or add its folder to PYTHONPATH") from None
+        raise UsageError(f"{recorded_in} names architecture {spec}, and was not written on this machine (no "
+                         f"signature of {trust.key_path()}): pass --arch {spec} (arch= in Python) if you trust the "
+                         "file") from None
 
 
 def _import_module(name: str, root: str | None, flag: str, recorded_in: str | None):

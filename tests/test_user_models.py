@@ -369,3 +369,27 @@ def test_a_model_beside_its_image_folder(project, capsys):
     assert (project / "summary.md").is_file() and (project / "rgb.shrunk.safetensors").is_file()
     assert main(["shrink", "m.pt", "--arch", "mynet:build", "--data", ".", "--json", "train/r.json"]) == 2
     assert "inside the input --data (train/)" in capsys.readouterr().err
+
+
+def test_no_output_overwrites_the_signing_key(project, monkeypatch, capsys):
+    monkeypatch.setenv("PRUNETOOL_KEY", str(project / "key"))
+    assert main(["shrink", "m.pt", "--arch", "mynet:build", *QUICK, "--out", "s.safetensors"]) == 0
+    key = (project / "key").read_bytes()
+    capsys.readouterr()
+    for flag, path in (("--json", "key"), ("--summary-md", "key")):
+        assert main(["shrink", "m.pt", "--arch", "mynet:build", *QUICK, flag, path]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "signing key" in err[0], err
+    assert (project / "key").read_bytes() == key
+    assert prunetool.load("s.safetensors").model is not None
+
+
+def test_a_damaged_key_is_named_and_the_file_reloads_with_arch(project, monkeypatch, capsys):
+    (project / "key").write_text('{"not": "a key"}')
+    monkeypatch.setenv("PRUNETOOL_KEY", str(project / "key"))
+    assert main(["shrink", "m.pt", "--arch", "mynet:build", *QUICK, "--out", "s.safetensors", "--json", "r.json"]) == 0
+    assert "holds no key (damaged?)" in capsys.readouterr().err
+    report = json.loads(Path("r.json").read_text())
+    assert report["verify"]["reload"] == "identical with --arch" and "--arch mynet:build" in report["notes"][0]
+    with pytest.raises(UsageError, match=r"pass --arch mynet:build \(arch= in Python\)"):
+        prunetool.load("s.safetensors")

@@ -30,8 +30,8 @@ def _example(path, ckpt, input_shape, tokens, others=()):
         (o.record for o in others if o.record.get("input_shape")), {})
     recorded = record.get("input_shape")
     if record.get("inputs") == "named" and tokens is None and input_shape is None:
-        raise UsageError(f"{path} takes several named inputs (it was made from named arrays); bench times one input "
-                         "tensor (--input-shape) or token ids (--tokens): time it in your own harness")
+        raise UsageError("these checkpoints take several named inputs (one was made from named arrays); bench times "
+                         "one input tensor (--input-shape) or token ids (--tokens): time them in your own harness")
     if tokens is None and input_shape is None and recorded and record.get("inputs") == "tokens":
         tokens = recorded[0]
     if tokens is not None:

@@ -122,18 +122,21 @@ def preflight(outputs: dict[str, str], source: Source, data: DataOptions | None 
     """Everything that can fail without the model's numbers, refused before any work with one line naming the
     flag and the fix: the architecture imports (and a file written with it will reload), every output path
     (suffix, folder, permission), no output over or inside any input, the exporters asked for are installed."""
-    if source.arch:
-        obj = import_arch(source.arch)
-        if not trust.builds_module(obj) and any(f in outputs for f in ("--out", "--out (its fallback file)")) \
-                and trust.sign(source.arch, source.arch_kwargs or {}, None) is None:
-            warnings.warn(f"no signing key can be kept at {trust.key_path()}: the file written will reload only "
-                          f"with --arch {source.arch} (set {trust.KEY_ENV} to a writable path)")
+    obj = import_arch(source.arch) if source.arch else None
     check_outputs(outputs, {**input_paths(source, data), **(inputs or {})}, directories)
     for flag, modules in (("--onnx", ("onnx", "onnxruntime", "onnxscript")), ("--pt2", ("torch.export",))):
         missing = [m for m in modules if flag in outputs and importlib.util.find_spec(m) is None]
         if missing:
             raise UsageError(f"{flag} needs the {missing[0]} package, which is not installed; pip install "
                              f"{missing[0]} or drop {flag}")
+    writes_model = "--out" in outputs or "--out (its fallback file)" in outputs
+    unsigned = writes_model and obj is not None and not trust.builds_module(obj) and \
+        trust.sign(source.arch, source.arch_kwargs or {}, None) is None
+    if unsigned:  # after every refusal: an error stays the one line printed
+        key = trust.key_path()
+        why = "holds no key (damaged?)" if key.exists() else "cannot be written"
+        warnings.warn(f"the signing key file {key} {why}: the file written will reload only with --arch "
+                      f"{source.arch} (set {trust.KEY_ENV} to another path)")
 
 
 def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, str]:
@@ -149,6 +152,7 @@ def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, st
         paths.update({f"the input --data{f' ({what})' if what else ''}": path for what, path in data_paths(str(spec))})
     if data is not None and data.tokenizer:
         paths["the input --tokenizer"] = str(data.tokenizer)
+    paths[f"the signing key ({trust.KEY_ENV})"] = str(trust.key_path())  # overwritten, no file here would reload
     return paths
 
 
@@ -166,6 +170,9 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
         loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape,
                                                                data.preprocessing, data.tokenizer or ckpt.tokenizer,
                                                                data.seq_len)
+        if ckpt.record.get("inputs") == "named" and loaded.train is None and data.tokens is None:
+            raise UsageError(f"{ckpt.path} takes several named inputs (it was made from named arrays): pass --data "
+                             "with those arrays (README: Data)")
         fit_inputs(loaded, dense)  # names the inputs as the forward takes them, or refuses in one line
         recorded = ckpt.record.get("input_shape") if loaded.train is None else None
         tokens = data.tokens or (recorded[0] if recorded and ckpt.record.get("inputs") == "tokens" and
