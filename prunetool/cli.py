@@ -233,19 +233,17 @@ def _measurement(device: str, latency_batches: str, no_latency: bool, speedup_ba
 
 
 def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol: float, rtol: float) -> Outputs:
-    fallback = None
     if Path(ckpt).is_dir():
         if not hf.is_dir(ckpt):
             raise UsageError(f"{ckpt} is a directory without config.json; pass a checkpoint file (.pt, .pth or "
                              ".safetensors) or a Hugging Face model directory")
-        if out is None:  # a directory like the input; prunetool's own file when its config cannot hold the cut
+        if out is None:  # a directory like the input (its fallback file: check_job_outputs)
             base = Path(ckpt).resolve()
             out = str(base.with_name(f"{base.name}.{suffix}"))
-            fallback = str(base.with_name(f"{base.name}.{suffix}.safetensors"))
     elif not Path(ckpt).exists():
         raise UsageError(f"{ckpt}: no such file or directory; check the checkpoint path")
     out = out or str(Path(ckpt).with_name(f"{Path(ckpt).stem}.{suffix}.safetensors"))
-    outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol, fallback, _config_input())
+    outputs = Outputs(out, onnx, pt2, json_path, summary_md, atol, rtol, inputs=_config_input())
     outputs.check()
     return outputs
 
@@ -539,10 +537,9 @@ def export_cmd(
     source, data_opts = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code), _data(
         data, calib, None, input_shape, False, tokens=tokens, seq_len=seq_len, tokenizer=tokenizer,
         output_key=output_key)
-    preflight({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2), ("--json", json_path)) if v}, source, data_opts,
-              inputs=_config_input())
     with Staging() as staging:
-        report = export_command.run(source, data_opts, staging, onnx, pt2, opset, onnx_atol, onnx_rtol)
+        report = export_command.run(source, data_opts, staging, onnx, pt2, opset, onnx_atol, onnx_rtol,
+                                    reports={"--json": json_path} if json_path else None, inputs=_config_input())
         report["config"] = _config_source()
         if json_path:
             staging.write(json_path, json_bytes(report))
@@ -621,14 +618,11 @@ def inspect_cmd(
     source = _source(ckpt, arch, arch_kwargs, unsafe_pickle, trust_remote_code)
     data_opts = _data(data, calib, None, input_shape, download, calib_memory, calib_rows, workers, preset,
                       resize, crop, mean, std, tokens, seq_len, tokenizer, output_key)
-    preflight({k: v for k, v in (("--html", html), ("--json", json_path), ("--plots", plots)) if v}, source, data_opts,
-              inputs=_config_input())
     console = _console(no_progress)
-    if data is None:
-        warnings.warn("no --data: dead and frozen units and MRS come from random inputs labelled by the model itself")
     with Staging() as staging:
         report = inspect_command.run(source, data_opts, staging, html, plots,
-                                     progress=console.is_terminal and not no_progress)
+                                     progress=console.is_terminal and not no_progress,
+                                     reports={"--json": json_path} if json_path else None, inputs=_config_input())
         report["config"] = _config_source()
         if json_path:
             staging.write(json_path, json_bytes(report))

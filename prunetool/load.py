@@ -135,9 +135,14 @@ def _import_installed(name: str, spec: str, recorded_in: str):
                          "file") from None
 
 
-def _import_module(name: str, root: str | None, flag: str, recorded_in: str | None):
+def _cwd_on_path() -> None:
+    """Modules in the working directory import as they do for ``python -m`` (the console script lacks it)."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+
+
+def _import_module(name: str, root: str | None, flag: str, recorded_in: str | None):
+    _cwd_on_path()
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -170,8 +175,7 @@ def arch_source(spec: str) -> str | None:
     mod_name = spec.rpartition(":")[0]
     if mod_name.endswith(".py"):
         return mod_name
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_on_path()
     try:
         found = importlib.util.find_spec(mod_name)
     except Exception:  # a parent package fails to import: import_arch says so

@@ -105,12 +105,13 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
     sampler = None
-    lone = len(data.train) % batch_size == 1 and len(data.train) > 1  # a last batch of one breaks BatchNorm in training
     if distributed.active():
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(data.train, shuffle=True, seed=SEED)
-        lone = len(sampler) % batch_size == 1 and len(sampler) > 1  # each process's share
+    share = len(sampler) if sampler is not None else len(data.train)  # what this process trains on
+    lone = share % batch_size == 1 and share > 1  # a last batch of one breaks BatchNorm in training
+    if sampler is not None:
         loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, drop_last=lone)
     else:
         loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=lone,

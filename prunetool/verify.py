@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import layers
 from .batch import Batch, batch_slice, call
-from .errors import VerificationError
+from .errors import UsageError, VerificationError
 from .trace import Trace
 
 TOLERANCE = 1e-4  # relative to the largest output magnitude
@@ -137,7 +137,6 @@ def check_reload(data: bytes, x: Batch, expected: torch.Tensor, arch: str | None
     output that overflows to inf or NaN, as random weights in some deep nets do, must do so at the same places).
     When the file's architecture is refused without flags (no signing key could be kept on this machine), it is
     loaded with ``arch`` as the user gave it. Returns ``"identical"`` or ``"identical with --arch"``."""
-    from .errors import UsageError
     from .load import from_bytes, upcast_half
 
     how = "identical"

@@ -11,11 +11,16 @@ from .common import preflight, start
 
 
 def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = None, pt2: str | None = None,
-        opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> dict:
+        opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+        reports: dict[str, str] | None = None, inputs: dict[str, str] | None = None) -> dict:
+    """Export ``source`` to ``onnx`` and/or ``pt2``, staged. ``reports``: flag → path of the files the caller
+    writes from the report (``--json``), and ``inputs`` more files it reads: checked with the exports, before any
+    work."""
     if onnx is None and pt2 is None:
         raise UsageError("export needs --onnx PATH, --pt2 PATH or both")
     data.check()
-    preflight({k: v for k, v in (("--onnx", onnx), ("--pt2", pt2)) if v}, source, data)
+    preflight({**{k: v for k, v in (("--onnx", onnx), ("--pt2", pt2)) if v}, **(reports or {})}, source, data,
+              inputs=inputs)
     job = start(source, data)
     try:
         probe = job.probe

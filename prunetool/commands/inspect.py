@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,13 +21,19 @@ from .common import preflight, start
 
 
 def run(source: Source, data: DataOptions, staging: Staging, html: str | None = None, plots: str | None = None,
-        progress: bool = False) -> dict:
+        progress: bool = False, reports: dict[str, str] | None = None, inputs: dict[str, str] | None = None) -> dict:
+    """The redundancy report of ``source``, with ``html``/``plots`` staged. ``reports``: flag → path of the files
+    the caller writes from the report (``--json``), and ``inputs`` more files it reads: checked with the others,
+    before any work."""
     data.check()
-    preflight({k: v for k, v in (("--html", html),) if v}, source, data)
+    preflight({**{k: v for k, v in (("--html", html), ("--plots", plots)) if v}, **(reports or {})}, source, data,
+              inputs=inputs)
     if plots is not None and Path(plots).exists() and not Path(plots).is_dir():
         from ..errors import UsageError
 
         raise UsageError(f"--plots {plots} is a file; give a folder")
+    if data.data is None:
+        warnings.warn("no --data: dead and frozen units and MRS come from random inputs labelled by the model itself")
     bars = Bars(progress)
     job = start(source, data)
     try:
