@@ -12,14 +12,17 @@ from typing import Union
 import torch
 from torch import nn
 
+from . import precision
 from .task import logits
 
 Batch = Union[torch.Tensor, dict]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype the model computes in (the dtype inputs are given in)."""
-    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    """The floating dtype the model computes in (the dtype inputs are given in): float32 for half-precision weights
+    while :class:`prunetool.precision.Compute` is in force."""
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    return torch.float32 if dtype in precision.HALF and precision.active() is not None else dtype
 
 
 def batch_len(b: Batch) -> int:

@@ -103,6 +103,7 @@ STD = typer.Option(None, "--std", help="Image folder: per-channel standard devia
 EVAL = typer.Option(None, "--eval", help="Evaluate on this many test samples (default: all).")
 JSON = typer.Option(None, "--json", help="Write the report as JSON here.")
 DEVICE = typer.Option("cpu", "--device", help="Device for scoring, evaluation and latency: cpu or cuda.")
+OFFLOAD = typer.Option(False, "--offload", help="With --device cuda: keep the weights in host memory and move each layer's to the GPU as it runs (a model larger than the GPU; slower).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars and no tables; print the summary line.")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars and no colour, even on a terminal.")
 ONNX = typer.Option(None, "--onnx", help="Also export the result to ONNX here, checked against onnxruntime.")
@@ -225,11 +226,15 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
     return values
 
 
-def _measurement(device: str, latency_batches: str, no_latency: bool, speedup_batch: int | None = None) -> Measurement:
+def _measurement(device: str, latency_batches: str, no_latency: bool, speedup_batch: int | None = None,
+                 offload: bool = False) -> Measurement:
     batches = () if no_latency else _ints("--latency-batches", latency_batches)
     if speedup_batch is not None and not no_latency and speedup_batch not in batches:
         batches = tuple(sorted({*batches, speedup_batch}))
-    return Measurement(True, batches, device, speedup_batch)
+    if offload and not device.startswith("cuda"):
+        raise UsageError("--offload keeps the weights in host memory while a GPU computes: it needs --device cuda "
+                         "(on the CPU the weights are in host memory already)")
+    return Measurement(True, batches, device, speedup_batch, offload)
 
 
 def _outputs(ckpt: str, out, onnx, pt2, json_path, summary_md, suffix: str, atol: float, rtol: float) -> Outputs:
@@ -335,7 +340,8 @@ def shrink_cmd(
     max_params: Optional[float] = MAX_PARAMS, latency_batches: str = LATENCY_BATCHES, no_latency: bool = NO_LATENCY,
     onnx: Optional[str] = ONNX, pt2: Optional[str] = PT2, onnx_atol: float = ONNX_ATOL,
     onnx_rtol: float = ONNX_RTOL, out: Optional[str] = _out_help("shrunk"), json_path: Optional[str] = JSON,
-    summary_md: Optional[str] = SUMMARY_MD, device: str = DEVICE, quiet: bool = QUIET, no_progress: bool = NO_PROGRESS,
+    summary_md: Optional[str] = SUMMARY_MD, device: str = DEVICE, offload: bool = OFFLOAD, quiet: bool = QUIET,
+    no_progress: bool = NO_PROGRESS,
 ):
     """Remove units (neurons, channels) ranked by a criterion, compensate them, verify and report."""
     opts = ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
@@ -360,7 +366,7 @@ def shrink_cmd(
         render_plan(report, console)
         return
     measurement = _measurement(_device(device), latency_batches, no_latency,
-                               speedup_batch if min_speedup is not None else None)
+                               speedup_batch if min_speedup is not None else None, offload)
     budgets = Budgets(max_drop, min_speedup, speedup_batch, max_params)
     _check_budgets(budgets, data, measurement)
     outputs = _outputs(ckpt, out, onnx, pt2, json_path, summary_md, "shrunk", onnx_atol, onnx_rtol)

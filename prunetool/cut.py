@@ -144,11 +144,14 @@ def _add_to_bias(modules: dict, c: Consumer, delta: torch.Tensor) -> None:
     module = modules[c.name]
     attr = bias_attr(module, c)
     if attr is not None:
-        getattr(module, attr).data += delta
+        old = getattr(module, attr)  # a new tensor, never written in place: the cut may share it (layers.clone)
+        new = (old.detach().to(delta.dtype) + delta.to(old.device)).to(old.dtype)
+        setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter)
+                else new)
         return
     norm = modules.get(c.norm_after) if c.norm_after else None
     if norm is not None and norm.running_mean is not None:
-        norm.running_mean -= delta  # BN((y' + δ) − μ) = BN(y' − (μ − δ))
+        norm.running_mean = norm.running_mean - delta.to(norm.running_mean.dtype)  # BN((y'+δ) − μ) = BN(y' − (μ−δ))
     elif can_add_bias(module, c):
         module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
 
@@ -227,7 +230,7 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
         raise ValueError(f"unknown compensation {compensate!r}")
     modules = dict(model.named_modules())
     if compensate == "lstsq" and stats is None and dense is None:
-        dense = layers.clone(model)
+        dense = layers.clone(model, share=True)
     plan = plan_cut(trace, keep)
     if compensate == "mean":
         for g in trace.groups:

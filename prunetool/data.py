@@ -677,6 +677,9 @@ def load_data(spec: str | None, download: bool = False, input_shape: tuple[int, 
                      "an ImageFolder directory, an .npz file or a .txt file")
 
 
+OUTPUT_BYTES = 128 << 20  # outputs held at once when labelling or checking (an LLM's logits: ~16 MB a sequence)
+
+
 def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
                 model: torch.nn.Module | None = None, workers: int = 0, tokens: int | None = None,
                 output_key: str | None = None) -> Samples:
@@ -706,8 +709,11 @@ def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
             return Samples(x, torch.zeros(n, dtype=torch.long))
         try:
             with torch.no_grad():
-                y = torch.cat([task.labels_from(call(model, as_input(batch_slice(x, i, i + 64), model), output_key))
-                               for i in range(0, n, 64)])
+                first = call(model, as_input(batch_slice(x, 0, 1), model), output_key)
+                size = max(1, min(64, OUTPUT_BYTES // max(1, first.numel() * first.element_size())))
+                y = torch.cat([task.labels_from(first)] + [
+                    task.labels_from(call(model, as_input(batch_slice(x, i, min(n, i + size)), model), output_key))
+                    for i in range(1, n, size)])
         except task.OutputError as e:
             raise UsageError(str(e)) from None
         except Exception as e:

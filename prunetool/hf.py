@@ -297,7 +297,7 @@ def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = Non
     architecture, config = kwargs["architecture"], kwargs["config"]
     trust = bool(kwargs.get("trust_remote_code"))
     new, added = config_for(model, architecture, config, trust)
-    out = layers.clone(model)
+    out = layers.clone(model, share=True)
     modules = dict(out.named_modules())
     for key in added:  # the zero biases a bias flag creates beside the ones the compensation added
         mname, _, attr = key.rpartition(".")
@@ -317,8 +317,14 @@ def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = Non
     with torch.no_grad():  # written in the source's dtypes
         dtypes = cast_state({k: v for k, v in out.state_dict().items()}, ckpt.dtypes)
         for key, t in list(out.named_parameters()) + list(out.named_buffers()):
-            if key in dtypes and t.dtype != dtypes[key].dtype:
-                t.data = t.data.to(dtypes[key].dtype)
+            if key in dtypes and t.dtype != dtypes[key].dtype:  # a new tensor: ``out`` shares them with ``model``
+                mname, _, attr = key.rpartition(".")
+                module = out.get_submodule(mname)
+                new = dtypes[key]
+                if attr in module._parameters:
+                    module._parameters[attr] = nn.Parameter(new, requires_grad=t.requires_grad)
+                else:
+                    module._buffers[attr] = new
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with quiet():

@@ -361,16 +361,38 @@ def clear_caches(model: nn.Module) -> nn.Module:
     return model
 
 
-def clone(model: nn.Module) -> nn.Module:
+def clone(model: nn.Module, share: bool = False) -> nn.Module:
     """``copy.deepcopy`` of a model, its caches emptied first (:func:`clear_caches`) and any other tensor attribute
-    that autograd produced (not a leaf, so not deep-copyable) copied detached."""
+    that autograd produced (not a leaf, so not deep-copyable) copied detached.
+
+    ``share=True`` copies the modules but not their parameters and buffers: the copy holds the same tensors, and
+    costs no memory until a cut replaces them. A cut never writes into a tensor (it sets new ones), so the
+    original is safe; anything that does write in place (BatchNorm recalibration, training) calls
+    :func:`unshare` first."""
     clear_caches(model)
     memo = {}
+    if share:
+        for t in list(model.parameters()) + list(model.buffers()):
+            memo[id(t)] = t
     for module in model.modules():
         for attr, value in vars(module).items():
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def unshare(model: nn.Module, other: nn.Module) -> None:
+    """Give ``model`` its own copy of every parameter and buffer it still shares with ``other`` (see
+    :func:`clone`), before anything writes into them."""
+    theirs = {id(t) for t in list(other.parameters()) + list(other.buffers())}
+    with torch.no_grad():
+        for module in model.modules():
+            for attr, t in list(module._parameters.items()):
+                if t is not None and id(t) in theirs:
+                    module._parameters[attr] = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+            for attr, t in list(module._buffers.items()):
+                if t is not None and id(t) in theirs:
+                    module._buffers[attr] = t.clone()
 
 
 def sync_containers(model: nn.Module, before: dict[str, dict[str, int]]) -> None:

@@ -90,6 +90,7 @@ class Measurement:
     latency_batches: tuple[int, ...] = LATENCY_BATCHES
     device: str = "cpu"
     gate_batch: int | None = None  # the batch a --min-speedup gate reads: measured again while too noisy
+    offload: bool = False  # weights stay in host memory; each call onloads its own to the device (precision.Compute)
 
     def check(self) -> None:
         if any(b < 1 for b in self.latency_batches):

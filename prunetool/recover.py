@@ -44,7 +44,12 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
     saved = [(m, m.momentum) for m in norms]
     was_training = model.training
     model.eval()
+    stored = {}  # half-precision statistics are gathered in float32 (a computing call only reads copies of them)
     for m in norms:
+        for k, t in list(m._buffers.items()):
+            if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+                stored[(m, k)] = t.dtype
+                m._buffers[k] = t.float()
         m.reset_running_stats()
         m.momentum = None
         m.train()
@@ -58,6 +63,8 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
     with torch.no_grad():
         for xb, _, _ in samples.batches(size):
             call(model, batch_to(xb, device, model_dtype(model)))
+    for (m, k), dtype in stored.items():
+        m._buffers[k] = m._buffers[k].to(dtype)
     for m, momentum in saved:
         m.momentum = momentum
         m.eval()

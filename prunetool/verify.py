@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from . import layers
+from . import layers, precision
 from .batch import Batch, batch_slice, call
 from .errors import UsageError, VerificationError
 from .trace import Trace
@@ -52,7 +52,7 @@ def check_identity(dense: nn.Module, trace: Trace, x: Batch) -> None:
     from .cut import cut
 
     keep = {g.name: torch.arange(g.units) for g in trace.groups}
-    same = cut(layers.clone(dense), trace, keep, "none")
+    same = cut(layers.clone(dense, share=True), trace, keep, "none")
     if not torch.equal(outputs_of(same, x), outputs_of(dense, x)):
         raise VerificationError("a cut that removes nothing changes the outputs (ratio 0 is not exact)")
 
@@ -63,7 +63,7 @@ def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
     from .cut import complement, cut, mask_hooks
     from .score import mean_key
 
-    small = cut(layers.clone(dense), trace, keep, "none")
+    small = cut(layers.clone(dense, share=True), trace, keep, "none")
     zeros = {g.name: {mean_key(c.name, c.offset): torch.zeros(g.units, c.spatial) for c in g.consumers}
              for g in trace.groups}
     with mask_hooks(dense, trace, keep, zeros):
@@ -95,8 +95,10 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: Batch) -> float | Non
     for group in trace.groups:
         if group.units < 2 or not all(_unpadded(c) for c in group.consumers):
             continue
-        model = layers.clone(dense)
+        model = layers.clone(dense, share=True)
         modules = dict(model.named_modules())
+        _own_float32([modules[n] for n in {p.name for p in group.producers} | {c.name for c in group.consumers}
+                      | {c.norm_after for c in group.consumers if c.norm_after}])
         with torch.no_grad():
             for p in group.producers:
                 rows = p.rows(torch.tensor([0]))
@@ -114,6 +116,22 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: Batch) -> float | Non
                                     f"the outputs (relative difference {diff:.2g})")
         return diff
     return None
+
+
+def _own_float32(modules: list[nn.Module]) -> None:
+    """Copies of these modules' own tensors, half precision made float32, to write into without touching the
+    model they were cloned from (and, for a half-precision model, to check the compensation without rounding)."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32 if t.dtype in precision.HALF else t.dtype, copy=True)
+
+    with torch.no_grad():
+        for module in modules:
+            for attr, t in list(module._parameters.items()):
+                if t is not None:
+                    module._parameters[attr] = nn.Parameter(copy(t.detach()), requires_grad=t.requires_grad)
+            for attr, t in list(module._buffers.items()):
+                if t is not None:
+                    module._buffers[attr] = copy(t)
 
 
 def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> bool:
@@ -146,7 +164,8 @@ def check_reload(data: bytes, x: Batch, expected: torch.Tensor, arch: str | None
         if arch is None:
             raise
         model, how = from_bytes(data, arch=arch, arch_kwargs=arch_kwargs).model.eval(), "identical with --arch"
-    upcast_half(model)
+    if precision.active() is None:  # computed in float32 like the model it is compared with
+        upcast_half(model)
     out = outputs_of(model, x)
     if not torch.allclose(out, expected, rtol=0.0, atol=0.0, equal_nan=True):
         diff = (out - expected).abs().nan_to_num(nan=float("inf")).max().item()

@@ -55,9 +55,9 @@ def test_a_half_precision_hugging_face_model_prunes_and_reloads(family, dtype, t
             back = cls.from_pretrained(written)
         else:
             back = prunetool.load(written).model
-        assert {p.dtype for p in back.parameters()} == {dtype}
+        assert {p.dtype for p in back.parameters()} == {p.dtype for p in small.parameters()} == {dtype}
         with torch.no_grad():
-            want = small.eval()(**x).logits
+            want = small.float().eval()(**x).logits
             got = back.float().eval()(**x).logits
         assert torch.equal(got, want)
 
@@ -72,7 +72,8 @@ def test_a_half_precision_cnn_prunes_and_reloads_in_its_dtype(dtype, tmp_path):
     back = prunetool.load(tmp_path / "o.safetensors").model
     assert {p.dtype for p in back.parameters()} == {dtype}
     assert report["settings"]["dtype"] == {"file": str(dtype).replace("torch.", ""), "computed": "float32"}
+    assert {p.dtype for p in small.parameters()} == {dtype}  # returned as it is saved
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(back.float().eval()(x), small.eval()(x))
+        assert torch.equal(back.float().eval()(x), small.float().eval()(x))
     assert json.loads(json.dumps(report["verify"]))["reload"] == "identical"

@@ -2,6 +2,7 @@
 directory with no flags, identical outputs; depthwise groups, layer scales, container widths, version metadata,
 dtypes, safetensors, third-party layers, exports; and files that must be refused."""
 
+import copy
 import json
 import os
 import struct
@@ -26,7 +27,7 @@ X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 @pytest.fixture(scope="module")
 def shrunk(tmp_path_factory):
     """Each zoo model in float32 and float16, shrunk at ratio 0.5 from a state_dict file, saved in both formats;
-    with the outputs the returned model gives (float32 compute)."""
+    with the outputs the returned model gives (float32 compute; a float16 result is returned in float16, as saved)."""
     d = tmp_path_factory.mktemp("roundtrip")
     cases = {}
     for name in ("DepthwiseSENet", "ThirdPartyNet"):
@@ -39,7 +40,7 @@ def shrunk(tmp_path_factory):
                 small, report = prunetool.shrink(str(src), None, "l2", 0.5, "mean", arch=f"zoo:{name}", calib=16,
                                                  input_shape=(3, 16, 16), out=str(out), measure=False)
                 with torch.no_grad():
-                    cases[str(out)] = (small(X), report, small)
+                    cases[str(out)] = (copy.deepcopy(small).float()(X), report, small)
     torch.save({k: v[0] for k, v in cases.items()}, d / "expected.pt")
     return d, cases
 

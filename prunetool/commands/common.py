@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__, distributed, hf, layers, task, trust
+from .. import __version__, distributed, hf, layers, memory, precision, task, trust
 from ..calibrate import Settings
-from ..data import (Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader, fit_inputs,
-                    load_data, too_few)
+from ..data import (OUTPUT_BYTES, Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader,
+                    fit_inputs, load_data, too_few)
 from ..export import export_onnx, export_pt2
-from ..batch import as_input, batch_cat, batch_len, batch_slice, shape_of
+from ..batch import as_input, batch_cat, batch_len, batch_slice, model_dtype, shape_of
 from ..errors import UsageError, VerificationError
-from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, serialize, upcast_half
+from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, serialize
 from ..measure import compare_latency, evaluate, macs, params
 from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
@@ -46,14 +46,17 @@ class Job:
 
     ckpt: Checkpoint
     data: Data
-    dense: nn.Module  # the model the work reads (a float32 copy for a half-precision checkpoint)
+    dense: nn.Module  # the model the work reads (in the checkpoint's dtypes: half precision is computed in float32)
     calib: Samples
-    probe: torch.Tensor  # up to 64 calibration inputs (at least 2: exporters need a batch above 1)
+    probe: torch.Tensor  # up to 64 calibration inputs, fewer when their outputs pass OUTPUT_BYTES (at least 2:
+    # exporters need a batch above 1)
     graph: Trace
     computed_in: str
     settings: Settings
     eval: int | None = None  # test samples evaluated (None: all)
     caller_mode: tuple[nn.Module, bool] | None = None  # a caller's module and its train flag, restored by close()
+    compute: precision.Compute | None = None  # in force from start() to close() for a half-precision model
+    memory: dict | None = None  # the estimate memory.check made before loading
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -69,6 +72,9 @@ class Job:
         if self.caller_mode is not None:
             module, training = self.caller_mode
             module.train(training)
+        if self.compute is not None:
+            self.compute.__exit__(None, None, None)
+            self.compute = None
 
 
 @dataclass
@@ -156,15 +162,18 @@ def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, st
     return paths
 
 
-def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
+def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool = False) -> Job:
+    needs = memory.check(source.checkpoint, data.memory, OUTPUT_BYTES, device, offload)  # before it is loaded
     ckpt, mode = as_checkpoint(source)
     dense = ckpt.model
+    compute = None
     try:
-        half = any(t.dtype in (torch.float16, torch.bfloat16) for t in list(dense.parameters()) + list(dense.buffers()))
-        if mode is not None and (half or layers.needs_prepare(dense)):
+        if mode is not None and layers.needs_prepare(dense):
             dense = layers.prepare(layers.clone(dense))  # the caller's module stays as it was
-        if half:
-            upcast_half(dense)
+        if offload or precision.has_half(dense) or any(d in precision.HALF for d in ckpt.dtypes.values()):
+            # weights stay in their dtype (and, offloaded, in host memory), computed in float32 (prunetool.precision)
+            compute = precision.Compute(device if offload else None)
+            compute.__enter__()
         dense.eval()
         spec = data.data
         loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape,
@@ -184,6 +193,9 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
         if batch_len(probe) < 2:
             probe = batch_cat([probe, probe])
         graph = trace(dense, batch_slice(probe, 0, 2), data.output_key)
+        one = outputs_of(dense, batch_slice(probe, 0, 1)).numel() * 4
+        if batch_len(probe) * one > OUTPUT_BYTES:  # every check holds the outputs of two models on it at once
+            probe = batch_slice(probe, 0, max(2, OUTPUT_BYTES // one))
         if loaded.train is not None and graph.output_shape:
             check_labels(loaded, graph.output_shape[-1])
         advice = too_few(loaded, data.calib)  # after every refusal: an error stays the one line printed
@@ -192,17 +204,20 @@ def start(source: Source, data: DataOptions, device: str = "cpu") -> Job:
     except BaseException:
         if mode is not None:
             mode[0].train(mode[1])
+        if compute is not None:
+            compute.__exit__(None, None, None)
         raise
-    computed = str(next((p.dtype for p in dense.parameters()), torch.float32)).replace("torch.", "")
+    computed = "float32" if compute is not None else str(model_dtype(dense)).replace("torch.", "")
     rows = data.rows or (DEFAULT_ROWS if isinstance(probe, torch.Tensor) else DEFAULT_TOKEN_ROWS)
     settings = Settings(data.memory, rows, device, output_key=data.output_key)
-    return Job(ckpt, loaded, dense, calib, probe, graph, computed, settings, data.eval, mode)
+    return Job(ckpt, loaded, dense, calib, probe, graph, computed, settings, data.eval, mode, compute, needs)
 
 
 def snapshot(model: nn.Module, file_bytes: int | None, loader, example, measurement: Measurement, bars: Bars,
              label: str, output_key: str | None = None) -> dict:
     device = measurement.device
-    model.to(device)
+    if not measurement.offload:
+        model.to(device)
     q = evaluate(model, loader, device, bars, label, output_key)
     snap = {"params": params(model), "macs": macs(model, example), "file_bytes": file_bytes, "metric": q.metric,
             "accuracy": q.accuracy, "loss": q.loss, "latency_ms": {}}
@@ -224,8 +239,9 @@ def measure_latency(report: dict, dense: nn.Module, small: nn.Module, example, m
     """Latency before and after, interleaved, at every batch size; the batch a speed-up gate reads is measured
     again (up to ``attempts`` times) while the machine is too noisy to judge it."""
     device = measurement.device
-    dense.to(device)
-    small.to(device)
+    if not measurement.offload:
+        dense.to(device)
+        small.to(device)
     report["latency"] = {}
     for b in bars.track(measurement.latency_batches, "measuring latency"):
         tries = attempts if b == gate_batch else 1
@@ -271,8 +287,7 @@ def _write_hf(job: Job, small: nn.Module, record: dict, out: str, fallback: str 
                      "with prunetool.load (from_pretrained cannot)")
         return fallback, None, small
     Path(tmp, "prunetool.json").write_text(json.dumps(record, indent=2) + "\n")
-    reloaded = hf.read_back(tmp, job.ckpt)
-    upcast_half(reloaded)  # like with like: the saved half-precision weights computed in float32, as ``small`` is
+    reloaded = hf.read_back(tmp, job.ckpt)  # in the saved dtypes, computed in float32 as ``small`` is
     back = outputs_of(reloaded, job.probe)
     if not torch.equal(back, expected):
         raise VerificationError(f"the Hugging Face directory reloads with different outputs (max abs diff "
@@ -300,9 +315,11 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         out, weights_bytes, measured = _write_hf(job, small, record, out, outputs.out_fallback, staging, expected,
                                                  notes)
         hf_dir = out == outputs.out
-    blob = serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes,
-                     format_of(out if out is not None and not hf_dir else DEFAULT_FORMAT), ckpt.arch_root)
-    if ckpt.arch is not None or out is not None:
+    # a directory was read back above: prunetool's own file is neither written nor checked (its bytes would be a
+    # second copy of the model in memory)
+    blob = None if hf_dir else serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes,
+                                         format_of(out if out is not None else DEFAULT_FORMAT), ckpt.arch_root)
+    if blob is not None and (ckpt.arch is not None or out is not None):
         checks["reload"] = check_reload(blob, probe, expected, ckpt.arch, ckpt.arch_kwargs)
         if checks["reload"] != "identical":
             notes.append(f"the file reloads only given --arch {ckpt.arch}: no signing key could be kept at "
@@ -311,7 +328,7 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         checks["reload_compared"] = (f"{file_dtype(job)} weights as saved, computed in float32 on both sides "
                                      "(like with like: no tolerance needed)")
     if hf_dir:
-        checks["reload_from_pretrained"] = "identical"
+        checks["reload"] = checks["reload_from_pretrained"] = "identical"
     elif out is not None and distributed.is_main():
         staging.write(out, blob)
     report = {
@@ -342,6 +359,7 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
                                bars, f"evaluating {command} output", okey)
     if measurement.latency_batches:
         measure_latency(report, job.dense, measured, job.example, measurement, bars, measurement.gate_batch)
+    report["memory"] = {**(job.memory or {}), "peak_bytes": memory.peak()}
     report["metric"] = metric_summary(report["before"], report["after"])
     report["accuracy_drop"] = report["metric"]["drop"] if report["metric"]["name"] == "accuracy" else None
     return report

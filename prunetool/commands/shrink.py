@@ -9,7 +9,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..layers import clone
+from ..layers import clone, unshare
+from ..load import upcast_half
 from ..batch import batch_slice
 from ..cut import as_matrix, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
@@ -37,7 +38,7 @@ def keep_units(graph, scores, ratio: float, opts: ShrinkOptions) -> dict[str, to
 def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[int, int]:
     """Parameters and MACs of the cut (structure only), counting the biases least squares gives the consumers it
     refits that had none."""
-    small = cut(clone(dense), graph, keep, "none")
+    small = cut(clone(dense, share=True), graph, keep, "none")
     added = 0
     if compensate == "lstsq":
         modules = dict(small.named_modules())
@@ -114,9 +115,12 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
         options.check()
     check_job_outputs(outputs, source, data)
     bars = Bars(progress)
-    job = start(source, data, measurement.device)
+    job = start(source, data, measurement.device, measurement.offload)
     try:
-        return _run(job, opts, recovery, measurement, outputs, staging, bars, scores)
+        small, report = _run(job, opts, recovery, measurement, outputs, staging, bars, scores)
+        if job.caller_mode is not None:
+            unshare(small, job.dense)  # the caller's module stays theirs: nothing written into the result reaches it
+        return small, report
     finally:
         job.close()
 
@@ -150,7 +154,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     for step, step_ratio in enumerate(steps):
         if step:
             graph = trace(current, batch_slice(probe, 0, 2), engine.output_key)
-        current.to(device)
+        if not measurement.offload:
+            current.to(device)
         stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
         if scores is None or step:
             scores = score(current, graph, opts.criterion, calib, bars=bars, means=stats.means, settings=engine)
@@ -165,13 +170,15 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep = keep_units(graph, scores.scores, step_ratio, opts)
         means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
             else scores.means
-        small = cut(clone(current), graph, keep, opts.compensate, means, calib, bars, stats=stats,
+        small = cut(clone(current, share=True), graph, keep, opts.compensate, means, calib, bars, stats=stats,
                     settings=engine, dense=current).eval()
         paths = dict(stats.paths)
         stats.release()
         current.cpu()
         small.cpu()
         checks = verify(current, small, graph, keep, probe, engine.output_key)
+        if recalibrate or recovery.finetune_epochs:
+            unshare(small, current)  # both write into the tensors
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
             reverted |= not recalibrate_bn(small, calib, engine, probe=probe, output_key=engine.output_key)
         entry = {"ratio": step_ratio, "params": params(small)}
@@ -179,6 +186,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             q = evaluate(small, loader, device, bars, "evaluating the cut", engine.output_key)
             entry[f"{q.metric}_after_cut"] = q.value
         if recovery.finetune_epochs:
+            upcast_half(small)  # trained in float32 (steps below a half's resolution would vanish), saved rounded
             entry["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.lr,
                                               recovery.batch_size, recovery.optimizer,
                                               dense if recovery.distill else None, device, bars,
@@ -216,7 +224,8 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
            lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
            distill: bool = False,
            tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-           output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
+           output_key: str | None = None, trust_remote_code: bool = False,
+           offload: bool = False) -> tuple[nn.Module, dict]:
     """Remove units from every prunable group, compensate, verify, recover and measure.
 
     ``model`` is an ``nn.Module`` (left as it was), a :class:`Checkpoint` or a checkpoint path. With
@@ -230,7 +239,10 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
     checked against PyTorch. ``measure=False`` skips evaluation and latency. ``model`` may be a Hugging Face
     model directory (``out`` then a directory too); token models take ``tokens`` (a structure-only run of random
     ids), ``seq_len``/``tokenizer`` (text data) and ``output_key`` (the logits of a structured output);
-    ``trust_remote_code`` lets a directory's own model code run.
+    ``trust_remote_code`` lets a directory's own model code run. The returned model keeps the checkpoint's
+    dtypes (a bfloat16 checkpoint gives a bfloat16 model; prunetool computes half precision in float32).
+    ``offload=True`` with ``device="cuda"`` keeps the weights in host memory and onloads each call's own to the GPU
+    (a model larger than the GPU); peak memory is estimated before loading and a run that cannot fit is refused.
     """
     with Staging() as staging:
         small, report = run(
@@ -240,7 +252,7 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
             ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
                           list(schedule) if schedule else None),
             Recovery(finetune_epochs, lr, batch_size, optimizer, distill, recalibrate),
-            Measurement(measure, tuple(latency_batches) if measure else (), device),
+            Measurement(measure, tuple(latency_batches) if measure else (), device, offload=offload),
             Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress, scores)
         staging.commit()
     return small, report

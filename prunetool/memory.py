@@ -1,0 +1,94 @@
+"""Say it before the run: the peak memory a job will take, from the checkpoint's size and the options, checked
+against what the machine has before anything is loaded.
+
+The estimate is measured, not derived (docs/BENCHMARKS.md, "Memory"): with weights kept in their dtype
+(:mod:`prunetool.precision`), a run holds the dense model, the cut model beside it and, while the written file
+is checked, its bytes and the model read back from them; on top of those, the calibration budget
+(``--calib-memory``) and the outputs of the checks (``OUTPUT_BYTES`` per model). With ``--offload`` the weights
+stay in host memory and the device holds one call's weights at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+from .errors import UsageError
+
+GB = 1 << 30
+RUNTIME = int(0.8 * GB)  # torch and transformers imported, the interpreter, the data (measured: 0.6 GB)
+MODEL_COPIES = 3.0  # dense + cut + the written file read back, each at most the checkpoint's size
+WORKSPACE = 2.0  # the calibration budget is exceeded by at most this factor (batches on top of the cache)
+
+
+def weights_bytes(checkpoint) -> int | None:
+    """Bytes of the checkpoint's tensors (a Hugging Face directory: its weight files); None for a model in
+    memory or a path that is not there (refused elsewhere)."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return None
+    path = Path(checkpoint)
+    if path.is_dir():
+        files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+        return sum(f.stat().st_size for f in files) or None
+    return path.stat().st_size if path.is_file() else None
+
+
+def estimate(weights: int, calib_memory: int, outputs: int) -> int:
+    """Peak resident bytes of a run on a checkpoint of ``weights`` bytes (see the module docstring)."""
+    return int(RUNTIME + MODEL_COPIES * weights + WORKSPACE * calib_memory + 3 * outputs)
+
+
+def available() -> int | None:
+    """Bytes this process may still take: the memory the kernel calls available, or less under a cgroup limit."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def peak() -> int:
+    """This process's peak resident bytes so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def size(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / (1 << 20):.0f} MB"
+
+
+def check(checkpoint, calib_memory: int, outputs: int, device: str = "cpu", offload: bool = False) -> dict | None:
+    """The estimate for this run, or a refusal (exit 2) naming what to change when the machine cannot hold it.
+    On a GPU without ``offload`` the models live on the device, so its free memory is checked too."""
+    weights = weights_bytes(checkpoint)
+    if weights is None:
+        return None
+    need = estimate(weights, calib_memory, outputs)
+    host = available()
+    if host is not None and need > host:
+        raise UsageError(
+            f"this run needs about {size(need)} of memory (a {size(weights)} checkpoint held about "
+            f"{MODEL_COPIES:g} times, with --calib-memory {size(calib_memory)}) and {size(host)} is available: "
+            f"lower --calib-memory, close what else runs, or use a machine with more memory")
+    result = {"estimate_bytes": need, "available_bytes": host, "weights_bytes": weights}
+    if device.startswith("cuda") and not offload:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        gpu = int(MODEL_COPIES * weights + WORKSPACE * calib_memory)
+        if gpu > free:
+            raise UsageError(f"this run needs about {size(gpu)} of GPU memory and {device} has {size(free)} free: "
+                             "add --offload (weights stay in host memory, each layer onloaded as it runs) or "
+                             "lower --calib-memory")
+        result["device_estimate_bytes"] = gpu
+    return result

@@ -1,0 +1,119 @@
+"""Half-precision weights, computed in float32, onloaded where they are used.
+
+A bfloat16/float16 checkpoint stays in its dtype in memory: a float32 copy of the whole model (and of the cut
+model beside it) would double what the run holds. :class:`Compute` is a ``TorchFunctionMode`` that casts at the
+point of use instead: a call that computes (a linear, a convolution, an embedding, a product...) gets float32
+copies of the half-precision tensors it reads (a parameter always; any other one when the call also reads
+float32), so every activation is float32 and every result is what the float32 model would give on the weights
+as saved. The copies live for the call; for backward passes, a copy autograd keeps is stored as the half tensor
+it came from and cast again when it is read (so a backward through the whole model never holds a float32 copy of
+it). Calls that move, view or write tensors (``detach``, ``index_select``, ``copy_``...) are left alone: the cut
+slices and sets weights in the checkpoint's dtype.
+
+With a compute ``device`` (``--offload``), parameters stay in host memory and each call onloads the ones it reads
+to the device (GPTQ's and llm-compressor's sequential pipelines do the same at the granularity of a block).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+HALF = (torch.float16, torch.bfloat16)
+
+# calls that read or move a tensor without computing with it (and every in-place call: its name ends in "_")
+_STRUCTURAL = frozenset("""
+__get__ __set__ __getitem__ __setitem__ __len__ __repr__ __format__ __reduce_ex__ __deepcopy__ __hash__ __eq__
+__ne__ __bool__ detach clone contiguous to type float double half bfloat16 cpu cuda view view_as reshape reshape_as
+flatten unflatten t transpose permute movedim index_select narrow select split chunk unbind squeeze unsqueeze
+expand expand_as numel size dim element_size data_ptr is_floating_point is_complex stride storage_offset
+untyped_storage equal is_contiguous new_empty new_zeros new_ones new_full new_tensor empty_like zeros_like
+ones_like full_like requires_grad_ tolist item numpy pin_memory share_memory_ is_pinned get_device nelement
+""".split())
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", "") or ""
+
+
+class Compute(TorchFunctionMode):
+    """Computing calls read float32 copies of half-precision tensors (and, with ``device``, onload parameters to
+    it). Enter it for the whole job (:func:`prunetool.commands.common.start`)."""
+
+    def __init__(self, device: str | None = None):
+        super().__init__()
+        self.device = torch.device(device) if device is not None else None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._hooks.__exit__(*exc)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _name(func)
+        if name in _STRUCTURAL or (name.endswith("_") and not name.endswith("__")):
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        mixed = any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in flat)
+        moved = False
+        for i, t in enumerate(flat):
+            if not isinstance(t, torch.Tensor):
+                continue
+            half = t.dtype in HALF and (mixed or isinstance(t, nn.Parameter))
+            away = self.device is not None and t.device != self.device and (isinstance(t, nn.Parameter) or half
+                                                                            or t.device.type == "cpu")
+            if half or away:
+                flat[i] = self._onload(t, half)
+                moved = True
+        if moved:
+            args, kwargs = tree_unflatten(flat, spec)
+        return func(*args, **kwargs)
+
+    def _onload(self, t: torch.Tensor, half: bool) -> torch.Tensor:
+        up = t.to(device=self.device or t.device, dtype=torch.float32 if half else t.dtype)
+        if up is not t and not t.requires_grad:
+            up._prunetool_source = t  # noqa: SLF001 — read by _pack
+        return up
+
+    def _pack(self, t: torch.Tensor):
+        source = getattr(t, "_prunetool_source", None)
+        return (source, t.dtype, t.device) if source is not None else t
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, tuple):
+            source, dtype, device = packed
+            return source.to(device=device, dtype=dtype)
+        return packed
+
+
+def active() -> Compute | None:
+    """The :class:`Compute` mode in force, if any."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    return next((m for m in _get_current_function_mode_stack() if isinstance(m, Compute)), None)
+
+
+def has_half(model: nn.Module) -> bool:
+    return any(t.dtype in HALF for t in list(model.parameters()) + list(model.buffers()))
+
+
+@contextlib.contextmanager
+def paused():
+    """Leave every torch function mode for the block (exporters trace the model themselves)."""
+    from torch.overrides import _pop_mode_temporarily, _len_torch_function_stack
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(_len_torch_function_stack()):
+            stack.enter_context(_pop_mode_temporarily())
+        yield
