@@ -1,0 +1,109 @@
+"""Models larger than memory (issue 22, parts 2 and 3): half-precision weights stay in their dtype and are computed
+in float32 at the point of use, exactly as a float32 copy would compute them; the cut shares what it does not change
+with the dense model and never writes into it; peak memory is estimated before loading and a run that cannot fit
+is refused in one line naming the flags that help."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import prunetool
+import zoo
+from prunetool import layers, memory, precision
+from prunetool.cli import main
+
+
+def _llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32)).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_weights_compute_exactly_as_their_float32_copy(dtype):
+    model = _llama().to(dtype)
+    wide = copy.deepcopy(model).float()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), precision.Compute():
+        got = model(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    assert torch.equal(got, wide(input_ids=ids).logits)
+    assert {p.dtype for p in model.parameters()} == {dtype}  # nothing was converted in place
+
+
+def test_a_backward_pass_through_half_weights_matches_float32_and_keeps_no_float32_copy(monkeypatch):
+    model = zoo.build("DepthwiseSENet").eval().to(torch.bfloat16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wide = copy.deepcopy(model).float()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    wide(xa).square().sum().backward()
+    kept, original = [], precision.Compute._pack
+    monkeypatch.setattr(precision.Compute, "_pack", lambda self, t: kept.append(original(self, t)) or kept[-1])
+    with precision.Compute():
+        model(xb).square().sum().backward()
+    assert torch.equal(xb.grad, xa.grad)
+    sources = [k[0] for k in kept if isinstance(k, tuple)]  # what autograd kept of the weights: the bf16 originals
+    assert sources and all(s.dtype == torch.bfloat16 for s in sources)
+
+
+def test_shrink_leaves_a_callers_module_untouched_and_returns_tensors_of_its_own():
+    model = zoo.build("DepthwiseSENet").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, _ = prunetool.shrink(model, None, ratio=0.5, calib=16, input_shape=(3, 16, 16), measure=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN recalibrated on its own copy
+    mine = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    assert not any(t.data_ptr() in mine for t in list(small.parameters()) + list(small.buffers()))
+
+
+def test_a_shared_clone_costs_no_copy_and_unshare_gives_one():
+    model = zoo.build("DepthwiseSENet")
+    twin = layers.clone(model, share=True)
+    assert all(a is b for a, b in zip(model.parameters(), twin.parameters()))
+    assert twin is not model and all(a is not b for a, b in zip(model.modules(), twin.modules()))
+    layers.unshare(twin, model)
+    assert not any(a is b for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+def test_the_report_gives_the_estimate_and_the_peak(tmp_path):
+    d = tmp_path / "src"
+    _llama().to(torch.bfloat16).save_pretrained(d)
+    _, report = prunetool.shrink(str(d), None, ratio=0.5, tokens=8, calib=8, measure=False)
+    m = report["memory"]
+    assert m["weights_bytes"] == sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    assert m["estimate_bytes"] == memory.estimate(m["weights_bytes"], prunetool.options.DEFAULT_CALIB_MEMORY,
+                                                  prunetool.data.OUTPUT_BYTES)
+    assert 0 < m["peak_bytes"]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    d = tmp_path / "src"
+    _llama().to(torch.bfloat16).save_pretrained(d)
+    capsys.readouterr()
+    monkeypatch.setattr(memory, "available", lambda: 100 << 20)
+    monkeypatch.setattr(prunetool.commands.common, "load", lambda *a, **k: pytest.fail("loaded before the check"))
+    assert main(["shrink", str(d), "--tokens", "8", "--calib", "8", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--calib-memory" in err and "100 MB is available" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_offload_needs_a_gpu(tmp_path, capsys):
+    assert main(["shrink", str(tmp_path / "m.pt"), "--offload", "--input-shape", "3,8,8"]) == 2
+    err = capsys.readouterr().err
+    assert "--offload" in err and "--device cuda" in err
+
+
+def test_offload_onloads_parameters_to_the_compute_device():
+    """The mode's onloading (here to the CPU device itself, as no GPU is lent in CI): results are unchanged."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(torch.bfloat16)
+    x = torch.randn(5, 4)
+    with torch.no_grad(), precision.Compute("cpu"):
+        got = model(x)
+    assert torch.equal(got, copy.deepcopy(model).float()(x))
