@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import os
 import pickle
 import struct
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import layers, trust
 from .errors import UsageError
@@ -348,11 +350,22 @@ def _with_versions(state: dict, versions: dict | None) -> dict:
     return state
 
 
-def packed(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy with unit strides in every dimension: ``contiguous()`` keeps any stride on a dimension of size 1
-    (a layer cut to one unit), which byte views and some writers refuse."""
+def packed(t: torch.Tensor, seen: set | None = None) -> torch.Tensor:
+    """``t`` on the CPU with unit strides in every dimension (``contiguous()`` keeps any stride on a dimension of
+    size 1, a layer cut to one unit, which byte views and some writers refuse): ``t`` itself when it already is,
+    else a copy. With ``seen`` (storages already packed), a tensor sharing one is copied too: safetensors writes
+    no two names over the same bytes (tied weights)."""
     t = t.detach().cpu()
-    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= n
+    plain = tuple(reversed(strides)) == t.stride() and t.storage_offset() == 0 and \
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    if seen is not None and t.numel():
+        plain = plain and t.untyped_storage().data_ptr() not in seen
+        seen.add(t.untyped_storage().data_ptr())
+    return t if plain else torch.empty(t.shape, dtype=t.dtype).copy_(t)
 
 
 def tensor_digest(state: dict[str, torch.Tensor]) -> str:
@@ -362,7 +375,7 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
         t = packed(state[key])
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # read in place: no copy of a large tensor
     return h.hexdigest()
 
 
@@ -388,6 +401,59 @@ def _is_safetensors(data: bytes) -> bool:
     return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _stream_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor], str, int]:
+    """A safetensors file read tensor by tensor straight into tensors of their own (the whole file's bytes are never
+    held beside them, as reading it first and parsing would), hashing the bytes as they pass: (metadata, tensors,
+    SHA-256 of the file, size). The layout is checked as safetensors checks it (every tensor inside the data
+    section, sized by its dtype and shape, none overlapping); ValueError otherwise, KeyError for a dtype it does not
+    know here."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            raise ValueError("the header runs past the end of the file")
+        raw = f.read(n)
+        h.update(head)
+        h.update(raw)
+        header = json.loads(raw)
+        start = pos = 8 + n
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        tensors = {}
+        for key, info in entries:
+            dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+            begin, end = (start + o for o in info["data_offsets"])
+            if begin < pos or end > size or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {key} overlaps another, lies outside the file or does not match its shape")
+            if begin > pos:  # bytes between tensors: hashed, not kept
+                h.update(f.read(begin - pos))
+            t = torch.empty(shape, dtype=dtype)
+            if t.numel():
+                buf = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, written by the read
+                if f.readinto(buf) != len(buf):
+                    raise ValueError(f"tensor {key} is cut short")
+                h.update(buf)
+            tensors[key] = t
+            pos = end
+        h.update(f.read())
+    return header.get("__metadata__") or {}, tensors, h.hexdigest(), size
+
+
+def _own_or_state(meta: dict, tensors: dict) -> dict:
+    """What a safetensors file holds: prunetool's own file (metadata and state dict), or a plain state dict."""
+    if meta.get(FORMAT_KEY):
+        return {FORMAT_KEY: int(meta[FORMAT_KEY]), "arch": meta.get("arch"), "arch_kwargs": meta.get("arch_kwargs", "{}"),
+                "record": meta.get("record", "{}"), "structure": meta.get("structure", "{}"), "state_dict": tensors}
+    return tensors
+
+
 def _read_safetensors(data: bytes, path: str) -> dict:
     from safetensors.torch import load as st_load
 
@@ -398,10 +464,7 @@ def _read_safetensors(data: bytes, path: str) -> dict:
     except Exception as e:
         raise UsageError(f"{path} is a damaged safetensors file ({str(e).splitlines()[0][:120]}); "
                          "write it again") from None
-    if meta.get(FORMAT_KEY):
-        return {FORMAT_KEY: int(meta[FORMAT_KEY]), "arch": meta.get("arch"), "arch_kwargs": meta.get("arch_kwargs", "{}"),
-                "record": meta.get("record", "{}"), "structure": meta.get("structure", "{}"), "state_dict": tensors}
-    return tensors
+    return _own_or_state(meta, tensors)
 
 
 def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
@@ -424,6 +487,25 @@ def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | N
     if Path(path).is_dir():
         raise UsageError(f"{path} is a directory without config.json; pass a checkpoint file (.pt, .pth, "
                          ".safetensors) or a Hugging Face model directory")
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as f:
+            first = f.read(9)
+        n = struct.unpack("<Q", first[:8])[0] if len(first) == 9 else 0
+        if 2 <= n <= p.stat().st_size - 8 and first[8:9] == b"{":  # safetensors: read tensor by tensor, never the
+            # file's bytes and its tensors at once
+            try:
+                meta, tensors, sha, size = _stream_safetensors(p)
+            except KeyError:  # a dtype only safetensors itself knows
+                pass
+            except Exception as e:
+                raise UsageError(f"{path} is a damaged safetensors file ({str(e).splitlines()[0][:120]}); "
+                                 "write it again") from None
+            else:
+                ckpt = _from_object(_own_or_state(meta, tensors), str(path), arch, arch_kwargs)
+                ckpt.model.eval()
+                ckpt.path, ckpt.sha256, ckpt.file_bytes = str(path), sha, size
+                return ckpt
     data = _read(path)
     ckpt = from_bytes(data, str(path), arch, arch_kwargs, unsafe_pickle)
     ckpt.path, ckpt.sha256, ckpt.file_bytes = str(path), _sha256(data), len(data)
@@ -507,7 +589,9 @@ def _from_object(obj: Any, path: str, arch: str | None, arch_kwargs: dict | None
                      "with torch.save(model.state_dict(), ...)")
 
 
-def _load_into(model: nn.Module, state: dict, path: str, what: str, fix: str) -> None:
+def _load_into(model: nn.Module, state: dict, path: str, what: str, fix: str, assign: bool = False) -> None:
+    """Load ``state`` into ``model`` in the file's dtypes; ``assign``: the model takes the loaded tensors themselves
+    (no second copy of the weights; tied parameters stay tied)."""
     versions = getattr(state, "_metadata", None)
     state, prefix = _fit_keys(state, set(model.state_dict()))
     if versions and prefix:
@@ -524,10 +608,19 @@ def _load_into(model: nn.Module, state: dict, path: str, what: str, fix: str) ->
     problem = _describe_mismatch(model, state)
     if problem:
         raise UsageError(f"{path} does not fit {what}: {problem}; {fix}")
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
     try:
-        model.load_state_dict(_with_versions(state, versions), strict=False)
+        model.load_state_dict(_with_versions(state, versions), strict=False, assign=assign)
     except Exception as e:  # a layer's own checks (MNASNet's version) fail
         raise UsageError(f"{path} does not load into {what} ({str(e).splitlines()[0][:160]}); {fix}") from None
+    for names in tied.values():  # assigning gave each name its own tensor: one parameter again, as built
+        if assign and len(names) > 1:
+            first = model.get_parameter(names[0])
+            for name in names[1:]:
+                mname, _, attr = name.rpartition(".")
+                model.get_submodule(mname)._parameters[attr] = first
 
 
 def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) -> Checkpoint:
@@ -556,13 +649,29 @@ def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) 
         raise UsageError(f"{path} was not written on this machine and sets {', '.join(fetching)} for {arch}, which "
                          f"would read or fetch what the file chooses; pass --arch {arch} (and --arch-kwargs) if you "
                          "trust it")
-    model = build_arch(arch, kwargs, root, None if given else path, signed)
+    with _NoRandomInit():  # every parameter comes from the file: drawing them first would only fill memory
+        model = build_arch(arch, kwargs, root, None if given else path, signed)
     refactor(model, record.get("factored", {}))
     resize_to_state_dict(model, state)
     restore_attributes(model, structure.get("attributes", {}))
     _load_into(model, _with_versions(state, structure.get("versions")), path, f"the architecture it records ({arch})",
-               "the file or that architecture's code changed since it was written")
+               "the file or that architecture's code changed since it was written", assign=True)
     return Checkpoint(model, arch, kwargs, record, dtypes=_dtypes(state), arch_root=root)
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """Random initialisation skipped (the tensors are left as allocated, their pages untouched): for a model whose
+    parameters a state dict is about to replace. Deterministic initialisation (a buffer computed from a formula,
+    as rotary frequencies) still runs."""
+
+    SKIPPED = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                         "xavier_uniform_", "xavier_normal_", "orthogonal_", "bernoulli_", "exponential_",
+                         "log_normal_", "cauchy_", "geometric_", "random_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SKIPPED and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def _class_path(model: nn.Module) -> str:
@@ -647,32 +756,51 @@ def cast_state(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | 
     return {k: (v.to(dtypes.get(k, main)) if v.dtype.is_floating_point else v) for k, v in state.items()}
 
 
-def serialize(model: nn.Module, arch: str | None, arch_kwargs: dict | None = None, record: dict | None = None,
-              dtypes: dict[str, torch.dtype] | None = None, fmt: str = ".pt", root: str | None = None) -> bytes:
-    """The bytes of prunetool's file format for ``model`` (``fmt``: ``.safetensors`` or ``.pt``)."""
+def _contents(model: nn.Module, arch: str | None, arch_kwargs: dict | None, record: dict | None,
+              dtypes: dict[str, torch.dtype] | None, root: str | None) -> tuple[dict, dict]:
+    """The tensors of prunetool's file for ``model`` and its metadata (strings)."""
     record = record or {}
-    state = {k: packed(v) for k, v in model.state_dict().items()}
+    seen: set = set()
+    state = {k: packed(v, seen) for k, v in model.state_dict().items()}
     state = cast_state(state, dtypes)
     structure = structure_of(model, arch, arch_kwargs, record.get("factored", {}), state, root)
     arch = arch or _class_path(model)
     structure["signature"] = trust.sign(arch, arch_kwargs or {}, structure["arch_root"])
+    meta = {FORMAT_KEY: str(FORMAT_VERSION), "arch": arch, "arch_kwargs": json.dumps(arch_kwargs or {}),
+            "record": json.dumps(record), "structure": json.dumps(structure)}
+    return state, meta
+
+
+def _pickled(state: dict, meta: dict) -> dict:
+    return {**meta, FORMAT_KEY: FORMAT_VERSION, "state_dict": state}
+
+
+def serialize(model: nn.Module, arch: str | None, arch_kwargs: dict | None = None, record: dict | None = None,
+              dtypes: dict[str, torch.dtype] | None = None, fmt: str = ".pt", root: str | None = None) -> bytes:
+    """The bytes of prunetool's file format for ``model`` (``fmt``: ``.safetensors`` or ``.pt``)."""
+    state, meta = _contents(model, arch, arch_kwargs, record, dtypes, root)
     if fmt == ".safetensors":
         from safetensors.torch import save as st_save
 
-        meta = {FORMAT_KEY: str(FORMAT_VERSION), "arch": arch, "arch_kwargs": json.dumps(arch_kwargs or {}),
-                "record": json.dumps(record), "structure": json.dumps(structure)}
         return st_save(state, metadata=meta)
-    payload = {
-        FORMAT_KEY: FORMAT_VERSION,
-        "arch": arch,
-        "arch_kwargs": json.dumps(arch_kwargs or {}),
-        "record": json.dumps(record),
-        "structure": json.dumps(structure),
-        "state_dict": state,
-    }
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(_pickled(state, meta), buf)
     return buf.getvalue()
+
+
+def write_file(path: str | os.PathLike, model: nn.Module, arch: str | None, arch_kwargs: dict | None = None,
+               record: dict | None = None, dtypes: dict[str, torch.dtype] | None = None,
+               root: str | None = None) -> int:
+    """Write prunetool's file for ``model`` at ``path`` (its format by the name) straight from the model's
+    tensors, with no copy of them in memory (what :func:`serialize` holds); returns the file's size."""
+    state, meta = _contents(model, arch, arch_kwargs, record, dtypes, root)
+    if format_of(path) == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata=meta)
+    else:
+        torch.save(_pickled(state, meta), str(path))
+    return os.path.getsize(path)
 
 
 def format_of(path: str | os.PathLike) -> str:

@@ -149,21 +149,21 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> b
     return bool(spans) and max(spans) < 1e-6
 
 
-def check_reload(data: bytes, x: Batch, expected: torch.Tensor, arch: str | None = None,
+def check_reload(path: str, x: Batch, expected: torch.Tensor, arch: str | None = None,
                  arch_kwargs: dict | None = None) -> str:
-    """Load saved bytes back as a later :func:`prunetool.load` with no flags will; outputs must be identical (an
+    """Load a written file back as a later :func:`prunetool.load` with no flags will; outputs must be identical (an
     output that overflows to inf or NaN, as random weights in some deep nets do, must do so at the same places).
     When the file's architecture is refused without flags (no signing key could be kept on this machine), it is
     loaded with ``arch`` as the user gave it. Returns ``"identical"`` or ``"identical with --arch"``."""
-    from .load import from_bytes, upcast_half
+    from .load import load, upcast_half
 
     how = "identical"
     try:
-        model = from_bytes(data).model.eval()
+        model = load(path).model.eval()
     except UsageError:
         if arch is None:
             raise
-        model, how = from_bytes(data, arch=arch, arch_kwargs=arch_kwargs).model.eval(), "identical with --arch"
+        model, how = load(path, arch=arch, arch_kwargs=arch_kwargs).model.eval(), "identical with --arch"
     if precision.active() is None:  # computed in float32 like the model it is compared with
         upcast_half(model)
     out = outputs_of(model, x)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from ..data import (OUTPUT_BYTES, Data, Samples, TokenDataset, calibration, chec
 from ..export import export_onnx, export_pt2
 from ..batch import as_input, batch_cat, batch_len, batch_slice, model_dtype, shape_of
 from ..errors import UsageError, VerificationError
-from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, serialize
+from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, write_file
 from ..measure import compare_latency, evaluate, macs, params
 from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source
 from ..progress import Bars
@@ -295,6 +296,22 @@ def _write_hf(job: Job, small: nn.Module, record: dict, out: str, fallback: str 
     return out, sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")), reloaded
 
 
+def _scratch(fmt: str) -> str:
+    """A temporary file to write a model to when it is not kept (only its size and reload are wanted)."""
+    fd, path = tempfile.mkstemp(prefix="prunetool-", suffix=fmt)
+    os.close(fd)
+    return path
+
+
+def _file_size(model: nn.Module, arch, arch_kwargs, dtypes) -> int:
+    """The size of ``model`` in prunetool's file (a module handed in has no file to measure)."""
+    path = _scratch(DEFAULT_FORMAT)
+    try:
+        return write_file(path, model, arch, arch_kwargs, dtypes=dtypes)
+    finally:
+        os.unlink(path)
+
+
 def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict, *, factored: dict, outputs: Outputs, staging: Staging, measurement: Measurement,
            bars: Bars, extra: dict | None = None) -> dict:
     """The end every command shares (see the module docstring). Files go to ``staging``; the caller commits."""
@@ -315,13 +332,20 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         out, weights_bytes, measured = _write_hf(job, small, record, out, outputs.out_fallback, staging, expected,
                                                  notes)
         hf_dir = out == outputs.out
-    # a directory was read back above: prunetool's own file is neither written nor checked (its bytes would be a
-    # second copy of the model in memory)
-    blob = None if hf_dir else serialize(small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes,
-                                         format_of(out if out is not None else DEFAULT_FORMAT), ckpt.arch_root)
-    if blob is not None and (ckpt.arch is not None or out is not None):
-        checks["reload"] = check_reload(blob, probe, expected, ckpt.arch, ckpt.arch_kwargs)
-        if checks["reload"] != "identical":
+    # a directory was read back above: prunetool's own file is neither written nor checked
+    file_bytes = None
+    if not hf_dir:  # written straight from the model's tensors (no copy of them in memory), then read back
+        staged = out is not None and distributed.is_main()
+        fmt = format_of(out if out is not None else DEFAULT_FORMAT)
+        target = staging.path(out) if staged else _scratch(fmt)
+        try:
+            file_bytes = write_file(target, small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes, ckpt.arch_root)
+            if ckpt.arch is not None or out is not None:
+                checks["reload"] = check_reload(target, probe, expected, ckpt.arch, ckpt.arch_kwargs)
+        finally:
+            if not staged:
+                os.unlink(target)
+        if checks.get("reload", "identical") != "identical":
             notes.append(f"the file reloads only given --arch {ckpt.arch}: no signing key could be kept at "
                          f"{trust.key_path()} (set {trust.KEY_ENV} to a writable file)")
     if any(d in (torch.float16, torch.bfloat16) for d in ckpt.dtypes.values()):
@@ -329,8 +353,6 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
                                      "(like with like: no tolerance needed)")
     if hf_dir:
         checks["reload"] = checks["reload_from_pretrained"] = "identical"
-    elif out is not None and distributed.is_main():
-        staging.write(out, blob)
     report = {
         "command": command,
         "settings": {**settings, "calib": len(job.calib), "eval": job.eval, "data": job.data.spec,
@@ -351,11 +373,11 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         report["pt2"] = export_pt2(small, probe, staging.path(outputs.pt2), outputs.atol, outputs.rtol,
                                    shown_as=outputs.pt2, output_key=job.settings.output_key)
     loader = eval_loader(job.data, job.eval) if measurement.evaluate else None
-    before_bytes = ckpt.file_bytes or len(serialize(job.dense, ckpt.arch, ckpt.arch_kwargs, dtypes=ckpt.dtypes))
+    before_bytes = ckpt.file_bytes or _file_size(job.dense, ckpt.arch, ckpt.arch_kwargs, ckpt.dtypes)
     okey = job.settings.output_key
     report["before"] = snapshot(job.dense, before_bytes, loader, job.example, measurement, bars, "evaluating dense",
                                 okey)
-    report["after"] = snapshot(measured, weights_bytes if hf_dir else len(blob), loader, job.example, measurement,
+    report["after"] = snapshot(measured, weights_bytes if hf_dir else file_bytes, loader, job.example, measurement,
                                bars, f"evaluating {command} output", okey)
     if measurement.latency_batches:
         measure_latency(report, job.dense, measured, job.example, measurement, bars, measurement.gate_batch)
