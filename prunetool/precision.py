@@ -81,19 +81,22 @@ class Compute(TorchFunctionMode):
 
     def _onload(self, t: torch.Tensor, half: bool) -> torch.Tensor:
         up = t.to(device=self.device or t.device, dtype=torch.float32 if half else t.dtype)
-        if up is not t and not t.requires_grad:
-            up._prunetool_source = t  # noqa: SLF001 — read by _pack
+        if up is not t:  # autograd keeps the original, cast again when read (a graph kept alive, as a trace's
+            up._prunetool_source = t  # outputs keep theirs, would otherwise hold a float32 copy of every weight)
         return up
 
     def _pack(self, t: torch.Tensor):
-        source = getattr(t, "_prunetool_source", None)
-        return (source, t.dtype, t.device) if source is not None else t
+        base = t._base if t._base is not None else t  # a linear saves its weight's transpose: a view of the copy
+        source = getattr(base, "_prunetool_source", None)
+        if source is None or base.shape != source.shape or base.stride() != source.stride():
+            return t.detach()  # not ``t``: a saved output would then hold its own grad_fn, a cycle gc cannot see
+        return source, t.dtype, t.device, t.shape, t.stride(), t.storage_offset()
 
     @staticmethod
     def _unpack(packed):
         if isinstance(packed, tuple):
-            source, dtype, device = packed
-            return source.to(device=device, dtype=dtype)
+            source, dtype, device, shape, stride, offset = packed
+            return source.to(device=device, dtype=dtype).as_strided(shape, stride, offset)
         return packed
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__, distributed, hf, layers, memory, precision, task, trust
-from ..calibrate import Settings
+from ..calibrate import Settings, trim_heap
 from ..data import (OUTPUT_BYTES, Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader,
                     fit_inputs, load_data, too_few)
 from ..export import export_onnx, export_pt2
@@ -208,6 +208,7 @@ def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool 
         if compute is not None:
             compute.__exit__(None, None, None)
         raise
+    trim_heap()  # what loading and tracing freed goes back to the system before the passes
     computed = "float32" if compute is not None else str(model_dtype(dense)).replace("torch.", "")
     rows = data.rows or (DEFAULT_ROWS if isinstance(probe, torch.Tensor) else DEFAULT_TOKEN_ROWS)
     settings = Settings(data.memory, rows, device, output_key=data.output_key)
