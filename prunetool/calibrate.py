@@ -59,7 +59,7 @@ from .distributed import reduce_sum
 from .errors import UsageError
 from .options import DEFAULT_CALIB_MEMORY, DEFAULT_ROWS
 from .progress import QUIET, Bars
-from .trace import Consumer, Group, Tok, Trace, record
+from .trace import Consumer, Group, Tok, Trace, fused_attention, record
 
 
 @dataclass
@@ -446,8 +446,9 @@ class Program:
         try:
             with torch.no_grad():
                 model(**batch_slice(example, 0, 1)) if isinstance(example, dict) else model(example[:1])  # warm caches
-            g2, in2, out2, _ = record(model, batch_slice(example, 0, 2))
-            g3, _, _, _ = record(model, batch_slice(example, 0, 3))
+            grad = fused_attention(model)  # else without autograd, keeping no activation: a forward's memory
+            g2, in2, out2, _ = record(model, batch_slice(example, 0, 2), grad=grad, keep_outputs=False)
+            g3, _, _, _ = record(model, batch_slice(example, 0, 3), grad=grad, keep_outputs=False)
         except Exception:
             return None
         if len(g2.nodes) != len(g3.nodes):
@@ -497,7 +498,7 @@ class Program:
                 want = model(**example) if isinstance(example, dict) else model(example)
                 env = self.start(model, example)
                 for i in range(len(self.steps)):
-                    self.execute(i, model, env, batch_len(example), keep_all=True)
+                    self.execute(i, model, env, batch_len(example))
         except Exception:
             return False
         want_t = [t for t in tree_leaves(want) if isinstance(t, torch.Tensor)]
@@ -543,7 +544,7 @@ class Program:
             env[tok] = t
         if not keep_all:
             for tok in node.inputs:
-                if self.last_use.get(tok, -1) <= i:
+                if self.last_use.get(tok, -1) <= i and tok not in self.outputs:
                     env.pop(tok, None)
 
     def call_of(self, i: int) -> tuple[str, str] | None:

@@ -26,6 +26,7 @@ Layers registered as atomic in :mod:`prunetool.layers` are recorded as one call,
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -165,7 +166,7 @@ class Graph:
     """Dataflow between recorded calls. Each call's outputs get fresh tokens, so in-place ops
     (``ReLU(inplace=True)`` returns its input object) still form a chain."""
 
-    def __init__(self, names: dict[nn.Module, str]):
+    def __init__(self, names: dict[nn.Module, str], keep_outputs: bool = True):
         self.nodes: list[Node] = []
         self.tokens: dict[int, int] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
@@ -173,12 +174,22 @@ class Graph:
         self.depth = 0
         self.names = names
         self.stack: list[str] = []
+        # keep_outputs=False: what calls produce is not kept (only the inputs, parameters and constants they read):
+        # a recording's memory is then a forward's, not every activation at once. A freed output's id leaves
+        # ``tokens`` as it dies, before Python can reuse it.
+        self.keep_outputs = keep_outputs
+        self._watch: dict[int, weakref.ref] = {}
 
-    def _new(self, t: torch.Tensor) -> int:
+    def _new(self, t: torch.Tensor, keep: bool = True) -> int:
         tok = len(self.shapes)
         self.tokens[id(t)] = tok
         self.shapes[tok] = tuple(t.shape)
-        self.tensors[tok] = t
+        if keep:
+            self.tensors[tok] = t
+        else:
+            key, tokens = id(t), self.tokens
+            self._watch[tok] = weakref.ref(t, lambda _, key=key, tok=tok: tokens.pop(key, None)
+                                           if tokens.get(key) == tok else None)
         return tok
 
     def token(self, t: torch.Tensor) -> int:
@@ -190,7 +201,7 @@ class Graph:
             return
         args, kwargs = tree_map(self._mark, (tuple(args), dict(kwargs)))
         ins = [leaf.id for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tok)]
-        out_tokens = [self._new(t) for t in outs]
+        out_tokens = [self._new(t, self.keep_outputs) for t in outs]
         where = self.stack[-1] if self.stack else ""
         self.nodes.append(Node(kind, name, op, list(dict.fromkeys(ins)), out_tokens, args, kwargs, where))
 
@@ -202,17 +213,24 @@ class Graph:
         return tree_map(lambda v: self.tensors[v.id] if isinstance(v, Tok) else v, x)
 
 
+def fused_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds a torch layer that takes a fused fast path without autograd (and hides its calls)."""
+    return any(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention))
+               for m in model.modules())
+
+
 def _call(model: nn.Module, example):
     if isinstance(example, dict):
         return model(**example)
     return model(example)
 
 
-def record(model: nn.Module, example, output_key: str | None = None) -> tuple[Graph, list[int], list[int],
-                                                                             tuple[int, ...]]:
-    """Run ``model`` once on ``example``; return the graph, input tokens, output tokens and the logits' shape."""
+def record(model: nn.Module, example, output_key: str | None = None, grad: bool = True,
+           keep_outputs: bool = True) -> tuple[Graph, list[int], list[int], tuple[int, ...]]:
+    """Run ``model`` once on ``example``; return the graph, input tokens, output tokens and the logits' shape.
+    ``grad=False`` records without autograd (see :func:`fused_attention`); ``keep_outputs``: see :class:`Graph`."""
     names = {m: n for n, m in model.named_modules()}
-    graph = Graph(names)
+    graph = Graph(names, keep_outputs)
     atomic = {m for m in names if layers.kind_of(m).atomic}
     counts: list[int] = []
 
@@ -244,7 +262,7 @@ def record(model: nn.Module, example, output_key: str | None = None) -> tuple[Gr
                nn.modules.module.register_module_forward_hook(post)]
     try:
         # Grad mode on: without it nn.TransformerEncoderLayer takes a fused fast path that hides its layers.
-        with torch.enable_grad(), _Recorder(graph):
+        with (torch.enable_grad() if grad else torch.no_grad()), _Recorder(graph):
             out = _call(model, example)
     except Exception as e:
         shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else \
