@@ -711,9 +711,9 @@ def calibration(data: Data, n: int, input_shape: tuple[int, ...] | None = None,
             with torch.no_grad():
                 first = call(model, as_input(batch_slice(x, 0, 1), model), output_key)
                 size = max(1, min(64, OUTPUT_BYTES // max(1, first.numel() * first.element_size())))
-                y = torch.cat([task.labels_from(first)] + [
-                    task.labels_from(call(model, as_input(batch_slice(x, i, min(n, i + size)), model), output_key))
-                    for i in range(1, n, size)])
+                y = torch.cat([task.labels_from(first).cpu()] + [
+                    task.labels_from(call(model, as_input(batch_slice(x, i, min(n, i + size)), model),
+                                          output_key)).cpu() for i in range(1, n, size)])
         except task.OutputError as e:
             raise UsageError(str(e)) from None
         except Exception as e:

@@ -406,12 +406,14 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
-def _stream_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor], str, int]:
+def _stream_safetensors(path: Path, reuse: dict[str, torch.Tensor] | None = None) -> tuple[
+        dict, dict[str, torch.Tensor], str, int]:
     """A safetensors file read tensor by tensor straight into tensors of their own (the whole file's bytes are never
     held beside them, as reading it first and parsing would), hashing the bytes as they pass: (metadata, tensors,
     SHA-256 of the file, size). The layout is checked as safetensors checks it (every tensor inside the data
     section, sized by its dtype and shape, none overlapping); ValueError otherwise, KeyError for a dtype it does not
-    know here."""
+    know here. ``reuse``: tensors already in memory that the file is expected to hold; a tensor read equal to its
+    namesake there, bit for bit, is given as that one (the one read is dropped at once)."""
     h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -440,10 +442,19 @@ def _stream_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor], str,
                 if f.readinto(buf) != len(buf):
                     raise ValueError(f"tensor {key} is cut short")
                 h.update(buf)
+            mine = (reuse or {}).get(key)
+            if mine is not None and mine.dtype == t.dtype and mine.shape == t.shape and mine.device == t.device \
+                    and torch.equal(_bits(mine), _bits(t)):
+                t = mine
             tensors[key] = t
             pos = end
         h.update(f.read())
     return header.get("__metadata__") or {}, tensors, h.hexdigest(), size
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as integers of its width (NaNs and signed zeros compared as stored)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _own_or_state(meta: dict, tensors: dict) -> dict:
@@ -468,7 +479,8 @@ def _read_safetensors(data: bytes, path: str) -> dict:
 
 
 def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
-         unsafe_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
+         unsafe_pickle: bool = False, trust_remote_code: bool = False,
+         reuse: dict[str, torch.Tensor] | None = None) -> Checkpoint:
     """Load a checkpoint: prunetool's own file, a state_dict (``.pt`` or ``.safetensors``) with ``arch``, a Hugging
     Face model directory (:mod:`prunetool.hf`), or (if allowed) a pickled module.
 
@@ -476,6 +488,9 @@ def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | N
     a function annotated ``-> nn.Module``, or any other builder when the file was signed by this machine's key
     (:mod:`prunetool.trust`; every file prunetool writes here is). A file from elsewhere that names a plain
     function raises :class:`UsageError` unless ``arch`` is given: passing it says you trust the file.
+
+    ``reuse`` (a state dict in memory): a safetensors file's tensors that equal their namesakes there bit for bit
+    are taken from it, so that checking a file just written costs no second copy of the model.
     """
     from . import hf
 
@@ -495,7 +510,7 @@ def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | N
         if 2 <= n <= p.stat().st_size - 8 and first[8:9] == b"{":  # safetensors: read tensor by tensor, never the
             # file's bytes and its tensors at once
             try:
-                meta, tensors, sha, size = _stream_safetensors(p)
+                meta, tensors, sha, size = _stream_safetensors(p, reuse)
             except KeyError:  # a dtype only safetensors itself knows
                 pass
             except Exception as e:

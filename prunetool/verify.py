@@ -39,8 +39,8 @@ def outputs_of(model: nn.Module, x: Batch) -> torch.Tensor:
     """Every tensor the model returns, flattened and joined (a structured output is compared whole)."""
     with torch.no_grad():
         out = model(**x) if isinstance(x, dict) else model(x)
-    return torch.cat([t.reshape(-1).float() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
-                      and t.dtype.is_floating_point])
+    return torch.cat([t.reshape(-1).float().cpu() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                      and t.dtype.is_floating_point])  # on the CPU: an offloaded model computes on the GPU
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,20 +150,21 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> b
 
 
 def check_reload(path: str, x: Batch, expected: torch.Tensor, arch: str | None = None,
-                 arch_kwargs: dict | None = None) -> str:
+                 arch_kwargs: dict | None = None, reuse: dict[str, torch.Tensor] | None = None) -> str:
     """Load a written file back as a later :func:`prunetool.load` with no flags will; outputs must be identical (an
     output that overflows to inf or NaN, as random weights in some deep nets do, must do so at the same places).
     When the file's architecture is refused without flags (no signing key could be kept on this machine), it is
-    loaded with ``arch`` as the user gave it. Returns ``"identical"`` or ``"identical with --arch"``."""
+    loaded with ``arch`` as the user gave it. ``reuse``: the written model's state dict (see :func:`load`: the file
+    is still read whole and checked, bit for bit). Returns ``"identical"`` or ``"identical with --arch"``."""
     from .load import load, upcast_half
 
     how = "identical"
     try:
-        model = load(path).model.eval()
+        model = load(path, reuse=reuse).model.eval()
     except UsageError:
         if arch is None:
             raise
-        model, how = load(path, arch=arch, arch_kwargs=arch_kwargs).model.eval(), "identical with --arch"
+        model, how = load(path, arch=arch, arch_kwargs=arch_kwargs, reuse=reuse).model.eval(), "identical with --arch"
     if precision.active() is None:  # computed in float32 like the model it is compared with
         upcast_half(model)
     out = outputs_of(model, x)

@@ -107,3 +107,24 @@ def test_offload_onloads_parameters_to_the_compute_device():
     with torch.no_grad(), precision.Compute("cpu"):
         got = model(x)
     assert torch.equal(got, copy.deepcopy(model).float()(x))
+
+
+def test_a_file_checked_after_writing_reuses_the_tensors_in_memory_only_when_equal_bit_for_bit(tmp_path):
+    model = zoo.build("DepthwiseSENet").eval()
+    path = tmp_path / "m.safetensors"
+    from prunetool.load import load, write_file
+
+    write_file(path, model, "zoo:DepthwiseSENet")
+    state = model.state_dict()
+    back = load(path, reuse=state).model
+    ptrs = {t.data_ptr() for t in state.values()}
+    assert all(t.data_ptr() in ptrs for t in back.state_dict().values())  # no second copy
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    changed = {k: v.clone() for k, v in state.items()}
+    key = next(k for k, v in changed.items() if v.is_floating_point() and v.numel() > 1)
+    changed[key].view(-1)[0] += 1  # one weight differs from the file: the file's own is read
+    again = load(path, reuse=changed).model
+    assert again.state_dict()[key].data_ptr() != changed[key].data_ptr()
+    assert torch.equal(again.state_dict()[key], state[key])

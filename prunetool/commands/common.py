@@ -342,7 +342,8 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         try:
             file_bytes = write_file(target, small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes, ckpt.arch_root)
             if ckpt.arch is not None or out is not None:
-                checks["reload"] = check_reload(target, probe, expected, ckpt.arch, ckpt.arch_kwargs)
+                checks["reload"] = check_reload(target, probe, expected, ckpt.arch, ckpt.arch_kwargs,
+                                                reuse=small.state_dict())
         finally:
             if not staged:
                 os.unlink(target)
