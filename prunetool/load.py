@@ -429,6 +429,9 @@ def _stream_safetensors(path: Path, reuse: dict[str, torch.Tensor] | None = None
         entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
                          key=lambda kv: kv[1]["data_offsets"][0])
         tensors = {}
+        # with ``reuse``, each tensor is read into one scratch buffer and kept only when it differs: reading into
+        # fresh tensors freed at once would leave the heap as large as the file (glibc keeps what is freed)
+        scratch = torch.empty(0, dtype=torch.uint8)
         for key, info in entries:
             dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
             begin, end = (start + o for o in info["data_offsets"])
@@ -436,16 +439,20 @@ def _stream_safetensors(path: Path, reuse: dict[str, torch.Tensor] | None = None
                 raise ValueError(f"tensor {key} overlaps another, lies outside the file or does not match its shape")
             if begin > pos:  # bytes between tensors: hashed, not kept
                 h.update(f.read(begin - pos))
-            t = torch.empty(shape, dtype=dtype)
+            mine = (reuse or {}).get(key)
+            if mine is not None and end - begin > scratch.numel():
+                scratch = torch.empty(end - begin, dtype=torch.uint8)
+            t = scratch[:end - begin].view(dtype).reshape(shape) if mine is not None else \
+                torch.empty(shape, dtype=dtype)
             if t.numel():
-                buf = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, written by the read
+                buf = t.reshape(-1).view(torch.uint8).numpy()  # written by the read
                 if f.readinto(buf) != len(buf):
                     raise ValueError(f"tensor {key} is cut short")
                 h.update(buf)
-            mine = (reuse or {}).get(key)
-            if mine is not None and mine.dtype == t.dtype and mine.shape == t.shape and mine.device == t.device \
-                    and torch.equal(_bits(mine), _bits(t)):
-                t = mine
+            if mine is not None:
+                same = mine.dtype == t.dtype and mine.shape == t.shape and mine.device == t.device and \
+                    torch.equal(_bits(mine), _bits(t))
+                t = mine if same else t.clone()
             tensors[key] = t
             pos = end
         h.update(f.read())
@@ -675,18 +682,27 @@ def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) 
 
 
 class _NoRandomInit(TorchFunctionMode):
-    """Random initialisation skipped (the tensors are left as allocated, their pages untouched): for a model whose
-    parameters a state dict is about to replace. Deterministic initialisation (a buffer computed from a formula,
-    as rotary frequencies) still runs."""
+    """Initialisation skipped (the tensors are left as allocated, their pages untouched): for a model whose
+    parameters a state dict is about to replace. Random draws are skipped, and any in-place write into a tensor of
+    a million elements or more (an initialiser's arithmetic after its draw, a ``copy_``): a recorded Hugging Face
+    architecture builds its full-size model in float32 first, which initialised would take twice the file's
+    memory. Small tensors (norms, biases, counters) and buffers computed from a formula (rotary frequencies)
+    are built as usual; the reload check compares outputs, so a buffer this left unwritten could not pass."""
+
+    LARGE = 1 << 20
 
     SKIPPED = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
                          "xavier_uniform_", "xavier_normal_", "orthogonal_", "bernoulli_", "exponential_",
                          "log_normal_", "cauchy_", "geometric_", "random_"})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.SKIPPED and args and isinstance(args[0], torch.Tensor):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
+        if isinstance(target, torch.Tensor) and (name in self.SKIPPED or (
+                name.endswith("_") and not name.endswith("__") and target.numel() >= self.LARGE)):
+            return target
+        return func(*args, **kwargs)
 
 
 def _class_path(model: nn.Module) -> str:

@@ -64,7 +64,7 @@ def peak() -> int:
 
 
 def size(n: float) -> str:
-    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / (1 << 20):.0f} MB"
+    return f"{n / GB:.1f} GiB" if n >= GB / 10 else f"{n / (1 << 20):.0f} MiB"
 
 
 def check(checkpoint, calib_memory: int, outputs: int, device: str = "cpu", offload: bool = False) -> dict | None:

@@ -16,8 +16,6 @@ to the device (GPTQ's and llm-compressor's sequential pipelines do the same at t
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -109,14 +107,3 @@ def active() -> Compute | None:
 
 def has_half(model: nn.Module) -> bool:
     return any(t.dtype in HALF for t in list(model.parameters()) + list(model.buffers()))
-
-
-@contextlib.contextmanager
-def paused():
-    """Leave every torch function mode for the block (exporters trace the model themselves)."""
-    from torch.overrides import _pop_mode_temporarily, _len_torch_function_stack
-
-    with contextlib.ExitStack() as stack:
-        for _ in range(_len_torch_function_stack()):
-            stack.enter_context(_pop_mode_temporarily())
-        yield

@@ -225,6 +225,11 @@ def render(report: dict, console: Console) -> None:
     dtype = s.get("dtype")
     if dtype and dtype["file"] != dtype["computed"]:
         console.print(f"dtype: written as {dtype['file']}, computed in {dtype['computed']}")
+    mem = report.get("memory") or {}
+    if mem.get("peak_bytes"):
+        estimate = f" (estimated {mem['estimate_bytes'] / 2 ** 30:.1f} GiB before loading)" \
+            if mem.get("estimate_bytes") else ""
+        console.print(f"memory: peak {mem['peak_bytes'] / 2 ** 30:.1f} GiB resident{estimate}")
     if report.get("config"):
         console.print(f"config: options from {report['config']}")
 

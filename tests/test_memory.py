@@ -90,7 +90,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, monkeypatch, 
     monkeypatch.setattr(prunetool.commands.common, "load", lambda *a, **k: pytest.fail("loaded before the check"))
     assert main(["shrink", str(d), "--tokens", "8", "--calib", "8", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--calib-memory" in err and "100 MB is available" in err
+    assert len(err.splitlines()) == 1 and "--calib-memory" in err and "100 MiB is available" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -324,6 +324,7 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         record["inputs"] = "tokens" if job.data.train is None or isinstance(job.data.train, TokenDataset) else "named"
     probe = job.probe
     small.cpu()
+    trim_heap()
     round_through(small, ckpt.dtypes)
     small.eval()
     expected = outputs_of(small, probe)

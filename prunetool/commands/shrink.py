@@ -22,7 +22,7 @@ from ..progress import Bars
 from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
 from ..staging import Staging
-from ..calibrate import statistics
+from ..calibrate import statistics, trim_heap
 from ..trace import trace
 from ..verify import verify
 from .common import Step, finish, check_job_outputs, start
@@ -160,6 +160,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if scores is None or step:
             scores = score(current, graph, opts.criterion, calib, bars=bars, means=stats.means, settings=engine)
         scores = _cpu(scores)
+        trim_heap()
         if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example)
         if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
@@ -174,6 +175,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                     settings=engine, dense=current).eval()
         paths = dict(stats.paths)
         stats.release()
+        trim_heap()  # the passes' freed memory back to the system before the checks (glibc keeps it otherwise)
         current.cpu()
         small.cpu()
         checks = verify(current, small, graph, keep, probe, engine.output_key)
