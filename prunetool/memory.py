@@ -2,9 +2,9 @@
 against what the machine has before anything is loaded.
 
 The estimate is measured, not derived (docs/BENCHMARKS.md, "Memory"): with weights kept in their dtype
-(:mod:`prunetool.precision`), a run holds the dense model, the cut model beside it and, while the written file
-is checked, its bytes and the model read back from them; on top of those, the calibration budget
-(``--calib-memory``) and the outputs of the checks (``OUTPUT_BYTES`` per model). With ``--offload`` the weights
+(:mod:`prunetool.precision`), a run holds the dense model and the cut model beside it (sharing what the cut did
+not change; the written file is checked without a copy), and on top of those the calibration budget
+(``--calib-memory``) and the outputs of the checks (``OUTPUT_BYTES``). With ``--offload`` the weights
 stay in host memory and the device holds one call's weights at a time.
 """
 
@@ -17,9 +17,11 @@ from pathlib import Path
 from .errors import UsageError
 
 GB = 1 << 30
-RUNTIME = int(0.8 * GB)  # torch and transformers imported, the interpreter, the data (measured: 0.6 GB)
-MODEL_COPIES = 3.0  # dense + cut + the written file read back, each at most the checkpoint's size
-WORKSPACE = 2.0  # the calibration budget is exceeded by at most this factor (batches on top of the cache)
+# Fitted on bf16 Llama-style models of 100 M and 1 B parameters (docs/BENCHMARKS.md, "Memory": 2.60 and 6.47 GiB
+# measured), rounded up: each GiB of weights costs 2.23 GiB of peak there, the default budget about 1.06 times itself.
+RUNTIME = int(0.5 * GB)  # torch and transformers imported, the interpreter, the data
+MODEL_COPIES = 2.5  # the dense model, the cut beside it, the heap they leave behind
+WORKSPACE = 1.1  # the calibration budget and the batches beyond it
 
 
 def weights_bytes(checkpoint) -> int | None:
@@ -36,7 +38,7 @@ def weights_bytes(checkpoint) -> int | None:
 
 def estimate(weights: int, calib_memory: int, outputs: int) -> int:
     """Peak resident bytes of a run on a checkpoint of ``weights`` bytes (see the module docstring)."""
-    return int(RUNTIME + MODEL_COPIES * weights + WORKSPACE * calib_memory + 3 * outputs)
+    return int(RUNTIME + MODEL_COPIES * weights + WORKSPACE * calib_memory + outputs)
 
 
 def available() -> int | None:
