@@ -32,7 +32,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -853,13 +853,14 @@ def check_writable(path: str | os.PathLike, source: str | None = None, flag: str
         raise UsageError(f"cannot write {p}: permission denied; choose another {flag}")
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename, so no partial file is ever left."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path`` (same suffix) and rename, so no partial file is ever
+    left."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp" + p.suffix, dir=p.parent if str(p.parent) else ".")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result unreadable to others
@@ -872,8 +873,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
          record: dict | None = None, dtypes: dict[str, torch.dtype] | None = None) -> int:
-    """Save ``model`` in prunetool's format (atomically; ``.safetensors`` or ``.pt`` by the file name); returns
-    the file size in bytes."""
-    data = serialize(model, arch, arch_kwargs, record, dtypes, format_of(path))
-    write_atomic(path, data)
-    return len(data)
+    """Save ``model`` in prunetool's format (atomically; ``.safetensors`` or ``.pt`` by the file name, written
+    straight from its tensors); returns the file size in bytes."""
+    write_atomic(path, lambda tmp: write_file(tmp, model, arch, arch_kwargs, record, dtypes))
+    return os.path.getsize(path)
