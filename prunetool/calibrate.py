@@ -84,9 +84,11 @@ class Settings:
 # --- memory -----------------------------------------------------------------------------------------
 
 try:
-    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+    _MALLOC_TRIM, _MALLOPT = ctypes.CDLL("libc.so.6").malloc_trim, ctypes.CDLL("libc.so.6").mallopt
 except (OSError, AttributeError):  # not glibc
-    _MALLOC_TRIM = None
+    _MALLOC_TRIM = _MALLOPT = None
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MAPPED_ALONE = 1 << 20  # bytes from which an allocation is mapped by itself
 
 
 def trim_heap() -> None:
@@ -95,6 +97,15 @@ def trim_heap() -> None:
     holds (2 GB more on resnet50's refit)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def map_large_alone() -> None:
+    """Allocations of ``MAPPED_ALONE`` bytes or more get a mapping of their own, returned to the system when
+    freed. glibc otherwise raises that threshold to the largest block freed so far (up to 32 MB), and a large
+    model's weight slices and float32 copies (tens of MB, made and freed at every call) then stay in the heap as
+    holes: 2 GiB of the 1 B Llama's peak was such holes. Process-wide; costs a page fault per fresh page."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, MAPPED_ALONE)
 
 
 class Kept:

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import layers, precision
 from .batch import Batch, batch_slice, call
+from .calibrate import trim_heap
 from .errors import UsageError, VerificationError
 from .trace import Trace
 
@@ -183,7 +184,10 @@ def verify(dense: nn.Module, small: nn.Module, trace: Trace, keep: dict[str, tor
     """Every check on the cut model; raises :class:`VerificationError` on the first failure."""
     out = check_forward(small, x, trace.output_shape, output_key)
     check_identity(dense, trace, batch_slice(x, 0, EXACT_PROBE))
+    trim_heap()  # each check's copies go back to the system before the next makes its own
     removal = check_removal(dense, trace, keep, batch_slice(x, 0, REMOVAL_PROBE))
+    trim_heap()
     constant = check_constant_unit(dense, trace, batch_slice(x, 0, EXACT_PROBE))
+    trim_heap()
     return {"forward": "ok", "ratio_zero": "exact", "removal_rel_diff": removal,
             "constant_unit_rel_diff": constant, "outputs": out}

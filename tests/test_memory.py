@@ -128,3 +128,24 @@ def test_a_file_checked_after_writing_reuses_the_tensors_in_memory_only_when_equ
     again = load(path, reuse=changed).model
     assert again.state_dict()[key].data_ptr() != changed[key].data_ptr()
     assert torch.equal(again.state_dict()[key], state[key])
+
+
+def test_a_cut_copies_only_the_tensors_it_slices(mnist_small):
+    from conftest import evci_cnn, traced
+    from prunetool.cut import cut, plan_cut
+
+    dense, graph, x, _ = traced(evci_cnn(), mnist_small, 64)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    first, *rest = graph.groups
+    keep = {g.name: torch.arange(g.units // 2 if g is first else g.units) for g in graph.groups}
+    small = cut(layers.clone(dense, share=True), graph, keep, "none")
+    touched = {f"{name}.{attr}" for (name, attr, _), drop in plan_cut(graph, keep).drops.items() if drop}
+    assert touched
+    theirs = {n: t.data_ptr() for n, t in dense.state_dict().items()}
+    for name, t in small.state_dict().items():
+        assert (t.data_ptr() == theirs[name]) == (name not in touched), name
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    with torch.no_grad():  # a cut of nothing is the model itself, sharing every tensor
+        same = cut(layers.clone(dense, share=True), graph, {g.name: torch.arange(g.units) for g in graph.groups}, "none")
+        assert all(t.data_ptr() == theirs[n] for n, t in same.state_dict().items())
+        assert torch.equal(same(x), dense(x))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__, distributed, hf, layers, memory, precision, task, trust
-from ..calibrate import Settings, trim_heap
+from ..calibrate import Settings, map_large_alone, trim_heap
 from ..data import (OUTPUT_BYTES, Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader,
                     fit_inputs, load_data, too_few)
 from ..export import export_onnx, export_pt2
@@ -165,6 +165,7 @@ def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, st
 
 def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool = False) -> Job:
     needs = memory.check(source.checkpoint, data.memory, OUTPUT_BYTES, device, offload)  # before it is loaded
+    map_large_alone()
     ckpt, mode = as_checkpoint(source)
     dense = ckpt.model
     compute = None
