@@ -101,9 +101,10 @@ def trim_heap() -> None:
 
 def map_large_alone() -> None:
     """Allocations of ``MAPPED_ALONE`` bytes or more get a mapping of their own, returned to the system when
-    freed. glibc otherwise raises that threshold to the largest block freed so far (up to 32 MB), and a large
-    model's weight slices and float32 copies (tens of MB, made and freed at every call) then stay in the heap as
-    holes: 2 GiB of the 1 B Llama's peak was such holes. Process-wide; costs a page fault per fresh page."""
+    freed. glibc otherwise raises that threshold to the largest block freed so far (up to 32 MB), and the float32
+    copies a half-precision model's calls make and free (tens of MB each, :mod:`prunetool.precision`) stay in the
+    heap as holes: 2 GiB of a 1 B Llama's peak. Process-wide; every fresh page then costs a fault, which makes a
+    half-precision run slower (docs/BENCHMARKS.md, "Memory"), so only such runs ask for it."""
     if _MALLOPT is not None:
         _MALLOPT(_M_MMAP_THRESHOLD, MAPPED_ALONE)
 

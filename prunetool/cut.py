@@ -26,7 +26,7 @@ from torch import nn
 from . import layers
 from .calibrate import Program, Settings, batch_size, boundaries_for, positions_of, replay, rows_at
 from .calls import INPUT_ARG, Call, capture, design_matrix, targets
-from .batch import batch_to
+from .batch import batch_slice, batch_to
 from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import COMPENSATIONS
@@ -244,7 +244,7 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
     apply(model, plan)
     if compensate == "lstsq" and plan.consumers:
         samples = as_samples(samples)
-        if stats is not None and refit_stagewise(model, plan, trace, stats, samples, settings or Settings(), bars):
+        if stats is not None and refit_stagewise(model, plan, stats, samples, settings or Settings(), bars):
             stats.paths["refit"] = "stage by stage"
         else:
             if stats is not None:
@@ -369,11 +369,9 @@ def _recorded(model: nn.Module, samples: Samples, settings):
     return Program.record(model, example), example
 
 
-def refit_stagewise(model: nn.Module, plan: Plan, trace: Trace, stats, samples: Samples, settings,
-                    bars: Bars = QUIET) -> bool:
+def refit_stagewise(model: nn.Module, plan: Plan, stats, samples: Samples, settings, bars: Bars = QUIET) -> bool:
     """Refit every consumer of ``plan`` stage by stage (see :mod:`prunetool.calibrate`) against the dense targets in
-    ``stats``; False when the cut model's forward does not replay (nothing is changed then). Batches are sized by
-    the dense model's ``trace`` (a cut's activations are no larger)."""
+    ``stats``; False when the cut model's forward does not replay (nothing is changed then)."""
     consumers = plan.consumers
     if any(name not in stats.targets for name in consumers):
         return False
@@ -409,7 +407,8 @@ def refit_stagewise(model: nn.Module, plan: Plan, trace: Trace, stats, samples: 
             if not calls_left[c.name]:  # its targets' memory goes to the stages still to come
                 stats.release(c.name)
 
-    replay(program, model, samples.shard(), batch_size(trace, settings), bounds, on_boundary, settings,
+    # batches sized by the cut's own activations (the dense trace's, larger, give batches of 2 where 3 fit: slower)
+    replay(program, model, samples.shard(), batch_size_for(model, example, settings), bounds, on_boundary, settings,
            bars, label="least-squares refit, stage by stage")
     return True
 
@@ -473,6 +472,13 @@ def _replacing_input(program: Program, i: int, read, values):
             kwargs = {**kwargs, key: replace_units(kwargs[key], read, values)}
         return args, kwargs
     return transform
+
+
+def batch_size_for(model: nn.Module, example, settings) -> int:
+    """Samples per batch of a stage-by-stage pass: the budget over what one sample's forward touches."""
+    from .trace import trace as trace_model
+
+    return batch_size(trace_model(model, batch_slice(example, 0, 2)), settings)
 
 
 def refit(model: nn.Module, dense: nn.Module, c: Consumer, kept_outputs: torch.Tensor | None,

@@ -142,8 +142,10 @@ def load_dir(path, trust_remote_code: bool = False):
     model.config.use_cache = False
     model.eval()
     digest = hashlib.sha256()
-    for p in weights:
-        digest.update(p.read_bytes())
+    for p in weights:  # in pieces: a shard read whole would be a second copy of it in memory
+        with open(p, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
     dtypes = {k: v.dtype for k, v in model.state_dict().items() if v.dtype.is_floating_point}
     kwargs = {"architecture": name, "config": _plain(original)}
     if trust_remote_code:

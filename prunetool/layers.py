@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import precision
+
 # Attribute names that, by convention, record a width. A module type without an entry in the registry has
 # those of its attributes updated that held the old width of a tensor dimension the cut changed.
 WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_channels",
@@ -420,6 +422,7 @@ def slice_tensor(module: nn.Module, attr: str, dim: int, keep: torch.Tensor) -> 
     """Keep entries ``keep`` of ``module.<attr>`` along ``dim``, as a parameter or a buffer as it was."""
     t = getattr(module, attr)
     new = t.detach().index_select(dim, keep.to(t.device)).contiguous().clone()
+    precision.release(t)
     if isinstance(t, nn.Parameter):
         setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad))
     else:

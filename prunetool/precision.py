@@ -16,6 +16,10 @@ to the device (GPTQ's and llm-compressor's sequential pipelines do the same at t
 
 from __future__ import annotations
 
+import ctypes
+import os
+
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -46,8 +50,10 @@ class Compute(TorchFunctionMode):
         super().__init__()
         self.device = torch.device(device) if device is not None else None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self.pages = FilePages()
 
     def __enter__(self):
+        self.pages = FilePages.of_weight_files()
         self._hooks.__enter__()
         return super().__enter__()
 
@@ -79,6 +85,8 @@ class Compute(TorchFunctionMode):
 
     def _onload(self, t: torch.Tensor, half: bool) -> torch.Tensor:
         up = t.to(device=self.device or t.device, dtype=torch.float32 if half else t.dtype)
+        if half:
+            self.pages.release(t)  # read from the checkpoint's file again when next needed
         if up is not t:  # autograd keeps the original, cast again when read (a graph kept alive, as a trace's
             up._prunetool_source = t  # outputs keep theirs, would otherwise hold a float32 copy of every weight)
         return up
@@ -90,12 +98,68 @@ class Compute(TorchFunctionMode):
             return t.detach()  # not ``t``: a saved output would then hold its own grad_fn, a cycle gc cannot see
         return source, t.dtype, t.device, t.shape, t.stride(), t.storage_offset()
 
-    @staticmethod
-    def _unpack(packed):
+    def _unpack(self, packed):
         if isinstance(packed, tuple):
             source, dtype, device, shape, stride, offset = packed
-            return source.to(device=device, dtype=dtype).as_strided(shape, stride, offset)
+            up = source.to(device=device, dtype=dtype).as_strided(shape, stride, offset)
+            self.pages.release(source)
+            return up
         return packed
+
+
+class FilePages:
+    """Pages of weights that are views of a checkpoint file mapped into memory (as ``from_pretrained`` maps
+    safetensors shards), handed back to the page cache after each use and read from it again at the next: only
+    the weights in use stay resident, the others are the file's. A page goes back only while it holds the
+    file's bytes (``/proc/self/pagemap``: not present, or a file page); one written since loading is a private
+    copy, and dropping it would lose the write. Linux only; elsewhere nothing is released."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    _DONTNEED = 4  # madvise(2)
+
+    def __init__(self, ranges: list[tuple[int, int]] | None = None):
+        self.ranges = ranges or []
+        self._pagemap = None
+        self._madvise = None
+        if self.ranges:
+            try:
+                self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+                self._madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
+                self._madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            except (OSError, AttributeError):
+                self.ranges = []
+
+    @classmethod
+    def of_weight_files(cls) -> "FilePages":
+        """The mappings of ``.safetensors`` files in this process now."""
+        ranges = []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[-1].endswith(".safetensors"):
+                        lo, hi = fields[0].split("-")
+                        ranges.append((int(lo, 16), int(hi, 16)))
+        except OSError:
+            pass
+        return cls(ranges)
+
+    def release(self, t: torch.Tensor) -> None:
+        """Hand back the whole pages of ``t`` if they lie in a mapped weight file and hold its bytes."""
+        if not self.ranges or t.device.type != "cpu" or not t.is_contiguous():
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return
+        first, last = -(-start // self.PAGE), end // self.PAGE  # whole pages only: the edges may hold others
+        if last <= first:
+            return
+        entries = np.frombuffer(os.pread(self._pagemap, (last - first) * 8, first * 8), dtype=np.uint64)
+        present, file = entries >> np.uint64(63), (entries >> np.uint64(61)) & np.uint64(1)
+        if np.any(present & (file ^ np.uint64(1))):
+            return  # a private copy (written since loading): only this process has its bytes
+        self._madvise(first * self.PAGE, (last - first) * self.PAGE, self._DONTNEED)
 
 
 def active() -> Compute | None:
@@ -103,6 +167,14 @@ def active() -> Compute | None:
     from torch.overrides import _get_current_function_mode_stack
 
     return next((m for m in _get_current_function_mode_stack() if isinstance(m, Compute)), None)
+
+
+def release(t: torch.Tensor) -> None:
+    """Hand ``t``'s pages back to the weight file it is mapped from, under an active :class:`Compute` (a tensor
+    the cut replaced by its slice, or one read outside a computing call)."""
+    mode = active()
+    if mode is not None:
+        mode.pages.release(t)
 
 
 def has_half(model: nn.Module) -> bool:

@@ -149,3 +149,41 @@ def test_a_cut_copies_only_the_tensors_it_slices(mnist_small):
         same = cut(layers.clone(dense, share=True), graph, {g.name: torch.arange(g.units) for g in graph.groups}, "none")
         assert all(t.data_ptr() == theirs[n] for n, t in same.state_dict().items())
         assert torch.equal(same(x), dense(x))
+
+
+def _resident(t: torch.Tensor) -> int:
+    """How many whole pages of ``t`` are in this process's memory now (/proc/self/pagemap's present bit)."""
+    import os
+
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = -(-t.data_ptr() // page), (t.data_ptr() + t.numel() * t.element_size()) // page
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        entries = np.frombuffer(os.pread(fd, (last - first) * 8, first * 8), dtype=np.uint64)
+    finally:
+        os.close(fd)
+    return int((entries >> np.uint64(63)).sum())
+
+
+def test_mapped_weights_go_back_to_their_file_after_use_and_written_ones_stay(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    model = prunetool.load(str(tmp_path / "src")).model
+    x = torch.randint(0, 512, (2, 16))
+    mlp = model.model.layers[0].mlp
+    written = model.model.layers[1].mlp.up_proj.weight
+    with torch.no_grad():
+        written[0, :] = 3.0  # a private copy of those pages: only this process has these bytes
+    assert precision.FilePages.of_weight_files().ranges, "from_pretrained maps the safetensors file"
+    with precision.Compute(), torch.no_grad():
+        first = model(x).logits
+        assert _resident(mlp.up_proj.weight) == 0  # read for the call, handed back after it
+        assert _resident(written) > 0  # kept: dropping it would lose the write
+        assert torch.equal(model(x).logits, first)  # read again from the file: the same weights
+    assert (written[0] == 3.0).all()
+    with torch.no_grad():  # a float32 copy in memory computes the same (the write included)
+        assert torch.equal(copy.deepcopy(model).float()(x).logits, first)

@@ -165,7 +165,6 @@ def input_paths(source: Source, data: DataOptions | None = None) -> dict[str, st
 
 def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool = False) -> Job:
     needs = memory.check(source.checkpoint, data.memory, OUTPUT_BYTES, device, offload)  # before it is loaded
-    map_large_alone()
     ckpt, mode = as_checkpoint(source)
     dense = ckpt.model
     compute = None
@@ -175,6 +174,7 @@ def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool 
         if offload or precision.has_half(dense) or any(d in precision.HALF for d in ckpt.dtypes.values()):
             # weights stay in their dtype (and, offloaded, in host memory), computed in float32 (prunetool.precision)
             compute = precision.Compute(device if offload else None)
+            map_large_alone()  # the copies every call makes and frees would otherwise stay in the heap as holes
             compute.__enter__()
         dense.eval()
         spec = data.data
