@@ -4,23 +4,29 @@ against what the machine has before anything is loaded.
 The estimate is measured, not derived (docs/BENCHMARKS.md, "Memory"): with weights kept in their dtype
 (:mod:`prunetool.precision`), a run holds the dense model and the cut model beside it (sharing what the cut did
 not change; the written file is checked without a copy), and on top of those the calibration budget
-(``--calib-memory``) and the outputs of the checks (``OUTPUT_BYTES``). With ``--offload`` the weights
-stay in host memory and the device holds one call's weights at a time.
+(``--calib-memory``) and the outputs of the checks (``OUTPUT_BYTES``). The dense weights of a half-precision
+Hugging Face directory stay in its mapped files and are read on demand (:class:`prunetool.precision.FilePages`):
+only the cut's new tensors and the weights in use are resident. With ``--offload`` the weights stay in host
+memory and the device holds one call's weights at a time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import struct
 from pathlib import Path
 
 from .errors import UsageError
 
 GB = 1 << 30
-# Fitted on bf16 Llama-style models of 100 M and 1 B parameters (docs/BENCHMARKS.md, "Memory": 2.60 and 6.47 GiB
-# measured), rounded up: each GiB of weights costs 2.23 GiB of peak there, the default budget about 1.06 times itself.
+# Fitted on bf16 Llama-style models of 100 M to 1 B parameters (docs/BENCHMARKS.md, "Memory") and rounded up: held
+# whole (prunetool's own files), each GiB of weights cost 2.23 GiB of peak; read on demand from a Hugging Face
+# directory, about 1.5.
 RUNTIME = int(0.5 * GB)  # torch and transformers imported, the interpreter, the data
 MODEL_COPIES = 2.5  # the dense model, the cut beside it, the heap they leave behind
+MAPPED_COPIES = 1.8  # read on demand: the cut's new tensors, the weights in use and their float32 copies
 WORKSPACE = 1.1  # the calibration budget and the batches beyond it
 
 
@@ -36,9 +42,32 @@ def weights_bytes(checkpoint) -> int | None:
     return path.stat().st_size if path.is_file() else None
 
 
-def estimate(weights: int, calib_memory: int, outputs: int) -> int:
-    """Peak resident bytes of a run on a checkpoint of ``weights`` bytes (see the module docstring)."""
-    return int(RUNTIME + MODEL_COPIES * weights + WORKSPACE * calib_memory + outputs)
+def mapped(checkpoint) -> bool:
+    """Whether the checkpoint is a Hugging Face directory whose safetensors hold half-precision weights only:
+    ``from_pretrained`` maps those files, and a half-precision run reads them on demand (read from the files'
+    headers, before anything is loaded)."""
+    if not isinstance(checkpoint, (str, os.PathLike)) or not Path(checkpoint).is_dir():
+        return False
+    files = list(Path(checkpoint).glob("*.safetensors"))
+    kinds = set()
+    try:
+        for f in files:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(min(n, 100 << 20)))
+            if not isinstance(header, dict):
+                return False
+            kinds |= {str(v["dtype"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
+        return False
+    return bool(files) and bool(kinds) and kinds <= {"BF16", "F16"}
+
+
+def estimate(weights: int, calib_memory: int, outputs: int, on_demand: bool = False) -> int:
+    """Peak resident bytes of a run on a checkpoint of ``weights`` bytes, read on demand or whole (see the module
+    docstring)."""
+    copies = MAPPED_COPIES if on_demand else MODEL_COPIES
+    return int(RUNTIME + copies * weights + WORKSPACE * calib_memory + outputs)
 
 
 def available() -> int | None:
@@ -75,19 +104,22 @@ def check(checkpoint, calib_memory: int, outputs: int, device: str = "cpu", offl
     weights = weights_bytes(checkpoint)
     if weights is None:
         return None
-    need = estimate(weights, calib_memory, outputs)
+    on_demand = mapped(checkpoint)
+    need = estimate(weights, calib_memory, outputs, on_demand)
+    copies = MAPPED_COPIES if on_demand else MODEL_COPIES
     host = available()
     if host is not None and need > host:
         raise UsageError(
             f"this run needs about {size(need)} of memory (a {size(weights)} checkpoint held about "
-            f"{MODEL_COPIES:g} times, with --calib-memory {size(calib_memory)}) and {size(host)} is available: "
+            f"{copies:g} times, with --calib-memory {size(calib_memory)}) and {size(host)} is available: "
             f"lower --calib-memory, close what else runs, or use a machine with more memory")
-    result = {"estimate_bytes": need, "available_bytes": host, "weights_bytes": weights}
+    result = {"estimate_bytes": need, "available_bytes": host, "weights_bytes": weights, "weights_on_demand": on_demand,
+              "calib_memory_bytes": calib_memory, "outputs_bytes": outputs}
     if device.startswith("cuda") and not offload:
         import torch
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        gpu = int(MODEL_COPIES * weights + WORKSPACE * calib_memory)
+        gpu = int(MODEL_COPIES * weights + WORKSPACE * calib_memory)  # on the device, the dense model is whole
         if gpu > free:
             raise UsageError(f"this run needs about {size(gpu)} of GPU memory and {device} has {size(free)} free: "
                              "add --offload (weights stay in host memory, each layer onloaded as it runs) or "

@@ -16,6 +16,7 @@ to the device (GPTQ's and llm-compressor's sequential pipelines do the same at t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -46,18 +47,20 @@ class Compute(TorchFunctionMode):
     """Computing calls read float32 copies of half-precision tensors (and, with ``device``, onload parameters to
     it). Enter it for the whole job (:func:`prunetool.commands.common.start`)."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, files: list[str] = ()):
         super().__init__()
         self.device = torch.device(device) if device is not None else None
+        self.files = list(files)  # the checkpoint's weight files (a Hugging Face cache links them to blobs)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self.pages = FilePages()
 
     def __enter__(self):
-        self.pages = FilePages.of_weight_files()
+        self.pages = FilePages.of_weight_files(self.files)
         self._hooks.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
+        self.pages.close()
         out = super().__exit__(*exc)
         self._hooks.__exit__(*exc)
         return out
@@ -111,14 +114,16 @@ class FilePages:
     """Pages of weights that are views of a checkpoint file mapped into memory (as ``from_pretrained`` maps
     safetensors shards), handed back to the page cache after each use and read from it again at the next: only
     the weights in use stay resident, the others are the file's. A page goes back only while it holds the
-    file's bytes (``/proc/self/pagemap``: not present, or a file page); one written since loading is a private
-    copy, and dropping it would lose the write. Linux only; elsewhere nothing is released."""
+    file's bytes (``/proc/self/pagemap``: a file page, or neither present nor swapped); one written since loading
+    is a private copy, in memory or swapped out, and dropping it would lose the write. Linux only; elsewhere
+    nothing is released. The file must not change on disk while the job runs (it is read again)."""
 
     PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     _DONTNEED = 4  # madvise(2)
 
     def __init__(self, ranges: list[tuple[int, int]] | None = None):
         self.ranges = ranges or []
+        self.held = False  # while timing: weights stay resident, as where the model is served
         self._pagemap = None
         self._madvise = None
         if self.ranges:
@@ -130,35 +135,50 @@ class FilePages:
                 self.ranges = []
 
     @classmethod
-    def of_weight_files(cls) -> "FilePages":
-        """The mappings of ``.safetensors`` files in this process now."""
-        ranges = []
+    def of_weight_files(cls, files: list[str] = ()) -> "FilePages":
+        """The mappings of ``files`` and of any ``.safetensors`` file in this process now (the kernel lists a
+        mapping under the file's resolved path)."""
+        ranges, real = [], {os.path.realpath(f) for f in files}
         try:
             with open("/proc/self/maps") as f:
                 for line in f:
-                    fields = line.split()
-                    if len(fields) >= 6 and fields[-1].endswith(".safetensors"):
+                    fields = line.split(maxsplit=5)
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    if path.endswith(".safetensors") or path in real:
                         lo, hi = fields[0].split("-")
                         ranges.append((int(lo, 16), int(hi, 16)))
         except OSError:
             pass
         return cls(ranges)
 
+    def covers(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lies in a mapped weight file."""
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        return t.device.type == "cpu" and any(lo <= start and end <= hi for lo, hi in self.ranges)
+
+    def close(self) -> None:
+        if self._pagemap is not None:
+            os.close(self._pagemap)
+            self._pagemap, self.ranges = None, []
+
     def release(self, t: torch.Tensor) -> None:
         """Hand back the whole pages of ``t`` if they lie in a mapped weight file and hold its bytes."""
-        if not self.ranges or t.device.type != "cpu" or not t.is_contiguous():
+        if self.held or not self.ranges or not t.is_contiguous() or not self.covers(t):
             return
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()
-        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
-            return
         first, last = -(-start // self.PAGE), end // self.PAGE  # whole pages only: the edges may hold others
         if last <= first:
             return
-        entries = np.frombuffer(os.pread(self._pagemap, (last - first) * 8, first * 8), dtype=np.uint64)
-        present, file = entries >> np.uint64(63), (entries >> np.uint64(61)) & np.uint64(1)
-        if np.any(present & (file ^ np.uint64(1))):
-            return  # a private copy (written since loading): only this process has its bytes
+        raw = os.pread(self._pagemap, (last - first) * 8, first * 8)
+        if len(raw) != (last - first) * 8:
+            return
+        entries = np.frombuffer(raw, dtype=np.uint64)
+        present, swapped = entries >> np.uint64(63), (entries >> np.uint64(62)) & np.uint64(1)
+        file = (entries >> np.uint64(61)) & np.uint64(1)
+        if np.any((present & (file ^ np.uint64(1))) | swapped):
+            return  # a private copy (written since loading, resident or swapped out): only this process has it
         self._madvise(first * self.PAGE, (last - first) * self.PAGE, self._DONTNEED)
 
 
@@ -175,6 +195,22 @@ def release(t: torch.Tensor) -> None:
     mode = active()
     if mode is not None:
         mode.pages.release(t)
+
+
+@contextlib.contextmanager
+def resident():
+    """Mapped weights stay resident inside (latency is timed on weights in memory, as where the model is served:
+    pages read again from the page cache at every call would slow the dense model more than the cut, whose new
+    tensors are in memory anyway)."""
+    mode = active()
+    if mode is None:
+        yield
+        return
+    before, mode.pages.held = mode.pages.held, True
+    try:
+        yield
+    finally:
+        mode.pages.held = before
 
 
 def has_half(model: nn.Module) -> bool:

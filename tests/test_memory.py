@@ -77,8 +77,10 @@ def test_the_report_gives_the_estimate_and_the_peak(tmp_path):
     _, report = prunetool.shrink(str(d), None, ratio=0.5, tokens=8, calib=8, measure=False)
     m = report["memory"]
     assert m["weights_bytes"] == sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    assert m["weights_on_demand"]  # bf16 safetensors in a Hugging Face directory: mapped, read as used
     assert m["estimate_bytes"] == memory.estimate(m["weights_bytes"], prunetool.options.DEFAULT_CALIB_MEMORY,
-                                                  prunetool.data.OUTPUT_BYTES)
+                                                  prunetool.data.OUTPUT_BYTES, on_demand=True)
+    assert memory.estimate(100, 0, 0, on_demand=True) < memory.estimate(100, 0, 0)
     assert 0 < m["peak_bytes"]
 
 
@@ -184,6 +186,37 @@ def test_mapped_weights_go_back_to_their_file_after_use_and_written_ones_stay(tm
         assert _resident(mlp.up_proj.weight) == 0  # read for the call, handed back after it
         assert _resident(written) > 0  # kept: dropping it would lose the write
         assert torch.equal(model(x).logits, first)  # read again from the file: the same weights
+        with precision.resident():  # while latency is timed, weights stay in memory as where they are served
+            model(x)
+            assert _resident(mlp.up_proj.weight) > 0
     assert (written[0] == 3.0).all()
     with torch.no_grad():  # a float32 copy in memory computes the same (the write included)
         assert torch.equal(copy.deepcopy(model).float()(x).logits, first)
+
+
+def test_only_half_precision_safetensors_in_a_directory_count_as_read_on_demand(tmp_path):
+    _llama().to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    _llama().save_pretrained(tmp_path / "full")
+    torch.save(_llama().to(torch.bfloat16).state_dict(), tmp_path / "m.pt")
+    assert memory.mapped(tmp_path / "half")
+    assert not memory.mapped(tmp_path / "full") and not memory.mapped(tmp_path / "m.pt")
+    (tmp_path / "half" / "model.safetensors").write_bytes(b"\xff" * 16)  # a damaged header: not read on demand
+    assert not memory.mapped(tmp_path / "half")
+
+
+def test_weights_linked_from_a_cache_blob_are_read_on_demand_too(tmp_path):
+    import shutil
+
+    _llama().to(torch.bfloat16).save_pretrained(tmp_path / "saved")
+    snap, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    shutil.move(tmp_path / "saved" / "model.safetensors", blobs / "0123abcd")  # as the Hugging Face cache keeps it
+    (snap / "model.safetensors").symlink_to(blobs / "0123abcd")
+    shutil.copy(tmp_path / "saved" / "config.json", snap / "config.json")
+    model = prunetool.load(str(snap)).model
+    weight = model.model.embed_tokens.weight
+    assert memory.mapped(snap)
+    assert not precision.FilePages.of_weight_files().covers(weight)  # listed under the blob's name
+    with precision.Compute(files=[str(snap / "model.safetensors")]) as mode:
+        assert mode.pages.covers(weight)

@@ -173,9 +173,12 @@ def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool 
             dense = layers.prepare(layers.clone(dense))  # the caller's module stays as it was
         if offload or precision.has_half(dense) or any(d in precision.HALF for d in ckpt.dtypes.values()):
             # weights stay in their dtype (and, offloaded, in host memory), computed in float32 (prunetool.precision)
-            compute = precision.Compute(device if offload else None)
+            files = sorted(Path(ckpt.path).glob("*.safetensors")) if ckpt.path and Path(ckpt.path).is_dir() else []
+            compute = precision.Compute(device if offload else None, files=[str(f) for f in files])
             map_large_alone()  # the copies every call makes and frees would otherwise stay in the heap as holes
             compute.__enter__()
+        if needs is not None and needs.get("weights_on_demand"):
+            _check_on_demand(needs, dense, compute)
         dense.eval()
         spec = data.data
         loaded = spec if isinstance(spec, Data) else load_data(spec, data.download, data.input_shape,
@@ -216,6 +219,19 @@ def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool 
     return Job(ckpt, loaded, dense, calib, probe, graph, computed, settings, data.eval, mode, compute, needs)
 
 
+def _check_on_demand(needs: dict, dense: nn.Module, compute) -> None:
+    """The estimate assumed the weights are read from their mapped files; say so when they were copied instead
+    (a transformers version that does not map them), with the estimate for weights held whole."""
+    largest = max(dense.parameters(), key=lambda p: p.numel(), default=None)
+    if largest is None or (compute is not None and compute.pages.covers(largest)):
+        return
+    needs["weights_on_demand"] = False
+    needs["estimate_bytes"] = memory.estimate(needs["weights_bytes"], needs["calib_memory_bytes"],
+                                              needs["outputs_bytes"])
+    warnings.warn(f"the weights were copied into memory, not mapped from their files: this run may take about "
+                  f"{memory.size(needs['estimate_bytes'])} (lower --calib-memory if that is too much)")
+
+
 def snapshot(model: nn.Module, file_bytes: int | None, loader, example, measurement: Measurement, bars: Bars,
              label: str, output_key: str | None = None) -> dict:
     device = measurement.device
@@ -249,7 +265,8 @@ def measure_latency(report: dict, dense: nn.Module, small: nn.Module, example, m
     for b in bars.track(measurement.latency_batches, "measuring latency"):
         tries = attempts if b == gate_batch else 1
         for attempt in range(1, tries + 1):
-            result = compare_latency(dense, small, example, b, device)
+            with precision.resident():
+                result = compare_latency(dense, small, example, b, device)
             result["attempts"] = attempt
             if not result["noisy"]:
                 break
