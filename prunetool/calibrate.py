@@ -84,7 +84,8 @@ class Settings:
 # --- memory -----------------------------------------------------------------------------------------
 
 try:
-    _MALLOC_TRIM, _MALLOPT = ctypes.CDLL("libc.so.6").malloc_trim, ctypes.CDLL("libc.so.6").mallopt
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _MALLOC_TRIM, _MALLOPT = _LIBC.malloc_trim, _LIBC.mallopt
 except (OSError, AttributeError):  # not glibc
     _MALLOC_TRIM = _MALLOPT = None
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)

@@ -63,11 +63,15 @@ def mapped(checkpoint) -> bool:
     return bool(files) and bool(kinds) and kinds <= {"BF16", "F16"}
 
 
+def copies(on_demand: bool) -> float:
+    """How many times the checkpoint's size a run holds, its weights read on demand or whole."""
+    return MAPPED_COPIES if on_demand else MODEL_COPIES
+
+
 def estimate(weights: int, calib_memory: int, outputs: int, on_demand: bool = False) -> int:
     """Peak resident bytes of a run on a checkpoint of ``weights`` bytes, read on demand or whole (see the module
     docstring)."""
-    copies = MAPPED_COPIES if on_demand else MODEL_COPIES
-    return int(RUNTIME + copies * weights + WORKSPACE * calib_memory + outputs)
+    return int(RUNTIME + copies(on_demand) * weights + WORKSPACE * calib_memory + outputs)
 
 
 def available() -> int | None:
@@ -106,12 +110,11 @@ def check(checkpoint, calib_memory: int, outputs: int, device: str = "cpu", offl
         return None
     on_demand = mapped(checkpoint)
     need = estimate(weights, calib_memory, outputs, on_demand)
-    copies = MAPPED_COPIES if on_demand else MODEL_COPIES
     host = available()
     if host is not None and need > host:
         raise UsageError(
             f"this run needs about {size(need)} of memory (a {size(weights)} checkpoint held about "
-            f"{copies:g} times, with --calib-memory {size(calib_memory)}) and {size(host)} is available: "
+            f"{copies(on_demand):g} times, with --calib-memory {size(calib_memory)}) and {size(host)} is available: "
             f"lower --calib-memory, close what else runs, or use a machine with more memory")
     result = {"estimate_bytes": need, "available_bytes": host, "weights_bytes": weights, "weights_on_demand": on_demand,
               "calib_memory_bytes": calib_memory, "outputs_bytes": outputs}
