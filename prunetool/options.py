@@ -1,13 +1,16 @@
 """Options grouped as the CLI and the Python API share them: one small dataclass per concern.
 
-The CLI fills these from flags (and config files); ``prunetool.shrink(...)`` and the other API functions fill
-them from keyword arguments. ``check()`` refuses a nonsensical value with a one-line :class:`UsageError` that
-names the flag and the fix, before any work starts.
+Each field is written once here, with its default and, through :func:`option`, the flag and help text the
+command line offers it under (:mod:`prunetool.flags` builds the Typer commands from them); the Python API's
+keyword functions (``prunetool.shrink(...)`` and the others) take their defaults from these classes and fill
+them back from their keywords (:func:`from_keywords`). ``check()`` refuses a nonsensical value with a one-line
+:class:`UsageError` that names the flag and the fix, before any work starts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Mapping
 
 from .errors import UsageError
 
@@ -30,34 +33,102 @@ DEFAULT_ATOL = 1e-4  # ONNX / pt2 parity: max |exported − PyTorch| ≤ atol + 
 DEFAULT_RTOL = 1e-4
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How the command line offers an option: its flag (or a positional argument's metavar, ``CKPT``) and help.
+    ``text`` names how the value is written when not as itself (a kind of :data:`prunetool.flags.TEXT`: ``size``
+    for 1.5G, ``ints`` for 1,32, ``shape``, ``json``, ...); ``negative`` is the switch that turns a yes/no option
+    off (``--no-onnx``); ``short`` a one-letter spelling (``-q``)."""
+
+    name: str
+    help: str
+    text: str | None = None
+    negative: str | None = None
+    short: str | None = None
+
+
+def option(default=MISSING, flag: str | None = None, help: str = "", *, factory=MISSING, text: str | None = None,
+           negative: str | None = None, short: str | None = None, api: str | None = None, parts: str | None = None):
+    """A field of an option dataclass: its default, and the :class:`Flag` the command line offers it under (none:
+    the command line does not offer it). ``api``: the Python API's keyword for it where that is not the field's
+    name; ``parts``: the field is a dataclass of its own whose fields have flags (:data:`PARTS`)."""
+    meta = {"flag": Flag(flag, help, text, negative, short) if flag else None, "api": api, "parts": parts}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+def flag_of(f) -> Flag | None:
+    """The :class:`Flag` of a dataclass field (None: not on the command line)."""
+    return f.metadata.get("flag")
+
+
+def from_keywords(cls, keywords: Mapping, **fixed):
+    """``cls`` from the Python API's keyword arguments: each field from the keyword of its name (or of its ``api``
+    name), a field without a keyword at its default; ``fixed`` values win."""
+    given = {}
+    for f in fields(cls):
+        key = f.metadata.get("api") or f.name
+        if f.name not in fixed and key in keywords:
+            given[f.name] = keywords[key]
+    return cls(**given, **fixed)
+
+
 @dataclass
 class Source:
     """The model to compress: a checkpoint path, an ``nn.Module`` or a loaded :class:`Checkpoint`."""
 
-    checkpoint: object
-    arch: str | None = None
-    arch_kwargs: dict = field(default_factory=dict)
-    unsafe_pickle: bool = False
-    trust_remote_code: bool = False  # a Hugging Face directory's own model code may run
+    checkpoint: object = option(flag="CKPT", help="Checkpoint: a state_dict (.pt/.pth/.safetensors, with --arch), "
+                                "prunetool output, or a pickled module.", api="model")
+    arch: str | None = option(None, "--arch", "Architecture as MODULE:CALLABLE, e.g. torchvision.models:resnet18.")
+    arch_kwargs: dict = option(flag="--arch-kwargs", help="JSON keyword arguments for --arch, e.g. "
+                               "'{\"num_classes\": 10}'.", factory=dict, text="json")
+    unsafe_pickle: bool = option(False, "--unsafe-pickle", "Allow unpickling a whole nn.Module (runs code from the "
+                                 "file).")
+    trust_remote_code: bool = option(False, "--trust-remote-code", "Allow a Hugging Face directory's own model code "
+                                     "(auto_map) to run.")
+
+
+# The flags of data.Preprocessing (how an image folder's pictures become inputs), by field: data.py keeps that
+# dataclass beside the transforms it drives, below this module.
+PREPROCESSING = {
+    "preset": Flag("--preset", "Preprocessing of an image folder by name: imagenet (resize 256, crop 224, ImageNet "
+                   "mean and std)."),
+    "resize": Flag("--resize", "Image folder: resize the shorter side to this many pixels."),
+    "crop": Flag("--crop", "Image folder: centre crop to this many pixels."),
+    "mean": Flag("--mean", "Image folder: per-channel mean to subtract, e.g. 0.485,0.456,0.406.", text="floats"),
+    "std": Flag("--std", "Image folder: per-channel standard deviation to divide by, e.g. 0.229,0.224,0.225.",
+                text="floats"),
+}
+PARTS = {"preprocessing": PREPROCESSING}  # option(parts=...): the flags of a field that is a dataclass of its own
 
 
 @dataclass
 class DataOptions:
     """Where calibration and evaluation samples come from."""
 
-    data: object = None  # a --data spec or a Data object
-    calib: int = 1000
-    eval: int | None = None
-    input_shape: tuple[int, ...] | None = None
-    download: bool = False
-    memory: int = DEFAULT_CALIB_MEMORY
-    rows: int | None = None  # None: DEFAULT_ROWS for images, DEFAULT_TOKEN_ROWS for token sequences
-    workers: int = 0
-    preprocessing: object = None  # a data.Preprocessing for image folders
-    tokens: int | None = None  # structure-only run of a token model: sequences of this many random ids
-    seq_len: int | None = None  # tokens per sequence cut from a text file
-    tokenizer: str | None = None  # the directory of the tokenizer for a text file (default: the model's directory)
-    output_key: str | None = None  # the entry of a structured output that holds the logits
+    data: object = option(None, "--data", "mnist:ROOT, fashion-mnist:ROOT, cifar10:ROOT, an ImageFolder dir, an .npz "
+                          "(images, or input_ids for token models) or a text file (.txt, tokenised for a language "
+                          "model).")  # a --data spec or a Data object
+    calib: int = option(1000, "--calib", "Calibration samples from the train split (fixed seed).")
+    eval: int | None = option(None, "--eval", "Evaluate on this many test samples (default: all).")
+    input_shape: tuple[int, ...] | None = option(None, "--input-shape", "Input shape without batch, e.g. 1,28,28 "
+                                                 "(needed without --data, unless the checkpoint records it).",
+                                                 text="shape")
+    download: bool = option(False, "--download", "Download a torchvision dataset into ROOT if it is missing.")
+    memory: int = option(DEFAULT_CALIB_MEMORY, "--calib-memory", "Memory for cached activations and batches of the "
+                         "calibration passes (e.g. 512M, 4G); beyond it, caches go to a temporary file (TMPDIR) on "
+                         "the CPU, or to host memory in float16 from a GPU.", text="size")
+    rows: int | None = option(None, "--calib-rows", "Least-squares rows per input of a layer for compensation, drawn "
+                              "as output positions of each calibration sample (default 16 for images, 64 for token "
+                              "sequences).")  # None: DEFAULT_ROWS for images, DEFAULT_TOKEN_ROWS for token sequences
+    workers: int = option(0, "--workers", "Data-loading worker processes for image folders.")
+    preprocessing: object = option(None, parts="preprocessing")  # a data.Preprocessing for image folders
+    tokens: int | None = option(None, "--tokens", "Token models without --data: random sequences of this many token "
+                                "ids (below the vocabulary size).")  # a structure-only run of a token model
+    seq_len: int | None = option(None, "--seq-len", "Text --data: tokens per sequence (default 128).")
+    tokenizer: str | None = option(None, "--tokenizer", "Text --data: the tokenizer directory (default: the model's "
+                                   "Hugging Face directory).")
+    output_key: str | None = option(None, "--output-key", "Which entry of a structured output (ModelOutput, dict, "
+                                    "tuple) holds the logits (default: 'logits', else the first tensor).")
 
     def check(self) -> None:
         if self.calib < 1:
@@ -86,11 +157,14 @@ class Measurement:
     """What is measured before and after: accuracy and loss on the test split, and latency at these batch
     sizes (empty: no latency)."""
 
-    evaluate: bool = True
-    latency_batches: tuple[int, ...] = LATENCY_BATCHES
-    device: str = "cpu"
+    evaluate: bool = option(True, api="measure")
+    latency_batches: tuple[int, ...] = option(LATENCY_BATCHES, "--latency-batches", "Batch sizes at which latency is "
+                                              "measured before and after.", text="ints")
+    device: str = option("cpu", "--device", "Device for scoring, evaluation and latency: cpu or cuda.")
     gate_batch: int | None = None  # the batch a --min-speedup gate reads: measured again while too noisy
-    offload: bool = False  # weights stay in host memory; each call onloads its own to the device (precision.Compute)
+    # weights stay in host memory; each call onloads its own to the device (precision.Compute)
+    offload: bool = option(False, "--offload", "With --device cuda: keep the weights in host memory and move each "
+                           "layer's to the GPU as it runs (a model larger than the GPU; slower).")
 
     def check(self) -> None:
         if any(b < 1 for b in self.latency_batches):
@@ -102,13 +176,20 @@ class Measurement:
 class Outputs:
     """Files a command writes; all are staged and moved into place together once every check passed."""
 
-    out: str | None = None
-    onnx: str | None = None
-    pt2: str | None = None
-    json: str | None = None
-    summary_md: str | None = None
-    atol: float = DEFAULT_ATOL  # parity of --onnx / --pt2 with PyTorch
-    rtol: float = DEFAULT_RTOL
+    out: str | None = option(None, "--out", "Output checkpoint, .safetensors or .pt (default: <stem>.{suffix}"
+                             ".safetensors beside the input); for a Hugging Face model directory, a directory "
+                             "(default: <dir>.{suffix}, or <dir>.{suffix}.safetensors when its config cannot hold "
+                             "the result).")  # {suffix}: the command's (flags.command)
+    onnx: str | None = option(None, "--onnx", "Also export the result to ONNX here, checked against onnxruntime.")
+    pt2: str | None = option(None, "--pt2", "Also export the result with torch.export here (.pt2), reloaded and "
+                             "checked.")
+    json: str | None = option(None, "--json", "Write the report as JSON here.")
+    summary_md: str | None = option(None, "--summary-md", "Write a Markdown summary (for $GITHUB_STEP_SUMMARY) "
+                                    "here.")
+    atol: float = option(DEFAULT_ATOL, "--onnx-atol", "Parity of --onnx/--pt2: absolute part of the tolerance.")
+    rtol: float = option(DEFAULT_RTOL, "--onnx-rtol", "Parity of --onnx/--pt2: part relative to the largest |output|; "
+                         "max |exported − PyTorch| ≤ max(atol + rtol·max|y|, 4 × the model's float32 noise, measured "
+                         "against float64).")
     out_fallback: str | None = None  # written instead of a Hugging Face directory ``out`` that cannot hold the cut
     inputs: dict[str, str] = field(default_factory=dict)  # more files the run reads (the options file): never written
 
@@ -126,12 +207,15 @@ class Outputs:
 class Recovery:
     """What happens after each cut: BatchNorm recalibration and fine-tuning."""
 
-    finetune_epochs: int = 0
-    lr: float = 1e-3
-    batch_size: int = 128
-    optimizer: str = "adam"
-    distill: bool = False
-    recalibrate_bn: bool | None = None  # None: when the model has BatchNorm
+    finetune_epochs: int = option(0, "--finetune-epochs", "Fine-tune this many epochs on the train split of --data "
+                                  "after the cut.")
+    lr: float = option(1e-3, "--lr", "Fine-tuning learning rate.")
+    batch_size: int = option(128, "--batch-size", "Fine-tuning batch size.")
+    optimizer: str = option("adam", "--optimizer", "Fine-tuning optimizer: sgd (momentum 0.9) or adam.")
+    distill: bool = option(False, "--distill", "Fine-tune against the original model as teacher (KL on logits + CE).")
+    recalibrate_bn: bool | None = option(None, "--recalibrate-bn", "Re-estimate BatchNorm statistics on the "
+                                         "calibration data after every cut (default: when the model has BatchNorm).",
+                                         negative="--no-recalibrate-bn", api="recalibrate")
 
     def check(self) -> None:
         if self.finetune_epochs < 0:
@@ -150,15 +234,21 @@ class Recovery:
 class ShrinkOptions:
     """How many units go, ranked how, and what replaces them."""
 
-    criterion: str = DEFAULT_CRITERION
-    ratio: float = 0.5
-    compensate: str = DEFAULT_COMPENSATION
-    scope: str = "layer"
-    max_layer_ratio: float = 0.9
-    target_params: float | None = None
-    target_macs: float | None = None
-    round_to: int = 1
-    schedule: list[float] | None = None
+    criterion: str = option(DEFAULT_CRITERION, "--criterion", "Unit score: mrs, mrp, taylor, l1, l2, fp or random.")
+    ratio: float = option(0.5, "--ratio", "Fraction of units removed: from every prunable layer (--scope layer) or of "
+                          "all units (--scope global), in [0, 1).")
+    compensate: str = option(DEFAULT_COMPENSATION, "--compensate", "What replaces removed units: lstsq, mean or none.")
+    scope: str = option("layer", "--scope", "layer: the same ratio in every layer; global: units ranked across layers "
+                        "(scores normalised per layer).")
+    max_layer_ratio: float = option(0.9, "--max-layer-ratio", "With --scope global, no layer loses more than this "
+                                    "fraction.")
+    target_params: float | None = option(None, "--target-params", "Pick the ratio that keeps at most this fraction of "
+                                         "the parameters, e.g. 0.5.")
+    target_macs: float | None = option(None, "--target-macs", "Pick the ratio that keeps at most this fraction of the "
+                                       "MACs.")
+    round_to: int = option(1, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths).")
+    schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
+                                          "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
 
     def check(self) -> None:
         if self.criterion not in CRITERIA:
@@ -199,16 +289,26 @@ class LowrankOptions:
     ``max_layer_error`` of its output energy. ``data_aware=None``: whitened whenever there is data.
     """
 
-    rank: int | None = None
-    energy: float | None = None
-    layers: str | None = None
-    data_aware: bool | None = None
-    max_drop: float | None = None
-    elbow: bool = False
-    target_params: float | None = None
-    target_macs: float | None = None
-    max_layer_error: float = DEFAULT_MAX_LAYER_ERROR
-    search: str = "allocate"
+    rank: int | None = option(None, "--rank", "Factor every chosen layer at this rank.")
+    energy: float | None = option(None, "--energy", "Smallest rank keeping this fraction of Σσ², e.g. 0.9.")
+    layers: str | None = option(None, "--layers", "Comma-separated globs of layer names (default: every Linear and "
+                                "Conv2d but the output heads, which are factored only when named exactly).")
+    data_aware: bool | None = option(None, "--data-aware", "Factor W·C^½ (C: calibration input covariance) instead "
+                                     "of W (default: with --data).", negative="--no-data-aware")
+    max_drop: float | None = option(None, "--max-drop", "Search the lowest ranks keeping the calibration accuracy "
+                                    "within this many points, and hold the test accuracy drop to it as a budget "
+                                    "(needs --data).")
+    elbow: bool = option(False, "--elbow", "Heitmann's plain elbow of each layer's residual curve, uncapped (the "
+                         "default caps it, see --max-layer-error).")
+    target_params: float | None = option(None, "--target-params", "Ranks chosen across layers together to keep at "
+                                         "most this fraction of the parameters, e.g. 0.5.")
+    target_macs: float | None = option(None, "--target-macs", "Ranks chosen across layers together to keep at most "
+                                       "this fraction of the MACs.")
+    max_layer_error: float = option(DEFAULT_MAX_LAYER_ERROR, "--max-layer-error", "Default rule: the elbow, raised "
+                                    "until a layer loses at most this share of its output energy (measured on the "
+                                    "calibration data).")
+    search: str = option("allocate", "--search", "How a budget chooses ranks: allocate (one sensitivity pass, few "
+                         "evaluations) or greedy (AIMET's per-layer candidates, for comparison).")
 
     @property
     def method(self) -> str:
@@ -254,10 +354,13 @@ class CompressOptions:
     """One budget for shrink and lowrank together: each plan reaches it (two steps split it evenly), the best
     calibration accuracy within ``max_drop`` wins."""
 
-    target_params: float | None = None
-    target_macs: float | None = None
-    max_drop: float | None = None
-    plans: tuple[str, ...] = PLANS
+    target_params: float | None = option(None, "--target-params", "Keep at most this fraction of the parameters, "
+                                         "e.g. 0.5.")
+    target_macs: float | None = option(None, "--target-macs", "Keep at most this fraction of the MACs, e.g. 0.5.")
+    max_drop: float | None = option(None, "--max-drop", "Choose among the plans within this calibration accuracy "
+                                    "drop, and hold the test drop to it as a budget.")
+    plans: tuple[str, ...] = option(PLANS, "--plans", "The plans tried (each reaches the target; two steps split it "
+                                    "evenly).", text="names")
 
     def check(self) -> None:
         if (self.target_params is None) == (self.target_macs is None):
@@ -277,10 +380,10 @@ class CompressOptions:
 class SparsifyOptions:
     """Iterative magnitude pruning: the share of weights pruned per round, the rounds, rewinding."""
 
-    imp: float = 0.3
-    rounds: int = 3
-    finetune_epochs: int = 1
-    rewind: bool = False
+    imp: float = option(0.3, "--imp", "Fraction of each layer's remaining weights pruned per round.")
+    rounds: int = option(3, "--rounds", "Pruning rounds.")
+    finetune_epochs: int = option(1, "--finetune-epochs", "Retraining epochs after each round.")
+    rewind: bool = option(False, "--rewind", "Rewind surviving weights to those after the first round's retraining.")
 
     def check(self) -> None:
         if not 0.0 < self.imp < 1.0:
@@ -296,10 +399,12 @@ class SparsifyOptions:
 class Budgets:
     """What a CI step demands; a missed budget exits 1 (the outputs are still written)."""
 
-    max_drop: float | None = None
-    min_speedup: float | None = None
-    speedup_batch: int = 1
-    max_params: float | None = None
+    max_drop: float | None = option(None, "--max-drop", "Budget: accuracy drop in percentage points (needs --data).")
+    min_speedup: float | None = option(None, "--min-speedup", "Budget: measured latency speed-up at --speedup-batch "
+                                       "must reach this.")
+    speedup_batch: int = option(1, "--speedup-batch", "Batch size at which --min-speedup is measured.")
+    max_params: float | None = option(None, "--max-params", "Budget: parameters after, as a count (> 1) or a fraction "
+                                      "of the original (≤ 1).")
 
     def check(self) -> None:
         if self.max_drop is not None and self.max_drop < 0:
@@ -310,3 +415,40 @@ class Budgets:
             raise UsageError(f"--speedup-batch {self.speedup_batch} must be at least 1")
         if self.max_params is not None and not self.max_params > 0:
             raise UsageError(f"--max-params {self.max_params} must be positive: a count, or a fraction ≤ 1")
+
+
+@dataclass
+class BenchOptions:
+    """What ``bench`` times, and how often."""
+
+    paths: list[str] = option(flag="CKPT...", help="Checkpoints to compare; ratios are to the first.")
+    batch_sizes: tuple[int, ...] = option(LATENCY_BATCHES, "--batch-sizes", "Comma-separated batch sizes.",
+                                          text="ints")
+    threads: int | None = option(None, "--threads", "Intra-op threads for PyTorch and onnxruntime.")
+    onnx: bool = option(True, "--onnx", "Also time onnxruntime (CPU).", negative="--no-onnx")
+    warmup: int = option(5, "--warmup", "Untimed runs first.")
+    runs: int = option(50, "--runs", "Timed runs of each checkpoint at most, in up to 7 alternating rounds (about 1 s "
+                       "per checkpoint); a speed-up is the median of paired rounds, marked noisy when they disagree "
+                       "by over ±20%.")
+    output_key: str | None = option(None, "--output-key", "Which entry of a structured output the ONNX export keeps "
+                                    "(default: 'logits', else the first tensor); unused with --no-onnx.")
+
+
+@dataclass
+class InspectOptions:
+    """The pictures ``inspect`` draws, and where they go."""
+
+    html: str | None = option(None, "--html", "Write one self-contained HTML page with every picture.")
+    plots: str | None = option(None, "--plots", "Write the pictures as PNG files into this folder.")
+
+
+@dataclass
+class CommandLine:
+    """Switches of the command line alone (the Python API says the same with ``progress=``, ``latency_batches=()``
+    and :func:`prunetool.plan`)."""
+
+    quiet: bool = option(False, "--quiet", "No progress bars and no tables; print the summary line.", short="-q")
+    no_progress: bool = option(False, "--no-progress", "No progress bars and no colour, even on a terminal.")
+    no_latency: bool = option(False, "--no-latency", "Do not measure latency.")
+    dry_run: bool = option(False, "--dry-run", "Print the groups found, what is protected and why, and the size each "
+                           "ratio would give; write nothing but --json.")
