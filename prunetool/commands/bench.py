@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..export import ort_feed, export_onnx, ort_session
 from ..load import load, upcast_half
 from ..measure import flat, interleaved, paired_speedup, params, peak_forward_mb, synced, timing_stats
+from ..options import BenchOptions, Measurement, Source
 from ..progress import Bars
 from ..task import OutputError
 
@@ -58,10 +59,12 @@ def _check_output(path, model, shape, output_key) -> None:
             raise UsageError(f"{path}: {e}") from None
 
 
-def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_sizes=(1, 32), threads: int | None = None,
-          device: str = "cpu", onnx: bool = True, warmup: int = 5, runs: int = 50, arch: str | None = None,
-          arch_kwargs: dict | None = None, unsafe_pickle: bool = False, progress: bool = False,
-          tokens: int | None = None, trust_remote_code: bool = False, output_key: str | None = None) -> dict:
+def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_sizes=BenchOptions.batch_sizes,
+          threads: int | None = None, device: str = Measurement.device, onnx: bool = BenchOptions.onnx,
+          warmup: int = BenchOptions.warmup, runs: int = BenchOptions.runs, arch: str | None = None,
+          arch_kwargs: dict | None = None, unsafe_pickle: bool = Source.unsafe_pickle, progress: bool = False,
+          tokens: int | None = None, trust_remote_code: bool = Source.trust_remote_code,
+          output_key: str | None = None) -> dict:
     """Benchmark each checkpoint; ratios are to the first one: the median of per-round ratios, the checkpoints timed
     in alternating rounds (``speedup_vs_first``, with ``speedup`` p10/p50/p90, ``spread`` and ``noisy`` as ``shrink``
     reports them). Each is called ``warmup`` times untimed, then at most ``runs`` times (at least once in each of

@@ -31,7 +31,7 @@ from ..batch import as_input, batch_cat, batch_len, batch_slice, model_dtype, sh
 from ..errors import UsageError, VerificationError
 from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, write_file
 from ..measure import compare_latency, evaluate, macs, params
-from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source
+from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source, from_keywords
 from ..progress import Bars
 from ..staging import DIRECTORY_OUTPUTS, SUFFIXES, Staging, check_outputs
 from ..trace import Trace, trace
@@ -88,6 +88,32 @@ class Step:
     checks: dict
     extra: dict
     factored: dict
+
+
+class Keywords:
+    """The keyword arguments of a Python API function (``Keywords(locals())`` as its first line: ``prunetool.shrink``
+    and the others) read back as the option dataclasses they stand for. Each function names its keywords and takes
+    their defaults from the dataclasses' fields (``calib: int = DataOptions.calib``); this is the one place that
+    turns them into options."""
+
+    def __init__(self, keywords: dict):
+        self.keywords = dict(keywords)  # as called: names the body binds later are not keywords
+
+    def make(self, cls, **fixed):
+        """``cls`` with each field from the keyword of its name (:func:`prunetool.options.from_keywords`)."""
+        return from_keywords(cls, self.keywords, **fixed)
+
+    def source(self) -> Source:
+        return self.make(Source, arch_kwargs=self.keywords.get("arch_kwargs") or {})
+
+    def data(self) -> DataOptions:
+        shape = self.keywords.get("input_shape")
+        return self.make(DataOptions, input_shape=tuple(shape) if shape else None)
+
+    def measurement(self) -> Measurement:
+        """What is measured; ``measure=False``: nothing, latency neither."""
+        measure = self.keywords["measure"]
+        return self.make(Measurement, latency_batches=tuple(self.keywords["latency_batches"]) if measure else ())
 
 
 def derive(job: Job, model: nn.Module, record: dict) -> Job:
@@ -331,8 +357,8 @@ def _file_size(model: nn.Module, arch, arch_kwargs, dtypes) -> int:
         os.unlink(path)
 
 
-def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict, *, factored: dict, outputs: Outputs, staging: Staging, measurement: Measurement,
-           bars: Bars, extra: dict | None = None) -> dict:
+def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: list, checks: dict, *, factored: dict,
+           outputs: Outputs, staging: Staging, measurement: Measurement, bars: Bars, extra: dict | None = None) -> dict:
     """The end every command shares (see the module docstring). Files go to ``staging``; the caller commits."""
     ckpt = job.ckpt
     record = {"command": command, **settings, "layers": layers, "factored": factored, "source_sha256": ckpt.sha256,

@@ -20,7 +20,7 @@ from ..options import (CompressOptions, DataOptions, LowrankOptions, Measurement
 from ..progress import Bars
 from ..staging import Staging
 from . import lowrank, shrink
-from .common import derive, finish, check_job_outputs, start
+from .common import Keywords, derive, finish, check_job_outputs, start
 
 
 def run(source: Source, data: DataOptions, opts: CompressOptions, measurement: Measurement, outputs: Outputs,
@@ -97,24 +97,19 @@ def _run(job, opts: CompressOptions, measurement: Measurement, outputs: Outputs,
 
 
 def compress(model, data, *, target_params: float | None = None, target_macs: float | None = None,
-             max_drop: float | None = None, plans=None, calib: int = 1000, eval: int | None = None,
-             input_shape=None, device: str = "cpu", out: str | None = None, onnx: str | None = None,
-             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False,
-             download: bool = False, progress: bool = False, latency_batches=(1, 32),
-             measure: bool = True, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-             output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
-    """Shrink and lowrank under one budget (see the module docstring)."""
-    from ..options import PLANS
-
+             max_drop: float | None = None, plans=None, calib: int = DataOptions.calib, eval: int | None = None,
+             input_shape=None, device: str = Measurement.device, out: str | None = None, onnx: str | None = None,
+             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = Source.unsafe_pickle,
+             download: bool = DataOptions.download, progress: bool = False,
+             latency_batches=Measurement.latency_batches, measure: bool = Measurement.evaluate,
+             tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+             output_key: str | None = None,
+             trust_remote_code: bool = Source.trust_remote_code) -> tuple[nn.Module, dict]:
+    """Shrink and lowrank under one budget (see the module docstring); ``plans=None``: every plan."""
+    given = Keywords(locals())
+    opts = given.make(CompressOptions, plans=tuple(plans) if plans else CompressOptions.plans)
     with Staging() as staging:
-        small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
-                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
-            CompressOptions(target_params, target_macs, max_drop, tuple(plans) if plans else PLANS),
-            Measurement(measure, tuple(latency_batches) if measure else (), device),
-            Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress)
+        small, report = run(given.source(), given.data(), opts, given.measurement(), given.make(Outputs), staging,
+                            progress)
         staging.commit()
     return small, report
-
-

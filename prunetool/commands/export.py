@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..batch import batch_len
 from ..errors import UsageError
 from ..export import DEFAULT_ATOL, DEFAULT_OPSET, DEFAULT_RTOL, export_onnx, export_pt2
-from ..options import DataOptions, Source
+from ..options import DataOptions, Outputs, Source, option
 from ..staging import Staging
-from .common import preflight, start
+from .common import Keywords, preflight, start
+
+
+@dataclass
+class ExportOptions:
+    """What ``export`` writes and how many inputs it compares (here, not in :mod:`prunetool.options`: the opset's
+    default is the exporter's own, a module above that one)."""
+
+    onnx: str | None = option(None, "--onnx", "Where to write the .onnx file.")
+    pt2: str | None = option(None, "--pt2", "Where to write the torch.export program (.pt2).")
+    calib: int = option(64, "--calib", "Inputs compared between PyTorch and the exported program.")
+    opset: int = option(DEFAULT_OPSET, "--opset", "ONNX opset version.")
 
 
 def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = None, pt2: str | None = None,
@@ -36,16 +49,14 @@ def run(source: Source, data: DataOptions, staging: Staging, onnx: str | None = 
         job.close()
 
 
-def export(model, *, onnx: str | None = None, pt2: str | None = None, data=None, calib: int = 64, input_shape=None,
-           arch=None, arch_kwargs=None, unsafe_pickle: bool = False, opset: int = DEFAULT_OPSET,
-           atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+def export(model, *, onnx: str | None = None, pt2: str | None = None, data=None, calib: int = ExportOptions.calib,
+           input_shape=None, arch=None, arch_kwargs=None, unsafe_pickle: bool = Source.unsafe_pickle,
+           opset: int = ExportOptions.opset, atol: float = Outputs.atol, rtol: float = Outputs.rtol,
            tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-           output_key: str | None = None, trust_remote_code: bool = False) -> dict:
+           output_key: str | None = None, trust_remote_code: bool = Source.trust_remote_code) -> dict:
     """Export ``model`` (a path, a :class:`Checkpoint` or an ``nn.Module``) to ONNX and/or pt2, checked."""
+    given = Keywords(locals())
     with Staging() as staging:
-        report = run(Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
-                     DataOptions(data, calib, None, tuple(input_shape) if input_shape else None, False,
-                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key), staging, onnx, pt2,
-                     opset, atol, rtol)
+        report = run(given.source(), given.data(), staging, onnx, pt2, opset, atol, rtol)
         staging.commit()
     return report

@@ -17,7 +17,7 @@ from ..options import DataOptions, Source
 from ..progress import Bars
 from ..redundancy import (BUDGET, DEAD_NATS, FROZEN_RELATIVE, MRP_MAX_UNITS, matrices, matrix_report, unit_report)
 from ..staging import Staging
-from .common import preflight, start
+from .common import Keywords, preflight, start
 
 
 def run(source: Source, data: DataOptions, staging: Staging, html: str | None = None, plots: str | None = None,
@@ -93,15 +93,14 @@ def _stage_plots(staging: Staging, images: dict[str, bytes], folder: str) -> lis
     return [os.path.join(folder, name) for name in images]
 
 
-def inspect(model, data=None, *, calib: int = 1000, input_shape=None, arch=None, arch_kwargs=None,
-            unsafe_pickle: bool = False, download: bool = False, html: str | None = None, plots: str | None = None,
-            progress: bool = False, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-            output_key: str | None = None, trust_remote_code: bool = False) -> dict:
+def inspect(model, data=None, *, calib: int = DataOptions.calib, input_shape=None, arch=None, arch_kwargs=None,
+            unsafe_pickle: bool = Source.unsafe_pickle, download: bool = DataOptions.download, html: str | None = None,
+            plots: str | None = None, progress: bool = False, tokens: int | None = None, seq_len: int | None = None,
+            tokenizer: str | None = None, output_key: str | None = None,
+            trust_remote_code: bool = Source.trust_remote_code) -> dict:
     """Every number of :mod:`prunetool.redundancy` as a report; with ``html``/``plots`` the pictures too."""
+    given = Keywords(locals())
     with Staging() as staging:
-        report = run(Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
-                     DataOptions(data, calib, None, tuple(input_shape) if input_shape else None, download,
-                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
-                     staging, html, plots, progress)
+        report = run(given.source(), given.data(), staging, html, plots, progress)
         staging.commit()
     return report

@@ -16,13 +16,12 @@ from ..factor import (Candidate, candidates, capped_rank, cost_of, elbow, factor
                       greedy_baseline, matrix, params_of, predicted_loss, rank_for_energy, relative_error, replace,
                       quality_on, saves, search_drop, spectrum)
 from ..measure import evaluate, macs, params
-from ..options import (DEFAULT_MAX_LAYER_ERROR, LATENCY_BATCHES, DataOptions, LowrankOptions, Measurement, Outputs,
-                       Recovery, Source)
+from ..options import DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
 from ..progress import Bars
 from ..recover import finetune
 from ..staging import Staging
 from ..verify import check_forward
-from .common import Step, finish, check_job_outputs, start
+from .common import Keywords, Step, finish, check_job_outputs, start
 
 
 def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recovery, measurement: Measurement,
@@ -178,28 +177,25 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
 
 
 def lowrank(model, data=None, *, rank: int | None = None, energy: float | None = None, layers: str | None = None,
-            data_aware: bool | None = None, max_drop: float | None = None, elbow: bool = False,
+            data_aware: bool | None = None, max_drop: float | None = None, elbow: bool = LowrankOptions.elbow,
             target_params: float | None = None, target_macs: float | None = None,
-            max_layer_error: float = DEFAULT_MAX_LAYER_ERROR, search: str = "allocate", calib: int = 1000,
-            eval: int | None = None,
-            input_shape=None, device: str = "cpu", out: str | None = None, onnx: str | None = None,
-            pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False, download: bool = False,
-            progress: bool = False, latency_batches=LATENCY_BATCHES, measure: bool = True, finetune_epochs: int = 0,
-            lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
-            distill: bool = False, tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-            output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
+            max_layer_error: float = LowrankOptions.max_layer_error, search: str = LowrankOptions.search,
+            calib: int = DataOptions.calib, eval: int | None = None,
+            input_shape=None, device: str = Measurement.device, out: str | None = None, onnx: str | None = None,
+            pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = Source.unsafe_pickle,
+            download: bool = DataOptions.download, progress: bool = False,
+            latency_batches=Measurement.latency_batches, measure: bool = Measurement.evaluate,
+            finetune_epochs: int = Recovery.finetune_epochs, lr: float = Recovery.lr,
+            batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
+            distill: bool = Recovery.distill, tokens: int | None = None, seq_len: int | None = None,
+            tokenizer: str | None = None, output_key: str | None = None,
+            trust_remote_code: bool = Source.trust_remote_code) -> tuple[nn.Module, dict]:
     """Factor layers into rank-k products. The rank: ``rank``, ``energy``, Heitmann's plain ``elbow``, a budget
     (``target_params``/``target_macs``/``max_drop``, ranks chosen across layers), or by default each layer's elbow
     (whitened by its inputs when there is data) capped at ``max_layer_error`` of its output energy."""
+    given = Keywords(locals())
     with Staging() as staging:
-        small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
-                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
-            LowrankOptions(rank, energy, layers, data_aware, max_drop, elbow, target_params, target_macs,
-                           max_layer_error, search),
-            Recovery(finetune_epochs, lr, batch_size, optimizer, distill),
-            Measurement(measure, tuple(latency_batches) if measure else (), device),
-            Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress)
+        small, report = run(given.source(), given.data(), given.make(LowrankOptions), given.make(Recovery),
+                            given.measurement(), given.make(Outputs), staging, progress)
         staging.commit()
     return small, report

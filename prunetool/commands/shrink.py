@@ -16,8 +16,7 @@ from ..cut import as_matrix, can_add_bias, cut, global_ratios, n_removed, plan_c
 from ..data import eval_loader
 from ..errors import UsageError
 from ..measure import evaluate, macs, params
-from ..options import (DATA_CRITERIA, DEFAULT_COMPENSATION, DEFAULT_CRITERION, LATENCY_BATCHES, DataOptions,
-                       Measurement, Outputs, Recovery, ShrinkOptions, Source)
+from ..options import DATA_CRITERIA, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
 from ..progress import Bars
 from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
@@ -25,9 +24,13 @@ from ..staging import Staging
 from ..calibrate import statistics, trim_heap
 from ..trace import trace
 from ..verify import verify
-from .common import Step, finish, check_job_outputs, start
+from .common import Keywords, Step, finish, check_job_outputs, start
 
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, and scores only for scope "global"
+# plan() works without data: its criterion (scope "global" only) reads the weights alone unless one is asked for
+# (the CLI's --dry-run passes --criterion, mrs by default)
+DRY_RUN_CRITERION = "l2"
 
 
 def keep_units(graph, scores, ratio: float, opts: ShrinkOptions) -> dict[str, torch.Tensor]:
@@ -67,17 +70,17 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, example) -> float:
     return min(0.99, math.ceil(hi * 1e4) / 1e4)  # rounded up: a larger ratio never keeps more
 
 
-def plan(model, data=None, *, criterion: str = "l2", scope: str = "layer", max_layer_ratio: float = 0.9,
-         round_to: int = 1, calib: int = 256, input_shape=None, arch=None, arch_kwargs=None,
-         unsafe_pickle=False, download=False, ratios=DRY_RUN_RATIOS,
+def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = ShrinkOptions.scope,
+         max_layer_ratio: float = ShrinkOptions.max_layer_ratio, round_to: int = ShrinkOptions.round_to,
+         calib: int = DRY_RUN_CALIB, input_shape=None, arch=None, arch_kwargs=None,
+         unsafe_pickle=Source.unsafe_pickle, download=DataOptions.download, ratios=DRY_RUN_RATIOS,
          tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-         output_key: str | None = None, trust_remote_code: bool = False) -> dict:
+         output_key: str | None = None, trust_remote_code: bool = Source.trust_remote_code) -> dict:
     """The dry run: groups found, what is protected and why, and the size each ratio would give."""
-    opts = ShrinkOptions(criterion=criterion, scope=scope, max_layer_ratio=max_layer_ratio, round_to=round_to)
+    given = Keywords(locals())
+    opts = given.make(ShrinkOptions)
     opts.check()
-    job = start(Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code), DataOptions(
-        data, calib, None, input_shape, download, tokens=tokens, seq_len=seq_len, tokenizer=tokenizer,
-        output_key=output_key))
+    job = start(given.source(), given.data())
     try:
         shape = job.example
         if scope == "global":
@@ -214,20 +217,22 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
 
 
-def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 0.5,
-           compensate: str = DEFAULT_COMPENSATION, *, calib: int = 1000, eval: int | None = None,
-           input_shape: tuple[int, ...] | None = None, device: str = "cpu", out: str | None = None,
+def shrink(model, data=None, criterion: str = ShrinkOptions.criterion, ratio: float = ShrinkOptions.ratio,
+           compensate: str = ShrinkOptions.compensate, *, calib: int = DataOptions.calib, eval: int | None = None,
+           input_shape: tuple[int, ...] | None = None, device: str = Measurement.device, out: str | None = None,
            onnx: str | None = None, pt2: str | None = None, arch: str | None = None,
-           arch_kwargs: dict | None = None, unsafe_pickle: bool = False, download: bool = False,
-           progress: bool = False, scope: str = "layer", max_layer_ratio: float = 0.9,
-           target_params: float | None = None, target_macs: float | None = None, round_to: int = 1,
-           latency_batches: tuple[int, ...] = LATENCY_BATCHES, scores: Scores | None = None, measure: bool = True,
-           schedule: list[float] | None = None, recalibrate: bool | None = None, finetune_epochs: int = 0,
-           lr: float = 1e-3, batch_size: int = 128, optimizer: str = "adam",
-           distill: bool = False,
+           arch_kwargs: dict | None = None, unsafe_pickle: bool = Source.unsafe_pickle,
+           download: bool = DataOptions.download, progress: bool = False, scope: str = ShrinkOptions.scope,
+           max_layer_ratio: float = ShrinkOptions.max_layer_ratio, target_params: float | None = None,
+           target_macs: float | None = None, round_to: int = ShrinkOptions.round_to,
+           latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
+           measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
+           finetune_epochs: int = Recovery.finetune_epochs, lr: float = Recovery.lr,
+           batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
+           distill: bool = Recovery.distill,
            tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
-           output_key: str | None = None, trust_remote_code: bool = False,
-           offload: bool = False) -> tuple[nn.Module, dict]:
+           output_key: str | None = None, trust_remote_code: bool = Source.trust_remote_code,
+           offload: bool = Measurement.offload) -> tuple[nn.Module, dict]:
     """Remove units from every prunable group, compensate, verify, recover and measure.
 
     ``model`` is an ``nn.Module`` (left as it was), a :class:`Checkpoint` or a checkpoint path. With
@@ -246,15 +251,10 @@ def shrink(model, data=None, criterion: str = DEFAULT_CRITERION, ratio: float = 
     ``offload=True`` with ``device="cuda"`` keeps the weights in host memory and onloads each call's own to the GPU
     (a model larger than the GPU); peak memory is estimated before loading and a run that cannot fit is refused.
     """
+    given = Keywords(locals())
+    opts = given.make(ShrinkOptions, schedule=list(schedule) if schedule else None)
     with Staging() as staging:
-        small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
-                        tokens=tokens, seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
-            ShrinkOptions(criterion, ratio, compensate, scope, max_layer_ratio, target_params, target_macs, round_to,
-                          list(schedule) if schedule else None),
-            Recovery(finetune_epochs, lr, batch_size, optimizer, distill, recalibrate),
-            Measurement(measure, tuple(latency_batches) if measure else (), device, offload=offload),
-            Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress, scores)
+        small, report = run(given.source(), given.data(), opts, given.make(Recovery), given.measurement(),
+                            given.make(Outputs), staging, progress, scores)
         staging.commit()
     return small, report

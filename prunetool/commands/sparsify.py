@@ -16,13 +16,13 @@ from ..cut import apply_masks, cut, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError
 from ..measure import evaluate
-from ..options import LATENCY_BATCHES, DataOptions, Measurement, Outputs, Recovery, Source, SparsifyOptions
+from ..options import DataOptions, Measurement, Outputs, Recovery, Source, SparsifyOptions
 from ..progress import Bars
 from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import magnitude_masks, removable_units
 from ..staging import Staging
 from ..verify import verify
-from .common import finish, check_job_outputs, start
+from .common import Keywords, finish, check_job_outputs, start
 
 
 WEIGHTED = (layer_kinds.LinearKind, layer_kinds.ConvKind, layer_kinds.TransposedLinearKind)
@@ -99,24 +99,23 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
     return small, report
 
 
-def sparsify(model, data, *, imp: float = 0.3, rounds: int = 3, finetune_epochs: int = 1, lr: float = 1e-3,
-             batch_size: int = 128, optimizer: str = "adam", rewind: bool = False, calib: int = 1000,
-             eval: int | None = None, device: str = "cpu", out: str | None = None, onnx: str | None = None,
-             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = False, download: bool = False,
-             progress: bool = False, latency_batches=LATENCY_BATCHES, measure: bool = True,
+def sparsify(model, data, *, imp: float = SparsifyOptions.imp, rounds: int = SparsifyOptions.rounds,
+             finetune_epochs: int = SparsifyOptions.finetune_epochs, lr: float = Recovery.lr,
+             batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
+             rewind: bool = SparsifyOptions.rewind, calib: int = DataOptions.calib,
+             eval: int | None = None, device: str = Measurement.device, out: str | None = None, onnx: str | None = None,
+             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = Source.unsafe_pickle,
+             download: bool = DataOptions.download, progress: bool = False,
+             latency_batches=Measurement.latency_batches, measure: bool = Measurement.evaluate,
              input_shape=None, seq_len: int | None = None, tokenizer: str | None = None,
-             output_key: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
+             output_key: str | None = None,
+             trust_remote_code: bool = Source.trust_remote_code) -> tuple[nn.Module, dict]:
     """Iterative magnitude pruning with retraining, then physical removal of units left without weights.
     ``data`` needs a train split; for a token model, a text file cut into ``seq_len`` tokens by ``tokenizer``
     (default: the model directory's), and ``output_key`` names the logits of a structured output."""
+    given = Keywords(locals())
     with Staging() as staging:
-        small, report = run(
-            Source(model, arch, arch_kwargs or {}, unsafe_pickle, trust_remote_code),
-            DataOptions(data, calib, eval, tuple(input_shape) if input_shape else None, download,
-                        seq_len=seq_len, tokenizer=tokenizer, output_key=output_key),
-            SparsifyOptions(imp, rounds, finetune_epochs, rewind),
-            Recovery(0, lr, batch_size, optimizer),
-            Measurement(measure, tuple(latency_batches) if measure else (), device),
-            Outputs(out=out, onnx=onnx, pt2=pt2), staging, progress)
+        small, report = run(given.source(), given.data(), given.make(SparsifyOptions), given.make(Recovery),
+                            given.measurement(), given.make(Outputs), staging, progress)
         staging.commit()
     return small, report
