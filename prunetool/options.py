@@ -118,8 +118,8 @@ class DataOptions:
                          "calibration passes (e.g. 512M, 4G); beyond it, caches go to a temporary file (TMPDIR) on "
                          "the CPU, or to host memory in float16 from a GPU.", text="size")
     rows: int | None = option(None, "--calib-rows", "Least-squares rows per input of a layer for compensation, drawn "
-                              "as output positions of each calibration sample (default 16 for images, 64 for token "
-                              "sequences).")  # None: DEFAULT_ROWS for images, DEFAULT_TOKEN_ROWS for token sequences
+                              "as output positions of each calibration sample (default "
+                              f"{DEFAULT_ROWS} for images, {DEFAULT_TOKEN_ROWS} for token sequences).")
     workers: int = option(0, "--workers", "Data-loading worker processes for image folders.")
     preprocessing: object = option(None, parts="preprocessing")  # a data.Preprocessing for image folders
     tokens: int | None = option(None, "--tokens", "Token models without --data: random sequences of this many token "
