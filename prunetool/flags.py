@@ -158,7 +158,7 @@ class Given:
     def __init__(self, params: list[Param], values: dict, session, suffix: str | None):
         self._params = {p.flag.name: p for p in params}
         self._values = {p.flag.name: values[p.name] for p in params}
-        self.session = session  # what the main callback found (cli.Session: the options file)
+        self.session = session  # what the main callback found (terminal.Session: the options file)
         self.suffix = suffix
 
     def __getitem__(self, flag: str):

@@ -47,6 +47,7 @@ def checked_device(device: str) -> str:
 
 
 def source_and_data(given: Given) -> tuple[Source, DataOptions]:
+    """The model and the data a command reads, the data's options checked."""
     source, data = given.make(Source), given.make(DataOptions)
     data.check()
     return source, data
