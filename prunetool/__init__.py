@@ -1,17 +1,17 @@
 """prunetool: make trained PyTorch models physically smaller and faster, and prove it."""
 
-__version__ = "0.2.0"
+from .version import __version__
 
-from . import layers  # noqa: E402
-from .commands.bench import bench  # noqa: E402
-from .commands.compress import compress  # noqa: E402
-from .commands.export import export  # noqa: E402
-from .commands.inspect import inspect  # noqa: E402
-from .commands.lowrank import lowrank  # noqa: E402
-from .commands.shrink import plan, shrink  # noqa: E402
-from .commands.sparsify import sparsify  # noqa: E402
-from .load import Checkpoint, load, save  # noqa: E402
+from . import layers, ops
+from .commands.bench import bench
+from .commands.compress import compress
+from .commands.export import export
+from .commands.inspect import inspect
+from .commands.lowrank import lowrank
+from .commands.shrink import plan, shrink
+from .commands.sparsify import sparsify
+from .load import Checkpoint, load, save
 
 __all__ = ["shrink", "plan", "lowrank", "compress", "sparsify", "inspect", "export", "bench", "load", "save",
            "Checkpoint",
-           "layers", "__version__"]
+           "layers", "ops", "__version__"]

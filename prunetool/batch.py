@@ -51,9 +51,14 @@ def as_input(b: Batch, model: nn.Module, device="cpu") -> Batch:
     return batch_to(b, device, model_dtype(model))
 
 
+def forward(model: nn.Module, b: Batch):
+    """The model's output on batch ``b``, whatever its structure (a dict is passed as keyword arguments)."""
+    return model(**b) if isinstance(b, dict) else model(b)
+
+
 def call(model: nn.Module, b: Batch, output_key: str | None = None) -> torch.Tensor:
     """The model's logits on batch ``b`` (a dict is passed as keyword arguments), by :func:`prunetool.task.logits`."""
-    return logits(model(**b) if isinstance(b, dict) else model(b), output_key)
+    return logits(forward(model, b), output_key)
 
 
 def resized(example: Batch | tuple[int, ...], size: int, model: nn.Module | None = None, device="cpu") -> Batch:

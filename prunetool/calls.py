@@ -14,46 +14,29 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import layers
-
-# Which argument holds the weight and which the input, by the name torch gives the call.
-WEIGHT_ARG = {"linear": (1, "weight"), "conv1d": (1, "weight"), "conv2d": (1, "weight"), "conv3d": (1, "weight"),
-              "addmm": (2, "mat2"), "matmul": (1, "other")}
-INPUT_ARG = {"linear": (0, "input"), "conv1d": (0, "input"), "conv2d": (0, "input"), "conv3d": (0, "input"),
-             "addmm": (1, "mat1"), "matmul": (0, "input")}
-CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-
-
-def _name(func) -> str:
-    return getattr(func, "__name__", "").lstrip("_")
-
-
-def _get(args: tuple, kwargs: dict, where: tuple[int, str]):
-    pos, key = where
-    return args[pos] if len(args) > pos else kwargs.get(key)
-
-
-def _put(args: tuple, kwargs: dict, where: tuple[int, str], value) -> tuple[tuple, dict]:
-    pos, key = where
-    if len(args) > pos:
-        args = args[:pos] + (value,) + args[pos + 1:]
-    else:
-        kwargs = {**kwargs, key: value}
-    return args, kwargs
-
+from . import layers, ops
+from .batch import forward
 
 @dataclass
 class Call:
-    """One captured call: its name, the input it read, its arguments, and (when run) its output."""
+    """One captured call: its op, the input it read, its other arguments by name, and (when run) its output."""
 
-    name: str
+    op: ops.Op
     input: torch.Tensor
     args: dict
     output: torch.Tensor | None = None
+
+    def rows(self, weight: torch.Tensor, x: torch.Tensor | None = None, picks: torch.Tensor | None = None):
+        """The design rows ``weight`` multiplies in this call, for input ``x`` (default: the call's) at the sampled
+        output positions ``picks`` (None: all); see :meth:`prunetool.ops.Op.rows`."""
+        return self.op.rows(self.args, weight, self.input if x is None else x, picks)
+
+    def positions(self, weight: torch.Tensor, x: torch.Tensor | None = None) -> int:
+        """Output positions per sample of the call on ``x`` (default: its own input)."""
+        return self.op.positions(self.args, weight, self.input if x is None else x)
 
 
 class _Hooks(TorchFunctionMode):
@@ -66,13 +49,13 @@ class _Hooks(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = _name(func)
-        if name in WEIGHT_ARG:
-            key = id(_get(args, kwargs, WEIGHT_ARG[name]))
+        op = ops.of_call(ops.call_name(func))
+        if op is not None:
+            key = id(op.weight_of(args, kwargs))
             if key in self.inputs:
-                new = self.inputs[key](_get(args, kwargs, INPUT_ARG[name]))
+                new = self.inputs[key](op.input_of(args, kwargs))
                 if new is not None:
-                    args, kwargs = _put(args, kwargs, INPUT_ARG[name], new)
+                    args, kwargs = op.with_input(args, kwargs, new)
             out = func(*args, **kwargs)
             if key in self.outputs:
                 self.outputs[key](out)
@@ -153,8 +136,8 @@ def activation_gradients(model: nn.Module):
             h.remove()
 
 
-class _Stop(Exception):
-    pass
+class Stop(Exception):
+    """Raised by a hook to end a forward pass early, once it has what it needs."""
 
 
 def capture(model: nn.Module, name: str, batch, weight: str = "weight", run: Callable | None = None) -> Call:
@@ -166,12 +149,12 @@ def capture(model: nn.Module, name: str, batch, weight: str = "weight", run: Cal
         def pre(mod, args):
             with torch.no_grad():
                 out = mod.forward(*args)  # forward itself: calling the module would run this hook again
-            box.append(Call("atomic", args[0], {"layout": kind.layout}, out))
-            raise _Stop
+            box.append(Call(kind.op, args[0], {}, out))
+            raise Stop
         handle = module.register_forward_pre_hook(pre)
         try:
             _run(model, batch, run)
-        except _Stop:
+        except Stop:
             pass
         finally:
             handle.remove()
@@ -181,19 +164,17 @@ def capture(model: nn.Module, name: str, batch, weight: str = "weight", run: Cal
         class Catch(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                fname = _name(func)
-                if fname in WEIGHT_ARG and _get(args, kwargs, WEIGHT_ARG[fname]) is w:
+                op = ops.of_call(ops.call_name(func))
+                if op is not None and op.weight_of(args, kwargs) is w:
                     out = func(*args, **kwargs)
-                    bound = dict(zip(CONV_ARGS, args)) if fname.startswith("conv") else {}
-                    bound.update(kwargs)
-                    box.append(Call(fname, _get(args, kwargs, INPUT_ARG[fname]), bound, out))
-                    raise _Stop
+                    box.append(Call(op, op.input_of(args, kwargs), op.bind(args, kwargs), out))
+                    raise Stop
                 return func(*args, **kwargs)
 
         try:
             with Catch():
                 _run(model, batch, run)
-        except _Stop:
+        except Stop:
             pass
     if not box:
         raise RuntimeError(f"{name} ({type(module).__name__}) never called linear/conv with its own weight")
@@ -204,50 +185,5 @@ def _run(model, batch, run):
     with torch.no_grad():
         if run is not None:
             run(model, batch)
-        elif isinstance(batch, dict):
-            model(**batch)
         else:
-            model(batch)
-
-
-def conv_geometry(call: Call, weight: torch.Tensor):
-    a = call.args
-    nd = weight.dim() - 2
-    stride, padding, dilation = a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1)
-    stride, dilation = (_tuple(stride, nd), _tuple(dilation, nd))
-    if padding == "valid":
-        padding = 0
-    if padding == "same":
-        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight.shape[2:]))
-    return stride, _tuple(padding, nd), dilation
-
-
-def _tuple(v, n):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
-def design_matrix(call: Call, weight: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-    """The rows a layer's weight multiplies (conv: unfolded patches), for input ``x`` (default: the call's)."""
-    x = call.input if x is None else x
-    if call.name.startswith("conv"):
-        stride, padding, dilation = conv_geometry(call, weight)
-        if weight.dim() == 3:  # conv1d as a conv2d of height 1
-            x = x.unsqueeze(2)
-            kernel, stride, padding, dilation = (1, weight.shape[2]), (1, *stride), (0, *padding), (1, *dilation)
-        else:
-            kernel = tuple(weight.shape[2:])
-        cols = F.unfold(x, kernel, dilation, padding, stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-def targets(call: Call, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A call's output as rows of output units."""
-    out = call.output if out is None else out
-    if call.name.startswith("conv"):
-        return out.movedim(1, -1).reshape(-1, out.shape[1])
-    return out.reshape(-1, out.shape[-1])
-
-
-def rows_per_sample(call: Call, weight: torch.Tensor) -> int:
-    return design_matrix(call, weight, call.input[:1]).shape[0]
+            forward(model, batch)

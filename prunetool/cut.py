@@ -23,20 +23,22 @@ from collections import Counter
 import torch
 from torch import nn
 
-from . import layers
-from .calibrate import Program, Settings, batch_size, boundaries_for, positions_of, replay, rows_at
-from .calls import INPUT_ARG, Call, capture, design_matrix, targets
-from .batch import batch_slice, batch_to
+from . import calls, layers, ops
+from .batch import batch_slice, batch_to, forward, model_dtype
+from .calibrate import Settings, statistics
+from .calls import Call, Stop, capture
+from .replay import Program, boundaries_for, replay
+from .store import batch_size
 from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import COMPENSATIONS
 from .progress import QUIET, Bars
-from .score import Means, Sums, consumer_hooks, mean_of, readers, replace_units, unit_means, unit_view
-from .trace import Consumer, Group, Trace
+from .score import unit_means
+from .trace import Consumer, Group, Trace, trace as trace_model
+from .units import Means, Sums, consumer_hooks, input_columns, mean_of, readers, replace_units, unit_view
 
 RIDGE = 1e-5  # λ relative to the mean diagonal of XᵀX: only there to keep a rank-deficient fit solvable
 FLOAT32_NOISE = 16 * 2 ** -24  # λ never below this times trace(XᵀX): the rounding of a float32 Gram matrix
-ROWS_PER_CHUNK = 2 ** 21  # design-matrix elements per chunk when unfolding conv patches
 MAX_FIT_INPUTS = 10_000  # wider consumers (XᵀX over 800 MB) get only their bias refit
 
 
@@ -96,48 +98,21 @@ def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nonzero(mask).reshape(-1)
 
 
-def input_columns(c: Consumer, units: torch.Tensor) -> torch.Tensor:
-    """Input columns (linear layout) or channels (conv layout) of ``units`` in consumer ``c``."""
-    if c.layout == "linear":
-        return ((c.offset + units)[:, None] * c.spatial + torch.arange(c.spatial)).reshape(-1)
-    return c.offset + units
-
-
-def as_matrix(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
-    """A weight as out × fan-in (its input dimension ``in_dim`` second, kernels flattened into it)."""
-    moved = weight.movedim(in_dim, 1)
-    return moved.reshape(moved.shape[0], -1)
-
-
-def from_matrix(matrix: torch.Tensor, like: torch.Tensor, in_dim: int) -> torch.Tensor:
-    """The inverse of :func:`as_matrix` for a weight shaped like ``like``."""
-    return matrix.reshape(like.movedim(in_dim, 1).shape).movedim(1, in_dim)
-
-
 def mean_delta(c: Consumer, module: nn.Module, removed: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """What the removed units contributed to the consumer's output, with each unit held at its mean."""
-    w = getattr(module, c.weight).data.movedim(c.dim, 1)
-    m = means[removed]
-    cols = w[:, input_columns(c, removed)]
-    if c.layout == "linear":
-        return cols @ m.reshape(-1).to(w.dtype)
-    return (cols.sum(tuple(range(2, cols.dim()))) * m[:, 0].to(w.dtype)).sum(1)
-
-
-def _torch_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    return c.op.mean_delta(getattr(module, c.weight).data, input_columns(c, removed), means[removed])
 
 
 def bias_attr(module: nn.Module, c: Consumer) -> str | None:
     """The consumer's bias, also one an earlier compensation gave it."""
     if c.bias is not None:
         return c.bias
-    return "bias" if _torch_layer(module) and module.bias is not None else None
+    return "bias" if layers.kind_of(module).adds_bias and module.bias is not None else None
 
 
 def can_add_bias(module: nn.Module, c: Consumer) -> bool:
     """Whether the consumer's own call would use a new ``bias`` (the torch layers and their subclasses)."""
-    return bias_attr(module, c) is None and _torch_layer(module)
+    return bias_attr(module, c) is None and layers.kind_of(module).adds_bias
 
 
 def _add_to_bias(modules: dict, c: Consumer, delta: torch.Tensor) -> None:
@@ -220,41 +195,45 @@ def apply(model: nn.Module, plan: Plan) -> None:
 
 
 def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensate: str = "mean",
-        means: Means | None = None, samples=None, bars: Bars = QUIET, stats=None, settings=None,
-        dense: nn.Module | None = None) -> nn.Module:
+        means: Means | None = None, samples=None, bars: Bars = QUIET, stats=None, settings=None) -> nn.Module:
     """Remove the units not in ``keep`` from ``model`` in place, compensating as asked; returns ``model``.
 
-    ``lstsq`` refits stage by stage with the calibration engine when ``stats`` (from
-    :func:`prunetool.calibrate.statistics` with targets) are given and the model's forward replays; otherwise it
-    reruns the cut and the ``dense`` model (a copy of ``model`` before the cut) up to each consumer.
+    ``lstsq`` refits every consumer against the dense outputs in ``stats`` (from
+    :func:`prunetool.calibrate.statistics` with targets, measured here on ``model`` before the cut when not
+    given): stage by stage when the model's forward replays call by call, else consumer by consumer on the
+    streaming pass. A consumer whose call's rows are not the samples' (no targets) gets mean compensation, with a
+    warning.
     """
     if compensate not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {compensate!r}")
+    settings = settings or Settings()
     modules = dict(model.named_modules())
-    if compensate == "lstsq" and stats is None and dense is None:
-        dense = layers.clone(model, share=True)
     plan = plan_cut(trace, keep)
-    if compensate == "mean":
-        for g in trace.groups:
-            removed = complement(keep[g.name], g.units)
-            if not len(removed):
-                continue
-            for c in g.consumers:
+    if compensate == "lstsq" and plan.consumers:
+        samples = as_samples(samples)
+        if stats is None:
+            cutting = [g for g in trace.groups if len(keep[g.name]) < g.units]
+            stats = statistics(model, trace, samples, settings, bars, targets=True, groups=cutting)
+        unfit = sorted(name for name in plan.consumers if name not in stats.targets)
+        if unfit:
+            warnings.warn(f"the least-squares refit cannot read {', '.join(unfit)} sample by sample (their calls mix "
+                          "the batch's rows); they get mean compensation")
+        means = stats.means
+    for g in trace.groups:
+        removed = complement(keep[g.name], g.units)
+        if not len(removed):
+            continue
+        for c in g.consumers:
+            if compensate == "mean" or (compensate == "lstsq" and c.name not in stats.targets):
                 _add_to_bias(modules, c, mean_delta(c, modules[c.name], removed, mean_of(means, g, c)))
     apply(model, plan)
     if compensate == "lstsq" and plan.consumers:
-        samples = as_samples(samples)
-        if stats is not None and refit_stagewise(model, plan, stats, samples, settings or Settings(), bars):
+        fitted = {name: c for name, c in plan.consumers.items() if name in stats.targets}
+        if refit_stagewise(model, plan, fitted, stats, samples, settings, bars):
             stats.paths["refit"] = "stage by stage"
         else:
-            if stats is not None:
-                stats.paths["refit"] = "layer by layer (the model's forward does not replay)"
-            if dense is None:
-                raise RuntimeError("the stage-by-stage refit cannot replay this model and no dense copy was given")
-            for name in bars.track(sorted(plan.consumers, key=lambda n: trace.order.get(n, 0)),
-                                   "least-squares refit (layer by layer)"):
-                c = plan.consumers[name]
-                refit(model, dense, c, plan.kept_outputs(name, modules[name]), samples)
+            stats.paths["refit"] = "consumer by consumer (the model's forward does not replay call by call)"
+            refit_streaming(model, trace, plan, fitted, stats, samples, settings, bars)
     return model
 
 
@@ -302,7 +281,7 @@ class Fit:
     def __init__(self, module: nn.Module, c: Consumer, kept_outputs: torch.Tensor | None):
         self.module, self.c, self.kept = module, c, kept_outputs
         self.weight = getattr(module, c.weight)
-        self.w2d = as_matrix(self.weight.data, c.dim)
+        self.w2d = c.op.as_matrix(self.weight.data)
         self.fit_bias = bias_attr(module, c) is not None or can_add_bias(module, c)
         self.bias_only = self.w2d.shape[1] + 1 > MAX_FIT_INPUTS
         self.xtx = self.xtz = None
@@ -325,6 +304,17 @@ class Fit:
         xtz = ((design / a).T @ (z / b)).double().cpu() * (a * b)
         self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.xtz = xtz if self.xtz is None else self.xtz + xtz
+
+    def add_call(self, call, ids: torch.Tensor, stats, targets) -> None:
+        """One batch of the consumer's call on the cut model (samples ``ids``): its design rows at the sampled
+        positions against the dense targets of the same samples and positions (``targets``:
+        :meth:`prunetool.calibrate.Statistics.targets_of`)."""
+        rows, index, per = targets
+        x = self.c.op.per_sample(call.input, len(ids), self.c.name in stats.flattened)
+        picks = stats.positions.pick(self.c.name, call.positions(self.weight, x), ids)
+        design = call.rows(self.weight, x, picks)
+        sel = (torch.tensor([index[int(j)] for j in ids])[:, None] * per + torch.arange(per)).reshape(-1)
+        self.add(design, rows[sel.to(rows.device)].to(design.device))
 
     def solve(self, ridge: float = RIDGE) -> None:
         module, c, weight = self.module, self.c, self.weight
@@ -349,7 +339,7 @@ class Fit:
             sol = torch.linalg.solve(xtx + reg, xtz + prior)
         except RuntimeError:
             sol = torch.linalg.lstsq(xtx + reg, xtz + prior).solution
-        new = from_matrix(sol[:d].T.to(weight.dtype), weight, c.dim).to(weight.device)
+        new = c.op.from_matrix(sol[:d].T.to(weight.dtype), weight).to(weight.device)
         setattr(module, c.weight, nn.Parameter(new.contiguous(), requires_grad=weight.requires_grad))
         if self.fit_bias:
             _set_bias(module, c, sol[d].to(weight.dtype).to(weight.device))
@@ -369,12 +359,12 @@ def _recorded(model: nn.Module, samples: Samples, settings):
     return Program.record(model, example), example
 
 
-def refit_stagewise(model: nn.Module, plan: Plan, stats, samples: Samples, settings, bars: Bars = QUIET) -> bool:
-    """Refit every consumer of ``plan`` stage by stage (see :mod:`prunetool.calibrate`) against the dense targets in
-    ``stats``; False when the cut model's forward does not replay (nothing is changed then)."""
-    consumers = plan.consumers
-    if any(name not in stats.targets for name in consumers):
-        return False
+def refit_stagewise(model: nn.Module, plan: Plan, consumers: dict[str, Consumer], stats, samples: Samples, settings,
+                    bars: Bars = QUIET) -> bool:
+    """Refit ``consumers`` stage by stage (:mod:`prunetool.replay`) against the dense targets in ``stats``; False
+    when the cut model's forward does not replay call by call (nothing is changed then)."""
+    if not consumers:
+        return True
     program, example = _recorded(model, samples, settings)
     if program is None:
         return False
@@ -391,17 +381,9 @@ def refit_stagewise(model: nn.Module, plan: Plan, stats, samples: Samples, setti
     def on_boundary(b, frontier):
         for i, c in fitted.get(b, []):
             fit = Fit(modules[c.name], c, plan.kept_outputs(c.name, modules[c.name]))
-            rows, index, per = stats.targets_of(c.name)
+            targets = stats.targets_of(c.name)
             for call, ids in frontier.call_inputs(i, model):
-                x = call.input
-                picks = None
-                if x.shape[0] == len(ids):
-                    n_pos = positions_of(call, fit.weight, x) if call.name != "atomic" else \
-                        (math.prod(x.shape[1:-1]) if x.dim() > 2 else 1)
-                    picks = stats.positions.pick(c.name, n_pos, ids)
-                design = rows_at(call if call.name != "atomic" else Call("linear", x, {}), fit.weight, x, picks)
-                sel = (torch.tensor([index[int(j)] for j in ids])[:, None] * per + torch.arange(per)).reshape(-1)
-                fit.add(design, rows[sel.to(rows.device)].to(design.device))
+                fit.add_call(call, ids, stats, targets)
             fit.solve()
             calls_left[c.name] -= 1
             if not calls_left[c.name]:  # its targets' memory goes to the stages still to come
@@ -443,7 +425,7 @@ def means_stagewise(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor
             sums = Sums()
             for call, _ in frontier.call_inputs(i, model):
                 for g, c in read:
-                    sums.add((g.name, c.name, c.offset), unit_view(call.input, g, c).double(), c)
+                    sums.add((g.name, c.name, c.offset), unit_view(call.input, g, c).double())
             for g_name, per in sums.means().items():
                 means.setdefault(g_name, {}).update(per)
             values = {(g.name, c.name, c.offset): (complement(keep[g.name], g.units),
@@ -459,44 +441,47 @@ def means_stagewise(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor
 def _replacing_input(program: Program, i: int, read, values):
     """A transform of step ``i``'s arguments that reads the removed units of its input as their means."""
     node = program.steps[i].node
-    if node.kind == "module":
-        def transform(args, kwargs):
-            return (replace_units(args[0], read, values), *args[1:]), kwargs
-        return transform
-    pos, key = INPUT_ARG[node.name.lstrip("_")]
+    op = layers.op_of(node.op) if node.kind == "module" else ops.of_call(node.name.lstrip("_"))
 
     def transform(args, kwargs):
-        if len(args) > pos:
-            args = (*args[:pos], replace_units(args[pos], read, values), *args[pos + 1:])
-        else:
-            kwargs = {**kwargs, key: replace_units(kwargs[key], read, values)}
-        return args, kwargs
+        return op.with_input(args, kwargs, replace_units(op.input_of(args, kwargs), read, values))
     return transform
 
 
 def batch_size_for(model: nn.Module, example, settings) -> int:
     """Samples per batch of a stage-by-stage pass: the budget over what one sample's forward touches."""
-    from .trace import trace as trace_model
-
     return batch_size(trace_model(model, batch_slice(example, 0, 2)), settings)
 
 
-def refit(model: nn.Module, dense: nn.Module, c: Consumer, kept_outputs: torch.Tensor | None,
-          samples, ridge: float | None = None, batch: int = 64) -> None:
-    """Ridge least-squares refit of consumer ``c`` in ``model`` to the dense model's pre-activations, rerunning
-    both models up to the consumer for every batch (the path for models whose forward does not replay)."""
-    fit = Fit(model.get_submodule(c.name), c, kept_outputs)
-    for xb, _, _ in as_samples(samples).shard().batches(batch):
-        call = capture(model, c.name, xb, c.weight)
-        target = targets(capture(dense, c.name, xb, c.weight))
-        per_sample = design_matrix(call, fit.weight, call.input[:1]).numel()
-        step = max(1, ROWS_PER_CHUNK // max(per_sample, 1))
-        rows = 0
-        for ib in call.input.split(step):
-            design = design_matrix(call, fit.weight, ib)
-            fit.add(design, target[rows:rows + len(design)])
-            rows += len(design)
-    fit.solve(RIDGE if ridge is None else ridge)
+def refit_streaming(model: nn.Module, trace: Trace, plan: Plan, consumers: dict[str, Consumer], stats,
+                    samples: Samples, settings, bars: Bars = QUIET) -> None:
+    """Refit ``consumers`` in forward order against the dense targets in ``stats``, each on a streaming pass of the
+    cut model stopped at its call (for a forward that does not replay call by call; same rows as stage by stage)."""
+    modules = dict(model.named_modules())
+    shard = samples.shard()
+    size = batch_size(trace, settings)
+    dtype = model_dtype(model)
+    example = batch_to(shard.take(1)[0], settings.device, dtype)
+    for name in bars.track(sorted(consumers, key=lambda n: trace.order.get(n, 0)),
+                           "least-squares refit, consumer by consumer"):
+        c = consumers[name]
+        fit = Fit(modules[name], c, plan.kept_outputs(name, modules[name]))
+        targets = stats.targets_of(name)
+        geometry = capture(model, name, example, c.weight)  # the call's op, stride, padding, ...
+        current = {}
+
+        def seen(x, fit=fit, targets=targets, geometry=geometry):
+            fit.add_call(Call(geometry.op, x.detach(), geometry.args), current["ids"], stats, targets)
+            raise Stop  # nothing after the consumer's call is needed
+        with torch.no_grad(), calls.hooks(model, on_input={name: seen}, weights={name: c.weight}):
+            for xb, _, ids in shard.batches(size):
+                current["ids"] = ids
+                try:
+                    forward(model, batch_to(xb, settings.device, dtype))
+                except Stop:
+                    pass
+        fit.solve()
+        stats.release(name)  # its targets' memory goes to the consumers still to come
 
 
 def _set_bias(module: nn.Module, c: Consumer, b: torch.Tensor) -> None:

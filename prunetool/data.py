@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
-from . import distributed, task
+from . import distributed, layers, task
 from .errors import UsageError
 from .batch import Batch, Forward, as_input, batch_len, batch_slice, call, forward_of
 
@@ -386,7 +386,7 @@ def _float_reaches_embedding(model: torch.nn.Module, x: Batch | None) -> str | N
         if args and isinstance(args[0], torch.Tensor) and args[0].dtype.is_floating_point:
             raise _Reached(names[module] or type(module).__name__)
 
-    handles = [m.register_forward_pre_hook(pre) for m in names if isinstance(m, torch.nn.Embedding)]
+    handles = [m.register_forward_pre_hook(pre) for m in layers.embeddings(model)]
     try:
         model.eval()
         with torch.no_grad():
@@ -630,8 +630,8 @@ def vocabulary(model: torch.nn.Module) -> int | None:
         emb = get() if callable(get) else None
     except Exception:  # a Hugging Face model without token embeddings may raise here (NotImplementedError)
         emb = None
-    if not isinstance(emb, torch.nn.Embedding):  # an image model's "input embeddings" are patch projections
-        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if emb is None or not layers.kind_of(emb).embedding:  # an image model's "input embeddings" are patch projections
+        emb = next(iter(layers.embeddings(model)), None)
     return emb.num_embeddings if emb is not None else None
 
 

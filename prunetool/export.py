@@ -32,6 +32,7 @@ from torch import nn
 from . import layers
 from .batch import Batch, resized
 from .errors import VerificationError
+from .measure import timings
 from .options import DEFAULT_ATOL, DEFAULT_RTOL
 from .task import logits
 
@@ -93,8 +94,6 @@ def ort_latency(session, example, batch_size: int, warmup: int = 3, runs: int = 
                 budget_s: float = 0.5) -> list[float]:
     """Times of onnxruntime runs on a batch of ``batch_size``: random inputs of a shape (``example`` a tuple), or a
     batch's samples repeated."""
-    from .measure import timings
-
     if isinstance(example, tuple):
         feed = {session.get_inputs()[0].name:
                 np.random.default_rng(0).standard_normal((batch_size, *example)).astype(np.float32)}

@@ -8,7 +8,6 @@ trace, export to ONNX and reload like anything else.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from dataclasses import dataclass
 
@@ -16,14 +15,7 @@ import torch
 from torch import nn
 
 from . import layers
-from .batch import batch_to, call, model_dtype
-from .calls import capture, design_matrix
-from .data import as_samples
 from .errors import UsageError
-from .task import Quality, Tally
-
-FACTORABLE = (nn.Linear, nn.Conv2d)
-
 
 @dataclass
 class Spectrum:
@@ -45,17 +37,14 @@ class Spectrum:
 
 
 def matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as out × fan-in (convs reshaped to out × in·kh·kw)."""
-    return module.weight.detach().reshape(module.weight.shape[0], -1).double()
+    """The weight as out × fan-in (convs reshaped to out × in·kh·kw), in float64."""
+    return layers.op_of(module).as_matrix(module.weight.detach()).double()
 
 
 def factorable(module: nn.Module) -> bool:
-    """A Linear or a Conv2d (groups=1; subclasses too, if they hold nothing but weight and bias)."""
-    if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
-                                              and module.padding_mode == "zeros")):
-        return False
-    own = set(dict(module.named_parameters(recurse=False))) | set(dict(module.named_buffers(recurse=False)))
-    return own <= {"weight", "bias"}
+    """A Linear or a Conv2d (groups=1; subclasses too, if they hold nothing but weight and bias): whatever the
+    layer registry can factor (:func:`prunetool.layers.factorable`)."""
+    return layers.factorable(module)
 
 
 def saves(module: nn.Module, k: int) -> bool:
@@ -107,28 +96,9 @@ def rank_for_energy(spec: Spectrum, energy: float) -> int:
     return int(min(len(s2), int((kept < energy - 1e-12).sum()) + 1))
 
 
-def _narrowed(module: nn.Module, k: int) -> nn.Module:
-    """A copy of a layer subclass with ``k`` outputs and no bias: it keeps whatever its ``forward`` does around its
-    call (padding of its own, say)."""
-    first = copy.deepcopy(module)
-    w = module.weight
-    first.weight = nn.Parameter(torch.empty((k, *w.shape[1:]), dtype=w.dtype, device=w.device))
-    first.register_parameter("bias", None)
-    layers.kind_of(first).sync(first, {w.shape[0]: k})
-    return first
-
-
 def empty_factored(module: nn.Module, k: int) -> nn.Sequential:
     """The two-layer replacement of ``module`` at rank ``k``, weights not yet set."""
-    bias = module.bias is not None
-    kw = {"device": module.weight.device, "dtype": module.weight.dtype}
-    if isinstance(module, nn.Linear):
-        first = nn.Linear(module.in_features, k, bias=False, **kw) if type(module) is nn.Linear \
-            else _narrowed(module, k)
-        return nn.Sequential(first, nn.Linear(k, module.out_features, bias=bias, **kw))
-    first = nn.Conv2d(module.in_channels, k, module.kernel_size, module.stride, module.padding, module.dilation,
-                      bias=False, **kw) if type(module) is nn.Conv2d else _narrowed(module, k)
-    return nn.Sequential(first, nn.Conv2d(k, module.out_channels, 1, bias=bias, **kw))
+    return layers.op_of(module).factored(module, k)
 
 
 def factor(module: nn.Module, k: int, spec: Spectrum | None = None) -> nn.Sequential:
@@ -149,36 +119,14 @@ def factor(module: nn.Module, k: int, spec: Spectrum | None = None) -> nn.Sequen
     return out.train(module.training)
 
 
-def replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def refactor(model: nn.Module, factored: dict[str, int]) -> None:
-    """Give a freshly built model the factored structure recorded in a saved file (shapes only)."""
-    for name, k in factored.items():
-        replace(model, name, empty_factored(model.get_submodule(name), k))
-
-
 def params_of(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def input_covariance(model: nn.Module, name: str, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """``C = E[x xᵀ]`` of the inputs a layer's weight multiplies (conv: unfolded patches) over ``x``."""
-    module = model.get_submodule(name)
-    total, count = None, 0
-    for xb in x.split(batch):
-        design = design_matrix(capture(model, name, xb), module.weight).double()
-        total = design.T @ design if total is None else total + design.T @ design
-        count += len(design)
-    return total / count
-
-
 def inside_factored(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name`` is one half of a factorisation already made."""
     parent, _, _ = name.rpartition(".")
-    return bool(parent) and isinstance(model.get_submodule(parent), nn.Sequential) and \
-        len(model.get_submodule(parent)) == 2 and all(factorable(m) for m in model.get_submodule(parent))
+    return bool(parent) and layers.is_factored(model.get_submodule(parent))
 
 
 def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> tuple[list[str], list[str]]:
@@ -195,16 +143,6 @@ def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> t
         raise UsageError(f"--layers {layers_glob!r} matches no Linear or Conv2d layer (output heads only when named "
                          f"exactly); {hint}")
     return chosen, [n for n in chosen if n in heads]
-
-
-def quality_on(model: nn.Module, samples, output_key: str | None = None) -> Quality:
-    """Accuracy, loss and the task's metric on labelled calibration samples."""
-    dtype = model_dtype(model)
-    tally = Tally()
-    with torch.no_grad():
-        for xb, yb, _ in as_samples(samples).batches(64):
-            tally.add(call(model, batch_to(xb, None, dtype), output_key), yb)
-    return tally.result()
 
 
 # --- choosing ranks ----------------------------------------------------------------------------------------

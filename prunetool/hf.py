@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import layers
+from .checkpoint import Checkpoint, cast_state
 from .errors import UsageError
 
 BUILD = "prunetool.hf:build"
@@ -112,8 +113,6 @@ def build(architecture: str, config: dict, trust_remote_code: bool = False) -> n
 
 def load_dir(path, trust_remote_code: bool = False):
     """A :class:`prunetool.load.Checkpoint` for a Hugging Face model directory."""
-    from .load import Checkpoint
-
     path = Path(path)
     try:
         import transformers
@@ -314,8 +313,6 @@ def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = Non
         with contextlib.suppress(Exception):
             setattr(cfg, attr, getattr(model.config, attr))
     out.config = cfg
-    from .load import cast_state
-
     with torch.no_grad():  # written in the source's dtypes
         dtypes = cast_state({k: v for k, v in out.state_dict().items()}, ckpt.dtypes)
         for key, t in list(out.named_parameters()) + list(out.named_buffers()):

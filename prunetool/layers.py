@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import precision
+from . import ops, precision
 
 # Attribute names that, by convention, record a width. A module type without an entry in the registry has
 # those of its attributes updated that held the old width of a tensor dimension the cut changed.
@@ -52,9 +52,19 @@ WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "nu
 
 
 class Kind:
-    """Default behaviour: update conventional width attributes that held an old size."""
+    """Default behaviour: update conventional width attributes that held an old size.
+
+    ``op`` is the :class:`prunetool.ops.Op` of the module's own weighted call (None: the module makes none that
+    prunetool reads as its own); ``adds_bias``: a ``bias`` attribute given to it is used by that call;
+    ``fused``: it may take a fused fast path that hides its calls when autograd is off; ``recalibrated``: its
+    running statistics are re-estimated after a cut (BatchNorm); ``embedding``: a lookup table of token ids."""
 
     atomic = False
+    op: ops.Op | None = None
+    adds_bias = False
+    fused = False
+    recalibrated = False
+    embedding = False
 
     def sync(self, module: nn.Module, changed: dict[int, int]) -> None:
         """``changed`` maps each old size of a sliced tensor dimension to its new size."""
@@ -68,11 +78,15 @@ class Kind:
 
 
 class LinearKind(Kind):
+    op, adds_bias = ops.LINEAR, True
+
     def sync(self, module, changed):
         module.out_features, module.in_features = module.weight.shape
 
 
 class ConvKind(Kind):
+    op, adds_bias = ops.CONV, True
+
     def sync(self, module, changed):
         out = module.weight.shape[0]
         depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
@@ -94,6 +108,10 @@ class NormKind(Kind):
                 return
 
 
+class BatchNormKind(NormKind):
+    recalibrated = True
+
+
 class GroupNormKind(Kind):
     def sync(self, module, changed):
         if module.weight is not None:
@@ -109,6 +127,8 @@ class PReLUKind(Kind):
 
 
 class EmbeddingKind(Kind):
+    embedding = True
+
     def sync(self, module, changed):
         module.num_embeddings, module.embedding_dim = module.weight.shape
 
@@ -130,6 +150,7 @@ class Atomic(Kind):
             raise ValueError(f"layout must be 'linear' or 'transposed', not {layout!r}")
         self.layout, self.weight, self.bias = layout, weight, bias
         self.widths = widths or {}
+        self.op = ops.ModuleOp(transposed=layout == "transposed")
 
     @property
     def out_dim(self) -> int:
@@ -243,11 +264,19 @@ def _additive_mask(attn_mask, key_padding_mask, dtype):
 
 
 class MultiheadAttentionKind(Kind):
+    fused = True
+
     def sync(self, module, changed):
         module.num_heads = module.in_proj_weight.shape[0] // 3 // module.head_dim
 
 
-class EncoderLayerKind(Kind):
+class FusedKind(Kind):
+    """A torch layer with a fused inference kernel (taken without autograd) that hides the calls it makes."""
+
+    fused = True
+
+
+class EncoderLayerKind(FusedKind):
     """``nn.TransformerEncoderLayer``: its fused inference kernel assumes every head; with heads removed it takes
     the module path (the flag it checks is used for nothing else)."""
 
@@ -259,6 +288,8 @@ class EncoderLayerKind(Kind):
 
 class TransposedLinearKind(Kind):
     """A linear layer with its weight stored in × out (Hugging Face's ``Conv1D``)."""
+
+    op = ops.ADDMM
 
     def sync(self, module, changed):
         module.nx, module.nf = module.weight.shape
@@ -306,12 +337,15 @@ _DEFAULT = Kind()
 register(nn.Linear, LinearKind())
 register(nn.modules.conv._ConvNd, ConvKind())
 register(nn.modules.batchnorm._NormBase, NormKind())
+register(nn.modules.batchnorm._BatchNorm, BatchNormKind())
 register(nn.GroupNorm, GroupNormKind())
 register(nn.PReLU, PReLUKind())
 register(nn.Embedding, EmbeddingKind())
 register(nn.LayerNorm, LayerNormKind())
+register(nn.MultiheadAttention, FusedKind())
 register(MultiheadAttention, MultiheadAttentionKind())
 register(nn.TransformerEncoderLayer, EncoderLayerKind())
+register(nn.TransformerDecoderLayer, FusedKind())
 
 # Hugging Face transformers, by name (nothing is imported).
 _HF = "transformers.models"
@@ -324,6 +358,51 @@ register(f"{_HF}.vit.modeling_vit.ViTAttention", AttentionKind("q_proj", "head_d
 for _family, _cls in (("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"), ("mistral", "MistralAttention")):
     register(f"{_HF}.{_family}.modeling_{_family}.{_cls}",
              AttentionKind("q_proj", "head_dim", ("num_heads",), key="k_proj", kv_heads=("num_key_value_heads",)))
+
+
+def op_of(module: nn.Module) -> ops.Op | None:
+    """The op of a module's own weighted call (see :class:`Kind`)."""
+    return kind_of(module).op
+
+
+def fused(model: nn.Module) -> bool:
+    """Whether ``model`` holds a layer that takes a fused fast path without autograd (and hides its calls)."""
+    return any(kind_of(m).fused for m in model.modules())
+
+
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The layers whose running statistics are re-estimated after a cut, in module order."""
+    return [m for m in model.modules() if kind_of(m).recalibrated]
+
+
+def embeddings(model: nn.Module) -> list[nn.Module]:
+    """The token lookup tables of a model, in module order."""
+    return [m for m in model.modules() if kind_of(m).embedding]
+
+
+def factorable(module: nn.Module) -> bool:
+    """Whether lowrank can replace ``module`` by a product of two layers (:meth:`prunetool.ops.Op.factored`)."""
+    op = op_of(module)
+    return op is not None and op.factorable(module)
+
+
+def is_factored(module: nn.Module) -> bool:
+    """Whether ``module`` is the replacement :meth:`prunetool.ops.Op.factored` makes: two factorable layers in an
+    ``nn.Sequential``."""
+    return isinstance(module, nn.Sequential) and len(module) == 2 and all(factorable(m) for m in module)
+
+
+def replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def refactor(model: nn.Module, factored: dict[str, int]) -> None:
+    """Give a freshly built model the factored structure recorded in a saved file (layer → rank; shapes only)."""
+    for name, k in factored.items():
+        module = model.get_submodule(name)
+        replace(model, name, op_of(module).factored(module, k))
 
 
 def widths(model: nn.Module) -> dict[str, dict[str, int]]:

@@ -30,7 +30,6 @@ import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,29 +37,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import layers, trust
+from . import hf, layers, trust
+from .checkpoint import Checkpoint, cast_state, main_dtype
 from .errors import UsageError
-from .factor import refactor
 
 FORMAT_KEY = "prunetool_format"
 FORMAT_VERSION = 2
-SUFFIXES = (".safetensors", ".pt", ".pth")
-
-
-@dataclass
-class Checkpoint:
-    """A loaded model and where it came from."""
-
-    model: nn.Module
-    arch: str | None = None
-    arch_kwargs: dict = field(default_factory=dict)
-    record: dict = field(default_factory=dict)
-    path: str | None = None
-    sha256: str | None = None
-    file_bytes: int | None = None
-    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # floating tensors of the file, by key
-    arch_root: str | None = None  # the sys.path entry the architecture was imported from, when not installed
-    tokenizer: str | None = None  # a directory with the model's tokenizer (a Hugging Face model directory)
 
 
 # --- architectures ---------------------------------------------------------------------------------
@@ -499,8 +481,6 @@ def load(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | N
     ``reuse`` (a state dict in memory): a safetensors file's tensors that equal their namesakes there bit for bit
     are taken from it, so that checking a file just written costs no second copy of the model.
     """
-    from . import hf
-
     if hf.is_dir(path):
         if arch:
             raise UsageError(f"{path} is a Hugging Face model directory: its config names the architecture; drop "
@@ -673,7 +653,7 @@ def _from_own(obj: dict, path: str, arch: str | None, arch_kwargs: dict | None) 
                          "trust it")
     with _NoRandomInit():  # every parameter comes from the file: drawing them first would only fill memory
         model = build_arch(arch, kwargs, root, None if given else path, signed)
-    refactor(model, record.get("factored", {}))
+    layers.refactor(model, record.get("factored", {}))
     resize_to_state_dict(model, state)
     restore_attributes(model, structure.get("attributes", {}))
     _load_into(model, _with_versions(state, structure.get("versions")), path, f"the architecture it records ({arch})",
@@ -694,6 +674,13 @@ class _NoRandomInit(TorchFunctionMode):
     SKIPPED = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
                          "xavier_uniform_", "xavier_normal_", "orthogonal_", "bernoulli_", "exponential_",
                          "log_normal_", "cauchy_", "geometric_", "random_"})
+    # An initialiser that draws again until every value is in range (torch's trunc_normal_) would read the skipped
+    # draw's uninitialised memory and could loop for ever: a skipped tensor compares as in range.
+    COMPARED = frozenset({"lt", "gt", "le", "ge", "__lt__", "__gt__", "__le__", "__ge__"})
+
+    def __init__(self):
+        super().__init__()
+        self.undrawn: set[int] = set()  # data pointers of tensors whose draw was skipped
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -701,7 +688,11 @@ class _NoRandomInit(TorchFunctionMode):
         target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
         if isinstance(target, torch.Tensor) and (name in self.SKIPPED or (
                 name.endswith("_") and not name.endswith("__") and target.numel() >= self.LARGE)):
+            if name in self.SKIPPED:
+                self.undrawn.add(target.data_ptr())
             return target
+        if name in self.COMPARED and isinstance(target, torch.Tensor) and target.data_ptr() in self.undrawn:
+            return torch.zeros((), dtype=torch.bool, device=target.device).expand(target.shape)
         return func(*args, **kwargs)
 
 
@@ -713,13 +704,6 @@ def _class_path(model: nn.Module) -> str:
 # --- dtypes ------------------------------------------------------------------------------------------
 
 HALF = (torch.float16, torch.bfloat16)
-
-
-def main_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype | None:
-    counts: dict[torch.dtype, int] = {}
-    for d in dtypes.values():
-        counts[d] = counts.get(d, 0) + 1
-    return max(counts, key=counts.get) if counts else None
 
 
 def upcast_half(model: nn.Module) -> bool:
@@ -762,7 +746,7 @@ def fresh_build(arch: str, kwargs: dict, factored: dict) -> nn.Module | None:
             model = build_arch(arch, kwargs)
         except Exception:
             return None
-    refactor(model, factored)
+    layers.refactor(model, factored)
     return model
 
 
@@ -777,14 +761,6 @@ def structure_of(model: nn.Module, arch: str | None, arch_kwargs: dict | None, f
         "sha256": tensor_digest(state),
         "arch_root": root if root is not None else arch_root(arch),
     }
-
-
-def cast_state(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None) -> dict[str, torch.Tensor]:
-    """Each floating tensor in the dtype the source had for it (new tensors: the source's main dtype)."""
-    if not dtypes:
-        return state
-    main = main_dtype(dtypes)
-    return {k: (v.to(dtypes.get(k, main)) if v.dtype.is_floating_point else v) for k, v in state.items()}
 
 
 def _contents(model: nn.Module, arch: str | None, arch_kwargs: dict | None, record: dict | None,
@@ -837,20 +813,6 @@ def write_file(path: str | os.PathLike, model: nn.Module, arch: str | None, arch
 def format_of(path: str | os.PathLike) -> str:
     """``.safetensors`` or ``.pt`` by the file name (anything else is written as ``.pt``)."""
     return ".safetensors" if str(path).endswith(".safetensors") else ".pt"
-
-
-def check_writable(path: str | os.PathLike, source: str | None = None, flag: str = "--out") -> None:
-    """Fail early (before any work) if ``path`` cannot be written or would overwrite the input."""
-    p = Path(path)
-    if source is not None and p.exists() and p.resolve() == Path(source).resolve():
-        raise UsageError(f"{flag} {p} is the input checkpoint; choose another path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise UsageError(f"{flag} {p} is a directory; give a file path")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {p}: directory {parent} does not exist; create it or choose another {flag}")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"cannot write {p}: permission denied; choose another {flag}")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], object]) -> None:

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from .batch import Batch, as_input, call, resized
+from .batch import Batch, as_input, batch_to, call, forward, model_dtype, resized
+from .data import as_samples
 from .distributed import reduce_sum
 from .progress import QUIET, Bars
 from .task import Quality, Tally
@@ -28,8 +29,18 @@ def macs(model: nn.Module, example: Batch | tuple[int, ...]) -> int:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         x = resized(example, 1, model, device)
-        model(**x) if isinstance(x, dict) else model(x)
+        forward(model, x)
     return counter.get_total_flops() // 2
+
+
+def quality_on(model: nn.Module, samples, output_key: str | None = None) -> Quality:
+    """Accuracy, loss and the task's metric on labelled calibration samples."""
+    dtype = model_dtype(model)
+    tally = Tally()
+    with torch.no_grad():
+        for xb, yb, _ in as_samples(samples).batches(64):
+            tally.add(call(model, batch_to(xb, None, dtype), output_key), yb)
+    return tally.result()
 
 
 def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu", bars: Bars = QUIET,

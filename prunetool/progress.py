@@ -6,13 +6,13 @@ from typing import Iterable, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import distributed
+
 T = TypeVar("T")
 
 
 class Bars:
     def __init__(self, enabled: bool = False):
-        from . import distributed
-
         self.enabled = enabled and distributed.is_main()  # one set of bars under torchrun
 
     def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:

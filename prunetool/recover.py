@@ -11,27 +11,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import distributed
-from . import task
+from . import distributed, layers, task
 from .batch import as_input, batch_len, batch_to, call, model_dtype
 from .data import SEED, Data, as_samples
 from .errors import UsageError
-from .options import DEFAULT_CALIB_MEMORY, OPTIMIZERS
+from .options import OPTIMIZERS
 from .progress import QUIET, Bars
 
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(layers.batch_norms(model))
 
 
-def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None = None, probe=None,
+RECALIBRATION_BATCH = 32  # samples per batch of BatchNorm recalibration (never moved by the memory budget)
+
+
+def recalibrate_bn(model: nn.Module, samples, batch: int | None = None, probe=None,
                    output_key: str | None = None) -> bool:
     """Re-estimate every BatchNorm's running mean and variance on ``samples`` (a :class:`Samples` or a tensor of
     inputs; cumulative average, no momentum). With a ``probe`` batch: when the model's outputs on it were finite
     before and are not after (statistics that overflow float32, as in deep nets with random weights), the
     statistics from before are put back with a warning. Returns whether the new statistics were kept."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in layers.batch_norms(model) if m.track_running_stats]
     if not norms:
         return False
     samples = as_samples(samples)
@@ -54,10 +56,9 @@ def recalibrate_bn(model: nn.Module, samples, settings=None, batch: int | None =
         m.momentum = None
         m.train()
     device = next(model.parameters()).device
-    # 32 samples at the default budget, in proportion beyond it: the running variance averages per-batch
-    # variances, so a budget that moves the batch moves the statistics.
-    size = batch or (256 if settings is None else max(1, round(32 * settings.memory / DEFAULT_CALIB_MEMORY)))
-    size = max(size, 2)
+    # A fixed batch, whatever the memory budget: the running variance averages per-batch variances, so a budget
+    # that moved the batch would move the statistics.
+    size = max(batch or RECALIBRATION_BATCH, 2)
     while len(samples) % size == 1:  # a last batch of one sample: one value per channel after a global pool
         size += 1
     with torch.no_grad():

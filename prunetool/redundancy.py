@@ -20,6 +20,7 @@ from torch import nn
 
 from . import calls, task
 from .batch import batch_to, call, model_dtype
+from .calibrate import batch_size
 from .data import Samples
 from .factor import Spectrum, elbow, factorable, matrix, spectrum
 from .progress import QUIET, Bars
@@ -115,8 +116,6 @@ def _frozen(model: nn.Module, trace: Trace, samples: Samples, size: int,
 
 
 def unit_report(model: nn.Module, trace: Trace, samples: Samples, settings, bars: Bars = QUIET) -> list[dict]:
-    from .calibrate import batch_size
-
     model.eval()
     size = batch_size(trace, settings, backward=True)
     dtype = model_dtype(model)

@@ -8,6 +8,8 @@ import warnings
 from rich.console import Console
 from rich.table import Table
 
+from .measure import NOISE
+
 
 def _size(n: int | None) -> str:
     if n is None:
@@ -297,8 +299,6 @@ def budget_failures(report: dict, budgets) -> list[str]:
 
 def too_noisy(report: dict, budgets) -> str | None:
     """The line saying a speed-up gate could not be judged: the measurement stayed too noisy."""
-    from .measure import NOISE
-
     if budgets.min_speedup is None:
         return None
     m, s = report["latency"][str(budgets.speedup_batch)], speedup(report, budgets.speedup_batch)
@@ -333,8 +333,6 @@ def summary_markdown(report: dict, failures: list[str]) -> str:
 
 def bench_noise(report: dict) -> str | None:
     """The one line saying which of bench's speed-ups the machine was too noisy to judge; None when all were judged."""
-    from .measure import NOISE
-
     noisy = []
     for r in report["results"]:
         for b, st in r["batches"].items():

@@ -1,16 +1,13 @@
 """Score stage: one number per unit, low = removed first (formulas in docs/METHOD.md).
 
-``a_i`` is what a consumer reads from unit i: at every position (pixel, token) a vector of the unit's ``width``
-channels (1 for a conv channel or an MLP unit, the head size for an attention head, ``H·W`` for a conv channel
-flattened into a Linear). A unit's mean is that vector averaged over samples and positions, so replacing a
-unit by its mean is exact for a unit that is constant. A group read by several consumers (coupled channels) is
-scored as one unit of removal: the first-order loss changes at all its consumers are added per sample *before*
-the absolute value, because the unit disappears from all of them at once.
+A unit's mean is what a consumer reads of it (:mod:`prunetool.units`) averaged over samples and positions, so
+replacing a unit by its mean is exact for a unit that is constant. A group read by several consumers (coupled
+channels) is scored as one unit of removal: the first-order loss changes at all its consumers are added per
+sample *before* the absolute value, because the unit disappears from all of them at once.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +16,13 @@ from torch import nn
 
 from . import calls, task
 from .batch import batch_to, call, model_dtype
+from .calibrate import Settings, batch_size, statistics
 from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import CRITERIA
 from .progress import QUIET, Bars
-from .trace import Consumer, Group, Trace
-
-
-Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × width)
+from .trace import Group, Trace
+from .units import Means, consumer_hooks, input_columns, mean_of, readers, replace_units, unit_view
 
 
 @dataclass
@@ -38,79 +34,10 @@ class Scores:
     means: Means
 
 
-def unit_view(x: torch.Tensor, group: Group, consumer: Consumer) -> torch.Tensor:
-    """The group's units in a consumer's input, as a (batch, units, positions, width) view of ``x``."""
-    n, o, s = x.shape[0], consumer.offset, consumer.spatial
-    if consumer.layout == "conv":
-        return x.reshape(n, x.shape[1], -1)[:, o:o + group.units, :, None]
-    v = x.reshape(n, -1, x.shape[-1]) if x.dim() > 2 else x.reshape(n, 1, -1)
-    return v[:, :, o * s:(o + group.units) * s].unflatten(2, (group.units, s)).transpose(1, 2)
-
-
-def readers(trace: Trace, groups: list[Group] | None = None) -> dict[str, list[tuple[Group, Consumer]]]:
-    """Consumer layer name → the (group, consumer) pairs it reads."""
-    out: dict[str, list] = {}
-    for g in groups if groups is not None else trace.groups:
-        for c in g.consumers:
-            out.setdefault(c.name, []).append((g, c))
-    return out
-
-
-@contextmanager
-def consumer_hooks(model: nn.Module, pairs: dict[str, list], on_input):
-    """Hooks on what consumer layers read (the input of their own call); ``on_input(x, pairs)`` may return a
-    replacement input."""
-    handlers = {name: (lambda x, read=read: on_input(x, read)) for name, read in pairs.items()}
-    weights = {name: read[0][1].weight for name, read in pairs.items()}
-    with calls.hooks(model, on_input=handlers, weights=weights):
-        yield
-
-
-def replace_units(x: torch.Tensor, read, values: dict) -> torch.Tensor:
-    """A copy of consumer input ``x`` with units replaced: ``values[(group, consumer)] = (indices, means)``."""
-    y = x.contiguous().clone()
-    for g, c in read:
-        if (g.name, c.name, c.offset) in values:
-            idx, m = values[(g.name, c.name, c.offset)]
-            unit_view(y, g, c)[:, idx] = m.to(y.dtype).reshape(len(idx), 1, -1)
-    return y
-
-
-class Sums:
-    """Running sums for dataset means per (group, consumer)."""
-
-    def __init__(self):
-        self.sums, self.counts = {}, {}
-
-    def add(self, key, view: torch.Tensor, c: Consumer):
-        # positions are summed in the activations' dtype (a few thousand terms), samples in float64
-        s = view.sum(2).double().sum(0)
-        self.sums[key] = self.sums.get(key, 0) + s
-        self.counts[key] = self.counts.get(key, 0) + view.shape[0] * view.shape[2]
-
-    def means(self) -> Means:
-        out: Means = {}
-        for (g, c, o), s in self.sums.items():
-            total, count = reduce_sum(s), reduce_sum(self.counts[(g, c, o)])
-            out.setdefault(g, {})[mean_key(c, o)] = (total / count).float()
-        return out
-
-
-def mean_key(name: str, offset: int) -> str:
-    """How ``Means`` names a consumer: a layer reading one group at two offsets has two entries."""
-    return name if offset == 0 else f"{name}@{offset}"
-
-
-def mean_of(means: Means, g: Group, c: Consumer) -> torch.Tensor:
-    return means[g.name][mean_key(c.name, c.offset)]
-
-
 def unit_means(model: nn.Module, trace: Trace, samples, bars: Bars = QUIET, groups: list[Group] | None = None,
                settings=None) -> Means:
     """Dataset means of every unit as each consumer reads it, over all of ``samples`` (a :class:`Samples` or a
     tensor of inputs)."""
-    from .calibrate import Settings, statistics
-
     return statistics(model, trace, as_samples(samples), settings or Settings(), bars, groups=groups).means
 
 
@@ -120,8 +47,6 @@ def _first_order(model, trace, samples: Samples, means: Means, use_mean: bool, s
     first-order loss change of replacing what every consumer reads of the unit by its mean (``use_mean``) or by
     zero, summed over the group's consumers, then its absolute value summed over samples: memory in
     O(batch × units), whatever the number of samples."""
-    from .calibrate import batch_size
-
     scores = {g.name: torch.zeros(g.units, dtype=torch.float64) for g in trace.groups}
     changes: dict[str, torch.Tensor] = {}
 
@@ -179,8 +104,6 @@ def _losses(model, samples: Samples, size: int, output_key: str | None = None) -
 
 def mrp(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Scores:
     """Exact: the loss change when each unit alone is replaced by its mean. One forward pass per unit."""
-    from .calibrate import batch_size
-
     samples = as_samples(samples).shard()
     size = batch_size(trace, settings)
     base = _losses(model, samples, size, settings.output_key)
@@ -234,8 +157,6 @@ def score(model: nn.Module, trace: Trace, criterion: str, samples, y: torch.Tens
           bars: Bars = QUIET, means: Means | None = None, settings=None) -> Scores:
     """Score every unit of every group with ``criterion`` on calibration ``samples`` (a :class:`Samples`, or a
     tensor of inputs with labels ``y``). ``means`` (from the statistics pass) are measured when not given."""
-    from .calibrate import Settings
-
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}")
     settings = settings or Settings()
@@ -270,8 +191,6 @@ def magnitude_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]
 def removable_units(trace: Trace, model: nn.Module) -> dict[str, torch.Tensor]:
     """Per group, the units kept: those with some incoming weight in a producer and some outgoing weight in a
     consumer (Evci §2.2)."""
-    from .cut import input_columns
-
     modules = dict(model.named_modules())
     keep = {}
     for g in trace.groups:

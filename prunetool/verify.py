@@ -13,10 +13,14 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import layers, precision
-from .batch import Batch, batch_slice, call
+from .batch import Batch, batch_slice, call, forward
 from .calibrate import trim_heap
+from .cut import complement, cut, mask_hooks
 from .errors import UsageError, VerificationError
+from .load import load, upcast_half
+from .score import unit_means
 from .trace import Trace
+from .units import consumer_hooks, mean_key, readers, unit_view
 
 TOLERANCE = 1e-4  # relative to the largest output magnitude
 
@@ -39,7 +43,7 @@ def check_forward(model: nn.Module, x: Batch, output_shape: tuple[int, ...], out
 def outputs_of(model: nn.Module, x: Batch) -> torch.Tensor:
     """Every tensor the model returns, flattened and joined (a structured output is compared whole)."""
     with torch.no_grad():
-        out = model(**x) if isinstance(x, dict) else model(x)
+        out = forward(model, x)
     return torch.cat([t.reshape(-1).float().cpu() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
                       and t.dtype.is_floating_point])  # on the CPU: an offloaded model computes on the GPU
 
@@ -50,8 +54,6 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_identity(dense: nn.Module, trace: Trace, x: Batch) -> None:
     """A cut that keeps every unit must leave the model exactly as it was."""
-    from .cut import cut
-
     keep = {g.name: torch.arange(g.units) for g in trace.groups}
     same = cut(layers.clone(dense, share=True), trace, keep, "none")
     if not torch.equal(outputs_of(same, x), outputs_of(dense, x)):
@@ -61,9 +63,6 @@ def check_identity(dense: nn.Module, trace: Trace, x: Batch) -> None:
 def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: Batch) -> float:
     """Removal must equal zeroing the removed units where they are read (the cut without compensation against
     the dense model with those units zeroed). Returns the relative difference."""
-    from .cut import complement, cut, mask_hooks
-    from .score import mean_key
-
     small = cut(layers.clone(dense, share=True), trace, keep, "none")
     zeros = {g.name: {mean_key(c.name, c.offset): torch.zeros(g.units, c.spatial) for c in g.consumers}
              for g in trace.groups}
@@ -80,7 +79,7 @@ def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor],
 def _unpadded(consumer) -> bool:
     """No zero padding in the consumer's own call (padding its module does before the call shows up in what the
     call reads, which :func:`_constant_at_consumers` checks)."""
-    return consumer.layout == "linear" or not consumer.padded
+    return consumer.op.exact_for_constants(consumer.padded)
 
 
 def check_constant_unit(dense: nn.Module, trace: Trace, x: Batch) -> float | None:
@@ -90,9 +89,6 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: Batch) -> float | Non
     which that really yields a constant at every consumer qualifies (zero padding or a padded average pool on
     the way makes the borders differ); returns the relative difference, or None when no group qualifies.
     """
-    from .cut import cut
-    from .score import unit_means
-
     for group in trace.groups:
         if group.units < 2 or not all(_unpadded(c) for c in group.consumers):
             continue
@@ -136,8 +132,6 @@ def _own_float32(modules: list[nn.Module]) -> None:
 
 
 def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> bool:
-    from .score import consumer_hooks, readers, unit_view
-
     spans = []
 
     def on_input(a, read):
@@ -146,7 +140,7 @@ def _constant_at_consumers(model: nn.Module, trace: Trace, group, x: Batch) -> b
             spans.append(((v.max() - v.min()) / v.abs().max().clamp_min(1e-12)).item())
 
     with torch.no_grad(), consumer_hooks(model, readers(trace, [group]), on_input):
-        model(**x) if isinstance(x, dict) else model(x)
+        forward(model, x)
     return bool(spans) and max(spans) < 1e-6
 
 
@@ -157,8 +151,6 @@ def check_reload(path: str, x: Batch, expected: torch.Tensor, arch: str | None =
     When the file's architecture is refused without flags (no signing key could be kept on this machine), it is
     loaded with ``arch`` as the user gave it. ``reuse``: the written model's state dict (see :func:`load`: the file
     is still read whole and checked, bit for bit). Returns ``"identical"`` or ``"identical with --arch"``."""
-    from .load import load, upcast_half
-
     how = "identical"
     try:
         model = load(path, reuse=reuse).model.eval()

@@ -4,6 +4,7 @@ the layer-by-layer ones; positions are per sample; caches past the budget go to 
 import copy
 import gc
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunetool
-from prunetool.calibrate import Positions, Program, Settings, Store, statistics
-from prunetool.cut import cut, select, sequential_means
-from prunetool.data import Samples, calibration, load_data
-from prunetool.score import score
+from prunetool.calibrate import Positions, Settings, statistics
+from prunetool.replay import Program
+from prunetool.store import Store
+from prunetool.cut import cut, mask_hooks, select, sequential_means
+from prunetool.data import Samples, as_samples, calibration, load_data
+from prunetool.score import score, unit_means
 from prunetool.trace import trace
 
 import zoo
@@ -74,27 +77,70 @@ def _cut_both_ways(model, data, compensate):
     if compensate == "mean":
         fast = sequential_means(model, graph, keep, samples, settings=settings)
         slow = {}
-        from prunetool.cut import mask_hooks
-        from prunetool.score import unit_means
-
         for i, g in enumerate(graph.groups):
             with mask_hooks(model, graph, keep, slow, graph.groups[:i]):
                 slow.update(unit_means(model, graph, samples, groups=[g]))
         return fast, slow
     staged = cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats, settings=settings)
     assert stats.paths["refit"] == "stage by stage"
-    layered = cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples)
-    return staged, layered
+    with mock.patch.object(Program, "record", lambda *a, **k: None):  # as for a forward that does not replay
+        streamed_stats = statistics(model, graph, samples, settings, targets=True)
+        streamed = cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=streamed_stats,
+                       settings=settings)
+    assert streamed_stats.paths["refit"].startswith("consumer by consumer")
+    return staged, streamed
 
 
-def test_stage_by_stage_refit_equals_layer_by_layer(mnist_small):
-    staged, layered = _cut_both_ways(evci_cnn(), mnist_small, "lstsq")
+def test_stage_by_stage_refit_equals_consumer_by_consumer(mnist_small):
+    staged, streamed = _cut_both_ways(evci_cnn(), mnist_small, "lstsq")
     x = mnist_small.test.tensors[0][:200]
     with torch.no_grad():
-        a, b = staged(x), layered(x)
+        a, b = staged(x), streamed(x)
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max())), float((a - b).abs().max())
-    for (name, p), q in zip(staged.named_parameters(), layered.parameters()):
+    for (name, p), q in zip(staged.named_parameters(), streamed.parameters()):
         assert p.shape == q.shape, name
+
+
+class Odd(nn.Module):
+    """A batch-size branch: its recordings at 2 and 3 samples differ, so its forward does not replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if x.shape[0] % 2:
+            h = h * 1.0
+        return self.fc2(h)
+
+
+class Even(Odd):
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_forward_that_does_not_replay_is_refit_consumer_by_consumer_with_the_same_result():
+    torch.manual_seed(0)
+    odd = Odd().eval()
+    even = Even().eval()
+    even.load_state_dict(odd.state_dict())
+    x = torch.randn(300, 12)
+    samples = as_samples(x)
+    assert Program.record(odd, x[:3]) is None and Program.record(even, x[:3]) is not None
+    graph = trace(odd, x[:2])
+    keep = {g.name: torch.arange(0, g.units, 2) for g in graph.groups}
+    results = []
+    for model in (odd, even):
+        settings = Settings()
+        stats = statistics(model, graph, samples, settings, targets=True)
+        results.append((cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats, settings=settings),
+                        stats.paths["refit"]))
+    (a, how_a), (b, how_b) = results
+    assert how_a.startswith("consumer by consumer") and how_b == "stage by stage"
+    with torch.no_grad():
+        assert torch.allclose(a.fc2.weight, b.fc2.weight, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(a.fc2.bias, b.fc2.bias, rtol=1e-4, atol=1e-6)
 
 
 def test_stage_by_stage_means_on_a_chain_equal_group_by_group(mnist_small):

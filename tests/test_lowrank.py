@@ -9,6 +9,7 @@ from torch import nn
 
 import prunetool
 from prunetool.cli import main
+from prunetool.calls import capture
 from prunetool.factor import elbow, factor, rank_for_energy, spectrum, Spectrum
 from prunetool import lowrank
 
@@ -25,10 +26,9 @@ def test_full_rank_factorisation_is_exact(layer, shape, data_aware):
     torch.manual_seed(0)
     x = torch.randn(*shape)
     cov = None
-    if data_aware:
-        from prunetool.factor import input_covariance
-
-        cov = input_covariance(nn.Sequential(layer), "0", x)
+    if data_aware:  # E[x xᵀ] of what the weight multiplies (conv: unfolded patches)
+        design = capture(nn.Sequential(layer), "0", x).rows(layer.weight).double()
+        cov = design.T @ design / len(design)
     spec = spectrum(layer, cov)
     full = factor(layer, len(spec.sigma), spec)
     with torch.no_grad():

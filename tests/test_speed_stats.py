@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+import transformers
 from rich.console import Console
 
 import prunetool
@@ -126,8 +127,7 @@ def test_bench_on_a_steady_machine_warns_of_nothing(linear_pair, monkeypatch, ca
 
 
 def test_a_hugging_face_directory_reports_the_parameters_from_pretrained_builds(tmp_path):
-    """Needs the commands/common.py edit that snapshots the read-back model (fails until it is applied)."""
-    transformers = pytest.importorskip("transformers")
+    """The reported parameter count is the one from_pretrained builds from the written directory."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)

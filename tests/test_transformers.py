@@ -8,15 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers  # a core dependency: a missing one must fail the suite, not skip it
 from torch import nn
 
-transformers = pytest.importorskip("transformers")  # a core dependency: present wherever `make install` ran
-
-import prunetool  # noqa: E402
-from prunetool import layers, task, verify  # noqa: E402
-from prunetool.cli import main  # noqa: E402
-from prunetool.cut import cut  # noqa: E402
-from prunetool.trace import trace  # noqa: E402
+import prunetool
+from prunetool import layers, task, verify
+from prunetool.cli import main
+from prunetool.cut import cut
+from prunetool.trace import trace
 
 VOCAB = 100
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__, distributed, hf, layers, memory, precision, task, trust
-from ..calibrate import Settings, map_large_alone, trim_heap
+from .. import distributed, hf, layers, memory, precision, task, trust
+from ..calibrate import Settings
+from ..store import map_large_alone, trim_heap
 from ..data import (OUTPUT_BYTES, Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader,
                     fit_inputs, load_data, too_few)
 from ..export import export_onnx, export_pt2
@@ -36,6 +37,7 @@ from ..progress import Bars
 from ..staging import DIRECTORY_OUTPUTS, SUFFIXES, Staging, check_outputs
 from ..trace import Trace, trace
 from ..verify import check_reload, outputs_of
+from ..version import __version__
 
 DEFAULT_FORMAT = ".safetensors"
 

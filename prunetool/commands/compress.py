@@ -13,8 +13,7 @@ from torch import nn
 
 from .. import task
 from ..errors import UsageError
-from ..factor import quality_on
-from ..measure import macs, params
+from ..measure import macs, params, quality_on
 from ..options import (CompressOptions, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, ShrinkOptions,
                        Source)
 from ..progress import Bars

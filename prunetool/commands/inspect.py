@@ -9,9 +9,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .. import pictures as pic
+from .. import ops, pictures as pic
+from ..layers import op_of
+from ..errors import UsageError
 from ..measure import params
 from ..options import DataOptions, Source
 from ..progress import Bars
@@ -29,8 +30,6 @@ def run(source: Source, data: DataOptions, staging: Staging, html: str | None = 
     preflight({**{k: v for k, v in (("--html", html), ("--plots", plots)) if v}, **(reports or {})}, source, data,
               inputs=inputs)
     if plots is not None and Path(plots).exists() and not Path(plots).is_dir():
-        from ..errors import UsageError
-
         raise UsageError(f"--plots {plots} is a file; give a folder")
     if data.data is None:
         warnings.warn("no --data: dead and frozen units and MRS come from random inputs labelled by the model itself")
@@ -69,7 +68,7 @@ def _run(job, staging: Staging, html: str | None, plots: str | None, bars: Bars)
             images[f"spectrum_{n}.png"] = pic.spectrum_png(m)
             images[f"esd_{n}.png"] = pic.esd_png(m)
             images[f"weights_{n}.png"] = pic.weights_png(n, modules[n])
-            if n == first and isinstance(modules[n], nn.Linear) and isinstance(job.probe, torch.Tensor) and \
+            if n == first and op_of(modules[n]) is ops.LINEAR and isinstance(job.probe, torch.Tensor) and \
                     len(shape) == 3 and \
                     modules[n].in_features == math.prod(shape):
                 images[f"fields_{n}.png"] = pic.receptive_fields_png(n, modules[n], shape)

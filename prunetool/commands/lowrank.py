@@ -3,19 +3,20 @@ the residual curve, or an accuracy budget. Same start and end as shrink."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 from torch import nn
 
 from .. import layers, task
 from ..calibrate import covariances, output_sensitivity
+from ..calls import capture
 from ..data import eval_loader
 from ..errors import UsageError
 from ..factor import (Candidate, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
-                      greedy_baseline, matrix, params_of, predicted_loss, rank_for_energy, relative_error, replace,
-                      quality_on, saves, search_drop, spectrum)
-from ..measure import evaluate, macs, params
+                      greedy_baseline, matrix, params_of, predicted_loss, rank_for_energy, relative_error, saves,
+                      search_drop, spectrum)
+from ..layers import replace
+from ..measure import evaluate, macs, params, quality_on
 from ..options import DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
 from ..progress import Bars
 from ..recover import finetune
@@ -38,8 +39,6 @@ def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recov
 
 
 def _candidates(job, names: list[str], covs: dict, fisher: dict | None) -> list[Candidate]:
-    from ..calls import capture
-
     out = []
     example = job.probe[:1]
     for name in names:
@@ -47,8 +46,7 @@ def _candidates(job, names: list[str], covs: dict, fisher: dict | None) -> list[
         spec = spectrum(module, covs.get(name))
         m, n = matrix(module).shape
         call = capture(job.dense, name, example)
-        positions = math.prod(call.output.shape[2:]) if call.name.startswith("conv") else \
-            (math.prod(call.output.shape[1:-1]) if call.output.dim() > 2 else 1)
+        positions = call.op.out_positions(call.output)
         upper = min(len(spec.sigma), max(0, (m * n - 1) // (m + n)))
         loss = predicted_loss(spec, fisher[name]) if fisher is not None and name in fisher else None
         out.append(Candidate(name, spec, m, n, m if module.bias is not None else 0, positions, upper, loss))

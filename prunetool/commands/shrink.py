@@ -12,7 +12,7 @@ from torch import nn
 from ..layers import clone, unshare
 from ..load import upcast_half
 from ..batch import batch_slice
-from ..cut import as_matrix, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
+from ..cut import can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError
 from ..measure import evaluate, macs, params
@@ -47,7 +47,7 @@ def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[i
         modules = dict(small.named_modules())
         for name, c in plan_cut(graph, keep).consumers.items():
             if can_add_bias(modules[name], c):
-                added += as_matrix(getattr(modules[name], c.weight), c.dim).shape[0]
+                added += c.op.as_matrix(getattr(modules[name], c.weight)).shape[0]
     return params(small) + added, macs(small, example)
 
 
@@ -175,7 +175,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
             else scores.means
         small = cut(clone(current, share=True), graph, keep, opts.compensate, means, calib, bars, stats=stats,
-                    settings=engine, dense=current).eval()
+                    settings=engine).eval()
         paths = dict(stats.paths)
         stats.release()
         trim_heap()  # the passes' freed memory back to the system before the checks (glibc keeps it otherwise)
@@ -185,7 +185,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if recalibrate or recovery.finetune_epochs:
             unshare(small, current)  # both write into the tensors
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
-            reverted |= not recalibrate_bn(small, calib, engine, probe=probe, output_key=engine.output_key)
+            reverted |= not recalibrate_bn(small, calib, probe=probe, output_key=engine.output_key)
         entry = {"ratio": step_ratio, "params": params(small)}
         if loader is not None and (recovery.finetune_epochs or len(steps) > 1):
             q = evaluate(small, loader, device, bars, "evaluating the cut", engine.output_key)

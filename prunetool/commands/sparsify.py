@@ -83,7 +83,7 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
     checks = verify(sparse, small, graph, keep, job.probe, job.settings.output_key)
     checks.pop("outputs")
     if has_batchnorm(small) and any(len(keep[g.name]) < g.units for g in graph.groups):
-        recalibrate_bn(small, calib, job.settings, probe=job.probe, output_key=job.settings.output_key)
+        recalibrate_bn(small, calib, probe=job.probe, output_key=job.settings.output_key)
 
     per_layer = [{"name": n, "weights": int(masks[n].numel()), "nonzero": int(masks[n].sum()),
                   "sparsity": 1 - float(masks[n].float().mean())} for n in layers]
