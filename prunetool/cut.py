@@ -31,7 +31,7 @@ from .replay import Program, boundaries_for, replay
 from .store import batch_size
 from .data import Samples, as_samples
 from .distributed import reduce_sum
-from .options import COMPENSATIONS
+from .options import COMPENSATIONS, ShrinkOptions
 from .progress import QUIET, Bars
 from .score import unit_means
 from .trace import Consumer, Group, Trace, trace as trace_model
@@ -67,7 +67,7 @@ def select(trace: Trace, scores: dict[str, torch.Tensor], ratio: float | dict[st
 
 
 def global_ratios(trace: Trace, scores: dict[str, torch.Tensor], ratio: float,
-                  max_layer_ratio: float = 0.9) -> dict[str, float]:
+                  max_layer_ratio: float = ShrinkOptions.max_layer_ratio) -> dict[str, float]:
     """Per-group ratios that remove ``floor(ratio·N)`` of all N units, ranked across groups.
 
     Scores are made comparable by dividing each group's scores by their mean (a layer's typical unit

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default
 
 from . import distributed, layers, task
 from .errors import UsageError
+from .options import DEFAULT_SEQ_LEN, DataOptions
 from .batch import Batch, Forward, as_input, batch_len, batch_slice, call, forward_of
 
 SEED = 0
@@ -607,7 +608,6 @@ def _text(path: Path, tokenizer: str | None, seq_len: int | None) -> Data:
     return _held_out(TokenDataset(torch.tensor(ids[:n * length]).reshape(n, length)), str(path))
 
 
-DEFAULT_SEQ_LEN = 128
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
@@ -746,7 +746,7 @@ def too_few(data: Data, n: int) -> str | None:
     if n >= few or len(data.train) < few:
         return None
     return (f"--calib {n}: too few {what} for reliable scores and least-squares refits; give --calib "
-            f"{min(good, len(data.train))} or more (default 1000)")
+            f"{min(good, len(data.train))} or more (default {DataOptions.calib})")
 
 
 def eval_loader(data: Data, n: int | None = None, batch_size: int = 256, workers: int = 0) -> DataLoader | None:

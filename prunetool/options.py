@@ -29,6 +29,7 @@ DEFAULT_ROWS = 16  # least-squares rows per input of a layer (sampled output pos
 # Token positions are far less alike than a conv's neighbouring pixels: a language model's refit needs more of
 # them (perplexity +16.8% at 16 rows, +11.8% at 64, +11.5% at 256 on samples/kjv_llama at ratio 0.3)
 DEFAULT_TOKEN_ROWS = 64
+DEFAULT_SEQ_LEN = 128  # tokens per sequence cut from a text file
 DEFAULT_ATOL = 1e-4  # ONNX / pt2 parity: max |exported − PyTorch| ≤ atol + rtol · max |PyTorch|
 DEFAULT_RTOL = 1e-4
 
@@ -124,7 +125,7 @@ class DataOptions:
     preprocessing: object = option(None, parts="preprocessing")  # a data.Preprocessing for image folders
     tokens: int | None = option(None, "--tokens", "Token models without --data: random sequences of this many token "
                                 "ids (below the vocabulary size).")  # a structure-only run of a token model
-    seq_len: int | None = option(None, "--seq-len", "Text --data: tokens per sequence (default 128).")
+    seq_len: int | None = option(None, "--seq-len", f"Text --data: tokens per sequence (default {DEFAULT_SEQ_LEN}).")
     tokenizer: str | None = option(None, "--tokenizer", "Text --data: the tokenizer directory (default: the model's "
                                    "Hugging Face directory).")
     output_key: str | None = option(None, "--output-key", "Which entry of a structured output (ModelOutput, dict, "

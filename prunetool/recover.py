@@ -15,7 +15,7 @@ from . import distributed, layers, task
 from .batch import as_input, batch_len, batch_to, call, model_dtype
 from .data import SEED, Data, as_samples
 from .errors import UsageError
-from .options import OPTIMIZERS
+from .options import OPTIMIZERS, Recovery
 from .progress import QUIET, Bars
 
 
@@ -101,8 +101,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Ten
     return (1 - alpha) * task.loss(student, y) + alpha * temperature ** 2 * kl
 
 
-def finetune(model: nn.Module, data: Data, epochs: int, lr: float = 1e-3, batch_size: int = 128,
-             optimizer: str = "adam", teacher: nn.Module | None = None, device: str = "cpu",
+def finetune(model: nn.Module, data: Data, epochs: int, lr: float = Recovery.lr, batch_size: int = Recovery.batch_size,
+             optimizer: str = Recovery.optimizer, teacher: nn.Module | None = None, device: str = "cpu",
              bars: Bars = QUIET, after_step=None, output_key: str | None = None) -> list[float]:
     """Train ``model`` on the train split for ``epochs`` (shuffled with a fixed seed); returns each epoch's
     mean training loss."""

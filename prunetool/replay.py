@@ -183,7 +183,8 @@ def replay(program: Program, model: nn.Module, samples: Samples, size: int, boun
         for stop in bars.track(stops, label):
             new = Frontier(store, program, stop)
             if frontier is None:  # the first stage reads the samples themselves
-                envs = ((program.start(model, batch_to(xb, device, dtype)), ids) for xb, _, ids in samples.batches(size))
+                envs = ((program.start(model, batch_to(xb, device, dtype)), ids)
+                        for xb, _, ids in samples.batches(size))
             else:
                 envs = frontier.batches(release=True)  # this stage is the frontier's last reader
             for env, ids in envs:

@@ -134,8 +134,8 @@ def test_a_forward_that_does_not_replay_is_refit_consumer_by_consumer_with_the_s
     for model in (odd, even):
         settings = Settings()
         stats = statistics(model, graph, samples, settings, targets=True)
-        results.append((cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats, settings=settings),
-                        stats.paths["refit"]))
+        small = cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats, settings=settings)
+        results.append((small, stats.paths["refit"]))
     (a, how_a), (b, how_b) = results
     assert how_a.startswith("consumer by consumer") and how_b == "stage by stage"
     with torch.no_grad():

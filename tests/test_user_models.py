@@ -178,7 +178,7 @@ STAGES = [("prunetool.commands.shrink", "score"), ("prunetool.commands.shrink", 
           ("prunetool.commands.shrink", "verify"), ("prunetool.commands.shrink", "recalibrate_bn"),
           ("prunetool.commands.common", "check_reload"), ("prunetool.commands.common", "export_onnx"),
           ("prunetool.commands.common", "export_pt2"), ("prunetool.commands.common", "snapshot"),
-          ("prunetool.cli", "summary_markdown")]
+          ("prunetool.terminal", "summary_markdown")]
 
 
 @pytest.mark.parametrize("where", STAGES, ids=lambda w: w[1])
