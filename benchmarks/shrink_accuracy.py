@@ -72,7 +72,7 @@ def run_model(name: str, arch: str, path: Path, calib: int, log) -> dict:
     samples = calibration(data, calib)
     x, y = samples.all()
     loader = eval_loader(data)
-    dense_acc, _ = evaluate(dense, loader)
+    dense_acc = evaluate(dense, loader).accuracy
     graph = trace(dense, x[:2])
     result = {"dense": dense_acc, "params": params(dense), "ours": {}, "tp": {}, "params_at": {}, "timing": {},
               "rows": {}}
@@ -97,8 +97,8 @@ def run_model(name: str, arch: str, path: Path, calib: int, log) -> dict:
                 means = sequential_means(dense, graph, keep, samples, settings=settings) if comp == "mean" \
                     else scores.means
                 small = cut(copy.deepcopy(dense), graph, keep, comp, means, samples, stats=stats,
-                            settings=settings, dense=dense).eval()
-                acc, _ = evaluate(small, loader)
+                            settings=settings).eval()
+                acc = evaluate(small, loader).accuracy
                 result["ours"].setdefault(f"{criterion}+{comp}", {})[str(ratio)] = acc
                 result["params_at"][str(ratio)] = params(small)
             log(f"{name}: {criterion} r={ratio}: " + ", ".join(
@@ -109,13 +109,13 @@ def run_model(name: str, arch: str, path: Path, calib: int, log) -> dict:
         rows_stats = statistics(dense, graph, samples, sampled, targets=True)
         for ratio in RATIOS:
             small = cut(copy.deepcopy(dense), graph, select(graph, mrs, ratio), "lstsq", None, samples,
-                        stats=rows_stats, settings=sampled, dense=dense).eval()
-            result["rows"].setdefault(str(rows), {})[str(ratio)] = evaluate(small, loader)[0]
+                        stats=rows_stats, settings=sampled).eval()
+            result["rows"].setdefault(str(rows), {})[str(ratio)] = evaluate(small, loader).accuracy
         log(f"{name}: rows {rows}: " + ", ".join(f"{v:.2f}" for v in result["rows"][str(rows)].values()))
     for imp in ("magnitude", "taylor"):
         for ratio in RATIOS:
             pruned = torch_pruning(dense, x, y, ratio, imp)
-            acc, _ = evaluate(pruned, loader)
+            acc = evaluate(pruned, loader).accuracy
             result["tp"].setdefault(imp, {})[str(ratio)] = acc
             result["tp"].setdefault(f"{imp}_params", {})[str(ratio)] = params(pruned)
             log(f"{name}: torch-pruning {imp} r={ratio}: {acc:.2f} ({params(pruned)} params)")
