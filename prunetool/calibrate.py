@@ -112,12 +112,14 @@ class Statistics:
     store: Store | None = None
     paths: dict[str, str] = field(default_factory=dict)  # what ran how: "refit" → "stage by stage", ...
     flattened: set[str] = field(default_factory=set)  # consumers whose calls read the batch's tokens as rows
+    released: set[str] = field(default_factory=set)  # consumers whose targets a refit has used up
 
     def release(self, name: str | None = None) -> None:
         """Give the targets' memory back to the budget (one consumer's, or all)."""
         for key in [name] if name is not None else list(self.targets):
             for k in self.targets.pop(key, []):
                 self.store.release(k)
+            self.released.add(key)
 
     def targets_of(self, name: str) -> tuple[torch.Tensor, dict[int, int], int]:
         """A consumer's dense targets (rows of every sample, in gathering order), each sample id's row number,

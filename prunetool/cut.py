@@ -214,6 +214,10 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
         if stats is None:
             cutting = [g for g in trace.groups if len(keep[g.name]) < g.units]
             stats = statistics(model, trace, samples, settings, bars, targets=True, groups=cutting)
+        used = sorted(stats.released & set(plan.consumers))
+        if used:
+            raise ValueError(f"the targets of {', '.join(used)} in these statistics were used up by an earlier refit; "
+                             "measure them again (prunetool.calibrate.statistics) for this cut")
         unfit = sorted(name for name in plan.consumers if name not in stats.targets)
         if unfit:
             warnings.warn(f"the least-squares refit cannot read {', '.join(unfit)} sample by sample (their calls mix "

@@ -324,3 +324,14 @@ def test_an_underdetermined_refit_keeps_the_weights_it_cannot_determine():
     probe = torch.randn(5, 600)
     with torch.no_grad():
         assert torch.allclose(layer(probe), probe @ original.T + layer.bias, atol=0.5)
+
+
+def test_statistics_whose_targets_a_refit_used_up_are_refused_not_silently_degraded():
+    torch.manual_seed(0)
+    model, samples = Even().eval(), as_samples(torch.randn(64, 12))
+    graph = trace(model, samples.take(2)[0])
+    keep = {g.name: torch.arange(0, g.units, 2) for g in graph.groups}
+    stats = statistics(model, graph, samples, Settings(), targets=True)
+    cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats)
+    with pytest.raises(ValueError, match="used up by an earlier refit"):
+        cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats)
