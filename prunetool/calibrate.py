@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import calls, layers, ops, task
+from . import calls, layers, task
 from .batch import batch_len, batch_slice, batch_to, call, forward, model_dtype
 from .data import Samples
 from .distributed import reduce_sum
@@ -93,11 +93,6 @@ class Positions:
         return (x % n_positions).sort(1).values
 
 
-def _per_sample(call: calls.Call, x: torch.Tensor, n: int) -> bool:
-    """Whether a call's leading dimension is the batch of samples (not the tokens of a flattened batch)."""
-    return x.shape[0] == n
-
-
 # --- streaming passes ----------------------------------------------------------------------------------
 
 @dataclass
@@ -112,6 +107,8 @@ class Statistics:
     store: Store | None = None
     paths: dict[str, str] = field(default_factory=dict)  # what ran how: "refit" → "stage by stage", ...
     flattened: set[str] = field(default_factory=set)  # consumers whose calls read the batch's tokens as rows
+    whole: dict[str, int] = field(default_factory=dict)  # consumers with every row kept, per batch of this size
+    with_targets: bool = False
     released: set[str] = field(default_factory=set)  # consumers whose targets a refit has used up
 
     def release(self, name: str | None = None) -> None:
@@ -141,8 +138,11 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
     stats = Statistics({}, positions=positions, store=store)
     modules = dict(model.named_modules())
     if targets:
+        stats.with_targets = True
         stats.flattened = flattened_calls(model, {n: read[0][1].weight for n, read in pairs.items()}, samples, settings)
     current: dict = {}
+    sampled: dict[str, bool] = {}  # consumer → whether its rows are the samples' (decided on the first batch)
+    unreadable: set[str] = set()
     on_input, on_output, weights = {}, {}, {}
     for name, read in pairs.items():
         weights[name] = read[0][1].weight
@@ -155,12 +155,19 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
         if targets:
             def produced(out, name=name, c=read[0][1]):
                 ids, n = current["ids"], current["n"]
-                out = c.op.per_sample(out.detach(), n, name in stats.flattened)
-                if out is None:  # its rows are not the samples': no targets, the cut says what that means
+                weight = getattr(modules[name], c.weight)
+                if name in unreadable or not c.op.has_rows(weight):
                     return
-                fan_in = getattr(modules[name], c.weight).movedim(c.dim, 0)[0].numel()
-                picks = positions.pick(name, c.op.out_positions(out), ids, fan_in)
-                rows = c.op.targets(out, picks)
+                view = c.op.per_sample(out.detach(), n, name in stats.flattened)
+                if sampled.setdefault(name, view is not None) != (view is not None):
+                    unreadable.add(name)  # rows that are the samples' in one batch and not in another
+                    return
+                if view is None:  # rows in the call's own order (a seq-first layout): every row, batch by batch
+                    rows = c.op.targets(out.detach())
+                    stats.whole[name] = current["size"]
+                else:
+                    fan_in = weight.movedim(c.dim, 0)[0].numel()
+                    rows = c.op.targets(view, positions.pick(name, c.op.out_positions(view), ids, fan_in))
                 stats.targets.setdefault(name, []).append(store.keep(rows, cold=True))
                 stats.target_ids[name] = torch.cat([stats.target_ids.get(name, torch.empty(0, dtype=torch.long)),
                                                     ids])
@@ -173,36 +180,50 @@ def statistics(model: nn.Module, trace: Trace, samples: Samples, settings: Setti
     with torch.no_grad(), calls.hooks(model, on_input, on_output, weights):
         for xb, _, ids in bars.track(shard.batches(size), "unit means" + (" and targets" if targets else ""),
                                      total=math.ceil(len(shard) / size)):
-            current.update(ids=ids, n=batch_len(xb))
+            current.update(ids=ids, n=batch_len(xb), size=size)
             forward(model, batch_to(xb, device, model_dtype(model)))
     stats.means = sums.means()
+    for name in unreadable:
+        stats.release(name)
+        stats.released.discard(name)
+        stats.whole.pop(name, None)
     return stats
 
 
 def flattened_calls(model: nn.Module, weights: dict[str, str], samples: Samples, settings: Settings) -> set[str]:
     """The layers (name → weight attribute) whose own call reads a batch as rows that are each sample's tokens in
     turn (``x.view(-1, C)`` before Hugging Face's ``Conv1D``): their outputs on two samples together are their
-    outputs on each alone, one after the other. Three forward passes of one or two samples."""
+    outputs on each alone, one after the other. One forward pass of two samples finds the candidates (calls whose
+    rows are not the samples); three more of one or two samples check them."""
     example = samples.take(2)[0]
-    if batch_len(example) < 2:
+    if batch_len(example) < 2 or not weights:
         return set()
-    outs: dict[tuple[str, str], torch.Tensor] = {}
     dtype = model_dtype(model)
-    with torch.no_grad():
-        for key, (a, b) in (("both", (0, 2)), ("first", (0, 1)), ("second", (1, 2))):
-            grab = {name: (lambda out, name=name, key=key: outs.setdefault((key, name), out.detach()))
-                    for name in weights}
-            with calls.hooks(model, on_output=grab, weights=weights):
-                forward(model, batch_to(batch_slice(example, a, b), settings.device, dtype))
-    found = set()
-    for name in weights:
-        both, first, second = (outs.get((k, name)) for k in ("both", "first", "second"))
-        if both is None or first is None or second is None or both.shape[0] == 2 or first.shape != second.shape \
-                or both.shape[0] != 2 * first.shape[0]:
-            continue
-        alone = torch.cat([first, second])
+    outs: dict[tuple[str, str], torch.Tensor] = {}
+    found: set[str] = set()
+
+    def run(a: int, b: int, hook) -> None:
+        with torch.no_grad(), calls.hooks(model, on_output={n: (lambda out, n=n: hook(n, out)) for n in names},
+                                          weights={n: weights[n] for n in names}):
+            forward(model, batch_to(batch_slice(example, a, b), settings.device, dtype))
+
+    names = list(weights)
+    candidates: set[str] = set()
+    run(0, 2, lambda n, out: candidates.add(n) if out.shape[0] != 2 else None)
+    names = sorted(candidates)
+    if not names:
+        return found
+    run(0, 1, lambda n, out: outs.setdefault(("first", n), out.detach()))
+    run(1, 2, lambda n, out: outs.setdefault(("second", n), out.detach()))
+
+    def compare(n, both):
+        first, second = outs.pop(("first", n), None), outs.pop(("second", n), None)
+        if first is None or second is None or first.shape != second.shape or both.shape[0] != 2 * first.shape[0]:
+            return
+        alone = torch.cat([first, second])  # sample 0's rows, then sample 1's
         if float((both - alone).abs().max()) <= 1e-4 * float(alone.abs().max()) + 1e-6:
-            found.add(name)
+            found.add(n)
+    run(0, 2, compare)
     return found
 
 
@@ -223,9 +244,9 @@ def covariances(model: nn.Module, names: list[str], samples: Samples, settings: 
             weight = modules[name].weight
             ids = current["ids"]
             picks = None
-            if call is not None and _per_sample(call, x, len(ids)):
+            if x.shape[0] == len(ids):
                 picks = positions.pick(name, call.positions(weight, x), ids, weight[0].numel())
-            design = call.rows(weight, x, picks) if call is not None else ops.LINEAR.rows({}, weight, x, None)
+            design = call.rows(weight, x, picks)
             block = (design.T.float() @ design.float()).double()
             sums[name] = sums.get(name, 0) + block.cpu()
             counts[name] = counts.get(name, 0) + len(design)

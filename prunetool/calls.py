@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from . import layers, ops
 from .batch import forward
 
+
 @dataclass
 class Call:
     """One captured call: its op, the input it read, its other arguments by name, and (when run) its output."""
@@ -177,7 +178,7 @@ def capture(model: nn.Module, name: str, batch, weight: str = "weight", run: Cal
         except Stop:
             pass
     if not box:
-        raise RuntimeError(f"{name} ({type(module).__name__}) never called linear/conv with its own weight")
+        raise RuntimeError(f"{name} ({type(module).__name__}) never made a weighted call with its own weight")
     return box[0]
 
 

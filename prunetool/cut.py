@@ -7,7 +7,10 @@ Compensation (docs/METHOD.md):
 - ``lstsq``: each consumer's kept weights and bias are refit by ridge least squares so that, fed by
   the already-cut model, it reproduces the dense consumer's pre-activations on calibration inputs
   (convs on unfolded patches). Consumers are refit in forward order, so each fit also absorbs the
-  error of the cuts before it.
+  error of the cuts before it: stage by stage when the forward replays call by call (:mod:`prunetool.replay`),
+  else consumer by consumer on a streaming pass stopped at each consumer's call; a consumer whose rows are not
+  the samples' (a seq-first layout) is fitted on every row, batch by batch. One without rows (a conv3d) gets
+  mean compensation, with a warning.
 
 All slices of one layer (it may be a producer of one group, a consumer of several, a member of others)
 are collected first as ``(layer, tensor, dimension)`` and applied once, so offsets never shift under a later
@@ -39,6 +42,7 @@ from .units import Means, Sums, consumer_hooks, input_columns, mean_of, readers,
 
 RIDGE = 1e-5  # λ relative to the mean diagonal of XᵀX: only there to keep a rank-deficient fit solvable
 FLOAT32_NOISE = 16 * 2 ** -24  # λ never below this times trace(XᵀX): the rounding of a float32 Gram matrix
+ROWS_PER_CHUNK = 2 ** 21  # design-matrix elements per chunk when every row of a batch is fitted
 MAX_FIT_INPUTS = 10_000  # wider consumers (XᵀX over 800 MB) get only their bias refit
 
 
@@ -201,8 +205,9 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
     ``lstsq`` refits every consumer against the dense outputs in ``stats`` (from
     :func:`prunetool.calibrate.statistics` with targets, measured here on ``model`` before the cut when not
     given): stage by stage when the model's forward replays call by call, else consumer by consumer on the
-    streaming pass. A consumer whose call's rows are not the samples' (no targets) gets mean compensation, with a
-    warning.
+    streaming pass (also when a consumer's rows are not the samples', as in a seq-first layout: every row of it
+    is then fitted, batch by batch as the statistics saw them). A consumer without targets (a conv3d) gets mean
+    compensation, with a warning.
     """
     if compensate not in COMPENSATIONS:
         raise ValueError(f"unknown compensation {compensate!r}")
@@ -214,14 +219,16 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
         if stats is None:
             cutting = [g for g in trace.groups if len(keep[g.name]) < g.units]
             stats = statistics(model, trace, samples, settings, bars, targets=True, groups=cutting)
+        if not stats.with_targets:
+            raise ValueError("these statistics hold no refit targets; measure them with targets=True")
         used = sorted(stats.released & set(plan.consumers))
         if used:
             raise ValueError(f"the targets of {', '.join(used)} in these statistics were used up by an earlier refit; "
                              "measure them again (prunetool.calibrate.statistics) for this cut")
         unfit = sorted(name for name in plan.consumers if name not in stats.targets)
         if unfit:
-            warnings.warn(f"the least-squares refit cannot read {', '.join(unfit)} sample by sample (their calls mix "
-                          "the batch's rows); they get mean compensation")
+            warnings.warn(f"the least-squares refit has no rows for {', '.join(unfit)} (a conv3d, or a call whose rows "
+                          "are the samples' in some batches only); they get mean compensation")
         means = stats.means
     for g in trace.groups:
         removed = complement(keep[g.name], g.units)
@@ -233,10 +240,12 @@ def cut(model: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], compensat
     apply(model, plan)
     if compensate == "lstsq" and plan.consumers:
         fitted = {name: c for name, c in plan.consumers.items() if name in stats.targets}
-        if refit_stagewise(model, plan, fitted, stats, samples, settings, bars):
+        whole = sorted(name for name in fitted if name in stats.whole)
+        if not whole and refit_stagewise(model, plan, fitted, stats, samples, settings, bars):
             stats.paths["refit"] = "stage by stage"
         else:
-            stats.paths["refit"] = "consumer by consumer (the model's forward does not replay call by call)"
+            why = f"every row of {', '.join(whole)}" if whole else "the model's forward does not replay call by call"
+            stats.paths["refit"] = f"consumer by consumer ({why})"
             refit_streaming(model, trace, plan, fitted, stats, samples, settings, bars)
     return model
 
@@ -315,10 +324,22 @@ class Fit:
         :meth:`prunetool.calibrate.Statistics.targets_of`)."""
         rows, index, per = targets
         x = self.c.op.per_sample(call.input, len(ids), self.c.name in stats.flattened)
+        if x is None:
+            raise RuntimeError(f"{self.c.name}: a batch of the cut model whose rows are not the samples'")
         picks = stats.positions.pick(self.c.name, call.positions(self.weight, x), ids)
         design = call.rows(self.weight, x, picks)
         sel = (torch.tensor([index[int(j)] for j in ids])[:, None] * per + torch.arange(per)).reshape(-1)
         self.add(design, rows[sel.to(rows.device)].to(design.device))
+
+    def add_rows(self, call, z: torch.Tensor) -> None:
+        """Every row of one batch of the consumer's call on the cut model, in the call's own order, against the
+        dense targets of the same batch (``z``: :meth:`prunetool.ops.Op.targets` of its output), in chunks."""
+        x = call.input
+        per = call.rows(self.weight, x[:1]).shape[0]  # rows per entry of the leading dimension
+        step = max(1, ROWS_PER_CHUNK // max(per * self.w2d.shape[1], 1))
+        for start in range(0, len(x), step):
+            design = call.rows(self.weight, x[start:start + step])
+            self.add(design, z[start * per:start * per + len(design)].to(design.device))
 
     def solve(self, ridge: float = RIDGE) -> None:
         module, c, weight = self.module, self.c, self.weight
@@ -463,20 +484,28 @@ def refit_streaming(model: nn.Module, trace: Trace, plan: Plan, consumers: dict[
     cut model stopped at its call (for a forward that does not replay call by call; same rows as stage by stage)."""
     modules = dict(model.named_modules())
     shard = samples.shard()
-    size = batch_size(trace, settings)
+    # every row of a consumer was kept batch by batch: the same batches again (the statistics pass's size)
+    size = next((stats.whole[n] for n in consumers if n in stats.whole), None) or batch_size(trace, settings)
     dtype = model_dtype(model)
     example = batch_to(shard.take(1)[0], settings.device, dtype)
     for name in bars.track(sorted(consumers, key=lambda n: trace.order.get(n, 0)),
                            "least-squares refit, consumer by consumer"):
         c = consumers[name]
         fit = Fit(modules[name], c, plan.kept_outputs(name, modules[name]))
-        targets = stats.targets_of(name)
         geometry = capture(model, name, example, c.weight)  # the call's op, stride, padding, ...
         current = {}
+        if name in stats.whole:
+            chunks = iter(list(stats.targets[name]))
 
-        def seen(x, fit=fit, targets=targets, geometry=geometry):
-            fit.add_call(Call(geometry.op, x.detach(), geometry.args), current["ids"], stats, targets)
-            raise Stop  # nothing after the consumer's call is needed
+            def seen(x, fit=fit, geometry=geometry, chunks=chunks):
+                fit.add_rows(Call(geometry.op, x.detach(), geometry.args), stats.store.get(next(chunks)))
+                raise Stop  # nothing after the consumer's call is needed
+        else:
+            targets = stats.targets_of(name)
+
+            def seen(x, fit=fit, targets=targets, geometry=geometry):
+                fit.add_call(Call(geometry.op, x.detach(), geometry.args), current["ids"], stats, targets)
+                raise Stop
         with torch.no_grad(), calls.hooks(model, on_input={name: seen}, weights={name: c.weight}):
             for xb, _, ids in shard.batches(size):
                 current["ids"] = ids

@@ -17,6 +17,7 @@ from torch import nn
 from . import layers
 from .errors import UsageError
 
+
 @dataclass
 class Spectrum:
     """Singular values of a layer's weight matrix, or of ``W·L`` (``C = L·Lᵀ``) when data-aware."""

@@ -154,7 +154,7 @@ class Atomic(Kind):
 
     @property
     def out_dim(self) -> int:
-        return 0 if self.layout == "linear" else 1
+        return self.op.out_dim
 
     def sync(self, module, changed):
         w = getattr(module, self.weight)
@@ -173,14 +173,14 @@ class AttentionKind(Kind):
     def __init__(self, query: str, head_size: str, heads: tuple[str, ...] = (), widths: tuple[str, ...] = (),
                  fused: int = 1, key: str | None = None, kv_heads: tuple[str, ...] = ()):
         self.query, self.head_size, self.heads, self.widths = query, head_size, heads, widths
-        self.fused, self.key, self.kv_heads = fused, key, kv_heads
+        self.parts, self.key, self.kv_heads = fused, key, kv_heads  # not ``fused``: Kind.fused is the fast path
 
     def follow(self, module):
         size = getattr(module, self.head_size, None)
         proj = getattr(module, self.query, None)
         if not isinstance(size, int) or proj is None:
             return
-        width = _out_width(proj) // self.fused
+        width = _out_width(proj) // self.parts
         key = getattr(module, self.key, None) if self.key else None
         values = {**{a: width for a in self.widths}, **{a: width // size for a in self.heads},
                   **{a: _out_width(key) // size for a in self.kv_heads if key is not None}}
@@ -190,9 +190,8 @@ class AttentionKind(Kind):
 
 
 def _out_width(layer: nn.Module) -> int:
-    if hasattr(layer, "nf"):  # Hugging Face's Conv1D: weight in × out
-        return layer.weight.shape[1]
-    return layer.weight.shape[0]
+    op = kind_of(layer).op
+    return layer.weight.shape[op.out_dim if op is not None else 0]
 
 
 class MultiheadAttention(nn.MultiheadAttention):

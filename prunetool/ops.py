@@ -55,9 +55,6 @@ class Op:
     def input_of(self, args: tuple, kwargs: dict):
         return self._get(args, kwargs, self.input)
 
-    def bias_of(self, args: tuple, kwargs: dict):
-        return self._get(args, kwargs, self.bias) if self.bias else None
-
     def with_input(self, args: tuple, kwargs: dict, x) -> tuple[tuple, dict]:
         """The call's arguments with its input replaced by ``x``."""
         pos = self.signature.index(self.input)
@@ -114,6 +111,10 @@ class Op:
         return cols @ means.reshape(-1).to(weight.dtype)
 
     # --- least squares --------------------------------------------------------------------------------------
+    def has_rows(self, weight: torch.Tensor) -> bool:
+        """Whether :meth:`rows` is implemented for this weight (the least-squares refit needs it)."""
+        return True
+
     def positions(self, args: dict, weight: torch.Tensor, x: torch.Tensor) -> int:
         """Output positions per sample of the call on input ``x`` (``args``: the call's other arguments)."""
         return math.prod(x.shape[1:-1]) if x.dim() > 2 else 1
@@ -196,7 +197,8 @@ class MatmulOp(TransposedOp):
 
 
 class ConvOp(Op):
-    """``conv1d``/``conv2d``/``conv3d``: weight out × in/groups × kernel, channels in dimension 1."""
+    """``conv1d``/``conv2d``/``conv3d``: weight out × in/groups × kernel, channels in dimension 1 (the refit's
+    rows for conv1d and conv2d only)."""
 
     calls = ("conv1d", "conv2d", "conv3d")
     signature = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -234,6 +236,9 @@ class ConvOp(Op):
 
     def out_positions(self, out):
         return math.prod(out.shape[2:])
+
+    def has_rows(self, weight):
+        return weight.dim() <= 4  # conv1d and conv2d; a conv3d's patches are not unfolded
 
     def rows(self, args, weight, x, picks):
         stride, padding, dilation = self.geometry(args, weight)
@@ -278,6 +283,7 @@ class ModuleOp(Op):
     ``transposed``), its input the first argument, channels in the last dimension."""
 
     signature = ("input",)
+    weight = bias = None  # the kind names the module's weight and bias attributes
 
     def __init__(self, transposed: bool = False):
         self.out_dim, self.in_dim = (1, 0) if transposed else (0, 1)
@@ -306,11 +312,6 @@ def of_call(name: str) -> Op | None:
 def call_name(func) -> str:
     """The name a torch function is registered under (``torch._C._nn.linear`` → ``linear``)."""
     return getattr(func, "__name__", "").lstrip("_")
-
-
-def signatures() -> dict[str, tuple[str, ...]]:
-    """Every registered call's parameter names."""
-    return {name: op.signature for name, op in _BY_CALL.items()}
 
 
 for _op in (LINEAR, CONV, ADDMM, MATMUL):

@@ -113,7 +113,7 @@ class Graph:
 def record(model: nn.Module, example, output_key: str | None = None, grad: bool = True,
            keep_outputs: bool = True) -> tuple[Graph, list[int], list[int], tuple[int, ...]]:
     """Run ``model`` once on ``example``; return the graph, input tokens, output tokens and the logits' shape.
-    ``grad=False`` records without autograd (see :func:`fused_attention`); ``keep_outputs``: see :class:`Graph`."""
+    ``grad=False`` records without autograd (see :func:`prunetool.layers.fused`); ``keep_outputs``: see :class:`Graph`."""
     names = {m: n for n, m in model.named_modules()}
     graph = Graph(names, keep_outputs)
     atomic = {m for m in names if layers.kind_of(m).atomic}
@@ -146,7 +146,7 @@ def record(model: nn.Module, example, output_key: str | None = None, grad: bool 
     handles = [nn.modules.module.register_module_forward_pre_hook(pre),
                nn.modules.module.register_module_forward_hook(post)]
     try:
-        # Grad mode on: without it nn.TransformerEncoderLayer takes a fused fast path that hides its layers.
+        # Grad mode on: without it torch's transformer layers take a fused fast path that hides their calls.
         with (torch.enable_grad() if grad else torch.no_grad()), _Recorder(graph):
             out = forward(model, example)
     except Exception as e:

@@ -19,7 +19,6 @@ from .options import OPTIMIZERS, Recovery
 from .progress import QUIET, Bars
 
 
-
 def has_batchnorm(model: nn.Module) -> bool:
     return bool(layers.batch_norms(model))
 

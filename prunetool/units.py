@@ -67,7 +67,7 @@ class Sums:
         self.sums, self.counts = {}, {}
 
     def add(self, key, view: torch.Tensor):
-        # positions are summed in the activations' dtype (a few thousand terms), samples in float64
+        # positions are summed in the view's dtype (callers pass float64), samples in float64
         s = view.sum(2).double().sum(0)
         self.sums[key] = self.sums.get(key, 0) + s
         self.counts[key] = self.counts.get(key, 0) + view.shape[0] * view.shape[2]

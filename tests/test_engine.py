@@ -335,3 +335,39 @@ def test_statistics_whose_targets_a_refit_used_up_are_refused_not_silently_degra
     cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats)
     with pytest.raises(ValueError, match="used up by an earlier refit"):
         cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats)
+
+
+class SeqFirst(nn.Module):
+    """Tokens first, as ``nn.Transformer(batch_first=False)`` code has them: no call's rows are the samples'."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 16), nn.Linear(16, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: batch, tokens, features
+        h = x.transpose(0, 1)  # tokens, batch, features
+        h = self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h.transpose(0, 1).mean(1))
+
+
+class BatchFirst(SeqFirst):
+    def forward(self, x):
+        return self.head(self.fc2(torch.relu(self.fc1(x))).mean(1))
+
+
+def test_a_seq_first_consumer_is_refit_on_every_row_as_its_batch_first_twin():
+    torch.manual_seed(0)
+    seq, bat = SeqFirst().eval(), BatchFirst().eval()
+    bat.load_state_dict(seq.state_dict())
+    samples = as_samples(torch.randn(200, 5, 6))
+    graph = trace(seq, samples.take(2)[0])
+    keep = {g.name: torch.arange(0, g.units, 2) for g in graph.groups}
+    results = []
+    for model in (seq, bat):
+        settings = Settings(rows=10 ** 6)  # every position of the batch-first twin: the same rows as every row
+        stats = statistics(model, graph, samples, settings, targets=True)
+        small = cut(copy.deepcopy(model), graph, keep, "lstsq", samples=samples, stats=stats, settings=settings)
+        results.append((small, stats.paths["refit"]))
+    (a, how_a), (b, how_b) = results
+    assert how_a == "consumer by consumer (every row of fc2)" and how_b == "stage by stage"
+    assert torch.allclose(a.fc2.weight, b.fc2.weight, rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from prunetool.verify import check_removal
 
 PACKAGE = Path(__file__).resolve().parent.parent / "prunetool"
 REGISTRY = {"layers", "ops"}  # where layer types and call kinds may be named
+LAYOUTS = ("conv", "linear", "atomic", "transposed")
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -91,6 +92,7 @@ def test_layer_types_are_named_only_in_the_registry():
     is one registry entry, not a hunt through the stages."""
     module_types = {n for n, v in vars(nn).items() if inspect.isclass(v) and issubclass(v, nn.Module)
                     and v is not nn.Module}
+    kinds = {n for n, v in vars(layers).items() if inspect.isclass(v) and issubclass(v, layers.Kind)}
     found = []
     for name, tree in _modules().items():
         if name.rsplit(".", 1)[-1] in REGISTRY:
@@ -99,9 +101,9 @@ def test_layer_types_are_named_only_in_the_registry():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
                 for sub in ast.walk(node.args[1]):
                     attr = sub.attr if isinstance(sub, ast.Attribute) else getattr(sub, "id", None)
-                    if attr in module_types or attr in ("_ConvNd", "_BatchNorm", "_NormBase"):
+                    if attr in module_types or attr in kinds or attr in ("_ConvNd", "_BatchNorm", "_NormBase"):
                         found.append(f"{name}:{node.lineno} isinstance on {attr}")
-            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in ("conv", "atomic")
+            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in LAYOUTS
                                                      for c in [node.left, *node.comparators]):
                 found.append(f"{name}:{node.lineno} compares with a layout string")
     assert not found, "; ".join(found)

@@ -14,7 +14,9 @@ from torch import nn
 import prunetool
 from prunetool import layers, task, verify
 from prunetool.cli import main
-from prunetool.cut import cut
+from prunetool.calibrate import Settings, statistics
+from prunetool.cut import cut, select
+from prunetool.data import as_samples
 from prunetool.trace import trace
 
 VOCAB = 100
@@ -394,3 +396,20 @@ def test_bench_exports_the_output_key_it_is_given_and_refuses_a_missing_one(tmp_
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--output-key" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_only_torch_fused_layers_count_as_fused_and_gpt2_refits_stage_by_stage():
+    """A fused fast path (recorded with autograd on, at a forward's memory times several) is torch's own
+    transformer layers' alone; GPT-2's Conv1D reads the batch's tokens as rows, checked, so it refits stage by stage
+    on sampled positions like any other model."""
+    for family in ("gpt2", "llama", "bert", "vit"):
+        assert not layers.fused(hf_model(family)), family
+    assert layers.fused(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 1, enable_nested_tensor=False))
+    model = Logits(hf_model("gpt2")).eval()
+    samples = as_samples(torch.randint(0, VOCAB, (48, 12)))
+    graph = trace(model, samples.take(2)[0])
+    stats = statistics(model, graph, samples, Settings(), targets=True)
+    assert {c.name for g in graph.groups for c in g.consumers} <= stats.flattened | set(stats.targets)
+    keep = select(graph, {g.name: torch.arange(g.units, dtype=torch.float) for g in graph.groups}, 0.5)
+    cut(model, graph, keep, "lstsq", samples=samples, stats=stats)
+    assert stats.paths["refit"] == "stage by stage"

@@ -25,15 +25,13 @@ from ..verify import verify
 from .common import Keywords, finish, check_job_outputs, start
 
 
-WEIGHTED = (layer_kinds.LinearKind, layer_kinds.ConvKind, layer_kinds.TransposedLinearKind)
-
-
 def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose single weights are masked: those of the linear and convolution kinds of
     :mod:`prunetool.layers` (Hugging Face's GPT-2 ``Conv1D``, depthwise and transposed convolutions too); layers
     registered as atomic keep their weights."""
     return {n: m for n, m in model.named_modules()
-            if isinstance(layer_kinds.kind_of(m), WEIGHTED) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+            if layer_kinds.kind_of(m).op is not None and not layer_kinds.kind_of(m).atomic
+            and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 def run(source: Source, data: DataOptions, opts: SparsifyOptions, recovery: Recovery, measurement: Measurement,
