@@ -57,7 +57,9 @@ class Kind:
     ``op`` is the :class:`prunetool.ops.Op` of the module's own weighted call (None: the module makes none that
     prunetool reads as its own); ``adds_bias``: a ``bias`` attribute given to it is used by that call;
     ``fused``: it may take a fused fast path that hides its calls when autograd is off; ``recalibrated``: its
-    running statistics are re-estimated after a cut (BatchNorm); ``embedding``: a lookup table of token ids."""
+    running statistics are re-estimated after a cut (BatchNorm); ``embedding``: a lookup table of token ids.
+    A kind for a subclass of a torch layer should subclass that layer's kind (``LinearKind``, ``ConvKind``, ...)
+    to keep its op and these answers."""
 
     atomic = False
     op: ops.Op | None = None
