@@ -60,15 +60,41 @@ def check_identity(dense: nn.Module, trace: Trace, x: Batch) -> None:
         raise VerificationError("a cut that removes nothing changes the outputs (ratio 0 is not exact)")
 
 
-def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: Batch) -> float:
-    """Removal must equal zeroing the removed units where they are read (the cut without compensation against
-    the dense model with those units zeroed). Returns the relative difference."""
+def removal_difference(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: Batch) -> float:
+    """The relative difference between the cut without compensation and the dense model with the removed units
+    zeroed where they are read (0 when the tracer read the model right; NaN counts as a difference)."""
     small = cut(layers.clone(dense, share=True), trace, keep, "none")
     zeros = {g.name: {mean_key(c.name, c.offset): torch.zeros(g.units, c.spatial) for c in g.consumers}
              for g in trace.groups}
     with mask_hooks(dense, trace, keep, zeros):
         masked = outputs_of(dense, x)
     diff = _relative(outputs_of(small, x), masked)
+    return diff if diff == diff else float("inf")
+
+
+def misread_groups(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: Batch) -> dict[str, float]:
+    """The groups whose removal alone is not the same as zeroing them (the tracer misread them), each with its
+    relative difference; empty when the whole cut agrees. The rest must then agree together: when it does not
+    (groups that misread only jointly), :class:`VerificationError`."""
+    if removal_difference(dense, trace, keep, x) <= TOLERANCE:
+        return {}
+    whole = {g.name: torch.arange(g.units) for g in trace.groups}
+    failing = {}
+    for g in trace.groups:
+        if len(keep[g.name]) < g.units:
+            diff = removal_difference(dense, trace, {**whole, g.name: keep[g.name]}, x)
+            if diff > TOLERANCE:
+                failing[g.name] = diff
+    rest = {**keep, **{name: whole[name] for name in failing}}
+    if removal_difference(dense, trace, rest, x) > TOLERANCE:
+        check_removal(dense, trace, rest, x)  # raises, naming what it removes
+    return failing
+
+
+def check_removal(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor], x: Batch) -> float:
+    """Removal must equal zeroing the removed units where they are read (the cut without compensation against
+    the dense model with those units zeroed). Returns the relative difference."""
+    diff = removal_difference(dense, trace, keep, x)
     if diff > TOLERANCE:
         removed = sum(len(complement(keep[g.name], g.units)) for g in trace.groups)
         raise VerificationError(f"removing {removed} units is not the same as zeroing them "

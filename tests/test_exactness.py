@@ -12,7 +12,7 @@ from prunetool.data import calibration
 from prunetool.score import score
 from prunetool.trace import trace
 
-from conftest import conv2_bn, evci_cnn, functional_net, mean_cut_and_masked, traced
+from conftest import SAMPLES, conv2_bn, evci_cnn, functional_net, mean_cut_and_masked, traced
 
 
 @pytest.mark.parametrize("compensate", ["mean", "lstsq", "none"])
@@ -136,3 +136,25 @@ def test_lstsq_refit_of_activations_whose_squares_overflow_float32(mnist_small):
     with torch.no_grad():
         ref = dense(x)
         assert (refit(x) - ref).abs().max() < (plain(x) - ref).abs().max()
+
+
+def test_a_misread_group_is_kept_whole_and_the_rest_is_cut(monkeypatch, tmp_path):
+    """One group the tracer misread (here: its producer's rows mirrored, so removing unit i drops row n-1-i) must
+    not cost the model: that group is kept whole and named among the protected layers, the others are cut, and
+    the file reloads."""
+    def misreading(*args, **kwargs):
+        graph = trace(*args, **kwargs)
+        group = graph.groups[0]
+        producer = group.producers[0]
+        producer.rows = lambda units, n=group.units: n - 1 - units
+        return graph
+
+    monkeypatch.setattr(prunetool.commands.common, "trace", misreading)
+    small, report = prunetool.shrink(str(SAMPLES / "evci_cnn.pt"), str(SAMPLES / "mnist_subset.npz"),
+                                     arch="samples.nets:EvciCNN", ratio=0.5, calib=64, eval=64, latency_batches=(),
+                                     out=str(tmp_path / "small.safetensors"))
+    first = report["layers"][0]
+    assert first["units_after"] == first["units_before"]
+    assert all(g["units_after"] < g["units_before"] for g in report["layers"][1:])
+    assert any(p["name"] == first["name"] and "misread" in p["reason"] for p in report["protected"])
+    assert report["verify"]["reload"] == "identical"

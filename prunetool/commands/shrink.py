@@ -11,7 +11,7 @@ from torch import nn
 
 from ..layers import clone, unshare
 from ..load import upcast_half
-from ..batch import batch_slice
+from ..batch import batch_slice, batch_to
 from ..cut import can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError
@@ -22,8 +22,9 @@ from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
 from ..staging import Staging
 from ..calibrate import statistics, trim_heap
-from ..trace import trace
-from ..verify import verify
+from ..groups import Protected
+from ..trace import Trace, trace
+from ..verify import REMOVAL_PROBE, misread_groups, verify
 from .common import Keywords, Step, finish, check_job_outputs, start
 
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -128,6 +129,20 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
         job.close()
 
 
+def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported: Trace, device: str) -> dict:
+    """``keep`` with every group the tracer misread kept whole (its removal alone is not the same as zeroing it),
+    each named among ``reported``'s protected layers with the difference: one misread part never costs the rest."""
+    x = batch_to(batch_slice(probe, 0, REMOVAL_PROBE), device)
+    misread = misread_groups(model, graph, keep, x)
+    for name, diff in misread.items():
+        reported.protected.append(Protected(name, f"removing its units is not the same as zeroing them (relative "
+                                                  f"difference {diff:.2g}): the tracer misread this part"))
+    if misread:
+        warnings.warn(f"kept whole, the tracer misread them: {', '.join(misread)} (see the report's protected "
+                      "layers)")
+    return {g.name: torch.arange(g.units) if g.name in misread else keep[g.name] for g in graph.groups}
+
+
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
     step = work(job, opts, recovery, measurement, bars, scores)
@@ -172,6 +187,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep = select(graph, scores.scores, per_group, opts.round_to)
         else:
             keep = keep_units(graph, scores.scores, step_ratio, opts)
+        keep = _protect_misread(current, graph, keep, probe, job.graph, device)
         means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
             else scores.means
         small = cut(clone(current, share=True), graph, keep, opts.compensate, means, calib, bars, stats=stats,
