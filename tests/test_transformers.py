@@ -413,3 +413,21 @@ def test_only_torch_fused_layers_count_as_fused_and_gpt2_refits_stage_by_stage()
     keep = select(graph, {g.name: torch.arange(g.units, dtype=torch.float) for g in graph.groups}, 0.5)
     cut(model, graph, keep, "lstsq", samples=samples, stats=stats)
     assert stats.paths["refit"] == "stage by stage"
+
+
+def test_opt_keeps_the_heads_it_misreads_and_cuts_its_mlps(tmp_path):
+    """OPT's attention is misread by the tracer (removal is not zeroing there): those groups are kept whole and named,
+    the MLPs are cut, and the result is still a Hugging Face directory that reloads to identical outputs. The whole
+    run used to be refused."""
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                 num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)
+    transformers.OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
+    with pytest.warns(UserWarning, match="kept whole, the tracer misread"):
+        _, report = prunetool.shrink(str(tmp_path / "opt"), None, ratio=0.3, tokens=32, calib=16, measure=False,
+                                     out=str(tmp_path / "opt.small"))
+    misread = {p["name"] for p in report["protected"] if "misread" in p["reason"]}
+    units = {g["name"]: (g["units_before"], g["units_after"]) for g in report["layers"]}
+    assert misread and all(units[name][0] == units[name][1] for name in misread)
+    assert any(after < before for name, (before, after) in units.items() if name not in misread)
+    assert report["verify"]["reload_from_pretrained"] == "identical"

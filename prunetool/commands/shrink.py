@@ -129,9 +129,11 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
         job.close()
 
 
-def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported: Trace, device: str) -> dict:
+def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported: Trace,
+                     device: str) -> tuple[dict, frozenset]:
     """``keep`` with every group the tracer misread kept whole (its removal alone is not the same as zeroing it),
-    each named among ``reported``'s protected layers with the difference: one misread part never costs the rest."""
+    each named among ``reported``'s protected layers with the difference (returned too): one misread part never
+    costs the rest."""
     x = batch_to(batch_slice(probe, 0, REMOVAL_PROBE), device)
     misread = misread_groups(model, graph, keep, x)
     for name, diff in misread.items():
@@ -140,7 +142,8 @@ def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported
     if misread:
         warnings.warn(f"kept whole, the tracer misread them: {', '.join(misread)} (see the report's protected "
                       "layers)")
-    return {g.name: torch.arange(g.units) if g.name in misread else keep[g.name] for g in graph.groups}
+    return {g.name: torch.arange(g.units) if g.name in misread else keep[g.name] for g in graph.groups}, \
+        frozenset(misread)
 
 
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
@@ -187,7 +190,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep = select(graph, scores.scores, per_group, opts.round_to)
         else:
             keep = keep_units(graph, scores.scores, step_ratio, opts)
-        keep = _protect_misread(current, graph, keep, probe, job.graph, device)
+        keep, misread = _protect_misread(current, graph, keep, probe, job.graph, device)
         means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
             else scores.means
         small = cut(clone(current, share=True), graph, keep, opts.compensate, means, calib, bars, stats=stats,
@@ -197,7 +200,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         trim_heap()  # the passes' freed memory back to the system before the checks (glibc keeps it otherwise)
         current.cpu()
         small.cpu()
-        checks = verify(current, small, graph, keep, probe, engine.output_key)
+        checks = verify(current, small, graph, keep, probe, engine.output_key, misread)
         if recalibrate or recovery.finetune_epochs:
             unshare(small, current)  # both write into the tensors
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
