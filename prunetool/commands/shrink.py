@@ -11,10 +11,10 @@ from torch import nn
 
 from ..layers import clone, unshare
 from ..load import upcast_half
-from ..batch import batch_slice, batch_to
+from ..batch import batch_slice
 from ..cut import can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
-from ..errors import UsageError
+from ..errors import UsageError, VerificationError
 from ..measure import evaluate, macs, params
 from ..options import DATA_CRITERIA, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
 from ..progress import Bars
@@ -129,13 +129,11 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
         job.close()
 
 
-def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported: Trace,
-                     device: str) -> tuple[dict, frozenset]:
-    """``keep`` with every group the tracer misread kept whole (its removal alone is not the same as zeroing it),
-    each named among ``reported``'s protected layers with the difference (returned too): one misread part never
-    costs the rest."""
-    x = batch_to(batch_slice(probe, 0, REMOVAL_PROBE), device)
-    misread = misread_groups(model, graph, keep, x)
+def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported: Trace) -> tuple[dict, frozenset]:
+    """After a cut failed its checks: ``keep`` with every group the tracer misread kept whole (its removal alone
+    is not the same as zeroing it), each named among ``reported``'s protected layers with the difference, and
+    those groups. One misread part never costs the rest; the cut is then made again."""
+    misread = misread_groups(model, graph, keep, batch_slice(probe, 0, REMOVAL_PROBE))
     for name, diff in misread.items():
         reported.protected.append(Protected(name, f"removing its units is not the same as zeroing them (relative "
                                                   f"difference {diff:.2g}): the tracer misread this part"))
@@ -190,17 +188,29 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep = select(graph, scores.scores, per_group, opts.round_to)
         else:
             keep = keep_units(graph, scores.scores, step_ratio, opts)
-        keep, misread = _protect_misread(current, graph, keep, probe, job.graph, device)
-        means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
-            else scores.means
-        small = cut(clone(current, share=True), graph, keep, opts.compensate, means, calib, bars, stats=stats,
-                    settings=engine).eval()
-        paths = dict(stats.paths)
-        stats.release()
-        trim_heap()  # the passes' freed memory back to the system before the checks (glibc keeps it otherwise)
-        current.cpu()
-        small.cpu()
-        checks = verify(current, small, graph, keep, probe, engine.output_key, misread)
+        misread: frozenset = frozenset()
+        while True:
+            means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
+                else scores.means
+            small = cut(clone(current, share=True), graph, keep, opts.compensate, means, calib, bars, stats=stats,
+                        settings=engine).eval()
+            paths = dict(stats.paths)
+            stats.release()
+            trim_heap()  # the passes' freed memory back to the system before the checks (glibc keeps it otherwise)
+            current.cpu()
+            small.cpu()
+            try:
+                checks = verify(current, small, graph, keep, probe, engine.output_key, misread)
+                break
+            except VerificationError:
+                keep, found = _protect_misread(current, graph, keep, probe, job.graph)  # raises when none is
+                if not found - misread:
+                    raise
+                misread |= found
+                del small
+                if not measurement.offload:
+                    current.to(device)
+                stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
         if recalibrate or recovery.finetune_epochs:
             unshare(small, current)  # both write into the tensors
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
