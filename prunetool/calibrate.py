@@ -37,13 +37,9 @@ from .data import Samples
 from .distributed import reduce_sum
 from .options import DEFAULT_CALIB_MEMORY, DEFAULT_ROWS
 from .progress import QUIET, Bars
-from .store import Kept, Store, batch_size, map_large_alone, trim_heap
+from .store import Kept, Store, batch_size
 from .trace import Group, Trace
 from .units import Sums, readers, unit_view
-
-__all__ = ["Settings", "Positions", "Statistics", "statistics", "covariances", "output_sensitivity", "batch_size",
-           "map_large_alone", "trim_heap"]
-
 
 @dataclass
 class Settings:

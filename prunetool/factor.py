@@ -42,12 +42,6 @@ def matrix(module: nn.Module) -> torch.Tensor:
     return layers.op_of(module).as_matrix(module.weight.detach()).double()
 
 
-def factorable(module: nn.Module) -> bool:
-    """A Linear or a Conv2d (groups=1; subclasses too, if they hold nothing but weight and bias): whatever the
-    layer registry can factor (:func:`prunetool.layers.factorable`)."""
-    return layers.factorable(module)
-
-
 def saves(module: nn.Module, k: int) -> bool:
     """Whether rank k stores fewer weights (for convs the MACs then drop by the same factor)."""
     m, n = matrix(module).shape
@@ -97,11 +91,6 @@ def rank_for_energy(spec: Spectrum, energy: float) -> int:
     return int(min(len(s2), int((kept < energy - 1e-12).sum()) + 1))
 
 
-def empty_factored(module: nn.Module, k: int) -> nn.Sequential:
-    """The two-layer replacement of ``module`` at rank ``k``, weights not yet set."""
-    return layers.op_of(module).factored(module, k)
-
-
 def factor(module: nn.Module, k: int, spec: Spectrum | None = None) -> nn.Sequential:
     """``module`` as a rank-``k`` product (truncated SVD of W, or of W·C^½ multiplied back)."""
     spec = spec or spectrum(module)
@@ -110,7 +99,7 @@ def factor(module: nn.Module, k: int, spec: Spectrum | None = None) -> nn.Sequen
     b = root[:, None] * spec.vh[:k]
     if spec.chol is not None:
         b = torch.linalg.solve_triangular(spec.chol, b, upper=False, left=False)  # b·L⁻¹
-    out = empty_factored(module, k)
+    out = layers.op_of(module).factored(module, k)  # the two layers, weights not yet set
     dtype = module.weight.dtype
     with torch.no_grad():
         out[0].weight.copy_(b.reshape(out[0].weight.shape).to(dtype))
@@ -133,7 +122,7 @@ def inside_factored(model: nn.Module, name: str) -> bool:
 def candidates(model: nn.Module, heads: list[str], layers_glob: str | None) -> tuple[list[str], list[str]]:
     """Layers to factor, and the output heads among them: those matching ``layers_glob`` (comma-separated globs;
     a head only when named exactly), else every factorable layer but the output heads."""
-    names = [n for n, m in model.named_modules() if factorable(m) and not inside_factored(model, n)]
+    names = [n for n, m in model.named_modules() if layers.factorable(m) and not inside_factored(model, n)]
     if not layers_glob:
         return [n for n in names if n not in heads], []
     patterns = [g.strip() for g in layers_glob.split(",") if g.strip()]

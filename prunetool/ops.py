@@ -126,15 +126,11 @@ class Op:
     def rows(self, args: dict, weight: torch.Tensor, x: torch.Tensor, picks: torch.Tensor | None) -> torch.Tensor:
         """The design rows the weight multiplies, at the sampled output positions ``picks`` (n × P; None: all), as
         (n·P) × fan-in."""
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x[:, None, :]  # n, positions, fan-in
-        if picks is None:
-            return flat.reshape(-1, flat.shape[-1])
-        idx = picks[..., None].expand(-1, -1, flat.shape[-1]).to(x.device)
-        return flat.gather(1, idx).reshape(-1, flat.shape[-1])
+        return _last_dim_rows(x, picks)
 
     def targets(self, out: torch.Tensor, picks: torch.Tensor | None = None) -> torch.Tensor:
         """The outputs at the sampled positions ``picks`` (None: all), as (n·P) × outputs."""
-        return self.rows({}, out, out, picks)
+        return _last_dim_rows(out, picks)
 
     # --- lowrank ----------------------------------------------------------------------------------------------
     def factorable(self, module: nn.Module) -> bool:
@@ -144,6 +140,15 @@ class Op:
     def factored(self, module: nn.Module, k: int) -> nn.Sequential:
         """The two-layer replacement of ``module`` at rank ``k``: first ``k × fan-in``, then ``out × k``."""
         raise NotImplementedError(f"{type(module).__name__} cannot be factored")
+
+
+def _last_dim_rows(x: torch.Tensor, picks: torch.Tensor | None) -> torch.Tensor:
+    """The vectors along ``x``'s last dimension at positions ``picks`` (n × P; None: all), as (n·P) × C."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x[:, None, :]  # n, positions, C
+    if picks is None:
+        return flat.reshape(-1, flat.shape[-1])
+    idx = picks[..., None].expand(-1, -1, flat.shape[-1]).to(x.device)
+    return flat.gather(1, idx).reshape(-1, flat.shape[-1])
 
 
 def _plain(module: nn.Module) -> bool:

@@ -20,11 +20,12 @@ from torch import nn
 
 from . import calls, task
 from .batch import batch_to, call, model_dtype
-from .calibrate import batch_size
 from .data import Samples
-from .factor import Spectrum, elbow, factorable, matrix, spectrum
+from .factor import Spectrum, elbow, matrix, spectrum
+from .layers import factorable
 from .progress import QUIET, Bars
 from .score import mrp, mrs, unit_means
+from .store import batch_size
 from .trace import Trace
 
 DEAD_NATS = 1e-6  # mean |loss change| per sample below which a unit is dead

@@ -16,11 +16,12 @@ from torch import nn
 
 from . import calls, task
 from .batch import batch_to, call, model_dtype
-from .calibrate import Settings, batch_size, statistics
+from .calibrate import Settings, statistics
 from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import CRITERIA
 from .progress import QUIET, Bars
+from .store import batch_size
 from .trace import Group, Trace
 from .units import Means, consumer_hooks, input_columns, mean_of, readers, replace_units, unit_view
 

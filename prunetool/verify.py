@@ -14,11 +14,11 @@ from torch.utils._pytree import tree_leaves
 
 from . import layers, precision
 from .batch import Batch, batch_slice, call, forward
-from .calibrate import trim_heap
 from .cut import complement, cut, mask_hooks
 from .errors import UsageError, VerificationError
 from .load import load, upcast_half
 from .score import unit_means
+from .store import trim_heap
 from .trace import Trace
 from .units import consumer_hooks, mean_key, readers, unit_view
 
@@ -85,9 +85,7 @@ def misread_groups(dense: nn.Module, trace: Trace, keep: dict[str, torch.Tensor]
             diff = removal_difference(dense, trace, {**whole, g.name: keep[g.name]}, x)
             if diff > TOLERANCE:
                 failing[g.name] = diff
-    rest = {**keep, **{name: whole[name] for name in failing}}
-    if removal_difference(dense, trace, rest, x) > TOLERANCE:
-        check_removal(dense, trace, rest, x)  # raises, naming what it removes
+    check_removal(dense, trace, {**keep, **{name: whole[name] for name in failing}}, x)  # the rest, together
     return failing
 
 

@@ -21,7 +21,8 @@ from ..progress import Bars
 from ..recover import finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
 from ..staging import Staging
-from ..calibrate import statistics, trim_heap
+from ..store import trim_heap
+from ..calibrate import statistics
 from ..groups import Protected
 from ..trace import Trace, trace
 from ..verify import REMOVAL_PROBE, misread_groups, verify
