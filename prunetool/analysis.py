@@ -34,7 +34,7 @@ ELEMENTWISE = {"relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "si
 BINARY = {"add", "sub", "mul", "div", "rsub", "true_divide", "maximum", "minimum", "where", "__add__", "__radd__",
           "__iadd__", "__mul__", "__rmul__", "__imul__", "__sub__", "__rsub__", "__isub__", "__truediv__",
           "__rtruediv__", "__itruediv__"}
-RESHAPE = {"flatten", "view", "reshape"}
+RESHAPE = {"flatten", "unflatten", "view", "reshape"}
 MIXING = {"layer_norm": "normalises across channels", "rms_norm": "normalises across channels",
           "multi_head_attention_forward": "is attention with packed projections prunetool does not cut"}
 
@@ -118,12 +118,16 @@ class Analysis:
         if a is not None:
             if uses > 1:
                 self.spaces.protect(a, f"{name} is called {uses} times")
-            elif not op.reads(a.dim, a.spatial, len(self.shape(x))):
+            elif a.repeat > 1 and not op.reads(a.dim, a.spatial, len(self.shape(x)), a.repeat):
+                self.spaces.protect(a, f"{name} ({node.name}) reads them interleaved with each other (a permute and "
+                                       "a reshape before it stride them)")
+            elif not op.reads(a.dim, a.spatial, len(self.shape(x)), a.repeat):
                 self.spaces.protect(a, f"{name} ({node.name}) does not read them as its input channels")
             else:
                 for space, offset in a.offsets():
                     self.spaces.get(space).consumers.append(Consumer(
-                        name, module, offset, a.spatial, self._norm_after(out), attr, op.in_dim, op, padded, bias_attr))
+                        name, module, offset, a.spatial, self._norm_after(out), attr, op.in_dim, op, padded, bias_attr,
+                        a.repeat, a.units * a.spatial))
         units = self.graph.tensors[weight.id].shape[op.out_dim]
         space = self.spaces.new(units, f"{name} is called {uses} times" if uses > 1 else None)
         self.spaces.spaces[space].producers.append(Producer(name, module, attr, bias_attr, op.out_dim))
@@ -149,7 +153,7 @@ class Analysis:
             # depthwise: one filter per channel, cut with the units it filters
             name, attr, module = own
             bias_own = self.owned(b.get("bias"))
-            if a is None or a.dim != 1 or a.spatial != 1 or self.calls.get(id(module), 1) > 1:
+            if a is None or a.dim != 1 or not a.plain or self.calls.get(id(module), 1) > 1:
                 return self.opaque(node, f"depthwise conv {name} cannot be cut here")
             tensors = ((attr, 0),) + (((bias_own[1], 0),) if bias_own is not None else ())
             for space, offset in a.offsets():
@@ -187,7 +191,7 @@ class Analysis:
             return
         owned = [(k, self.owned(v)) for k, v in b.items() if k != "input" and self.owned(v) is not None]
         modules = {id(o[2]) for _, o in owned}
-        if len(modules) > 1 or a.dim != 1 or a.spatial != 1 or any(self.calls.get(m, 1) > 1 for m in modules):
+        if len(modules) > 1 or a.dim != 1 or not a.plain or any(self.calls.get(m, 1) > 1 for m in modules):
             return self.opaque(node, f"{node.name} in {self.where(node)} cannot be cut here")
         if owned:
             module = owned[0][1][2]
@@ -214,7 +218,7 @@ class Analysis:
         if own is None or self.graph.tensors[b["weight"].id].numel() == 1:
             self.channels[node.outputs[0]] = a
             return
-        if a.dim != 1 or a.spatial != 1:
+        if a.dim != 1 or not a.plain:
             return self.opaque(node, f"PReLU {own[0]} cannot be cut here")
         for space, offset in a.offsets():
             self.spaces.get(space).members.append(Member(own[0], own[2], offset, ((own[1], 0),)))
@@ -296,7 +300,8 @@ class Analysis:
         ref_tok, ref = ins[0]
         cdim = ref.dim + nd - len(self.graph.shapes[ref_tok])
         for tok, a in ins[1:]:
-            same = a.dim + nd - len(self.graph.shapes[tok]) == cdim and a.spatial == ref.spatial
+            same = (a.dim + nd - len(self.graph.shapes[tok]) == cdim and a.spatial == ref.spatial
+                    and a.repeat == ref.repeat)
             if same and [n for _, n in a.parts] == [n for _, n in ref.parts]:
                 for (s1, _), (s2, _) in zip(ref.parts, a.parts):
                     self.spaces.union(s1, s2)
@@ -312,14 +317,14 @@ class Analysis:
             if len(shape) > nd or shape[cdim] == 1:
                 continue
             owner = self.owner.get(id(self.graph.tensors[tok])) or self.views.get(tok)
-            if owner is not None and not ref.spatial > 1 and math.prod(shape) == shape[cdim]:
+            if owner is not None and ref.plain and math.prod(shape) == shape[cdim]:
                 module_name, attr, module = owner
                 pdim = 0 if tok in self.views else cdim - (nd - len(self.graph.shapes[tok]))
                 for space, offset in ref.offsets():
                     self.spaces.get(space).members.append(Member(module_name, module, offset, ((attr, pdim),)))
             else:
                 return self.opaque(node, f"{node.name} in {self.where(node)} mixes them with a per-channel constant")
-        self.channels[out] = Channels(ref.parts, cdim, ref.spatial)
+        self.channels[out] = Channels(ref.parts, cdim, ref.spatial, ref.repeat)
 
     def cat(self, node: Node, ins) -> None:
         out = node.outputs[0]
@@ -329,7 +334,7 @@ class Analysis:
             return self.opaque(node, f"{node.name} in {self.where(node)} joins them with tensors prunetool cannot "
                                      "slice")
         cdims = {a.dim for _, a in ins}
-        if len(cdims) != 1 or any(a.spatial != 1 for _, a in ins):
+        if len(cdims) != 1 or any(not a.plain for _, a in ins):
             return self.opaque(node, f"{node.name} in {self.where(node)} joins tensors with different channel "
                                      "layouts")
         cdim = cdims.pop()
@@ -340,22 +345,39 @@ class Analysis:
 
     def reshape(self, node: Node) -> None:
         """A reshape that keeps the channel dimension, merges it with the dimensions after it (a flatten: each unit
-        then spans their size), or splits it (into heads: its units become blocks of channels)."""
+        then spans their size) or before it (positions flattened in front of the channels, after a permute: the
+        units' block repeats), splits a repeated block back, or splits the channel dimension (into heads: its
+        units become blocks of channels)."""
         tok = node.inputs[0]
         a = self.channels[tok]
         src, dst = self.graph.shapes[tok], self.graph.shapes[node.outputs[0]]
         c, s, out = a.dim, a.spatial, node.outputs[0]
-        lead = math.prod(src[:c])
+        period = a.units * s
         prods = [math.prod(dst[:i]) for i in range(len(dst) + 1)]
+        for j in range(c, 0, -1):  # src[j:c] merged in front of the channels (never the batch dimension)
+            lead = math.prod(src[:j])
+            for i in [i for i in range(1, len(dst)) if prods[i] == lead] if j < c else []:
+                for m in range(len(src) - c):  # and the m dims after them
+                    if dst[i] == math.prod(src[j:c + 1 + m]) and math.prod(dst[i + 1:]) == math.prod(src[c + 1 + m:]):
+                        self.channels[out] = Channels(a.parts, i, s * math.prod(src[c + 1:c + 1 + m]),
+                                                      a.repeat * math.prod(src[j:c]))
+                        return
+        lead = math.prod(src[:c])
         for i in [i for i in range(len(dst)) if prods[i] == lead]:
             if dst[i] == src[c]:  # same leading block and same channel size: every channel keeps its place
-                self.channels[out] = Channels(a.parts, i, s)
+                self.channels[out] = Channels(a.parts, i, s, a.repeat)
                 return
             for m in range(1, len(src) - c):  # the channel dim merged with the m dims after it
                 merged = math.prod(src[c + 1:c + 1 + m])
                 if dst[i] == src[c] * merged and math.prod(dst[i + 1:]) == math.prod(src[c + 1 + m:]):
-                    self.channels[out] = Channels(a.parts, i, s * merged)
+                    self.channels[out] = Channels(a.parts, i, s * merged, a.repeat)
                     return
+            if a.repeat > 1:  # the repeated block split back out: (repeat · period) → repeat × period
+                if dst[i] == a.repeat and i + 1 < len(dst) and dst[i + 1] == period and \
+                        math.prod(dst[i + 2:]) == math.prod(src[c + 1:]):
+                    self.channels[out] = Channels(a.parts, i + 1, s)
+                    return
+                continue
             if src[c] % dst[i] == 0 and math.prod(dst[i + 1:]) == math.prod(src[c + 1:]) * (src[c] // dst[i]):
                 inner = src[c] // dst[i]  # the channel dim split into dst[i] × inner
                 if s % inner == 0:  # each unit still spans whole indices of the outer part
@@ -374,7 +396,8 @@ class Analysis:
         """Annotations of tensors whose channel dims must match unit for unit (attention heads), the finer ones
         regrouped to the coarsest grouping (query heads into the groups that share a key/value head); None when
         they cannot be."""
-        if len({a.units * a.spatial for _, a in pairs}) != 1 or any(len(a.parts) != 1 for _, a in pairs):
+        if len({a.units * a.spatial for _, a in pairs}) != 1 or any(len(a.parts) != 1 or a.repeat > 1
+                                                                     for _, a in pairs):
             return None
         units = min(a.units for _, a in pairs)
         out = []
@@ -441,7 +464,7 @@ class Analysis:
         if dim != a.dim:
             return self.probe(node, ins[0])
         sizes = [self.graph.shapes[o][dim] for o in node.outputs]
-        if any(n % a.spatial for n in sizes) or not self._regroupable(tok, a):
+        if a.repeat > 1 or any(n % a.spatial for n in sizes) or not self._regroupable(tok, a):
             return self.opaque(node, f"{node.name} in {self.where(node)} splits channels that are read elsewhere")
         parts = self.spaces.partition(a.parts[0][0], [n // a.spatial for n in sizes])
         for o, part, n in zip(node.outputs, parts, sizes):
@@ -454,7 +477,7 @@ class Analysis:
         tok, a = ins
         width = a.units * a.spatial
         original = self.graph.tensors[tok]
-        if not original.dtype.is_floating_point:
+        if not original.dtype.is_floating_point or a.repeat > 1:
             return self.opaque(node, f"{node.name} in {self.where(node)} is an op prunetool cannot cut through")
 
         def run(replacement):

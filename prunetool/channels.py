@@ -11,15 +11,23 @@ from .groups import Producer
 @dataclass
 class Channels:
     """Channel structure of a tensor: unit spaces side by side along dimension ``dim``, each unit ``spatial``
-    channels wide (a conv channel flattened with its H·W positions, an attention head's channels)."""
+    channels wide (a conv channel flattened with its H·W positions, an attention head's channels), the whole
+    block of units repeated ``repeat`` times along the dimension (positions flattened in front of the channels,
+    as ``x.transpose(1, 2).flatten(1)`` makes them): index ``(r · units + u) · spatial + s`` is unit u's."""
 
     parts: tuple[tuple[int, int], ...]  # (space id, units), in channel order
     dim: int
     spatial: int = 1
+    repeat: int = 1
 
     @property
     def units(self) -> int:
         return sum(n for _, n in self.parts)
+
+    @property
+    def plain(self) -> bool:
+        """Each unit is one index along the dimension."""
+        return self.spatial == 1 and self.repeat == 1
 
     def offsets(self):
         offset = 0

@@ -32,7 +32,8 @@ class Producer:
 
 @dataclass
 class Consumer:
-    """A layer that reads a group's units: input channels ``offset … offset+units`` (× ``spatial`` features).
+    """A layer that reads a group's units: input channels ``offset … offset+units`` (× ``spatial`` features),
+    repeated ``repeat`` times every ``period`` input channels (:class:`prunetool.channels.Channels`).
 
     ``op`` is its weighted call (:mod:`prunetool.ops`): how it reads them, and all arithmetic on its weight, whose
     input dimension is ``dim``.
@@ -48,6 +49,13 @@ class Consumer:
     op: ops.Op = ops.LINEAR
     padded: bool = False  # its call pads the input (a constant unit is then not constant at the borders)
     bias: str | None = "bias"
+    repeat: int = 1
+    period: int = 0
+
+    @property
+    def width(self) -> int:
+        """The input channels of one unit."""
+        return self.spatial * self.repeat
 
 
 @dataclass

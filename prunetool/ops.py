@@ -67,18 +67,28 @@ class Op:
         """The dimension holding the channels of an input or output of ``ndim`` dimensions."""
         return 1 if self.channels_first else ndim - 1
 
-    def reads(self, cdim: int, spatial: int, ndim: int) -> bool:
-        """Whether units laid along ``cdim`` (each ``spatial`` channels wide) are this call's input channels."""
-        return cdim == self.channel_dim(ndim) and (spatial == 1 or not self.channels_first)
+    def reads(self, cdim: int, spatial: int, ndim: int, repeat: int = 1) -> bool:
+        """Whether units laid along ``cdim`` (each ``spatial`` channels wide, the block repeated ``repeat`` times)
+        are this call's input channels."""
+        return cdim == self.channel_dim(ndim) and (spatial == 1 and repeat == 1 or not self.channels_first)
 
-    def columns(self, offset: int, spatial: int, units: torch.Tensor) -> torch.Tensor:
-        """The indices along the weight's input dimension of ``units`` read at ``offset``, ``spatial`` wide."""
-        return ((offset + units)[:, None] * spatial + torch.arange(spatial)).reshape(-1)
+    def columns(self, offset: int, spatial: int, units: torch.Tensor, repeat: int = 1,
+                period: int = 0) -> torch.Tensor:
+        """The indices along the weight's input dimension of ``units`` read at ``offset``, ``spatial`` wide,
+        repeated every ``period`` indices: unit by unit, each unit's in (repeat, spatial) order."""
+        cols = (offset + units)[:, None] * spatial + torch.arange(spatial)  # units, spatial
+        return (cols[:, None, :] + torch.arange(repeat)[:, None] * period).reshape(-1)  # units · repeat · spatial
 
-    def unit_view(self, x: torch.Tensor, offset: int, units: int, spatial: int) -> torch.Tensor:
-        """Units ``offset … offset+units`` of input ``x`` as a (batch, units, positions, width) view."""
+    def unit_view(self, x: torch.Tensor, offset: int, units: int, spatial: int, repeat: int = 1,
+                  period: int = 0) -> torch.Tensor:
+        """Units ``offset … offset+units`` of input ``x`` as (batch, units, positions, width): a view when the
+        block is not repeated, else a copy whose width is (repeat, spatial) flattened."""
         n = x.shape[0]
         v = x.reshape(n, -1, x.shape[-1]) if x.dim() > 2 else x.reshape(n, 1, -1)  # n, positions, channels
+        if repeat > 1:
+            v = v.unflatten(2, (repeat, period))[..., offset * spatial:(offset + units) * spatial]
+            v = v.unflatten(3, (units, spatial))  # n, positions, repeat, units, spatial
+            return v.permute(0, 3, 1, 2, 4).flatten(3)
         return v[:, :, offset * spatial:(offset + units) * spatial].unflatten(2, (units, spatial)).transpose(1, 2)
 
     def exact_for_constants(self, padded: bool) -> bool:
@@ -209,10 +219,10 @@ class ConvOp(Op):
     signature = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     channels_first = True
 
-    def columns(self, offset, spatial, units):
+    def columns(self, offset, spatial, units, repeat=1, period=0):
         return offset + units
 
-    def unit_view(self, x, offset, units, spatial):
+    def unit_view(self, x, offset, units, spatial, repeat=1, period=0):
         return x.reshape(x.shape[0], x.shape[1], -1)[:, offset:offset + units, :, None]  # n, units, positions, 1
 
     def exact_for_constants(self, padded):

@@ -23,12 +23,13 @@ Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × w
 
 def unit_view(x: torch.Tensor, group: Group, consumer: Consumer) -> torch.Tensor:
     """The group's units in a consumer's input, as a (batch, units, positions, width) view of ``x``."""
-    return consumer.op.unit_view(x, consumer.offset, group.units, consumer.spatial)
+    c = consumer
+    return c.op.unit_view(x, c.offset, group.units, c.spatial, c.repeat, c.period)
 
 
 def input_columns(c: Consumer, units: torch.Tensor) -> torch.Tensor:
     """The indices of ``units`` along consumer ``c``'s weight input dimension."""
-    return c.op.columns(c.offset, c.spatial, units)
+    return c.op.columns(c.offset, c.spatial, torch.as_tensor(units), c.repeat, c.period)
 
 
 def readers(trace: Trace, groups: list[Group] | None = None) -> dict[str, list[tuple[Group, Consumer]]]:
@@ -56,7 +57,10 @@ def replace_units(x: torch.Tensor, read, values: dict) -> torch.Tensor:
     for g, c in read:
         if (g.name, c.name, c.offset) in values:
             idx, m = values[(g.name, c.name, c.offset)]
-            unit_view(y, g, c)[:, idx] = m.to(y.dtype).reshape(len(idx), 1, -1)
+            if c.repeat > 1:  # the units' view is a copy: write their columns
+                y.view(-1, y.shape[-1])[:, input_columns(c, torch.as_tensor(idx))] = m.to(y.dtype).reshape(-1)
+            else:
+                unit_view(y, g, c)[:, idx] = m.to(y.dtype).reshape(len(idx), 1, -1)
     return y
 
 

@@ -64,7 +64,7 @@ def removal_difference(dense: nn.Module, trace: Trace, keep: dict[str, torch.Ten
     """The relative difference between the cut without compensation and the dense model with the removed units
     zeroed where they are read (0 when the tracer read the model right; NaN counts as a difference)."""
     small = cut(layers.clone(dense, share=True), trace, keep, "none")
-    zeros = {g.name: {mean_key(c.name, c.offset): torch.zeros(g.units, c.spatial) for c in g.consumers}
+    zeros = {g.name: {mean_key(c.name, c.offset): torch.zeros(g.units, c.width) for c in g.consumers}
              for g in trace.groups}
     with mask_hooks(dense, trace, keep, zeros):
         masked = outputs_of(dense, x)
