@@ -259,6 +259,8 @@ class Analysis:
             return self.binary(node, ins)
         if name in ("cat", "concat", "concatenate"):
             return self.cat(node, ins)
+        if name == "type_as" and node.inputs and node.inputs[0] in self.channels:
+            ins = ins[:1]  # the other tensor gives only the dtype
         if len(ins) != 1:
             return self.opaque(node, f"{name} in {self.where(node)} combines them with other tensors")
         if name in ELEMENTWISE and all(self._scalar(t) for t in node.inputs if t not in self.channels):
@@ -492,6 +494,9 @@ class Analysis:
             gen = torch.Generator().manual_seed(len(self.graph.nodes))
             channels = sorted({0, width - 1, int(torch.randint(width, (1,), generator=gen))})
             found: list[set | None] = [None] * len(base)
+            for i, b0 in enumerate(base):  # an empty slice (Phi-3's rotary part when it is the whole head) holds none
+                if b0.numel() == 0 and b0.dim() == original.dim() and b0.shape[a.dim] == original.shape[a.dim]:
+                    found[i] = {(a.dim, a.spatial)}
             for ch in channels:
                 bumped = original.clone()
                 bumped.select(a.dim, ch).add_(1.0 + bumped.select(a.dim, ch).abs())

@@ -51,7 +51,7 @@ RECOVERY = "--finetune-epochs --lr --batch-size --optimizer"
 REPORT = "--max-params --latency-batches --no-latency --onnx --pt2 --onnx-atol --onnx-rtol --out --json --summary-md"
 GATES = f"--min-speedup --speedup-batch {REPORT} --device"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs --round-to "
-          f"--schedule --recalibrate-bn {RECOVERY} --distill --dry-run --compensate --max-drop {GATES} --offload "
+          f"--free-widths --schedule --recalibrate-bn {RECOVERY} --distill --dry-run --compensate --max-drop {GATES} --offload "
           "--quiet --no-progress")
 LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --target-params --target-macs --max-layer-error --search "
            f"--layers --data-aware {RECOVERY} --distill --max-drop {GATES} --quiet --no-progress")
@@ -139,7 +139,7 @@ def shrink_cmd(given: Given):
             preflight({"--json": given["--json"]}, source, data, inputs=given.session.inputs())
         report = shrink_command.plan(
             source.checkpoint, data.data, criterion=opts.criterion, scope=opts.scope,
-            max_layer_ratio=opts.max_layer_ratio, round_to=opts.round_to,
+            max_layer_ratio=opts.max_layer_ratio, round_to=opts.round_to, free_widths=opts.free_widths,
             calib=min(data.calib, shrink_command.DRY_RUN_CALIB), input_shape=data.input_shape, arch=source.arch,
             arch_kwargs=source.arch_kwargs, unsafe_pickle=source.unsafe_pickle, download=data.download,
             tokens=data.tokens, seq_len=data.seq_len, tokenizer=data.tokenizer, output_key=data.output_key,

@@ -64,10 +64,17 @@ def select(trace: Trace, scores: dict[str, torch.Tensor], ratio: float | dict[st
         kept = size - n_removed(size, r)
         if round_to > 1 and g.blocks == 1:
             kept = min(size, max(round_to, round_to * round(kept / round_to)))
-        order = torch.sort(scores[g.name].double().reshape(g.blocks, size), dim=1, stable=True).indices
-        kept_idx = order[:, size - kept:] + torch.arange(g.blocks)[:, None] * size
-        keep[g.name] = torch.sort(kept_idx.reshape(-1)).values
+        keep[g.name] = top(scores[g.name], g.blocks, kept)
     return keep
+
+
+def top(scores: torch.Tensor, blocks: int, kept: int) -> torch.Tensor:
+    """The sorted indices of the ``kept`` highest ``scores`` in each of ``blocks`` equal blocks (ties: the lowest
+    index goes first)."""
+    size = len(scores) // blocks
+    order = torch.sort(scores.double().reshape(blocks, size), dim=1, stable=True).indices
+    kept_idx = order[:, size - kept:] + torch.arange(blocks)[:, None] * size
+    return torch.sort(kept_idx.reshape(-1)).values
 
 
 def global_ratios(trace: Trace, scores: dict[str, torch.Tensor], ratio: float,
@@ -115,8 +122,17 @@ def bias_attr(module: nn.Module, c: Consumer) -> str | None:
 
 
 def can_add_bias(module: nn.Module, c: Consumer) -> bool:
-    """Whether the consumer's own call would use a new ``bias`` (the torch layers and their subclasses)."""
-    return bias_attr(module, c) is None and layers.kind_of(module).adds_bias
+    """Whether the consumer's own call would use a new ``bias`` (the torch layers and their subclasses) and the
+    consumer may be given one."""
+    return c.new_bias and bias_attr(module, c) is None and layers.kind_of(module).adds_bias
+
+
+def takes_means(module: nn.Module, c: Consumer, modules: dict) -> bool:
+    """Whether mean compensation can hold what removed units added to the consumer's outputs: in its bias, one it
+    may be given, or the running mean of a BatchNorm right after it."""
+    norm = modules.get(c.norm_after) if c.norm_after else None
+    return bias_attr(module, c) is not None or can_add_bias(module, c) or \
+        (norm is not None and getattr(norm, "running_mean", None) is not None)
 
 
 def _add_to_bias(modules: dict, c: Consumer, delta: torch.Tensor) -> None:

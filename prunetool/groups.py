@@ -51,6 +51,7 @@ class Consumer:
     bias: str | None = "bias"
     repeat: int = 1
     period: int = 0
+    new_bias: bool = True  # the cut may give it a bias it lacks (not where the output's format cannot hold one)
 
     @property
     def width(self) -> int:

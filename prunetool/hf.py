@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +34,9 @@ from torch import nn
 
 from . import layers
 from .checkpoint import Checkpoint, cast_state
+from .cut import plan_cut, top
 from .errors import UsageError
+from .groups import Group, Trace
 
 BUILD = "prunetool.hf:build"
 WIDTH_ENTRIES = ("intermediate_size", "n_inner", "num_attention_heads", "num_key_value_heads", "n_head",
@@ -226,15 +230,42 @@ def dependencies(architecture: str, config: dict, trust_remote_code: bool = Fals
     return out
 
 
+def pinned(architecture: str, config: dict, trust_remote_code: bool = False) -> dict:
+    """``config`` with ``head_dim`` written out where the family reads it but derives it from the width when it is
+    missing (Qwen2, Mixtral, Granite): the same model, whose head count can then change alone."""
+    width, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if config.get("head_dim") is not None or not isinstance(width, int) or not isinstance(heads, int) or width % heads:
+        return config
+    candidate = {**config, "head_dim": width // heads}
+    try:
+        if _meta(architecture, candidate, trust_remote_code) != _meta(architecture, config, trust_remote_code):
+            return config
+        more = {"num_attention_heads": 2 * heads}
+        if _meta(architecture, {**candidate, **more}, trust_remote_code) == \
+                _meta(architecture, {**config, **more}, trust_remote_code):
+            return config  # the family does not read it
+    except Exception:
+        return config
+    return candidate
+
+
 def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_code: bool = False
                ) -> tuple[dict, list[str]]:
     """The config of ``model`` (a cut model of ``architecture`` built from ``config``), and the keys of the zero
     biases a bias flag adds; raises :class:`NotRepresentable` with the reason when there is none."""
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    base = _meta(architecture, config, trust_remote_code)
+    config = pinned(architecture, config, trust_remote_code)
+    return _config(state, _meta(architecture, config, trust_remote_code),
+                   dependencies(architecture, config, trust_remote_code), architecture, config, trust_remote_code)
+
+
+def _config(state: dict[str, tuple[int, ...]], base: dict, dependencies: dict, architecture: str, config: dict,
+            trust_remote_code: bool) -> tuple[dict, list[str]]:
+    """:func:`config_for` on a model's tensor shapes (``state``), given the dense model's (``base``) and the
+    config's :func:`dependencies`."""
     new = dict(config)
     explained = set()
-    for entry, deps in dependencies(architecture, config, trust_remote_code).items():
+    for entry, deps in dependencies.items():
         values = {}
         for (key, d), (a, b) in deps.items():
             if key in state and a:
@@ -263,7 +294,7 @@ def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_c
         built = _meta(architecture, new, trust_remote_code)
     except Exception as e:  # the family's config validates its widths (Llama: the width a multiple of the heads)
         changed = ", ".join(f"{k} {config.get(k)} → {v}" for k, v in new.items() if config.get(k) != v)
-        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:120]
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:120]
         raise NotRepresentable(f"{architecture}'s config refuses {changed} ({why})") from None
     added = []
     extra = [k for k in state if k not in built]
@@ -288,6 +319,159 @@ def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_c
 
 def _show(v: float) -> str:
     return f"{v:g}"
+
+
+MAX_TRIALS = 24  # unit counts tried per set of coupled groups before it is kept whole
+
+
+@dataclass
+class Rounded:
+    """Groups whose unit count was moved to one the family's config can hold, and why."""
+
+    entries: list[str]  # the config entries their widths set
+    groups: list[str]
+    units: int
+    asked: list[int]  # units the selection kept, per group
+    kept: int  # units kept in every group
+    reason: str
+
+    def describe(self) -> str:
+        asked = sorted(set(self.asked))
+        asked_text = str(asked[0]) if len(asked) == 1 else f"{asked[0]}–{asked[-1]}"
+        where = self.groups[0] + (f" and {len(self.groups) - 1} like it" if len(self.groups) > 1 else "")
+        sized = f" ({', '.join(self.entries)})" if self.entries else ""
+        return f"{where}{sized}: {self.kept} of {self.units} units kept in each (asked {asked_text}): {self.reason}"
+
+
+class Widths:
+    """The unit counts a Hugging Face family's config can hold, for the groups of a trace of ``model``.
+
+    Groups whose tensors one config entry sizes (every layer's MLP: ``intermediate_size``; every layer's heads:
+    ``num_attention_heads`` with ``num_key_value_heads``) keep the same count, and that count must give a config
+    the family accepts and a model built from it with the cut's shapes (:func:`config_for`): BERT and GPT-2 derive
+    the head size from the width, so their heads stay whole; Llama wants the width a multiple of the heads. Each
+    count is tried on meta-device builds, nearest to what the selection asked first."""
+
+    def __init__(self, model: nn.Module, graph: Trace, architecture: str, config: dict,
+                 trust_remote_code: bool = False):
+        self.graph, self.architecture, self.config, self.trust = graph, architecture, config, trust_remote_code
+        self.config = config = pinned(architecture, config, trust_remote_code)
+        self.state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        self.base = _meta(architecture, config, trust_remote_code)
+        self.deps = dependencies(architecture, config, trust_remote_code)
+        self.classes = self._classes(graph.groups)
+        self.tried: dict[tuple, str | None] = {}  # (class, units kept) → why the config refuses it, None if it holds
+        self.no_bias = self._forbid_new_biases(graph.groups)
+
+    def _forbid_new_biases(self, groups: list[Group]) -> list[str]:
+        """Mark the consumers the compensation may not give a bias: those whose bias no config of the family
+        holds (Qwen3's MLP has no bias flag); returns their roles. Checked once per role
+        (``layers.N.mlp.down_proj``)."""
+        verdict: dict[str, bool] = {}
+        forbidden = []
+        for g in groups:
+            for c in g.consumers:
+                if c.bias is not None or f"{c.name}.bias" in self.state:
+                    continue
+                role = re.sub(r"\.\d+(?=\.|$)", ".N", c.name)
+                if role not in verdict:
+                    weight = self.state.get(f"{c.name}.{c.weight}")
+                    verdict[role] = weight is not None and self._holds(
+                        {**self.state, f"{c.name}.bias": (weight[c.op.out_dim],)})
+                if not verdict[role]:
+                    c.new_bias = False
+                    forbidden.append(role)
+        return sorted(set(forbidden))
+
+    def _holds(self, state: dict) -> bool:
+        try:
+            _config(state, self.base, self.deps, self.architecture, self.config, self.trust)
+            return True
+        except NotRepresentable:
+            return False
+
+    def _classes(self, groups: list[Group]) -> list[tuple[list[str], list[Group]]]:
+        """Groups coupled by the config entries sizing their tensors, with those entries."""
+        owner: dict[str, int] = {}
+        members: list[tuple[set, list]] = []
+        for g in groups:
+            tensors = {(f"{p.name}.{p.weight}", p.dim) for p in g.producers} | \
+                {(f"{c.name}.{c.weight}", c.dim) for c in g.consumers}
+            entries = {e for e, deps in self.deps.items() if tensors & deps.keys()}
+            joined = sorted({owner[e] for e in entries if e in owner})
+            if not joined:
+                members.append((set(entries), [g]))
+                target = len(members) - 1
+            else:
+                target = joined[0]
+                for other in joined[1:]:
+                    members[target][0].update(members[other][0])
+                    members[target][1].extend(members[other][1])
+                    members[other] = (set(), [])
+                members[target][0].update(entries)
+                members[target][1].append(g)
+            for e in members[target][0]:
+                owner[e] = target
+        out, loose = [], {}
+        for entries, gs in members:
+            if gs and entries:
+                out.append((sorted(entries), gs))
+            elif gs:  # no entry sizes them: kept whole, reported together by size
+                loose.setdefault(gs[0].units, []).extend(gs)
+        return out + [([], gs) for gs in loose.values()]
+
+    def refusal(self, groups: list[Group], kept: int) -> str | None:
+        """Why the config cannot hold ``groups`` cut to ``kept`` units each (the rest of the model whole); None
+        when it can."""
+        key = (tuple(g.name for g in groups), kept)
+        if key not in self.tried:
+            keep = {g.name: torch.arange(kept if g.name in key[0] else g.units) for g in self.graph.groups}
+            state = dict(self.state)
+            for (name, attr, dim), drop in plan_cut(self.graph, keep).drops.items():
+                k = f"{name}.{attr}"
+                if k in state and drop:
+                    state[k] = state[k][:dim] + (state[k][dim] - len(drop),) + state[k][dim + 1:]
+            try:
+                _config(state, self.base, self.deps, self.architecture, self.config, self.trust)
+                self.tried[key] = None
+            except NotRepresentable as e:
+                self.tried[key] = str(e)
+        return self.tried[key]
+
+    def round(self, keep: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+              whole: frozenset = frozenset()) -> tuple[dict[str, torch.Tensor], list[Rounded]]:
+        """``keep`` with every set of coupled groups at one unit count the config holds (the highest-scored units
+        kept), and what was moved; groups named in ``whole`` (kept whole after a misread) keep their set whole."""
+        out, moved = dict(keep), []
+        for entries, groups in self.classes:
+            asked = [len(keep[g.name]) for g in groups]
+            units = {g.units for g in groups}
+            if all(a == g.units for a, g in zip(asked, groups)) or len(units) != 1:
+                continue  # nothing cut, or layers of different sizes (written as prunetool's own file)
+            n = units.pop()
+            if not entries:
+                kept, reason = n, f"no {self.architecture} config entry sets their width"
+            elif any(g.name in whole for g in groups):
+                kept, reason = n, "one of them is kept whole (misread) and the config gives every layer one width"
+            else:
+                kept, reason = self._nearest(groups, round(sum(asked) / len(asked)), n)
+            if all(a == kept for a in asked):
+                continue
+            for g in groups:
+                out[g.name] = keep[g.name] if len(keep[g.name]) == kept else top(scores[g.name], g.blocks, kept)
+            moved.append(Rounded(entries, [g.name for g in groups], n, asked, kept, reason))
+        return out, moved
+
+    def _nearest(self, groups: list[Group], asked: int, units: int) -> tuple[int, str]:
+        """The unit count nearest ``asked`` the config holds (ties: the larger), and why ``asked`` was refused."""
+        first = self.refusal(groups, asked) if 1 <= asked <= units else "out of range"
+        if first is None:
+            return asked, "the same count in every layer (the config holds one width)"
+        candidates = sorted(range(1, units + 1), key=lambda k: (abs(k - asked), -k))
+        for k in [k for k in candidates if k != asked][:MAX_TRIALS]:
+            if k == units or self.refusal(groups, k) is None:
+                return k, f"{asked} refused ({first})"
+        return units, f"{asked} refused ({first}); no count near it is held"
 
 
 def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = None) -> None:

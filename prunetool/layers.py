@@ -356,6 +356,8 @@ register(f"{_HF}.gpt2.modeling_gpt2.GPT2Attention", AttentionKind("c_attn", "hea
 register(f"{_HF}.bert.modeling_bert.BertSelfAttention", AttentionKind("query", "attention_head_size",
                                                                       ("num_attention_heads",), ("all_head_size",)))
 register(f"{_HF}.vit.modeling_vit.ViTAttention", AttentionKind("q_proj", "head_dim", ("num_attention_heads",)))
+for _family, _cls in (("opt", "OPTAttention"), ("whisper", "WhisperAttention")):  # view(bsz, -1, num_heads, ...)
+    register(f"{_HF}.{_family}.modeling_{_family}.{_cls}", AttentionKind("q_proj", "head_dim", ("num_heads",)))
 for _family, _cls in (("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"), ("mistral", "MistralAttention")):
     register(f"{_HF}.{_family}.modeling_{_family}.{_cls}",
              AttentionKind("q_proj", "head_dim", ("num_heads",), key="k_proj", kv_heads=("num_key_value_heads",)))

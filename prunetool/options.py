@@ -250,6 +250,10 @@ class ShrinkOptions:
     round_to: int = option(1, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths).")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
+    free_widths: bool = option(False, "--free-widths", "Hugging Face input: cut every layer to its own unit count, "
+                               "without rounding head and MLP counts to ones the family's config holds (the same in "
+                               "every layer, heads that divide the width); written as prunetool's own file, which "
+                               "from_pretrained cannot read.")
 
     def check(self) -> None:
         if self.criterion not in CRITERIA:

@@ -201,6 +201,8 @@ def render(report: dict, console: Console) -> None:
                       f"ratio [cyan]{s['ratio']}[/cyan] ({s['scope']}), compensation [cyan]{s['compensation']}[/cyan], "
                       f"{s['calib']} calibration samples from {s['data']}")
         console.print(layers_table(report))
+        for r in report.get("rounded", []):
+            console.print(f"rounded for a Hugging Face directory: {r['text']}")
     if report.get("steps") and report["command"] != "compress":
         console.print(steps_table(report))
     if "before" in report:
@@ -232,6 +234,8 @@ def render(report: dict, console: Console) -> None:
         estimate = f" (estimated {mem['estimate_bytes'] / 2 ** 30:.1f} GiB before loading)" \
             if mem.get("estimate_bytes") else ""
         console.print(f"memory: peak {mem['peak_bytes'] / 2 ** 30:.1f} GiB resident{estimate}")
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
     if report.get("config"):
         console.print(f"config: options from {report['config']}")
 

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import layers, precision
 from .batch import Batch, batch_slice, call, forward
-from .cut import complement, cut, mask_hooks
+from .cut import complement, cut, mask_hooks, takes_means
 from .errors import UsageError, VerificationError
 from .load import load, upcast_half
 from .score import unit_means
@@ -118,6 +118,9 @@ def check_constant_unit(dense: nn.Module, trace: Trace, x: Batch, skip: frozense
             continue
         if group.units < 2 or not all(_unpadded(c) for c in group.consumers):
             continue
+        modules = dict(dense.named_modules())
+        if not all(takes_means(modules[c.name], c, modules) for c in group.consumers):
+            continue  # a consumer that may not be given a bias: no place for the constant
         model = layers.clone(dense, share=True)
         modules = dict(model.named_modules())
         _own_float32([modules[n] for n in {p.name for p in group.producers} | {c.name for c in group.consumers}

@@ -259,24 +259,34 @@ def test_token_classifier_data_gives_accuracy(tmp_path):
     assert report["accuracy_drop"] == report["metric"]["drop"]
 
 
-def test_bert_heads_fall_back_to_prunetools_own_file_with_a_note(tmp_path, capsys):
+def test_bert_keeps_its_heads_to_stay_a_directory_and_free_widths_falls_back_with_a_note(tmp_path, capsys):
+    """BERT derives the head size from the width: no config says "fewer heads", so by default its heads stay whole
+    (stated), its MLPs are cut, and the result is a directory; --free-widths cuts the heads too and writes
+    prunetool's own file, saying why."""
     src = hf_dir(tmp_path, "bert")
     code = main(["shrink", str(src), "--tokens", "12", "--calib", "16", "--ratio", "0.5", "--no-latency",
                  "--json", str(tmp_path / "r.json"), "-q"])
     assert code == 0, capsys.readouterr().err
-    fallback = tmp_path / "bert.shrunk.safetensors"
-    assert fallback.exists() and not (tmp_path / "bert.shrunk").exists()
     report = json.loads((tmp_path / "r.json").read_text())
-    assert any("from_pretrained cannot" in n for n in report["notes"])
-    again = prunetool.load(fallback).model.eval()
-    x = torch.randint(0, VOCAB, (2, 12))
-    assert again(input_ids=x).logits.shape == (2, 3)
-    # an explicit directory --out falls back the same way, and the summary names the file written
-    code = main(["shrink", str(src), "--tokens", "12", "--calib", "16", "--ratio", "0.5", "--no-latency", "-q",
-                 "--out", str(tmp_path / "mine")])
+    assert report["settings"]["out_format"] == "huggingface" and (tmp_path / "bert.shrunk" / "config.json").exists()
+    kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
+    assert kept["bert.encoder.layer.0.attention.self.query"] == 4  # heads: as before the cut
+    assert kept["bert.encoder.layer.0.intermediate.dense"] == 32
+    assert any("no BertForSequenceClassification config entry sets their width" in r["text"]
+               for r in report["rounded"])
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert.shrunk")
+    assert back.config.num_attention_heads == 4 and back.config.intermediate_size == 32
+    code = main(["shrink", str(src), "--tokens", "12", "--calib", "16", "--ratio", "0.5", "--no-latency",
+                 "--free-widths", "--json", str(tmp_path / "f.json"), "-q", "--out", str(tmp_path / "mine")])
     out = capsys.readouterr().out
     assert code == 0 and (tmp_path / "mine.safetensors").exists() and not (tmp_path / "mine").exists()
     assert f"wrote {tmp_path / 'mine.safetensors'}" in out
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert any("from_pretrained cannot" in n for n in report["notes"])
+    again = prunetool.load(tmp_path / "mine.safetensors").model.eval()
+    assert again.bert.encoder.layer[0].attention.self.query.out_features == 16
+    x = torch.randint(0, VOCAB, (2, 12))
+    assert again(input_ids=x).logits.shape == (2, 3)
 
 
 def test_cli_writes_a_directory_beside_a_directory_and_records_tokens(tmp_path, capsys):
@@ -334,19 +344,59 @@ def test_multihead_attention_keeps_its_interface_after_prepare():
             assert torch.allclose(a, b, atol=1e-5) and torch.allclose(wa, wb, atol=1e-5)
 
 
-def test_head_counts_the_family_config_refuses_fall_back_with_the_reason(tmp_path, capsys):
+@pytest.mark.parametrize("free", [False, True])
+def test_head_counts_the_family_config_refuses_are_rounded_or_fall_back_with_the_reason(tmp_path, capsys, free):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=8,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
                                       num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     capsys.readouterr()
     # a quarter of 4 key/value groups: 6 query heads, and Llama's config wants the width a multiple of the heads
     code = main(["shrink", str(tmp_path / "llama"), "--tokens", "12", "--calib", "16", "--ratio", "0.25",
-                 "--no-latency", "-q", "--json", str(tmp_path / "r.json")])
-    assert code == 0, capsys.readouterr().err
-    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
-    assert any("num_attention_heads 8 → 6" in n for n in notes), notes
-    assert (tmp_path / "llama.shrunk.safetensors").exists()
+                 "--no-latency", "--json", str(tmp_path / "r.json"), *(["--free-widths"] if free else [])])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
+    if free:  # cut as asked, and written as prunetool's own file with the reason
+        assert kept["model.layers.0.self_attn.q_proj"] == 3
+        assert any("num_attention_heads 8 → 6" in n for n in report["notes"]), report["notes"]
+        assert "note: written as prunetool's own file" in printed
+        assert (tmp_path / "llama.shrunk.safetensors").exists()
+        return
+    # the default: the nearest count the config holds (3 refused; 4 and 2 are as near: the one removing less)
+    assert kept["model.layers.0.self_attn.q_proj"] == kept["model.layers.1.self_attn.q_proj"] == 4
+    assert kept["model.layers.0.mlp.gate_proj"] == 48
+    (rounded,) = report["rounded"]
+    assert rounded["asked"] == [3, 3] and rounded["kept"] == 4 and "num_attention_heads 8 → 6" in rounded["text"]
+    assert "rounded for a Hugging Face directory" in printed
+    out = tmp_path / "llama.shrunk"
+    assert report["settings"]["out_format"] == "huggingface" and report["verify"]["reload_from_pretrained"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert back.config.intermediate_size == 48 and back.config.num_attention_heads == 8
+    assert report["after"]["params"] == sum(p.numel() for p in back.parameters())
+
+
+def test_global_scope_gives_every_layer_one_count_and_a_family_without_mlp_bias_stays_a_directory(tmp_path):
+    """Qwen3's config has no MLP bias flag: the refit fits down_proj without one (said in the report), and the
+    counts --scope global spreads unevenly are made one per kind of layer."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                      max_position_embeddings=64)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
+    out = tmp_path / "q.small"
+    small, report = prunetool.shrink(str(tmp_path / "qwen3"), ratio=0.4, scope="global", tokens=12, calib=16,
+                                     out=str(out), latency_batches=())
+    assert report["settings"]["out_format"] == "huggingface"
+    kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
+    assert kept["model.layers.0.mlp.gate_proj"] == kept["model.layers.1.mlp.gate_proj"] < 64
+    assert small.model.layers[0].mlp.down_proj.bias is None
+    assert any("compensated without a bias" in r["text"] for r in report["rounded"])
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, small(input_ids=x).logits)
 
 
 def test_outputs_inside_an_output_directory_are_refused_before_any_work(tmp_path, capsys):
@@ -415,19 +465,25 @@ def test_only_torch_fused_layers_count_as_fused_and_gpt2_refits_stage_by_stage()
     assert stats.paths["refit"] == "stage by stage"
 
 
-def test_opt_keeps_the_heads_it_misreads_and_cuts_its_mlps(tmp_path):
-    """OPT's attention is misread by the tracer (removal is not zeroing there): those groups are kept whole and named,
-    the MLPs are cut, and the result is still a Hugging Face directory that reloads to identical outputs. The whole
-    run used to be refused."""
+def test_opt_heads_follow_the_cut_and_stay_whole_for_a_directory(tmp_path):
+    """OPT's attention reshapes with ``view(bsz, -1, self.num_heads, head_dim)``: the attribute must follow the cut
+    or the sequence dimension absorbs the missing heads (removal was not zeroing there, and the whole run used to
+    be refused). With --free-widths its heads are cut and verified; by default they stay whole (OPT derives the head
+    size from the width) and the result is a directory."""
     torch.manual_seed(0)
     cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                  num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)
     transformers.OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
-    with pytest.warns(UserWarning, match="kept whole, the tracer misread"):
-        _, report = prunetool.shrink(str(tmp_path / "opt"), None, ratio=0.3, tokens=32, calib=16, measure=False,
-                                     out=str(tmp_path / "opt.small"))
-    misread = {p["name"] for p in report["protected"] if "misread" in p["reason"]}
+    small, report = prunetool.shrink(str(tmp_path / "opt"), None, ratio=0.5, tokens=32, calib=16, measure=False,
+                                     free_widths=True, out=str(tmp_path / "opt.safetensors"))
     units = {g["name"]: (g["units_before"], g["units_after"]) for g in report["layers"]}
-    assert misread and all(units[name][0] == units[name][1] for name in misread)
-    assert any(after < before for name, (before, after) in units.items() if name not in misread)
+    assert units["model.decoder.layers.0.self_attn.q_proj"] == (4, 2)
+    assert small.model.decoder.layers[0].self_attn.num_heads == 2
+    assert not any("misread" in p["reason"] for p in report["protected"])
+    assert report["verify"]["removal_rel_diff"] < 1e-4 and report["verify"]["reload"] == "identical"
+    _, report = prunetool.shrink(str(tmp_path / "opt"), None, ratio=0.5, tokens=32, calib=16, measure=False,
+                                 out=str(tmp_path / "opt.small"))
+    units = {g["name"]: (g["units_before"], g["units_after"]) for g in report["layers"]}
+    assert units["model.decoder.layers.0.self_attn.q_proj"] == (4, 4)
+    assert units["model.decoder.layers.0.fc1"] == (64, 32)
     assert report["verify"]["reload_from_pretrained"] == "identical"

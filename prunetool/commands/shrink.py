@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ from ..staging import Staging
 from ..store import trim_heap
 from ..calibrate import statistics
 from ..groups import Protected
+from .. import hf
+from ..hf import Widths
 from ..trace import Trace, trace
 from ..verify import REMOVAL_PROBE, misread_groups, verify
 from .common import Keywords, Step, finish, check_job_outputs, start
@@ -35,9 +38,29 @@ DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, a
 DRY_RUN_CRITERION = "l2"
 
 
-def keep_units(graph, scores, ratio: float, opts: ShrinkOptions) -> dict[str, torch.Tensor]:
+def keep_units(graph, scores, ratio: float, opts: ShrinkOptions, widths: Widths | None = None
+               ) -> dict[str, torch.Tensor]:
+    """The units kept at ``ratio``, rounded to counts a Hugging Face config holds when ``widths`` is given."""
     per_group = global_ratios(graph, scores, ratio, opts.max_layer_ratio) if opts.scope == "global" else ratio
-    return select(graph, scores, per_group, opts.round_to)
+    keep = select(graph, scores, per_group, opts.round_to)
+    return keep if widths is None else widths.round(keep, scores)[0]
+
+
+def widths_of(job, model: nn.Module, graph: Trace, opts: ShrinkOptions) -> Widths | None:
+    """For Hugging Face input (unless ``--free-widths``): the unit counts its family's config holds, so that the
+    result is a directory ``from_pretrained`` reads. None otherwise, or when the model's own widths already
+    differ from what a config can say."""
+    if opts.free_widths or not hf.is_hf(job.ckpt):
+        return None
+    kwargs = job.ckpt.arch_kwargs
+    trust = bool(kwargs.get("trust_remote_code"))
+    config = kwargs["config"]
+    try:
+        if model is not job.dense:  # a later step of a schedule: the config of the model cut so far
+            config = hf.config_for(model, kwargs["architecture"], config, trust)[0]
+        return Widths(model, graph, kwargs["architecture"], config, trust)
+    except hf.NotRepresentable:
+        return None
 
 
 def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[int, int]:
@@ -53,14 +76,14 @@ def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[i
     return params(small) + added, macs(small, example)
 
 
-def fit_target(dense, graph, scores, opts: ShrinkOptions, example) -> float:
+def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Widths | None = None) -> float:
     """The smallest ratio whose cut keeps at most ``target_params``/``target_macs`` of the original."""
     metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
     index = 0 if metric == "params" else 1
     goal = fraction * (params(dense), macs(dense, example))[index]
 
     def size(r):
-        return size_after(dense, graph, keep_units(graph, scores, r, opts), example, opts.compensate)[index]
+        return size_after(dense, graph, keep_units(graph, scores, r, opts, widths), example, opts.compensate)[index]
 
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
@@ -74,8 +97,8 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, example) -> float:
 
 def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = ShrinkOptions.scope,
          max_layer_ratio: float = ShrinkOptions.max_layer_ratio, round_to: int = ShrinkOptions.round_to,
-         calib: int = DRY_RUN_CALIB, input_shape=None, arch=None, arch_kwargs=None,
-         unsafe_pickle=Source.unsafe_pickle, download=DataOptions.download, ratios=DRY_RUN_RATIOS,
+         free_widths: bool = ShrinkOptions.free_widths, calib: int = DRY_RUN_CALIB, input_shape=None, arch=None,
+         arch_kwargs=None, unsafe_pickle=Source.unsafe_pickle, download=DataOptions.download, ratios=DRY_RUN_RATIOS,
          tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
          output_key: str | None = None, trust_remote_code: bool = Source.trust_remote_code) -> dict:
     """The dry run: groups found, what is protected and why, and the size each ratio would give."""
@@ -91,8 +114,9 @@ def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = S
             scores = {g.name: torch.zeros(g.units) for g in job.graph.groups}
         base = (params(job.dense), macs(job.dense, shape))
         rows = []
+        widths = widths_of(job, job.dense, job.graph, opts)
         for r in ratios:
-            p, m = size_after(job.dense, job.graph, keep_units(job.graph, scores, r, opts), shape)
+            p, m = size_after(job.dense, job.graph, keep_units(job.graph, scores, r, opts, widths), shape)
             rows.append({"ratio": r, "params": p, "macs": m, "params_fraction": p / base[0],
                          "macs_fraction": m / base[1]})
     finally:
@@ -103,7 +127,8 @@ def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = S
                     "consumers": [c.name for c in g.consumers], "members": [m.name for m in g.members],
                     "blocks": g.blocks} for g in job.graph.groups],
         "protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected],
-        "ratios": rows, "settings": {"scope": scope, "round_to": round_to, "criterion": criterion},
+        "ratios": rows, "settings": {"scope": scope, "round_to": round_to, "criterion": criterion,
+                                     "free_widths": free_widths},
     }
 
 
@@ -170,7 +195,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     steps = list(opts.schedule) if opts.schedule else [opts.ratio]
     ratio = steps[-1]
 
-    current, history, probe, reverted = dense, [], job.probe, False
+    current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
     for step, step_ratio in enumerate(steps):
         if step:
             graph = trace(current, batch_slice(probe, 0, 2), engine.output_key)
@@ -182,13 +207,17 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         scores = _cpu(scores)
         trim_heap()
         if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
-            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example)
+            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example,
+                                            widths_of(job, current, graph, opts))
         if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
             per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
                          for g in graph.groups}
             keep = select(graph, scores.scores, per_group, opts.round_to)
         else:
             keep = keep_units(graph, scores.scores, step_ratio, opts)
+        widths = widths_of(job, current, graph, opts)
+        if widths is not None:
+            keep, rounded = widths.round(keep, scores.scores)
         misread: frozenset = frozenset()
         while True:
             means = sequential_means(current, graph, keep, calib, bars, engine) if opts.compensate == "mean" \
@@ -208,6 +237,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 if not found - misread:
                     raise
                 misread |= found
+                if widths is not None:
+                    keep, rounded = widths.round(keep, scores.scores, misread)
                 del small
                 if not measurement.offload:
                     current.to(device)
@@ -240,8 +271,14 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
                 "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs,
                 "lr": recovery.lr, "batch_size": recovery.batch_size, "optimizer": recovery.optimizer,
-                "distill": recovery.distill, "engine": paths}
+                "distill": recovery.distill, "engine": paths, "free_widths": opts.free_widths}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
+    if rounded:
+        extra["rounded"] = [asdict(r) | {"text": r.describe()} for r in rounded]
+    if widths is not None and widths.no_bias and opts.compensate != "none":
+        extra.setdefault("rounded", []).append({"no_bias": widths.no_bias, "text": (
+            f"{', '.join(widths.no_bias)}: compensated without a bias (the family's config holds none there); "
+            "--free-widths adds one (prunetool's own file)")})
     if recovery.finetune_epochs or len(steps) > 1:
         extra["steps"] = history
     return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
@@ -255,6 +292,7 @@ def shrink(model, data=None, criterion: str = ShrinkOptions.criterion, ratio: fl
            download: bool = DataOptions.download, progress: bool = False, scope: str = ShrinkOptions.scope,
            max_layer_ratio: float = ShrinkOptions.max_layer_ratio, target_params: float | None = None,
            target_macs: float | None = None, round_to: int = ShrinkOptions.round_to,
+           free_widths: bool = ShrinkOptions.free_widths,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
            finetune_epochs: int = Recovery.finetune_epochs, lr: float = Recovery.lr,
@@ -274,7 +312,9 @@ def shrink(model, data=None, criterion: str = ShrinkOptions.criterion, ratio: fl
     model and a report dict (the CLI's ``--json``). With ``out`` (``.safetensors`` or ``.pt``) the model is
     saved there, once the saved bytes were checked to reload to identical outputs; ``onnx``/``pt2`` export it,
     checked against PyTorch. ``measure=False`` skips evaluation and latency. ``model`` may be a Hugging Face
-    model directory (``out`` then a directory too); token models take ``tokens`` (a structure-only run of random
+    model directory (``out`` then a directory too: head and MLP counts are rounded to ones the family's config
+    holds, the same in every layer, and the report's ``rounded`` says what moved; ``free_widths=True`` cuts as asked
+    and writes prunetool's own file instead); token models take ``tokens`` (a structure-only run of random
     ids), ``seq_len``/``tokenizer`` (text data) and ``output_key`` (the logits of a structured output);
     ``trust_remote_code`` lets a directory's own model code run. The returned model keeps the checkpoint's
     dtypes (a bfloat16 checkpoint gives a bfloat16 model; prunetool computes half precision in float32).
