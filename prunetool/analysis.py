@@ -428,6 +428,12 @@ class Analysis:
             # grouped-query attention inside the kernel: each key/value head serves heads[0] // heads[1] query heads
             anns = [anns[0]] + [Channels(a.parts, a.dim, a.spatial * (heads[0] // heads[1])) for a in anns[1:]]
         aligned = self.align(list(zip(toks, anns)))
+        mask = b.get("attn_mask")
+        bias = self.channels.get(mask.id) if isinstance(mask, Ref) else None
+        if aligned is not None and bias is not None:  # a per-head bias (T5's relative positions): cut with the heads
+            ok = bias.dim == 1 and bias.plain and len(bias.parts) == 1 and bias.units == aligned[0].units and \
+                aligned[0].spatial == 1 and len(self.graph.shapes[mask.id]) == 4
+            aligned = aligned + [bias] if ok else None
         if aligned is None:
             return self.opaque(node, f"{node.name} in {self.where(node)} is attention whose heads prunetool cannot "
                                      "follow")

@@ -280,6 +280,12 @@ def fit_inputs(data: Data, model: torch.nn.Module) -> Data:
         return data
     if isinstance(first, TokenDataset):
         _check_vocabulary(data, model)
+        shift = decoder_inputs(model)
+        if shift is not None:
+            data.train, data.test = (_teacher_forced(ds, shift) if isinstance(ds, TokenDataset) else ds
+                                     for ds in (data.train, data.test))
+        first = data.train if data.train is not None else data.test
+        _check_targets(data, shift is not None)
     forward, x = forward_of(model), _first_inputs(first)
     if forward is not None and isinstance(first, NamedDataset):
         ids = first.ids_key if isinstance(first, TokenDataset) else None
@@ -299,6 +305,49 @@ def fit_inputs(data: Data, model: torch.nn.Module) -> Data:
             raise UsageError(f"{data.spec} holds float inputs but the model's embedding {embedding} takes token "
                              "ids: give token data, an .npz with input_ids (see README, Token models)")
     return data
+
+
+def decoder_inputs(model: torch.nn.Module):
+    """For an encoder–decoder whose forward takes ``decoder_input_ids`` (Hugging Face's T5, BART, Marian): the
+    function making them from target ids by teacher forcing (the targets shifted right behind the decoder's start
+    token, ignored positions as padding); None for any other model."""
+    config = getattr(model, "config", None)
+    forward = forward_of(model)
+    if not getattr(config, "is_encoder_decoder", False) or forward is None or \
+            "decoder_input_ids" not in forward.names:
+        return None
+    pad = getattr(config, "pad_token_id", None) or 0
+    start = getattr(config, "decoder_start_token_id", None)
+    start = pad if start is None else start
+
+    def shift(targets: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(targets, pad)
+        out[:, 1:] = targets[:, :-1]  # N×T: position t reads target t−1
+        out[:, 0] = start
+        return out.masked_fill(out == task.IGNORE, pad)
+    return shift
+
+
+def _teacher_forced(ds: "TokenDataset", shift) -> "TokenDataset":
+    """Sequence-to-sequence samples: the decoder reads the targets shifted right and predicts each target (the
+    ``labels`` given per token, else the input ids: the decoder reproduces its input). Class labels are left as
+    they are (a sequence classifier derives its own decoder inputs)."""
+    if ds.targets_given and ds.labels.dim() == 1 or "decoder_input_ids" in ds.inputs:
+        return ds
+    targets = ds.labels if ds.targets_given else ds.ids
+    out = copy.copy(ds)
+    out.inputs, out.labels = {**ds.inputs, "decoder_input_ids": shift(targets)}, targets
+    return out
+
+
+def _check_targets(data: Data, seq2seq: bool) -> None:
+    """Per-token labels have one target per input token, except a sequence-to-sequence model's."""
+    for name, ds in (("train", data.train), ("test", data.test)):
+        if isinstance(ds, TokenDataset) and ds.targets_given and ds.labels.dim() == 2 and not seq2seq and \
+                ds.labels.shape != ds.ids.shape:
+            raise UsageError(f"{data.spec}: {name} labels have shape {tuple(ds.labels.shape)} but input_ids "
+                             f"{tuple(ds.ids.shape)}; per-token labels need one per token (targets of another "
+                             "length are for an encoder–decoder)")
 
 
 def _check_vocabulary(data: Data, model: torch.nn.Module) -> None:
@@ -519,6 +568,7 @@ class TokenDataset(NamedDataset):
             inputs["attention_mask"] = attention_mask.long()
         super().__init__(inputs, labels.long() if labels is not None else task.next_tokens(input_ids, attention_mask))
         self.ids_key = "input_ids"
+        self.targets_given = labels is not None
 
     @property
     def ids(self) -> torch.Tensor:
@@ -565,9 +615,9 @@ def _token_arrays(got: dict, where: str, suffix: str = "") -> TokenDataset:
         raise UsageError(f"{where}attention_mask{suffix} must be 0/1 with the shape of input_ids {ids.shape}")
     labels = got.get("labels")
     if labels is not None:
-        if labels.shape != ids.shape and labels.shape != ids.shape[:1]:
+        if labels.shape[:1] != ids.shape[:1] or labels.ndim > 2:
             raise UsageError(f"{where}labels{suffix} has shape {labels.shape}; give one class per sequence "
-                             f"({ids.shape[0]},) or one per token {ids.shape}")
+                             f"({ids.shape[0]},) or one per token {ids.shape} (N×T' targets for an encoder–decoder)")
         if not np.issubdtype(labels.dtype, np.integer):
             raise UsageError(f"{where}labels{suffix} holds {labels.dtype} values; give integer class indices")
     return TokenDataset(torch.as_tensor(ids), torch.as_tensor(mask) if mask is not None else None,
@@ -616,6 +666,9 @@ def random_tokens(n: int, length: int, vocab: int, gen: torch.Generator, model: 
     forward takes them (:func:`keyword_names`) when it is given."""
     ids = torch.randint(vocab, (n, length), generator=gen)
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    shift = decoder_inputs(model) if model is not None else None
+    if shift is not None:  # an encoder–decoder: its decoder reproduces the input
+        x["decoder_input_ids"] = shift(ids)
     forward = forward_of(model) if model is not None else None
     if forward is None:
         return x

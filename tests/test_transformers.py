@@ -487,3 +487,58 @@ def test_opt_heads_follow_the_cut_and_stay_whole_for_a_directory(tmp_path):
     assert units["model.decoder.layers.0.self_attn.q_proj"] == (4, 4)
     assert units["model.decoder.layers.0.fc1"] == (64, 32)
     assert report["verify"]["reload_from_pretrained"] == "identical"
+
+
+def _t5(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    return tmp_path / "t5"
+
+
+def test_an_encoder_decoder_reads_its_targets_by_teacher_forcing_and_is_written_as_a_directory(tmp_path, capsys):
+    """T5 needs decoder inputs: from labels of another length in the npz (teacher forcing: the targets shifted
+    right), its loss and perplexity on those targets; both stacks' MLPs cut, written as a directory that
+    from_pretrained reads back. Random tokens (--tokens) work too (the decoder reproduces the input)."""
+    src = _t5(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s2s.npz", input_ids=rng.integers(2, VOCAB, (40, 12)), labels=rng.integers(2, VOCAB, (40, 7)))
+    code = main(["shrink", str(src), "--data", str(tmp_path / "s2s.npz"), "--ratio", "0.5", "--no-latency", "-q",
+                 "--out", str(tmp_path / "t5.small"), "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metric"]["name"] == "perplexity" and report["before"]["perplexity"] > 1
+    kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
+    assert kept["encoder.block.0.layer.1.DenseReluDense.wi"] == kept["decoder.block.1.layer.2.DenseReluDense.wi"] == 32
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5.small").eval()
+    assert back.config.d_ff == 32
+    code = main(["shrink", str(src), "--tokens", "10", "--calib", "16", "--ratio", "0.25", "--no-latency", "-q",
+                 "--out", str(tmp_path / "t5.tok")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "t5.tok" / "config.json").exists()
+
+
+def test_targets_of_another_length_are_refused_for_a_decoder_only_model(tmp_path, capsys):
+    src = hf_dir(tmp_path, "llama")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "bad.npz", input_ids=rng.integers(0, VOCAB, (20, 12)), labels=rng.integers(0, VOCAB, (20, 7)))
+    capsys.readouterr()
+    code = main(["shrink", str(src), "--data", str(tmp_path / "bad.npz"), "--no-latency"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "per-token labels need one per token" in err and len(err.splitlines()) == 1
+
+
+def test_gemma3_heads_pass_through_its_query_and_key_norms():
+    """Gemma3's q/k RMSNorm ends in ``type_as(x)``: the second tensor gives only the dtype, so heads stay units."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                        max_position_embeddings=64, sliding_window=16)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    model.config.use_cache = False
+    graph = trace(Logits(model), torch.randint(0, VOCAB, (2, 8)))
+    heads = next(g for g in graph.groups if g.name.endswith("q_proj"))
+    assert heads.units == 2 and {p.name.rsplit(".", 1)[-1] for p in heads.producers} == {"q_proj", "k_proj", "v_proj"}
+    assert {m.name.rsplit(".", 1)[-1] for m in heads.members} <= {"q_norm", "k_norm"}
