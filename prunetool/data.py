@@ -172,6 +172,8 @@ def _npz(path: Path) -> Data:
         _check_images(raw_x, f"{path}: x_{name}")
         _check_labels(raw_y, f"{path}: y_{name}")
         x, y = _to_float(raw_x), torch.as_tensor(raw_y).long()
+        if y.dim() == 3:
+            y = y.masked_fill(y == MASK_IGNORE, task.IGNORE)
         if len(x) != len(y):
             raise UsageError(f"{path}: x_{name} has {len(x)} samples but y_{name} has {len(y)}; give one label per "
                              "sample")
@@ -243,21 +245,34 @@ def _check_images(x: np.ndarray, what: str) -> None:
                              "images (scaled to [0, 1] on loading) or divide by 255")
 
 
+MASK_IGNORE = 255  # an unlabelled pixel in a segmentation mask (as in Pascal VOC), read as task.IGNORE
+
+
 def _check_labels(y: np.ndarray, what: str) -> None:
-    if y.ndim != 1:
+    if y.ndim not in (1, 3):
         hint = " (one-hot?)" if y.ndim == 2 else ""
-        raise UsageError(f"{what} has shape {y.shape}{hint}; give one class index per sample, e.g. y.argmax(1)")
+        raise UsageError(f"{what} has shape {y.shape}{hint}; give one class index per sample, e.g. y.argmax(1), or "
+                         "one per pixel (N×H×W segmentation masks)")
     if y.size and not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
             raise UsageError(f"{what} holds {y.dtype} values that are not class indices; give integer labels")
-    if y.size and y.min() < 0:
-        raise UsageError(f"{what} has negative labels (e.g. {int(y.min())}); labels are class indices 0 … classes-1")
+    if y.size and y.min() < 0 and not (y.ndim == 3 and set(np.unique(y[y < 0]).tolist()) <= {task.IGNORE}):
+        raise UsageError(f"{what} has negative labels (e.g. {int(y.min())}); labels are class indices 0 … classes-1"
+                         + (f" ({task.IGNORE} or {MASK_IGNORE} for an unlabelled pixel)" if y.ndim == 3 else ""))
 
 
-def check_labels(data: Data, outputs: int) -> None:
-    """Labels must name one of the model's ``outputs`` classes (checked before any work)."""
+def check_labels(data: Data, output_shape: tuple[int, ...]) -> None:
+    """Labels must name one of the model's classes (the last dimension of its output per sample, or the first for
+    segmentation masks against C × H × W logits, whose H × W they must have), checked before any work."""
+    outputs = output_shape[-1]
     for name, ds in (("train", data.train), ("test", data.test)):
         y = ds.tensors[1] if isinstance(ds, TensorDataset) else ds.labels if isinstance(ds, NamedDataset) else None
+        if y is not None and task.per_pixel(y):
+            if len(output_shape) != 3 or tuple(output_shape[-2:]) != tuple(y.shape[-2:]):
+                raise UsageError(f"{data.spec}: {name} masks are {tuple(y.shape[-2:])} per sample but the model "
+                                 f"outputs {tuple(output_shape)} per sample; masks need C × H × W logits of their "
+                                 "size")
+            outputs = output_shape[0]
         if y is not None:
             if len(y) and int(y.max()) >= outputs:
                 raise UsageError(f"{data.spec}: {name} labels go up to {int(y.max())} but the model has {outputs} "

@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from .batch import Batch, as_input, batch_to, call, forward, model_dtype, resized
+from .batch import Batch, as_input, batch_len, batch_slice, batch_to, call, forward, model_dtype, resized
 from .data import as_samples
 from .distributed import reduce_sum
 from .progress import QUIET, Bars
-from .task import Quality, Tally
+from .task import Fidelity, Quality, Tally
 
 
 def params(model: nn.Module) -> int:
@@ -56,6 +56,19 @@ def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu", b
     tally.correct, tally.count, tally.loss_sum = (reduce_sum(tally.correct), reduce_sum(tally.count),
                                                   reduce_sum(tally.loss_sum))
     return tally.result()
+
+
+def fidelity(dense: nn.Module, small: nn.Module, inputs: Batch, device: str = "cpu", output_key: str | None = None,
+             tokens: bool = False, batch: int = 16) -> dict:
+    """The cut model's outputs against the dense model's on ``inputs`` (no labels needed): the metric that suits
+    the output, cosine similarity and output error (:class:`prunetool.task.Fidelity`)."""
+    tally = Fidelity(tokens=tokens)
+    with torch.no_grad():
+        for start in range(0, batch_len(inputs), batch):
+            x = batch_slice(inputs, start, start + batch)
+            tally.add(call(dense, as_input(x, dense, device), output_key).float().cpu(),
+                      call(small, as_input(x, small, device), output_key).float().cpu())
+    return {**tally.result(), "perfect": tally.perfect(), "samples": batch_len(inputs)}
 
 
 def timings(run, warmup: int = 3, min_runs: int = 5, max_runs: int = 100, budget_s: float = 0.5) -> list[float]:

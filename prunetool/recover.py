@@ -93,10 +93,13 @@ def _finite(model: nn.Module, probe, output_key: str | None) -> bool:
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float = 4.0,
                       alpha: float = 0.5) -> torch.Tensor:
     """``(1−α)·CE(student, y) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))`` (Hinton et al.)."""
-    if task.per_token(y):  # one distribution per token
-        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                  reduction="batchmean", log_target=True)
+    s, t = student, teacher
+    if task.per_pixel(y):  # one distribution per pixel: N × C × H × W → N·H·W × C
+        s, t = (v.movedim(1, -1).reshape(-1, v.shape[1]) for v in (student, teacher))
+    elif task.per_token(y):  # one distribution per token
+        s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), reduction="batchmean",
+                  log_target=True)
     return (1 - alpha) * task.loss(student, y) + alpha * temperature ** 2 * kl
 
 

@@ -30,10 +30,14 @@ def _pct(v: float | None) -> str:
 
 
 def _metric(name: str, v: float | None) -> str:
-    """A value of the task's metric: accuracy in percent, perplexity as a number."""
+    """A value of the task's metric: accuracy, agreement, mean IoU and output error in percent, perplexity as a
+    number."""
     if v is None:
         return "–"
     return f"{v:.2f}" if name == "perplexity" else f"{v:.2f}%"
+
+
+NAMES = {"miou": "mean IoU"}  # how a metric's name is shown
 
 
 def _metric_name(report: dict) -> str:
@@ -104,6 +108,13 @@ def metrics_table(report: dict) -> Table:
         table.add_row("perplexity", _metric("perplexity", b.get("perplexity")),
                       _metric("perplexity", a.get("perplexity")), "")
         table.add_row("next-token accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
+    elif _metric_name(report) == "miou" and "fidelity" not in report:
+        table.add_row("mean IoU", _metric("miou", b.get("miou")), _metric("miou", a.get("miou")), "")
+        table.add_row("pixel accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
+    elif "fidelity" in report:
+        m = report["metric"]
+        table.add_row(f"{NAMES.get(m['name'], m['name'])} with the dense model", _metric(m["name"], m["before"]),
+                      _metric(m["name"], m["after"]), "")
     else:
         table.add_row("accuracy", _pct(b["accuracy"]), _pct(a["accuracy"]), "")
     table.add_row("loss", _loss(b["loss"]), _loss(a["loss"]), "")
@@ -129,7 +140,7 @@ def summary_line(report: dict) -> str:
     if m.get("before") is not None:
         name = m["name"]
         drop = m["drop"] if name == "perplexity" else -m["drop"]  # the sign of the change, as seen
-        label = "perplexity " if name == "perplexity" else ""
+        label = "" if name == "accuracy" else f"{NAMES.get(name, name)} "
         parts.append(f"{label}{_metric(name, m['before'])} → {_metric(name, m['after'])} ({drop:+.2f} {m['unit']})")
     return f"{report['command']}: " + ", ".join(parts)
 
@@ -208,9 +219,21 @@ def render(report: dict, console: Console) -> None:
     if "before" in report:
         console.print(metrics_table(report))
         m = report.get("metric") or {}
-        if m.get("drop") is not None:
+        f = report.get("fidelity")
+        if f is not None:
+            extra = ", ".join(part for part in (
+                f"{'pixel' if f['metric'] == 'miou' else 'top-1'} agreement {f['agreement']:.2f}%"
+                if "agreement" in f and f["metric"] != "agreement" else "",
+                f"cosine {f['cosine']:.4f}" if f.get("cosine") is not None else "",
+                f"output error {f['output_error']:.2f}%" if f.get("output_error") is not None and
+                f["metric"] != "output error" else "") if part)
+            value = _metric(f["metric"], f["value"])
+            console.print(f"no labelled test data: against the dense model on {f['samples']} calibration inputs, "
+                          f"{NAMES.get(f['metric'], f['metric'])} [bold]{value}[/bold]"
+                          + (f" ({extra})" if extra else ""))
+        elif m.get("drop") is not None:
             unit = "percentage points" if m["unit"] == "pp" else "% (relative increase)"
-            console.print(f"{m['name']} drop: [bold]{m['drop']:.2f}[/bold] {unit}")
+            console.print(f"{NAMES.get(m['name'], m['name'])} drop: [bold]{m['drop']:.2f}[/bold] {unit}")
         else:
             console.print("accuracy: not measured (no --data)")
     v = report.get("verify", {})
@@ -286,7 +309,8 @@ def budget_failures(report: dict, budgets) -> list[str]:
         m = report.get("metric") or {}
         drop, unit = m.get("drop"), m.get("unit", "pp")
         if drop is not None and drop > budgets.max_drop:
-            lines.append(f"{m['name']} drop {drop:.2f} {unit} is above --max-drop {budgets.max_drop:g} {unit} by "
+            lines.append(f"{NAMES.get(m['name'], m['name'])} drop {drop:.2f} {unit} is above --max-drop "
+                         f"{budgets.max_drop:g} {unit} by "
                          f"{drop - budgets.max_drop:.2f}")
     if budgets.min_speedup is not None:
         s = speedup(report, budgets.speedup_batch)

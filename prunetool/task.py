@@ -9,8 +9,16 @@ names the entry (or, as a number, the position) to take instead.
 One target per token (``N × T``, :data:`IGNORE` where there is none) is a token task, such as a language model's
 next tokens (:func:`next_tokens`): cross-entropy per token, metric perplexity (``exp`` of the mean token loss).
 
-**Drop** (:func:`drop`): accuracy in percentage points (before − after), perplexity in percent of the dense
-perplexity (after / before − 1): both positive when the model got worse.
+One label per pixel (``N × H × W`` against ``N × C × H × W`` logits) is segmentation: cross-entropy per pixel,
+metric mean IoU over the classes present (pixel accuracy beside it).
+
+**Without labels** (:class:`Fidelity`), the cut model is measured against the dense one on the same inputs, by
+what its output is: class logits (``N × C``, or per token) by top-1 *agreement*, segmentation logits by the
+*mean IoU* of the two argmax maps, anything else (a detector's raw head outputs, a regression, an embedding) by
+the *output error* ``‖after − before‖ / ‖before‖``; cosine similarity and output error are kept beside.
+
+**Drop** (:func:`drop`): accuracy, agreement and mean IoU in percentage points (before − after), perplexity in
+percent of the dense perplexity (after / before − 1), output error in percent: positive when the model got worse.
 """
 
 from __future__ import annotations
@@ -67,11 +75,17 @@ def _has_tensor(value) -> bool:
 
 
 def per_token(y: torch.Tensor) -> bool:
-    return y.dim() >= 2
+    return y.dim() == 2
+
+
+def per_pixel(y: torch.Tensor) -> bool:
+    return y.dim() >= 3
 
 
 def metric_of(y: torch.Tensor | None) -> str:
-    return "perplexity" if y is not None and per_token(y) else "accuracy"
+    if y is None:
+        return "accuracy"
+    return "perplexity" if per_token(y) else "miou" if per_pixel(y) else "accuracy"
 
 
 def next_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +101,11 @@ def next_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = N
 def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits ``out`` against labels ``y``: ``"mean"`` (over labelled samples or tokens),
     ``"sum"``, or ``"none"`` (one value per sample, its tokens' losses summed)."""
+    if per_pixel(y):  # N × C × H × W against N × H × W
+        each = F.cross_entropy(out, y, ignore_index=IGNORE, reduction="none")
+        if reduction == "none":
+            return each.reshape(len(y), -1).sum(1)
+        return each.sum() if reduction == "sum" else each.sum() / (y != IGNORE).sum().clamp_min(1)
     if not per_token(y):
         return F.cross_entropy(out, y, reduction=reduction)
     each = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
@@ -99,8 +118,24 @@ def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.T
 
 
 def labels_from(out: torch.Tensor) -> torch.Tensor:
-    """The model's own predictions as labels (structure-only runs): per sample, or per token."""
-    return out.argmax(-1)
+    """The model's own predictions as labels (structure-only runs): per sample, per token, or per pixel of an
+    N × C × H × W output."""
+    return out.argmax(1) if out.dim() == 4 else out.argmax(-1)
+
+
+def _confusion(pred: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
+    """classes × classes counts of (label, prediction) over the labelled entries."""
+    valid = y != IGNORE
+    pairs = y[valid].long() * classes + pred[valid].long()
+    return torch.bincount(pairs.cpu(), minlength=classes * classes).reshape(classes, classes).double()
+
+
+def mean_iou(confusion: torch.Tensor) -> float | None:
+    """Mean intersection over union, in percent, over the classes that occur in labels or predictions."""
+    inter = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    present = union > 0
+    return float(100.0 * (inter[present] / union[present]).mean()) if present.any() else None
 
 
 @dataclass
@@ -111,19 +146,25 @@ class Tally:
     count: float = 0.0
     loss_sum: float = 0.0
     metric: str = "accuracy"
+    confusion: torch.Tensor | None = None  # segmentation: label × prediction counts
 
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
         self.metric = metric_of(y)
         valid = y != IGNORE
         out = out.float()
         self.loss_sum += float(loss(out, y, "sum"))
-        self.correct += float(((out.argmax(-1) == y) & valid).sum())
+        pred = out.argmax(1 if per_pixel(y) else -1)
+        self.correct += float(((pred == y) & valid).sum())
         self.count += float(valid.sum())
+        if per_pixel(y):
+            c = _confusion(pred, y, out.shape[1])
+            self.confusion = c if self.confusion is None else self.confusion + c
 
     def result(self) -> "Quality":
         if not self.count:
             return Quality(self.metric, None, None)
-        return Quality(self.metric, 100.0 * self.correct / self.count, self.loss_sum / self.count)
+        miou = mean_iou(self.confusion) if self.confusion is not None else None
+        return Quality(self.metric, 100.0 * self.correct / self.count, self.loss_sum / self.count, miou)
 
 
 @dataclass
@@ -133,6 +174,7 @@ class Quality:
     metric: str
     accuracy: float | None
     loss: float | None
+    miou: float | None = None
 
     @property
     def perplexity(self) -> float | None:
@@ -144,7 +186,8 @@ class Quality:
 
     @property
     def value(self) -> float | None:
-        return self.perplexity if self.metric == "perplexity" else self.accuracy
+        return self.perplexity if self.metric == "perplexity" else self.miou if self.metric == "miou" else \
+            self.accuracy
 
 
 def drop(metric: str, before: float | None, after: float | None) -> float | None:
@@ -153,8 +196,68 @@ def drop(metric: str, before: float | None, after: float | None) -> float | None
         return None
     if metric == "perplexity":
         return 100.0 * (after / before - 1.0)
+    if metric == "output error":
+        return after - before
     return before - after
 
 
 def drop_unit(metric: str) -> str:
-    return "%" if metric == "perplexity" else "pp"
+    return "%" if metric in ("perplexity", "output error") else "pp"
+
+
+def fidelity_metric(out: torch.Tensor, tokens: bool = False) -> str:
+    """The metric that compares a cut model's output with the dense model's (see the module docstring);
+    ``tokens``: the inputs are token ids (an N × T × V output is then per-token logits)."""
+    if out.dim() == 4 and out.shape[1] > 1:
+        return "miou"
+    if out.dim() == 2 and out.shape[1] > 1 or tokens and out.dim() == 3:
+        return "agreement"
+    return "output error"
+
+
+@dataclass
+class Fidelity:
+    """A cut model's outputs against the dense model's on the same inputs, batch by batch (no labels needed)."""
+
+    metric: str | None = None
+    tokens: bool = False
+    agree: float = 0.0
+    count: float = 0.0
+    error_sq: float = 0.0
+    reference_sq: float = 0.0
+    dot: float = 0.0
+    other_sq: float = 0.0
+    confusion: torch.Tensor | None = None
+
+    def add(self, dense: torch.Tensor, small: torch.Tensor) -> None:
+        dense, small = dense.double(), small.double()
+        self.metric = self.metric or fidelity_metric(dense, self.tokens)
+        self.error_sq += float((small - dense).pow(2).sum())
+        self.reference_sq += float(dense.pow(2).sum())
+        self.dot += float((small * dense).sum())
+        self.other_sq += float(small.pow(2).sum())
+        if self.metric == "miou":
+            ref, pred = dense.argmax(1), small.argmax(1)
+            c = _confusion(pred, ref, dense.shape[1])
+            self.confusion = c if self.confusion is None else self.confusion + c
+            self.agree += float((ref == pred).sum())
+            self.count += ref.numel()
+        elif self.metric == "agreement":
+            self.agree += float((dense.argmax(-1) == small.argmax(-1)).sum())
+            self.count += dense.argmax(-1).numel()
+
+    def result(self) -> dict:
+        error = 100.0 * math.sqrt(self.error_sq / self.reference_sq) if self.reference_sq else None
+        cosine = self.dot / math.sqrt(self.reference_sq * self.other_sq) if self.reference_sq and self.other_sq \
+            else None
+        value = {"miou": mean_iou(self.confusion) if self.confusion is not None else None,
+                 "agreement": 100.0 * self.agree / self.count if self.count else None,
+                 "output error": error}[self.metric or "output error"]
+        out = {"metric": self.metric or "output error", "value": value, "cosine": cosine, "output_error": error}
+        if self.count:
+            out["agreement"] = 100.0 * self.agree / self.count
+        return out
+
+    def perfect(self) -> float:
+        """What the dense model scores against itself."""
+        return 0.0 if self.metric == "output error" else 100.0

@@ -53,6 +53,12 @@ def source_and_data(given: Given) -> tuple[Source, DataOptions]:
     return source, data
 
 
+def require_data(given: Given, needed: bool, why: str) -> None:
+    """Refuse, before any work, a run that needs labelled ``--data`` and has none."""
+    if needed and given["--data"] is None:
+        raise UsageError(f"{why}: pass --data with labels")
+
+
 def gates(given: Given) -> tuple[Measurement, Budgets, Outputs]:
     """What a command that writes a model measures, demands and writes."""
     budgets, switches = given.make(Budgets), given.make(CommandLine)
@@ -66,8 +72,6 @@ def gates(given: Given) -> tuple[Measurement, Budgets, Outputs]:
         raise UsageError("--offload keeps the weights in host memory while a GPU computes: it needs --device cuda "
                          "(on the CPU the weights are in host memory already)")
     budgets.check()
-    if budgets.max_drop is not None and given["--data"] is None:
-        raise UsageError("--max-drop needs the metric (accuracy or perplexity) before and after: pass --data")
     if budgets.min_speedup is not None and not measurement.latency_batches:
         raise UsageError("--min-speedup needs latency: drop --no-latency")
     return measurement, budgets, outputs_of(given)

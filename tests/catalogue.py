@@ -288,7 +288,7 @@ CASES: list[Case] = [
          needles=("--max-drop",), setup=_npz),
     Case("max-params negative", ["shrink", "m.pt", *EVCI, "--data", "d.npz", *FAST, "--max-params", "-5"],
          needles=("--max-params",), setup=_npz),
-    Case("max-drop without data", ["shrink", "m.pt", *EVCI, "--input-shape", "1,28,28", "--max-drop", "1"],
+    Case("max-drop search without data", ["lowrank", "m.pt", *EVCI, "--input-shape", "1,28,28", "--max-drop", "1"],
          needles=("--max-drop", "--data"), setup=_ckpt),
     Case("min-speedup zero", ["shrink", "m.pt", *EVCI, "--input-shape", "1,28,28", "--min-speedup", "0"],
          needles=("--min-speedup",), setup=_ckpt),

@@ -77,7 +77,10 @@ def test_structure_only_run(ckpt, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert report["before"]["accuracy"] is None and report["accuracy_drop"] is None
     assert report["after"]["params"] < report["before"]["params"]
-    assert "not measured" in capsys.readouterr().out
+    # no labels: the cut is measured against the dense model, by top-1 agreement on the calibration inputs
+    assert report["metric"]["name"] == "agreement" and report["metric"]["against"] == "dense"
+    assert 0 <= report["fidelity"]["value"] <= 100 and report["fidelity"]["samples"] == 64
+    assert "against the dense model" in capsys.readouterr().out
 
 
 def _one_line_error(capsys, *needles):

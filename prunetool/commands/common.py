@@ -31,7 +31,7 @@ from ..export import export_onnx, export_pt2
 from ..batch import as_input, batch_cat, batch_len, batch_slice, model_dtype, shape_of
 from ..errors import UsageError, VerificationError
 from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, write_file
-from ..measure import compare_latency, evaluate, macs, params
+from ..measure import compare_latency, evaluate, fidelity, macs, params
 from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source, from_keywords
 from ..progress import Bars
 from ..staging import DIRECTORY_OUTPUTS, SUFFIXES, Staging, check_outputs
@@ -230,7 +230,7 @@ def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool 
         if batch_len(probe) * one > OUTPUT_BYTES:  # every check holds the outputs of two models on it at once
             probe = batch_slice(probe, 0, max(2, OUTPUT_BYTES // one))
         if loaded.train is not None and graph.output_shape:
-            check_labels(loaded, graph.output_shape[-1])
+            check_labels(loaded, graph.output_shape)
         advice = too_few(loaded, data.calib)  # after every refusal: an error stays the one line printed
         if advice is not None:
             warnings.warn(advice)
@@ -270,8 +270,26 @@ def snapshot(model: nn.Module, file_bytes: int | None, loader, example, measurem
             "accuracy": q.accuracy, "loss": q.loss, "latency_ms": {}}
     if q.metric == "perplexity":
         snap["perplexity"] = q.perplexity
+    if q.metric == "miou":
+        snap["miou"] = q.miou
     model.to("cpu")
     return snap
+
+
+def fidelity_of(job: Job, small: nn.Module, measurement: Measurement) -> dict:
+    """The cut model against the dense one on the probe inputs (calibration samples), where no labelled test data
+    says how good either is (:func:`prunetool.measure.fidelity`)."""
+    device = measurement.device
+    if not measurement.offload:
+        job.dense.to(device)
+        small.to(device)
+    try:
+        tokens = isinstance(job.probe, dict) and any(isinstance(v, torch.Tensor) and not v.dtype.is_floating_point
+                                                     and v.dim() == 2 for v in job.probe.values())
+        return fidelity(job.dense, small, job.probe, device, job.settings.output_key, tokens)
+    finally:
+        job.dense.to("cpu")
+        small.to("cpu")
 
 
 def metric_summary(before: dict, after: dict) -> dict:
@@ -432,5 +450,11 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         measure_latency(report, job.dense, measured, job.example, measurement, bars, measurement.gate_batch)
     report["memory"] = {**(job.memory or {}), "peak_bytes": memory.peak()}
     report["metric"] = metric_summary(report["before"], report["after"])
+    if report["metric"]["before"] is None and measurement.evaluate:  # no labelled test data: against the dense model
+        report["fidelity"] = fidelity_of(job, measured, measurement)
+        f = report["fidelity"]
+        report["metric"] = {"name": f["metric"], "before": f["perfect"], "after": f["value"],
+                            "drop": task.drop(f["metric"], f["perfect"], f["value"]),
+                            "unit": task.drop_unit(f["metric"]), "against": "dense"}
     report["accuracy_drop"] = report["metric"]["drop"] if report["metric"]["name"] == "accuracy" else None
     return report
