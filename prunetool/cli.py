@@ -51,8 +51,8 @@ RECOVERY = "--finetune-epochs --lr --batch-size --optimizer"
 REPORT = "--max-params --latency-batches --no-latency --onnx --pt2 --onnx-atol --onnx-rtol --out --json --summary-md"
 GATES = f"--min-speedup --speedup-batch {REPORT} --device"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs --round-to "
-          f"--free-widths --schedule --recalibrate-bn {RECOVERY} --distill --dry-run --compensate --max-drop {GATES} --offload "
-          "--quiet --no-progress")
+          f"--drop-experts --free-widths --schedule --recalibrate-bn {RECOVERY} --distill --dry-run --compensate "
+          f"--max-drop {GATES} --offload --quiet --no-progress")
 LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --target-params --target-macs --max-layer-error --search "
            f"--layers --data-aware {RECOVERY} --distill --max-drop {GATES} --quiet --no-progress")
 COMPRESS = f"{SOURCE} {DATA} --target-params --target-macs --max-drop --plans {GATES} --quiet --no-progress"
@@ -162,6 +162,7 @@ def lowrank_cmd(given: Given):
     """Factor layers into rank-k products (Linear → 2 Linears, Conv → conv + 1×1 conv), verify and report."""
     opts = given.make(LowrankOptions)
     opts.check()
+    terminal.require_data(given, opts.max_drop is not None, "lowrank --max-drop searches ranks by their accuracy")
     source, data = terminal.source_and_data(given)
     measurement, budgets, outputs = terminal.gates(given)
     recovery = given.make(Recovery)

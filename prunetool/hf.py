@@ -42,7 +42,7 @@ BUILD = "prunetool.hf:build"
 WIDTH_ENTRIES = ("intermediate_size", "n_inner", "num_attention_heads", "num_key_value_heads", "n_head",
                  "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "encoder_attention_heads",
                  "decoder_attention_heads", "moe_intermediate_size", "shared_expert_intermediate_size",
-                 "hidden_dim", "d_ff", "num_heads", "n_heads")
+                 "hidden_dim", "d_ff", "num_heads", "n_heads", "num_local_experts", "num_experts")
 BIAS_FLAGS = ("attention_bias", "mlp_bias", "qkv_bias", "use_bias", "bias")
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 

@@ -250,6 +250,9 @@ class ShrinkOptions:
     round_to: int = option(1, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths).")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
+    drop_experts: float = option(0.0, "--drop-experts", "Mixture-of-experts models: fraction of each block's experts "
+                                 "removed, those the calibration data routes least to (the same number in every "
+                                 "block, never below its top-k).")
     free_widths: bool = option(False, "--free-widths", "Hugging Face input: cut every layer to its own unit count, "
                                "without rounding head and MLP counts to ones the family's config holds (the same in "
                                "every layer, heads that divide the width); written as prunetool's own file, which "
@@ -274,6 +277,9 @@ class ShrinkOptions:
             raise UsageError("give one of --target-params and --target-macs, not both")
         if self.round_to < 1:
             raise UsageError(f"--round-to {self.round_to} must be a positive integer")
+        if not 0.0 <= self.drop_experts < 1.0:
+            raise UsageError(f"--drop-experts {self.drop_experts} is outside [0, 1); give the fraction of experts to "
+                             "remove, e.g. 0.25")
         if self.schedule is not None:
             steps = self.schedule
             if not steps or any(not 0.0 <= r < 1.0 for r in steps) or steps != sorted(steps):
@@ -404,7 +410,8 @@ class SparsifyOptions:
 class Budgets:
     """What a CI step demands; a missed budget exits 1 (the outputs are still written)."""
 
-    max_drop: float | None = option(None, "--max-drop", "Budget: accuracy drop in percentage points (needs --data).")
+    max_drop: float | None = option(None, "--max-drop", "Budget: accuracy drop in percentage points (without labels: "
+                                    "of agreement with the dense model).")
     min_speedup: float | None = option(None, "--min-speedup", "Budget: measured latency speed-up at --speedup-batch "
                                        "must reach this.")
     speedup_batch: int = option(1, "--speedup-batch", "Batch size at which --min-speedup is measured.")

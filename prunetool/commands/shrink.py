@@ -25,10 +25,10 @@ from ..staging import Staging
 from ..store import trim_heap
 from ..calibrate import statistics
 from ..groups import Protected
-from .. import hf
+from .. import experts, hf
 from ..hf import Widths
 from ..trace import Trace, trace
-from ..verify import REMOVAL_PROBE, misread_groups, verify
+from ..verify import REMOVAL_PROBE, misread_groups, outputs_of, verify
 from .common import Keywords, Step, finish, check_job_outputs, start
 
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -36,6 +36,7 @@ DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, a
 # plan() works without data: its criterion (scope "global" only) reads the weights alone unless one is asked for
 # (the CLI's --dry-run passes --criterion, mrs by default)
 DRY_RUN_CRITERION = "l2"
+EXPERT_TOLERANCE = 1e-4  # relative difference between the model without experts and the dense one routed around them
 
 
 def keep_units(graph, scores, ratio: float, opts: ShrinkOptions, widths: Widths | None = None
@@ -76,14 +77,17 @@ def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[i
     return params(small) + added, macs(small, example)
 
 
-def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Widths | None = None) -> float:
-    """The smallest ratio whose cut keeps at most ``target_params``/``target_macs`` of the original."""
+def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Widths | None = None,
+               model: nn.Module | None = None) -> float:
+    """The smallest ratio whose cut of ``model`` (default: ``dense``; the model without its dropped experts)
+    keeps at most ``target_params``/``target_macs`` of ``dense``."""
     metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
     index = 0 if metric == "params" else 1
     goal = fraction * (params(dense), macs(dense, example))[index]
+    model = dense if model is None else model
 
     def size(r):
-        return size_after(dense, graph, keep_units(graph, scores, r, opts, widths), example, opts.compensate)[index]
+        return size_after(model, graph, keep_units(graph, scores, r, opts, widths), example, opts.compensate)[index]
 
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
@@ -170,6 +174,31 @@ def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported
         frozenset(misread)
 
 
+def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bool) -> tuple[nn.Module, Trace, list]:
+    """The dense model with ``drop_experts`` of every mixture-of-experts block's experts removed (the least routed
+    to), checked to equal the dense model routed around them; its trace; and the report's rows for the blocks."""
+    found = experts.blocks(job.dense)
+    if not offload:
+        job.dense.to(device)
+    mass = experts.routing_mass(job.dense, found, job.calib, job.settings.output_key, bars)
+    job.dense.cpu()
+    keep = experts.choose(found, mass, opts.drop_experts)
+    current = clone(job.dense, share=True)
+    experts.drop(current, keep)
+    probe = batch_slice(job.probe, 0, REMOVAL_PROBE)
+    with experts.routed_around(job.dense, keep):
+        want = outputs_of(job.dense, probe)
+    diff = float((outputs_of(current, probe) - want).norm() / want.norm().clamp_min(1e-12))
+    if not diff <= EXPERT_TOLERANCE:
+        raise VerificationError(f"removing experts is not the same as routing around them (relative difference "
+                                f"{diff:.2g})")
+    graph = trace(current, batch_slice(job.probe, 0, 2), job.settings.output_key)
+    rows = [{"name": f"{b.name}.experts", "units_before": b.count, "units_after": len(keep[b.name]),
+             "producers": [f"{b.name}.{n}" for n, m in b.module.named_children() if m is b.router],
+             "routing_mass": [round(float(v), 4) for v in mass[b.name]], "routed_around": diff} for b in found]
+    return current, graph, rows
+
+
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
     step = work(job, opts, recovery, measurement, bars, scores)
@@ -187,6 +216,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
     if recovery.finetune_epochs and not job.data.has_labels:
         raise UsageError("--finetune-epochs needs --data with a train split")
+    if opts.drop_experts and not experts.blocks(dense):
+        raise UsageError("--drop-experts: the model has no mixture-of-experts block (a router 'gate' beside "
+                         "'experts'); drop the flag")
     if not job.data.has_labels and opts.criterion in DATA_CRITERIA:
         warnings.warn(f"no --data: {opts.criterion} scores come from random inputs labelled by the model itself")
     recalibrate = has_batchnorm(dense) if recovery.recalibrate_bn is None else recovery.recalibrate_bn
@@ -196,6 +228,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     ratio = steps[-1]
 
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
+    moe = []
+    if opts.drop_experts:
+        current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     for step, step_ratio in enumerate(steps):
         if step:
             graph = trace(current, batch_slice(probe, 0, 2), engine.output_key)
@@ -208,7 +243,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         trim_heap()
         if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example,
-                                            widths_of(job, current, graph, opts))
+                                            widths_of(job, current, graph, opts), current)
         if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
             per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
                          for g in graph.groups}
@@ -264,14 +299,15 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         current = small
     checks.pop("outputs")
 
-    layers = [{"name": g.name, "units_before": original.get(g.name, g.units), "units_after": len(keep[g.name]),
-               "producers": [p.name for p in g.producers]} for g in graph.groups]
+    layers = moe + [{"name": g.name, "units_before": original.get(g.name, g.units), "units_after": len(keep[g.name]),
+                     "producers": [p.name for p in g.producers]} for g in graph.groups]
     settings = {"criterion": opts.criterion, "ratio": ratio, "compensation": opts.compensate, "scope": opts.scope,
                 "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
                 "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs,
                 "lr": recovery.lr, "batch_size": recovery.batch_size, "optimizer": recovery.optimizer,
-                "distill": recovery.distill, "engine": paths, "free_widths": opts.free_widths}
+                "distill": recovery.distill, "engine": paths, "free_widths": opts.free_widths,
+                "drop_experts": opts.drop_experts}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if rounded:
         extra["rounded"] = [asdict(r) | {"text": r.describe()} for r in rounded]
