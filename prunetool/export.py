@@ -108,6 +108,7 @@ class Logits(nn.Module):
     def __init__(self, model: nn.Module, keys: list[str] | None, output_key: str | None = None):
         super().__init__()
         self.model, self.keys, self.output_key = model, keys, output_key
+        self.training = model.training  # exporters restore the wrapper's mode on every module: keep the model's
 
     def forward(self, *inputs):
         out = self.model(**dict(zip(self.keys, inputs))) if self.keys else self.model(inputs[0])

@@ -218,3 +218,22 @@ def test_parity_without_a_float64_run_keeps_the_fixed_tolerance():
     assert float32_noise(model, (x,), want) is None
     _, fixed = tolerance(want, 1e-4, 1e-4)
     assert within(2 * fixed, fixed, want, model, (x,), []) == (False, fixed)
+
+
+def test_the_onnx_export_leaves_the_model_in_eval_mode(tmp_path):
+    """Exporters restore the wrapper's train flag on every module: a model exported from eval mode must stay in it
+    (after --onnx, the report's fidelity and latency, and the model the API returns, ran in training mode, and
+    Ultralytics' heads answer a different output there)."""
+    from torch import nn
+
+    from prunetool.export import export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    export_onnx(model, x, tmp_path / "m.onnx", latency_batches=())
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
