@@ -48,7 +48,8 @@ ENGINE = "--calib-memory --calib-rows --workers --preset --resize --crop --mean 
 TOKENS = "--seq-len --tokenizer --output-key"
 DATA = f"--data --download --input-shape --calib {ENGINE} --eval --tokens {TOKENS}"
 RECOVERY = "--finetune-epochs --lr --batch-size --optimizer"
-REPORT = "--max-params --latency-batches --no-latency --onnx --pt2 --onnx-atol --onnx-rtol --out --json --summary-md"
+REPORT = ("--max-params --fidelity --latency-batches --no-latency --onnx --pt2 --onnx-atol --onnx-rtol --out --json "
+          "--summary-md")
 GATES = f"--min-speedup --speedup-batch {REPORT} --device"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs --round-to "
           f"--drop-experts --free-widths --schedule --recalibrate-bn {RECOVERY} --distill --dry-run --compensate "
@@ -91,8 +92,7 @@ COMPRESS_EXAMPLES = examples(
 SPARSIFY_EXAMPLES = examples(
     "sparsify samples/evci_cnn.pt --arch samples.nets:EvciCNN --data mnist:~/data --imp 0.3 --rounds 5",
     "sparsify model.pt --arch mypkg.nets:Net --data d.npz --rounds 3 --finetune-epochs 2 --rewind")
-EXPORT_EXAMPLES = examples(
-    "export evci_cnn.shrunk.safetensors --onnx evci.onnx --pt2 evci.pt2",
+EXPORT_EXAMPLES = examples("export evci_cnn.shrunk.safetensors --onnx evci.onnx --pt2 evci.pt2",
     "export model.pt --arch torchvision.models:resnet18 --input-shape 3,224,224 --onnx r18.onnx")
 BENCH_EXAMPLES = examples(
     "bench model.pt model.shrunk.safetensors --arch mypkg.nets:Net --input-shape 1,28,28",

@@ -189,10 +189,18 @@ def is_hf(ckpt) -> bool:
 
 # --- writing -----------------------------------------------------------------------------------------------
 
+_BUILT: dict[tuple, dict[str, tuple[int, ...]]] = {}  # meta-device builds, by architecture and config
+
+
 def _meta(architecture: str, config: dict, trust_remote_code: bool) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"), quiet():
-        model = build(architecture, config, trust_remote_code)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """The tensor shapes of ``architecture`` built from ``config`` on the meta device (remembered: the rounding,
+    the dependencies and the writer ask for the same builds)."""
+    key = (architecture, json.dumps(_plain(config), sort_keys=True), trust_remote_code)
+    if key not in _BUILT:
+        with torch.device("meta"), quiet():
+            model = build(architecture, config, trust_remote_code)
+        _BUILT[key] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return dict(_BUILT[key])
 
 
 def _effective(config: dict, entry: str):

@@ -59,10 +59,10 @@ def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu", b
 
 
 def fidelity(dense: nn.Module, small: nn.Module, inputs: Batch, device: str = "cpu", output_key: str | None = None,
-             tokens: bool = False, batch: int = 16) -> dict:
-    """The cut model's outputs against the dense model's on ``inputs`` (no labels needed): the metric that suits
-    the output, cosine similarity and output error (:class:`prunetool.task.Fidelity`)."""
-    tally = Fidelity(tokens=tokens)
+             tokens: bool = False, batch: int = 16, metric: str | None = None) -> dict:
+    """The cut model's outputs against the dense model's on ``inputs`` (no labels needed): ``metric``, by default
+    the one that suits the output, cosine similarity and output error (:class:`prunetool.task.Fidelity`)."""
+    tally = Fidelity(metric=metric, tokens=tokens)
     with torch.no_grad():
         for start in range(0, batch_len(inputs), batch):
             x = batch_slice(inputs, start, start + batch)

@@ -153,6 +153,9 @@ class DataOptions:
             self.preprocessing.check()
 
 
+FIDELITY = {"agreement": "agreement", "miou": "miou", "error": "output error"}  # --fidelity → task metric
+
+
 @dataclass
 class Measurement:
     """What is measured before and after: accuracy and loss on the test split, and latency at these batch
@@ -166,11 +169,16 @@ class Measurement:
     # weights stay in host memory; each call onloads its own to the device (precision.Compute)
     offload: bool = option(False, "--offload", "With --device cuda: keep the weights in host memory and move each "
                            "layer's to the GPU as it runs (a model larger than the GPU; slower).")
+    fidelity: str | None = option(None, "--fidelity", "Without labelled test data, how the cut model is compared with "
+                                  "the dense one: agreement (top-1 of class logits), miou (argmax maps of N×C×H×W "
+                                  "logits) or error (relative output error); default: by the output's shape.")
 
     def check(self) -> None:
         if any(b < 1 for b in self.latency_batches):
             raise UsageError(f"--latency-batches {','.join(map(str, self.latency_batches))}: batch sizes must be "
                              "at least 1")
+        if self.fidelity is not None and self.fidelity not in FIDELITY:
+            raise UsageError(f"--fidelity {self.fidelity!r}: choose agreement, miou or error")
 
 
 @dataclass

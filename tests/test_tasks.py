@@ -143,3 +143,16 @@ def test_without_labels_the_cut_is_measured_against_the_dense_model_and_gated(pr
     assert report["fidelity"]["metric"] == metric and report["metric"]["against"] == "dense"
     assert report["metric"]["drop"] > 0 and code == 1 and "budget missed" in printed.err
     assert "against the dense model" in printed.out
+
+
+def test_fidelity_can_be_named_and_a_wrong_name_is_refused(project, capsys):
+    common = ["shrink", "seg.pt", "--arch", "segnets:build", "--input-shape", "3,16,16", "--calib", "32",
+              "--no-latency", "--ratio", "0.3"]
+    code = main([*common, "--fidelity", "error", "--out", "e.safetensors", "--json", "e.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((project / "e.json").read_text())
+    assert report["fidelity"]["metric"] == "output error" and report["metric"]["unit"] == "%"
+    capsys.readouterr()
+    code = main([*common, "--fidelity", "iou"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--fidelity 'iou'" in err and len(err.splitlines()) == 1

@@ -32,7 +32,8 @@ from ..batch import as_input, batch_cat, batch_len, batch_slice, model_dtype, sh
 from ..errors import UsageError, VerificationError
 from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, write_file
 from ..measure import compare_latency, evaluate, fidelity, macs, params
-from ..options import DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, DataOptions, Measurement, Outputs, Source, from_keywords
+from ..options import (DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, FIDELITY, DataOptions, Measurement, Outputs, Source,
+                       from_keywords)
 from ..progress import Bars
 from ..staging import DIRECTORY_OUTPUTS, SUFFIXES, Staging, check_outputs
 from ..trace import Trace, trace
@@ -286,7 +287,8 @@ def fidelity_of(job: Job, small: nn.Module, measurement: Measurement) -> dict:
     try:
         tokens = isinstance(job.probe, dict) and any(isinstance(v, torch.Tensor) and not v.dtype.is_floating_point
                                                      and v.dim() == 2 for v in job.probe.values())
-        return fidelity(job.dense, small, job.probe, device, job.settings.output_key, tokens)
+        return fidelity(job.dense, small, job.probe, device, job.settings.output_key, tokens,
+                        metric=FIDELITY.get(measurement.fidelity))
     finally:
         job.dense.to("cpu")
         small.to("cpu")
