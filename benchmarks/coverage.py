@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import ROOT, commit, machine, today
+from .common import ROOT, commit, machine, today, write_section
 
 TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": False},
                       "inception_v3": {"aux_logits": False, "init_weights": False},
@@ -225,7 +225,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = list(previous.values())
-    Path(args.out).write_text(markdown(rows, time.perf_counter() - start))
+    write_section(Path(args.out), "classifiers", markdown(rows, time.perf_counter() - start))
 
 
 def markdown(rows: list[dict], seconds: float) -> str:
@@ -242,7 +242,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
         return ", ".join(f"{c} {sum(bool(r.get(c)) for r in group)}/{len(group)}" for c in COLUMNS)
 
     lines = [
-        "# Coverage: torchvision classifiers and timm architectures, through the CLI",
+        "## torchvision classifiers and timm architectures",
         "",
         f"`python -m benchmarks.coverage --out docs/COVERAGE.md`, {today()}, on {machine()}; rows from commit"
         f"{'s' if len(commits) > 1 else ''} {', '.join(commits)} of main (each row's `commit` in "

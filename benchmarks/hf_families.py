@@ -60,6 +60,8 @@ FAMILIES = {
                    {**ENCODER, "pad_token_id": 0, "global_attn_every_n_layers": 1}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**LM, **GQA, "num_local_experts": 4,
                                                           "num_experts_per_tok": 2}),
+    "mixtral --drop-experts 0.5": ("MixtralConfig", "MixtralForCausalLM", {**LM, **GQA, "num_local_experts": 4,
+                                                                           "num_experts_per_tok": 2}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**LM, **GQA, "num_experts": 4, "num_experts_per_tok": 2,
                                                              "moe_intermediate_size": 64,
                                                              "shared_expert_intermediate_size": 128}),
@@ -87,22 +89,25 @@ print(sum(p.numel() for p in m.parameters()))
 def make(family: str, path: Path) -> None:
     import transformers
 
-    config_cls, model_cls, kwargs = FAMILIES[family]
+    config_cls, model_cls, kwargs = FAMILIES[family]  # (a variant with flags builds its base family's model)
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**kwargs)
     getattr(transformers, model_cls)(config).eval().save_pretrained(path)
 
 
 def one(family: str, ratio: float, work: Path, timeout: int) -> dict:
-    src, out = work / family, work / f"{family}-{ratio}"
+    stem = family.split()[0]
+    flags = family.split()[1:]  # a family may name extra flags after its name
+    src, out = work / stem, work / f"{family.replace(' ', '_')}-{ratio}"
     if not src.exists():
-        make(family, src)
+        make(family, src)  # the config of the name's first word's entry
     row: dict = {"family": family, "ratio": ratio, "commit": commit()}
-    report_path = work / f"{family}-{ratio}.json"
+    report_path = work / f"{family.replace(' ', '_')}-{ratio}.json"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "prunetool", "shrink", str(src), "--tokens", "32",
                            "--calib", "32", "--ratio", str(ratio), "--no-latency", "--out", str(out), "--json",
-                           str(report_path), "-q", "--no-progress"], capture_output=True, text=True, timeout=timeout,
+                           str(report_path), "-q", "--no-progress", *flags], capture_output=True, text=True,
+                          timeout=timeout,
                           cwd=work)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["exit"] = proc.returncode
@@ -141,10 +146,12 @@ def one(family: str, ratio: float, work: Path, timeout: int) -> dict:
 
 
 def _kept(row: dict) -> str:
-    heads = sorted({v for k, v in row.get("kept", {}).items() if "attn" in k or "attention" in k or "q_proj" in k
-                    or "query" in k})
-    mlps = sorted({v for k, v in row.get("kept", {}).items() if v not in heads})
-    return f"heads {', '.join(heads) or '–'}; MLP {', '.join(mlps) or '–'}"
+    kept = row.get("kept", {})
+    moe = sorted({v for k, v in kept.items() if k.endswith(".experts")})
+    heads = sorted({v for k, v in kept.items() if "attn" in k or "attention" in k or "q_proj" in k or "query" in k})
+    mlps = sorted({v for k, v in kept.items() if v not in heads and not k.endswith(".experts")})
+    return f"heads {', '.join(heads) or '–'}; MLP {', '.join(mlps) or '–'}" + \
+        (f"; experts {', '.join(moe)}" if moe else "")
 
 
 def markdown(rows: list[dict], seconds: float) -> str:

@@ -118,11 +118,10 @@ class Analysis:
         if a is not None:
             if uses > 1:
                 self.spaces.protect(a, f"{name} is called {uses} times")
-            elif a.repeat > 1 and not op.reads(a.dim, a.spatial, len(self.shape(x)), a.repeat):
+            elif not _reads(op, a, len(self.shape(x))):
                 self.spaces.protect(a, f"{name} ({node.name}) reads them interleaved with each other (a permute and "
-                                       "a reshape before it stride them)")
-            elif not op.reads(a.dim, a.spatial, len(self.shape(x)), a.repeat):
-                self.spaces.protect(a, f"{name} ({node.name}) does not read them as its input channels")
+                                       "a reshape before it stride them)" if a.repeat > 1 else
+                                    f"{name} ({node.name}) does not read them as its input channels")
             else:
                 for space, offset in a.offsets():
                     self.spaces.get(space).consumers.append(Consumer(
@@ -426,10 +425,13 @@ class Analysis:
         heads = [self.graph.shapes[t][1] for t in toks]
         if b.get("enable_gqa") and heads[0] != heads[1] and heads[0] % heads[1] == 0:
             # grouped-query attention inside the kernel: each key/value head serves heads[0] // heads[1] query heads
-            anns = [anns[0]] + [Channels(a.parts, a.dim, a.spatial * (heads[0] // heads[1])) for a in anns[1:]]
+            anns = [anns[0]] + [Channels(a.parts, a.dim, a.spatial * (heads[0] // heads[1]), a.repeat)
+                                for a in anns[1:]]
         aligned = self.align(list(zip(toks, anns)))
         mask = b.get("attn_mask")
         bias = self.channels.get(mask.id) if isinstance(mask, Ref) else None
+        if bias is not None and (len(self.shape(mask)) != 4 or self.shape(mask)[1] == 1):
+            bias = None  # one mask broadcast over the heads: nothing of theirs to cut
         if aligned is not None and bias is not None:  # a per-head bias (T5's relative positions): cut with the heads
             ok = bias.dim == 1 and bias.plain and len(bias.parts) == 1 and bias.units == aligned[0].units and \
                 aligned[0].spatial == 1 and len(self.graph.shapes[mask.id]) == 4
@@ -539,6 +541,17 @@ class Analysis:
             self.spaces.protect(self.channels.get(tok), "its units are model outputs")
             for space, _ in (self.channels[tok].parts if tok in self.channels else ()):
                 self.output_roots.add(space)
+
+
+def _reads(op: ops.Op, a: Channels, ndim: int) -> bool:
+    """Whether ``op`` reads the units of ``a`` as its input channels (an op of a user's written before layouts
+    repeated takes no ``repeat``: it reads none that are)."""
+    if a.repeat == 1:
+        return op.reads(a.dim, a.spatial, ndim)
+    try:
+        return op.reads(a.dim, a.spatial, ndim, repeat=a.repeat)
+    except TypeError:
+        return False
 
 
 def _changed_blocks(before: torch.Tensor, after: torch.Tensor, unit: int, units: int) -> set | None:

@@ -94,8 +94,7 @@ SPARSIFY_EXAMPLES = examples(
     "sparsify model.pt --arch mypkg.nets:Net --data d.npz --rounds 3 --finetune-epochs 2 --rewind")
 EXPORT_EXAMPLES = examples("export evci_cnn.shrunk.safetensors --onnx evci.onnx --pt2 evci.pt2",
     "export model.pt --arch torchvision.models:resnet18 --input-shape 3,224,224 --onnx r18.onnx")
-BENCH_EXAMPLES = examples(
-    "bench model.pt model.shrunk.safetensors --arch mypkg.nets:Net --input-shape 1,28,28",
+BENCH_EXAMPLES = examples("bench model.pt model.shrunk.safetensors --arch mypkg.nets:Net --input-shape 1,28,28",
     "bench a.pt b.pt --batch-sizes 1,8,64 --threads 4 --no-onnx --json bench.json")
 INSPECT_EXAMPLES = examples(
     "inspect samples/lenet_300_100.pt --arch samples.nets:LeNet300100 --data samples/mnist_subset.npz "
@@ -135,6 +134,7 @@ def shrink_cmd(given: Given):
     opts.check()
     source, data = terminal.source_and_data(given)
     if given["--dry-run"]:
+        terminal.refuse(opts.drop_experts > 0, "--dry-run sizes units only: run --drop-experts without --dry-run")
         if given["--json"]:
             preflight({"--json": given["--json"]}, source, data, inputs=given.session.inputs())
         report = shrink_command.plan(

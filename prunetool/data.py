@@ -172,8 +172,6 @@ def _npz(path: Path) -> Data:
         _check_images(raw_x, f"{path}: x_{name}")
         _check_labels(raw_y, f"{path}: y_{name}")
         x, y = _to_float(raw_x), torch.as_tensor(raw_y).long()
-        if y.dim() == 3:
-            y = y.masked_fill(y == MASK_IGNORE, task.IGNORE)
         if len(x) != len(y):
             raise UsageError(f"{path}: x_{name} has {len(x)} samples but y_{name} has {len(y)}; give one label per "
                              "sample")
@@ -273,6 +271,8 @@ def check_labels(data: Data, output_shape: tuple[int, ...]) -> None:
                                  f"outputs {tuple(output_shape)} per sample; masks need C × H × W logits of their "
                                  "size")
             outputs = output_shape[0]
+            if outputs <= MASK_IGNORE:  # 255 marks an unlabelled pixel unless it can be a class
+                y.masked_fill_(y == MASK_IGNORE, task.IGNORE)
         if y is not None:
             if len(y) and int(y.max()) >= outputs:
                 raise UsageError(f"{data.spec}: {name} labels go up to {int(y.max())} but the model has {outputs} "
@@ -299,6 +299,7 @@ def fit_inputs(data: Data, model: torch.nn.Module) -> Data:
         if shift is not None:
             data.train, data.test = (_teacher_forced(ds, shift) if isinstance(ds, TokenDataset) else ds
                                      for ds in (data.train, data.test))
+            _check_vocabulary(data, model, "decoder_input_ids")
         first = data.train if data.train is not None else data.test
         _check_targets(data, shift is not None)
     forward, x = forward_of(model), _first_inputs(first)
@@ -349,7 +350,9 @@ def _teacher_forced(ds: "TokenDataset", shift) -> "TokenDataset":
     they are (a sequence classifier derives its own decoder inputs)."""
     if ds.targets_given and ds.labels.dim() == 1 or "decoder_input_ids" in ds.inputs:
         return ds
-    targets = ds.labels if ds.targets_given else ds.ids
+    mask = ds.inputs.get("attention_mask")
+    targets = ds.labels if ds.targets_given else \
+        ds.ids if mask is None else ds.ids.masked_fill(mask == 0, task.IGNORE)  # padding is no target
     out = copy.copy(ds)
     out.inputs, out.labels = {**ds.inputs, "decoder_input_ids": shift(targets)}, targets
     return out
@@ -365,17 +368,20 @@ def _check_targets(data: Data, seq2seq: bool) -> None:
                              "length are for an encoder–decoder)")
 
 
-def _check_vocabulary(data: Data, model: torch.nn.Module) -> None:
-    """Token ids must index the model's vocabulary, and only a model that embeds tokens takes them."""
+def _check_vocabulary(data: Data, model: torch.nn.Module, key: str = "input_ids") -> None:
+    """Token ids (``key``: the input ids, or the decoder's, made from the labels) must index the model's
+    vocabulary, and only a model that embeds tokens takes them."""
     vocab = vocabulary(model)
     if vocab is None:
         raise UsageError(f"{data.spec} holds token ids but the model embeds no tokens; give image data or an "
                          "input shape")
     for name, ds in (("train", data.train), ("test", data.test)):
         if isinstance(ds, TokenDataset):
-            top = int(ds.ids.max())
+            ids = ds.ids if key == "input_ids" else ds.inputs.get(key)
+            top = int(ids.max()) if ids is not None and ids.numel() else -1
             if top >= vocab:
-                raise UsageError(f"{data.spec}: {name} input_ids go up to {top} but the model's vocabulary has "
+                what = "input_ids" if key == "input_ids" else "labels"
+                raise UsageError(f"{data.spec}: {name} {what} go up to {top} but the model's vocabulary has "
                                  f"{vocab} tokens; tokenise with the model's own tokenizer")
 
 

@@ -72,7 +72,7 @@ def _listed(experts: nn.Module, n: int) -> bool:
 
 
 def routing_mass(model: nn.Module, found: list[Block], samples, output_key: str | None = None,
-                 bars: Bars = QUIET, batch: int = 16) -> dict[str, torch.Tensor]:
+                 bars: Bars = QUIET, batch: int = 16, device: str | None = None) -> dict[str, torch.Tensor]:
     """Per block, the routing weight each expert received, summed over the calibration tokens."""
     mass = {b.name: torch.zeros(b.count, dtype=torch.float64) for b in found}
 
@@ -83,6 +83,8 @@ def routing_mass(model: nn.Module, found: list[Block], samples, output_key: str 
                 weights, index = out[1], out[2]
             else:  # a router that returns logits: the top-k of their softmax
                 weights, index = torch.topk(F.softmax(logits.float(), -1), block.top_k, dim=-1)
+            if weights.shape != index.shape:  # scores for every expert beside the chosen indices
+                weights = weights.gather(-1, index.long())
             mass[block.name].index_add_(0, index.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
         return record
 
@@ -90,7 +92,7 @@ def routing_mass(model: nn.Module, found: list[Block], samples, output_key: str 
     try:
         with torch.no_grad():
             for xb, _, _ in bars.track(list(samples.batches(batch)), "routing the calibration data"):
-                call(model, batch_to(xb, None, model_dtype(model)), output_key)
+                call(model, batch_to(xb, device, model_dtype(model)), output_key)
     finally:
         for h in handles:
             h.remove()
@@ -118,6 +120,9 @@ def drop(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
             for attr, p in list(module.named_parameters(recurse=False)):
                 if p.dim() >= 1 and p.shape[0] == n:
                     setattr(module, attr, nn.Parameter(p.detach()[idx].clone(), requires_grad=p.requires_grad))
+            for attr, t in list(module.named_buffers(recurse=False)):  # per-expert buffers (a score correction)
+                if t is not None and t.dim() >= 1 and t.shape[0] == n:
+                    module._buffers[attr] = t[idx].clone()
         if _listed(b.experts, n):
             kept = [b.experts._modules[str(i)] for i in idx.tolist()]
             b.experts._modules.clear()

@@ -455,8 +455,8 @@ class Widths:
         for entries, groups in self.classes:
             asked = [len(keep[g.name]) for g in groups]
             units = {g.units for g in groups}
-            if all(a == g.units for a, g in zip(asked, groups)) or len(units) != 1:
-                continue  # nothing cut, or layers of different sizes (written as prunetool's own file)
+            if all(a == g.units for a, g in zip(asked, groups)) or len(units) != 1 or any(g.blocks > 1 for g in groups):
+                continue  # nothing cut, layers of different sizes or grouped convs (prunetool's own file if need be)
             n = units.pop()
             if not entries:
                 kept, reason = n, f"no {self.architecture} config entry sets their width"

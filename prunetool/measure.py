@@ -55,6 +55,8 @@ def evaluate(model: nn.Module, loader: DataLoader | None, device: str = "cpu", b
             tally.add(call(model, as_input(xb, model, device), output_key), yb.to(device))
     tally.correct, tally.count, tally.loss_sum = (reduce_sum(tally.correct), reduce_sum(tally.count),
                                                   reduce_sum(tally.loss_sum))
+    if tally.confusion is not None:  # segmentation: every process's shard of the pixels
+        tally.confusion = reduce_sum(tally.confusion)
     return tally.result()
 
 

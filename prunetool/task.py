@@ -13,9 +13,11 @@ One label per pixel (``N × H × W`` against ``N × C × H × W`` logits) is seg
 metric mean IoU over the classes present (pixel accuracy beside it).
 
 **Without labels** (:class:`Fidelity`), the cut model is measured against the dense one on the same inputs, by
-what its output is: class logits (``N × C``, or per token) by top-1 *agreement*, segmentation logits by the
-*mean IoU* of the two argmax maps, anything else (a detector's raw head outputs, a regression, an embedding) by
-the *output error* ``‖after − before‖ / ‖before‖``; cosine similarity and output error are kept beside.
+what its output is: ``N × C`` (read as class logits) and per-token logits by top-1 *agreement*, ``N × C × H × W``
+(read as segmentation logits) by the *mean IoU* of the two argmax maps over C, anything else (a detector's raw
+head outputs, a single regression output) by the *output error* ``‖after − before‖ / ‖before‖``; cosine
+similarity and output error are kept beside. The shape cannot tell an embedding or a feature map from logits:
+``--fidelity`` names the metric then.
 
 **Drop** (:func:`drop`): accuracy, agreement and mean IoU in percentage points (before − after), perplexity in
 percent of the dense perplexity (after / before − 1), output error in percent: positive when the model got worse.
@@ -236,15 +238,14 @@ class Fidelity:
         self.reference_sq += float(dense.pow(2).sum())
         self.dot += float((small * dense).sum())
         self.other_sq += float(small.pow(2).sum())
-        if self.metric == "miou":
-            ref, pred = dense.argmax(1), small.argmax(1)
-            c = _confusion(pred, ref, dense.shape[1])
-            self.confusion = c if self.confusion is None else self.confusion + c
+        if self.metric in ("miou", "agreement"):
+            cdim = 1 if dense.dim() == 4 else -1  # the classes: per pixel of N × C × H × W, else the last dim
+            ref, pred = dense.argmax(cdim), small.argmax(cdim)
+            if self.metric == "miou":
+                c = _confusion(pred, ref, dense.shape[cdim])
+                self.confusion = c if self.confusion is None else self.confusion + c
             self.agree += float((ref == pred).sum())
             self.count += ref.numel()
-        elif self.metric == "agreement":
-            self.agree += float((dense.argmax(-1) == small.argmax(-1)).sum())
-            self.count += dense.argmax(-1).numel()
 
     def result(self) -> dict:
         error = 100.0 * math.sqrt(self.error_sq / self.reference_sq) if self.reference_sq else None

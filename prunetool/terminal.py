@@ -55,8 +55,13 @@ def source_and_data(given: Given) -> tuple[Source, DataOptions]:
 
 def require_data(given: Given, needed: bool, why: str) -> None:
     """Refuse, before any work, a run that needs labelled ``--data`` and has none."""
-    if needed and given["--data"] is None:
-        raise UsageError(f"{why}: pass --data with labels")
+    refuse(needed and given["--data"] is None, f"{why}: pass --data with labels")
+
+
+def refuse(when: bool, message: str) -> None:
+    """A one-line refusal (exit 2) when ``when`` holds."""
+    if when:
+        raise UsageError(message)
 
 
 def gates(given: Given) -> tuple[Measurement, Budgets, Outputs]:

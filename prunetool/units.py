@@ -24,11 +24,15 @@ Means = dict[str, dict[str, torch.Tensor]]  # group → consumer → (units × w
 def unit_view(x: torch.Tensor, group: Group, consumer: Consumer) -> torch.Tensor:
     """The group's units in a consumer's input, as a (batch, units, positions, width) view of ``x``."""
     c = consumer
+    if c.repeat == 1:  # an op of a user's written before layouts repeated takes four arguments
+        return c.op.unit_view(x, c.offset, group.units, c.spatial)
     return c.op.unit_view(x, c.offset, group.units, c.spatial, c.repeat, c.period)
 
 
 def input_columns(c: Consumer, units: torch.Tensor) -> torch.Tensor:
     """The indices of ``units`` along consumer ``c``'s weight input dimension."""
+    if c.repeat == 1:
+        return c.op.columns(c.offset, c.spatial, torch.as_tensor(units))
     return c.op.columns(c.offset, c.spatial, torch.as_tensor(units), c.repeat, c.period)
 
 

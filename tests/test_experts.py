@@ -120,3 +120,11 @@ def test_drop_experts_on_a_model_without_experts_is_one_line(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--drop-experts" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m.shrunk.safetensors").exists()
+
+
+def test_a_dry_run_does_not_pretend_to_drop_experts(tmp_path, capsys):
+    mixtral().save_pretrained(tmp_path / "mixtral")
+    capsys.readouterr()
+    code = main(["shrink", str(tmp_path / "mixtral"), "--tokens", "12", "--drop-experts", "0.5", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--dry-run" in err and "--drop-experts" in err and len(err.splitlines()) == 1

@@ -392,7 +392,7 @@ def test_global_scope_gives_every_layer_one_count_and_a_family_without_mlp_bias_
     kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
     assert kept["model.layers.0.mlp.gate_proj"] == kept["model.layers.1.mlp.gate_proj"] < 64
     assert small.model.layers[0].mlp.down_proj.bias is None
-    assert any("compensated without a bias" in r["text"] for r in report["rounded"])
+    assert any("refit without a bias" in r["text"] for r in report["rounded"])
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     x = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
@@ -542,3 +542,34 @@ def test_gemma3_heads_pass_through_its_query_and_key_norms():
     heads = next(g for g in graph.groups if g.name.endswith("q_proj"))
     assert heads.units == 2 and {p.name.rsplit(".", 1)[-1] for p in heads.producers} == {"q_proj", "k_proj", "v_proj"}
     assert {m.name.rsplit(".", 1)[-1] for m in heads.members} <= {"q_norm", "k_norm"}
+
+
+class MaskedAttention(nn.Module):
+    """Attention given a float mask as a model input, broadcast over the heads."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.heads, self.q, self.k, self.v, self.o = heads, nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), \
+            nn.Linear(d, d)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_mask_broadcast_over_the_heads_leaves_them_prunable():
+    model = MaskedAttention().eval()
+    graph = trace(model, {"x": torch.randn(2, 5, 16), "mask": torch.zeros(2, 1, 5, 5)})
+    assert [g.name for g in graph.groups] == ["q"] and graph.groups[0].units == 4
+
+
+def test_encoder_decoder_labels_beyond_the_vocabulary_are_refused(tmp_path, capsys):
+    src = _t5(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "big.npz", input_ids=rng.integers(2, VOCAB, (20, 8)), labels=np.full((20, 5), VOCAB + 3))
+    capsys.readouterr()
+    code = main(["shrink", str(src), "--data", str(tmp_path / "big.npz"), "--no-latency"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "labels go up to" in err and len(err.splitlines()) == 1

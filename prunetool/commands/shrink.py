@@ -13,7 +13,7 @@ from torch import nn
 from ..layers import clone, unshare
 from ..load import upcast_half
 from ..batch import batch_slice
-from ..cut import can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
+from ..cut import MAX_FIT_INPUTS, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError, VerificationError
 from ..measure import evaluate, macs, params
@@ -180,7 +180,7 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
     found = experts.blocks(job.dense)
     if not offload:
         job.dense.to(device)
-    mass = experts.routing_mass(job.dense, found, job.calib, job.settings.output_key, bars)
+    mass = experts.routing_mass(job.dense, found, job.calib, job.settings.output_key, bars, device=device)
     job.dense.cpu()
     keep = experts.choose(found, mass, opts.drop_experts)
     current = clone(job.dense, share=True)
@@ -273,7 +273,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                     raise
                 misread |= found
                 if widths is not None:
-                    keep, rounded = widths.round(keep, scores.scores, misread)
+                    keep, more = widths.round(keep, scores.scores, misread)
+                    moved = {name for r in more for name in r.groups}
+                    rounded = [r for r in rounded if not moved & set(r.groups)] + more
                 del small
                 if not measurement.offload:
                     current.to(device)
@@ -312,9 +314,12 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     if rounded:
         extra["rounded"] = [asdict(r) | {"text": r.describe()} for r in rounded]
     if widths is not None and widths.no_bias and opts.compensate != "none":
+        how = ("not compensated (mean compensation needs a bias)" if opts.compensate == "mean" else
+               f"refit without a bias (their weights alone; one reading {MAX_FIT_INPUTS:,} inputs or more is not "
+               "refit)")
         extra.setdefault("rounded", []).append({"no_bias": widths.no_bias, "text": (
-            f"{', '.join(widths.no_bias)}: compensated without a bias (the family's config holds none there); "
-            "--free-widths adds one (prunetool's own file)")})
+            f"{', '.join(widths.no_bias)}: {how}, the family's config holds no bias there; --free-widths adds one "
+            "(prunetool's own file)")})
     if recovery.finetune_epochs or len(steps) > 1:
         extra["steps"] = history
     return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
