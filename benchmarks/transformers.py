@@ -169,7 +169,10 @@ def markdown(results: dict, seconds: float) -> str:
         "width stay. Perplexity on held-out text (drop: % increase); accuracy on the full MNIST test set (drop: pp). "
         "Both models have 4 head groups per layer (the LM: 4 key/value heads, each shared by 2 of its 8 query "
         "heads): `floor(R·4)` go, so R = 0.1 and 0.2 remove MLP units only, 0.3 one head group per layer and "
-        "0.5 two.",
+        "0.5 two, except where the family's config cannot hold the count: Llama's wants the width (128) a multiple "
+        "of the query heads, and 3 groups are 6 heads, so at 0.3 the default output (a Hugging Face directory) "
+        "keeps the LM's heads whole and says so; `--free-widths` would cut them (0.812 of the parameters, "
+        "perplexity 41.83 with lstsq, written as prunetool's own file; run of 2026-11-22).",
         "",
         "Torch-Pruning 1.6.1 on the ViT: `MetaPruner` with `num_heads`, `prune_num_heads=True`, heads and MLP at "
         "the same ratio, the residual stream kept (the projections that write it and the patch embedding in "
