@@ -331,6 +331,10 @@ class Analysis:
         out = node.outputs[0]
         nd = len(self.graph.shapes[out])
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % nd
+        empty = [t for t in node.inputs if t not in self.channels and self.graph.shapes[t] == (0,)]
+        if empty and len(ins) == 1 and len(node.inputs) == len(empty) + 1:  # a cache's empty start: x itself
+            self.channels[out] = ins[0][1]
+            return
         if len(ins) != len(node.inputs):
             return self.opaque(node, f"{node.name} in {self.where(node)} joins them with tensors prunetool cannot "
                                      "slice")
@@ -512,7 +516,8 @@ class Analysis:
                 if len(moved) != len(base):
                     raise ValueError
                 for i, (b0, b1) in enumerate(zip(base, moved)):
-                    blocks = _changed_blocks(b0, b1, ch // a.spatial, a.units)
+                    unbatched = b0.dim() > 0 and b0.shape[0] != getattr(self, "batch", None)
+                    blocks = _changed_blocks(b0, b1, ch // a.spatial, a.units, 0 if unbatched else 1)
                     if blocks is None:
                         continue  # nothing changed: this channel says nothing about where units go
                     found[i] = blocks if found[i] is None else found[i] & blocks
@@ -527,6 +532,7 @@ class Analysis:
             self.channels[out] = Channels(a.parts, d, spatial)
 
     def run(self, input_tokens: list[int], output_tokens: list[int]) -> None:
+        self.batch = next((self.graph.shapes[t][0] for t in input_tokens if self.graph.shapes[t]), None)
         for tok in input_tokens:
             shape = self.graph.shapes[tok]
             if len(shape) >= 2 and self.graph.tensors[tok].dtype.is_floating_point:
@@ -554,9 +560,11 @@ def _reads(op: ops.Op, a: Channels, ndim: int) -> bool:
         return False
 
 
-def _changed_blocks(before: torch.Tensor, after: torch.Tensor, unit: int, units: int) -> set | None:
+def _changed_blocks(before: torch.Tensor, after: torch.Tensor, unit: int, units: int, first: int = 1) -> set | None:
     """The (dimension, indices per unit) along which every changed entry lies in block ``unit`` of ``units`` equal
-    blocks; None when nothing changed. Raises ValueError when the shapes differ."""
+    blocks, from dimension ``first`` on (0 for a tensor without a batch dimension: T5's position bias, built from
+    the sequence length, before it meets the batch); None when nothing changed. Raises ValueError when the shapes
+    differ."""
     if before.shape != after.shape:
         raise ValueError
     changed = before != after
@@ -566,7 +574,7 @@ def _changed_blocks(before: torch.Tensor, after: torch.Tensor, unit: int, units:
         return None
     nz = changed.nonzero()
     out = set()
-    for d in range(1, before.dim()):
+    for d in range(first, before.dim()):
         size = before.shape[d]
         if size % units:
             continue

@@ -356,6 +356,7 @@ register(f"{_HF}.gpt2.modeling_gpt2.GPT2Attention", AttentionKind("c_attn", "hea
 register(f"{_HF}.bert.modeling_bert.BertSelfAttention", AttentionKind("query", "attention_head_size",
                                                                       ("num_attention_heads",), ("all_head_size",)))
 register(f"{_HF}.vit.modeling_vit.ViTAttention", AttentionKind("q_proj", "head_dim", ("num_attention_heads",)))
+register(f"{_HF}.t5.modeling_t5.T5Attention", AttentionKind("q", "key_value_proj_dim", ("n_heads",), ("inner_dim",)))
 for _family, _cls in (("opt", "OPTAttention"), ("whisper", "WhisperAttention")):  # view(bsz, -1, num_heads, ...)
     register(f"{_HF}.{_family}.modeling_{_family}.{_cls}", AttentionKind("q_proj", "head_dim", ("num_heads",)))
 for _family, _cls in (("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"), ("mistral", "MistralAttention")):

@@ -499,8 +499,9 @@ def _t5(tmp_path):
 
 def test_an_encoder_decoder_reads_its_targets_by_teacher_forcing_and_is_written_as_a_directory(tmp_path, capsys):
     """T5 needs decoder inputs: from labels of another length in the npz (teacher forcing: the targets shifted
-    right), its loss and perplexity on those targets; both stacks' MLPs cut, written as a directory that
-    from_pretrained reads back. Random tokens (--tokens) work too (the decoder reproduces the input)."""
+    right), its loss and perplexity on those targets; both stacks' MLPs, self- and cross-attention heads cut (the
+    relative-position bias with them), written as a directory that from_pretrained reads back. Random tokens
+    (--tokens) work too (the decoder reproduces the input)."""
     src = _t5(tmp_path)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "s2s.npz", input_ids=rng.integers(2, VOCAB, (40, 12)), labels=rng.integers(2, VOCAB, (40, 7)))
@@ -511,9 +512,13 @@ def test_an_encoder_decoder_reads_its_targets_by_teacher_forcing_and_is_written_
     assert report["metric"]["name"] == "perplexity" and report["before"]["perplexity"] > 1
     kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
     assert kept["encoder.block.0.layer.1.DenseReluDense.wi"] == kept["decoder.block.1.layer.2.DenseReluDense.wi"] == 32
+    # self-attention heads (each stack's layers share its relative-position bias: one group) and cross-attention
+    assert kept["encoder.block.1.layer.0.SelfAttention.q"] == kept["decoder.block.1.layer.0.SelfAttention.q"] == 2
+    assert kept["decoder.block.0.layer.1.EncDecAttention.q"] == 2
     assert report["verify"]["reload_from_pretrained"] == "identical"
     back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "t5.small").eval()
-    assert back.config.d_ff == 32
+    assert back.config.d_ff == 32 and back.config.num_heads == 2
+    assert back.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.shape[1] == 2
     code = main(["shrink", str(src), "--tokens", "10", "--calib", "16", "--ratio", "0.25", "--no-latency", "-q",
                  "--out", str(tmp_path / "t5.tok")])
     assert code == 0, capsys.readouterr().err
