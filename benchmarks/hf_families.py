@@ -148,7 +148,8 @@ def one(family: str, ratio: float, work: Path, timeout: int) -> dict:
 def _kept(row: dict) -> str:
     kept = row.get("kept", {})
     moe = sorted({v for k, v in kept.items() if k.endswith(".experts")})
-    heads = sorted({v for k, v in kept.items() if "attn" in k or "attention" in k or "q_proj" in k or "query" in k})
+    heads = sorted({v for k, v in kept.items()
+                    if any(w in k.lower() for w in ("attn", "attention", "q_proj", "query"))})
     mlps = sorted({v for k, v in kept.items() if v not in heads and not k.endswith(".experts")})
     return f"heads {', '.join(heads) or '–'}; MLP {', '.join(mlps) or '–'}" + \
         (f"; experts {', '.join(moe)}" if moe else "")
