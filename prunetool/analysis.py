@@ -66,6 +66,7 @@ class Analysis:
                     self.calls[key] = self.calls.get(key, 0) + 1
         self.order: dict[str, int] = {}
         self.views: dict[int, tuple[str, str, nn.Module]] = {}  # token → the 1-D parameter it is a view of
+        self.batch: int | None = None  # the traced batch size (run() reads it off the inputs)
 
     # helpers
     def bind(self, node: Node) -> dict:
@@ -359,9 +360,9 @@ class Analysis:
         c, s, out = a.dim, a.spatial, node.outputs[0]
         period = a.units * s
         prods = [math.prod(dst[:i]) for i in range(len(dst) + 1)]
-        for j in range(c, 0, -1):  # src[j:c] merged in front of the channels (never the batch dimension)
+        for j in range(c - 1, 0, -1):  # src[j:c] merged in front of the channels (never the batch dimension)
             lead = math.prod(src[:j])
-            for i in [i for i in range(1, len(dst)) if prods[i] == lead] if j < c else []:
+            for i in [i for i in range(1, len(dst)) if prods[i] == lead]:
                 for m in range(len(src) - c):  # and the m dims after them
                     if dst[i] == math.prod(src[j:c + 1 + m]) and math.prod(dst[i + 1:]) == math.prod(src[c + 1 + m:]):
                         self.channels[out] = Channels(a.parts, i, s * math.prod(src[c + 1:c + 1 + m]),
@@ -438,7 +439,7 @@ class Analysis:
             bias = None  # one mask broadcast over the heads: nothing of theirs to cut
         if aligned is not None and bias is not None:  # a per-head bias (T5's relative positions): cut with the heads
             ok = bias.dim == 1 and bias.plain and len(bias.parts) == 1 and bias.units == aligned[0].units and \
-                aligned[0].spatial == 1 and len(self.graph.shapes[mask.id]) == 4
+                aligned[0].spatial == 1
             aligned = aligned + [bias] if ok else None
         if aligned is None:
             return self.opaque(node, f"{node.name} in {self.where(node)} is attention whose heads prunetool cannot "
@@ -516,7 +517,7 @@ class Analysis:
                 if len(moved) != len(base):
                     raise ValueError
                 for i, (b0, b1) in enumerate(zip(base, moved)):
-                    unbatched = b0.dim() > 0 and b0.shape[0] != getattr(self, "batch", None)
+                    unbatched = b0.dim() > 0 and b0.shape[0] != self.batch
                     blocks = _changed_blocks(b0, b1, ch // a.spatial, a.units, 0 if unbatched else 1)
                     if blocks is None:
                         continue  # nothing changed: this channel says nothing about where units go

@@ -245,16 +245,15 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             scores = score(current, graph, opts.criterion, calib, bars=bars, means=stats.means, settings=engine)
         scores = _cpu(scores)
         trim_heap()
+        widths = widths_of(job, current, graph, opts)
         if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
-            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example,
-                                            widths_of(job, current, graph, opts), current)
+            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current)
         if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
             per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
                          for g in graph.groups}
             keep = select(graph, scores.scores, per_group, opts.round_to)
         else:
             keep = keep_units(graph, scores.scores, step_ratio, opts)
-        widths = widths_of(job, current, graph, opts)
         if widths is not None:
             keep, rounded = widths.round(keep, scores.scores)
         misread: frozenset = frozenset()
