@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -53,3 +54,21 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def table_args(doc: str, what: str, timeout: int) -> argparse.Namespace:
+    """The options of a benchmark that writes one table: ``--out`` (its Markdown section), ``--only`` (some of
+    its ``what``), ``--timeout`` (seconds per run)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="write the table into this Markdown file's section")
+    ap.add_argument("--only", nargs="*", help=f"{what} to run (default: all)")
+    ap.add_argument("--timeout", type=int, default=timeout)
+    return ap.parse_args()
+
+
+def publish(out: Path | None, section: str, body: str) -> None:
+    """The table into ``out``'s section ``section``, or on stdout."""
+    if out:
+        write_section(out, section, body)
+    else:
+        print(body)

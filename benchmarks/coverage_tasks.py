@@ -17,7 +17,6 @@ segmentation-models-pytorch, diffusers).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .common import commit, machine, today, write_section
+from .common import commit, machine, publish, table_args, today
 
 RATIO = 0.3
 CALIB = 32
@@ -237,11 +236,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, help="write the table into this Markdown file's section")
-    ap.add_argument("--only", nargs="*", help="models to run (default: all)")
-    ap.add_argument("--timeout", type=int, default=900)
-    args = ap.parse_args()
+    args = table_args(__doc__, "models", 900)
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -252,11 +247,7 @@ def main() -> None:
                 row = {"name": name, "task": CASES[name][2], "commit": commit(), "error": f"{type(e).__name__}: {e}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    body = markdown(rows, time.perf_counter() - start)
-    if args.out:
-        write_section(args.out, "tasks-coverage", body)
-    else:
-        print(body)
+    publish(args.out, "tasks-coverage", markdown(rows, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

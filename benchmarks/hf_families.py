@@ -14,7 +14,6 @@ kept per layer, and the rounding the report states.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import commit, machine, today, write_section
+from .common import commit, machine, publish, table_args, today
 
 VOCAB = 128
 RATIOS = (0.25, 0.5)
@@ -186,11 +185,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, help="write the table into this Markdown file's section")
-    ap.add_argument("--only", nargs="*", help="families to run (default: all)")
-    ap.add_argument("--timeout", type=int, default=600)
-    args = ap.parse_args()
+    args = table_args(__doc__, "families", 600)
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -199,11 +194,7 @@ def main() -> None:
                 row = one(family, ratio, Path(d), args.timeout)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "kept"}), flush=True)
-    body = markdown(rows, time.perf_counter() - start)
-    if args.out:
-        write_section(args.out, "hf-families", body)
-    else:
-        print(body)
+    publish(args.out, "hf-families", markdown(rows, time.perf_counter() - start))
 
 
 if __name__ == "__main__":
