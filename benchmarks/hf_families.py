@@ -64,6 +64,11 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**LM, **GQA, "num_experts": 4, "num_experts_per_tok": 2,
                                                              "moe_intermediate_size": 64,
                                                              "shared_expert_intermediate_size": 128}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**LM, **GQA, "head_dim": 8, "num_experts": 4,
+                                                             "num_experts_per_tok": 2, "moe_intermediate_size": 64}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**LM, **GQA, "num_experts": 4, "num_experts_per_tok": 2}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {**LM, **GQA, "head_dim": 8, "num_local_experts": 4,
+                                                       "num_experts_per_tok": 2, "layer_types": ["full_attention"] * 2}),
     "t5": ("T5Config", "T5ForConditionalGeneration", {"vocab_size": VOCAB, "d_model": 64, "d_kv": 8, "d_ff": 128,
                                                        "num_layers": 2, "num_heads": 8, "decoder_start_token_id": 0}),
     "bart": ("BartConfig", "BartForConditionalGeneration",
@@ -147,11 +152,13 @@ def one(family: str, ratio: float, work: Path, timeout: int) -> dict:
 def _kept(row: dict) -> str:
     kept = row.get("kept", {})
     moe = sorted({v for k, v in kept.items() if k.endswith(".experts")})
+    inside = sorted({v for k, v in kept.items() if k.endswith(".experts.units")})
     heads = sorted({v for k, v in kept.items()
                     if any(w in k.lower() for w in ("attn", "attention", "q_proj", "query"))})
-    mlps = sorted({v for k, v in kept.items() if v not in heads and not k.endswith(".experts")})
+    mlps = sorted({v for k, v in kept.items() if v not in heads and not k.endswith((".experts", ".experts.units"))})
     return f"heads {', '.join(heads) or '–'}; MLP {', '.join(mlps) or '–'}" + \
-        (f"; experts {', '.join(moe)}" if moe else "")
+        (f"; experts {', '.join(moe)}" if moe else "") + \
+        (f"; expert MLP units (all experts) {', '.join(inside)}" if inside else "")
 
 
 def markdown(rows: list[dict], seconds: float) -> str:
@@ -191,7 +198,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for family in args.only or FAMILIES:
             for ratio in RATIOS:
-                row = one(family, ratio, Path(d), args.timeout)
+                try:
+                    row = one(family, ratio, Path(d), args.timeout)
+                except Exception as e:  # one family's failure (a timeout, a build) is a row, not the end of the table
+                    row = {"family": family, "ratio": ratio, "commit": commit(), "exit": -1,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "kept"}), flush=True)
     publish(args.out, "hf-families", markdown(rows, time.perf_counter() - start))

@@ -134,6 +134,22 @@ def drop(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
                     setattr(m, attr, len(idx))
 
 
+@contextmanager
+def eager(model: nn.Module):
+    """Within the context, Hugging Face experts run their per-expert loop (``experts_implementation="eager"``),
+    whose calls read one expert's slab each, instead of a grouped matmul over all of them."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None),
+                                                               "_experts_implementation_internal")}
+    saved = {k: c._experts_implementation_internal for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation_internal = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation_internal = saved[k]
+
+
 class _MaskedRouting(TorchFunctionMode):
     """Router logits of removed experts at −∞: the dense model routed as the cut one is."""
 

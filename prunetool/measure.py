@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .batch import Batch, as_input, batch_len, batch_slice, batch_to, call, forward, model_dtype, resized
 from .data import as_samples
 from .distributed import reduce_sum
+from .experts import eager
 from .progress import QUIET, Bars
 from .task import Fidelity, Quality, Tally
 
@@ -27,7 +28,7 @@ def macs(model: nn.Module, example: Batch | tuple[int, ...]) -> int:
     ``example`` is a batch (its first sample is counted) or one sample's shape."""
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, eager(model):  # experts one by one: torch counts no grouped matmul
         x = resized(example, 1, model, device)
         forward(model, x)
     return counter.get_total_flops() // 2

@@ -1,5 +1,6 @@
-"""Mixture-of-experts: whole experts dropped by their routing mass. Removing an expert must equal the dense model
-routed around it (its router logit at −∞), for Hugging Face's stacked-parameter experts and a user's ModuleList."""
+"""Mixture-of-experts: whole experts dropped by their routing mass, and the units inside stacked experts cut per
+expert. Removing an expert must equal the dense model routed around it (its router logit at −∞), for Hugging Face's
+stacked-parameter experts and a user's ModuleList; removing units inside the experts must equal zeroing them."""
 
 import copy
 import json
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from prunetool import experts
+from prunetool import expert_units, experts
 from prunetool.cli import main
+from prunetool.data import Samples
 
 VOCAB = 100
 
@@ -128,3 +130,168 @@ def test_a_dry_run_does_not_pretend_to_drop_experts(tmp_path, capsys):
     code = main(["shrink", str(tmp_path / "mixtral"), "--tokens", "12", "--drop-experts", "0.5", "--dry-run"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--dry-run" in err and "--drop-experts" in err and len(err.splitlines()) == 1
+
+
+def moe_family(family: str):
+    """A tiny Hugging Face MoE with stacked experts (random weights, biases too where the family has them)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64)
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4, **common))
+    elif family == "qwen2_moe":
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            num_experts=4, moe_intermediate_size=48, shared_expert_intermediate_size=40, **common))
+    else:  # gpt-oss: transposed experts, gate and up interleaved, biases on both projections
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(num_local_experts=4, head_dim=8, **common))
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                nn.init.normal_(p, std=0.2)
+    model.config.use_cache = False
+    return model.eval()
+
+
+class UserStackedMoE(nn.Module):
+    """A user's mixture with its experts stacked by hand: separate gate and up stacks, a loop over the experts."""
+
+    def __init__(self, d=16, units=24, n=4):
+        super().__init__()
+        self.gate = nn.Linear(d, n, bias=False)
+        self.experts = nn.Module()
+        for attr, shape in (("w1", (n, units, d)), ("w3", (n, units, d)), ("w2", (n, d, units))):
+            self.experts.register_parameter(attr, nn.Parameter(torch.randn(shape) / shape[-1] ** 0.5))
+        self.top_k = 2
+
+    def forward(self, x):
+        w, idx = torch.topk(F.softmax(self.gate(x), -1), self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        ex = self.experts
+        for e in range(ex.w1.shape[0]):
+            rows, slot = torch.where(idx == e)
+            h = F.silu(F.linear(x[rows], ex.w1[e])) * F.linear(x[rows], ex.w3[e])
+            out = out.index_add(0, rows, F.linear(h, ex.w2[e]) * w[rows, slot, None])
+        return out
+
+
+class UserStackedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.moe, self.out = nn.Linear(8, 16), UserStackedMoE(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.moe(h))
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits if isinstance(model, transformers.PreTrainedModel) else model(x)
+
+
+def _cut_units(dense, x, kept):
+    found, left = expert_units.find(dense, x[:2])
+    assert found and not left
+    stats = expert_units.statistics(dense, found, Samples(x))
+    keep = expert_units.choose(found, expert_units.scores(found, stats), {u.name: kept for u in found})
+    small = copy.deepcopy(dense)
+    expert_units.cut(small, found, keep)
+    return found, stats, keep, small
+
+
+def _masked(dense, found, keep):
+    """The dense model with every expert's removed units zeroed in place of removed."""
+    masked = copy.deepcopy(dense)
+    modules = dict(masked.named_modules())
+    for u in found:
+        removed = torch.ones(u.experts, u.units, dtype=torch.bool).scatter_(1, keep[u.name], False)
+        for attr, t in expert_units._zeroed(u, removed, outputs=True).items():
+            setattr(modules[u.name], attr, nn.Parameter(t))
+    return masked
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "user"])
+def test_units_cut_inside_experts_equal_the_dense_model_with_them_zeroed(family):
+    dense = UserStackedNet().eval() if family == "user" else moe_family(family)
+    x = torch.randn(64, 8) if family == "user" else torch.randint(0, VOCAB, (6, 12))
+    found, stats, keep, small = _cut_units(dense, x, 16)
+    assert all(u.interleaved == (family == "gpt_oss") for u in found)
+    assert [len(u.inputs) for u in found] == [2 if family == "user" else 1] * len(found)
+    assert all(k.shape == (u.experts, 16) and any(len(set(r.tolist()) ^ set(k[0].tolist())) for r in k)
+               for u in found for k in [keep[u.name]])  # each expert keeps its own units
+    assert expert_units.check(small, found, keep, stats) < 1e-5
+    got, want = _logits(small, x), _logits(_masked(dense, found, keep), x)  # the family's own (grouped) forward
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, _logits(dense, x), atol=1e-4)  # the units mattered
+    if family == "gpt_oss":  # the other layout would read other units' rows: the check catches it
+        found[0].interleaved = False
+        wrong = copy.deepcopy(dense)
+        expert_units.cut(wrong, found, keep)
+        assert expert_units.check(wrong, found, keep, stats) > 1e-3
+
+
+def test_constant_units_removed_inside_gpt_oss_experts_with_mean_compensation_leave_outputs_equal():
+    dense = moe_family("gpt_oss")
+    with torch.no_grad():  # units 0-7 of layer 0's experts: biases only, so one activation on every token
+        dense.model.layers[0].mlp.experts.gate_up_proj[:, :, :16] = 0
+    x = torch.randint(0, VOCAB, (6, 12))
+    found = [u for u in expert_units.find(dense, x[:2])[0] if u.name == "model.layers.0.mlp.experts"]
+    stats = expert_units.statistics(dense, found, Samples(x))
+    keep = {found[0].name: torch.arange(8, 48).expand(found[0].experts, -1)}
+    for how, tol in (("mean", 1e-5), ("lstsq", 1e-4)):  # least squares fits the output bias as well
+        small = copy.deepcopy(dense)
+        expert_units.cut(small, found, keep)
+        assert expert_units.compensate(small, found, keep, stats, how) == []
+        assert torch.allclose(_logits(small, x), _logits(dense, x), atol=tol, rtol=0), how
+    assert not torch.allclose(_logits(small, x) * 0, _logits(dense, x), atol=1e-3)
+
+
+def test_least_squares_refit_of_the_experts_brings_outputs_closer_than_no_compensation():
+    dense = moe_family("mixtral")
+    x = torch.randint(0, VOCAB, (16, 12))  # one calibration batch: the fit's own tokens
+    found, stats, keep, small = _cut_units(dense, x, 16)
+    first, s = found[0], stats[found[0].name]
+
+    def block_error(model):  # layer 0's block on the calibration tokens, against the dense block
+        with torch.no_grad(), experts.eager(model):
+            got = expert_units._output(dict(model.named_modules())[first.block](*s.args, **s.kwargs))
+            want = expert_units._output(dict(dense.named_modules())[first.block](*s.args, **s.kwargs))
+        return float((got - want).norm() / want.norm())
+
+    plain, plain_logits = block_error(small), _logits(small, x)
+    assert expert_units.compensate(small, found, keep, stats, "lstsq") == []
+    want = _logits(dense, x)
+    assert block_error(small) < 0.85 * plain
+    assert (_logits(small, x) - want).norm() < (plain_logits - want).norm()
+    assert expert_units.compensate(copy.deepcopy(small), found, keep, stats, "mean") == [u.name for u in found]
+
+
+def test_mixtral_expert_units_cut_into_a_directory_from_pretrained_reads(tmp_path, capsys):
+    mixtral().save_pretrained(tmp_path / "mixtral")
+    code = main(["shrink", str(tmp_path / "mixtral"), "--tokens", "12", "--calib", "16", "--ratio", "0.5",
+                 "--no-latency", "-q", "--out", str(tmp_path / "small"), "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {layer["name"]: layer for layer in report["layers"]}
+    assert (rows["model.layers.1.mlp.experts.units"]["units_before"],
+            rows["model.layers.1.mlp.experts.units"]["units_after"]) == (4 * 48, 4 * 24)
+    assert report["verify"]["expert_units"] < 1e-5 and report["verify"]["reload_from_pretrained"] == "identical"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    assert back.config.intermediate_size == 24 and back.model.layers[0].mlp.experts.down_proj.shape == (4, 32, 24)
+    assert report["after"]["params"] == sum(p.numel() for p in back.parameters())
+
+
+def test_a_target_and_a_dry_run_count_the_units_inside_experts(tmp_path, capsys):
+    mixtral().save_pretrained(tmp_path / "mixtral")
+    code = main(["shrink", str(tmp_path / "mixtral"), "--tokens", "12", "--dry-run", "--json",
+                 str(tmp_path / "plan.json")])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {g["name"]: g["units"] for g in plan["groups"]}["model.layers.0.mlp.experts.units"] == 4 * 48
+    half = next(r for r in plan["ratios"] if r["ratio"] == 0.5)
+    assert half["params_fraction"] < 0.6 and half["macs_fraction"] < 0.6  # the experts hold most of both
+    code = main(["shrink", str(tmp_path / "mixtral"), "--tokens", "12", "--calib", "16", "--target-params", "0.5",
+                 "--no-latency", "-q", "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "t")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["after"]["params"] <= 0.5 * report["before"]["params"]

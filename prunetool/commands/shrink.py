@@ -12,7 +12,7 @@ from torch import nn
 
 from ..layers import clone, unshare
 from ..load import upcast_half
-from ..batch import batch_slice
+from ..batch import batch_slice, batch_to, model_dtype
 from ..cut import MAX_FIT_INPUTS, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError, VerificationError
@@ -25,7 +25,7 @@ from ..staging import Staging
 from ..store import trim_heap
 from ..calibrate import statistics
 from ..groups import Protected
-from .. import experts, hf
+from .. import expert_units, experts, hf
 from ..hf import Widths
 from ..trace import Trace, trace
 from ..verify import REMOVAL_PROBE, misread_groups, outputs_of, verify
@@ -68,10 +68,13 @@ def widths_of(job, model: nn.Module, graph: Trace, opts: ShrinkOptions) -> Width
         return None
 
 
-def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[int, int]:
+def size_after(dense, graph, keep, example, compensate: str = "none", units: list | None = None,
+               kept: dict[str, int] | None = None) -> tuple[int, int]:
     """Parameters and MACs of the cut (structure only), counting the biases least squares gives the consumers it
-    refits that had none."""
+    refits that had none, with ``kept`` units in every expert of the stacked ``units``."""
     small = cut(clone(dense, share=True), graph, keep, "none")
+    if units:
+        expert_units.cut(small, units, expert_units.first(units, kept))
     added = 0
     if compensate == "lstsq":
         modules = dict(small.named_modules())
@@ -81,17 +84,23 @@ def size_after(dense, graph, keep, example, compensate: str = "none") -> tuple[i
     return params(small) + added, macs(small, example)
 
 
+def unit_counts(units: list, counts: dict[str, int], ratio: float, opts: ShrinkOptions) -> dict[str, int]:
+    """The units every expert of each stacked experts module keeps at ``ratio`` of its original ``counts``."""
+    return {u.name: expert_units.kept_count(counts.get(u.name, u.units), ratio, opts.round_to) for u in units}
+
+
 def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Widths | None = None,
-               model: nn.Module | None = None) -> float:
-    """The smallest ratio whose cut of ``model`` (default: ``dense``; the model without its dropped experts)
-    keeps at most ``target_params``/``target_macs`` of ``dense``."""
+               model: nn.Module | None = None, units: list | None = None) -> float:
+    """The smallest ratio whose cut of ``model`` (default: ``dense``; the model without its dropped experts),
+    with its stacked experts' ``units``, keeps at most ``target_params``/``target_macs`` of ``dense``."""
     metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
     index = 0 if metric == "params" else 1
     goal = fraction * (params(dense), macs(dense, example))[index]
     model = dense if model is None else model
 
     def size(r):
-        return size_after(model, graph, keep_units(graph, scores, r, opts, widths), example, opts.compensate)[index]
+        return size_after(model, graph, keep_units(graph, scores, r, opts, widths), example, opts.compensate,
+                          units, unit_counts(units or [], {}, r, opts))[index]
 
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
@@ -123,8 +132,10 @@ def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = S
         base = (params(job.dense), macs(job.dense, shape))
         rows = []
         widths = widths_of(job, job.dense, job.graph, opts)
+        units, left = expert_units.find(job.dense, batch_slice(job.probe, 0, 2), output_key)
         for r in ratios:
-            p, m = size_after(job.dense, job.graph, keep_units(job.graph, scores, r, opts, widths), shape)
+            p, m = size_after(job.dense, job.graph, keep_units(job.graph, scores, r, opts, widths), shape,
+                              units=units, kept=unit_counts(units, {}, r, opts))
             rows.append({"ratio": r, "params": p, "macs": m, "params_fraction": p / base[0],
                          "macs_fraction": m / base[1]})
     finally:
@@ -133,8 +144,11 @@ def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = S
         "command": "dry-run", "params": base[0], "macs": base[1], "input_shape": list(job.input_shape),
         "groups": [{"name": g.name, "units": g.units, "producers": [p.name for p in g.producers],
                     "consumers": [c.name for c in g.consumers], "members": [m.name for m in g.members],
-                    "blocks": g.blocks} for g in job.graph.groups],
-        "protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected],
+                    "blocks": g.blocks} for g in job.graph.groups]
+        + [{"name": f"{u.name}.units", "units": u.experts * u.units, "producers": u.describe()["producers"],
+            "consumers": [f"{u.name}.{u.output}"], "members": [], "blocks": u.experts} for u in units],
+        "protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]
+        + [{"name": name, "reason": f"the units inside its experts are kept whole: {why}"} for name, why in left],
         "ratios": rows, "settings": {"scope": scope, "round_to": round_to, "criterion": criterion,
                                      "free_widths": free_widths},
     }
@@ -203,6 +217,24 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
     return current, graph, rows
 
 
+def _cut_units(small: nn.Module, units: list, unit_stats: dict, kept: dict[str, int],
+               compensate: str) -> tuple[float, list[str]]:
+    """Cut ``small``'s stacked experts to ``kept`` units each (their best by saliency), checked to equal
+    the dense experts with the removed units zeroed, then compensated. The check's difference, and the modules left
+    uncompensated."""
+    keep = expert_units.choose(units, expert_units.scores(units, unit_stats), kept)
+    expert_units.cut(small, units, keep)
+    diff = expert_units.check(small, units, keep, unit_stats)
+    if not diff <= expert_units.TOLERANCE:
+        raise VerificationError(f"removing units inside the experts is not the same as zeroing them (relative "
+                                f"difference {diff:.2g})")
+    missed = expert_units.compensate(small, units, keep, unit_stats, compensate)
+    if missed:
+        warnings.warn(f"the units removed inside the experts of {', '.join(missed)} are not compensated (see the "
+                      "report)")
+    return diff, missed
+
+
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
     step = work(job, opts, recovery, measurement, bars, scores)
@@ -215,7 +247,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
          scores: Scores | None = None) -> "Step":
     """The cut itself, without the shared end: the smaller model and what to record and report about it."""
     dense, calib, graph, device, engine = job.dense, job.calib, job.graph, measurement.device, job.settings
-    if not graph.groups:
+    if not graph.groups and not expert_units.stacked(dense):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
         raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
     if recovery.finetune_epochs and not job.data.has_labels:
@@ -232,7 +264,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     ratio = steps[-1]
 
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
-    moe = []
+    moe, units, counts, missed = [], [], {}, []
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     for step, step_ratio in enumerate(steps):
@@ -241,13 +273,20 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if not measurement.offload:
             current.to(device)
         stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
+        units, left = expert_units.find(current, batch_to(batch_slice(probe, 0, 2), device, model_dtype(current)),
+                                        engine.output_key)
+        if step == 0:
+            counts = {u.name: u.units for u in units}
+            job.graph.protected += [Protected(name, f"the units inside its experts are kept whole: {why}")
+                                    for name, why in left]
+        unit_stats = expert_units.statistics(current, units, calib, engine.output_key, bars, device=device)
         if scores is None or step:
             scores = score(current, graph, opts.criterion, calib, bars=bars, means=stats.means, settings=engine)
         scores = _cpu(scores)
         trim_heap()
         widths = widths_of(job, current, graph, opts)
         if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
-            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current)
+            step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
         if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
             per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
                          for g in graph.groups}
@@ -283,6 +322,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 if not measurement.offload:
                     current.to(device)
                 stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
+        if units:
+            checks["expert_units"], missed = _cut_units(small, units, unit_stats,
+                                                        unit_counts(units, counts, step_ratio, opts), opts.compensate)
         if recalibrate or recovery.finetune_epochs:
             unshare(small, current)  # both write into the tensors
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
@@ -306,6 +348,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
 
     layers = moe + [{"name": g.name, "units_before": original.get(g.name, g.units), "units_after": len(keep[g.name]),
                      "producers": [p.name for p in g.producers]} for g in graph.groups]
+    kept = unit_counts(units, counts, ratio, opts)
+    layers += [u.describe() | {"units_before": u.experts * counts[u.name], "units_after": u.experts * kept[u.name]}
+               for u in units]
     settings = {"criterion": opts.criterion, "ratio": ratio, "compensation": opts.compensate, "scope": opts.scope,
                 "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
@@ -323,6 +368,11 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         extra.setdefault("rounded", []).append({"no_bias": widths.no_bias, "text": (
             f"{', '.join(widths.no_bias)}: {how}, the family's config holds no bias there; --free-widths adds one "
             "(prunetool's own file)")})
+    if missed:
+        extra["experts_not_compensated"] = {"modules": missed, "text": (
+            f"{', '.join(missed)}: the units removed inside the experts are not compensated ("
+            + ("the experts have no output bias to take their means)" if opts.compensate == "mean" else
+               f"their Gram matrices exceed {expert_units.GRAM_BUDGET >> 30} GiB)"))}
     if recovery.finetune_epochs or len(steps) > 1:
         extra["steps"] = history
     return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
