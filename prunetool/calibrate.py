@@ -249,10 +249,14 @@ def covariances(model: nn.Module, names: list[str], samples: Samples, settings: 
         return seen
 
     shard = samples.shard()
-    example = shard.take(2)[0]
-    for name in names:  # the geometry of each layer's own call (stride, padding, dilation)
-        captured[name] = calls.capture(model, name, batch_to(example, settings.device, model_dtype(model)))
     size = batch_size(trace, settings)
+    dtype = model_dtype(model)
+    for name in names:  # the geometry of each layer's own call (stride, padding, dilation)
+        found = calls.first_call(model, name, (batch_to(xb, settings.device, dtype) for xb, _, _ in
+                                               shard.batches(size)))
+        if found is not None:  # else no sample reaches it (an expert): its factors come from its weights alone
+            captured[name] = found
+    names = list(captured)
     with torch.no_grad(), calls.hooks(model, {n: make(n) for n in names}):
         for xb, _, ids in bars.track(shard.batches(size), "input covariances", total=math.ceil(len(shard) / size)):
             current["ids"] = ids

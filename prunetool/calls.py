@@ -141,6 +141,10 @@ class Stop(Exception):
     """Raised by a hook to end a forward pass early, once it has what it needs."""
 
 
+class NeverCalled(RuntimeError):
+    """A layer whose call a pass waited for was never made (its module did not run on that batch)."""
+
+
 def capture(model: nn.Module, name: str, batch, weight: str = "weight", run: Callable | None = None) -> Call:
     """Run ``model`` on ``batch`` only as far as layer ``name``'s own call; return that call (output included)."""
     module = model.get_submodule(name)
@@ -178,8 +182,19 @@ def capture(model: nn.Module, name: str, batch, weight: str = "weight", run: Cal
         except Stop:
             pass
     if not box:
-        raise RuntimeError(f"{name} ({type(module).__name__}) never made a weighted call with its own weight")
+        raise NeverCalled(f"{name} ({type(module).__name__}) never made a weighted call with its own weight")
     return box[0]
+
+
+def first_call(model: nn.Module, name: str, batches, weight: str = "weight") -> Call | None:
+    """:func:`capture` on the first of ``batches`` where layer ``name`` makes its call; None where it makes none
+    (an expert no sample is routed to)."""
+    for batch in batches:
+        try:
+            return capture(model, name, batch, weight)
+        except NeverCalled:
+            continue
+    return None
 
 
 def _run(model, batch, run):

@@ -29,7 +29,7 @@ from torch import nn
 from . import calls, layers, ops
 from .batch import batch_slice, batch_to, forward, model_dtype
 from .calibrate import Settings, statistics
-from .calls import Call, Stop, capture
+from .calls import Call, Stop, first_call
 from .replay import Program, boundaries_for, replay
 from .store import batch_size
 from .data import Samples, as_samples
@@ -503,12 +503,15 @@ def refit_streaming(model: nn.Module, trace: Trace, plan: Plan, consumers: dict[
     # every row of a consumer was kept batch by batch: the same batches again (the statistics pass's size)
     size = next((stats.whole[n] for n in consumers if n in stats.whole), None) or batch_size(trace, settings)
     dtype = model_dtype(model)
-    example = batch_to(shard.take(1)[0], settings.device, dtype)
     for name in bars.track(sorted(consumers, key=lambda n: trace.order.get(n, 0)),
                            "least-squares refit, consumer by consumer"):
         c = consumers[name]
         fit = Fit(modules[name], c, plan.kept_outputs(name, modules[name]))
-        geometry = capture(model, name, example, c.weight)  # the call's op, stride, padding, ...
+        # the call's op, stride, padding, ...: from the first batch that runs it (an expert runs on its tokens only)
+        geometry = first_call(model, name, (batch_to(xb, settings.device, dtype) for xb, _, _ in shard.batches(size)),
+                              c.weight)
+        if geometry is None:
+            continue  # no calibration sample reaches it: nothing to fit, its kept weights stay
         current = {}
         if name in stats.whole:
             chunks = iter(list(stats.targets[name]))

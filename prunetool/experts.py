@@ -22,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import layers
-from .batch import batch_to, call, model_dtype
+from .batch import batch_len, batch_slice, batch_to, call, model_dtype
 from .progress import QUIET, Bars
 
 ROUTERS = ("gate", "router")
@@ -69,6 +69,32 @@ def blocks(model: nn.Module) -> list[Block]:
 def _listed(experts: nn.Module, n: int) -> bool:
     """Whether ``experts`` holds its ``n`` experts as children named 0 … n−1 (an ``nn.ModuleList``)."""
     return list(experts._modules) == [str(i) for i in range(n)]
+
+
+def trace_example(model: nn.Module, probe, output_key: str | None = None, first: int = 2):
+    """The batch to trace ``model`` on: the probe's ``first`` samples, or, where experts are modules that run only
+    on the tokens routed to them, the fewest of the probe's samples that reach every one of them (doubling); and
+    the expert modules even the whole probe does not reach."""
+    listed = [m for b in blocks(model) if _listed(b.experts, b.count) for m in b.experts.children()]
+    n, total = first, batch_len(probe)
+    if not listed:
+        return batch_slice(probe, 0, min(n, total)), []
+    called: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))) for m in listed]
+    try:
+        with torch.no_grad():
+            while True:
+                called.clear()
+                example = batch_slice(probe, 0, min(n, total))
+                call(model, example, output_key)
+                if len(called) == len(listed) or n >= total:
+                    break
+                n *= 2
+    finally:
+        for h in handles:
+            h.remove()
+    names = {id(m): name for name, m in model.named_modules()}
+    return example, [names[id(m)] for m in listed if id(m) not in called]
 
 
 def routing_mass(model: nn.Module, found: list[Block], samples, output_key: str | None = None,

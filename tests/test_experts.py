@@ -295,3 +295,70 @@ def test_a_target_and_a_dry_run_count_the_units_inside_experts(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["after"]["params"] <= 0.5 * report["before"]["params"]
+
+
+USER_MOE_FILE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 24), nn.Linear(24, 16)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, never=None):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.moe = nn.Module()
+        self.moe.gate = nn.Linear(16, 6, bias=False)
+        self.moe.experts = nn.ModuleList(Expert() for _ in range(6))
+        self.never = never
+
+    def forward(self, x):
+        h = self.inp(x)
+        logits = self.moe.gate(h)
+        if self.never is not None:  # a router that sends nothing to one expert
+            logits = logits.index_fill(-1, torch.tensor([self.never]), float("-inf"))
+        w, idx = torch.topk(F.softmax(logits, -1), 2, dim=-1)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.moe.experts):
+            rows, slot = torch.where(idx == e)
+            if len(rows):
+                out = out.index_add(0, rows, expert(h[rows]) * w[rows, slot, None])
+        return self.out(h + out)
+
+
+def build(never=None):
+    return Net(never)
+'''
+
+
+@pytest.mark.parametrize("never", [None, 5])
+def test_every_listed_expert_is_traced_and_cut_through_the_cli(tmp_path, capsys, monkeypatch, never):
+    (tmp_path / "usermoe.py").write_text(USER_MOE_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import importlib
+    import usermoe
+    importlib.reload(usermoe)
+    torch.manual_seed(0)
+    torch.save(usermoe.build(never).state_dict(), tmp_path / "m.pt")
+    kwargs = json.dumps({"never": never})
+    code = main(["shrink", "m.pt", "--arch", "usermoe.py:build", "--arch-kwargs", kwargs, "--input-shape", "8",
+                 "--ratio", "0.5", "--no-latency", "-q", "--out", "small.safetensors", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    cut = {layer["name"]: (layer["units_before"], layer["units_after"]) for layer in report["layers"]}
+    reached = [e for e in range(6) if e != never]
+    assert all(cut[f"moe.experts.{e}.up"] == (24, 12) for e in reached)  # two probe samples reach only some
+    protected = {p["name"]: p["reason"] for p in report["protected"]}
+    if never is not None:
+        assert f"moe.experts.{never}.up" not in cut and "no probe sample" in protected[f"moe.experts.{never}"]
+    assert report["verify"]["reload"] == "identical"

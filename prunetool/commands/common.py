@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import distributed, hf, layers, memory, precision, task, trust
+from .. import distributed, experts, hf, layers, memory, precision, task, trust
 from ..calibrate import Settings
 from ..store import map_large_alone, trim_heap
 from ..data import (OUTPUT_BYTES, Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader,
@@ -36,6 +36,7 @@ from ..options import (DEFAULT_ROWS, DEFAULT_TOKEN_ROWS, FIDELITY, DataOptions, 
                        from_keywords)
 from ..progress import Bars
 from ..staging import DIRECTORY_OUTPUTS, SUFFIXES, Staging, check_outputs
+from ..groups import Protected
 from ..trace import Trace, trace
 from ..verify import check_reload, outputs_of
 from ..version import __version__
@@ -119,13 +120,23 @@ class Keywords:
         return self.make(Measurement, latency_batches=tuple(self.keywords["latency_batches"]) if measure else ())
 
 
+def trace_probe(model: nn.Module, probe, output_key: str | None = None) -> Trace:
+    """``model`` traced on the first samples of ``probe`` (enough of them to reach every expert module of a
+    mixture of experts); an expert no probe sample is routed to is named among the protected layers."""
+    example, unreached = experts.trace_example(model, probe, output_key)
+    graph = trace(model, example, output_key)
+    graph.protected += [Protected(name, "no probe sample is routed to this expert, so its layers were not traced: "
+                                        "kept whole") for name in unreached]
+    return graph
+
+
 def derive(job: Job, model: nn.Module, record: dict) -> Job:
     """The job for a model made from ``job``'s (the next step of a composition): same data and samples, traced
     anew, its record carrying what earlier steps did."""
     ckpt = Checkpoint(model, job.ckpt.arch, job.ckpt.arch_kwargs, record, job.ckpt.path, job.ckpt.sha256,
                       job.ckpt.file_bytes, job.ckpt.dtypes, job.ckpt.arch_root)
     return Job(ckpt, job.data, model.eval(), job.calib, job.probe,
-               trace(model, batch_slice(job.probe, 0, 2), job.settings.output_key), job.computed_in,
+               trace_probe(model, job.probe, job.settings.output_key), job.computed_in,
                job.settings, job.eval, None)
 
 
@@ -226,7 +237,7 @@ def start(source: Source, data: DataOptions, device: str = "cpu", offload: bool 
         probe = as_input(calib.take(64)[0], dense)
         if batch_len(probe) < 2:
             probe = batch_cat([probe, probe])
-        graph = trace(dense, batch_slice(probe, 0, 2), data.output_key)
+        graph = trace_probe(dense, probe, data.output_key)
         one = outputs_of(dense, batch_slice(probe, 0, 1)).numel() * 4
         if batch_len(probe) * one > OUTPUT_BYTES:  # every check holds the outputs of two models on it at once
             probe = batch_slice(probe, 0, max(2, OUTPUT_BYTES // one))

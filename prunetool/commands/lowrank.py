@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import layers, task
 from ..calibrate import covariances, output_sensitivity
-from ..calls import capture
+from ..calls import first_call
 from ..data import eval_loader
 from ..errors import UsageError
 from ..factor import (Candidate, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
@@ -45,7 +45,9 @@ def _candidates(job, names: list[str], covs: dict, fisher: dict | None) -> list[
         module = job.dense.get_submodule(name)
         spec = spectrum(module, covs.get(name))
         m, n = matrix(module).shape
-        call = capture(job.dense, name, example)
+        call = first_call(job.dense, name, [example, job.probe])  # an expert runs only on the tokens routed to it
+        if call is None:
+            continue  # no probe sample reaches it: it stays as it is
         positions = call.op.out_positions(call.output)
         upper = min(len(spec.sigma), max(0, (m * n - 1) // (m + n)))
         loss = predicted_loss(spec, fisher[name]) if fisher is not None and name in fisher else None

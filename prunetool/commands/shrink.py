@@ -27,9 +27,9 @@ from ..calibrate import statistics
 from ..groups import Protected
 from .. import expert_units, experts, hf
 from ..hf import Widths
-from ..trace import Trace, trace
+from ..trace import Trace
 from ..verify import REMOVAL_PROBE, misread_groups, outputs_of, verify
-from .common import Keywords, Step, finish, check_job_outputs, start
+from .common import Keywords, Step, finish, check_job_outputs, start, trace_probe
 
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, and scores only for scope "global"
@@ -210,7 +210,7 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
     if not diff <= EXPERT_TOLERANCE:
         raise VerificationError(f"removing experts is not the same as routing around them (relative difference "
                                 f"{diff:.2g})")
-    graph = trace(current, batch_slice(job.probe, 0, 2), job.settings.output_key)
+    graph = trace_probe(current, job.probe, job.settings.output_key)
     rows = [{"name": f"{b.name}.experts", "units_before": b.count, "units_after": len(keep[b.name]),
              "producers": [f"{b.name}.{n}" for n, m in b.module.named_children() if m is b.router],
              "routing_mass": [round(float(v), 4) for v in mass[b.name]], "routed_around": diff} for b in found]
@@ -269,7 +269,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     for step, step_ratio in enumerate(steps):
         if step:
-            graph = trace(current, batch_slice(probe, 0, 2), engine.output_key)
+            graph = trace_probe(current, probe, engine.output_key)
         if not measurement.offload:
             current.to(device)
         stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
