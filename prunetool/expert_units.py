@@ -473,7 +473,8 @@ def _refit(dense: torch.Tensor, kept: torch.Tensor, gram: torch.Tensor, sums: to
 def check(small: nn.Module, found: list[Units], keep: dict[str, torch.Tensor],
           stats: dict[str, Stats]) -> float:
     """The largest relative difference, over the blocks, between ``small``'s block with its cut experts (before
-    any compensation) and with the dense experts (``found``'s), the removed units zeroed, on the first calibration batch."""
+    any compensation) and with the dense experts (``found``'s), the removed units zeroed, on the first calibration
+    batch."""
     modules = dict(small.named_modules())
     worst = 0.0
     for u in found:

@@ -429,6 +429,19 @@ class Widths:
                 loose.setdefault(gs[0].units, []).extend(gs)
         return out + [([], gs) for gs in loose.values()]
 
+    def ties(self) -> tuple[list[list[str]], list[str]]:
+        """The groups :meth:`round` gives one count (sets of two or more names), and those it keeps whole (no
+        config entry sets their width)."""
+        tied, whole = [], []
+        for entries, groups in self.classes:
+            if len({g.units for g in groups}) != 1 or any(g.blocks > 1 for g in groups):
+                continue
+            if not entries:
+                whole += [g.name for g in groups]
+            elif len(groups) > 1:
+                tied.append([g.name for g in groups])
+        return tied, whole
+
     def refusal(self, groups: list[Group], kept: int) -> str | None:
         """Why the config cannot hold ``groups`` cut to ``kept`` units each (the rest of the model whole); None
         when it can."""

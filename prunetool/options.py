@@ -20,6 +20,7 @@ CRITERIA = ("mrs", "mrp", "taylor", "l1", "l2", "fp", "random")
 DATA_CRITERIA = ("mrs", "mrp", "taylor")
 COMPENSATIONS = ("mean", "lstsq", "none")
 SCOPES = ("layer", "global")
+ALLOCATIONS = ("sensitivity", "uniform")
 OPTIMIZERS = ("sgd", "adam")
 LATENCY_BATCHES = (1, 32)
 # bytes of cached activations kept on the device, and the size of batches: 1.5 GiB keeps vit_b_16's shrink
@@ -222,6 +223,9 @@ class Recovery:
     batch_size: int = option(128, "--batch-size", "Fine-tuning batch size.")
     optimizer: str = option("adam", "--optimizer", "Fine-tuning optimizer: sgd (momentum 0.9) or adam.")
     distill: bool = option(False, "--distill", "Fine-tune against the original model as teacher (KL on logits + CE).")
+    recover: float = option(0.0, "--recover", "Label-free recovery: train the cut model towards the original's "
+                            "outputs on the calibration inputs for this many seconds (no labels needed; --lr, "
+                            "Adam), e.g. 60.")
     recalibrate_bn: bool | None = option(None, "--recalibrate-bn", "Re-estimate BatchNorm statistics on the "
                                          "calibration data after every cut (default: when the model has BatchNorm).",
                                          negative="--no-recalibrate-bn", api="recalibrate")
@@ -235,6 +239,8 @@ class Recovery:
             raise UsageError(f"--lr {self.lr} must be positive")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if not self.recover >= 0:
+            raise UsageError(f"--recover {self.recover} must be 0 or more seconds")
         if self.distill and self.finetune_epochs < 1:
             raise UsageError("--distill needs --finetune-epochs N")
 
@@ -255,6 +261,10 @@ class ShrinkOptions:
                                          "the parameters, e.g. 0.5.")
     target_macs: float | None = option(None, "--target-macs", "Pick the ratio that keeps at most this fraction of the "
                                        "MACs.")
+    allocation: str | None = option(None, "--allocation", "How a --target-params/--target-macs is shared across "
+                                    "layers: sensitivity (the default with a target: each layer loses what costs the "
+                                    "least measured divergence after compensation) or uniform (one ratio in every "
+                                    "layer).")
     round_to: int = option(1, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths).")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
@@ -265,6 +275,12 @@ class ShrinkOptions:
                                "without rounding head and MLP counts to ones the family's config holds (the same in "
                                "every layer, heads that divide the width); written as prunetool's own file, which "
                                "from_pretrained cannot read.")
+
+    @property
+    def allocating(self) -> bool:
+        """Whether the units removed per layer come from :mod:`prunetool.allocate` (a target, no schedule)."""
+        targeted = self.target_params is not None or self.target_macs is not None
+        return targeted and not self.schedule and (self.allocation or "sensitivity") == "sensitivity"
 
     def check(self) -> None:
         if self.criterion not in CRITERIA:
@@ -285,6 +301,13 @@ class ShrinkOptions:
             raise UsageError("give one of --target-params and --target-macs, not both")
         if self.round_to < 1:
             raise UsageError(f"--round-to {self.round_to} must be a positive integer")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r}; choose sensitivity or uniform")
+        if self.allocation == "sensitivity" and self.target_params is None and self.target_macs is None:
+            raise UsageError("--allocation sensitivity shares a target across layers: give --target-params or "
+                             "--target-macs (--ratio removes the same fraction everywhere)")
+        if self.allocation == "sensitivity" and self.schedule:
+            raise UsageError("--allocation sensitivity does not combine with --schedule; drop one")
         if not 0.0 <= self.drop_experts < 1.0:
             raise UsageError(f"--drop-experts {self.drop_experts} is outside [0, 1); give the fraction of experts to "
                              "remove, e.g. 0.25")

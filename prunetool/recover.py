@@ -4,6 +4,7 @@ fine-tuning; the test split never chooses anything."""
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed, layers, task
 from .batch import as_input, batch_len, batch_to, call, model_dtype
-from .data import SEED, Data, as_samples
+from .data import SEED, Data, Samples, as_samples
 from .errors import UsageError
 from .options import OPTIMIZERS, Recovery
 from .progress import QUIET, Bars
@@ -163,3 +164,89 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = Recovery.lr,
     if teacher is not None:
         teacher.to("cpu")
     return losses
+
+
+def output_divergence(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """What label-free recovery minimises: KL(teacher ‖ student) of the softmax over the classes for logits
+    (N, C), per token (N, T, V) or per pixel (N, C, H, W); ‖student − teacher‖² / ‖teacher‖² for any other
+    output."""
+    s, t = student.float(), teacher.float()
+    if s.dim() == 4:  # per pixel: the classes are dimension 1
+        s, t = (v.movedim(1, -1).reshape(-1, v.shape[1]) for v in (s, t))
+    if s.dim() in (2, 3, 4) and s.shape[-1] > 1:
+        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
+    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+
+
+HELD_OUT = 0.1  # of the recovery inputs, never trained on: the recovered weights are kept only if they do better there
+MIN_HELD_OUT = 16
+
+
+def _split(samples: Samples, held: int) -> tuple[Samples, Samples]:
+    """The samples without their last ``held``, and those."""
+    n = len(samples) - held
+    if samples.x is not None:
+        rows = samples.rows if samples.rows is not None else torch.arange(len(samples))
+        return (Samples(samples.x, samples.y, rows=rows[:n], ids=samples.ids[:n]),
+                Samples(samples.x, samples.y, rows=rows[n:], ids=samples.ids[n:]))
+    return (Samples(dataset=samples.dataset, indices=samples.indices[:n], workers=samples.workers, ids=samples.ids[:n]),
+            Samples(dataset=samples.dataset, indices=samples.indices[n:], workers=samples.workers, ids=samples.ids[n:]))
+
+
+def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: float, lr: float = Recovery.lr,
+            batch_size: int = 32, device: str = "cpu", bars: Bars = QUIET, output_key: str | None = None) -> dict:
+    """Label-free recovery: train ``model`` towards ``teacher``'s outputs on the inputs of ``samples`` (no labels
+    read) with Adam for ``seconds`` of wall time, by :func:`output_divergence`. Both stay in eval mode: BatchNorm
+    statistics and dropout are frozen, so the inputs are fitted as the deployed model computes them. The last
+    :data:`HELD_OUT` of the samples are never trained on: the recovered weights are kept only when the divergence
+    there fell, else the model is put back as it was (Adam moves even a model equal to its teacher, on rounding
+    noise). Returns the steps, passes begun over the training samples, the divergence on both parts before and
+    after, and whether the recovered weights were kept."""
+    samples = as_samples(samples)
+    held = max(MIN_HELD_OUT, round(HELD_OUT * len(samples))) if len(samples) >= 4 * MIN_HELD_OUT else 0
+    train, check = _split(samples, held) if held else (samples, None)
+    params = [p for p in model.parameters() if p.requires_grad and p.dtype.is_floating_point]
+    opt = torch.optim.Adam(params, lr=lr)
+    model.to(device).eval()
+    teacher.to(device).eval()
+    dtype = model_dtype(model)
+
+    def pairs(part: Samples):  # (inputs, the teacher's outputs), batch by batch: nothing the data's size is held
+        for xb, _, _ in part.batches(batch_size):
+            xb = batch_to(xb, device, dtype)
+            with torch.no_grad():
+                target = call(teacher, xb, output_key)
+            yield xb, target  # outside no_grad: a generator suspended within it would leave grads off for its caller
+
+    def divergence(part: Samples | None) -> float | None:
+        if part is None:
+            return None
+        with torch.no_grad():
+            return round(sum(float(output_divergence(call(model, xb, output_key), t)) * batch_len(xb)
+                             for xb, t in pairs(part)) / len(part), 6)
+
+    before, before_held = divergence(train), divergence(check)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if check is not None else None
+    steps, passes, start = 0, 0, time.perf_counter()
+    for _ in bars.track(iter(lambda: time.perf_counter() - start < seconds, False),
+                        f"label-free recovery ({seconds:g} s)"):
+        passes += 1
+        for xb, target in pairs(train):
+            loss = output_divergence(call(model, xb, output_key), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if time.perf_counter() - start >= seconds:
+                break
+    opt.zero_grad(set_to_none=True)
+    after, after_held = divergence(train), divergence(check)
+    kept = check is None or after_held < before_held
+    if not kept:
+        model.load_state_dict(saved)
+    model.cpu()
+    teacher.cpu()
+    return {"seconds": seconds, "steps": steps, "passes": passes, "samples": len(train), "held_out": held,
+            "divergence_before": before, "divergence_after": after, "held_out_before": before_held,
+            "held_out_after": after_held, "kept": kept}

@@ -309,9 +309,12 @@ def budget_failures(report: dict, budgets) -> list[str]:
         m = report.get("metric") or {}
         drop, unit = m.get("drop"), m.get("unit", "pp")
         if drop is not None and drop > budgets.max_drop:
+            hint = ("; --recover 60 (label-free distillation towards the original) may win some of it back"
+                    if report.get("command") in ("shrink", "lowrank") and not report.get("settings", {}).get("recover")
+                    else "")
             lines.append(f"{NAMES.get(m['name'], m['name'])} drop {drop:.2f} {unit} is above --max-drop "
                          f"{budgets.max_drop:g} {unit} by "
-                         f"{drop - budgets.max_drop:.2f}")
+                         f"{drop - budgets.max_drop:.2f}{hint}")
     if budgets.min_speedup is not None:
         s = speedup(report, budgets.speedup_batch)
         if not s["noisy"] and s["p50"] < budgets.min_speedup:

@@ -60,7 +60,7 @@ def test_missed_budgets_exit_1_one_line_each_and_still_write(work, mnist, capsys
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("prunetool: budget missed: ") for line in err)
-    assert "--max-drop" in err[0] and "--max-params" in err[1]
+    assert "--max-drop" in err[0] and "--recover 60" in err[0] and "--max-params" in err[1]
     assert (work / "evci_cnn.shrunk.safetensors").exists()
     report = json.loads((work / "r.json").read_text())
     assert len(report["budgets"]["failures"]) == 2

@@ -130,6 +130,14 @@ def trace_probe(model: nn.Module, probe, output_key: str | None = None) -> Trace
     return graph
 
 
+def recovery_inputs(job: Job) -> Samples:
+    """What label-free recovery trains on: every input of the train split where --data has one (its labels are
+    never read), else the calibration samples."""
+    if job.data.train is None:
+        return job.calib
+    return calibration(job.data, len(job.data.train), workers=job.calib.workers)
+
+
 def derive(job: Job, model: nn.Module, record: dict) -> Job:
     """The job for a model made from ``job``'s (the next step of a composition): same data and samples, traced
     anew, its record carrying what earlier steps did."""

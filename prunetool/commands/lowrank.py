@@ -19,10 +19,10 @@ from ..layers import replace
 from ..measure import evaluate, macs, params, quality_on
 from ..options import DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
 from ..progress import Bars
-from ..recover import finetune
+from ..recover import distill, finetune
 from ..staging import Staging
 from ..verify import check_forward
-from .common import Keywords, Step, finish, check_job_outputs, start
+from .common import Keywords, Step, finish, check_job_outputs, recovery_inputs, start
 
 
 def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recovery, measurement: Measurement,
@@ -167,12 +167,22 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         step[f"{q.metric}_after_finetune"] = evaluate(small, loader, device, bars, "evaluating", okey).value
         extra["steps"] = [step]
         check_forward(small, probe, job.graph.output_shape)
+    if recovery.recover:
+        step = extra.setdefault("steps", [{}])[0]
+        step["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.lr, device=device,
+                                  bars=bars, output_key=okey)
+        loader = eval_loader(job.data, job.eval)
+        if loader is not None:
+            q = evaluate(small, loader, device, bars, "evaluating", okey)
+            step[f"{q.metric}_after_recover"] = q.value
+        check_forward(small, probe, job.graph.output_shape)
 
     settings = {"method": method, "rank": opts.rank, "energy": opts.energy, "layers": opts.layers,
                 "data_aware": data_aware, "max_drop": opts.max_drop, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "max_layer_error": opts.max_layer_error, "search": opts.search,
                 "search_evaluations": evaluations, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
-                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill}
+                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill,
+                "recover": recovery.recover}
     return Step(small, settings, entries, {"forward": "ok"}, extra, factored)
 
 
@@ -187,7 +197,8 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
             latency_batches=Measurement.latency_batches, measure: bool = Measurement.evaluate,
             finetune_epochs: int = Recovery.finetune_epochs, lr: float = Recovery.lr,
             batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
-            distill: bool = Recovery.distill, tokens: int | None = None, seq_len: int | None = None,
+            distill: bool = Recovery.distill, recover: float = Recovery.recover, tokens: int | None = None,
+            seq_len: int | None = None,
             tokenizer: str | None = None, output_key: str | None = None,
             trust_remote_code: bool = Source.trust_remote_code) -> tuple[nn.Module, dict]:
     """Factor layers into rank-k products. The rank: ``rank``, ``energy``, Heitmann's plain ``elbow``, a budget

@@ -19,17 +19,17 @@ from ..errors import UsageError, VerificationError
 from ..measure import evaluate, macs, params
 from ..options import DATA_CRITERIA, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
 from ..progress import Bars
-from ..recover import finetune, has_batchnorm, recalibrate_bn
+from ..recover import distill, finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
 from ..staging import Staging
 from ..store import trim_heap
 from ..calibrate import statistics
 from ..groups import Protected
-from .. import expert_units, experts, hf
+from .. import allocate, expert_units, experts, hf
 from ..hf import Widths
 from ..trace import Trace
 from ..verify import REMOVAL_PROBE, misread_groups, outputs_of, verify
-from .common import Keywords, Step, finish, check_job_outputs, start, trace_probe
+from .common import Keywords, Step, finish, check_job_outputs, recovery_inputs, start, trace_probe
 
 DRY_RUN_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, and scores only for scope "global"
@@ -110,6 +110,41 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Width
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
     return min(0.99, math.ceil(hi * 1e4) / 1e4)  # rounded up: a larger ratio never keeps more
+
+
+def removed_fraction(graph: Trace, keep: dict[str, torch.Tensor]) -> float:
+    """The fraction of all the trace's units that ``keep`` removes."""
+    total = sum(g.units for g in graph.groups)
+    return 1 - sum(len(keep[g.name]) for g in graph.groups) / total if total else 0.0
+
+
+def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkOptions, probe, engine, bars: Bars,
+              widths: Widths | None, units: list) -> tuple[dict[str, torch.Tensor], dict]:
+    """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
+    and the curves for the report."""
+    metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
+    index = 0 if metric == "params" else 1
+    goal = fraction * (params(job.dense), macs(job.dense, job.example))[index]
+
+    def size_of(keep, rounded=True):
+        if rounded and widths is not None:
+            keep = widths.round(keep, scores.scores)[0]
+        kept = unit_counts(units, {}, removed_fraction(graph, keep), opts)
+        return size_after(model, graph, keep, job.example, opts.compensate, units, kept)[index]
+
+    ties, whole = widths.ties() if widths is not None else ([], [])
+    curves = allocate.measure(model, graph, scores.scores, opts.compensate, job.calib, probe, engine,
+                              lambda keep: size_of(keep, rounded=False), opts.max_layer_ratio, bars, scores.means,
+                              skip=whole)
+    try:
+        keep, _ = allocate.fit(allocate.tied(curves, ties, whole), size_of, goal, graph, scores.scores,
+                               opts.round_to)
+    except ValueError:
+        raise UsageError(f"--target-{metric} {fraction} cannot be reached: removing {opts.max_layer_ratio} of every "
+                         "layer's units still keeps more (protected layers stay whole; raise --max-layer-ratio)")
+    return keep, {c.group: {"units": c.units, "removed": c.units - len(keep[c.group]),
+                            "divergence": [[k, round(v, 6)] for k, v in zip(c.removed, c.cost)]}
+                  for c in curves.values()}
 
 
 def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = ShrinkOptions.scope,
@@ -264,7 +299,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     ratio = steps[-1]
 
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
-    moe, units, counts, missed = [], [], {}, []
+    moe, units, counts, missed, sensitivity = [], [], {}, [], None
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     for step, step_ratio in enumerate(steps):
@@ -285,9 +320,19 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         scores = _cpu(scores)
         trim_heap()
         widths = widths_of(job, current, graph, opts)
-        if step == 0 and (opts.target_params is not None or opts.target_macs is not None):
+        allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
+        if step == 0 and opts.allocating and units:
+            warnings.warn("the target is shared by one ratio: allocation by sensitivity does not measure the units "
+                          "inside stacked experts")
+        if step == 0 and allocating:
+            keep, sensitivity = _allocate(job, current, graph, scores, opts,
+                                          batch_to(probe, device, model_dtype(current)), engine, bars, widths, units)
+            step_ratio = ratio = round(removed_fraction(graph, keep), 4)
+        elif step == 0 and (opts.target_params is not None or opts.target_macs is not None):
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
-        if opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
+        if allocating:
+            pass  # keep: the allocation's
+        elif opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
             per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
                          for g in graph.groups}
             keep = select(graph, scores.scores, per_group, opts.round_to)
@@ -325,12 +370,12 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if units:
             checks["expert_units"], missed = _cut_units(small, units, unit_stats,
                                                         unit_counts(units, counts, step_ratio, opts), opts.compensate)
-        if recalibrate or recovery.finetune_epochs:
+        if recalibrate or recovery.finetune_epochs or recovery.recover:
             unshare(small, current)  # both write into the tensors
         if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
             reverted |= not recalibrate_bn(small, calib, probe=probe, output_key=engine.output_key)
         entry = {"ratio": step_ratio, "params": params(small)}
-        if loader is not None and (recovery.finetune_epochs or len(steps) > 1):
+        if loader is not None and (recovery.finetune_epochs or recovery.recover or len(steps) > 1):
             q = evaluate(small, loader, device, bars, "evaluating the cut", engine.output_key)
             entry[f"{q.metric}_after_cut"] = q.value
         if recovery.finetune_epochs:
@@ -342,6 +387,13 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             if loader is not None:
                 q = evaluate(small, loader, device, bars, "evaluating", engine.output_key)
                 entry[f"{q.metric}_after_finetune"] = q.value
+        if recovery.recover:
+            upcast_half(small)
+            entry["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.lr,
+                                       device=device, bars=bars, output_key=engine.output_key)
+            if loader is not None:
+                q = evaluate(small, loader, device, bars, "evaluating", engine.output_key)
+                entry[f"{q.metric}_after_recover"] = q.value
         history.append(entry)
         current = small
     checks.pop("outputs")
@@ -356,9 +408,14 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
                 "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs,
                 "lr": recovery.lr, "batch_size": recovery.batch_size, "optimizer": recovery.optimizer,
-                "distill": recovery.distill, "engine": paths, "free_widths": opts.free_widths,
-                "drop_experts": opts.drop_experts}
+                "distill": recovery.distill, "recover": recovery.recover, "engine": paths,
+                "free_widths": opts.free_widths,
+                "drop_experts": opts.drop_experts,
+                "allocation": "sensitivity" if sensitivity is not None else (
+                    "uniform" if opts.target_params is not None or opts.target_macs is not None else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
+    if sensitivity is not None:
+        extra["allocation"] = sensitivity
     if rounded:
         extra["rounded"] = [asdict(r) | {"text": r.describe()} for r in rounded]
     if widths is not None and widths.no_bias and opts.compensate != "none":
@@ -373,7 +430,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             f"{', '.join(missed)}: the units removed inside the experts are not compensated ("
             + ("the experts have no output bias to take their means)" if opts.compensate == "mean" else
                f"their Gram matrices exceed {expert_units.GRAM_BUDGET >> 30} GiB)"))}
-    if recovery.finetune_epochs or len(steps) > 1:
+    if recovery.finetune_epochs or recovery.recover or len(steps) > 1:
         extra["steps"] = history
     return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
 
@@ -385,13 +442,13 @@ def shrink(model, data=None, criterion: str = ShrinkOptions.criterion, ratio: fl
            arch_kwargs: dict | None = None, unsafe_pickle: bool = Source.unsafe_pickle,
            download: bool = DataOptions.download, progress: bool = False, scope: str = ShrinkOptions.scope,
            max_layer_ratio: float = ShrinkOptions.max_layer_ratio, target_params: float | None = None,
-           target_macs: float | None = None, round_to: int = ShrinkOptions.round_to,
+           target_macs: float | None = None, allocation: str | None = None, round_to: int = ShrinkOptions.round_to,
            free_widths: bool = ShrinkOptions.free_widths,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
            finetune_epochs: int = Recovery.finetune_epochs, lr: float = Recovery.lr,
            batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
-           distill: bool = Recovery.distill,
+           distill: bool = Recovery.distill, recover: float = Recovery.recover,
            tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
            output_key: str | None = None, trust_remote_code: bool = Source.trust_remote_code,
            offload: bool = Measurement.offload) -> tuple[nn.Module, dict]:
@@ -399,7 +456,9 @@ def shrink(model, data=None, criterion: str = ShrinkOptions.criterion, ratio: fl
 
     ``model`` is an ``nn.Module`` (left as it was), a :class:`Checkpoint` or a checkpoint path. With
     ``scope="layer"`` every group loses ``floor(ratio·n)`` units; with ``"global"`` ``ratio`` of all units go,
-    ranked across groups. ``target_params``/``target_macs`` (fractions of the original) pick the ratio instead.
+    ranked across groups. ``target_params``/``target_macs`` (fractions of the original) are shared across layers by
+    measured sensitivity (``allocation="sensitivity"``, the default: each layer loses what costs the least
+    divergence from the dense outputs after compensation) or by one ratio (``allocation="uniform"``).
     ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``) prunes step by step, re-scoring at each
     step, with ``finetune_epochs`` of training after every step. BatchNorm statistics are recalibrated on the
     calibration data after every cut (``recalibrate=None``: when the model has BatchNorm). Returns the smaller

@@ -1,0 +1,93 @@
+"""Allocation by measured sensitivity: a target is met by removing where the measured divergence is cheapest."""
+
+import json
+
+import pytest
+
+import torch
+from torch import nn
+
+from prunetool import allocate
+from prunetool.cli import main
+from prunetool.commands.shrink import shrink
+
+
+def test_hull_and_allocation_take_the_cheapest_segments_first():
+    flat = allocate.Curve("flat", 8, [0, 2, 4, 6], [0.0, 0.01, 0.02, 0.5], size=1.0)
+    steep = allocate.Curve("steep", 8, [0, 2, 4, 6], [0.0, 0.3, 0.35, 0.4], size=1.0)
+    assert steep.hull() == [(0, 0.0), (6, 0.4)]  # the dip after the first point is on the hull's chord
+    assert allocate.allocation({"flat": flat, "steep": steep}, 4) == {"flat": 4, "steep": 0}
+    # past the flat group's cheap part, the steep group's hull (0.067 per unit) beats its last segment (0.24)
+    assert allocate.allocation({"flat": flat, "steep": steep}, 7) == {"flat": 4, "steep": 3}
+    big = allocate.Curve("big", 8, [0, 4], [0.0, 0.04], size=10.0)  # same cost, ten times the size per unit
+    assert allocate.allocation({"flat": flat, "big": big}, 20) == {"flat": 0, "big": 2}
+
+
+class TwoLayers(nn.Module):
+    """Two hidden layers; half of the first one's units are dead (no weights in or out), the second is all used."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.out = nn.Linear(10, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        with torch.no_grad():
+            self.a.weight[16:] = 0
+            self.a.bias[16:] = 0
+            self.b.weight[:, 16:] = 0
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_target_is_taken_from_the_layer_whose_units_cost_nothing():
+    dense = TwoLayers().eval()
+    x = torch.randn(64, 10)
+    want = dense(x)
+    small, report = shrink(dense, input_shape=(10,), target_params=0.56, calib=256, measure=False)
+    kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
+    assert kept == {"a": 16, "b": 32}, kept  # the dead half went, the live layer is whole
+    assert torch.allclose(small(x), want, atol=1e-5)
+    curves = report["allocation"]
+    assert curves["a"]["divergence"][2][1] < 1e-6 < curves["b"]["divergence"][1][1]
+    _, uniform = shrink(dense, input_shape=(10,), target_params=0.56, calib=256, measure=False,
+                        allocation="uniform")
+    assert {layer["name"]: layer["units_after"] for layer in uniform["layers"]}["b"] < 32
+    assert report["settings"]["allocation"] == "sensitivity" and uniform["settings"]["allocation"] == "uniform"
+
+
+def test_allocation_needs_a_target_and_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(TwoLayers().state_dict(), "m.pt")
+    (tmp_path / "two.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Linear(10, 32), "
+                                     "nn.ReLU(), nn.Linear(32, 4))\n")
+    code = main(["shrink", "m.pt", "--arch", "two.py:build", "--input-shape", "10", "--allocation", "sensitivity",
+                 "--ratio", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--target-params" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("*.shrunk*"))
+
+
+def test_the_cli_meets_a_macs_target_by_sensitivity_and_reports_the_curves(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.py").write_text("import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n"
+                                     "    def __init__(self):\n        super().__init__()\n"
+                                     "        self.a, self.b, self.out = nn.Linear(10, 32), nn.Linear(32, 32), "
+                                     "nn.Linear(32, 4)\n\n    def forward(self, x):\n"
+                                     "        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))\n\n\n"
+                                     "def build():\n    return Net()\n")
+    torch.save(TwoLayers().state_dict(), "m.pt")
+    code = main(["shrink", "m.pt", "--arch", "two.py:build", "--input-shape", "10", "--target-macs", "0.6",
+                 "--no-latency", "-q", "--out", "small.safetensors", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["after"]["macs"] <= 0.6 * report["before"]["macs"]
+    assert set(report["allocation"]) == {"a", "b"} and report["verify"]["reload"] == "identical"
+
+
+def test_groups_tied_to_one_width_share_one_curve():
+    a = allocate.Curve("a", 8, [0, 2, 4], [0.0, 0.1, 0.2], size=1.0)
+    b = allocate.Curve("b", 8, [0, 2, 4], [0.0, 0.0, 0.4], size=2.0)
+    c = allocate.Curve("c", 8, [0, 2, 4], [0.0, 0.01, 0.02], size=1.0)
+    merged = allocate.tied({"a": a, "b": b, "c": c}, [["a", "b"]], whole=["c"])
+    assert set(merged) == {"a"} and merged["a"].members == ["a", "b"]
+    assert merged["a"].cost == pytest.approx([0.0, 0.1, 0.6]) and merged["a"].size == 3.0
