@@ -224,10 +224,11 @@ def flattened_calls(model: nn.Module, weights: dict[str, str], samples: Samples,
 
 
 def covariances(model: nn.Module, names: list[str], samples: Samples, settings: Settings, trace: Trace,
-                bars: Bars = QUIET) -> dict[str, torch.Tensor]:
+                bars: Bars = QUIET, centered: bool = False) -> dict[str, torch.Tensor]:
     """``E[x xᵀ]`` of the inputs each named layer's weight multiplies (conv: patches at sampled positions), from
-    one forward pass."""
+    one forward pass; with ``centered``, ``E[(x − E x)(x − E x)ᵀ]`` (what a refit with a bias sees)."""
     positions = Positions(settings.rows, len(samples), settings.seed)
+    firsts: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     current: dict = {}
@@ -245,6 +246,7 @@ def covariances(model: nn.Module, names: list[str], samples: Samples, settings: 
             design = call.rows(weight, x, picks)
             block = (design.T.float() @ design.float()).double()
             sums[name] = sums.get(name, 0) + block.cpu()
+            firsts[name] = firsts.get(name, 0) + design.double().sum(0).cpu()
             counts[name] = counts.get(name, 0) + len(design)
         return seen
 
@@ -261,7 +263,14 @@ def covariances(model: nn.Module, names: list[str], samples: Samples, settings: 
         for xb, _, ids in bars.track(shard.batches(size), "input covariances", total=math.ceil(len(shard) / size)):
             current["ids"] = ids
             forward(model, batch_to(xb, settings.device, model_dtype(model)))
-    return {n: reduce_sum(sums[n]) / reduce_sum(counts[n]) for n in names}
+    out = {}
+    for n in names:
+        count = reduce_sum(counts[n])
+        out[n] = reduce_sum(sums[n]) / count
+        if centered:
+            mean = reduce_sum(firsts[n]) / count
+            out[n] = out[n] - torch.outer(mean, mean)
+    return out
 
 
 def output_sensitivity(model: nn.Module, names: list[str], samples: Samples, settings: Settings, trace: Trace,

@@ -16,8 +16,8 @@ from .errors import UsageError
 
 DEFAULT_CRITERION = "mrs"
 DEFAULT_COMPENSATION = "lstsq"
-CRITERIA = ("mrs", "mrp", "taylor", "l1", "l2", "fp", "random")
-DATA_CRITERIA = ("mrs", "mrp", "taylor")
+CRITERIA = ("mrs", "mrp", "taylor", "obs", "l1", "l2", "fp", "random")
+DATA_CRITERIA = ("mrs", "mrp", "taylor", "obs")
 COMPENSATIONS = ("mean", "lstsq", "none")
 SCOPES = ("layer", "global")
 ALLOCATIONS = ("sensitivity", "uniform")
@@ -249,7 +249,8 @@ class Recovery:
 class ShrinkOptions:
     """How many units go, ranked how, and what replaces them."""
 
-    criterion: str = option(DEFAULT_CRITERION, "--criterion", "Unit score: mrs, mrp, taylor, l1, l2, fp or random.")
+    criterion: str = option(DEFAULT_CRITERION, "--criterion", "Unit score: mrs, mrp, taylor, obs (what the refit "
+                            "repairs best, greedy structured OBS), l1, l2, fp or random.")
     ratio: float = option(0.5, "--ratio", "Fraction of units removed: from every prunable layer (--scope layer) or of "
                           "all units (--scope global), in [0, 1).")
     compensate: str = option(DEFAULT_COMPENSATION, "--compensate", "What replaces removed units: lstsq, mean or none.")

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import calls, task
 from .batch import batch_to, call, model_dtype
-from .calibrate import Settings, statistics
+from .calibrate import Settings, covariances, statistics
 from .data import Samples, as_samples
 from .distributed import reduce_sum
 from .options import CRITERIA
@@ -117,6 +117,77 @@ def mrp(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
     return Scores("mrp", scores, means)
 
 
+OBS_MAX_INPUTS = 6144  # a consumer wider than this (its inverse covariance over 300 MB) leaves its group to mrs
+OBS_DAMPING = 1e-2  # relative to the mean variance, added to each consumer's covariance before inverting
+
+
+def obs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Scores:
+    """Compensation-aware scores by greedy structured OBS (as ZipLM, SlimGPT and structured OBC): per group, at
+    every step the unit whose removal the least-squares refit of its consumers repairs best goes — the least
+    increase of their output error after the refit, ``tr(W_S (H_SS)⁻¹ W_Sᵀ)`` with ``H`` the inverse of the
+    consumer's centered input covariance — and each consumer's weights and ``H`` are updated for that removal.
+    A unit's score is the error accumulated when it goes (so the lowest go first, in greedy order); the last
+    unit scores highest. Groups with a consumer too wide (:data:`OBS_MAX_INPUTS`) or whose design columns are
+    not its units' (a grouped conv) are scored by mrs."""
+    samples = as_samples(samples)
+    modules = dict(model.named_modules())
+    names = sorted({c.name for g in trace.groups for c in g.consumers
+                    if c.op.as_matrix(getattr(modules[c.name], c.weight)).shape[1] <= OBS_MAX_INPUTS})
+    covs = covariances(model, names, samples, settings, trace, bars, centered=True) if names else {}
+    out, rest = {}, []
+    for g in bars.track(trace.groups, "greedy structured OBS"):
+        states = [_obs_state(c, modules[c.name], covs.get(c.name), g.units) for c in g.consumers]
+        if not states or any(st is None for st in states):
+            rest.append(g)
+        else:
+            out[g.name] = _greedy_obs(states, g.units)
+    if rest:
+        sub = Trace(rest, trace.protected, trace.input_shape, trace.output_shape, trace.order, trace.heads,
+                    trace.activation_bytes)
+        out.update(mrs(model, sub, samples, means, settings, bars).scores)
+    return Scores("obs", out, means)
+
+
+def _obs_state(c, module: nn.Module, cov: torch.Tensor | None, units: int):
+    """A consumer's (W as out × d, H = inverse damped covariance, each unit's design columns as units × b), or
+    None when its covariance does not match its weight's columns."""
+    weight = getattr(module, c.weight).detach()
+    w = c.op.as_matrix(weight).double().cpu()  # out × d: d = input channels × kernel positions
+    per = w.shape[1] // weight.shape[c.op.in_dim]  # design columns per input channel (a conv's kernel positions)
+    if cov is None or cov.shape[0] != w.shape[1] or (weight.shape[c.op.in_dim] * per != w.shape[1]):
+        return None
+    channels = torch.stack([input_columns(c, torch.tensor([u])) for u in range(units)])  # units × channels
+    cols = (channels[:, :, None] * per + torch.arange(per)).flatten(1)  # units × b
+    damp = OBS_DAMPING * float(cov.diagonal().mean().clamp_min(1e-12))
+    h = torch.linalg.inv(cov.double() + damp * torch.eye(len(cov), dtype=torch.float64))
+    return w, h, cols
+
+
+def _greedy_obs(states: list, units: int) -> torch.Tensor:
+    scores = torch.zeros(units, dtype=torch.float64)
+    alive = list(range(units))
+    total = 0.0
+    states = [(w.clone(), h.clone(), cols) for w, h, cols in states]
+    while len(alive) > 1:
+        costs = torch.zeros(len(alive), dtype=torch.float64)
+        for w, h, cols in states:
+            b = cols[alive]  # m × b
+            blocks = h[b[:, :, None], b[:, None, :]]  # m × b × b
+            wb = w[:, b]  # out × m × b
+            costs += torch.einsum("omb,mbc,omc->m", wb, torch.linalg.pinv(blocks, hermitian=True), wb)
+        j = int(torch.argmin(costs))
+        u = alive.pop(j)
+        total += max(float(costs[j]), 0.0)
+        scores[u] = total
+        for i, (w, h, cols) in enumerate(states):
+            s = cols[u]
+            inv = torch.linalg.pinv(h[s][:, s], hermitian=True)
+            w -= w[:, s] @ inv @ h[s]  # the refit of the other columns (OBS update)
+            h -= h[:, s] @ inv @ h[s]  # H of the remaining columns (Schur downdate; rows and columns s go to 0)
+    scores[alive[0]] = total + 1.0 + total  # the last unit is never removed
+    return scores
+
+
 def incoming(group: Group) -> torch.Tensor:
     """Each unit's incoming weights, all coupled producers side by side (units × fan-in)."""
     rows = torch.arange(group.units)
@@ -171,6 +242,8 @@ def score(model: nn.Module, trace: Trace, criterion: str, samples, y: torch.Tens
         return taylor(model, trace, samples, means, settings, bars)
     if criterion == "mrp":
         return mrp(model, trace, samples, means, settings, bars)
+    if criterion == "obs":
+        return obs(model, trace, samples, means, settings, bars)
     return Scores(criterion, weight_scores(trace, criterion), means)
 
 

@@ -92,3 +92,58 @@ def test_random_is_seeded(evci_setup):
     a = score(dense, graph, "random", x, y).scores
     b = score(dense, graph, "random", x, y).scores
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Twin(torch.nn.Module):
+    """A hidden layer whose unit 5 repeats unit 2 (same weights in, same bias): one of them is redundant."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            self.a.weight[5], self.a.bias[5] = self.a.weight[2], self.a.bias[2]
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_obs_removes_first_the_unit_the_refit_repairs_exactly():
+    import prunetool
+
+    dense, x = Twin().eval(), torch.randn(512, 6)
+    from prunetool.trace import trace
+
+    graph = trace(dense, x[:2])
+    scores = score(dense, graph, "obs", x, torch.zeros(512, dtype=torch.long)).scores["a"]
+    assert int(torch.argmin(scores)) in (2, 5) and float(scores.min()) < 1e-3 * float(scores.max())
+    mrs = score(dense, graph, "mrs", x, torch.zeros(512, dtype=torch.long)).scores["a"]
+    assert int(torch.argmin(mrs)) not in (2, 5)  # mrs sees two useful units, not that one repeats the other
+    small, _ = prunetool.shrink(dense, input_shape=(6,), criterion="obs", ratio=0.125, calib=512, measure=False)
+    with torch.no_grad():
+        assert small.a.out_features == 7 and torch.allclose(small(x), dense(x), atol=1e-4)
+
+
+def test_obs_first_cost_is_the_least_squares_refit_error(monkeypatch):
+    """One consumer: the greedy's first cost for a unit is the output error of refitting the others by least
+    squares (with a bias) once it is gone (damping off)."""
+    from prunetool import score as score_module
+
+    monkeypatch.setattr(score_module, "OBS_DAMPING", 1e-10)
+    dense, x = Twin().eval(), torch.randn(2048, 6)
+    with torch.no_grad():
+        h = torch.relu(dense.a(x)).double()
+        y = dense.b(torch.relu(dense.a(x))).double()
+    from prunetool.score import _greedy_obs, _obs_state
+    from prunetool.trace import trace
+
+    graph = trace(dense, x[:2])
+    g = graph.groups[0]
+    cov = torch.cov(h.T, correction=0)
+    w, hinv, cols = _obs_state(g.consumers[0], dense.b, cov, g.units)
+    first = torch.einsum("ob,bc,oc->", w[:, [0]], torch.linalg.inv(hinv[[0]][:, [0]]), w[:, [0]])
+    design = torch.cat([h[:, 1:], torch.ones(len(h), 1, dtype=torch.float64)], 1)
+    fit = torch.linalg.lstsq(design, y).solution
+    exact = ((design @ fit - y) ** 2).sum(1).mean()
+    assert abs(float(first) - float(exact)) <= 1e-6 * float(exact)
+    assert len(_greedy_obs([(w, hinv, cols)], g.units)) == g.units
