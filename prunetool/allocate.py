@@ -25,8 +25,9 @@ from .batch import batch_slice, call
 from .cut import cut, n_removed, select
 from .data import Samples
 from .groups import Trace
-from .layers import clone
+from .layers import clone, unshare
 from .progress import QUIET, Bars
+from .recover import recalibrate_bn
 
 FRACTIONS = (0.25, 0.5, 0.75)  # of a group's units, with --max-layer-ratio as the last point
 TRIAL_SAMPLES = 256  # calibration samples each trial cut's refit reads
@@ -75,9 +76,10 @@ def divergence(dense: torch.Tensor, small: torch.Tensor) -> float:
 
 
 def measure(model, trace: Trace, scores, compensate: str, samples, probe, settings, size_of, max_layer_ratio: float,
-            bars: Bars = QUIET, means=None, skip=()) -> dict[str, Curve]:
+            bars: Bars = QUIET, means=None, skip=(), recalibrate: bool = False) -> dict[str, Curve]:
     """Every group's :class:`Curve` (but those in ``skip``): trial cuts of that group alone, compensated by
-    ``compensate`` (``means`` for ``mean``), their divergence on ``probe``; ``size_of(keep)`` gives the size of a
+    ``compensate`` (``means`` for ``mean``) and with their BatchNorm statistics recalibrated when ``recalibrate``
+    (as the real cut will be), their divergence on ``probe``; ``size_of(keep)`` gives the size of a
     structure-only cut."""
     probe = batch_slice(probe, 0, PROBE_SAMPLES)
     trial = Samples(*samples.take(min(TRIAL_SAMPLES, len(samples))))
@@ -96,6 +98,9 @@ def measure(model, trace: Trace, scores, compensate: str, samples, probe, settin
         keep = {**whole, g.name: select(trace, scores, {h.name: (k / g.units if h is g else 0.0)
                                                         for h in trace.groups})[g.name]}
         small = cut(clone(model, share=True), trace, keep, compensate, means, trial, settings=settings).eval()
+        if recalibrate:
+            unshare(small, model)
+            recalibrate_bn(small, trial)
         with torch.no_grad():
             got = call(small, probe, settings.output_key)
         curve.removed.append(k)

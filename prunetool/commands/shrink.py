@@ -119,7 +119,7 @@ def removed_fraction(graph: Trace, keep: dict[str, torch.Tensor]) -> float:
 
 
 def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkOptions, probe, engine, bars: Bars,
-              widths: Widths | None, units: list) -> tuple[dict[str, torch.Tensor], dict]:
+              widths: Widths | None, units: list, recalibrate: bool) -> tuple[dict[str, torch.Tensor], dict]:
     """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
     and the curves for the report."""
     metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
@@ -135,7 +135,7 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
     ties, whole = widths.ties() if widths is not None else ([], [])
     curves = allocate.measure(model, graph, scores.scores, opts.compensate, job.calib, probe, engine,
                               lambda keep: size_of(keep, rounded=False), opts.max_layer_ratio, bars, scores.means,
-                              skip=whole)
+                              skip=whole, recalibrate=recalibrate)
     try:
         keep, _ = allocate.fit(allocate.tied(curves, ties, whole), size_of, goal, graph, scores.scores,
                                opts.round_to)
@@ -326,7 +326,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                           "inside stacked experts")
         if step == 0 and allocating:
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
-                                          batch_to(probe, device, model_dtype(current)), engine, bars, widths, units)
+                                          batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
+                                          recalibrate)
             step_ratio = ratio = round(removed_fraction(graph, keep), 4)
         elif step == 0 and (opts.target_params is not None or opts.target_macs is not None):
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
