@@ -52,10 +52,10 @@ REPORT = ("--max-params --fidelity --latency-batches --no-latency --onnx --pt2 -
           "--summary-md")
 GATES = f"--min-speedup --speedup-batch {REPORT} --device"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs --allocation "
-          f"--round-to --drop-experts --free-widths --schedule --recalibrate-bn {RECOVERY} --distill --recover --dry-run "
-          f"--compensate --max-drop {GATES} --offload --quiet --no-progress")
-LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --target-params --target-macs --max-layer-error --search "
-           f"--layers --data-aware {RECOVERY} --distill --recover --max-drop {GATES} --quiet --no-progress")
+          f"--round-to --drop-experts --free-widths --schedule --recalibrate-bn {RECOVERY} --distill --recover "
+          f"--dry-run --compensate --max-drop {GATES} --offload --quiet --no-progress")
+LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --raw-elbow --target-params --target-macs --max-layer-error "
+           f"--search --layers --data-aware {RECOVERY} --distill --recover --max-drop {GATES} --quiet --no-progress")
 COMPRESS = f"{SOURCE} {DATA} --target-params --target-macs --max-drop --plans {GATES} --quiet --no-progress"
 SPARSIFY = (f"{SOURCE} --data --download --calib --eval {TOKENS} {ENGINE} --imp --rounds {RECOVERY} --rewind "
             f"--max-drop {REPORT} --device --quiet --no-progress")

@@ -319,6 +319,7 @@ class ShrinkOptions:
 
 
 DEFAULT_MAX_LAYER_ERROR = 0.02  # lowrank's default cap on a layer's relative output error (docs/BENCHMARKS.md)
+DEFAULT_HOLD = 0.5  # points of calibration accuracy lowrank's default rule keeps, with labelled data
 SEARCHES = ("allocate", "greedy")
 
 
@@ -326,10 +327,12 @@ SEARCHES = ("allocate", "greedy")
 class LowrankOptions:
     """Which layers are factored and at which rank.
 
-    The rule: a fixed ``rank``, an ``energy`` share, Heitmann's plain ``elbow``, a budget (``target_params``,
-    ``target_macs``, ``max_drop``: ranks chosen across layers together), or by default the elbow of each layer's
-    spectrum (whitened by its inputs when there is data) capped so that no layer loses more than
-    ``max_layer_error`` of its output energy. ``data_aware=None``: whitened whenever there is data.
+    The rule: a fixed ``rank``, an ``energy`` share, Heitmann's plain elbow (``raw_elbow``), a budget
+    (``target_params``, ``target_macs``, ``max_drop``: ranks chosen across layers together), or by default (and
+    with ``elbow``) the elbow of each layer's spectrum (whitened by its inputs when there is data) capped so that
+    no layer loses more than ``max_layer_error`` of its output energy, and with labelled data raised where needed
+    to hold the calibration accuracy within :data:`DEFAULT_HOLD` points. ``data_aware=None``: whitened whenever
+    there is data.
     """
 
     rank: int | None = option(None, "--rank", "Factor every chosen layer at this rank.")
@@ -341,8 +344,11 @@ class LowrankOptions:
     max_drop: float | None = option(None, "--max-drop", "Search the lowest ranks keeping the calibration accuracy "
                                     "within this many points, and hold the test accuracy drop to it as a budget "
                                     "(needs --data).")
-    elbow: bool = option(False, "--elbow", "Heitmann's plain elbow of each layer's residual curve, uncapped (the "
-                         "default caps it, see --max-layer-error).")
+    elbow: bool = option(False, "--elbow", "The elbow of each layer's residual curve, the default rule: on the "
+                         "spectrum whitened by --data, capped by --max-layer-error, held within 0.5 points of the "
+                         "calibration accuracy when --data has labels.")
+    raw_elbow: bool = option(False, "--raw-elbow", "Heitmann's plain elbow of each layer's weight spectrum, uncapped "
+                             "and without the data (the paper's rule; it can cost accuracy).")
     target_params: float | None = option(None, "--target-params", "Ranks chosen across layers together to keep at "
                                          "most this fraction of the parameters, e.g. 0.5.")
     target_macs: float | None = option(None, "--target-macs", "Ranks chosen across layers together to keep at most "
@@ -359,7 +365,7 @@ class LowrankOptions:
             return "rank"
         if self.energy is not None:
             return "energy"
-        if self.elbow:
+        if self.raw_elbow:
             return "elbow"
         if self.target_params is not None or self.target_macs is not None or self.max_drop is not None:
             return "budget"
@@ -367,11 +373,11 @@ class LowrankOptions:
 
     def check(self) -> None:
         given = [f for f, v in (("--rank", self.rank), ("--energy", self.energy), ("--elbow", self.elbow or None),
-                                ("--target-params", self.target_params), ("--target-macs", self.target_macs))
-                 if v is not None]
+                                ("--raw-elbow", self.raw_elbow or None), ("--target-params", self.target_params),
+                                ("--target-macs", self.target_macs)) if v is not None]
         if len(given) > 1:
-            raise UsageError(f"give one of --rank, --energy, --elbow, --target-params and --target-macs, not "
-                             f"{' and '.join(given)}")
+            raise UsageError(f"give one of --rank, --energy, --elbow, --raw-elbow, --target-params and "
+                             f"--target-macs, not {' and '.join(given)}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank {self.rank} must be at least 1")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:

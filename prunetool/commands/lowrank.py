@@ -12,12 +12,12 @@ from ..calibrate import covariances, output_sensitivity
 from ..calls import first_call
 from ..data import eval_loader
 from ..errors import UsageError
-from ..factor import (Candidate, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
-                      greedy_baseline, matrix, params_of, predicted_loss, rank_for_energy, relative_error, saves,
-                      search_drop, spectrum)
+from ..factor import (Candidate, allocate, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
+                      greedy_baseline, lambda_scale, matrix, params_of, predicted_loss, rank_for_energy,
+                      relative_error, saves, search_drop, spectrum)
 from ..layers import replace
 from ..measure import evaluate, macs, params, quality_on
-from ..options import DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
+from ..options import DEFAULT_HOLD, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
 from ..progress import Bars
 from ..recover import distill, finetune
 from ..staging import Staging
@@ -64,6 +64,30 @@ def _apply(dense: nn.Module, cands: list[Candidate], ranks: dict) -> nn.Module:
     return model.eval()
 
 
+def _held(cands: list[Candidate], capped: dict[str, int | None], accuracy, steps: int = 8
+          ) -> tuple[dict[str, int | None], int, list[str]]:
+    """``capped`` when its calibration accuracy is within :data:`DEFAULT_HOLD` points of the dense model's; else
+    the most compressing allocation (bisection on λ of :func:`prunetool.factor.allocate`) whose ranks are never
+    below ``capped``'s and that holds it (every layer whole when none does). Returns the ranks, the evaluations,
+    and the layers whose rank rose."""
+    if -accuracy(capped) <= DEFAULT_HOLD:
+        return capped, 1, []
+    key = "params"
+    hi, lo = lambda_scale(cands, key), lambda_scale(cands, key) * 1e-12
+    best = {c.name: None for c in cands}
+    evaluations = 1
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        chosen = allocate(cands, mid, key)
+        ranks = {n: None if chosen[n] is None or capped[n] is None else max(chosen[n], capped[n]) for n in capped}
+        evaluations += 1
+        if -accuracy(ranks) <= DEFAULT_HOLD:
+            best, lo = ranks, mid
+        else:
+            hi = mid
+    return best, evaluations, [n for n in capped if best[n] != capped[n]]
+
+
 def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars) -> tuple[nn.Module, dict]:
     step = work(job, opts, recovery, measurement, bars)
@@ -87,13 +111,14 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
                       "become approximate")
     covs = covariances(dense, names, calib, job.settings, job.graph, bars) if data_aware and names else {}
     fisher = None
-    if method == "budget" and job.data.has_labels and names:
+    hold = method == "auto" and job.data.has_labels and opts.max_drop is None
+    if (method == "budget" or hold) and job.data.has_labels and names:
         fisher = output_sensitivity(dense, names, calib, job.settings, job.graph, bars)
     cands = _candidates(job, names, covs, fisher)
     evaluations, rules = 0, {}
 
     okey = job.settings.output_key
-    base = quality_on(dense, calib, okey) if method == "budget" else None  # without data: the model's own labels
+    base = quality_on(dense, calib, okey) if method == "budget" or hold else None  # no data: the model's labels
 
     def accuracy(ranks):  # higher is better: minus the metric's drop from the dense model on the calibration samples
         q = quality_on(_apply(dense, cands, ranks), calib, okey)
@@ -133,6 +158,11 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
                 ranks[c.name], rules[c.name] = elbow(c.spec), "elbow"
             else:
                 ranks[c.name], rules[c.name] = capped_rank(c.spec, elbow(c.spec), opts.max_layer_error)
+        if hold and cands:
+            ranks, more, raised = _held(cands, ranks, accuracy)
+            evaluations += more
+            for name in raised:
+                rules[name] = f"{rules[name]}, raised to hold the calibration accuracy within {DEFAULT_HOLD} points"
 
     small = layers.clone(dense)
     factored = dict(job.ckpt.record.get("factored", {}))
@@ -188,6 +218,7 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
 
 def lowrank(model, data=None, *, rank: int | None = None, energy: float | None = None, layers: str | None = None,
             data_aware: bool | None = None, max_drop: float | None = None, elbow: bool = LowrankOptions.elbow,
+            raw_elbow: bool = LowrankOptions.raw_elbow,
             target_params: float | None = None, target_macs: float | None = None,
             max_layer_error: float = LowrankOptions.max_layer_error, search: str = LowrankOptions.search,
             calib: int = DataOptions.calib, eval: int | None = None,
