@@ -2,11 +2,11 @@
 
 For every group, the model is cut at a few fractions of that group alone (its lowest-scored units, compensated as
 the real cut will be: the least-squares refit by default) and the divergence of its outputs from the dense
-model's is measured on the probe inputs: KL divergence of the softmax where the outputs are logits (N, C) or
-(N, T, V), the relative squared error otherwise. Each group's curve (units removed → divergence, from 0 at 0) is
-replaced by its lower convex hull; the hull's segments, cost per unit of size saved (parameters or MACs, measured
-on the structure-only cut of that group), are taken cheapest first across all groups until the size removed
-reaches a budget, the last one in part. :func:`fit` searches the smallest budget whose cut meets the target.
+model's is measured on the probe inputs (:func:`prunetool.recover.output_divergence`: KL divergence of the
+softmax for logits, per token or per pixel; the relative squared error otherwise). Each group's curve (units
+removed → divergence, from 0 at 0) is replaced by its lower convex hull; the hull's segments, cost per unit of
+size saved (parameters or MACs, measured on the structure-only cut of that group), are taken cheapest first
+across all groups until the size removed reaches a budget, the last one in part. :func:`fit` searches the smallest budget whose cut meets the target.
 
 The divergence of several groups cut together is taken to be the sum of their own: the curves do not see how
 groups interact, which is why the target search measures sizes on the real cut, and the report gives the
@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .batch import batch_slice, call
 from .cut import cut, n_removed, select
@@ -27,7 +26,7 @@ from .data import Samples
 from .groups import Trace
 from .layers import clone, unshare
 from .progress import QUIET, Bars
-from .recover import recalibrate_bn
+from .recover import output_divergence, recalibrate_bn
 
 FRACTIONS = (0.25, 0.5, 0.75)  # of a group's units, with --max-layer-ratio as the last point
 TRIAL_SAMPLES = 256  # calibration samples each trial cut's refit reads
@@ -64,17 +63,6 @@ def _cross(o, a, b) -> float:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
-def divergence(dense: torch.Tensor, small: torch.Tensor) -> float:
-    """KL(dense ‖ small) of the softmax over the last dimension, averaged over positions, for logits (N, C) or
-    (N, T, V); else ‖small − dense‖² / ‖dense‖²."""
-    dense, small = dense.float(), small.float()
-    if dense.dim() in (2, 3) and dense.shape[-1] > 1:
-        p = F.log_softmax(dense, -1)
-        q = F.log_softmax(small, -1)
-        return float((p.exp() * (p - q)).sum(-1).mean())
-    return float((small - dense).pow(2).sum() / dense.pow(2).sum().clamp_min(1e-30))
-
-
 def measure(model, trace: Trace, scores, compensate: str, samples, probe, settings, size_of, max_layer_ratio: float,
             bars: Bars = QUIET, means=None, skip=(), recalibrate: bool = False) -> dict[str, Curve]:
     """Every group's :class:`Curve` (but those in ``skip``): trial cuts of that group alone, compensated by
@@ -104,7 +92,7 @@ def measure(model, trace: Trace, scores, compensate: str, samples, probe, settin
         with torch.no_grad():
             got = call(small, probe, settings.output_key)
         curve.removed.append(k)
-        curve.cost.append(max(0.0, divergence(want, got)))
+        curve.cost.append(max(0.0, float(output_divergence(got, want))))
         if len(curve.removed) == 2:
             curve.size = (base - size_of(keep)) / k
     return curves
