@@ -6,7 +6,8 @@ model's is measured on the probe inputs (:func:`prunetool.recover.output_diverge
 softmax for logits, per token or per pixel; the relative squared error otherwise). Each group's curve (units
 removed → divergence, from 0 at 0) is replaced by its lower convex hull; the hull's segments, cost per unit of
 size saved (parameters or MACs, measured on the structure-only cut of that group), are taken cheapest first
-across all groups until the size removed reaches a budget, the last one in part. :func:`fit` searches the smallest budget whose cut meets the target.
+across all groups until the size removed reaches a budget, the last one in part. :func:`fit` searches the
+smallest budget whose cut meets the target.
 
 The divergence of several groups cut together is taken to be the sum of their own: the curves do not see how
 groups interact, which is why the target search measures sizes on the real cut, and the report gives the
