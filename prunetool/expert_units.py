@@ -313,7 +313,9 @@ def _unchanged(before: dict, after: dict, columns: torch.Tensor) -> bool:
 
 def statistics(model: nn.Module, found: list[Units], samples, output_key: str | None = None, bars: Bars = QUIET,
                batch: int = 16, device: str | None = None) -> dict[str, Stats]:
-    """The units' activation statistics per expert over the calibration ``samples``."""
+    """The units' activation statistics per expert over the calibration ``samples`` (no pass without units)."""
+    if not found:
+        return {}
     full = sum(u.experts * u.units ** 2 * 8 for u in found) <= GRAM_BUDGET
     stats = {u.name: Stats(torch.zeros(u.experts, dtype=torch.float64),
                            torch.zeros(u.experts, u.units, dtype=torch.float64),

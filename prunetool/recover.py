@@ -199,13 +199,15 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
     """Label-free recovery: train ``model`` towards ``teacher``'s outputs on the inputs of ``samples`` (no labels
     read) with Adam for ``seconds`` of wall time, by :func:`output_divergence`. Both stay in eval mode: BatchNorm
     statistics and dropout are frozen, so the inputs are fitted as the deployed model computes them. The last
-    :data:`HELD_OUT` of the samples are never trained on: the recovered weights are kept only when the divergence
-    there fell, else the model is put back as it was (Adam moves even a model equal to its teacher, on rounding
-    noise). Returns the steps, passes begun over the training samples, the divergence on both parts before and
-    after, and whether the recovered weights were kept."""
+    :data:`HELD_OUT` of the samples are never trained on (with fewer than 64 samples, the check reads the training
+    samples): the recovered weights are kept only when the divergence there fell, else the model is put back as
+    it was (Adam moves even a model equal to its teacher, on rounding noise). Returns the steps, passes begun over
+    the training samples, the divergence on both parts before and after, and whether the recovered weights were
+    kept."""
     samples = as_samples(samples)
     held = max(MIN_HELD_OUT, round(HELD_OUT * len(samples))) if len(samples) >= 4 * MIN_HELD_OUT else 0
-    train, check = _split(samples, held) if held else (samples, None)
+    # too few to hold any out: checked on the training samples themselves (an uncut model still comes back whole)
+    train, check = _split(samples, held) if held else (samples, samples)
     params = [p for p in model.parameters() if p.requires_grad and p.dtype.is_floating_point]
     opt = torch.optim.Adam(params, lr=lr)
     model.to(device).eval()
@@ -219,15 +221,13 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
                 target = call(teacher, xb, output_key)
             yield xb, target  # outside no_grad: a generator suspended within it would leave grads off for its caller
 
-    def divergence(part: Samples | None) -> float | None:
-        if part is None:
-            return None
+    def divergence(part: Samples) -> float:
         with torch.no_grad():
             return round(sum(float(output_divergence(call(model, xb, output_key), t)) * batch_len(xb)
                              for xb, t in pairs(part)) / len(part), 6)
 
     before, before_held = divergence(train), divergence(check)
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if check is not None else None
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     steps, passes, start = 0, 0, time.perf_counter()
     for _ in bars.track(iter(lambda: time.perf_counter() - start < seconds, False),
                         f"label-free recovery ({seconds:g} s)"):
@@ -242,7 +242,7 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
                 break
     opt.zero_grad(set_to_none=True)
     after, after_held = divergence(train), divergence(check)
-    kept = check is None or after_held < before_held
+    kept = after_held < before_held
     if not kept:
         model.load_state_dict(saved)
     model.cpu()

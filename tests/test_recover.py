@@ -139,3 +139,13 @@ def test_the_cli_recovers_without_labels_and_reports_it(tmp_path, capsys, monkey
     step = report["steps"][0]["recover"]
     assert report["settings"]["recover"] == 2 and step["divergence_after"] < step["divergence_before"]
     assert report["verify"]["reload"] == "identical"
+
+
+def test_ratio_zero_with_recovery_changes_nothing_even_with_few_samples():
+    dense = evci_cnn().eval()
+    small, report = prunetool.shrink(dense, input_shape=(1, 28, 28), ratio=0.0, calib=32, recover=1.0,
+                                     measure=False)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(small(x), dense(x))
+    assert report["steps"][0]["recover"]["kept"] is False and report["steps"][0]["recover"]["held_out"] == 0
