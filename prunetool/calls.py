@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import layers, ops
-from .batch import forward
+from .batch import batch_len, batch_slice, forward
 
 
 @dataclass
@@ -187,13 +187,15 @@ def capture(model: nn.Module, name: str, batch, weight: str = "weight", run: Cal
 
 
 def first_call(model: nn.Module, name: str, batches, weight: str = "weight") -> Call | None:
-    """:func:`capture` on the first of ``batches`` where layer ``name`` makes its call; None where it makes none
-    (an expert no sample is routed to)."""
-    for batch in batches:
-        try:
-            return capture(model, name, batch, weight)
-        except NeverCalled:
-            continue
+    """:func:`capture` on the first two samples of ``batches``, else on the first whole batch where layer ``name``
+    makes its call (an expert runs on its tokens only); None where it makes none."""
+    for i, batch in enumerate(batches):
+        tries = [batch_slice(batch, 0, 2), batch] if i == 0 and batch_len(batch) > 2 else [batch]
+        for b in tries:
+            try:
+                return capture(model, name, b, weight)
+            except NeverCalled:
+                continue
     return None
 
 

@@ -374,6 +374,8 @@ def kept_count(units: int, ratio: float, round_to: int = 1) -> int:
     one multiple; all of them when fewer)."""
     step = math.lcm(ALIGN, max(round_to, 1))
     kept = units - n_removed(units, ratio)
+    if kept == units:
+        return units  # nothing asked: never rounded away
     return min(units, max(step, step * round(kept / step)))
 
 

@@ -224,8 +224,8 @@ class Recovery:
     optimizer: str = option("adam", "--optimizer", "Fine-tuning optimizer: sgd (momentum 0.9) or adam.")
     distill: bool = option(False, "--distill", "Fine-tune against the original model as teacher (KL on logits + CE).")
     recover: float = option(0.0, "--recover", "Label-free recovery: train the cut model towards the original's "
-                            "outputs on the calibration inputs for this many seconds (no labels needed; --lr, "
-                            "Adam), e.g. 60.")
+                            "outputs for this many seconds, on the inputs of --data's train split (labels unread) or "
+                            "the calibration samples (--lr, Adam), e.g. 60.")
     recalibrate_bn: bool | None = option(None, "--recalibrate-bn", "Re-estimate BatchNorm statistics on the "
                                          "calibration data after every cut (default: when the model has BatchNorm).",
                                          negative="--no-recalibrate-bn", api="recalibrate")

@@ -21,7 +21,9 @@ class Bars:
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=True) as progress:
-            task = progress.add_task(description, total=total if total is not None else len(items))
+            if total is None:
+                total = len(items) if hasattr(items, "__len__") else None  # None: rich shows an open-ended bar
+            task = progress.add_task(description, total=total)
             for item in items:
                 yield item
                 progress.advance(task)

@@ -4,6 +4,7 @@ fine-tuning; the test split never chooses anything."""
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 
@@ -181,6 +182,7 @@ def output_divergence(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 HELD_OUT = 0.1  # of the recovery inputs, never trained on: the recovered weights are kept only if they do better there
 MIN_HELD_OUT = 16
+MAX_CHECKED = 512  # samples each divergence is measured on (held out, and of the training part): outside the budget
 
 
 def _split(samples: Samples, held: int) -> tuple[Samples, Samples]:
@@ -205,7 +207,8 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
     the training samples, the divergence on both parts before and after, and whether the recovered weights were
     kept."""
     samples = as_samples(samples)
-    held = max(MIN_HELD_OUT, round(HELD_OUT * len(samples))) if len(samples) >= 4 * MIN_HELD_OUT else 0
+    held = min(MAX_CHECKED, max(MIN_HELD_OUT, round(HELD_OUT * len(samples)))) if len(samples) >= 4 * MIN_HELD_OUT \
+        else 0
     # too few to hold any out: checked on the training samples themselves (an uncut model still comes back whole)
     train, check = _split(samples, held) if held else (samples, samples)
     params = [p for p in model.parameters() if p.requires_grad and p.dtype.is_floating_point]
@@ -221,18 +224,20 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
                 target = call(teacher, xb, output_key)
             yield xb, target  # outside no_grad: a generator suspended within it would leave grads off for its caller
 
+    seen = _split(train, len(train) - MAX_CHECKED)[0] if len(train) > MAX_CHECKED else train  # the training side
+
     def divergence(part: Samples) -> float:
         with torch.no_grad():
-            return round(sum(float(output_divergence(call(model, xb, output_key), t)) * batch_len(xb)
-                             for xb, t in pairs(part)) / len(part), 6)
+            return sum(float(output_divergence(call(model, xb, output_key), t)) * batch_len(xb)
+                       for xb, t in pairs(part)) / len(part)
 
-    before, before_held = divergence(train), divergence(check)
+    before, before_held = divergence(seen), divergence(check)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     steps, passes, start = 0, 0, time.perf_counter()
-    for _ in bars.track(iter(lambda: time.perf_counter() - start < seconds, False),
-                        f"label-free recovery ({seconds:g} s)"):
+    while time.perf_counter() - start < seconds:
         passes += 1
-        for xb, target in pairs(train):
+        for xb, target in bars.track(pairs(train), f"label-free recovery, pass {passes} ({seconds:g} s in all)",
+                                     total=math.ceil(len(train) / batch_size)):
             loss = output_divergence(call(model, xb, output_key), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -241,12 +246,12 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
             if time.perf_counter() - start >= seconds:
                 break
     opt.zero_grad(set_to_none=True)
-    after, after_held = divergence(train), divergence(check)
+    after, after_held = divergence(seen), divergence(check)
     kept = after_held < before_held
     if not kept:
         model.load_state_dict(saved)
     model.cpu()
     teacher.cpu()
     return {"seconds": seconds, "steps": steps, "passes": passes, "samples": len(train), "held_out": held,
-            "divergence_before": before, "divergence_after": after, "held_out_before": before_held,
-            "held_out_after": after_held, "kept": kept}
+            "divergence_before": round(before, 6), "divergence_after": round(after, 6),
+            "held_out_before": round(before_held, 6), "held_out_after": round(after_held, 6), "kept": kept}

@@ -127,12 +127,13 @@ def obs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
     increase of their output error after the refit, ``tr(W_S (H_SS)⁻¹ W_Sᵀ)`` with ``H`` the inverse of the
     consumer's centered input covariance — and each consumer's weights and ``H`` are updated for that removal.
     A unit's score is the error accumulated when it goes (so the lowest go first, in greedy order); the last
-    unit scores highest. Groups with a consumer too wide (:data:`OBS_MAX_INPUTS`) or whose design columns are
-    not its units' (a grouped conv) are scored by mrs."""
+    unit scores highest. Groups with a consumer too wide (:data:`OBS_MAX_INPUTS`), whose weight is not called
+    ``weight`` (a registered layer of its own) or whose design columns are not its units' (a grouped conv) are
+    scored by mrs."""
     samples = as_samples(samples)
     modules = dict(model.named_modules())
-    names = sorted({c.name for g in trace.groups for c in g.consumers
-                    if c.op.as_matrix(getattr(modules[c.name], c.weight)).shape[1] <= OBS_MAX_INPUTS})
+    names = sorted({c.name for g in trace.groups for c in g.consumers if c.weight == "weight"  # what covariances reads
+                    and c.op.as_matrix(getattr(modules[c.name], c.weight)).shape[1] <= OBS_MAX_INPUTS})
     covs = covariances(model, names, samples, settings, trace, bars, centered=True) if names else {}
     out, rest = {}, []
     for g in bars.track(trace.groups, "greedy structured OBS"):

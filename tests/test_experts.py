@@ -362,3 +362,8 @@ def test_every_listed_expert_is_traced_and_cut_through_the_cli(tmp_path, capsys,
     if never is not None:
         assert f"moe.experts.{never}.up" not in cut and "no probe sample" in protected[f"moe.experts.{never}"]
     assert report["verify"]["reload"] == "identical"
+
+
+def test_expert_unit_counts_are_multiples_of_eight_and_never_cut_at_ratio_zero():
+    assert expert_units.kept_count(20, 0.0) == 20 and expert_units.kept_count(2880, 0.0, 128) == 2880
+    assert expert_units.kept_count(48, 0.5) == 24 and expert_units.kept_count(48, 0.25) % 8 == 0

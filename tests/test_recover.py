@@ -149,3 +149,13 @@ def test_ratio_zero_with_recovery_changes_nothing_even_with_few_samples():
     with torch.no_grad():
         assert torch.equal(small(x), dense(x))
     assert report["steps"][0]["recover"]["kept"] is False and report["steps"][0]["recover"]["held_out"] == 0
+
+
+def test_label_free_recovery_runs_under_progress_bars(mnist_small):
+    from prunetool.data import Samples
+    from prunetool.progress import Bars
+    from prunetool.recover import distill
+
+    report = distill(evci_cnn().eval(), evci_cnn().eval(), Samples(mnist_small.train.tensors[0][:96], None),
+                     seconds=0.5, bars=Bars(True))
+    assert report["steps"] > 0 and report["held_out"] == 16

@@ -16,6 +16,7 @@ from ..factor import (Candidate, allocate, candidates, capped_rank, cost_of, elb
                       greedy_baseline, lambda_scale, matrix, params_of, predicted_loss, rank_for_energy,
                       relative_error, saves, search_drop, spectrum)
 from ..layers import replace
+from ..load import upcast_half
 from ..measure import evaluate, macs, params, quality_on
 from ..options import DEFAULT_HOLD, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
 from ..progress import Bars
@@ -199,6 +200,7 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         check_forward(small, probe, job.graph.output_shape)
     if recovery.recover:
         step = extra.setdefault("steps", [{}])[0]
+        upcast_half(small)  # trained in float32: steps below a half's resolution would vanish
         step["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.lr, device=device,
                                   bars=bars, output_key=okey)
         loader = eval_loader(job.data, job.eval)

@@ -310,6 +310,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         stats = statistics(current, graph, calib, engine, bars, targets=opts.compensate == "lstsq")
         units, left = expert_units.find(current, batch_to(batch_slice(probe, 0, 2), device, model_dtype(current)),
                                         engine.output_key)
+        if step == 0 and not graph.groups and not units:
+            reasons = "; ".join(f"{name}: {why}" for name, why in left[:2])
+            raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
         if step == 0:
             counts = {u.name: u.units for u in units}
             job.graph.protected += [Protected(name, f"the units inside its experts are kept whole: {why}")
