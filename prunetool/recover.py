@@ -231,27 +231,30 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
             return sum(float(output_divergence(call(model, xb, output_key), t)) * batch_len(xb)
                        for xb, t in pairs(part)) / len(part)
 
-    before, before_held = divergence(seen), divergence(check)
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    steps, passes, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        passes += 1
-        for xb, target in bars.track(pairs(train), f"label-free recovery, pass {passes} ({seconds:g} s in all)",
-                                     total=math.ceil(len(train) / batch_size)):
-            loss = output_divergence(call(model, xb, output_key), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            if time.perf_counter() - start >= seconds:
-                break
-    opt.zero_grad(set_to_none=True)
-    after, after_held = divergence(seen), divergence(check)
-    kept = after_held < before_held
-    if not kept:
-        model.load_state_dict(saved)
-    model.cpu()
-    teacher.cpu()
+    saved = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    steps, passes, kept = 0, 0, False
+    try:
+        before, before_held = divergence(seen), divergence(check)
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            passes += 1
+            for xb, target in bars.track(pairs(train), f"label-free recovery, pass {passes} ({seconds:g} s in all)",
+                                         total=math.ceil(len(train) / batch_size)):
+                loss = output_divergence(call(model, xb, output_key), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                if time.perf_counter() - start >= seconds:
+                    break
+        opt.zero_grad(set_to_none=True)
+        after, after_held = divergence(seen), divergence(check)
+        kept = after_held < before_held
+    finally:  # an error (out of memory) leaves neither model on the device nor half-trained
+        if not kept:
+            model.load_state_dict(saved)
+        model.cpu()
+        teacher.cpu()
     return {"seconds": seconds, "steps": steps, "passes": passes, "samples": len(train), "held_out": held,
             "divergence_before": round(before, 6), "divergence_after": round(after, 6),
             "held_out_before": round(before_held, 6), "held_out_after": round(after_held, 6), "kept": kept}

@@ -200,6 +200,9 @@ def run(source: Source, data: DataOptions, opts: ShrinkOptions, recovery: Recove
     """Remove units from every prunable group, compensate, verify, recover and measure (see :func:`shrink`)."""
     for options in (opts, data, recovery, measurement):
         options.check()
+    if recovery.recover and measurement.offload:
+        raise UsageError("--recover trains the whole model on the device, which --offload is there to avoid; drop "
+                         "one of them")
     check_job_outputs(outputs, source, data)
     bars = Bars(progress)
     job = start(source, data, measurement.device, measurement.offload)
