@@ -79,14 +79,6 @@ class Units:
         w = getattr(self.module, self.output)[e]
         return w if self.dim == 2 else w.T
 
-    def params(self) -> int:
-        """Parameters one unit holds across every expert."""
-        n = self.experts * (getattr(self.module, self.output).shape[3 - self.dim])
-        for p in self.inputs:
-            w = getattr(self.module, p.attr)
-            n += self.experts * p.parts * (w.shape[3 - p.dim] + (p.bias is not None))
-        return n
-
     def describe(self) -> dict:
         return {"name": f"{self.name}.units", "units_before": self.experts * self.units,
                 "producers": [f"{self.name}.{p.attr}" for p in self.inputs]}

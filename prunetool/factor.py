@@ -240,9 +240,10 @@ def fit_budget(cands: list[Candidate], key: str, goal: int, fixed: int) -> tuple
 
 
 def search_drop(cands: list[Candidate], key: str, evaluate_ranks, base: float, max_drop: float,
-                steps: int = 8) -> tuple[dict[str, int | None], int]:
+                steps: int = 8, floor: dict[str, int | None] | None = None) -> tuple[dict[str, int | None], int]:
     """The most compressing λ (bisection in log space, ``steps`` full evaluations) whose calibration accuracy is
-    within ``max_drop`` points of ``base``; ``evaluate_ranks(ranks)`` gives the accuracy of an allocation."""
+    within ``max_drop`` points of ``base``; ``evaluate_ranks(ranks)`` gives the accuracy of an allocation. With
+    ``floor``, no layer's rank goes below its entry there (None there: the layer stays whole)."""
     hi = lambda_scale(cands, key)
     lo = hi * 1e-12
     best = {c.name: None for c in cands}
@@ -250,6 +251,8 @@ def search_drop(cands: list[Candidate], key: str, evaluate_ranks, base: float, m
     for _ in range(steps):
         mid = (lo * hi) ** 0.5
         ranks = allocate(cands, mid, key)
+        if floor is not None:
+            ranks = {n: None if k is None or floor[n] is None else max(k, floor[n]) for n, k in ranks.items()}
         evaluations += 1
         if base - evaluate_ranks(ranks) <= max_drop:
             best, lo = ranks, mid

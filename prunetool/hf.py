@@ -434,7 +434,7 @@ class Widths:
         config entry sets their width)."""
         tied, whole = [], []
         for entries, groups in self.classes:
-            if len({g.units for g in groups}) != 1 or any(g.blocks > 1 for g in groups):
+            if not _one_count(groups):
                 continue
             if not entries:
                 whole += [g.name for g in groups]
@@ -467,10 +467,9 @@ class Widths:
         out, moved = dict(keep), []
         for entries, groups in self.classes:
             asked = [len(keep[g.name]) for g in groups]
-            units = {g.units for g in groups}
-            if all(a == g.units for a, g in zip(asked, groups)) or len(units) != 1 or any(g.blocks > 1 for g in groups):
+            if all(a == g.units for a, g in zip(asked, groups)) or not _one_count(groups):
                 continue  # nothing cut, layers of different sizes or grouped convs (prunetool's own file if need be)
-            n = units.pop()
+            n = groups[0].units
             if not entries:
                 kept, reason = n, f"no {self.architecture} config entry sets their width"
             elif any(g.name in whole for g in groups):
@@ -494,6 +493,11 @@ class Widths:
             if k == units or self.refusal(groups, k) is None:
                 return k, f"{asked} refused ({first})"
         return units, f"{asked} refused ({first}); no count near it is held"
+
+
+def _one_count(groups: list[Group]) -> bool:
+    """Whether :meth:`Widths.round` can give ``groups`` one count: the same size, no grouped conv among them."""
+    return len({g.units for g in groups}) == 1 and not any(g.blocks > 1 for g in groups)
 
 
 def write_dir(model: nn.Module, ckpt, dest: str | Path, source: str | None = None) -> None:

@@ -8,7 +8,7 @@ sample *before* the absolute value, because the unit disappears from all of them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -143,9 +143,7 @@ def obs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
         else:
             out[g.name] = _greedy_obs(states, g.units)
     if rest:
-        sub = Trace(rest, trace.protected, trace.input_shape, trace.output_shape, trace.order, trace.heads,
-                    trace.activation_bytes)
-        out.update(mrs(model, sub, samples, means, settings, bars).scores)
+        out.update(mrs(model, replace(trace, groups=rest), samples, means, settings, bars).scores)
     return Scores("obs", out, means)
 
 

@@ -12,9 +12,9 @@ from ..calibrate import covariances, output_sensitivity
 from ..calls import first_call
 from ..data import eval_loader
 from ..errors import UsageError
-from ..factor import (Candidate, allocate, candidates, capped_rank, cost_of, elbow, factor, fit_budget,
-                      greedy_baseline, lambda_scale, matrix, params_of, predicted_loss, rank_for_energy,
-                      relative_error, saves, search_drop, spectrum)
+from ..factor import (Candidate, candidates, capped_rank, cost_of, elbow, factor, fit_budget, greedy_baseline,
+                      matrix, params_of, predicted_loss, rank_for_energy, relative_error, saves, search_drop,
+                      spectrum)
 from ..layers import replace
 from ..load import upcast_half
 from ..measure import evaluate, macs, params, quality_on
@@ -65,28 +65,16 @@ def _apply(dense: nn.Module, cands: list[Candidate], ranks: dict) -> nn.Module:
     return model.eval()
 
 
-def _held(cands: list[Candidate], capped: dict[str, int | None], accuracy, steps: int = 8
-          ) -> tuple[dict[str, int | None], int, list[str]]:
+def _held(cands: list[Candidate], capped: dict[str, int | None], accuracy) -> tuple[dict[str, int | None], int,
+                                                                                   list[str]]:
     """``capped`` when its calibration accuracy is within :data:`DEFAULT_HOLD` points of the dense model's; else
-    the most compressing allocation (bisection on λ of :func:`prunetool.factor.allocate`) whose ranks are never
-    below ``capped``'s and that holds it (every layer whole when none does). Returns the ranks, the evaluations,
-    and the layers whose rank rose."""
+    the most compressing allocation (:func:`prunetool.factor.search_drop`) whose ranks are never below
+    ``capped``'s and that holds it (every layer whole when none does). Returns the ranks, the evaluations, and the
+    layers whose rank rose."""
     if -accuracy(capped) <= DEFAULT_HOLD:
         return capped, 1, []
-    key = "params"
-    hi, lo = lambda_scale(cands, key), lambda_scale(cands, key) * 1e-12
-    best = {c.name: None for c in cands}
-    evaluations = 1
-    for _ in range(steps):
-        mid = (lo * hi) ** 0.5
-        chosen = allocate(cands, mid, key)
-        ranks = {n: None if chosen[n] is None or capped[n] is None else max(chosen[n], capped[n]) for n in capped}
-        evaluations += 1
-        if -accuracy(ranks) <= DEFAULT_HOLD:
-            best, lo = ranks, mid
-        else:
-            hi = mid
-    return best, evaluations, [n for n in capped if best[n] != capped[n]]
+    best, evaluations = search_drop(cands, "params", accuracy, 0.0, DEFAULT_HOLD, floor=capped)
+    return best, 1 + evaluations, [n for n in capped if best[n] != capped[n]]
 
 
 def _run(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,

@@ -89,13 +89,18 @@ def unit_counts(units: list, counts: dict[str, int], ratio: float, opts: ShrinkO
     return {u.name: expert_units.kept_count(counts.get(u.name, u.units), ratio, opts.round_to) for u in units}
 
 
+def _target(dense: nn.Module, opts: ShrinkOptions, example) -> tuple[str, float, int, float]:
+    """The size target: its metric, fraction, index in :func:`size_after`'s pair, and the size it allows."""
+    metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
+    index = 0 if metric == "params" else 1
+    return metric, fraction, index, fraction * (params(dense), macs(dense, example))[index]
+
+
 def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Widths | None = None,
                model: nn.Module | None = None, units: list | None = None) -> float:
     """The smallest ratio whose cut of ``model`` (default: ``dense``; the model without its dropped experts),
     with its stacked experts' ``units``, keeps at most ``target_params``/``target_macs`` of ``dense``."""
-    metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
-    index = 0 if metric == "params" else 1
-    goal = fraction * (params(dense), macs(dense, example))[index]
+    metric, fraction, index, goal = _target(dense, opts, example)
     model = dense if model is None else model
 
     def size(r):
@@ -122,9 +127,7 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
               widths: Widths | None, units: list, recalibrate: bool) -> tuple[dict[str, torch.Tensor], dict]:
     """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
     and the curves for the report."""
-    metric, fraction = ("params", opts.target_params) if opts.target_params is not None else ("macs", opts.target_macs)
-    index = 0 if metric == "params" else 1
-    goal = fraction * (params(job.dense), macs(job.dense, job.example))[index]
+    metric, fraction, index, goal = _target(job.dense, opts, job.example)
 
     def size_of(keep, rounded=True):
         if rounded and widths is not None:
