@@ -9,9 +9,10 @@ size saved (parameters or MACs, measured on the structure-only cut of that group
 across all groups until the size removed reaches a budget, the last one in part. :func:`fit` searches the
 smallest budget whose cut meets the target.
 
-The divergence of several groups cut together is taken to be the sum of their own: the curves do not see how
-groups interact, which is why the target search measures sizes on the real cut, and the report gives the
-measured quality.
+The divergence of several groups cut together is taken to be the sum of their own, and it is not: groups
+interact (an error in a residual stream compounds). So the allocation is one of several :func:`candidates` that
+meet the target (the curves', one ratio everywhere, and blends of the two), the one whose joint trial cut
+measures the least divergence (:func:`choose`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch import batch_slice, call
+from .batch import batch_len, batch_slice, batch_to, call, model_dtype
 from .cut import cut, n_removed, select
-from .data import Samples
+from .data import OUTPUT_BYTES, Samples
 from .groups import Trace
 from .layers import clone, unshare
 from .progress import QUIET, Bars
@@ -31,7 +32,9 @@ from .recover import output_divergence, recalibrate_bn
 
 FRACTIONS = (0.25, 0.5, 0.75)  # of a group's units, with --max-layer-ratio as the last point
 TRIAL_SAMPLES = 256  # calibration samples each trial cut's refit reads
-PROBE_SAMPLES = 64  # inputs the divergence is measured on
+PROBE_SAMPLES = 64  # held-out inputs each curve point is measured on
+CHOICE_SAMPLES = 512  # held-out inputs the candidate allocations are measured on
+BLENDS = (0.25, 0.5, 0.75)  # weights of the sensitivity allocation against one ratio everywhere, besides 1 and 0
 
 
 @dataclass
@@ -64,16 +67,50 @@ def _cross(o, a, b) -> float:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
-def measure(model, trace: Trace, scores, compensate: str, samples, probe, settings, size_of, max_layer_ratio: float,
-            bars: Bars = QUIET, means=None, skip=(), recalibrate: bool = False) -> dict[str, Curve]:
-    """Every group's :class:`Curve` (but those in ``skip``): trial cuts of that group alone, compensated by
-    ``compensate`` (``means`` for ``mean``) and with their BatchNorm statistics recalibrated when ``recalibrate``
-    (as the real cut will be), their divergence on ``probe``; ``size_of(keep)`` gives the size of a
-    structure-only cut."""
-    probe = batch_slice(probe, 0, PROBE_SAMPLES)
-    trial = Samples(*samples.take(min(TRIAL_SAMPLES, len(samples))))
-    with torch.no_grad():
-        want = call(model, probe, settings.output_key)
+class Trials:
+    """Trial cuts of ``model``: each compensated by ``compensate`` (``means`` for ``mean``) on up to
+    :data:`TRIAL_SAMPLES` calibration samples, BatchNorm recalibrated when ``recalibrate`` (as the real cut will
+    be), and measured by its divergence from the dense outputs on up to :data:`PROBE_SAMPLES` calibration samples
+    held out of the refit (no more than ``probe`` holds; ``probe`` itself when there are too few samples)."""
+
+    def __init__(self, model, trace: Trace, scores, compensate: str, samples, probe, settings, means=None,
+                 recalibrate: bool = False):
+        self.model, self.trace, self.scores, self.compensate, self.means = model, trace, scores, compensate, means
+        self.settings, self.recalibrate = settings, recalibrate
+        x, y = samples.take(TRIAL_SAMPLES + CHOICE_SAMPLES)
+        n = batch_len(x)
+        with torch.no_grad():
+            first = call(model, batch_slice(probe, 0, 1), settings.output_key)
+        one = first.numel() * first.element_size()
+        # measured on calibration samples the refits did not read (in-sample, a refit's divergence favours the
+        # wide consumers that overfit most), as many as the outputs of two models fit in OUTPUT_BYTES
+        held = min(CHOICE_SAMPLES, n // 3, OUTPUT_BYTES // (2 * max(one, 1))) if n >= 16 else 0
+        self.samples = Samples(batch_slice(x, 0, n - held), y[:n - held] if y is not None else None)
+        device = next(iter(probe.values())).device if isinstance(probe, dict) else probe.device
+        self.held = batch_to(batch_slice(x, n - held, n), device, model_dtype(model)) if held >= 2 else \
+            batch_slice(probe, 0, PROBE_SAMPLES)
+        self.probe = batch_slice(self.held, 0, PROBE_SAMPLES)
+        with torch.no_grad():
+            self.want = call(model, self.held, settings.output_key)
+
+    def divergence(self, keep: dict[str, torch.Tensor], every: bool = False) -> float:
+        """The divergence of the model cut to ``keep`` (0 or more) on the first :data:`PROBE_SAMPLES` held-out
+        samples, or on all of them (``every``)."""
+        small = cut(clone(self.model, share=True), self.trace, keep, self.compensate, self.means, self.samples,
+                    settings=self.settings).eval()
+        if self.recalibrate:
+            unshare(small, self.model)
+            recalibrate_bn(small, self.samples)
+        n = batch_len(self.held) if every else batch_len(self.probe)
+        with torch.no_grad():
+            got = call(small, batch_slice(self.held, 0, n), self.settings.output_key)
+        return max(0.0, float(output_divergence(got, self.want[:n])))
+
+
+def measure(trials: Trials, size_of, max_layer_ratio: float, bars: Bars = QUIET, skip=()) -> dict[str, Curve]:
+    """Every group's :class:`Curve` (but those in ``skip``): the divergence of trial cuts of that group alone;
+    ``size_of(keep)`` gives the size of a structure-only cut."""
+    trace = trials.trace
     whole = {g.name: torch.arange(g.units) for g in trace.groups}
     base = size_of(whole)
     fractions = sorted({*(f for f in FRACTIONS if f < max_layer_ratio), max_layer_ratio})
@@ -84,16 +121,10 @@ def measure(model, trace: Trace, scores, compensate: str, samples, probe, settin
         k = n_removed(g.units, f)
         if k <= curve.removed[-1]:
             continue
-        keep = {**whole, g.name: select(trace, scores, {h.name: (k / g.units if h is g else 0.0)
-                                                        for h in trace.groups})[g.name]}
-        small = cut(clone(model, share=True), trace, keep, compensate, means, trial, settings=settings).eval()
-        if recalibrate:
-            unshare(small, model)
-            recalibrate_bn(small, trial)
-        with torch.no_grad():
-            got = call(small, probe, settings.output_key)
+        keep = {**whole, g.name: select(trace, trials.scores, {h.name: (k / g.units if h is g else 0.0)
+                                                               for h in trace.groups})[g.name]}
         curve.removed.append(k)
-        curve.cost.append(max(0.0, float(output_divergence(got, want))))
+        curve.cost.append(trials.divergence(keep))
         if len(curve.removed) == 2:
             curve.size = (base - size_of(keep)) / k
     return curves
@@ -160,3 +191,62 @@ def fit(curves: dict[str, Curve], size_of, goal: float, trace: Trace, scores, ro
         if hi - lo <= 1e-6 * whole:
             break
     return keep_for(hi), hi
+
+
+def removed_fractions(trace: Trace, keep: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {g.name: 1 - len(keep[g.name]) / g.units for g in trace.groups}
+
+
+def scaled(fractions: dict[str, float], size_of, goal: float, trace: Trace, scores, round_to: int = 1,
+           cap: float = 0.99) -> dict[str, torch.Tensor] | None:
+    """The kept units of the smallest ``t`` for which removing ``min(cap, t·fractions[g])`` of every group meets
+    ``goal``; None when even ``cap`` everywhere ``fractions`` is positive does not."""
+
+    def keep_for(t: float) -> dict[str, torch.Tensor]:
+        return select(trace, scores, {g.name: min(cap, t * fractions.get(g.name, 0.0)) for g in trace.groups},
+                      round_to)
+
+    positive = [f for f in fractions.values() if f > 0]
+    if not positive:
+        return None
+    lo, hi = 0.0, cap / min(positive)
+    if size_of(keep_for(hi)) > goal:
+        return None
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size_of(keep_for(mid)) <= goal else (mid, hi)
+        if hi - lo <= 1e-4 * hi:
+            break
+    return keep_for(hi)
+
+
+def candidates(trace: Trace, sensitive: dict[str, torch.Tensor], size_of, goal: float, scores, round_to: int = 1,
+               whole=(), cap: float = 0.99) -> dict[str, dict[str, torch.Tensor]]:
+    """Allocations that meet ``goal``: the sensitivity one (``sensitive``), one ratio in every group but those in
+    ``whole``, and blends of the two (:data:`BLENDS`), each scaled to the goal.
+
+    The curves add divergences of groups measured alone; cut together, groups interact (a residual stream's
+    error compounds), so the allocation that wins is the one whose joint cut measures best
+    (:func:`choose`), never worse than one ratio everywhere."""
+    out = {"sensitivity": sensitive}
+    free = [g.name for g in trace.groups if g.name not in whole]
+    uniform = scaled({n: 1.0 for n in free}, size_of, goal, trace, scores, round_to, cap)
+    if uniform is None:
+        return out
+    out["uniform"] = uniform
+    ratio, fractions = removed_fractions(trace, uniform), removed_fractions(trace, sensitive)
+    for w in BLENDS:
+        mixed = scaled({n: w * fractions[n] + (1 - w) * ratio[n] for n in free}, size_of, goal, trace, scores,
+                       round_to, cap)
+        if mixed is not None:
+            out[f"blend {w:g}"] = mixed
+    return out
+
+
+def choose(trials: Trials, options: dict[str, dict[str, torch.Tensor]], bars: Bars = QUIET
+           ) -> tuple[str, dict[str, float]]:
+    """The name of the allocation among ``options`` whose joint trial cut diverges least, and every one's
+    divergence."""
+    measured = {name: trials.divergence(keep, every=True) for name, keep in bars.track(list(options.items()),
+                                                                           "measuring the allocations together")}
+    return min(measured, key=measured.get), measured

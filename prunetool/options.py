@@ -14,7 +14,7 @@ from typing import Mapping
 
 from .errors import UsageError
 
-DEFAULT_CRITERION = "mrs"
+DEFAULT_CRITERION = "obs"  # with --compensate lstsq; mrs ranks for the other compensations
 DEFAULT_COMPENSATION = "lstsq"
 CRITERIA = ("mrs", "mrp", "taylor", "obs", "l1", "l2", "fp", "random")
 DATA_CRITERIA = ("mrs", "mrp", "taylor", "obs")
@@ -22,6 +22,8 @@ COMPENSATIONS = ("mean", "lstsq", "none")
 SCOPES = ("layer", "global")
 ALLOCATIONS = ("sensitivity", "uniform")
 OPTIMIZERS = ("sgd", "adam")
+FINETUNE_LR = 1e-3
+RECOVER_LR = 1e-4  # Fashion-MNIST ResNet-20 at 3x fewer MACs, 60 s: 1e-4 lost 1.95 pp where 1e-3 lost 2.66
 LATENCY_BATCHES = (1, 32)
 # bytes of cached activations kept on the device, and the size of batches: 1.5 GiB keeps vit_b_16's shrink
 # within 3 GB beyond the model and the data (docs/BENCHMARKS.md, engine)
@@ -219,7 +221,8 @@ class Recovery:
 
     finetune_epochs: int = option(0, "--finetune-epochs", "Fine-tune this many epochs on the train split of --data "
                                   "after the cut.")
-    lr: float = option(1e-3, "--lr", "Fine-tuning learning rate.")
+    lr: float | None = option(None, "--lr", "Learning rate (Adam or SGD): fine-tuning's (default 1e-3) and "
+                              "--recover's (default 1e-4, measured better for label-free recovery).")
     batch_size: int = option(128, "--batch-size", "Fine-tuning batch size.")
     optimizer: str = option("adam", "--optimizer", "Fine-tuning optimizer: sgd (momentum 0.9) or adam.")
     distill: bool = option(False, "--distill", "Fine-tune against the original model as teacher (KL on logits + CE).")
@@ -230,12 +233,20 @@ class Recovery:
                                          "calibration data after every cut (default: when the model has BatchNorm).",
                                          negative="--no-recalibrate-bn", api="recalibrate")
 
+    @property
+    def finetune_lr(self) -> float:
+        return FINETUNE_LR if self.lr is None else self.lr
+
+    @property
+    def recover_lr(self) -> float:
+        return RECOVER_LR if self.lr is None else self.lr
+
     def check(self) -> None:
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs {self.finetune_epochs} must be 0 or more")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise UsageError(f"--lr {self.lr} must be positive")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
@@ -245,12 +256,19 @@ class Recovery:
             raise UsageError("--distill needs --finetune-epochs N")
 
 
+def default_criterion(compensate: str) -> str:
+    """The criterion measured best with ``compensate``: obs ranks what the least-squares refit repairs, so with
+    another compensation mrs."""
+    return DEFAULT_CRITERION if compensate == "lstsq" else "mrs"
+
+
 @dataclass
 class ShrinkOptions:
     """How many units go, ranked how, and what replaces them."""
 
-    criterion: str = option(DEFAULT_CRITERION, "--criterion", "Unit score: mrs, mrp, taylor, obs (what the refit "
-                            "repairs best, greedy structured OBS), l1, l2, fp or random.")
+    criterion: str | None = option(None, "--criterion", "Unit score: obs (what the least-squares refit repairs "
+                                   "best, greedy structured OBS; the default with --compensate lstsq), mrs (the "
+                                   "default otherwise), mrp, taylor, l1, l2, fp or random.")
     ratio: float = option(0.5, "--ratio", "Fraction of units removed: from every prunable layer (--scope layer) or of "
                           "all units (--scope global), in [0, 1).")
     compensate: str = option(DEFAULT_COMPENSATION, "--compensate", "What replaces removed units: lstsq, mean or none.")
@@ -276,6 +294,10 @@ class ShrinkOptions:
                                "without rounding head and MLP counts to ones the family's config holds (the same in "
                                "every layer, heads that divide the width); written as prunetool's own file, which "
                                "from_pretrained cannot read.")
+
+    def __post_init__(self):
+        if self.criterion is None:
+            self.criterion = default_criterion(self.compensate)
 
     @property
     def allocating(self) -> bool:

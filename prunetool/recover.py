@@ -17,7 +17,7 @@ from . import distributed, layers, task
 from .batch import as_input, batch_len, batch_to, call, model_dtype
 from .data import SEED, Data, Samples, as_samples
 from .errors import UsageError
-from .options import OPTIMIZERS, Recovery
+from .options import FINETUNE_LR, OPTIMIZERS, RECOVER_LR, Recovery
 from .progress import QUIET, Bars
 
 
@@ -105,7 +105,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Ten
     return (1 - alpha) * task.loss(student, y) + alpha * temperature ** 2 * kl
 
 
-def finetune(model: nn.Module, data: Data, epochs: int, lr: float = Recovery.lr, batch_size: int = Recovery.batch_size,
+def finetune(model: nn.Module, data: Data, epochs: int, lr: float = FINETUNE_LR,
+             batch_size: int = Recovery.batch_size,
              optimizer: str = Recovery.optimizer, teacher: nn.Module | None = None, device: str = "cpu",
              bars: Bars = QUIET, after_step=None, output_key: str | None = None) -> list[float]:
     """Train ``model`` on the train split for ``epochs`` (shuffled with a fixed seed); returns each epoch's
@@ -196,7 +197,7 @@ def _split(samples: Samples, held: int) -> tuple[Samples, Samples]:
             Samples(dataset=samples.dataset, indices=samples.indices[n:], workers=samples.workers, ids=samples.ids[n:]))
 
 
-def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: float, lr: float = Recovery.lr,
+def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: float, lr: float = RECOVER_LR,
             batch_size: int = 32, device: str = "cpu", bars: Bars = QUIET, output_key: str | None = None) -> dict:
     """Label-free recovery: train ``model`` towards ``teacher``'s outputs on the inputs of ``samples`` (no labels
     read) with Adam for ``seconds`` of wall time, by :func:`output_divergence`. Both stay in eval mode: BatchNorm

@@ -47,8 +47,9 @@ def test_a_target_is_taken_from_the_layer_whose_units_cost_nothing():
     kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
     assert kept == {"a": 16, "b": 32}, kept  # the dead half went, the live layer is whole
     assert torch.allclose(small(x), want, atol=1e-5)
-    curves = report["allocation"]
+    curves = report["allocation"]["curves"]
     assert curves["a"]["divergence"][2][1] < 1e-6 < curves["b"]["divergence"][1][1]
+    assert report["allocation"]["chosen"] == "sensitivity"
     _, uniform = shrink(dense, input_shape=(10,), target_params=0.56, calib=256, measure=False,
                         allocation="uniform")
     assert {layer["name"]: layer["units_after"] for layer in uniform["layers"]}["b"] < 32
@@ -81,7 +82,7 @@ def test_the_cli_meets_a_macs_target_by_sensitivity_and_reports_the_curves(tmp_p
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["after"]["macs"] <= 0.6 * report["before"]["macs"]
-    assert set(report["allocation"]) == {"a", "b"} and report["verify"]["reload"] == "identical"
+    assert set(report["allocation"]["curves"]) == {"a", "b"} and report["verify"]["reload"] == "identical"
 
 
 def test_groups_tied_to_one_width_share_one_curve():
@@ -91,3 +92,28 @@ def test_groups_tied_to_one_width_share_one_curve():
     merged = allocate.tied({"a": a, "b": b, "c": c}, [["a", "b"]], whole=["c"])
     assert set(merged) == {"a"} and merged["a"].members == ["a", "b"]
     assert merged["a"].cost == pytest.approx([0.0, 0.1, 0.6]) and merged["a"].size == 3.0
+
+
+class ThreeLive(nn.Module):
+    """Three hidden layers, every unit used: no allocation is free."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.c, self.out = nn.Linear(12, 48), nn.Linear(48, 24), nn.Linear(24, 40), nn.Linear(40, 6)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def test_the_allocation_is_the_candidate_whose_joint_cut_measures_best():
+    dense = ThreeLive().eval()
+    small, report = shrink(dense, input_shape=(12,), target_params=0.6, calib=256, measure=False)
+    allocation = report["allocation"]
+    measured = allocation["candidates"]
+    assert set(measured) == {"sensitivity", "uniform", *(f"blend {w:g}" for w in allocate.BLENDS)}
+    assert allocation["chosen"] == min(measured, key=lambda n: measured[n]["divergence"])
+    assert all(0 < m["removed"] < 1 for m in measured.values())
+    assert report["after"]["params"] <= 0.6 * report["before"]["params"]
+    kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
+    assert {n: c["units"] - c["removed"] for n, c in allocation["curves"].items()} == kept

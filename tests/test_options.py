@@ -104,3 +104,12 @@ def test_keywords_build_the_dataclasses():
 def test_no_module_state_in_the_cli():
     source = inspect.getsource(cli)
     assert not re.search(r"^\s*global\s", source, re.M) and len(source.splitlines()) < 300
+
+
+def test_defaults_that_depend_on_another_option():
+    """The criterion follows the compensation (obs ranks what the least-squares refit repairs; mrs otherwise) and
+    the learning rate the kind of training, unless given."""
+    assert ShrinkOptions().criterion == "obs" and ShrinkOptions(compensate="mean").criterion == "mrs"
+    assert ShrinkOptions(compensate="none", criterion="obs").criterion == "obs"
+    assert (Recovery().finetune_lr, Recovery().recover_lr) == (1e-3, 1e-4)
+    assert (Recovery(lr=3e-4).finetune_lr, Recovery(lr=3e-4).recover_lr) == (3e-4, 3e-4)

@@ -180,17 +180,17 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         loader = eval_loader(job.data, job.eval)
         q = evaluate(small, loader, device, bars, "evaluating the factored model", okey)
         step = {f"{q.metric}_after_cut": q.value}
-        step["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.lr, recovery.batch_size,
-                                         recovery.optimizer, dense if recovery.distill else None, device, bars,
-                                         output_key=okey)
+        step["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.finetune_lr,
+                                         recovery.batch_size, recovery.optimizer,
+                                         dense if recovery.distill else None, device, bars, output_key=okey)
         step[f"{q.metric}_after_finetune"] = evaluate(small, loader, device, bars, "evaluating", okey).value
         extra["steps"] = [step]
         check_forward(small, probe, job.graph.output_shape)
     if recovery.recover:
         step = extra.setdefault("steps", [{}])[0]
         upcast_half(small)  # trained in float32: steps below a half's resolution would vanish
-        step["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.lr, device=device,
-                                  bars=bars, output_key=okey)
+        step["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.recover_lr,
+                                  device=device, bars=bars, output_key=okey)
         loader = eval_loader(job.data, job.eval)
         if loader is not None:
             q = evaluate(small, loader, device, bars, "evaluating", okey)
@@ -200,9 +200,9 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
     settings = {"method": method, "rank": opts.rank, "energy": opts.energy, "layers": opts.layers,
                 "data_aware": data_aware, "max_drop": opts.max_drop, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "max_layer_error": opts.max_layer_error, "search": opts.search,
-                "search_evaluations": evaluations, "finetune_epochs": recovery.finetune_epochs, "lr": recovery.lr,
-                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "distill": recovery.distill,
-                "recover": recovery.recover}
+                "search_evaluations": evaluations, "finetune_epochs": recovery.finetune_epochs,
+                "lr": recovery.finetune_lr, "recover_lr": recovery.recover_lr, "batch_size": recovery.batch_size,
+                "optimizer": recovery.optimizer, "distill": recovery.distill, "recover": recovery.recover}
     return Step(small, settings, entries, {"forward": "ok"}, extra, factored)
 
 
@@ -216,7 +216,7 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
             pt2: str | None = None, arch=None, arch_kwargs=None, unsafe_pickle: bool = Source.unsafe_pickle,
             download: bool = DataOptions.download, progress: bool = False,
             latency_batches=Measurement.latency_batches, measure: bool = Measurement.evaluate,
-            finetune_epochs: int = Recovery.finetune_epochs, lr: float = Recovery.lr,
+            finetune_epochs: int = Recovery.finetune_epochs, lr: float | None = Recovery.lr,
             batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
             distill: bool = Recovery.distill, recover: float = Recovery.recover, tokens: int | None = None,
             seq_len: int | None = None,

@@ -136,18 +136,27 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
         return size_after(model, graph, keep, job.example, opts.compensate, units, kept)[index]
 
     ties, whole = widths.ties() if widths is not None else ([], [])
-    curves = allocate.measure(model, graph, scores.scores, opts.compensate, job.calib, probe, engine,
-                              lambda keep: size_of(keep, rounded=False), opts.max_layer_ratio, bars, scores.means,
-                              skip=whole, recalibrate=recalibrate)
+    trials = allocate.Trials(model, graph, scores.scores, opts.compensate, job.calib, probe, engine, scores.means,
+                             recalibrate)
+    curves = allocate.measure(trials, lambda keep: size_of(keep, rounded=False), opts.max_layer_ratio, bars,
+                              skip=whole)
     try:
         keep, _ = allocate.fit(allocate.tied(curves, ties, whole), size_of, goal, graph, scores.scores,
                                opts.round_to)
     except ValueError:
         raise UsageError(f"--target-{metric} {fraction} cannot be reached: removing {opts.max_layer_ratio} of every "
                          "layer's units still keeps more (protected layers stay whole; raise --max-layer-ratio)")
-    return keep, {c.group: {"units": c.units, "removed": c.units - len(keep[c.group]),
-                            "divergence": [[k, round(v, 6)] for k, v in zip(c.removed, c.cost)]}
-                  for c in curves.values()}
+    options = allocate.candidates(graph, keep, size_of, goal, scores.scores, opts.round_to, whole)
+    if widths is not None:
+        options = {name: widths.round(k, scores.scores)[0] for name, k in options.items()}
+    chosen, measured = allocate.choose(trials, options, bars)
+    return options[chosen], {
+        "chosen": chosen,
+        "candidates": {name: {"divergence": round(measured[name], 6),
+                              "removed": round(removed_fraction(graph, k), 4)} for name, k in options.items()},
+        "curves": {c.group: {"units": c.units, "removed": c.units - len(options[chosen][c.group]),
+                             "divergence": [[k, round(v, 6)] for k, v in zip(c.removed, c.cost)]}
+                   for c in curves.values()}}
 
 
 def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = ShrinkOptions.scope,
@@ -390,7 +399,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             entry[f"{q.metric}_after_cut"] = q.value
         if recovery.finetune_epochs:
             upcast_half(small)  # trained in float32 (steps below a half's resolution would vanish), saved rounded
-            entry["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.lr,
+            entry["finetune_loss"] = finetune(small, job.data, recovery.finetune_epochs, recovery.finetune_lr,
                                               recovery.batch_size, recovery.optimizer,
                                               dense if recovery.distill else None, device, bars,
                                               output_key=engine.output_key)
@@ -399,7 +408,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 entry[f"{q.metric}_after_finetune"] = q.value
         if recovery.recover:
             upcast_half(small)
-            entry["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.lr,
+            entry["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.recover_lr,
                                        device=device, bars=bars, output_key=engine.output_key)
             if loader is not None:
                 q = evaluate(small, loader, device, bars, "evaluating", engine.output_key)
@@ -417,7 +426,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
                 "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
                 "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs,
-                "lr": recovery.lr, "batch_size": recovery.batch_size, "optimizer": recovery.optimizer,
+                "lr": recovery.finetune_lr, "recover_lr": recovery.recover_lr, "batch_size": recovery.batch_size,
+                "optimizer": recovery.optimizer,
                 "distill": recovery.distill, "recover": recovery.recover, "engine": paths,
                 "free_widths": opts.free_widths,
                 "drop_experts": opts.drop_experts,
@@ -445,7 +455,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
 
 
-def shrink(model, data=None, criterion: str = ShrinkOptions.criterion, ratio: float = ShrinkOptions.ratio,
+def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ratio: float = ShrinkOptions.ratio,
            compensate: str = ShrinkOptions.compensate, *, calib: int = DataOptions.calib, eval: int | None = None,
            input_shape: tuple[int, ...] | None = None, device: str = Measurement.device, out: str | None = None,
            onnx: str | None = None, pt2: str | None = None, arch: str | None = None,
@@ -456,7 +466,7 @@ def shrink(model, data=None, criterion: str = ShrinkOptions.criterion, ratio: fl
            free_widths: bool = ShrinkOptions.free_widths,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
-           finetune_epochs: int = Recovery.finetune_epochs, lr: float = Recovery.lr,
+           finetune_epochs: int = Recovery.finetune_epochs, lr: float | None = Recovery.lr,
            batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
            distill: bool = Recovery.distill, recover: float = Recovery.recover,
            tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,

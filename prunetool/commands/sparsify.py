@@ -63,7 +63,7 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
         if opts.rewind and early is not None:
             sparse.load_state_dict(early)
         apply_masks(layers, masks)
-        losses = finetune(sparse, job.data, opts.finetune_epochs, recovery.lr, recovery.batch_size,
+        losses = finetune(sparse, job.data, opts.finetune_epochs, recovery.finetune_lr, recovery.batch_size,
                           recovery.optimizer, device=device, bars=bars,
                           after_step=lambda m: apply_masks(layers, masks),
                           output_key=job.settings.output_key) if opts.finetune_epochs else []
@@ -87,8 +87,9 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
                   "sparsity": 1 - float(masks[n].float().mean())} for n in layers]
     units = [{"name": g.name, "units_before": g.units, "units_after": len(keep[g.name]),
               "producers": [p.name for p in g.producers]} for g in graph.groups]
-    settings = {"imp": opts.imp, "rounds": opts.rounds, "finetune_epochs": opts.finetune_epochs, "lr": recovery.lr,
-                "batch_size": recovery.batch_size, "optimizer": recovery.optimizer, "rewind": opts.rewind}
+    settings = {"imp": opts.imp, "rounds": opts.rounds, "finetune_epochs": opts.finetune_epochs,
+                "lr": recovery.finetune_lr, "batch_size": recovery.batch_size, "optimizer": recovery.optimizer,
+                "rewind": opts.rewind}
     nonzero = sum(int((p != 0).sum()) for p in small.parameters())
     report = finish(job, "sparsify", small, settings, units, checks,
                     factored=job.ckpt.record.get("factored", {}), outputs=outputs, staging=staging,
@@ -98,7 +99,7 @@ def _run(job, opts: SparsifyOptions, recovery: Recovery, measurement: Measuremen
 
 
 def sparsify(model, data, *, imp: float = SparsifyOptions.imp, rounds: int = SparsifyOptions.rounds,
-             finetune_epochs: int = SparsifyOptions.finetune_epochs, lr: float = Recovery.lr,
+             finetune_epochs: int = SparsifyOptions.finetune_epochs, lr: float | None = Recovery.lr,
              batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
              rewind: bool = SparsifyOptions.rewind, calib: int = DataOptions.calib,
              eval: int | None = None, device: str = Measurement.device, out: str | None = None, onnx: str | None = None,
