@@ -9,16 +9,20 @@ Fashion-MNIST test set; its reload check reads OUT back to identical outputs), t
 dense checkpoint and every row's OUT side by side in PyTorch and ONNX Runtime at batch 1 (speed-ups are medians of
 per-round ratios to the dense model, 2 threads). Methods:
 
-- *default*: ``--target-macs T`` (sensitivity allocation, mrs, least-squares refit);
-- *obs*: the same with ``--criterion obs`` (compensation-aware selection);
-- *uniform*: ``--allocation uniform`` (one ratio everywhere, as before this benchmark), and with ``--criterion obs``;
+- *default*: ``--target-macs T`` (obs criterion, least-squares refit, allocation by sensitivity: the candidate
+  whose joint trial cut diverges least);
+- *mrs*: the same with ``--criterion mrs`` (the criterion before this benchmark);
+- *uniform*: ``--allocation uniform`` (one ratio everywhere), and with ``--criterion mrs`` (prunetool before);
+- *default, --round-to 8*: unit counts at multiples of 8 (what ONNX Runtime's convolution kernels block by);
 - *default + recover 60 s*: ``--recover 60`` (label-free distillation towards the dense model on the inputs of
-  the 2000 training images the npz ships, labels unread), at the default ``--lr`` 1e-3 and at 1e-4;
+  the 2000 training images the npz ships, labels unread; the default ``--lr`` for it, 1e-4);
 - *Torch-Pruning magnitude*: ``--criterion l2 --compensate none --allocation uniform`` (its group-L2 importance,
   no compensation, one ratio);
 - *Torch-Pruning Taylor*: ``--criterion taylor --compensate none --allocation uniform``;
 - *FLAP-style*: ``--compensate mean --scope global`` with uniform allocation off (mean compensation into the
-  bias and units ranked across layers; mrs in place of FLAP's fluctuation metric).
+  bias and units ranked across layers; mrs in place of FLAP's fluctuation metric);
+- *Wanda-sp*, *ThiNet*: their unit choices (:mod:`benchmarks.peers`) on prunetool's cut at one ratio, Wanda-sp
+  without compensation, ThiNet with its least-squares refit.
 """
 
 from __future__ import annotations
@@ -37,17 +41,19 @@ MODELS = {
     "fashion_resnet20": ("samples.nets:ResNet20", ROOT / "samples" / "fashion_resnet20.pt"),
     "fashion_mobilenet": ("samples.nets:MobileNetV2Small", ROOT / "samples" / "fashion_mobilenet.pt"),
 }
-TARGETS = {"2×": 0.5, "3×": 1 / 3}
+TARGETS = {"1.5×": 2 / 3, "2×": 0.5, "3×": 1 / 3}
 METHODS = {
     "default": [],
-    "obs": ["--criterion", "obs"],
+    "mrs": ["--criterion", "mrs"],
     "uniform": ["--allocation", "uniform"],
-    "uniform, obs": ["--allocation", "uniform", "--criterion", "obs"],
+    "uniform, mrs": ["--allocation", "uniform", "--criterion", "mrs"],
+    "default, --round-to 8": ["--round-to", "8"],
     "default + recover 60 s": ["--recover", "60"],
-    "default + recover 60 s at lr 1e-4": ["--recover", "60", "--lr", "1e-4"],
     "Torch-Pruning magnitude": ["--criterion", "l2", "--compensate", "none", "--allocation", "uniform"],
     "Torch-Pruning Taylor": ["--criterion", "taylor", "--compensate", "none", "--allocation", "uniform"],
     "FLAP-style": ["--compensate", "mean", "--scope", "global", "--allocation", "uniform"],
+    "Wanda-sp": ["peer", "wanda-sp"],
+    "ThiNet": ["peer", "thinet"],
 }
 
 
@@ -56,9 +62,11 @@ def run(model: str, target: float, method: str, work: Path, timeout: int) -> dic
     stem = f"{model}-{target:.3f}-{method.replace(' ', '_').replace('+', 'p')}"
     out, report = work / f"{stem}.safetensors", work / f"{stem}.json"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "prunetool", "shrink", str(ckpt), "--arch", arch,
-                           "--data", DATA, "--target-macs", f"{target:.4f}", *METHODS[method], "--no-latency",
-                           "--out", str(out), "--json", str(report), "-q", "--no-progress"],
+    flags = METHODS[method]
+    command = ["-m", "benchmarks.peers", str(ckpt), "--peer", flags[1]] if flags[:1] == ["peer"] else \
+        ["-m", "prunetool", "shrink", str(ckpt), *flags, "--no-latency", "-q", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-W", "ignore", *command, "--arch", arch, "--data", DATA,
+                           "--target-macs", f"{target:.4f}", "--out", str(out), "--json", str(report)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     row = {"model": model, "target_macs": target, "method": method, "seconds": round(time.perf_counter() - start, 1),
            "exit": proc.returncode, "commit": commit()}

@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import statistics
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from torch import nn
 from . import layers
 from .batch import Batch, resized
 from .errors import VerificationError
-from .measure import timings
+from .measure import compare_latency, interleaved, paired_speedup, timings
 from .options import DEFAULT_ATOL, DEFAULT_RTOL
 from .task import logits
 
@@ -252,3 +253,41 @@ def export_pt2(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float 
                                 f"({_tolerance_text(tol, atol, rtol, scale, noise)})")
     return {"path": shown_as or path, "max_abs_diff": diff, "max_abs_output": scale, "tolerance": tol,
             "float32_noise": noise[0] if noise else None, "bytes": Path(path).stat().st_size}
+
+
+class DeployedSpeed:
+    """Speed-ups over ``dense`` at ``batch`` where the model ships: in onnxruntime (each model exported once to a
+    temporary file and checked, :func:`export_onnx`), or in PyTorch eager when the dense model does not export or
+    on a ``device`` other than the CPU (``runtime`` says which). Each comparison runs the two in alternating rounds (:func:`prunetool.measure.
+    interleaved`) and gives the median of the per-round ratios."""
+
+    def __init__(self, dense: nn.Module, example: Batch | tuple[int, ...], batch: int = 1,
+                 output_key: str | None = None, threads: int | None = None, device: str = "cpu"):
+        self.dense, self.example, self.batch, self.output_key, self.threads = dense, example, batch, output_key, threads
+        self.device = device
+        self.dir = tempfile.TemporaryDirectory(prefix="prunetool-latency-")
+        self.runtime, self.session = "pytorch", None
+        if device != "cpu":  # served on the accelerator: PyTorch there (ONNX Runtime here runs on the CPU)
+            return
+        try:
+            self.session = self._session(dense)
+            self.runtime = "onnxruntime"
+        except Exception as e:  # a graph ONNX cannot hold: time what PyTorch runs
+            warnings.warn(f"latency is measured in PyTorch: the model does not export to ONNX ({_first_line(e)})")
+
+    def _session(self, model: nn.Module):
+        path = str(Path(self.dir.name) / f"{len(os.listdir(self.dir.name))}.onnx")
+        export_onnx(model, resized(self.example, 2, model), path, latency_batches=(), output_key=self.output_key)
+        return ort_session(path, self.threads)
+
+    def speedup(self, model: nn.Module, rounds: int = 7, budget_s: float = 2.0) -> dict:
+        """``paired_speedup`` of ``model`` over the dense one (``speedup.p50`` the median ratio)."""
+        if self.runtime == "pytorch":
+            return compare_latency(self.dense, model, self.example, self.batch, self.device, rounds, budget_s)
+        session = self._session(model)
+        feeds = [(s, ort_feed(s, resized(self.example, self.batch))) for s in (self.session, session)]
+        times = interleaved([lambda s=s, f=f: s.run(None, f) for s, f in feeds], rounds, budget_s)
+        return paired_speedup(*times)
+
+    def close(self) -> None:
+        self.dir.cleanup()

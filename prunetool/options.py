@@ -280,6 +280,9 @@ class ShrinkOptions:
                                          "the parameters, e.g. 0.5.")
     target_macs: float | None = option(None, "--target-macs", "Pick the ratio that keeps at most this fraction of the "
                                        "MACs.")
+    target_latency: float | None = option(None, "--target-latency", "Keep at most this fraction of the latency at "
+                                          "batch 1 where the model ships: ONNX Runtime (PyTorch eager when it does "
+                                          "not export), measured against the dense model, e.g. 0.6.")
     allocation: str | None = option(None, "--allocation", "How a --target-params/--target-macs is shared across "
                                     "layers: sensitivity (the default with a target: each layer loses what costs the "
                                     "least measured divergence after compensation) or uniform (one ratio in every "
@@ -300,10 +303,14 @@ class ShrinkOptions:
             self.criterion = default_criterion(self.compensate)
 
     @property
+    def targeted(self) -> bool:
+        """Whether a size or latency target picks what goes (rather than ``ratio``)."""
+        return any(t is not None for t in (self.target_params, self.target_macs, self.target_latency))
+
+    @property
     def allocating(self) -> bool:
         """Whether the units removed per layer come from :mod:`prunetool.allocate` (a target, no schedule)."""
-        targeted = self.target_params is not None or self.target_macs is not None
-        return targeted and not self.schedule and (self.allocation or "sensitivity") == "sensitivity"
+        return self.targeted and not self.schedule and (self.allocation or "sensitivity") == "sensitivity"
 
     def check(self) -> None:
         if self.criterion not in CRITERIA:
@@ -316,19 +323,22 @@ class ShrinkOptions:
             raise UsageError(f"unknown scope {self.scope!r}; choose layer or global")
         if not 0.0 < self.max_layer_ratio < 1.0:
             raise UsageError(f"--max-layer-ratio {self.max_layer_ratio} is outside (0, 1)")
-        for flag, value in (("--target-params", self.target_params), ("--target-macs", self.target_macs)):
+        targets = (("--target-params", self.target_params), ("--target-macs", self.target_macs),
+                   ("--target-latency", self.target_latency))
+        for flag, value in targets:
             if value is not None and not 0.0 < value <= 1.0:
                 raise UsageError(f"{flag} {value} is outside (0, 1]; give the fraction of the original to keep, "
                                  "e.g. 0.5")
-        if self.target_params is not None and self.target_macs is not None:
-            raise UsageError("give one of --target-params and --target-macs, not both")
+        given = [flag for flag, value in targets if value is not None]
+        if len(given) > 1:
+            raise UsageError(f"give one target, not {' and '.join(given)}")
         if self.round_to < 1:
             raise UsageError(f"--round-to {self.round_to} must be a positive integer")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r}; choose sensitivity or uniform")
-        if self.allocation == "sensitivity" and self.target_params is None and self.target_macs is None:
-            raise UsageError("--allocation sensitivity shares a target across layers: give --target-params or "
-                             "--target-macs (--ratio removes the same fraction everywhere)")
+        if self.allocation is not None and not self.targeted:
+            raise UsageError(f"--allocation {self.allocation} shares a target across layers: give --target-params, "
+                             "--target-macs or --target-latency (--ratio removes the same fraction everywhere)")
         if self.allocation == "sensitivity" and self.schedule:
             raise UsageError("--allocation sensitivity does not combine with --schedule; drop one")
         if not 0.0 <= self.drop_experts < 1.0:

@@ -117,3 +117,31 @@ def test_the_allocation_is_the_candidate_whose_joint_cut_measures_best():
     assert report["after"]["params"] <= 0.6 * report["before"]["params"]
     kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
     assert {n: c["units"] - c["removed"] for n, c in allocation["curves"].items()} == kept
+
+
+def test_a_latency_target_is_met_through_the_macs_its_measured_steps_found(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "three.py").write_text("from tests.test_allocate import ThreeLive\n\n\ndef build():\n"
+                                       "    return ThreeLive()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(ThreeLive().state_dict(), "m.pt")
+    code = main(["shrink", "m.pt", "--arch", "three.py:build", "--input-shape", "12", "--target-latency", "0.7",
+                 "--no-latency", "-q", "--out", "small.safetensors", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    target = report["latency_target"]
+    assert target["runtime"] == "onnxruntime" and target["goal"] == 0.7 and 1 <= len(target["steps"]) <= 4
+    assert target["macs_goal"] in [step["macs"] for step in target["steps"]]
+    assert report["settings"]["target_macs"] == target["macs_goal"] and report["settings"]["target_latency"] == 0.7
+    assert report["after"]["macs"] <= target["macs_goal"] * report["before"]["macs"]
+    assert report["verify"]["reload"] == "identical"
+
+
+@pytest.mark.parametrize("flags", [["--target-macs", "0.5", "--target-latency", "0.5"],
+                                   ["--target-latency", "1.5"], ["--allocation", "uniform"]])
+def test_targets_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, flags):
+    monkeypatch.chdir(tmp_path)
+    torch.save(TwoLayers().state_dict(), "m.pt")
+    code = main(["shrink", "m.pt", "--arch", "nowhere.py:build", "--input-shape", "10", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and ("target" in err or "--allocation" in err), err

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from ..batch import batch_slice, batch_to, model_dtype
 from ..cut import MAX_FIT_INPUTS, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError, VerificationError
+from ..export import DeployedSpeed
 from ..measure import evaluate, macs, params
 from ..options import DATA_CRITERIA, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
 from ..progress import Bars
@@ -36,6 +37,8 @@ DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, a
 # plan() works without data: its criterion (scope "global" only) reads the weights alone unless one is asked for
 # (the CLI's --dry-run passes --criterion, mrs by default)
 DRY_RUN_CRITERION = "l2"
+LATENCY_STEPS = 4  # proportional steps of --target-latency on the MACs fraction
+LATENCY_TOLERANCE = 0.03  # a step this close below the target ends the search; the result this far above warns
 EXPERT_TOLERANCE = 1e-4  # relative difference between the model without experts and the dense one routed around them
 
 
@@ -72,9 +75,7 @@ def size_after(dense, graph, keep, example, compensate: str = "none", units: lis
                kept: dict[str, int] | None = None) -> tuple[int, int]:
     """Parameters and MACs of the cut (structure only), counting the biases least squares gives the consumers it
     refits that had none, with ``kept`` units in every expert of the stacked ``units``."""
-    small = cut(clone(dense, share=True), graph, keep, "none")
-    if units:
-        expert_units.cut(small, units, expert_units.first(units, kept))
+    small = structure(dense, graph, keep, units, kept)
     added = 0
     if compensate == "lstsq":
         modules = dict(small.named_modules())
@@ -82,6 +83,43 @@ def size_after(dense, graph, keep, example, compensate: str = "none", units: lis
             if can_add_bias(modules[name], c):
                 added += c.op.as_matrix(getattr(modules[name], c.weight)).shape[0]
     return params(small) + added, macs(small, example)
+
+
+def structure(model, graph, keep, units: list | None = None, kept: dict[str, int] | None = None) -> nn.Module:
+    """``model`` cut to ``keep`` without compensation (its weights shared), with ``kept`` units in every expert of
+    the stacked ``units``: what sizes and speeds are measured on."""
+    small = cut(clone(model, share=True), graph, keep, "none")
+    if units:
+        expert_units.cut(small, units, expert_units.first(units, kept))
+    return small
+
+
+def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
+                  ) -> tuple[float, list[dict]]:
+    """The MACs fraction whose one-ratio cut of ``model`` (structure only) runs in ``target_latency`` of the dense
+    model's time, by proportional steps on the speed-ups ``speed`` measures, and the steps. MACs alone mislead:
+    a depthwise or memory-bound layer saves less time than its MACs say."""
+    goal = m = opts.target_latency
+    steps: list[dict] = []
+    for _ in range(LATENCY_STEPS):
+        trial = replace(opts, target_latency=None, target_macs=m, allocation="uniform")
+        try:
+            r = fit_target(job.dense, graph, scores, trial, job.example, widths, model, units)
+        except UsageError:
+            break
+        small = structure(model, graph, keep_units(graph, scores, r, trial, widths), units,
+                          unit_counts(units, {}, r, trial))
+        latency = 1 / speed.speedup(small)["speedup"]["p50"]
+        steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4)})
+        if goal - LATENCY_TOLERANCE <= latency <= goal:
+            break
+        m = min(1.0, max(0.01, m * goal / latency))
+    if not steps:
+        raise UsageError(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to {goal} "
+                         "(protected layers stay whole)")
+    met = [st for st in steps if st["latency"] <= goal]
+    best = max(met, key=lambda st: st["macs"]) if met else min(steps, key=lambda st: st["latency"])
+    return best["macs"], steps
 
 
 def unit_counts(units: list, counts: dict[str, int], ratio: float, opts: ShrinkOptions) -> dict[str, int]:
@@ -314,7 +352,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     ratio = steps[-1]
 
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
-    moe, units, counts, missed, sensitivity = [], [], {}, [], None
+    moe, units, counts, missed, sensitivity, speed = [], [], {}, [], None, None
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     for step, step_ratio in enumerate(steps):
@@ -338,6 +376,10 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         scores = _cpu(scores)
         trim_heap()
         widths = widths_of(job, current, graph, opts)
+        if step == 0 and opts.target_latency is not None:
+            speed = DeployedSpeed(dense, job.example, 1, engine.output_key, device=device)
+            macs_goal, latency_steps = _latency_goal(job, current, graph, scores.scores, opts, widths, units, speed)
+            opts = replace(opts, target_macs=macs_goal)  # the allocation meets the MACs the latency needs
         allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
         if step == 0 and opts.allocating and units:
             warnings.warn("the target is shared by one ratio: allocation by sensitivity does not measure the units "
@@ -347,7 +389,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
                                           recalibrate)
             step_ratio = ratio = round(removed_fraction(graph, keep), 4)
-        elif step == 0 and (opts.target_params is not None or opts.target_macs is not None):
+        elif step == 0 and opts.targeted:
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
         if allocating:
             pass  # keep: the allocation's
@@ -431,9 +473,11 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "distill": recovery.distill, "recover": recovery.recover, "engine": paths,
                 "free_widths": opts.free_widths,
                 "drop_experts": opts.drop_experts,
-                "allocation": "sensitivity" if sensitivity is not None else (
-                    "uniform" if opts.target_params is not None or opts.target_macs is not None else None)}
+                "target_latency": opts.target_latency,
+                "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
+    if speed is not None:
+        extra["latency_target"] = _latency_met(speed, current, opts.target_latency, latency_steps, opts.target_macs)
     if sensitivity is not None:
         extra["allocation"] = sensitivity
     if rounded:
@@ -455,6 +499,21 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
 
 
+def _latency_met(speed: DeployedSpeed, small: nn.Module, goal: float, steps: list[dict], macs_goal: float) -> dict:
+    """The measured latency of the result against ``goal``; a warning when it is missed by more than the noise."""
+    try:
+        measured = speed.speedup(small)
+    finally:
+        speed.close()
+    latency = 1 / measured["speedup"]["p50"]
+    if latency > goal * (1 + LATENCY_TOLERANCE) and not measured["noisy"]:
+        warnings.warn(f"--target-latency {goal}: the result runs in {latency:.3f} of the dense model's time in "
+                      f"{speed.runtime} (its one-ratio cut at {macs_goal:.3f} of the MACs ran in the target; the "
+                      "allocation by sensitivity spends MACs elsewhere); add --allocation uniform or lower the target")
+    return {"goal": goal, "runtime": speed.runtime, "batch": speed.batch, "macs_goal": macs_goal, "steps": steps,
+            "latency": round(latency, 4), "noisy": measured["noisy"]}
+
+
 def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ratio: float = ShrinkOptions.ratio,
            compensate: str = ShrinkOptions.compensate, *, calib: int = DataOptions.calib, eval: int | None = None,
            input_shape: tuple[int, ...] | None = None, device: str = Measurement.device, out: str | None = None,
@@ -462,7 +521,8 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
            arch_kwargs: dict | None = None, unsafe_pickle: bool = Source.unsafe_pickle,
            download: bool = DataOptions.download, progress: bool = False, scope: str = ShrinkOptions.scope,
            max_layer_ratio: float = ShrinkOptions.max_layer_ratio, target_params: float | None = None,
-           target_macs: float | None = None, allocation: str | None = None, round_to: int = ShrinkOptions.round_to,
+           target_macs: float | None = None, target_latency: float | None = None, allocation: str | None = None,
+           round_to: int = ShrinkOptions.round_to,
            free_widths: bool = ShrinkOptions.free_widths,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
