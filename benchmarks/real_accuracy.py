@@ -14,6 +14,8 @@ per-round ratios to the dense model, 2 threads). Methods:
 - *mrs*: the same with ``--criterion mrs`` (the criterion before this benchmark);
 - *uniform*: ``--allocation uniform`` (one ratio everywhere), and with ``--criterion mrs`` (prunetool before);
 - *default, --round-to 8*: unit counts at multiples of 8 (what ONNX Runtime's convolution kernels block by);
+- *default, --drop-blocks 2*: two whole residual blocks removed first (those whose removal moves the outputs
+  least), the units then cut to the target;
 - *default + recover 60 s*: ``--recover 60`` (label-free distillation towards the dense model on the inputs of
   the 2000 training images the npz ships, labels unread; the default ``--lr`` for it, 1e-4);
 - *Torch-Pruning magnitude*: ``--criterion l2 --compensate none --allocation uniform`` (its group-L2 importance,
@@ -48,6 +50,7 @@ METHODS = {
     "uniform": ["--allocation", "uniform"],
     "uniform, mrs": ["--allocation", "uniform", "--criterion", "mrs"],
     "default, --round-to 8": ["--round-to", "8"],
+    "default, --drop-blocks 2": ["--drop-blocks", "2"],
     "default + recover 60 s": ["--recover", "60"],
     "Torch-Pruning magnitude": ["--criterion", "l2", "--compensate", "none", "--allocation", "uniform"],
     "Torch-Pruning Taylor": ["--criterion", "taylor", "--compensate", "none", "--allocation", "uniform"],

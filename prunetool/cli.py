@@ -52,7 +52,7 @@ REPORT = ("--max-params --fidelity --latency-batches --no-latency --onnx --pt2 -
           "--summary-md")
 GATES = f"--min-speedup --speedup-batch {REPORT} --device"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs "
-          f"--target-latency --allocation --round-to --drop-experts --free-widths --schedule --recalibrate-bn "
+          f"--target-latency --allocation --round-to --drop-blocks --drop-experts --free-widths --schedule --recalibrate-bn "
           f"{RECOVERY} --distill --recover --dry-run --compensate --max-drop {GATES} --offload --quiet --no-progress")
 LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --raw-elbow --target-params --target-macs --max-layer-error "
            f"--search --layers --data-aware {RECOVERY} --distill --recover --max-drop {GATES} --quiet --no-progress")

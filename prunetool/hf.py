@@ -258,11 +258,18 @@ def pinned(architecture: str, config: dict, trust_remote_code: bool = False) -> 
     return candidate
 
 
+DEPTH_ENTRIES = ("num_hidden_layers", "layer_types")
+
+
 def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_code: bool = False
                ) -> tuple[dict, list[str]]:
     """The config of ``model`` (a cut model of ``architecture`` built from ``config``), and the keys of the zero
     biases a bias flag adds; raises :class:`NotRepresentable` with the reason when there is none."""
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = getattr(model, "config", None)
+    for key in DEPTH_ENTRIES:  # layers removed whole (prunetool.depth) changed the model's own config
+        if key in config and getattr(own, key, None) is not None and getattr(own, key) != config[key]:
+            config = {**config, key: getattr(own, key)}
     config = pinned(architecture, config, trust_remote_code)
     return _config(state, _meta(architecture, config, trust_remote_code),
                    dependencies(architecture, config, trust_remote_code), architecture, config, trust_remote_code)

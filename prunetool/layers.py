@@ -402,11 +402,36 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def refactor(model: nn.Module, factored: dict[str, int]) -> None:
-    """Give a freshly built model the factored structure recorded in a saved file (layer → rank; shapes only)."""
+def is_stack(module: nn.Module) -> bool:
+    """Whether ``module`` is a list of layers (``nn.ModuleList`` or ``nn.Sequential``) whose children can go."""
+    return isinstance(module, (nn.ModuleList, nn.Sequential))
+
+
+def without(stack: nn.Module, kept: list[int]) -> nn.Module:
+    """A list of ``stack``'s layers at ``kept``, of ``stack``'s kind (renumbered from 0)."""
+    layers = [stack[i] for i in kept]
+    return nn.Sequential(*layers) if isinstance(stack, nn.Sequential) else nn.ModuleList(layers)
+
+
+SKIPPED = "skip"  # a structural record's value for a removed block (a rank otherwise)
+
+
+class Skip(nn.Module):
+    """A removed residual block: its input (the first positional argument, else the first tensor keyword) passes
+    through unchanged."""
+
+    def forward(self, *args, **kwargs):
+        if args:
+            return args[0]
+        return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+def refactor(model: nn.Module, factored: dict[str, int | str]) -> None:
+    """Give a freshly built model the structure recorded in a saved file (layer → rank of its factorisation, or
+    :data:`SKIPPED` for a block removed whole; shapes only)."""
     for name, k in factored.items():
         module = model.get_submodule(name)
-        replace(model, name, op_of(module).factored(module, k))
+        replace(model, name, Skip() if k == SKIPPED else op_of(module).factored(module, k))
 
 
 def widths(model: nn.Module) -> dict[str, dict[str, int]]:

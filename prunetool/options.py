@@ -290,6 +290,9 @@ class ShrinkOptions:
     round_to: int = option(1, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths).")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
+    drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
+                              "blocks whose shortcut is the identity) before any unit, each time the one whose "
+                              "removal moves the outputs least; --ratio 0 removes blocks alone.")
     drop_experts: float = option(0.0, "--drop-experts", "Mixture-of-experts models: fraction of each block's experts "
                                  "removed, those the calibration data routes least to (the same number in every "
                                  "block, never below its top-k).")
@@ -341,6 +344,8 @@ class ShrinkOptions:
                              "--target-macs or --target-latency (--ratio removes the same fraction everywhere)")
         if self.allocation == "sensitivity" and self.schedule:
             raise UsageError("--allocation sensitivity does not combine with --schedule; drop one")
+        if self.drop_blocks < 0:
+            raise UsageError(f"--drop-blocks {self.drop_blocks} must be 0 or more (a number of blocks)")
         if not 0.0 <= self.drop_experts < 1.0:
             raise UsageError(f"--drop-experts {self.drop_experts} is outside [0, 1); give the fraction of experts to "
                              "remove, e.g. 0.25")

@@ -26,7 +26,7 @@ from ..staging import Staging
 from ..store import trim_heap
 from ..calibrate import statistics
 from ..groups import Protected
-from .. import allocate, expert_units, experts, hf
+from .. import allocate, depth, expert_units, experts, hf
 from ..hf import Widths
 from ..trace import Trace
 from ..verify import REMOVAL_PROBE, misread_groups, outputs_of, verify
@@ -305,6 +305,35 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
     return current, graph, rows
 
 
+def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str
+                 ) -> tuple[nn.Module, Trace, list, dict]:
+    """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), checked to equal ``model`` with those
+    blocks passing their input on; its trace, the report's rows and the structural record of the blocks."""
+    key = job.settings.output_key
+    probe = batch_to(job.probe, device, model_dtype(model))
+    found = depth.find(model, probe, key)
+    if len(found) < opts.drop_blocks:
+        raise UsageError(f"--drop-blocks {opts.drop_blocks}: the model has {len(found)} removable blocks (children "
+                         "of a ModuleList/Sequential among siblings of their class that return their input's "
+                         "shape); ask for fewer")
+    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars)
+    small = clone(model, share=True)
+    record = depth.remove(small, found, names)
+    small_probe = batch_slice(probe, 0, REMOVAL_PROBE)
+    with depth.skipped(model, names):
+        want = outputs_of(model, small_probe)
+    diff = float((outputs_of(small, small_probe) - want).norm() / want.norm().clamp_min(1e-12))
+    if not diff <= EXPERT_TOLERANCE:
+        raise VerificationError(f"removing blocks is not the same as passing their inputs on (relative difference "
+                                f"{diff:.2g})")
+    small.cpu()
+    graph = trace_probe(small, job.probe, key)
+    rows = [{"name": b.name, "units_before": 1, "units_after": 0 if b.name in names else 1, "producers": [],
+             "block": True, "block_influence": round(b.influence, 6), "divergence_alone": rounds[0].get(b.name)}
+            for b in found]
+    return small, graph, rows, record
+
+
 def _cut_units(small: nn.Module, units: list, unit_stats: dict, kept: dict[str, int],
                compensate: str) -> tuple[float, list[str]]:
     """Cut ``small``'s stacked experts to ``kept`` units each (their best by saliency), checked to equal
@@ -353,8 +382,14 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
 
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
     moe, units, counts, missed, sensitivity, speed = [], [], {}, [], None, None
+    structure_record = dict(job.ckpt.record.get("factored", {}))
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
+    if opts.drop_blocks:
+        current, graph, dropped, skips = _drop_blocks(job, current, opts, bars, device)
+        moe += dropped
+        structure_record = {k: v for k, v in structure_record.items()
+                            if not any(k.startswith(f"{name}.") for name in skips)} | skips
     for step, step_ratio in enumerate(steps):
         if step:
             graph = trace_probe(current, probe, engine.output_key)
@@ -472,7 +507,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "optimizer": recovery.optimizer,
                 "distill": recovery.distill, "recover": recovery.recover, "engine": paths,
                 "free_widths": opts.free_widths,
-                "drop_experts": opts.drop_experts,
+                "drop_experts": opts.drop_experts, "drop_blocks": opts.drop_blocks,
                 "target_latency": opts.target_latency,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
@@ -496,7 +531,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                f"their Gram matrices exceed {expert_units.GRAM_BUDGET >> 30} GiB)"))}
     if recovery.finetune_epochs or recovery.recover or len(steps) > 1:
         extra["steps"] = history
-    return Step(current, settings, layers, checks, extra, dict(job.ckpt.record.get("factored", {})))
+    return Step(current, settings, layers, checks, extra, structure_record)
 
 
 def _latency_met(speed: DeployedSpeed, small: nn.Module, goal: float, steps: list[dict], macs_goal: float) -> dict:
@@ -523,7 +558,8 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
            max_layer_ratio: float = ShrinkOptions.max_layer_ratio, target_params: float | None = None,
            target_macs: float | None = None, target_latency: float | None = None, allocation: str | None = None,
            round_to: int = ShrinkOptions.round_to,
-           free_widths: bool = ShrinkOptions.free_widths,
+           free_widths: bool = ShrinkOptions.free_widths, drop_blocks: int = ShrinkOptions.drop_blocks,
+           drop_experts: float = ShrinkOptions.drop_experts,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
            finetune_epochs: int = Recovery.finetune_epochs, lr: float | None = Recovery.lr,
@@ -539,7 +575,10 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
     ranked across groups. ``target_params``/``target_macs`` (fractions of the original) are shared across layers by
     measured sensitivity (``allocation="sensitivity"``, the default: each layer loses what costs the least
     divergence from the dense outputs after compensation) or by one ratio (``allocation="uniform"``).
-    ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``) prunes step by step, re-scoring at each
+    ``drop_blocks`` whole residual blocks (transformer layers, CNN blocks whose shortcut is the identity) go first,
+    each the one whose removal moves the outputs least (:mod:`prunetool.depth`); ``drop_experts`` of every
+    mixture-of-experts block's experts likewise. ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``)
+    prunes step by step, re-scoring at each
     step, with ``finetune_epochs`` of training after every step. BatchNorm statistics are recalibrated on the
     calibration data after every cut (``recalibrate=None``: when the model has BatchNorm). Returns the smaller
     model and a report dict (the CLI's ``--json``). With ``out`` (``.safetensors`` or ``.pt``) the model is

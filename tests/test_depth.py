@@ -1,0 +1,152 @@
+"""Depth: whole residual blocks removed, and a removed block that did nothing leaves the outputs as they were."""
+
+import json
+import subprocess
+import sys
+
+import torch
+import transformers
+from torch import nn
+
+import prunetool
+from prunetool import depth
+from prunetool.cli import main
+
+NET = '''import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Net(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(4)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def build(width=8):
+    return Net(width)
+'''
+
+
+def _net(tmp_path, dead: int):
+    """A residual CNN whose block ``dead`` adds nothing (its last BatchNorm outputs 0), saved as a state dict."""
+    (tmp_path / "resnet_user.py").write_text(NET)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import importlib
+
+        import resnet_user
+        importlib.reload(resnet_user)
+        model = resnet_user.build().eval()
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.bn1.running_var.uniform_(0.5, 2)
+            block.bn2.running_var.uniform_(0.5, 2)
+        model.blocks[dead].bn2.weight.zero_()
+        model.blocks[dead].bn2.bias.zero_()
+    torch.save(model.state_dict(), tmp_path / "net.pt")
+    return model
+
+
+def test_a_block_that_adds_nothing_is_removed_first_and_the_outputs_stay_equal(tmp_path, capsys, monkeypatch):
+    dense = _net(tmp_path, dead=2)
+    monkeypatch.chdir(tmp_path)
+    code = main(["shrink", "net.pt", "--arch", "resnet_user.py:build", "--input-shape", "1,12,12", "--ratio", "0",
+                 "--drop-blocks", "1", "--no-recalibrate-bn", "--no-latency", "-q", "--out", "small.safetensors",
+                 "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["name"]: r for r in report["layers"] if r.get("block")}
+    assert set(rows) == {f"blocks.{i}" for i in range(4)}
+    assert [n for n, r in rows.items() if r["units_after"] == 0] == ["blocks.2"]
+    assert rows["blocks.2"]["divergence_alone"] < 1e-9 < min(r["divergence_alone"] for n, r in rows.items()
+                                                              if n != "blocks.2")
+    assert report["verify"]["reload"] == "identical"
+    # read back in a fresh process from another directory: the block is gone and the outputs are the dense model's
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    x = torch.randn(3, 1, 12, 12)
+    torch.save(x, elsewhere / "x.pt")
+    with torch.no_grad():
+        torch.save(dense(x), elsewhere / "want.pt")
+    script = ("import torch, prunetool; m = prunetool.load('../small.safetensors').model.eval(); "
+              "assert type(m.blocks[2]).__name__ == 'Skip', m.blocks[2]; "
+              "assert sum(p.numel() for p in m.blocks[2].parameters()) == 0; "
+              "out = m(torch.load('x.pt')); assert torch.allclose(out, torch.load('want.pt'), atol=1e-5), "
+              "(out - torch.load('want.pt')).abs().max()")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_more_blocks_than_the_model_has_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    _net(tmp_path, dead=0)
+    monkeypatch.chdir(tmp_path)
+    code = main(["shrink", "net.pt", "--arch", "resnet_user.py:build", "--input-shape", "1,12,12", "--ratio", "0",
+                 "--drop-blocks", "5", "-q"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "--drop-blocks 5" in errors[0] and "4 removable" in errors[0]
+    assert not list(tmp_path.glob("*.shrunk*"))
+
+
+def test_only_residual_shaped_blocks_called_once_are_found():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+            self.b = nn.Sequential(nn.Linear(6, 6), nn.ReLU())
+            self.widen = nn.ModuleList([nn.Sequential(nn.Linear(6, 9)), nn.Sequential(nn.Linear(9, 6))])
+
+        def forward(self, x):
+            x = self.b(self.a(self.a(x)))  # a is called twice: removing it is not one removal
+            return self.widen[1](self.widen[0](x))  # not of their input's shape
+
+    found = depth.find(Twice(), torch.randn(4, 6))
+    assert found == []
+
+
+def _llama(tmp_path, dead: int):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[dead].self_attn.o_proj.weight.zero_()
+        model.model.layers[dead].mlp.down_proj.weight.zero_()
+    model.save_pretrained(tmp_path / "llama")
+    return model
+
+
+def test_a_language_model_loses_a_layer_that_adds_nothing_and_reads_back_with_from_pretrained(tmp_path):
+    dense = _llama(tmp_path, dead=1)
+    out = tmp_path / "llama.small"
+    small, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, drop_blocks=1, tokens=16, calib=16,
+                                     out=str(out), latency_batches=())
+    removed = [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0]
+    assert removed == ["model.layers.1"]
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and len(config.get("layer_types") or [0] * 3) == 3
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert [layer.self_attn.layer_idx for layer in back.model.layers] == [0, 1, 2]
+    x = torch.randint(0, 40, (2, 11))
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, dense(x).logits, atol=1e-5)
+        # the dense model is untouched: its config still has four layers
+        assert dense.config.num_hidden_layers == 4 and len(dense.model.layers) == 4
