@@ -31,9 +31,9 @@ from .progress import QUIET, Bars
 from .recover import output_divergence, recalibrate_bn
 
 FRACTIONS = (0.25, 0.5, 0.75)  # of a group's units, with --max-layer-ratio as the last point
-TRIAL_SAMPLES = 256  # calibration samples each trial cut's refit reads
+TRIAL_SAMPLES = 512  # calibration samples each trial cut's refit reads (at most two thirds of those taken)
 PROBE_SAMPLES = 64  # held-out inputs each curve point is measured on
-CHOICE_SAMPLES = 512  # held-out inputs the candidate allocations are measured on
+CHOICE_SAMPLES = 256  # held-out inputs the candidate allocations are measured on (the last third taken)
 BLENDS = (0.25, 0.5, 0.75)  # weights of the sensitivity allocation against one ratio everywhere, besides 1 and 0
 
 

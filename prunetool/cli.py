@@ -50,13 +50,13 @@ DATA = f"--data --download --input-shape --calib {ENGINE} --eval --tokens {TOKEN
 RECOVERY = "--finetune-epochs --lr --batch-size --optimizer"
 REPORT = ("--max-params --fidelity --latency-batches --no-latency --onnx --pt2 --onnx-atol --onnx-rtol --out --json "
           "--summary-md")
-GATES = f"--min-speedup --speedup-batch {REPORT} --device"
+GATES = f"--min-speedup --speedup-batch {REPORT} --device --quiet --no-progress"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs "
-          f"--target-latency --allocation --round-to --drop-blocks --drop-experts --free-widths --schedule --recalibrate-bn "
-          f"{RECOVERY} --distill --recover --dry-run --compensate --max-drop {GATES} --offload --quiet --no-progress")
+          f"--target-latency --allocation --round-to --drop-blocks --drop-experts --free-widths --schedule {RECOVERY} "
+          f"--recalibrate-bn --distill --recover --dry-run --compensate --max-drop --offload {GATES}")
 LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --raw-elbow --target-params --target-macs --max-layer-error "
-           f"--search --layers --data-aware {RECOVERY} --distill --recover --max-drop {GATES} --quiet --no-progress")
-COMPRESS = f"{SOURCE} {DATA} --target-params --target-macs --max-drop --plans {GATES} --quiet --no-progress"
+           f"--search --layers --data-aware {RECOVERY} --distill --recover --max-drop {GATES}")
+COMPRESS = f"{SOURCE} {DATA} --target-params --target-macs --max-drop --plans {GATES}"
 SPARSIFY = (f"{SOURCE} --data --download --calib --eval {TOKENS} {ENGINE} --imp --rounds {RECOVERY} --rewind "
             f"--max-drop {REPORT} --device --quiet --no-progress")
 EXPORT = ("CKPT --onnx --pt2 --arch --arch-kwargs --unsafe-pickle --trust-remote-code --data --input-shape --tokens "
@@ -76,7 +76,7 @@ def examples(*lines: str) -> str:
 SHRINK_EXAMPLES = examples(
     "shrink samples/evci_cnn.pt --arch samples.nets:EvciCNN --data samples/mnist_subset.npz --ratio 0.6",
     "shrink model.pt --arch torchvision.models:resnet18 --arch-kwargs '{\"num_classes\": 10}' --data cifar10:~/data",
-    "shrink model.pt --arch mypkg.nets:LeNet --input-shape 1,28,28 --criterion l1 --json report.json",
+    "shrink samples/kjv_llama8 --data samples/kjv_tokens.npz --drop-blocks 2 --target-latency 0.6 --json report.json",
     "shrink r18.pt --arch torchvision.models:resnet18 --input-shape 3,224,224 --dry-run",
     "shrink r18.pt --arch torchvision.models:resnet18 --data imgs/ --scope global --target-macs 0.5 \\\n"
     "      --out r18.small.safetensors --onnx r18.onnx --pt2 r18.pt2 --max-drop 1")
@@ -134,7 +134,7 @@ def shrink_cmd(given: Given):
     opts.check()
     source, data = terminal.source_and_data(given)
     if given["--dry-run"]:
-        terminal.refuse(opts.drop_experts > 0, "--dry-run sizes units only: run --drop-experts without --dry-run")
+        terminal.refuse(opts.measured_plan, "--dry-run sizes units only: drop --drop-*/--target-latency from it")
         if given["--json"]:
             preflight({"--json": given["--json"]}, source, data, inputs=given.session.inputs())
         report = shrink_command.plan(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import batch_len, call
-from .layers import SKIPPED, Skip, is_stack, replace, without
+from .layers import SKIPPED, Skip, clone, is_stack, replace, without
 from .progress import QUIET, Bars
 from .recover import output_divergence
 
@@ -89,7 +89,8 @@ def find(model: nn.Module, probe, output_key: str | None = None) -> list[Block]:
         x, y = seen[name][0]
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and x.shape[0] == n:
             found.append(Block(name, stack, i, _influence(x, y)))
-    return found
+    # blocks within blocks (a stage of residual blocks): only the innermost, so that no removal holds another
+    return [b for b in found if not any(o.name.startswith(f"{b.name}.") for o in found)]
 
 
 @contextmanager
@@ -101,16 +102,18 @@ def skipped(model: nn.Module, names: list[str]):
     try:
         yield
     finally:
-        for name, module in saved.items():
+        for name, module in reversed(saved.items()):
             replace(model, name, module)
 
 
 def choose(model: nn.Module, blocks: list[Block], inputs, count: int, output_key: str | None = None,
            bars: Bars = QUIET) -> tuple[list[str], list[dict[str, float]]]:
     """``count`` blocks removed greedily, each time the one whose removal (with those before it) gives the least
-    divergence from the dense outputs on ``inputs``; and each round's divergences."""
+    divergence from the dense outputs on ``inputs``; and each round's divergences. ``model`` is left as it was
+    (the trials run on a copy sharing its weights)."""
     with torch.no_grad():
         want = call(model, inputs, output_key)
+    model = clone(model, share=True)
     removed: list[str] = []
     rounds = []
     for _ in bars.track(range(count), "choosing the blocks to remove"):
@@ -142,8 +145,12 @@ def remove(model: nn.Module, blocks: list[Block], names: list[str]) -> dict[str,
     stacks: dict[str, list[Block]] = {}
     for name in names:
         stacks.setdefault(by_name[name].stack, []).append(by_name[name])
+    decoders = [stack for stack in stacks if _decoder_layers(model, stack)]
+    if len(decoders) > 1:  # the config's one layer count cannot say which stack lost which layers
+        raise ValueError(f"layers of {len(decoders)} stacks ({', '.join(decoders)}) would go; one config holds their "
+                         "count")
     for stack, gone in stacks.items():
-        if not _decoder_layers(model, stack):
+        if stack not in decoders:
             for b in gone:
                 replace(model, b.name, Skip())
                 record[b.name] = SKIPPED

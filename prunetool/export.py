@@ -256,14 +256,16 @@ def export_pt2(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float 
 
 
 class DeployedSpeed:
-    """Speed-ups over ``dense`` at ``batch`` where the model ships: in onnxruntime (each model exported once to a
-    temporary file and checked, :func:`export_onnx`), or in PyTorch eager when the dense model does not export or
-    on a ``device`` other than the CPU (``runtime`` says which). Each comparison runs the two in alternating rounds (:func:`prunetool.measure.
-    interleaved`) and gives the median of the per-round ratios."""
+    """Speed-ups over ``dense`` at ``batch`` where the model ships: in onnxruntime (each model exported to a
+    temporary file, checked by :func:`export_onnx` and held by its session), or in PyTorch eager when the dense
+    model does not export or on a ``device`` other than the CPU (``runtime`` says which). Each comparison runs the
+    two in alternating rounds (:func:`prunetool.measure.interleaved`) and gives the median of the per-round
+    ratios."""
 
     def __init__(self, dense: nn.Module, example: Batch | tuple[int, ...], batch: int = 1,
                  output_key: str | None = None, threads: int | None = None, device: str = "cpu"):
-        self.dense, self.example, self.batch, self.output_key, self.threads = dense, example, batch, output_key, threads
+        self.dense, self.example, self.batch = dense, example, batch
+        self.output_key, self.threads = output_key, threads
         self.device = device
         self.dir = tempfile.TemporaryDirectory(prefix="prunetool-latency-")
         self.runtime, self.session = "pytorch", None
@@ -276,14 +278,25 @@ class DeployedSpeed:
             warnings.warn(f"latency is measured in PyTorch: the model does not export to ONNX ({_first_line(e)})")
 
     def _session(self, model: nn.Module):
-        path = str(Path(self.dir.name) / f"{len(os.listdir(self.dir.name))}.onnx")
-        export_onnx(model, resized(self.example, 2, model), path, latency_batches=(), output_key=self.output_key)
-        return ort_session(path, self.threads)
+        path = Path(self.dir.name) / "model.onnx"
+        try:
+            export_onnx(model, resized(self.example, 2, model), path, latency_batches=(), output_key=self.output_key)
+            return ort_session(str(path), self.threads)
+        finally:  # the session holds the graph: no file piles up
+            for f in Path(self.dir.name).iterdir():
+                f.unlink()
 
     def speedup(self, model: nn.Module, rounds: int = 7, budget_s: float = 2.0) -> dict:
         """``paired_speedup`` of ``model`` over the dense one (``speedup.p50`` the median ratio)."""
         if self.runtime == "pytorch":
-            return compare_latency(self.dense, model, self.example, self.batch, self.device, rounds, budget_s)
+            where = [next(m.parameters()).device for m in (self.dense, model)]
+            try:
+                self.dense.to(self.device)
+                model.to(self.device)
+                return compare_latency(self.dense, model, self.example, self.batch, self.device, rounds, budget_s)
+            finally:  # each back where it was (weights shared between the two move with either)
+                model.to(where[1])
+                self.dense.to(where[0])
         session = self._session(model)
         feeds = [(s, ort_feed(s, resized(self.example, self.batch))) for s in (self.session, session)]
         times = interleaved([lambda s=s, f=f: s.run(None, f) for s, f in feeds], rounds, budget_s)

@@ -261,15 +261,26 @@ def pinned(architecture: str, config: dict, trust_remote_code: bool = False) -> 
 DEPTH_ENTRIES = ("num_hidden_layers", "layer_types")
 
 
+def with_depth(model: nn.Module, config: dict) -> dict:
+    """``config`` (a dense model's, as a dict) with the layer count and per-layer types of ``model``'s own config,
+    which removing whole layers (:mod:`prunetool.depth`) changed; each under the key the dict uses (GPT-2:
+    ``n_layer`` for ``num_hidden_layers``)."""
+    own = getattr(model, "config", None)
+    aliases = getattr(type(own), "attribute_map", {}) or {}
+    for key in DEPTH_ENTRIES:
+        stored = aliases.get(key, key)
+        value = getattr(own, key, None)
+        if stored in config and value is not None and value != config[stored]:
+            config = {**config, stored: value}
+    return config
+
+
 def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_code: bool = False
                ) -> tuple[dict, list[str]]:
     """The config of ``model`` (a cut model of ``architecture`` built from ``config``), and the keys of the zero
     biases a bias flag adds; raises :class:`NotRepresentable` with the reason when there is none."""
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    own = getattr(model, "config", None)
-    for key in DEPTH_ENTRIES:  # layers removed whole (prunetool.depth) changed the model's own config
-        if key in config and getattr(own, key, None) is not None and getattr(own, key) != config[key]:
-            config = {**config, key: getattr(own, key)}
+    config = with_depth(model, config)
     config = pinned(architecture, config, trust_remote_code)
     return _config(state, _meta(architecture, config, trust_remote_code),
                    dependencies(architecture, config, trust_remote_code), architecture, config, trust_remote_code)

@@ -281,9 +281,11 @@ class ShrinkOptions:
     target_macs: float | None = option(None, "--target-macs", "Pick the ratio that keeps at most this fraction of the "
                                        "MACs.")
     target_latency: float | None = option(None, "--target-latency", "Keep at most this fraction of the latency at "
-                                          "batch 1 where the model ships: ONNX Runtime (PyTorch eager when it does "
-                                          "not export), measured against the dense model, e.g. 0.6.")
-    allocation: str | None = option(None, "--allocation", "How a --target-params/--target-macs is shared across "
+                                          "batch 1 where the model ships: ONNX Runtime on the CPU (PyTorch eager "
+                                          "with --device cuda or when it does not export), measured against the "
+                                          "dense model, e.g. 0.6.")
+    allocation: str | None = option(None, "--allocation", "How a --target-params/--target-macs/--target-latency is "
+                                    "shared across "
                                     "layers: sensitivity (the default with a target: each layer loses what costs the "
                                     "least measured divergence after compensation) or uniform (one ratio in every "
                                     "layer).")
@@ -309,6 +311,12 @@ class ShrinkOptions:
     def targeted(self) -> bool:
         """Whether a size or latency target picks what goes (rather than ``ratio``)."""
         return any(t is not None for t in (self.target_params, self.target_macs, self.target_latency))
+
+    @property
+    def measured_plan(self) -> bool:
+        """Whether what goes is decided by measuring the model (whole blocks, experts, timings), which a dry run
+        does not do."""
+        return self.drop_blocks > 0 or self.drop_experts > 0 or self.target_latency is not None
 
     @property
     def allocating(self) -> bool:

@@ -150,3 +150,35 @@ def test_a_language_model_loses_a_layer_that_adds_nothing_and_reads_back_with_fr
         assert torch.allclose(back(x).logits, dense(x).logits, atol=1e-5)
         # the dense model is untouched: its config still has four layers
         assert dense.config.num_hidden_layers == 4 and len(dense.model.layers) == 4
+
+
+class Res(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def test_blocks_within_blocks_count_once_and_choosing_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(Res(), Res()), nn.Sequential(Res(), Res()), nn.Linear(6, 3)).eval()
+    x = torch.randn(16, 6)
+    want = model(x)
+    found = depth.find(model, x)
+    assert sorted(b.name for b in found) == ["0.0", "0.1", "1.0", "1.1"]  # the stages hold blocks: not blocks
+    names, rounds = depth.choose(model, found, x, 3)
+    assert len(set(names)) == 3 and len(rounds) == 3
+    assert all(type(m).__name__ == "Res" for m in (model[0][0], model[0][1], model[1][0], model[1][1]))
+    assert torch.equal(model(x), want)
+
+
+def test_a_language_model_without_a_layer_written_as_prunetools_own_file_reloads(tmp_path):
+    _llama(tmp_path, dead=2)
+    out = tmp_path / "small.safetensors"
+    _, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, drop_blocks=1, tokens=16, calib=16,
+                                 out=str(out), latency_batches=(), measure=False)
+    assert report["verify"]["reload"] == "identical"
+    back = prunetool.load(out).model
+    assert back.config.num_hidden_layers == 3 and len(back.model.layers) == 3

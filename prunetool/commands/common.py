@@ -421,14 +421,17 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
         hf_dir = out == outputs.out
     # a directory was read back above: prunetool's own file is neither written nor checked
     file_bytes = None
+    kwargs = ckpt.arch_kwargs
+    if hf.is_hf(ckpt) and isinstance(kwargs.get("config"), dict):  # whole layers removed: the config says so
+        kwargs = {**kwargs, "config": hf.with_depth(small, kwargs["config"])}
     if not hf_dir:  # written straight from the model's tensors (no copy of them in memory), then read back
         staged = out is not None and distributed.is_main()
         fmt = format_of(out if out is not None else DEFAULT_FORMAT)
         target = staging.path(out) if staged else _scratch(fmt)
         try:
-            file_bytes = write_file(target, small, ckpt.arch, ckpt.arch_kwargs, record, ckpt.dtypes, ckpt.arch_root)
+            file_bytes = write_file(target, small, ckpt.arch, kwargs, record, ckpt.dtypes, ckpt.arch_root)
             if ckpt.arch is not None or out is not None:
-                checks["reload"] = check_reload(target, probe, expected, ckpt.arch, ckpt.arch_kwargs,
+                checks["reload"] = check_reload(target, probe, expected, ckpt.arch, kwargs,
                                                 reuse=small.state_dict())
         finally:
             if not staged:
