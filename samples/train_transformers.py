@@ -4,7 +4,7 @@
   trained on the King James Bible, with its byte-level BPE tokenizer, and ``kjv_tokens.npz``: 128-token
   sequences for calibration (``input_ids_train``, from the training text) and evaluation (``input_ids_test``,
   from held-out text the model never saw).
-* ``kjv_llama8/`` (``--deep-minutes M``): the same with 8 layers (about 2.4 M parameters, room for depth
+* ``kjv_llama8/`` (``--deep-minutes M``): the same with 8 layers (about 2.5 M parameters, room for depth
   pruning), trained on the same text with kjv_llama's tokenizer, evaluated on the same ``kjv_tokens.npz``.
 * ``mnist_vit/``: a ViT classifier (``ViTForImageClassification``, 7×7 patches) trained on the full MNIST
   training set; evaluate it with ``mnist_subset.npz`` (the full test set).
