@@ -154,13 +154,14 @@ def main() -> None:
     args = table_args(__doc__, "models", 1800)
     torch.manual_seed(0)
     start = time.perf_counter()
-    results = {}
+    path = ROOT / "benchmarks" / "results" / "depth.json"
+    results = json.loads(path.read_text()) if args.only and path.exists() else {}  # --only: the others kept
     for name in args.only or MODELS:
         if not MODELS[name][0].exists():
             print(f"{name}: {MODELS[name][0]} is missing (samples/train_transformers.py --deep-minutes)")
             continue
         results[name] = run_model(name, args.timeout, print)
-    (ROOT / "benchmarks" / "results" / "depth.json").write_text(json.dumps(results, indent=1) + "\n")
+    path.write_text(json.dumps(results, indent=1) + "\n")
     publish(args.out, "depth", markdown(results, time.perf_counter() - start))
 
 

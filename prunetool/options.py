@@ -313,7 +313,7 @@ class ShrinkOptions:
         return any(t is not None for t in (self.target_params, self.target_macs, self.target_latency))
 
     @property
-    def measured_plan(self) -> bool:
+    def measured(self) -> bool:
         """Whether what goes is decided by measuring the model (whole blocks, experts, timings), which a dry run
         does not do."""
         return self.drop_blocks > 0 or self.drop_experts > 0 or self.target_latency is not None

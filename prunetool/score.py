@@ -118,6 +118,7 @@ def mrp(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
 
 
 OBS_MAX_INPUTS = 6144  # a consumer wider than this (its inverse covariance over 300 MB) leaves its group to mrs
+OBS_MAX_WORK = 1e9  # units · inputs² over a group's consumers above which greedy OBS takes minutes: mrs instead
 OBS_DAMPING = 1e-2  # relative to the mean variance, added to each consumer's covariance before inverting
 
 
@@ -127,7 +128,8 @@ def obs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
     increase of their output error after the refit, ``tr(W_S (H_SS)⁻¹ W_Sᵀ)`` with ``H`` the inverse of the
     consumer's centered input covariance — and each consumer's weights and ``H`` are updated for that removal.
     A unit's score is the error accumulated when it goes (so the lowest go first, in greedy order); the last
-    unit scores highest. Groups with a consumer too wide (:data:`OBS_MAX_INPUTS`), whose weight is not called
+    unit scores highest. Groups with a consumer too wide (:data:`OBS_MAX_INPUTS`) or too costly to score
+    (:data:`OBS_MAX_WORK`: a ResNet-50's 3×3 convolutions), whose weight is not called
     ``weight`` (a registered layer of its own) or whose design columns are not its units' (a grouped conv) are
     scored by mrs."""
     samples = as_samples(samples)
@@ -137,7 +139,9 @@ def obs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
     covs = covariances(model, names, samples, settings, trace, bars, centered=True) if names else {}
     out, rest = {}, []
     for g in bars.track(trace.groups, "greedy structured OBS"):
-        states = [_obs_state(c, modules[c.name], covs.get(c.name), g.units) for c in g.consumers]
+        work = sum(g.units * c.op.as_matrix(getattr(modules[c.name], c.weight)).shape[1] ** 2 for c in g.consumers)
+        states = [_obs_state(c, modules[c.name], covs.get(c.name), g.units) for c in g.consumers] \
+            if work <= OBS_MAX_WORK else []
         if not states or any(st is None for st in states):
             rest.append(g)
         else:

@@ -150,7 +150,8 @@ def test_a_misread_group_is_kept_whole_and_the_rest_is_cut(monkeypatch, tmp_path
         return graph
 
     monkeypatch.setattr(prunetool.commands.common, "trace", misreading)
-    small, report = prunetool.shrink(str(SAMPLES / "evci_cnn.pt"), str(SAMPLES / "mnist_subset.npz"),
+    # mrs: obs happens to pick a mirror-symmetric set of units here, which the mirrored rows cannot tell apart
+    small, report = prunetool.shrink(str(SAMPLES / "evci_cnn.pt"), str(SAMPLES / "mnist_subset.npz"), "mrs",
                                      arch="samples.nets:EvciCNN", ratio=0.5, calib=64, eval=64, latency_batches=(),
                                      out=str(tmp_path / "small.safetensors"))
     first = report["layers"][0]

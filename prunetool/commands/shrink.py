@@ -477,7 +477,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                                                         unit_counts(units, counts, step_ratio, opts), opts.compensate)
         if recalibrate or recovery.finetune_epochs or recovery.recover:
             unshare(small, current)  # both write into the tensors
-        if recalibrate and any(len(keep[g.name]) < g.units for g in graph.groups):
+        cut_any = any(len(keep[g.name]) < g.units for g in graph.groups) or (step == 0 and opts.drop_blocks)
+        if recalibrate and cut_any:  # whole blocks gone shift the statistics of every BatchNorm after them too
             reverted |= not recalibrate_bn(small, calib, probe=probe, output_key=engine.output_key)
         entry = {"ratio": step_ratio, "params": params(small)}
         if loader is not None and (recovery.finetune_epochs or recovery.recover or len(steps) > 1):
