@@ -118,7 +118,7 @@ def mrp(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
 
 
 OBS_MAX_INPUTS = 6144  # a consumer wider than this (its inverse covariance over 300 MB) leaves its group to mrs
-OBS_MAX_WORK = 1e9  # units · inputs² over a group's consumers above which greedy OBS takes minutes: mrs instead
+OBS_MAX_WORK = 2e8  # units · inputs² over a group's consumers above which greedy OBS takes minutes: mrs instead
 OBS_DAMPING = 1e-2  # relative to the mean variance, added to each consumer's covariance before inverting
 
 
