@@ -283,6 +283,15 @@ def _protect_misread(model: nn.Module, graph: Trace, keep: dict, probe, reported
         frozenset(misread)
 
 
+def _same_outputs(small: nn.Module, probe, want: torch.Tensor, what: str) -> float:
+    """The relative difference of ``small``'s outputs on ``probe`` from ``want``; raises ``VerificationError``
+    saying ``what`` when it passes :data:`EXPERT_TOLERANCE`."""
+    diff = float((outputs_of(small, probe) - want).norm() / want.norm().clamp_min(1e-12))
+    if not diff <= EXPERT_TOLERANCE:
+        raise VerificationError(f"{what} (relative difference {diff:.2g})")
+    return diff
+
+
 def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bool) -> tuple[nn.Module, Trace, list]:
     """The dense model with ``drop_experts`` of every mixture-of-experts block's experts removed (the least routed
     to), checked to equal the dense model routed around them; its trace; and the report's rows for the blocks."""
@@ -297,10 +306,7 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
     probe = batch_slice(job.probe, 0, REMOVAL_PROBE)
     with experts.routed_around(job.dense, keep):
         want = outputs_of(job.dense, probe)
-    diff = float((outputs_of(current, probe) - want).norm() / want.norm().clamp_min(1e-12))
-    if not diff <= EXPERT_TOLERANCE:
-        raise VerificationError(f"removing experts is not the same as routing around them (relative difference "
-                                f"{diff:.2g})")
+    diff = _same_outputs(current, probe, want, "removing experts is not the same as routing around them")
     graph = trace_probe(current, job.probe, job.settings.output_key)
     rows = [{"name": f"{b.name}.experts", "units_before": b.count, "units_after": len(keep[b.name]),
              "producers": [f"{b.name}.{n}" for n, m in b.module.named_children() if m is b.router],
@@ -330,10 +336,7 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
     small_probe = batch_slice(probe, 0, REMOVAL_PROBE)
     with depth.skipped(model, names):
         want = outputs_of(model, small_probe)
-    diff = float((outputs_of(small, small_probe) - want).norm() / want.norm().clamp_min(1e-12))
-    if not diff <= EXPERT_TOLERANCE:
-        raise VerificationError(f"removing blocks is not the same as passing their inputs on (relative difference "
-                                f"{diff:.2g})")
+    _same_outputs(small, small_probe, want, "removing blocks is not the same as passing their inputs on")
     model.cpu()
     small.cpu()
     graph = trace_probe(small, job.probe, key)
