@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch import batch_len, batch_slice, batch_to, call, model_dtype
+from .batch import batch_len, batch_slice, batch_to, call, model_dtype, token_ids
 from .cut import cut, n_removed, select
 from .data import OUTPUT_BYTES, Samples
 from .groups import Trace
@@ -71,12 +71,13 @@ class Trials:
     """Trial cuts of ``model``: each compensated by ``compensate`` (``means`` for ``mean``) on up to
     :data:`TRIAL_SAMPLES` calibration samples, BatchNorm recalibrated when ``recalibrate`` (as the real cut will
     be), and measured by its divergence from the dense outputs on up to :data:`PROBE_SAMPLES` calibration samples
-    held out of the refit (no more than ``probe`` holds; ``probe`` itself when there are too few samples)."""
+    held out of the refit (no more than ``probe`` holds; ``probe`` itself when there are too few samples), by
+    :func:`prunetool.recover.output_divergence` (``metric``: as it)."""
 
     def __init__(self, model, trace: Trace, scores, compensate: str, samples, probe, settings, means=None,
-                 recalibrate: bool = False):
+                 recalibrate: bool = False, metric: str | None = None):
         self.model, self.trace, self.scores, self.compensate, self.means = model, trace, scores, compensate, means
-        self.settings, self.recalibrate = settings, recalibrate
+        self.settings, self.recalibrate, self.metric = settings, recalibrate, metric
         x, y = samples.take(TRIAL_SAMPLES + CHOICE_SAMPLES)
         n = batch_len(x)
         with torch.no_grad():
@@ -102,7 +103,7 @@ class Trials:
             recalibrate_bn(small, self.samples)
         n = batch_len(self.held) if every else batch_len(self.probe)
         got = self._outputs(small, batch_slice(self.held, 0, n))
-        return max(0.0, float(output_divergence(got, self.want[:n])))
+        return max(0.0, float(output_divergence(got, self.want[:n], token_ids(self.held), self.metric)))
 
     def _outputs(self, model, inputs) -> torch.Tensor:
         """``model``'s outputs on ``inputs``, :data:`PROBE_SAMPLES` at a time (a forward's activations bounded)."""
@@ -227,7 +228,8 @@ def scaled(fractions: dict[str, float], size_of, goal: float, trace: Trace, scor
 def candidates(trace: Trace, sensitive: dict[str, torch.Tensor], size_of, goal: float, scores, round_to: int = 1,
                whole=(), cap: float = 0.99) -> dict[str, dict[str, torch.Tensor]]:
     """Allocations that meet ``goal``: the sensitivity one (``sensitive``), one ratio in every group but those in
-    ``whole``, and blends of the two (:data:`BLENDS`), each scaled to the goal.
+    ``whole``, and blends of the two (:data:`BLENDS`), each scaled to the goal with no group losing more than
+    ``cap`` of its units (``--max-layer-ratio``).
 
     The curves add divergences of groups measured alone; cut together, groups interact (a residual stream's
     error compounds), so the allocation that wins is the one whose joint cut measures best

@@ -25,6 +25,12 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32 if dtype in precision.HALF and precision.active() is not None else dtype
 
 
+def token_ids(b: Batch) -> bool:
+    """Whether ``b`` holds token ids: named inputs with an integer N × T tensor among them."""
+    return isinstance(b, dict) and any(isinstance(v, torch.Tensor) and not v.dtype.is_floating_point
+                                       and v.dim() == 2 for v in b.values())
+
+
 def batch_len(b: Batch) -> int:
     return len(b) if isinstance(b, torch.Tensor) else len(next(iter(b.values())))
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import batch_len, call
+from .batch import batch_len, call, token_ids
 from .layers import SKIPPED, Skip, clone, is_stack, replace, without
 from .progress import QUIET, Bars
 from .recover import output_divergence
@@ -107,7 +107,7 @@ def skipped(model: nn.Module, names: list[str]):
 
 
 def choose(model: nn.Module, blocks: list[Block], inputs, count: int, output_key: str | None = None,
-           bars: Bars = QUIET) -> tuple[list[str], list[dict[str, float]]]:
+           bars: Bars = QUIET, metric: str | None = None) -> tuple[list[str], list[dict[str, float]]]:
     """``count`` blocks removed greedily, each time the one whose removal (with those before it) gives the least
     divergence from the dense outputs on ``inputs``; and each round's divergences. ``model`` is left as it was
     (the trials run on a copy sharing its weights)."""
@@ -122,7 +122,8 @@ def choose(model: nn.Module, blocks: list[Block], inputs, count: int, output_key
             if b.name in removed:
                 continue
             with skipped(model, removed + [b.name]), torch.no_grad():
-                costs[b.name] = max(0.0, float(output_divergence(call(model, inputs, output_key), want)))
+                got = call(model, inputs, output_key)
+                costs[b.name] = max(0.0, float(output_divergence(got, want, token_ids(inputs), metric)))
         best = min(costs, key=costs.get)
         removed.append(best)
         rounds.append({k: round(v, 6) for k, v in costs.items()})

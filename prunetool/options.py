@@ -274,8 +274,8 @@ class ShrinkOptions:
     compensate: str = option(DEFAULT_COMPENSATION, "--compensate", "What replaces removed units: lstsq, mean or none.")
     scope: str = option("layer", "--scope", "layer: the same ratio in every layer; global: units ranked across layers "
                         "(scores normalised per layer).")
-    max_layer_ratio: float = option(0.9, "--max-layer-ratio", "With --scope global, no layer loses more than this "
-                                    "fraction.")
+    max_layer_ratio: float = option(0.9, "--max-layer-ratio", "With --scope global or a --target-*, no layer loses "
+                                    "more than this fraction.")
     target_params: float | None = option(None, "--target-params", "Pick the ratio that keeps at most this fraction of "
                                          "the parameters, e.g. 0.5.")
     target_macs: float | None = option(None, "--target-macs", "Pick the ratio that keeps at most this fraction of the "

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed, layers, task
-from .batch import as_input, batch_len, batch_to, call, model_dtype
+from .batch import as_input, batch_len, batch_to, call, model_dtype, token_ids
 from .data import SEED, Data, Samples, as_samples
 from .errors import UsageError
 from .options import FINETUNE_LR, OPTIMIZERS, RECOVER_LR, Recovery
@@ -168,17 +168,20 @@ def finetune(model: nn.Module, data: Data, epochs: int, lr: float = FINETUNE_LR,
     return losses
 
 
-def output_divergence(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """What label-free recovery minimises: KL(teacher ‖ student) of the softmax over the classes for logits
-    (N, C), per token (N, T, V) or per pixel (N, C, H, W); ‖student − teacher‖² / ‖teacher‖² for any other
-    output."""
+def output_divergence(student: torch.Tensor, teacher: torch.Tensor, tokens: bool = False,
+                      metric: str | None = None) -> torch.Tensor:
+    """What label-free recovery minimises, and what the allocation and the choice of blocks measure:
+    KL(teacher ‖ student) of the softmax over the classes where the outputs are logits, read by the rule the
+    fidelity metric reads them (:func:`prunetool.task.fidelity_metric`: N × C, N × T × V when the inputs are token
+    ids (``tokens``), per pixel N × C × H × W; or as ``metric``, ``--fidelity``, names);
+    ‖student − teacher‖² / ‖teacher‖² for any other output (a detector's raw head, a regression, an embedding)."""
     s, t = student.float(), teacher.float()
+    if (metric or task.fidelity_metric(t, tokens)) == "output error" or t.dim() < 2:
+        return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
     if s.dim() == 4:  # per pixel: the classes are dimension 1
-        s, t = (v.movedim(1, -1).reshape(-1, v.shape[1]) for v in (s, t))
-    if s.dim() in (2, 3, 4) and s.shape[-1] > 1:
-        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
-        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
-    return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+        s, t = (v.movedim(1, -1) for v in (s, t))
+    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
 
 
 HELD_OUT = 0.1  # of the recovery inputs, never trained on: the recovered weights are kept only if they do better there
@@ -198,15 +201,16 @@ def _split(samples: Samples, held: int) -> tuple[Samples, Samples]:
 
 
 def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: float, lr: float = RECOVER_LR,
-            batch_size: int = 32, device: str = "cpu", bars: Bars = QUIET, output_key: str | None = None) -> dict:
+            batch_size: int = 32, device: str = "cpu", bars: Bars = QUIET, output_key: str | None = None,
+            metric: str | None = None) -> dict:
     """Label-free recovery: train ``model`` towards ``teacher``'s outputs on the inputs of ``samples`` (no labels
-    read) with Adam for ``seconds`` of wall time, by :func:`output_divergence`. Both stay in eval mode: BatchNorm
-    statistics and dropout are frozen, so the inputs are fitted as the deployed model computes them. The last
-    :data:`HELD_OUT` of the samples are never trained on (with fewer than 64 samples, the check reads the training
-    samples): the recovered weights are kept only when the divergence there fell, else the model is put back as
-    it was (Adam moves even a model equal to its teacher, on rounding noise). Returns the steps, passes begun over
-    the training samples, the divergence on both parts before and after, and whether the recovered weights were
-    kept."""
+    read) with Adam for ``seconds`` of wall time, by :func:`output_divergence` (``metric``: as it). Both stay in
+    eval mode: BatchNorm statistics and dropout are frozen, so the inputs are fitted as the deployed model computes
+    them. The last :data:`HELD_OUT` of the samples are never trained on (with fewer than 64 samples, the check
+    reads the training samples): the recovered weights are kept only when the divergence there fell, else the
+    model is put back as it was (Adam moves even a model equal to its teacher, on rounding noise). Returns the
+    steps, passes begun over the training samples, the divergence on both parts before and after, and whether the
+    recovered weights were kept."""
     samples = as_samples(samples)
     held = min(MAX_CHECKED, max(MIN_HELD_OUT, round(HELD_OUT * len(samples)))) if len(samples) >= 4 * MIN_HELD_OUT \
         else 0
@@ -229,8 +233,9 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
 
     def divergence(part: Samples) -> float:
         with torch.no_grad():
-            return sum(float(output_divergence(call(model, xb, output_key), t)) * batch_len(xb)
-                       for xb, t in pairs(part)) / len(part)
+            total = sum(float(output_divergence(call(model, xb, output_key), t, token_ids(xb), metric)) * batch_len(xb)
+                        for xb, t in pairs(part)) / len(part)
+        return max(total, 0.0)  # a divergence is >= 0: rounding below it must not count as an improvement
 
     saved = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     steps, passes, kept = 0, 0, False
@@ -241,7 +246,7 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
             passes += 1
             for xb, target in bars.track(pairs(train), f"label-free recovery, pass {passes} ({seconds:g} s in all)",
                                          total=math.ceil(len(train) / batch_size)):
-                loss = output_divergence(call(model, xb, output_key), target)
+                loss = output_divergence(call(model, xb, output_key), target, token_ids(xb), metric)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -134,14 +134,20 @@ def obs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
     scored by mrs."""
     samples = as_samples(samples)
     modules = dict(model.named_modules())
-    names = sorted({c.name for g in trace.groups for c in g.consumers if c.weight == "weight"  # what covariances reads
-                    and c.op.as_matrix(getattr(modules[c.name], c.weight)).shape[1] <= OBS_MAX_INPUTS})
+
+    def fan_in(c) -> int:
+        return c.op.as_matrix(getattr(modules[c.name], c.weight)).shape[1]
+
+    # only the consumers of groups within the cost bound have their covariance collected (a ViT's 3072-wide MLP
+    # output would cost a pass for a group scored by mrs anyway)
+    affordable = {g.name for g in trace.groups if sum(g.units * fan_in(c) ** 2 for c in g.consumers) <= OBS_MAX_WORK}
+    names = sorted({c.name for g in trace.groups if g.name in affordable for c in g.consumers
+                    if c.weight == "weight" and fan_in(c) <= OBS_MAX_INPUTS})  # what covariances reads
     covs = covariances(model, names, samples, settings, trace, bars, centered=True) if names else {}
     out, rest = {}, []
     for g in bars.track(trace.groups, "greedy structured OBS"):
-        work = sum(g.units * c.op.as_matrix(getattr(modules[c.name], c.weight)).shape[1] ** 2 for c in g.consumers)
         states = [_obs_state(c, modules[c.name], covs.get(c.name), g.units) for c in g.consumers] \
-            if work <= OBS_MAX_WORK else []
+            if g.name in affordable else []
         if not states or any(st is None for st in states):
             rest.append(g)
         else:
@@ -152,8 +158,9 @@ def obs(model, trace, samples, means: Means, settings, bars: Bars = QUIET) -> Sc
 
 
 def _obs_state(c, module: nn.Module, cov: torch.Tensor | None, units: int):
-    """A consumer's (W as out × d, H = inverse damped covariance, each unit's design columns as units × b), or
-    None when its covariance does not match its weight's columns."""
+    """A consumer's (W's columns of the group's units as out × units·b, H = the inverse damped covariance on those
+    columns, each unit's columns there as units × b), or None when its covariance does not match its weight's
+    columns."""
     weight = getattr(module, c.weight).detach()
     w = c.op.as_matrix(weight).double().cpu()  # out × d: d = input channels × kernel positions
     per = w.shape[1] // weight.shape[c.op.in_dim]  # design columns per input channel (a conv's kernel positions)
@@ -163,30 +170,38 @@ def _obs_state(c, module: nn.Module, cov: torch.Tensor | None, units: int):
     cols = (channels[:, :, None] * per + torch.arange(per)).flatten(1)  # units × b
     damp = OBS_DAMPING * float(cov.diagonal().mean().clamp_min(1e-12))
     h = torch.linalg.inv(cov.double() + damp * torch.eye(len(cov), dtype=torch.float64))
-    return w, h, cols
+    # The costs and the updates of the greedy read W and H on the group's own columns only (the Schur downdate of
+    # H restricted to them needs nothing else), so both are kept there: units·b wide instead of d.
+    own = cols.reshape(-1)
+    return w[:, own].contiguous(), h[own][:, own].contiguous(), torch.arange(len(own)).reshape(cols.shape)
 
 
 def _greedy_obs(states: list, units: int) -> torch.Tensor:
+    """Each unit's score (see :func:`obs`) from the consumers' states (:func:`_obs_state`: unit i's columns are
+    i·b … i·b+b−1). The states are compacted as units go: W and H keep the columns of the units still there."""
     scores = torch.zeros(units, dtype=torch.float64)
     alive = list(range(units))
     total = 0.0
-    states = [(w.clone(), h.clone(), cols) for w, h, cols in states]
+    states = [(w.clone(), h.clone(), cols.shape[1]) for w, h, cols in states]
     while len(alive) > 1:
-        costs = torch.zeros(len(alive), dtype=torch.float64)
-        for w, h, cols in states:
-            b = cols[alive]  # m × b
-            blocks = h[b[:, :, None], b[:, None, :]]  # m × b × b
-            wb = w[:, b]  # out × m × b
+        m = len(alive)
+        costs = torch.zeros(m, dtype=torch.float64)
+        every = torch.arange(m)
+        for w, h, b in states:
+            blocks = h.view(m, b, m, b)[every, :, every, :]  # m × b × b: each unit's own block of H
+            wb = w.view(w.shape[0], m, b)  # out × m × b
             costs += torch.einsum("omb,mbc,omc->m", wb, torch.linalg.pinv(blocks, hermitian=True), wb)
         j = int(torch.argmin(costs))
         u = alive.pop(j)
         total += max(float(costs[j]), 0.0)
         scores[u] = total
-        for i, (w, h, cols) in enumerate(states):
-            s = cols[u]
-            inv = torch.linalg.pinv(h[s][:, s], hermitian=True)
-            w -= w[:, s] @ inv @ h[s]  # the refit of the other columns (OBS update)
-            h -= h[:, s] @ inv @ h[s]  # H of the remaining columns (Schur downdate; rows and columns s go to 0)
+        for i, (w, h, b) in enumerate(states):
+            s = slice(j * b, (j + 1) * b)
+            rest = torch.cat([torch.arange(j * b), torch.arange((j + 1) * b, m * b)])
+            inv = torch.linalg.pinv(h[s, s], hermitian=True)
+            hs = h[s][:, rest]  # b × rest
+            # the refit of the other columns (OBS update) and the Schur downdate of H, both on what stays
+            states[i] = (w[:, rest] - w[:, s] @ inv @ hs, h[rest][:, rest] - hs.T @ inv @ hs, b)
     scores[alive[0]] = total + 1.0 + total  # the last unit is never removed
     return scores
 

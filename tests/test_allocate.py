@@ -145,3 +145,23 @@ def test_targets_are_refused_in_one_line_before_any_work(tmp_path, capsys, monke
     code = main(["shrink", "m.pt", "--arch", "nowhere.py:build", "--input-shape", "10", *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and ("target" in err or "--allocation" in err), err
+
+
+def test_no_candidate_takes_more_of_a_layer_than_max_layer_ratio(monkeypatch):
+    seen = {}
+    real = allocate.choose
+
+    def recording(trials, options, bars=None):
+        seen.update(options)
+        return real(trials, options)
+
+    monkeypatch.setattr(allocate, "choose", recording)
+    dense = ThreeLive().eval()
+    small, report = shrink(dense, input_shape=(12,), target_params=0.45, max_layer_ratio=0.7, calib=256,
+                           measure=False)
+    units = {"a": 48, "b": 24, "c": 40}
+    assert "uniform" in seen and len(seen) > 2
+    for name, keep in seen.items():
+        for group, kept in keep.items():
+            assert len(kept) >= 0.3 * units[group] - 1e-9, (name, group, len(kept))
+    assert report["after"]["params"] <= 0.45 * report["before"]["params"]

@@ -159,3 +159,20 @@ def test_label_free_recovery_runs_under_progress_bars(mnist_small):
     report = distill(evci_cnn().eval(), evci_cnn().eval(), Samples(mnist_small.train.tensors[0][:96], None),
                      seconds=0.5, bars=Bars(True))
     assert report["steps"] > 0 and report["held_out"] == 16
+
+
+def test_the_divergence_reads_outputs_as_the_fidelity_metric_does():
+    """Logits (N × C, per token with token inputs, per pixel) are compared by KL, which a constant shift of the
+    logits leaves at 0; a detector's raw N × 84 × A head, or what --fidelity error names, by the relative error."""
+    from prunetool.recover import output_divergence
+
+    torch.manual_seed(0)
+    logits, tokens, pixels, head = (torch.randn(4, 10), torch.randn(2, 5, 30), torch.randn(2, 6, 4, 4),
+                                    torch.randn(2, 84, 50))
+    assert float(output_divergence(logits + 3.0, logits)) < 1e-6
+    assert float(output_divergence(tokens + 3.0, tokens, tokens=True)) < 1e-6
+    assert float(output_divergence(pixels + 3.0, pixels)) < 1e-6
+    relative = float((3.0 ** 2 * head.numel()) / head.pow(2).sum())
+    assert float(output_divergence(head + 3.0, head)) == pytest.approx(relative, rel=1e-4)
+    assert float(output_divergence(tokens + 3.0, tokens)) > 1.0  # the same 3-D shape without token inputs
+    assert float(output_divergence(logits + 3.0, logits, metric="output error")) > 1.0

@@ -28,7 +28,7 @@ from ..store import map_large_alone, trim_heap
 from ..data import (OUTPUT_BYTES, Data, Samples, TokenDataset, calibration, check_labels, data_paths, eval_loader,
                     fit_inputs, load_data, too_few)
 from ..export import export_onnx, export_pt2
-from ..batch import as_input, batch_cat, batch_len, batch_slice, model_dtype, shape_of
+from ..batch import as_input, batch_cat, batch_len, batch_slice, model_dtype, shape_of, token_ids
 from ..errors import UsageError, VerificationError
 from ..load import Checkpoint, arch_source, format_of, import_arch, load, round_through, write_file
 from ..measure import compare_latency, evaluate, fidelity, macs, params
@@ -304,9 +304,7 @@ def fidelity_of(job: Job, small: nn.Module, measurement: Measurement) -> dict:
         job.dense.to(device)
         small.to(device)
     try:
-        tokens = isinstance(job.probe, dict) and any(isinstance(v, torch.Tensor) and not v.dtype.is_floating_point
-                                                     and v.dim() == 2 for v in job.probe.values())
-        return fidelity(job.dense, small, job.probe, device, job.settings.output_key, tokens,
+        return fidelity(job.dense, small, job.probe, device, job.settings.output_key, token_ids(job.probe),
                         metric=FIDELITY.get(measurement.fidelity))
     finally:
         job.dense.to("cpu")

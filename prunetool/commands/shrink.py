@@ -18,7 +18,7 @@ from ..data import eval_loader
 from ..errors import UsageError, VerificationError
 from ..export import DeployedSpeed
 from ..measure import evaluate, macs, params
-from ..options import DATA_CRITERIA, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
+from ..options import DATA_CRITERIA, FIDELITY, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
 from ..progress import Bars
 from ..recover import distill, finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
@@ -162,9 +162,10 @@ def removed_fraction(graph: Trace, keep: dict[str, torch.Tensor]) -> float:
 
 
 def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkOptions, probe, engine, bars: Bars,
-              widths: Widths | None, units: list, recalibrate: bool) -> tuple[dict[str, torch.Tensor], dict]:
+              widths: Widths | None, units: list, recalibrate: bool, fidelity: str | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict]:
     """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
-    and the curves for the report."""
+    and the curves for the report (``fidelity``: what the divergence reads the outputs as, ``--fidelity``)."""
     metric, fraction, index, goal = _target(job.dense, opts, job.example)
 
     def size_of(keep, rounded=True):
@@ -175,7 +176,7 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
 
     ties, whole = widths.ties() if widths is not None else ([], [])
     trials = allocate.Trials(model, graph, scores.scores, opts.compensate, job.calib, probe, engine, scores.means,
-                             recalibrate)
+                             recalibrate, fidelity)
     curves = allocate.measure(trials, lambda keep: size_of(keep, rounded=False), opts.max_layer_ratio, bars,
                               skip=whole)
     try:
@@ -184,7 +185,8 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
     except ValueError:
         raise UsageError(f"--target-{metric} {fraction} cannot be reached: removing {opts.max_layer_ratio} of every "
                          "layer's units still keeps more (protected layers stay whole; raise --max-layer-ratio)")
-    options = allocate.candidates(graph, keep, size_of, goal, scores.scores, opts.round_to, whole)
+    options = allocate.candidates(graph, keep, size_of, goal, scores.scores, opts.round_to, whole,
+                                  opts.max_layer_ratio)
     if widths is not None:
         options = {name: widths.round(k, scores.scores)[0] for name, k in options.items()}
     chosen, measured = allocate.choose(trials, options, bars)
@@ -314,8 +316,8 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
     return current, graph, rows
 
 
-def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool
-                 ) -> tuple[nn.Module, Trace, list, dict]:
+def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool,
+                 fidelity: str | None = None) -> tuple[nn.Module, Trace, list, dict]:
     """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), checked to equal ``model`` with those
     blocks passing their input on; its trace, the report's rows and the structural record of the blocks."""
     key = job.settings.output_key
@@ -327,7 +329,7 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
         raise UsageError(f"--drop-blocks {opts.drop_blocks}: the model has {len(found)} removable blocks (children "
                          "of a ModuleList/Sequential among siblings of their class that return their input's "
                          "shape); ask for fewer")
-    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars)
+    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars, fidelity)
     small = clone(model, share=True)
     try:
         record = depth.remove(small, found, names)
@@ -392,12 +394,14 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     ratio = steps[-1]
 
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
+    fidelity = FIDELITY.get(measurement.fidelity)  # how every divergence below reads the outputs
     moe, units, counts, missed, sensitivity, speed = [], [], {}, [], None, None
     structure_record = dict(job.ckpt.record.get("factored", {}))
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     if opts.drop_blocks:
-        current, graph, dropped, skips = _drop_blocks(job, current, opts, bars, device, measurement.offload)
+        current, graph, dropped, skips = _drop_blocks(job, current, opts, bars, device, measurement.offload,
+                                                      fidelity)
         moe += dropped
         structure_record = {k: v for k, v in structure_record.items()
                             if not any(k.startswith(f"{name}.") for name in skips)} | skips
@@ -434,7 +438,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if step == 0 and allocating:
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
-                                          recalibrate)
+                                          recalibrate, fidelity)
             step_ratio = ratio = round(removed_fraction(graph, keep), 4)
         elif step == 0 and opts.targeted:
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
@@ -499,7 +503,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if recovery.recover:
             upcast_half(small)
             entry["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.recover_lr,
-                                       device=device, bars=bars, output_key=engine.output_key)
+                                       device=device, bars=bars, output_key=engine.output_key, metric=fidelity)
             if loader is not None:
                 q = evaluate(small, loader, device, bars, "evaluating", engine.output_key)
                 entry[f"{q.metric}_after_recover"] = q.value
