@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import batch_len, call, token_ids
+from . import layers
+from .batch import batch_len, batch_slice, batch_to, call, model_dtype, token_ids
+from .cut import Fit
+from .data import as_samples
+from .groups import Consumer
 from .layers import SKIPPED, Skip, clone, is_stack, replace, without
 from .progress import QUIET, Bars
 from .recover import output_divergence
@@ -178,3 +182,159 @@ def _shrink_config(model: nn.Module, kept: list[int]) -> None:
     for m in model.modules():
         if getattr(m, "config", None) is old:
             m.config = new
+
+
+# --- compensation -----------------------------------------------------------------------------------------------
+
+ABSORB_SAMPLES = 256  # calibration samples a refit reads
+ABSORB_CHECK = 64  # more, held out of the refit: it is kept only where their divergence falls
+ABSORB_BATCH = 16
+
+
+def _writer(model: nn.Module, block: nn.Module, probe, output_key: str | None) -> tuple[str, nn.Module] | None:
+    """The last linear layer ``block`` calls on ``probe`` (a transformer layer's MLP output projection), with its
+    name in ``block``: what it writes goes to the residual stream."""
+    order: list[tuple[str, nn.Module]] = []
+    handles = [m.register_forward_hook(lambda mod, a, o, name=name: order.append((name, mod)))
+               for name, m in block.named_modules()
+               if (op := layers.op_of(m)) is not None and not op.channels_first and not layers.kind_of(m).atomic
+               and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    try:
+        with torch.no_grad():
+            call(model, probe, output_key)
+    finally:
+        for h in handles:
+            h.remove()
+    return order[-1] if order else None
+
+
+def _stream(out) -> torch.Tensor:
+    """A block's output tensor (a Hugging Face layer may return a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _runs(blocks: list[Block], gone: set[str]) -> list[tuple[list[Block], Block | None, Block | None]]:
+    """Each run of consecutive removed blocks of one stack, with the kept block before it and after it."""
+    out = []
+    by_stack: dict[str, list[Block]] = {}
+    for b in blocks:
+        by_stack.setdefault(b.stack, []).append(b)
+    for members in by_stack.values():
+        members = sorted(members, key=lambda b: b.index)
+        run: list[Block] = []
+        for i, b in enumerate(members + [None]):
+            if b is not None and b.name in gone:
+                run.append(b)
+                continue
+            if run:
+                kept_before = [m for m in members[:i - len(run)] if m.name not in gone]
+                out.append((run, kept_before[-1] if kept_before else None, b))
+            run = []
+    return out
+
+
+def absorb(small: nn.Module, dense: nn.Module, blocks: list[Block], names: list[str], samples, compensate: str,
+           output_key: str | None = None, device: str = "cpu", metric: str | None = None,
+           bars: Bars = QUIET) -> list[dict]:
+    """Compensate the removal of the blocks ``names`` from ``small`` (a copy of ``dense`` with those blocks
+    skipped, :func:`skipped`) by refitting the last linear layer (the *writer*) of kept blocks:
+
+    - for each run of consecutive removed blocks, the writer of the kept block before it (after it, for a run at
+      the start of its stack) so that the residual stream after that block matches the dense stream after the run
+      (it learns to write also what the run wrote, as far as that is linear in its inputs);
+    - then, in order, the writer of every later kept block of the stack, so that the stream after it matches the
+      dense stream after the same block (what is left of the error is taken up block by block).
+
+    ``lstsq``: ridge least squares on the writer's inputs; ``mean``: its bias moves by the mean of what is missing
+    (where it has a bias). Each refit is kept only when it lowers the divergence of the outputs
+    (:func:`output_divergence`, ``metric`` as it) on calibration samples held out of the refits. One record per
+    refit, naming the removed blocks it compensates."""
+    if compensate not in ("lstsq", "mean") or not names:
+        return []
+    x, _ = as_samples(samples).take(ABSORB_SAMPLES + ABSORB_CHECK)
+    x = batch_to(x, device, model_dtype(small))
+    n = batch_len(x)
+    check = min(ABSORB_CHECK, n // 4)
+    part, held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
+    with torch.no_grad():
+        want = _outputs(dense, held, output_key)
+    gone = set(names)
+    jobs: list[tuple[Block, str, list[str]]] = []  # (kept block refit, dense block whose stream it matches, why)
+    for run, before, after in _runs(blocks, gone):
+        host = before or after
+        if host is not None:
+            jobs.append((host, run[-1].name if before else host.name, [b.name for b in run]))
+    refit = {host.name for host, _, _ in jobs}
+    for b in sorted(blocks, key=lambda b: (b.stack, b.index)):
+        earlier = [o.name for o in blocks if o.stack == b.stack and o.index < b.index and o.name in gone]
+        if b.name not in gone and b.name not in refit and earlier:
+            jobs.append((b, b.name, earlier))
+    records = []
+    for host, target, compensates in bars.track(jobs, "refitting the blocks after those removed"):
+        record = {"blocks": compensates, "refit": None, "kept": False}
+        records.append(record)
+        found = _writer(small, small.get_submodule(host.name), batch_slice(part, 0, 2), output_key)
+        if found is None:
+            record["why"] = f"{host.name} calls no linear layer"
+            continue
+        name, writer = found
+        record["refit"] = f"{host.name}.{name}" if name else host.name
+        saved = dict(writer.named_parameters(recurse=False))
+        record["divergence_before"] = _divergence(small, held, want, output_key, metric)
+        fit = _fit_run(small, dense, small.get_submodule(host.name), writer, dense.get_submodule(target), part,
+                       compensate, output_key)
+        if fit is None:
+            record["why"] = "its output is not one row per position of the stream" if compensate == "lstsq" \
+                else "it has no bias"
+            continue
+        fit.solve()
+        record["divergence_after"] = _divergence(small, held, want, output_key, metric)
+        record["kept"] = record["divergence_after"] < record["divergence_before"]
+        if not record["kept"]:
+            for k, v in saved.items():
+                setattr(writer, k, v)
+    return records
+
+
+def _outputs(model: nn.Module, inputs, output_key) -> torch.Tensor:
+    return torch.cat([call(model, batch_slice(inputs, i, i + ABSORB_BATCH), output_key)
+                      for i in range(0, batch_len(inputs), ABSORB_BATCH)])
+
+
+def _divergence(model, inputs, want, output_key, metric) -> float:
+    with torch.no_grad():
+        got = _outputs(model, inputs, output_key)
+        return round(max(0.0, float(output_divergence(got, want, token_ids(inputs), metric))), 6)
+
+
+def _fit_run(small, dense, host: nn.Module, writer: nn.Module, target: nn.Module, part, compensate: str,
+             output_key) -> Fit | None:
+    """The normal equations of ``writer``'s refit: its inputs in ``small`` against its outputs plus what the stream
+    after ``host`` lacks of the dense stream after ``target`` (``dense``'s); None where they cannot be set up."""
+    op = layers.op_of(writer)
+    c = Consumer("writer", writer, weight="weight", dim=op.in_dim, op=op, new_bias=False,
+                 bias="bias" if getattr(writer, "bias", None) is not None else None)
+    fit = Fit(writer, c, None)
+    if compensate == "mean":
+        if not fit.fit_bias:
+            return None
+        fit.bias_only = True  # E[z − W·x]: the bias moves by the mean of what is missing
+    box: dict[str, torch.Tensor] = {}
+    handles = [target.register_forward_hook(lambda m, a, o: box.__setitem__("want", _stream(o))),
+               host.register_forward_hook(lambda m, a, o: box.__setitem__("got", _stream(o))),
+               writer.register_forward_hook(lambda m, a, o: box.update(x=a[0], y=o))]
+    try:
+        for i in range(0, batch_len(part), ABSORB_BATCH):
+            xb = batch_slice(part, i, i + ABSORB_BATCH)
+            with torch.no_grad():
+                call(dense, xb, output_key)
+                call(small, xb, output_key)
+            y = op.targets(box["y"])  # positions × outputs
+            missing = box["want"] - box["got"]
+            if missing.numel() != y.numel():
+                return None
+            fit.add(op.rows({}, writer.weight, box["x"], None), y + missing.reshape(y.shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fit

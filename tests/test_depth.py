@@ -138,8 +138,10 @@ def test_a_language_model_loses_a_layer_that_adds_nothing_and_reads_back_with_fr
     out = tmp_path / "llama.small"
     small, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, drop_blocks=1, tokens=16, calib=16,
                                      out=str(out), latency_batches=())
-    removed = [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0]
-    assert removed == ["model.layers.1"]
+    removed = [r for r in report["layers"] if r.get("block") and r["units_after"] == 0]
+    assert [r["name"] for r in removed] == ["model.layers.1"]
+    refits = removed[0]["compensation"]  # the block before it first, then each later one
+    assert [r["refit"] for r in refits] == [f"model.layers.{i}.mlp.down_proj" for i in (0, 2, 3)]
     assert report["verify"]["reload_from_pretrained"] == "identical"
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and len(config.get("layer_types") or [0] * 3) == 3
@@ -182,3 +184,44 @@ def test_a_language_model_without_a_layer_written_as_prunetools_own_file_reloads
     assert report["verify"]["reload"] == "identical"
     back = prunetool.load(out).model
     assert back.config.num_hidden_layers == 3 and len(back.model.layers) == 3
+
+
+def test_the_block_before_a_removed_one_learns_to_write_what_it_wrote():
+    """Block 0 writes nothing, block 1 reads the same hidden units as block 0 and writes through its own output
+    layer: removing block 1, the least-squares refit of block 0's output layer restores the outputs exactly, where
+    removing it alone does not; the refit is kept and named."""
+    from prunetool.data import Samples
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Res(), Res(), Res(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        model[0].f[2].weight.zero_()
+        model[0].f[2].bias.zero_()
+        model[1].f[0].load_state_dict(model[0].f[0].state_dict())
+    x = torch.randn(400, 6)
+    want = model(x)
+    found = depth.find(model, x[:8])
+    small = prunetool.layers.clone(model)
+    with depth.skipped(small, ["1"]):
+        removed_only = small(x)
+        records = depth.absorb(small, model, found, ["1"], Samples(x, None), "lstsq")
+        got = small(x)
+    assert (removed_only - want).abs().max() > 0.1
+    assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    first = records[0]
+    assert first["refit"] == "0.f.2" and first["kept"] and first["blocks"] == ["1"]
+    assert first["divergence_after"] < 1e-4 * first["divergence_before"]
+    assert all(r["blocks"] == ["1"] for r in records[1:])  # block 2 may take up what is left, block 1 only
+    assert torch.equal(model(x), want)  # the dense model is untouched
+
+
+def test_without_compensation_no_block_is_refit():
+    from prunetool.data import Samples
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Res(), Res(), Res(), nn.Linear(6, 3)).eval()
+    x = torch.randn(64, 6)
+    small = prunetool.layers.clone(model)
+    with depth.skipped(small, ["1"]):
+        assert depth.absorb(small, model, depth.find(model, x[:8]), ["1"], Samples(x, None), "none") == []
+        assert torch.equal(small[0].f[2].weight, model[0].f[2].weight)

@@ -318,8 +318,9 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
 
 def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool,
                  fidelity: str | None = None) -> tuple[nn.Module, Trace, list, dict]:
-    """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), checked to equal ``model`` with those
-    blocks passing their input on; its trace, the report's rows and the structural record of the blocks."""
+    """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), their writes compensated
+    (:func:`prunetool.depth.absorb`, by ``--compensate``) and checked to equal that model with those blocks passing
+    their input on; its trace, the report's rows and the structural record of the blocks."""
     key = job.settings.output_key
     if not offload:
         model.to(device)
@@ -331,20 +332,22 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
                          "shape); ask for fewer")
     names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars, fidelity)
     small = clone(model, share=True)
+    small_probe = batch_slice(probe, 0, REMOVAL_PROBE)
+    with depth.skipped(small, names):
+        refits = depth.absorb(small, model, found, names, job.calib, opts.compensate, key, device, fidelity, bars)
+        want = outputs_of(small, small_probe)
     try:
         record = depth.remove(small, found, names)
     except ValueError as e:
         raise UsageError(f"--drop-blocks {opts.drop_blocks}: {e}; ask for fewer blocks")
-    small_probe = batch_slice(probe, 0, REMOVAL_PROBE)
-    with depth.skipped(model, names):
-        want = outputs_of(model, small_probe)
     _same_outputs(small, small_probe, want, "removing blocks is not the same as passing their inputs on")
     model.cpu()
     small.cpu()
     graph = trace_probe(small, job.probe, key)
     rows = [{"name": b.name, "units_before": 1, "units_after": 0 if b.name in names else 1, "producers": [],
-             "block": True, "block_influence": round(b.influence, 6), "divergence_alone": rounds[0].get(b.name)}
-            for b in found]
+             "block": True, "block_influence": round(b.influence, 6), "divergence_alone": rounds[0].get(b.name),
+             **({"compensation": [{k: v for k, v in r.items() if k != "blocks"} for r in refits
+                                  if b.name in r["blocks"]]} if b.name in names else {})} for b in found]
     return small, graph, rows, record
 
 
