@@ -355,11 +355,12 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
         raise UsageError(f"--drop-blocks {opts.drop_blocks}: the model has {len(found)} removable blocks (children "
                          "of a ModuleList/Sequential among siblings of their class that return their input's "
                          "shape); ask for fewer")
-    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars, fidelity)
+    refit = depth.Refit(model, found, job.calib, opts.compensate, key, device, fidelity)
+    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars, fidelity, refit)
     small = clone(model, share=True)
     small_probe = batch_slice(probe, 0, REMOVAL_PROBE)
     with depth.skipped(small, names):
-        refits = depth.absorb(small, model, found, names, job.calib, opts.compensate, key, device, fidelity, bars)
+        refits = refit.apply(small, names, bars=bars)
         want = outputs_of(small, small_probe)
     try:
         record = depth.remove(small, found, names)
