@@ -111,10 +111,12 @@ def skipped(model: nn.Module, names: list[str]):
 
 
 def choose(model: nn.Module, blocks: list[Block], inputs, count: int, output_key: str | None = None,
-           bars: Bars = QUIET, metric: str | None = None) -> tuple[list[str], list[dict[str, float]]]:
+           bars: Bars = QUIET, metric: str | None = None, refit: "Refit | None" = None
+           ) -> tuple[list[str], list[dict[str, float]]]:
     """``count`` blocks removed greedily, each time the one whose removal (with those before it) gives the least
-    divergence from the dense outputs on ``inputs``; and each round's divergences. ``model`` is left as it was
-    (the trials run on a copy sharing its weights)."""
+    divergence from the dense outputs on ``inputs`` — with ``refit``, after its compensation, on its held-out
+    samples (:meth:`Refit.cost`); and each round's divergences. ``model`` is left as it was (the trials run on a
+    copy sharing its weights)."""
     with torch.no_grad():
         want = call(model, inputs, output_key)
     model = clone(model, share=True)
@@ -124,6 +126,9 @@ def choose(model: nn.Module, blocks: list[Block], inputs, count: int, output_key
         costs = {}
         for b in blocks:
             if b.name in removed:
+                continue
+            if refit is not None and refit.active:
+                costs[b.name] = refit.cost(model, removed + [b.name])
                 continue
             with skipped(model, removed + [b.name]), torch.no_grad():
                 got = call(model, inputs, output_key)
@@ -233,67 +238,97 @@ def _runs(blocks: list[Block], gone: set[str]) -> list[tuple[list[Block], Block 
     return out
 
 
-def absorb(small: nn.Module, dense: nn.Module, blocks: list[Block], names: list[str], samples, compensate: str,
-           output_key: str | None = None, device: str = "cpu", metric: str | None = None,
-           bars: Bars = QUIET) -> list[dict]:
-    """Compensate the removal of the blocks ``names`` from ``small`` (a copy of ``dense`` with those blocks
-    skipped, :func:`skipped`) by refitting the last linear layer (the *writer*) of kept blocks:
+class Refit:
+    """Compensation of removed blocks by refitting the last linear layer (the *writer*) of kept blocks:
 
     - for each run of consecutive removed blocks, the writer of the kept block before it (after it, for a run at
       the start of its stack) so that the residual stream after that block matches the dense stream after the run
       (it learns to write also what the run wrote, as far as that is linear in its inputs);
-    - then, in order, the writer of every later kept block of the stack, so that the stream after it matches the
-      dense stream after the same block (what is left of the error is taken up block by block).
+    - then (``follow``), in order, the writer of every later kept block of the stack, so that the stream after it
+      matches the dense stream after the same block (what is left of the error is taken up block by block).
 
     ``lstsq``: ridge least squares on the writer's inputs; ``mean``: its bias moves by the mean of what is missing
-    (where it has a bias). Each refit is kept only when it lowers the divergence of the outputs
-    (:func:`output_divergence`, ``metric`` as it) on calibration samples held out of the refits. One record per
-    refit, naming the removed blocks it compensates."""
-    if compensate not in ("lstsq", "mean") or not names:
-        return []
-    x, _ = as_samples(samples).take(ABSORB_SAMPLES + ABSORB_CHECK)
-    x = batch_to(x, device, model_dtype(small))
-    n = batch_len(x)
-    check = min(ABSORB_CHECK, n // 4)
-    part, held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
-    with torch.no_grad():
-        want = _outputs(dense, held, output_key)
-    gone = set(names)
-    jobs: list[tuple[Block, str, list[str]]] = []  # (kept block refit, dense block whose stream it matches, why)
-    for run, before, after in _runs(blocks, gone):
-        host = before or after
-        if host is not None:
-            jobs.append((host, run[-1].name if before else host.name, [b.name for b in run]))
-    refit = {host.name for host, _, _ in jobs}
-    for b in sorted(blocks, key=lambda b: (b.stack, b.index)):
-        earlier = [o.name for o in blocks if o.stack == b.stack and o.index < b.index and o.name in gone]
-        if b.name not in gone and b.name not in refit and earlier:
-            jobs.append((b, b.name, earlier))
-    records = []
-    for host, target, compensates in bars.track(jobs, "refitting the blocks after those removed"):
+    (where it has a bias); anything else refits nothing. Each refit is kept only when it lowers the divergence of
+    the outputs (:func:`output_divergence`, ``metric`` as it) on calibration samples held out of the refits
+    (:data:`ABSORB_CHECK` of them; :data:`ABSORB_SAMPLES` are fitted)."""
+
+    def __init__(self, dense: nn.Module, blocks: list[Block], samples, compensate: str,
+                 output_key: str | None = None, device: str = "cpu", metric: str | None = None):
+        self.dense, self.blocks, self.compensate = dense, blocks, compensate
+        self.output_key, self.metric = output_key, metric
+        x, _ = as_samples(samples).take(ABSORB_SAMPLES + ABSORB_CHECK)
+        x = batch_to(x, device, model_dtype(dense))
+        n = batch_len(x)
+        check = min(ABSORB_CHECK, n // 4)
+        self.part, self.held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
+        with torch.no_grad():
+            self.want = _outputs(dense, self.held, output_key)
+
+    @property
+    def active(self) -> bool:
+        return self.compensate in ("lstsq", "mean")
+
+    def divergence(self, model: nn.Module) -> float:
+        """``model``'s divergence from the dense outputs on the held-out samples."""
+        return _divergence(model, self.held, self.want, self.output_key, self.metric)
+
+    def cost(self, model: nn.Module, names: list[str]) -> float:
+        """The held-out divergence of ``model`` without the blocks ``names``, the kept block before each run refit
+        (no later ones): what the greedy choice compares. ``model`` is left as it was."""
+        trial = clone(model, share=True)
+        with skipped(trial, names):
+            if self.active:
+                self.apply(trial, names, follow=False)
+            return self.divergence(trial)
+
+    def apply(self, small: nn.Module, names: list[str], follow: bool = True, bars: Bars = QUIET) -> list[dict]:
+        """Refit ``small`` (a copy of the dense model with the blocks ``names`` skipped, :func:`skipped`); one
+        record per refit, naming the removed blocks it compensates."""
+        if not self.active or not names:
+            return []
+        gone = set(names)
+        jobs: list[tuple[Block, str, list[str]]] = []  # (kept block refit, dense block whose stream it matches, why)
+        for run, before, after in _runs(self.blocks, gone):
+            host = before or after
+            if host is not None:
+                jobs.append((host, run[-1].name if before else host.name, [b.name for b in run]))
+        refit = {host.name for host, _, _ in jobs}
+        for b in sorted(self.blocks, key=lambda b: (b.stack, b.index)) if follow else []:
+            earlier = [o.name for o in self.blocks if o.stack == b.stack and o.index < b.index and o.name in gone]
+            if b.name not in gone and b.name not in refit and earlier:
+                jobs.append((b, b.name, earlier))
+        return [self._one(small, host, target, compensates)
+                for host, target, compensates in bars.track(jobs, "refitting the blocks after those removed")]
+
+    def _one(self, small: nn.Module, host: Block, target: str, compensates: list[str]) -> dict:
         record = {"blocks": compensates, "refit": None, "kept": False}
-        records.append(record)
-        found = _writer(small, small.get_submodule(host.name), batch_slice(part, 0, 2), output_key)
+        found = _writer(small, small.get_submodule(host.name), batch_slice(self.part, 0, 2), self.output_key)
         if found is None:
-            record["why"] = f"{host.name} calls no linear layer"
-            continue
+            return record | {"why": f"{host.name} calls no linear layer"}
         name, writer = found
         record["refit"] = f"{host.name}.{name}" if name else host.name
         saved = dict(writer.named_parameters(recurse=False))
-        record["divergence_before"] = _divergence(small, held, want, output_key, metric)
-        fit = _fit_run(small, dense, small.get_submodule(host.name), writer, dense.get_submodule(target), part,
-                       compensate, output_key)
+        record["divergence_before"] = self.divergence(small)
+        fit = _fit_run(small, self.dense, small.get_submodule(host.name), writer, self.dense.get_submodule(target),
+                       self.part, self.compensate, self.output_key)
         if fit is None:
-            record["why"] = "its output is not one row per position of the stream" if compensate == "lstsq" \
-                else "it has no bias"
-            continue
+            return record | {"why": "its output is not one row per position of the stream"
+                             if self.compensate == "lstsq" else "it has no bias"}
         fit.solve()
-        record["divergence_after"] = _divergence(small, held, want, output_key, metric)
+        record["divergence_after"] = self.divergence(small)
         record["kept"] = record["divergence_after"] < record["divergence_before"]
         if not record["kept"]:
             for k, v in saved.items():
                 setattr(writer, k, v)
-    return records
+        return record
+
+
+def absorb(small: nn.Module, dense: nn.Module, blocks: list[Block], names: list[str], samples, compensate: str,
+           output_key: str | None = None, device: str = "cpu", metric: str | None = None,
+           bars: Bars = QUIET) -> list[dict]:
+    """Compensate the removal of the blocks ``names`` from ``small`` (a copy of ``dense`` with those blocks
+    skipped, :func:`skipped`): :class:`Refit`, every refit; one record per refit."""
+    return Refit(dense, blocks, samples, compensate, output_key, device, metric).apply(small, names, bars=bars)
 
 
 def _outputs(model: nn.Module, inputs, output_key) -> torch.Tensor:

@@ -156,6 +156,7 @@ class DataOptions:
             self.preprocessing.check()
 
 
+KERNEL_MULTIPLE = 8  # channels ONNX Runtime's CPU convolutions take in their blocked layout (NCHWc, 8 on AVX2)
 FIDELITY = {"agreement": "agreement", "miou": "miou", "error": "output error"}  # --fidelity → task metric
 
 
@@ -289,7 +290,9 @@ class ShrinkOptions:
                                     "layers: sensitivity (the default with a target: each layer loses what costs the "
                                     "least measured divergence after compensation) or uniform (one ratio in every "
                                     "layer).")
-    round_to: int = option(1, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths).")
+    round_to: int | None = option(None, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths). "
+                                  "Default 1; with --target-latency the allocation also measures multiples of 8, "
+                                  "the widths ONNX Runtime's CPU kernels run fastest.")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
     drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
@@ -319,6 +322,19 @@ class ShrinkOptions:
         return self.drop_blocks > 0 or self.drop_experts > 0 or self.target_latency is not None
 
     @property
+    def rounding(self) -> int:
+        """The multiple unit counts are kept at (``--round-to``, default 1)."""
+        return self.round_to or 1
+
+    @property
+    def roundings(self) -> tuple[int, ...]:
+        """The multiples the allocation measures: the one given; without ``--round-to``, under
+        ``--target-latency``, 1 and :data:`KERNEL_MULTIPLE` (at one latency, widths the kernels like keep more)."""
+        if self.round_to is not None or self.target_latency is None or not self.allocating:
+            return (self.rounding,)
+        return (1, KERNEL_MULTIPLE)
+
+    @property
     def allocating(self) -> bool:
         """Whether the units removed per layer come from :mod:`prunetool.allocate` (a target, no schedule)."""
         return self.targeted and not self.schedule and (self.allocation or "sensitivity") == "sensitivity"
@@ -343,7 +359,7 @@ class ShrinkOptions:
         given = [flag for flag, value in targets if value is not None]
         if len(given) > 1:
             raise UsageError(f"give one target, not {' and '.join(given)}")
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise UsageError(f"--round-to {self.round_to} must be a positive integer")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r}; choose sensitivity or uniform")

@@ -130,8 +130,11 @@ def test_a_latency_target_is_met_through_the_macs_its_measured_steps_found(tmp_p
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
     target = report["latency_target"]
-    assert target["runtime"] == "onnxruntime" and target["goal"] == 0.7 and 1 <= len(target["steps"]) <= 4
-    assert target["macs_goal"] in [step["macs"] for step in target["steps"]]
+    assert target["runtime"] == "onnxruntime" and target["goal"] == 0.7
+    for r in (1, 8):  # without --round-to, widths at multiples of 8 are measured too
+        assert 1 <= len([step for step in target["steps"] if step["round_to"] == r]) <= 4
+    assert target["macs_goal"] in [step["macs"] for step in target["steps"]
+                                   if step["round_to"] == report["settings"]["round_to"]]
     assert report["settings"]["target_macs"] == target["macs_goal"] and report["settings"]["target_latency"] == 0.7
     assert report["after"]["macs"] <= target["macs_goal"] * report["before"]["macs"]
     assert report["verify"]["reload"] == "identical"
@@ -165,3 +168,43 @@ def test_no_candidate_takes_more_of_a_layer_than_max_layer_ratio(monkeypatch):
         for group, kept in keep.items():
             assert len(kept) >= 0.3 * units[group] - 1e-9, (name, group, len(kept))
     assert report["after"]["params"] <= 0.45 * report["before"]["params"]
+
+
+class OddWidthsAreSlow:
+    """A deployment runtime stand-in: time in proportion to the MACs, 1.6 times that when a hidden layer's width is
+    not a multiple of 8 (as ONNX Runtime's CPU convolutions outside their blocked layout)."""
+
+    runtime, batch, noisy = "stand-in", 1, False
+
+    def __init__(self, dense, example, batch=1, output_key=None, device="cpu"):
+        from prunetool.measure import macs
+
+        self.example, self.macs = example, macs
+        self.dense = macs(dense, example)
+
+    def speedup(self, small):
+        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        latency = self.macs(small, self.example) / self.dense * (1.6 if odd else 1.0)
+        return {"speedup": {"p50": 1 / latency}, "noisy": False}
+
+    def close(self):
+        pass
+
+
+def test_a_latency_target_measures_widths_the_kernels_like_and_keeps_them_when_they_diverge_least(monkeypatch):
+    from prunetool.commands import shrink as command
+
+    monkeypatch.setattr(command, "DeployedSpeed", OddWidthsAreSlow)
+    dense = ThreeLive().eval()
+    small, report = shrink(dense, input_shape=(12,), target_latency=0.6, calib=256, measure=False)
+    allocation, target = report["allocation"], report["latency_target"]
+    assert {st["round_to"] for st in target["steps"]} == {1, 8}
+    assert {c["round_to"] for c in allocation["candidates"].values()} == {1, 8}
+    # at one latency, widths of multiples of 8 keep more MACs (0.6 against 0.6 / 1.6): they diverge least
+    assert allocation["chosen"].endswith("widths ×8") and report["settings"]["round_to"] == 8
+    assert all(getattr(small, name).out_features % 8 == 0 for name in "abc")
+    assert target["latency"] <= 0.6 + 1e-9 and report["settings"]["target_macs"] == target["macs_goal"]
+
+    _, given = shrink(dense, input_shape=(12,), target_latency=0.6, round_to=1, calib=256, measure=False)
+    assert {c["round_to"] for c in given["allocation"]["candidates"].values()} == {1}
+    assert {st["round_to"] for st in given["latency_target"]["steps"]} == {1}

@@ -225,3 +225,25 @@ def test_without_compensation_no_block_is_refit():
     with depth.skipped(small, ["1"]):
         assert depth.absorb(small, model, depth.find(model, x[:8]), ["1"], Samples(x, None), "none") == []
         assert torch.equal(small[0].f[2].weight, model[0].f[2].weight)
+
+
+def test_the_choice_compares_blocks_after_their_compensation():
+    """With a refit, each block is judged by the held-out divergence once the block before it has refit (never
+    worse than without: a refit that does not help is undone), and the least is removed; the model is untouched."""
+    from prunetool.data import Samples
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Res(), Res(), Res(), Res(), nn.Linear(6, 3)).eval()
+    x = torch.randn(400, 6)
+    want = model(x)
+    found = depth.find(model, x[:8])
+    refit = depth.Refit(model, found, Samples(x, None), "lstsq")
+    names, rounds = depth.choose(model, found, x[:64], 1, refit=refit)
+    bare = {}
+    for b in found:
+        with depth.skipped(model, [b.name]):
+            bare[b.name] = refit.divergence(model)
+    assert set(rounds[0]) == set(bare) and all(rounds[0][n] <= bare[n] for n in bare)
+    assert any(rounds[0][n] < 0.9 * bare[n] for n in bare)  # the refit helps somewhere
+    assert names == [min(rounds[0], key=rounds[0].get)]
+    assert torch.equal(model(x), want)

@@ -46,7 +46,7 @@ def keep_units(graph, scores, ratio: float, opts: ShrinkOptions, widths: Widths 
                ) -> dict[str, torch.Tensor]:
     """The units kept at ``ratio``, rounded to counts a Hugging Face config holds when ``widths`` is given."""
     per_group = global_ratios(graph, scores, ratio, opts.max_layer_ratio) if opts.scope == "global" else ratio
-    keep = select(graph, scores, per_group, opts.round_to)
+    keep = select(graph, scores, per_group, opts.rounding)
     return keep if widths is None else widths.round(keep, scores)[0]
 
 
@@ -122,9 +122,26 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     return best["macs"], steps
 
 
+def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
+                   ) -> dict[int, tuple[float, list[dict]]]:
+    """For each unit-count multiple the allocation measures (:attr:`ShrinkOptions.roundings`), the MACs fraction
+    whose one-ratio cut meets ``target_latency`` and the steps that found it (:func:`_latency_goal`); a further
+    multiple that cannot meet it is left out."""
+    goals = {}
+    for r in opts.roundings:
+        try:
+            macs_goal, steps = _latency_goal(job, model, graph, scores, replace(opts, round_to=r), widths, units, speed)
+        except UsageError:
+            if r == opts.rounding:
+                raise
+            continue
+        goals[r] = (macs_goal, [st | {"round_to": r} for st in steps])
+    return goals
+
+
 def unit_counts(units: list, counts: dict[str, int], ratio: float, opts: ShrinkOptions) -> dict[str, int]:
     """The units every expert of each stacked experts module keeps at ``ratio`` of its original ``counts``."""
-    return {u.name: expert_units.kept_count(counts.get(u.name, u.units), ratio, opts.round_to) for u in units}
+    return {u.name: expert_units.kept_count(counts.get(u.name, u.units), ratio, opts.rounding) for u in units}
 
 
 def _target(dense: nn.Module, opts: ShrinkOptions, example) -> tuple[str, float, int, float]:
@@ -162,10 +179,12 @@ def removed_fraction(graph: Trace, keep: dict[str, torch.Tensor]) -> float:
 
 
 def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkOptions, probe, engine, bars: Bars,
-              widths: Widths | None, units: list, recalibrate: bool, fidelity: str | None = None
-              ) -> tuple[dict[str, torch.Tensor], dict]:
+              widths: Widths | None, units: list, recalibrate: bool, fidelity: str | None = None,
+              more: dict[int, float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
-    and the curves for the report (``fidelity``: what the divergence reads the outputs as, ``--fidelity``)."""
+    and the curves for the report (``fidelity``: what the divergence reads the outputs as, ``--fidelity``).
+    ``more``: other unit-count multiples, each with the MACs fraction its candidates meet (``--target-latency``
+    measures one per multiple); the candidate that diverges least among all is kept."""
     metric, fraction, index, goal = _target(job.dense, opts, job.example)
 
     def size_of(keep, rounded=True):
@@ -179,28 +198,34 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
                              recalibrate, fidelity)
     curves = allocate.measure(trials, lambda keep: size_of(keep, rounded=False), opts.max_layer_ratio, bars,
                               skip=whole)
-    try:
-        keep, _ = allocate.fit(allocate.tied(curves, ties, whole), size_of, goal, graph, scores.scores,
-                               opts.round_to)
-    except ValueError:
-        raise UsageError(f"--target-{metric} {fraction} cannot be reached: removing {opts.max_layer_ratio} of every "
-                         "layer's units still keeps more (protected layers stay whole; raise --max-layer-ratio)")
-    options = allocate.candidates(graph, keep, size_of, goal, scores.scores, opts.round_to, whole,
-                                  opts.max_layer_ratio)
+    options, multiple = {}, {}
+    for r, goal_r in {opts.rounding: goal, **{r: f * goal / fraction for r, f in (more or {}).items()}}.items():
+        try:
+            keep, _ = allocate.fit(allocate.tied(curves, ties, whole), size_of, goal_r, graph, scores.scores, r)
+        except ValueError:
+            if r != opts.rounding:
+                continue
+            raise UsageError(f"--target-{metric} {fraction} cannot be reached: removing {opts.max_layer_ratio} of "
+                             "every layer's units still keeps more (protected layers stay whole; raise "
+                             "--max-layer-ratio)")
+        found = allocate.candidates(graph, keep, size_of, goal_r, scores.scores, r, whole, opts.max_layer_ratio)
+        suffix = "" if r == opts.rounding else f", widths ×{r}"
+        options.update({name + suffix: k for name, k in found.items()})
+        multiple.update({name + suffix: r for name in found})
     if widths is not None:
         options = {name: widths.round(k, scores.scores)[0] for name, k in options.items()}
     chosen, measured = allocate.choose(trials, options, bars)
     return options[chosen], {
         "chosen": chosen,
-        "candidates": {name: {"divergence": round(measured[name], 6),
-                              "removed": round(removed_fraction(graph, k), 4)} for name, k in options.items()},
+        "candidates": {name: {"divergence": round(measured[name], 6), "removed": round(removed_fraction(graph, k), 4),
+                              "round_to": multiple[name]} for name, k in options.items()},
         "curves": {c.group: {"units": c.units, "removed": c.units - len(options[chosen][c.group]),
                              "divergence": [[k, round(v, 6)] for k, v in zip(c.removed, c.cost)]}
                    for c in curves.values()}}
 
 
 def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = ShrinkOptions.scope,
-         max_layer_ratio: float = ShrinkOptions.max_layer_ratio, round_to: int = ShrinkOptions.round_to,
+         max_layer_ratio: float = ShrinkOptions.max_layer_ratio, round_to: int | None = ShrinkOptions.round_to,
          free_widths: bool = ShrinkOptions.free_widths, calib: int = DRY_RUN_CALIB, input_shape=None, arch=None,
          arch_kwargs=None, unsafe_pickle=Source.unsafe_pickle, download=DataOptions.download, ratios=DRY_RUN_RATIOS,
          tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
@@ -236,7 +261,7 @@ def plan(model, data=None, *, criterion: str = DRY_RUN_CRITERION, scope: str = S
             "consumers": [f"{u.name}.{u.output}"], "members": [], "blocks": u.experts} for u in units],
         "protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]
         + [{"name": name, "reason": f"the units inside its experts are kept whole: {why}"} for name, why in left],
-        "ratios": rows, "settings": {"scope": scope, "round_to": round_to, "criterion": criterion,
+        "ratios": rows, "settings": {"scope": scope, "round_to": opts.rounding, "criterion": criterion,
                                      "free_widths": free_widths},
     }
 
@@ -330,11 +355,12 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
         raise UsageError(f"--drop-blocks {opts.drop_blocks}: the model has {len(found)} removable blocks (children "
                          "of a ModuleList/Sequential among siblings of their class that return their input's "
                          "shape); ask for fewer")
-    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars, fidelity)
+    refit = depth.Refit(model, found, job.calib, opts.compensate, key, device, fidelity)
+    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars, fidelity, refit)
     small = clone(model, share=True)
     small_probe = batch_slice(probe, 0, REMOVAL_PROBE)
     with depth.skipped(small, names):
-        refits = depth.absorb(small, model, found, names, job.calib, opts.compensate, key, device, fidelity, bars)
+        refits = refit.apply(small, names, bars=bars)
         want = outputs_of(small, small_probe)
     try:
         record = depth.remove(small, found, names)
@@ -399,6 +425,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
     fidelity = FIDELITY.get(measurement.fidelity)  # how every divergence below reads the outputs
     moe, units, counts, missed, sensitivity, speed = [], [], {}, [], None, None
+    goals: dict[int, tuple[float, list[dict]]] = {}  # --target-latency: unit-count multiple → (MACs goal, steps)
     structure_record = dict(job.ckpt.record.get("factored", {}))
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
@@ -432,7 +459,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         widths = widths_of(job, current, graph, opts)
         if step == 0 and opts.target_latency is not None:
             speed = DeployedSpeed(dense, job.example, 1, engine.output_key, device=device)
-            macs_goal, latency_steps = _latency_goal(job, current, graph, scores.scores, opts, widths, units, speed)
+            goals = _latency_goals(job, current, graph, scores.scores, opts, widths, units, speed)
+            macs_goal = goals[opts.rounding][0]
             opts = replace(opts, target_macs=macs_goal)  # the allocation meets the MACs the latency needs
         allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
         if step == 0 and opts.allocating and units:
@@ -441,7 +469,11 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if step == 0 and allocating:
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
-                                          recalibrate, fidelity)
+                                          recalibrate, fidelity,
+                                          {r: g[0] for r, g in goals.items() if r != opts.rounding} if goals else None)
+            rounding = sensitivity["candidates"][sensitivity["chosen"]]["round_to"]
+            if rounding != opts.rounding:  # a candidate at widths the kernels like won: its MACs goal and multiple
+                opts = replace(opts, round_to=rounding, target_macs=goals[rounding][0])
             step_ratio = ratio = round(removed_fraction(graph, keep), 4)
         elif step == 0 and opts.targeted:
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
@@ -450,7 +482,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         elif opts.schedule:  # cumulative: each group ends the step with n₀ − floor(r·n₀) units
             per_group = {g.name: (g.units - (original[g.name] - n_removed(original[g.name], step_ratio))) / g.units
                          for g in graph.groups}
-            keep = select(graph, scores.scores, per_group, opts.round_to)
+            keep = select(graph, scores.scores, per_group, opts.rounding)
         else:
             keep = keep_units(graph, scores.scores, step_ratio, opts)
         if widths is not None:
@@ -521,7 +553,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                for u in units]
     settings = {"criterion": opts.criterion, "ratio": ratio, "compensation": opts.compensate, "scope": opts.scope,
                 "max_layer_ratio": opts.max_layer_ratio, "target_params": opts.target_params,
-                "target_macs": opts.target_macs, "round_to": opts.round_to, "schedule": opts.schedule,
+                "target_macs": opts.target_macs, "round_to": opts.rounding, "schedule": opts.schedule,
                 "recalibrate_bn": recalibrate and not reverted, "finetune_epochs": recovery.finetune_epochs,
                 "lr": recovery.finetune_lr, "recover_lr": recovery.recover_lr, "batch_size": recovery.batch_size,
                 "optimizer": recovery.optimizer,
@@ -532,7 +564,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if speed is not None:
-        extra["latency_target"] = _latency_met(speed, current, opts.target_latency, latency_steps, opts.target_macs)
+        extra["latency_target"] = _latency_met(speed, current, opts.target_latency,
+                                               [st for g in goals.values() for st in g[1]], opts.target_macs)
     if sensitivity is not None:
         extra["allocation"] = sensitivity
     if rounded:
@@ -578,7 +611,7 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
            download: bool = DataOptions.download, progress: bool = False, scope: str = ShrinkOptions.scope,
            max_layer_ratio: float = ShrinkOptions.max_layer_ratio, target_params: float | None = None,
            target_macs: float | None = None, target_latency: float | None = None, allocation: str | None = None,
-           round_to: int = ShrinkOptions.round_to,
+           round_to: int | None = ShrinkOptions.round_to,
            free_widths: bool = ShrinkOptions.free_widths, drop_blocks: int = ShrinkOptions.drop_blocks,
            drop_experts: float = ShrinkOptions.drop_experts,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
