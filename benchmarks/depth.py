@@ -104,7 +104,7 @@ def run_model(name: str, timeout: int, log) -> dict:
     probe = calib.take(64)[0]
     example = batch_slice(probe, 0, 1)
     blocks = depth.find(dense, probe)
-    result = {"metric": q.metric, "dense": q.value, "params": params(dense), "blocks": len(blocks),
+    result = {"commit": commit(), "metric": q.metric, "dense": q.value, "params": params(dense), "blocks": len(blocks),
               "influence": {b.name: round(b.influence, 4) for b in blocks}, "rows": []}
     with tempfile.TemporaryDirectory() as d:
         for k in ks:
@@ -125,18 +125,15 @@ def run_model(name: str, timeout: int, log) -> dict:
     return result
 
 
-def _shortgpt_refit(metric: str, row: dict) -> str:
-    return _v(metric, row["shortgpt_refit"]["value"]) if "shortgpt_refit" in row else "–"
-
-
 def _v(metric: str, v: float) -> str:
     return f"{v:.2f}" if metric == "perplexity" else f"{v:.2f}%"
 
 
 def markdown(results: dict, seconds: float) -> str:
     lines = ["## Depth: whole blocks removed (issue 26)", "",
-             f"Command: `python -m benchmarks.depth --out docs/BENCHMARKS.md` · {machine()} · {today()} · commit "
-             f"{commit()} · {seconds / 60:.0f} min.", "",
+             f"Command: `python -m benchmarks.depth --out docs/BENCHMARKS.md` · {machine()} · {today()} · "
+             f"{seconds / 60:.0f} min (each model's commit below; `--only` reruns some models and keeps the others').",
+             "",
              "Ours: `prunetool shrink MODEL --data D --ratio 0 --drop-blocks K --out OUT` through the CLI, OUT "
              "reloaded and evaluated (equal to the CLI's figure); the kept blocks after the removed ones refit their "
              "last linear layer by least squares (`--compensate lstsq`, the default; CNN blocks end in convolutions "
@@ -147,14 +144,21 @@ def markdown(results: dict, seconds: float) -> str:
     for name, r in results.items():
         m = r["metric"]
         lines += [f"### {name} (dense {_v(m, r['dense'])}, {r['params']:,} parameters, {r['blocks']} removable "
-                  "blocks)", "",
+                  f"blocks; commit {r.get('commit', '?')})", "",
                   f"| blocks removed | ours: {m} | params kept | speed-up 1 / 8 | blocks | ShortGPT: {m} | "
                   f"ShortGPT + our refit: {m} | ShortGPT blocks |", "|---|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
             o, s = row["ours"], row["shortgpt"]
-            lines.append(f"| {row['k']} | **{_v(m, o['value'])}** | {o['params'] / r['params']:.3f} | "
+            values = [o["value"], s["value"]] + ([row["shortgpt_refit"]["value"]] if "shortgpt_refit" in row else [])
+            best = min(values) if m == "perplexity" else max(values)
+
+            def shown(v: float) -> str:
+                return f"**{_v(m, v)}**" if v == best else _v(m, v)
+
+            refit = shown(row["shortgpt_refit"]["value"]) if "shortgpt_refit" in row else "–"
+            lines.append(f"| {row['k']} | {shown(o['value'])} | {o['params'] / r['params']:.3f} | "
                          f"{o['speedup']['1']:.2f}× / {o['speedup']['8']:.2f}× | {', '.join(o['blocks'])} | "
-                         f"{_v(m, s['value'])} | {_shortgpt_refit(m, row)} | {', '.join(s['blocks'])} |")
+                         f"{shown(s['value'])} | {refit} | {', '.join(s['blocks'])} |")
         p = r["plan"]
         lines += ["", f"`--target-params {p['target']}`: units alone {_v(m, p['units']['value'])} "
                   f"(speed-up {p['units']['speedup']['1']:.2f}× / {p['units']['speedup']['8']:.2f}×); with "
