@@ -342,10 +342,11 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
 
 
 def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool,
-                 fidelity: str | None = None) -> tuple[nn.Module, Trace, list, dict]:
+                 fidelity: str | None = None, record: dict | None = None) -> tuple[nn.Module, Trace, list, dict]:
     """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), their writes compensated
     (:func:`prunetool.depth.absorb`, by ``--compensate``) and checked to equal that model with those blocks passing
-    their input on; its trace, the report's rows and the structural record of the blocks."""
+    their input on; its trace, the report's rows and the structural record after the removal (``record``: the
+    model's so far, :func:`prunetool.depth.remove`)."""
     key = job.settings.output_key
     if not offload:
         model.to(device)
@@ -363,7 +364,7 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
         refits = refit.apply(small, names, bars=bars)
         want = outputs_of(small, small_probe)
     try:
-        record = depth.remove(small, found, names)
+        record = depth.remove(small, found, names, record)
     except ValueError as e:
         raise UsageError(f"--drop-blocks {opts.drop_blocks}: {e}; ask for fewer blocks")
     _same_outputs(small, small_probe, want, "removing blocks is not the same as passing their inputs on")
@@ -430,11 +431,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     if opts.drop_blocks:
-        current, graph, dropped, skips = _drop_blocks(job, current, opts, bars, device, measurement.offload,
-                                                      fidelity)
+        current, graph, dropped, structure_record = _drop_blocks(job, current, opts, bars, device,
+                                                                 measurement.offload, fidelity, structure_record)
         moe += dropped
-        structure_record = {k: v for k, v in structure_record.items()
-                            if not any(k.startswith(f"{name}.") for name in skips)} | skips
     original = {g.name: g.units for g in graph.groups}  # after whole blocks or experts went (names may shift)
     for step, step_ratio in enumerate(steps):
         if step:
