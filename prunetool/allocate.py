@@ -189,13 +189,20 @@ def fit(curves: dict[str, Curve], size_of, goal: float, trace: Trace, scores, ro
     whole = sum(c.size * c.removed[-1] for c in curves.values())
     if size_of(keep_for(whole)) > goal:
         raise ValueError("removing every unit the sensitivity curves measured still misses the target")
-    lo, hi = 0.0, whole
-    for _ in range(30):
+    budget = _least(lambda b: size_of(keep_for(b)) <= goal, whole, 30, 1e-6)
+    return keep_for(budget), budget
+
+
+def _least(meets, hi: float, steps: int, rel: float) -> float:
+    """The least ``t`` in (0, ``hi``] for which ``meets(t)`` (true at ``hi``, and for every larger ``t``), by
+    bisection to ``rel · hi``."""
+    lo = 0.0
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if size_of(keep_for(mid)) <= goal else (mid, hi)
-        if hi - lo <= 1e-6 * whole:
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+        if hi - lo <= rel * hi:
             break
-    return keep_for(hi), hi
+    return hi
 
 
 def removed_fractions(trace: Trace, keep: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -214,15 +221,10 @@ def scaled(fractions: dict[str, float], size_of, goal: float, trace: Trace, scor
     positive = [f for f in fractions.values() if f > 0]
     if not positive:
         return None
-    lo, hi = 0.0, cap / min(positive)
+    hi = cap / min(positive)
     if size_of(keep_for(hi)) > goal:
         return None
-    for _ in range(24):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if size_of(keep_for(mid)) <= goal else (mid, hi)
-        if hi - lo <= 1e-4 * hi:
-            break
-    return keep_for(hi)
+    return keep_for(_least(lambda t: size_of(keep_for(t)) <= goal, hi, 24, 1e-4))
 
 
 def candidates(trace: Trace, sensitive: dict[str, torch.Tensor], size_of, goal: float, scores, round_to: int = 1,

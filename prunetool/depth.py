@@ -147,11 +147,15 @@ def _decoder_layers(model: nn.Module, stack: str) -> bool:
     return is_stack(layers) and isinstance(n, int) and len(layers) == n and hasattr(config, "to_dict")
 
 
-def remove(model: nn.Module, blocks: list[Block], names: list[str]) -> dict[str, str]:
+def remove(model: nn.Module, blocks: list[Block], names: list[str], record: dict[str, int | str] | None = None
+           ) -> dict[str, int | str]:
     """Remove the blocks ``names`` of ``model`` (a copy whose modules are its own: the config is copied before it
-    changes); returns the structural record of those replaced by :class:`Skip` (name → ``"skip"``)."""
+    changes). Returns the structural record (:func:`prunetool.layers.refactor`) after the removal: ``record``
+    (the model's so far, e.g. lowrank's factorisations) without the entries inside removed blocks, renamed where a
+    decoder's layers were renumbered, and the blocks replaced by :class:`Skip` (name → ``"skip"``)."""
     by_name = {b.name: b for b in blocks}
-    record: dict[str, str] = {}
+    inside = [f"{name}." for name in names]
+    record = {k: v for k, v in (record or {}).items() if not any(k.startswith(p) for p in inside)}
     stacks: dict[str, list[Block]] = {}
     for name in names:
         stacks.setdefault(by_name[name].stack, []).append(by_name[name])
@@ -168,6 +172,9 @@ def remove(model: nn.Module, blocks: list[Block], names: list[str]) -> dict[str,
         old = model.get_submodule(stack)
         kept = [i for i in range(len(old)) if i not in {b.index for b in gone}]
         replace(model, stack, without(old, kept))
+        moved = {f"{stack}.{i}.": f"{stack}.{j}." for j, i in enumerate(kept) if i != j}
+        record = {next((new + k[len(o):] for o, new in moved.items() if k.startswith(o)), k): v
+                  for k, v in record.items()}
         for new_index, layer in enumerate(model.get_submodule(stack)):
             for m in layer.modules():
                 if isinstance(getattr(m, "layer_idx", None), int):

@@ -192,6 +192,8 @@ class AttentionKind(Kind):
 
 
 def _out_width(layer: nn.Module) -> int:
+    if is_factored(layer):  # lowrank's product: the second factor's outputs are the layer's
+        layer = layer[1]
     op = kind_of(layer).op
     return layer.weight.shape[op.out_dim if op is not None else 0]
 

@@ -247,3 +247,24 @@ def test_the_choice_compares_blocks_after_their_compensation():
     assert any(rounds[0][n] < 0.9 * bare[n] for n in bare)  # the refit helps somewhere
     assert names == [min(rounds[0], key=rounds[0].get)]
     assert torch.equal(model(x), want)
+
+
+def test_lowrank_then_a_layer_removed_keeps_each_factorisation_on_its_renumbered_layer(tmp_path):
+    """A Hugging Face model factored by lowrank (prunetool's file), then a decoder layer removed: the layers after
+    it are renumbered, and the structural record follows them, so the file reloads identical."""
+    _llama(tmp_path, dead=1)
+    factored = tmp_path / "lr.safetensors"
+    prunetool.lowrank(str(tmp_path / "llama"), rank=4, tokens=16, calib=16, out=str(factored), latency_batches=(),
+                      measure=False)
+    out = tmp_path / "small.safetensors"
+    small, report = prunetool.shrink(str(factored), ratio=0.0, drop_blocks=1, tokens=16, calib=16, out=str(out),
+                                     latency_batches=(), measure=False)
+    assert [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0] == ["model.layers.1"]
+    assert report["verify"]["reload"] == "identical"
+    back = prunetool.load(out).model.eval()
+    assert len(back.model.layers) == 3
+    for i in range(3):  # every remaining layer still factored (a Sequential of two), layers 2 and 3 now 1 and 2
+        assert isinstance(back.model.layers[i].mlp.down_proj, nn.Sequential)
+    x = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, small(x).logits)

@@ -8,6 +8,7 @@ import warnings
 from torch import nn
 
 from .. import layers, task
+from ..batch import batch_slice
 from ..calibrate import covariances, output_sensitivity
 from ..calls import first_call
 from ..data import eval_loader
@@ -41,7 +42,7 @@ def run(source: Source, data: DataOptions, opts: LowrankOptions, recovery: Recov
 
 def _candidates(job, names: list[str], covs: dict, fisher: dict | None) -> list[Candidate]:
     out = []
-    example = job.probe[:1]
+    example = batch_slice(job.probe, 0, 1)  # a tensor, or named inputs (token ids)
     for name in names:
         module = job.dense.get_submodule(name)
         spec = spectrum(module, covs.get(name))

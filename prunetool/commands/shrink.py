@@ -38,7 +38,8 @@ DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, a
 # (the CLI's --dry-run passes --criterion: obs by default, mrs with --compensate mean or none)
 DRY_RUN_CRITERION = "l2"
 LATENCY_STEPS = 4  # proportional steps of --target-latency on the MACs fraction
-LATENCY_TOLERANCE = 0.03  # a step this close below the target ends the search; the result this far above warns
+LATENCY_WINDOW = 0.03  # a step's latency this close below the target ends the search
+LATENCY_MISS = 0.03  # the result's latency this far above the target warns (beyond the timing noise)
 EXPERT_TOLERANCE = 1e-4  # relative difference between the model without experts and the dense one routed around them
 
 
@@ -111,7 +112,7 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
                           unit_counts(units, {}, r, trial))
         latency = 1 / speed.speedup(small)["speedup"]["p50"]
         steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4)})
-        if goal - LATENCY_TOLERANCE <= latency <= goal:
+        if goal - LATENCY_WINDOW <= latency <= goal:
             break
         m = min(1.0, max(0.01, m * goal / latency))
     if not steps:
@@ -342,10 +343,11 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
 
 
 def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool,
-                 fidelity: str | None = None) -> tuple[nn.Module, Trace, list, dict]:
+                 fidelity: str | None = None, record: dict | None = None) -> tuple[nn.Module, Trace, list, dict]:
     """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), their writes compensated
     (:func:`prunetool.depth.absorb`, by ``--compensate``) and checked to equal that model with those blocks passing
-    their input on; its trace, the report's rows and the structural record of the blocks."""
+    their input on; its trace, the report's rows and the structural record after the removal (``record``: the
+    model's so far, :func:`prunetool.depth.remove`)."""
     key = job.settings.output_key
     if not offload:
         model.to(device)
@@ -363,7 +365,7 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
         refits = refit.apply(small, names, bars=bars)
         want = outputs_of(small, small_probe)
     try:
-        record = depth.remove(small, found, names)
+        record = depth.remove(small, found, names, record)
     except ValueError as e:
         raise UsageError(f"--drop-blocks {opts.drop_blocks}: {e}; ask for fewer blocks")
     _same_outputs(small, small_probe, want, "removing blocks is not the same as passing their inputs on")
@@ -430,11 +432,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     if opts.drop_blocks:
-        current, graph, dropped, skips = _drop_blocks(job, current, opts, bars, device, measurement.offload,
-                                                      fidelity)
+        current, graph, dropped, structure_record = _drop_blocks(job, current, opts, bars, device,
+                                                                 measurement.offload, fidelity, structure_record)
         moe += dropped
-        structure_record = {k: v for k, v in structure_record.items()
-                            if not any(k.startswith(f"{name}.") for name in skips)} | skips
     original = {g.name: g.units for g in graph.groups}  # after whole blocks or experts went (names may shift)
     for step, step_ratio in enumerate(steps):
         if step:
@@ -594,7 +594,7 @@ def _latency_met(speed: DeployedSpeed, small: nn.Module, goal: float, steps: lis
     finally:
         speed.close()
     latency = 1 / measured["speedup"]["p50"]
-    if latency > goal + LATENCY_TOLERANCE and not measured["noisy"]:
+    if latency > goal + LATENCY_MISS and not measured["noisy"]:
         warnings.warn(f"--target-latency {goal}: the result runs in {latency:.3f} of the dense model's time in "
                       f"{speed.runtime} (the one-ratio cut at {macs_goal:.3f} of the MACs measured within the target; "
                       "timings vary, and an allocation across layers spends MACs where kernels may pay less); lower "
