@@ -81,13 +81,17 @@ def _tolerance_text(tol: float, atol: float, rtol: float, scale: float, noise: l
     return text + (f", {NOISE_FACTOR:g} × float32 noise {noise[0]:.3g})" if noise and noise[0] is not None else ")")
 
 
-def ort_session(path: str, threads: int | None = None):
+def ort_session(path: str, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime CPU session; ``spinning=False`` where two sessions are timed in alternation: a session's
+    threads otherwise spin on after its run and take the cores from the other's."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -281,7 +285,7 @@ class DeployedSpeed:
         path = Path(self.dir.name) / "model.onnx"
         try:
             export_onnx(model, resized(self.example, 2, model), path, latency_batches=(), output_key=self.output_key)
-            return ort_session(str(path), self.threads)
+            return ort_session(str(path), self.threads, spinning=False)
         finally:  # the session holds the graph: no file piles up
             for f in Path(self.dir.name).iterdir():
                 f.unlink()
