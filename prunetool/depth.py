@@ -266,7 +266,7 @@ class Refit:
         x, _ = as_samples(samples).take(ABSORB_SAMPLES + ABSORB_CHECK)
         x = batch_to(x, device, model_dtype(dense))
         n = batch_len(x)
-        check = min(ABSORB_CHECK, n // 4)
+        check = max(1, min(ABSORB_CHECK, n // 4))  # one sample at least: the check needs outputs to compare
         self.part, self.held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
         with torch.no_grad():
             self.want = _outputs(dense, self.held, output_key)
@@ -309,7 +309,7 @@ class Refit:
 
     def _one(self, small: nn.Module, host: Block, target: str, compensates: list[str]) -> dict:
         record = {"blocks": compensates, "refit": None, "kept": False}
-        found = _writer(small, small.get_submodule(host.name), batch_slice(self.part, 0, 2), self.output_key)
+        found = _writer(small, small.get_submodule(host.name), batch_slice(self.held, 0, 2), self.output_key)
         if found is None:
             return record | {"why": f"{host.name} calls no linear layer"}
         name, writer = found

@@ -268,3 +268,16 @@ def test_lowrank_then_a_layer_removed_keeps_each_factorisation_on_its_renumbered
     x = torch.randint(0, 40, (2, 9))
     with torch.no_grad():
         assert torch.equal(back(x).logits, small(x).logits)
+
+
+def test_a_refit_with_a_single_calibration_sample_changes_nothing_and_does_not_fail():
+    from prunetool.data import Samples
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Res(), Res(), Res(), nn.Linear(6, 3)).eval()
+    x = torch.randn(1, 6)
+    small = prunetool.layers.clone(model)
+    with depth.skipped(small, ["1"]):
+        records = depth.absorb(small, model, depth.find(model, x), ["1"], Samples(x, None), "lstsq")
+    assert records and not any(r["kept"] for r in records)
+    assert torch.equal(small[0].f[2].weight, model[0].f[2].weight)
