@@ -27,7 +27,7 @@ from torch import nn
 from . import layers
 from .batch import batch_len, batch_slice, batch_to, call, model_dtype, token_ids
 from .cut import Fit
-from .data import as_samples
+from .data import OUTPUT_BYTES, as_samples
 from .groups import Consumer
 from .layers import SKIPPED, Skip, clone, is_stack, replace, without
 from .progress import QUIET, Bars
@@ -255,7 +255,8 @@ class Refit:
       matches the dense stream after the same block (what is left of the error is taken up block by block).
 
     ``lstsq``: ridge least squares on the writer's inputs; ``mean``: its bias moves by the mean of what is missing
-    (where it has a bias); anything else refits nothing. Each refit is kept only when it lowers the divergence of
+    (where it has a bias); anything else refits nothing. The writers are refit in the order of their blocks (a
+    refit changes the inputs of those after it). Each refit is kept only when it lowers the divergence of
     the outputs (:func:`output_divergence`, ``metric`` as it) on calibration samples held out of the refits
     (:data:`ABSORB_CHECK` of them; :data:`ABSORB_SAMPLES` are fitted)."""
 
@@ -266,7 +267,11 @@ class Refit:
         x, _ = as_samples(samples).take(ABSORB_SAMPLES + ABSORB_CHECK)
         x = batch_to(x, device, model_dtype(dense))
         n = batch_len(x)
-        check = max(1, min(ABSORB_CHECK, n // 4))  # one sample at least: the check needs outputs to compare
+        with torch.no_grad():
+            first = call(dense, batch_slice(x, 0, 1), output_key)
+        # one sample at least (the check needs outputs to compare); no more than the dense outputs and one batch of
+        # the cut model's fit in OUTPUT_BYTES (a large vocabulary's logits are big)
+        check = max(1, min(ABSORB_CHECK, n // 4, OUTPUT_BYTES // (2 * max(1, first.numel() * first.element_size()))))
         self.part, self.held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
         with torch.no_grad():
             self.want = _outputs(dense, self.held, output_key)
@@ -304,6 +309,7 @@ class Refit:
             earlier = [o.name for o in self.blocks if o.stack == b.stack and o.index < b.index and o.name in gone]
             if b.name not in gone and b.name not in refit and earlier:
                 jobs.append((b, b.name, earlier))
+        jobs.sort(key=lambda job: (job[0].stack, job[0].index))
         return [self._one(small, host, target, compensates)
                 for host, target, compensates in bars.track(jobs, "refitting the blocks after those removed")]
 
@@ -319,8 +325,9 @@ class Refit:
         fit = _fit_run(small, self.dense, small.get_submodule(host.name), writer, self.dense.get_submodule(target),
                        self.part, self.compensate, self.output_key)
         if fit is None:
-            return record | {"why": "its output is not one row per position of the stream"
-                             if self.compensate == "lstsq" else "it has no bias"}
+            why = "too wide to refit" if self.compensate == "lstsq" else "mean compensation moves only a bias"
+            return record | {"why": "not refit: its output is not one row per position of the stream, or it has no "
+                                    f"bias ({why})"}
         fit.solve()
         record["divergence_after"] = self.divergence(small)
         record["kept"] = record["divergence_after"] < record["divergence_before"]
@@ -344,9 +351,14 @@ def _outputs(model: nn.Module, inputs, output_key) -> torch.Tensor:
 
 
 def _divergence(model, inputs, want, output_key, metric) -> float:
+    """The divergence of ``model``'s outputs from ``want`` on ``inputs``, batch by batch (weighted by size)."""
+    total, n = 0.0, batch_len(inputs)
     with torch.no_grad():
-        got = _outputs(model, inputs, output_key)
-        return round(max(0.0, float(output_divergence(got, want, token_ids(inputs), metric))), 6)
+        for i in range(0, n, ABSORB_BATCH):
+            xb = batch_slice(inputs, i, i + ABSORB_BATCH)
+            got = call(model, xb, output_key)
+            total += float(output_divergence(got, want[i:i + batch_len(xb)], token_ids(xb), metric)) * batch_len(xb)
+    return round(max(0.0, total / n), 6)
 
 
 def _fit_run(small, dense, host: nn.Module, writer: nn.Module, target: nn.Module, part, compensate: str,
@@ -357,6 +369,8 @@ def _fit_run(small, dense, host: nn.Module, writer: nn.Module, target: nn.Module
     c = Consumer("writer", writer, weight="weight", dim=op.in_dim, op=op, new_bias=False,
                  bias="bias" if getattr(writer, "bias", None) is not None else None)
     fit = Fit(writer, c, None)
+    if fit.bias_only and not fit.fit_bias:  # too wide to refit (MAX_FIT_INPUTS) and no bias to move
+        return None
     if compensate == "mean":
         if not fit.fit_bias:
             return None

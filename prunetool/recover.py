@@ -176,7 +176,8 @@ def output_divergence(student: torch.Tensor, teacher: torch.Tensor, tokens: bool
     ids (``tokens``), per pixel N × C × H × W; or as ``metric``, ``--fidelity``, names);
     ‖student − teacher‖² / ‖teacher‖² for any other output (a detector's raw head, a regression, an embedding)."""
     s, t = student.float(), teacher.float()
-    if (metric or task.fidelity_metric(t, tokens)) == "output error" or t.dim() < 2:
+    if (metric or task.fidelity_metric(t, tokens)) == "output error" or t.dim() < 2 \
+            or t.shape[1 if t.dim() == 4 else -1] < 2:  # one class: a softmax over it says nothing
         return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
     if s.dim() == 4:  # per pixel: the classes are dimension 1
         s, t = (v.movedim(1, -1) for v in (s, t))

@@ -131,8 +131,10 @@ def test_a_latency_target_is_met_through_the_macs_its_measured_steps_found(tmp_p
     report = json.loads((tmp_path / "r.json").read_text())
     target = report["latency_target"]
     assert target["runtime"] == "onnxruntime" and target["goal"] == 0.7
-    for r in (1, 8):  # without --round-to, widths at multiples of 8 are measured too
-        assert 1 <= len([step for step in target["steps"] if step["round_to"] == r]) <= 4
+    assert 1 <= len([step for step in target["steps"] if step["round_to"] == 1]) <= 4
+    # without --round-to, widths at multiples of 8 are measured too, and kept only where one of their steps met it
+    eights = [step for step in target["steps"] if step["round_to"] == 8]
+    assert len(eights) <= 4 and (not eights or min(step["latency"] for step in eights) <= 0.7)
     assert target["macs_goal"] in [step["macs"] for step in target["steps"]
                                    if step["round_to"] == report["settings"]["round_to"]]
     assert report["settings"]["target_macs"] == target["macs_goal"] and report["settings"]["target_latency"] == 0.7
@@ -208,3 +210,21 @@ def test_a_latency_target_measures_widths_the_kernels_like_and_keeps_them_when_t
     _, given = shrink(dense, input_shape=(12,), target_latency=0.6, round_to=1, calib=256, measure=False)
     assert {c["round_to"] for c in given["allocation"]["candidates"].values()} == {1}
     assert {st["round_to"] for st in given["latency_target"]["steps"]} == {1}
+
+
+class EightsNeverFaster(OddWidthsAreSlow):
+    """A runtime stand-in in which widths at multiples of 8 never run faster than the dense model."""
+
+    def speedup(self, small):
+        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        latency = self.macs(small, self.example) / self.dense if odd else 1.0
+        return {"speedup": {"p50": 1 / latency}, "noisy": False}
+
+
+def test_widths_of_8_that_never_meet_the_latency_are_not_candidates(monkeypatch):
+    from prunetool.commands import shrink as command
+
+    monkeypatch.setattr(command, "DeployedSpeed", EightsNeverFaster)
+    _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.6, calib=256, measure=False)
+    assert {c["round_to"] for c in report["allocation"]["candidates"].values()} == {1}
+    assert report["settings"]["round_to"] == 1 and {st["round_to"] for st in report["latency_target"]["steps"]} == {1}

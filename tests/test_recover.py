@@ -176,3 +176,10 @@ def test_the_divergence_reads_outputs_as_the_fidelity_metric_does():
     assert float(output_divergence(head + 3.0, head)) == pytest.approx(relative, rel=1e-4)
     assert float(output_divergence(tokens + 3.0, tokens)) > 1.0  # the same 3-D shape without token inputs
     assert float(output_divergence(logits + 3.0, logits, metric="output error")) > 1.0
+
+
+def test_one_output_column_is_compared_by_error_even_when_called_logits():
+    from prunetool.recover import output_divergence
+
+    scores = torch.randn(8, 1)
+    assert float(output_divergence(scores + 1.0, scores, metric="agreement")) > 0.5

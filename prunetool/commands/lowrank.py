@@ -19,7 +19,7 @@ from ..factor import (Candidate, candidates, capped_rank, cost_of, elbow, factor
 from ..layers import replace
 from ..load import upcast_half
 from ..measure import evaluate, macs, params, quality_on
-from ..options import DEFAULT_HOLD, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
+from ..options import DEFAULT_HOLD, FIDELITY, DataOptions, LowrankOptions, Measurement, Outputs, Recovery, Source
 from ..progress import Bars
 from ..recover import distill, finetune
 from ..staging import Staging
@@ -191,7 +191,8 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         step = extra.setdefault("steps", [{}])[0]
         upcast_half(small)  # trained in float32: steps below a half's resolution would vanish
         step["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.recover_lr,
-                                  device=device, bars=bars, output_key=okey)
+                                  device=device, bars=bars, output_key=okey,
+                                  metric=FIDELITY.get(measurement.fidelity))
         loader = eval_loader(job.data, job.eval)
         if loader is not None:
             q = evaluate(small, loader, device, bars, "evaluating", okey)

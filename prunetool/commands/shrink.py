@@ -136,6 +136,8 @@ def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units
             if r == opts.rounding:
                 raise
             continue
+        if r != opts.rounding and not any(st["latency"] <= opts.target_latency for st in steps):
+            continue  # a further multiple that never met the latency must not win on divergence
         goals[r] = (macs_goal, [st | {"round_to": r} for st in steps])
     return goals
 
