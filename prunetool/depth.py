@@ -31,7 +31,7 @@ from .data import OUTPUT_BYTES, as_samples
 from .groups import Consumer
 from .layers import SKIPPED, Skip, clone, is_stack, replace, without
 from .progress import QUIET, Bars
-from .recover import output_divergence
+from .recover import mean_divergence, output_divergence
 
 
 @dataclass
@@ -78,13 +78,9 @@ def find(model: nn.Module, probe, output_key: str | None = None) -> list[Block]:
             seen[name].append((_first_tensor(args, kwargs), out))
         return record
 
-    handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, (_, _, m) in candidates.items()]
-    try:
-        with torch.no_grad():
-            call(model, probe, output_key)
-    finally:
-        for h in handles:
-            h.remove()
+    with _hooked([m.register_forward_hook(hook(name), with_kwargs=True) for name, (_, _, m) in candidates.items()]), \
+            torch.no_grad():
+        call(model, probe, output_key)
     n = batch_len(probe)
     found = []
     for name, (stack, i, _) in candidates.items():
@@ -95,6 +91,16 @@ def find(model: nn.Module, probe, output_key: str | None = None) -> list[Block]:
             found.append(Block(name, stack, i, _influence(x, y)))
     # blocks within blocks (a stage of residual blocks): only the innermost, so that no removal holds another
     return [b for b in found if not any(o.name.startswith(f"{b.name}.") for o in found)]
+
+
+@contextmanager
+def _hooked(handles: list):
+    """Within the context, the hooks ``handles`` stay registered; leaving it removes them."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -117,8 +123,10 @@ def choose(model: nn.Module, blocks: list[Block], inputs, count: int, output_key
     divergence from the dense outputs on ``inputs`` — with ``refit``, after its compensation, on its held-out
     samples (:meth:`Refit.cost`); and each round's divergences. ``model`` is left as it was (the trials run on a
     copy sharing its weights)."""
-    with torch.no_grad():
-        want = call(model, inputs, output_key)
+    measured = refit is not None and refit.active  # the refit compares on its own held-out samples
+    if not measured:
+        with torch.no_grad():
+            want = call(model, inputs, output_key)
     model = clone(model, share=True)
     removed: list[str] = []
     rounds = []
@@ -127,7 +135,7 @@ def choose(model: nn.Module, blocks: list[Block], inputs, count: int, output_key
         for b in blocks:
             if b.name in removed:
                 continue
-            if refit is not None and refit.active:
+            if measured:
                 costs[b.name] = refit.cost(model, removed + [b.name])
                 continue
             with skipped(model, removed + [b.name]), torch.no_grad():
@@ -211,12 +219,8 @@ def _writer(model: nn.Module, block: nn.Module, probe, output_key: str | None) -
                for name, m in block.named_modules()
                if (op := layers.op_of(m)) is not None and not op.channels_first and not layers.kind_of(m).atomic
                and isinstance(getattr(m, "weight", None), torch.Tensor)]
-    try:
-        with torch.no_grad():
-            call(model, probe, output_key)
-    finally:
-        for h in handles:
-            h.remove()
+    with _hooked(handles), torch.no_grad():
+        call(model, probe, output_key)
     return order[-1] if order else None
 
 
@@ -352,13 +356,9 @@ def _outputs(model: nn.Module, inputs, output_key) -> torch.Tensor:
 
 def _divergence(model, inputs, want, output_key, metric) -> float:
     """The divergence of ``model``'s outputs from ``want`` on ``inputs``, batch by batch (weighted by size)."""
-    total, n = 0.0, batch_len(inputs)
-    with torch.no_grad():
-        for i in range(0, n, ABSORB_BATCH):
-            xb = batch_slice(inputs, i, i + ABSORB_BATCH)
-            got = call(model, xb, output_key)
-            total += float(output_divergence(got, want[i:i + batch_len(xb)], token_ids(xb), metric)) * batch_len(xb)
-    return round(max(0.0, total / n), 6)
+    pairs = ((batch_slice(inputs, i, i + ABSORB_BATCH), want[i:i + ABSORB_BATCH])
+             for i in range(0, batch_len(inputs), ABSORB_BATCH))
+    return round(mean_divergence(model, pairs, output_key, metric), 6)
 
 
 def _fit_run(small, dense, host: nn.Module, writer: nn.Module, target: nn.Module, part, compensate: str,
@@ -379,7 +379,7 @@ def _fit_run(small, dense, host: nn.Module, writer: nn.Module, target: nn.Module
     handles = [target.register_forward_hook(lambda m, a, o: box.__setitem__("want", _stream(o))),
                host.register_forward_hook(lambda m, a, o: box.__setitem__("got", _stream(o))),
                writer.register_forward_hook(lambda m, a, o: box.update(x=a[0], y=o))]
-    try:
+    with _hooked(handles):
         for i in range(0, batch_len(part), ABSORB_BATCH):
             xb = batch_slice(part, i, i + ABSORB_BATCH)
             with torch.no_grad():
@@ -390,7 +390,4 @@ def _fit_run(small, dense, host: nn.Module, writer: nn.Module, target: nn.Module
             if missing.numel() != y.numel():
                 return None
             fit.add(op.rows({}, writer.weight, box["x"], None), y + missing.reshape(y.shape))
-    finally:
-        for handle in handles:
-            handle.remove()
     return fit

@@ -185,6 +185,19 @@ def output_divergence(student: torch.Tensor, teacher: torch.Tensor, tokens: bool
     return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
 
 
+def mean_divergence(model: nn.Module, pairs, output_key: str | None = None, metric: str | None = None) -> float:
+    """:func:`output_divergence` of ``model``'s outputs from the targets over ``pairs`` of (input batch, target
+    outputs), each batch weighted by its size; never below 0 (a divergence is ≥ 0: rounding below it must not count
+    as an improvement)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for xb, target in pairs:
+            got = call(model, xb, output_key)
+            total += float(output_divergence(got, target, token_ids(xb), metric)) * batch_len(xb)
+            n += batch_len(xb)
+    return max(total / n, 0.0) if n else 0.0
+
+
 HELD_OUT = 0.1  # of the recovery inputs, never trained on: the recovered weights are kept only if they do better there
 MIN_HELD_OUT = 16
 MAX_CHECKED = 512  # samples each divergence is measured on (held out, and of the training part): outside the budget
@@ -233,10 +246,7 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
     seen = _split(train, len(train) - MAX_CHECKED)[0] if len(train) > MAX_CHECKED else train  # the training side
 
     def divergence(part: Samples) -> float:
-        with torch.no_grad():
-            total = sum(float(output_divergence(call(model, xb, output_key), t, token_ids(xb), metric)) * batch_len(xb)
-                        for xb, t in pairs(part)) / len(part)
-        return max(total, 0.0)  # a divergence is >= 0: rounding below it must not count as an improvement
+        return mean_divergence(model, pairs(part), output_key, metric)
 
     saved = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     steps, passes, kept = 0, 0, False

@@ -215,16 +215,22 @@ def test_the_block_before_a_removed_one_learns_to_write_what_it_wrote():
     assert torch.equal(model(x), want)  # the dense model is untouched
 
 
-def test_without_compensation_no_block_is_refit():
+def _block_1_refit(x: torch.Tensor, compensate: str):
+    """Three residual blocks and a head, and a copy with block 1 skipped and the rest refit by ``compensate`` on
+    ``x``: (model, copy, the refits' records)."""
     from prunetool.data import Samples
 
     torch.manual_seed(0)
     model = nn.Sequential(Res(), Res(), Res(), nn.Linear(6, 3)).eval()
-    x = torch.randn(64, 6)
     small = prunetool.layers.clone(model)
     with depth.skipped(small, ["1"]):
-        assert depth.absorb(small, model, depth.find(model, x[:8]), ["1"], Samples(x, None), "none") == []
-        assert torch.equal(small[0].f[2].weight, model[0].f[2].weight)
+        records = depth.absorb(small, model, depth.find(model, x[:8]), ["1"], Samples(x, None), compensate)
+    return model, small, records
+
+
+def test_without_compensation_no_block_is_refit():
+    model, small, records = _block_1_refit(torch.randn(64, 6), "none")
+    assert records == [] and torch.equal(small[0].f[2].weight, model[0].f[2].weight)
 
 
 def test_the_choice_compares_blocks_after_their_compensation():
@@ -271,13 +277,6 @@ def test_lowrank_then_a_layer_removed_keeps_each_factorisation_on_its_renumbered
 
 
 def test_a_refit_with_a_single_calibration_sample_changes_nothing_and_does_not_fail():
-    from prunetool.data import Samples
-
-    torch.manual_seed(0)
-    model = nn.Sequential(Res(), Res(), Res(), nn.Linear(6, 3)).eval()
-    x = torch.randn(1, 6)
-    small = prunetool.layers.clone(model)
-    with depth.skipped(small, ["1"]):
-        records = depth.absorb(small, model, depth.find(model, x), ["1"], Samples(x, None), "lstsq")
+    model, small, records = _block_1_refit(torch.randn(1, 6), "lstsq")
     assert records and not any(r["kept"] for r in records)
     assert torch.equal(small[0].f[2].weight, model[0].f[2].weight)

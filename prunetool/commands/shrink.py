@@ -347,7 +347,7 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
 def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool,
                  fidelity: str | None = None, record: dict | None = None) -> tuple[nn.Module, Trace, list, dict]:
     """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), their writes compensated
-    (:func:`prunetool.depth.absorb`, by ``--compensate``) and checked to equal that model with those blocks passing
+    (:class:`prunetool.depth.Refit`, by ``--compensate``) and checked to equal that model with those blocks passing
     their input on; its trace, the report's rows and the structural record after the removal (``record``: the
     model's so far, :func:`prunetool.depth.remove`)."""
     key = job.settings.output_key
@@ -472,7 +472,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
                                           recalibrate, fidelity,
-                                          {r: g[0] for r, g in goals.items() if r != opts.rounding} if goals else None)
+                                          {r: g[0] for r, g in goals.items() if r != opts.rounding})
             rounding = sensitivity["candidates"][sensitivity["chosen"]]["round_to"]
             if rounding != opts.rounding:  # a candidate at widths the kernels like won: its MACs goal and multiple
                 opts = replace(opts, round_to=rounding, target_macs=goals[rounding][0])
