@@ -52,8 +52,8 @@ REPORT = ("--max-params --fidelity --latency-batches --no-latency --onnx --pt2 -
           "--summary-md")
 GATES = f"--min-speedup --speedup-batch {REPORT} --device --quiet --no-progress"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs "
-          f"--target-latency --allocation --round-to --drop-blocks --drop-experts --free-widths --schedule {RECOVERY} "
-          f"--recalibrate-bn --distill --recover --dry-run --compensate --max-drop --offload {GATES}")
+          f"--target-latency --allocation --round-to --drop-blocks --axes --drop-experts --free-widths --schedule "
+          f"{RECOVERY} --recalibrate-bn --distill --recover --dry-run --compensate --max-drop --offload {GATES}")
 LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --raw-elbow --target-params --target-macs --max-layer-error "
            f"--search --layers --data-aware {RECOVERY} --distill --recover --max-drop {GATES}")
 COMPRESS = f"{SOURCE} {DATA} --target-params --target-macs --max-drop --plans {GATES}"
@@ -134,7 +134,7 @@ def shrink_cmd(given: Given):
     opts.check()
     source, data = terminal.source_and_data(given)
     if given["--dry-run"]:
-        terminal.refuse(opts.measured, "--dry-run measures nothing: drop --drop-experts/--drop-blocks/--target-latency")
+        terminal.refuse(opts.measured, "--dry-run measures nothing: drop --drop-*, --target-latency, --axes blocks")
         if given["--json"]:
             preflight({"--json": given["--json"]}, source, data, inputs=given.session.inputs())
         report = shrink_command.plan(

@@ -70,7 +70,9 @@ def _ratios(flag: str, text: str | None) -> list[float] | None:
         raise UsageError(f"{flag} {text!r} is not a list of ratios; write it like 0.1,0.2,0.4,0.6") from None
 
 
-def _names(flag: str, text: str) -> tuple[str, ...]:
+def _names(flag: str, text: str | None) -> tuple[str, ...] | None:
+    if text is None:  # an optional list not given
+        return None
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 

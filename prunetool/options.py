@@ -21,6 +21,7 @@ DATA_CRITERIA = ("mrs", "mrp", "taylor", "obs")
 COMPENSATIONS = ("mean", "lstsq", "none")
 SCOPES = ("layer", "global")
 ALLOCATIONS = ("sensitivity", "uniform")
+AXES = ("units", "blocks")  # what a size target may remove: units inside layers, whole residual blocks
 OPTIMIZERS = ("sgd", "adam")
 FINETUNE_LR = 1e-3
 RECOVER_LR = 1e-4  # Fashion-MNIST ResNet-20 at 3x fewer MACs, 60 s: 1e-4 lost 1.95 pp where 1e-3 lost 2.66
@@ -298,6 +299,10 @@ class ShrinkOptions:
     drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
                               "blocks whose shortcut is the identity) before any unit, each time the one whose "
                               "removal moves the outputs least; --ratio 0 removes blocks alone.")
+    axes: tuple[str, ...] | None = option(None, "--axes", "What a --target-params/--target-macs may remove: units "
+                                          "(neurons, channels, heads; the default), blocks (whole residual blocks) "
+                                          "or both, units,blocks: how many blocks go is then chosen by measuring "
+                                          "the cut at each number on held-out calibration samples.", text="names")
     drop_experts: float = option(0.0, "--drop-experts", "Mixture-of-experts models: fraction of each block's experts "
                                  "removed, those the calibration data routes least to (the same number in every "
                                  "block, never below its top-k).")
@@ -319,7 +324,12 @@ class ShrinkOptions:
     def measured(self) -> bool:
         """Whether what goes is decided by measuring the model (whole blocks, experts, timings), which a dry run
         does not do."""
-        return self.drop_blocks > 0 or self.drop_experts > 0 or self.target_latency is not None
+        return self.drop_blocks > 0 or self.drop_experts > 0 or self.target_latency is not None or self.plans_blocks
+
+    @property
+    def plans_blocks(self) -> bool:
+        """Whether the number of whole blocks removed is chosen by measurement (``--axes`` names blocks)."""
+        return "blocks" in (self.axes or ())
 
     @property
     def rounding(self) -> int:
@@ -370,6 +380,8 @@ class ShrinkOptions:
             raise UsageError("--allocation sensitivity does not combine with --schedule; drop one")
         if self.drop_blocks < 0:
             raise UsageError(f"--drop-blocks {self.drop_blocks} must be 0 or more (a number of blocks)")
+        if self.axes is not None:
+            self._check_axes()
         if not 0.0 <= self.drop_experts < 1.0:
             raise UsageError(f"--drop-experts {self.drop_experts} is outside [0, 1); give the fraction of experts to "
                              "remove, e.g. 0.25")
@@ -377,6 +389,23 @@ class ShrinkOptions:
             steps = self.schedule
             if not steps or any(not 0.0 <= r < 1.0 for r in steps) or steps != sorted(steps):
                 raise UsageError(f"--schedule {','.join(map(str, steps))} must be increasing ratios in [0, 1)")
+
+    def _check_axes(self) -> None:
+        given = ",".join(self.axes)
+        unknown = [a for a in self.axes if a not in AXES]
+        if unknown or not self.axes:
+            raise UsageError(f"--axes {given}: {'unknown axis ' + unknown[0] if unknown else 'no axis'}; give units, "
+                             "blocks or units,blocks")
+        if not self.plans_blocks:
+            return
+        if self.target_params is None and self.target_macs is None:
+            raise UsageError(f"--axes {given} chooses how many blocks go to meet --target-params or --target-macs; "
+                             "give one of them (or --drop-blocks N for a number of blocks)")
+        if self.drop_blocks:
+            raise UsageError(f"--axes {given} chooses the number of blocks itself; drop --drop-blocks "
+                             f"{self.drop_blocks}, or --axes")
+        if self.drop_experts or self.schedule:
+            raise UsageError(f"--axes {given} does not combine with --drop-experts or --schedule yet; drop one")
 
 
 DEFAULT_MAX_LAYER_ERROR = 0.02  # lowrank's default cap on a layer's relative output error (docs/BENCHMARKS.md)

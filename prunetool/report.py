@@ -67,6 +67,14 @@ def _speedup(s: dict) -> str:
     return f"{s['p50']:.2f}× ({s['p10']:.2f}–{s['p90']:.2f})" + (" noisy" if s["noisy"] else "")
 
 
+def plan_line(plan: dict) -> str:
+    """The plan across axes (``--axes``): each number of whole blocks tried, and the one chosen."""
+    tried = ", ".join(f"{c['blocks']}" + (f" (divergence {c['divergence']:.4g})" if "divergence" in c else "")
+                      for c in plan["counts"])
+    return (f"plan across {'+'.join(plan['axes'])}: blocks tried {tried}; [bold]{plan['chosen']}[/bold] removed"
+            + (f" ({', '.join(plan['order'][:plan['chosen']])})" if plan["chosen"] else ""))
+
+
 def layers_table(report: dict) -> Table:
     table = Table(title="units per layer", title_justify="left")
     table.add_column("layer")
@@ -214,6 +222,8 @@ def render(report: dict, console: Console) -> None:
         console.print(layers_table(report))
         for r in report.get("rounded", []):
             console.print(f"rounded for a Hugging Face directory: {r['text']}")
+        if report.get("plan"):
+            console.print(plan_line(report["plan"]))
     if report.get("steps") and report["command"] != "compress":
         console.print(steps_table(report))
     if "before" in report:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from ..errors import UsageError, VerificationError
 from ..export import DeployedSpeed
 from ..measure import evaluate, macs, params
 from ..options import DATA_CRITERIA, FIDELITY, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
-from ..progress import Bars
+from ..progress import QUIET, Bars
 from ..recover import distill, finetune, has_batchnorm, recalibrate_bn
 from ..score import Scores, score
 from ..staging import Staging
@@ -344,27 +344,50 @@ def _drop_experts(job, opts: ShrinkOptions, bars: Bars, device: str, offload: bo
     return current, graph, rows
 
 
-def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool,
-                 fidelity: str | None = None, record: dict | None = None) -> tuple[nn.Module, Trace, list, dict]:
-    """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`), their writes compensated
-    (:class:`prunetool.depth.Refit`, by ``--compensate``) and checked to equal that model with those blocks passing
-    their input on; its trace, the report's rows and the structural record after the removal (``record``: the
-    model's so far, :func:`prunetool.depth.remove`)."""
+@dataclass
+class BlockChoice:
+    """The removable blocks of a model (:func:`prunetool.depth.find`), their compensation, and the order the greedy
+    choice removes them in (``names``; ``rounds``: each round's divergences): the first k are the k that go."""
+
+    found: list
+    refit: depth.Refit
+    names: list[str]
+    rounds: list[dict]
+
+
+def _choose_blocks(job, model: nn.Module, opts: ShrinkOptions, count: int, bars: Bars, device: str,
+                   fidelity: str | None = None) -> BlockChoice:
+    """The first ``count`` blocks of ``model`` the greedy choice removes (:func:`prunetool.depth.choose`, after
+    the compensation ``--compensate`` asks for)."""
     key = job.settings.output_key
-    if not offload:
-        model.to(device)
     probe = batch_to(job.probe, device, model_dtype(model))
     found = depth.find(model, probe, key)
-    if len(found) < opts.drop_blocks:
-        raise UsageError(f"--drop-blocks {opts.drop_blocks}: the model has {len(found)} removable blocks (children "
+    if len(found) < count:
+        raise UsageError(f"--drop-blocks {count}: the model has {len(found)} removable blocks (children "
                          "of a ModuleList/Sequential among siblings of their class that return their input's "
                          "shape); ask for fewer")
     refit = depth.Refit(model, found, job.calib, opts.compensate, key, device, fidelity)
-    names, rounds = depth.choose(model, found, probe, opts.drop_blocks, key, bars, fidelity, refit)
+    names, rounds = depth.choose(model, found, probe, count, key, bars, fidelity, refit)
+    return BlockChoice(found, refit, names, rounds)
+
+
+def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool,
+                 fidelity: str | None = None, record: dict | None = None, blocks: BlockChoice | None = None
+                 ) -> tuple[nn.Module, Trace, list, dict]:
+    """``model`` without ``drop_blocks`` whole blocks (:mod:`prunetool.depth`; the first of ``blocks`` when it is
+    given, chosen here otherwise), their writes compensated (:class:`prunetool.depth.Refit`, by ``--compensate``)
+    and checked to equal that model with those blocks passing their input on; its trace, the report's rows and
+    the structural record after the removal (``record``: the model's so far, :func:`prunetool.depth.remove`)."""
+    key = job.settings.output_key
+    if not offload:
+        model.to(device)
+    if blocks is None or len(blocks.names) < opts.drop_blocks:
+        blocks = _choose_blocks(job, model, opts, opts.drop_blocks, bars, device, fidelity)
+    found, names, rounds = blocks.found, blocks.names[:opts.drop_blocks], blocks.rounds[:opts.drop_blocks]
     small = clone(model, share=True)
-    small_probe = batch_slice(probe, 0, REMOVAL_PROBE)
+    small_probe = batch_slice(batch_to(job.probe, device, model_dtype(model)), 0, REMOVAL_PROBE)
     with depth.skipped(small, names):
-        refits = refit.apply(small, names, bars=bars)
+        refits = blocks.refit.apply(small, names, bars=bars)
         want = outputs_of(small, small_probe)
     try:
         record = depth.remove(small, found, names, record)
@@ -375,10 +398,70 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
     small.cpu()
     graph = trace_probe(small, job.probe, key)
     rows = [{"name": b.name, "units_before": 1, "units_after": 0 if b.name in names else 1, "producers": [],
-             "block": True, "block_influence": round(b.influence, 6), "divergence_alone": rounds[0].get(b.name),
+             "block": True, "block_influence": round(b.influence, 6),
+             "divergence_alone": rounds[0].get(b.name) if rounds else None,
              **({"compensation": [{k: v for k, v in r.items() if k != "blocks"} for r in refits
                                   if b.name in r["blocks"]]} if b.name in names else {})} for b in found]
     return small, graph, rows, record
+
+
+def _blocks_size(model: nn.Module, names: list[str], index: int, example) -> int:
+    """``model``'s parameters (``index`` 0) or MACs (1) with the blocks ``names`` passing their input on."""
+    trial = clone(model, share=True)
+    with depth.skipped(trial, names):
+        return (params(trial), macs(trial, example))[index]
+
+
+def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars
+                 ) -> tuple[ShrinkOptions, BlockChoice, dict]:
+    """How many whole blocks go under the size target (``--axes`` names blocks): with units too, the count whose
+    cut — the blocks, then one ratio of units meeting the target — diverges least from the dense outputs on the
+    refit's held-out samples, counts tried upward until one does worse than the best; blocks alone, the fewest
+    that meet the target. The options with that count, the choice, and the plan for the report."""
+    dense, device = job.dense, measurement.device
+    fidelity = FIDELITY.get(measurement.fidelity)
+    metric, fraction, index, goal = _target(dense, opts, job.example)
+    if not measurement.offload:
+        dense.to(device)
+    found = depth.find(dense, batch_to(job.probe, device, model_dtype(dense)), job.settings.output_key)
+    if not found:
+        raise UsageError(f"--axes {','.join(opts.axes)}: the model has no removable block (a child of a ModuleList/"
+                         "Sequential among siblings of its class that returns its input's shape); drop blocks from "
+                         "--axes")
+    # beyond the count whose smallest blocks alone meet the target, no unit would go: no need to try further
+    full = _blocks_size(dense, [], index, job.example)
+    saved = sorted(full - _blocks_size(dense, [b.name], index, job.example) for b in found)
+    most = next((n for n in range(1, len(found)) if full - sum(saved[:n]) <= goal), len(found) - 1)
+    blocks = _choose_blocks(job, dense, opts, most, bars, device, fidelity)
+    dense.cpu()
+    sizes = [_blocks_size(dense, blocks.names[:n], index, job.example) / full for n in range(most + 1)]
+    plan = {"axes": list(opts.axes), "target": {metric: fraction}, "order": blocks.names, "counts": []}
+    if "units" not in opts.axes:
+        met = [n for n in range(most + 1) if sizes[n] <= fraction]
+        if not met:
+            raise UsageError(f"--axes blocks: removing {most} of the {len(found)} blocks keeps {sizes[-1]:.3f} of the "
+                             f"{metric}, more than --target-{metric} {fraction}; add units to --axes")
+        plan["counts"] = [{"blocks": n, metric: round(sizes[n], 4)} for n in range(met[0] + 1)]
+        plan["chosen"] = met[0]
+        return replace(opts, drop_blocks=met[0], ratio=0.0, target_params=None, target_macs=None), blocks, plan
+    quiet = replace(measurement, evaluate=False)
+    untrained = replace(recovery, finetune_epochs=0, recover=0.0)  # BatchNorm recalibrated as the run will be
+    best = None
+    for n in bars.track(range(most + 1), "planning: blocks against units"):
+        trial = replace(opts, drop_blocks=n, allocation="uniform")
+        step = work(job, trial, untrained, quiet, QUIET, blocks=blocks)
+        small = step.model.to(device) if not measurement.offload else step.model
+        divergence = blocks.refit.divergence(small)
+        small.cpu()
+        plan["counts"].append({"blocks": n, "blocks_" + metric: round(sizes[n], 4),
+                               "ratio": step.settings["ratio"], "divergence": round(divergence, 6)})
+        del step, small
+        if best is None or divergence < plan["counts"][best]["divergence"]:
+            best = n
+        elif n > best:
+            break  # one more block did worse than the best so far: more would not do better
+    plan["chosen"] = best
+    return replace(opts, drop_blocks=best), blocks, plan
 
 
 def _cut_units(small: nn.Module, units: list, unit_stats: dict, kept: dict[str, int],
@@ -401,15 +484,22 @@ def _cut_units(small: nn.Module, units: list, unit_stats: dict, kept: dict[str, 
 
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
-    step = work(job, opts, recovery, measurement, bars, scores)
+    blocks, plan = None, None
+    if opts.plans_blocks:
+        opts, blocks, plan = _plan_blocks(job, opts, recovery, measurement, bars)
+        scores = None  # scored on the dense model; blocks may go first
+    step = work(job, opts, recovery, measurement, bars, scores, blocks)
+    if plan is not None:
+        step.extra["plan"] = plan
     report = finish(job, "shrink", step.model, step.settings, step.layers, step.checks, factored=step.factored,
                     outputs=outputs, staging=staging, measurement=measurement, bars=bars, extra=step.extra)
     return step.model, report
 
 
 def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars,
-         scores: Scores | None = None) -> "Step":
-    """The cut itself, without the shared end: the smaller model and what to record and report about it."""
+         scores: Scores | None = None, blocks: BlockChoice | None = None) -> "Step":
+    """The cut itself, without the shared end: the smaller model and what to record and report about it
+    (``blocks``: the order whole blocks go in, when it is known; chosen here otherwise)."""
     dense, calib, graph, device, engine = job.dense, job.calib, job.graph, measurement.device, job.settings
     if not graph.groups and not expert_units.stacked(dense):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
@@ -435,7 +525,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
     if opts.drop_blocks:
         current, graph, dropped, structure_record = _drop_blocks(job, current, opts, bars, device,
-                                                                 measurement.offload, fidelity, structure_record)
+                                                                 measurement.offload, fidelity, structure_record,
+                                                                 blocks)
         moe += dropped
     original = {g.name: g.units for g in graph.groups}  # after whole blocks or experts went (names may shift)
     for step, step_ratio in enumerate(steps):
@@ -451,8 +542,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             raise UsageError(f"nothing to prune: every layer is protected ({reasons}); see --dry-run for the reasons")
         if step == 0:
             counts = {u.name: u.units for u in units}
+            known = {p.name for p in job.graph.protected}  # a plan's trials run this too
             job.graph.protected += [Protected(name, f"the units inside its experts are kept whole: {why}")
-                                    for name, why in left]
+                                    for name, why in left if name not in known]
         unit_stats = expert_units.statistics(current, units, calib, engine.output_key, bars, device=device)
         if scores is None or step:
             scores = score(current, graph, opts.criterion, calib, bars=bars, means=stats.means, settings=engine)
@@ -615,7 +707,7 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
            target_macs: float | None = None, target_latency: float | None = None, allocation: str | None = None,
            round_to: int | None = ShrinkOptions.round_to,
            free_widths: bool = ShrinkOptions.free_widths, drop_blocks: int = ShrinkOptions.drop_blocks,
-           drop_experts: float = ShrinkOptions.drop_experts,
+           drop_experts: float = ShrinkOptions.drop_experts, axes: tuple[str, ...] | None = ShrinkOptions.axes,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
            finetune_epochs: int = Recovery.finetune_epochs, lr: float | None = Recovery.lr,
@@ -635,7 +727,9 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
     divergence from the dense outputs after compensation) or by one ratio (``allocation="uniform"``).
     ``drop_blocks`` whole residual blocks (transformer layers, CNN blocks whose shortcut is the identity) go first,
     each the one whose removal moves the outputs least (:mod:`prunetool.depth`); ``drop_experts`` of every
-    mixture-of-experts block's experts likewise. ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``)
+    mixture-of-experts block's experts likewise. ``axes=("units", "blocks")`` under ``target_params``/``target_macs``
+    chooses the number of blocks by measuring the cut at each (``("blocks",)``: blocks alone, the fewest that meet
+    the target); the report's ``plan`` lists what each number measured. ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``)
     prunes step by step, re-scoring at each
     step, with ``finetune_epochs`` of training after every step. BatchNorm statistics are recalibrated on the
     calibration data after every cut (``recalibrate=None``: when the model has BatchNorm). Returns the smaller
@@ -652,7 +746,10 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
     (a model larger than the GPU); peak memory is estimated before loading and a run that cannot fit is refused.
     """
     given = Keywords(locals())
-    opts = given.make(ShrinkOptions, schedule=list(schedule) if schedule else None)
+    if isinstance(axes, str):  # "units,blocks" as the command line writes it
+        axes = axes.split(",")
+    opts = given.make(ShrinkOptions, schedule=list(schedule) if schedule else None,
+                      axes=tuple(axes) if axes is not None else None)
     with Staging() as staging:
         small, report = run(given.source(), given.data(), opts, given.make(Recovery), given.measurement(),
                             given.make(Outputs), staging, progress, scores)

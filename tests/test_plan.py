@@ -1,0 +1,94 @@
+"""A plan across axes (``--axes``): how many whole blocks go under a size target is chosen by measurement."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from prunetool.cli import main
+from test_depth import _net
+
+FLAGS = ["--arch", "resnet_user.py:build", "--input-shape", "1,12,12", "--no-recalibrate-bn", "--no-latency", "-q"]
+
+
+def _shrink(tmp_path, capsys, *flags: str, out: str = "small.safetensors") -> dict:
+    code = main(["shrink", "net.pt", *FLAGS, *flags, "--out", out, "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    return json.loads((tmp_path / "r.json").read_text())
+
+
+def _removed(report: dict) -> list[str]:
+    return [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0]
+
+
+def test_the_plan_removes_the_block_that_adds_nothing_and_equals_the_explicit_count(tmp_path, capsys, monkeypatch):
+    _net(tmp_path, dead=2)
+    monkeypatch.chdir(tmp_path)
+    # one block of four keeps 0.752 of the parameters: the dead one meets the target alone, at no cost
+    report = _shrink(tmp_path, capsys, "--target-params", "0.76", "--axes", "units,blocks")
+    plan = report["plan"]
+    assert plan["axes"] == ["units", "blocks"] and plan["order"] == ["blocks.2"]
+    counts = {c["blocks"]: c["divergence"] for c in plan["counts"]}
+    assert counts[1] < 1e-6 < counts[0] and plan["chosen"] == 1
+    assert _removed(report) == ["blocks.2"]
+    assert report["after"]["params"] <= 0.76 * report["before"]["params"]
+    # the plan's result is the run that asks for its count of blocks
+    again = _shrink(tmp_path, capsys, "--target-params", "0.76", "--drop-blocks", "1",
+                    out="explicit.safetensors")
+    assert _removed(again) == _removed(report) and "plan" not in again
+    a, b = load_file(tmp_path / "small.safetensors"), load_file(tmp_path / "explicit.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_blocks_alone_remove_the_fewest_that_meet_the_target_and_no_unit(tmp_path, capsys, monkeypatch):
+    _net(tmp_path, dead=1)
+    monkeypatch.chdir(tmp_path)
+    report = _shrink(tmp_path, capsys, "--target-params", "0.8", "--axes", "blocks")
+    assert _removed(report) == ["blocks.1"]  # one block of four keeps 0.76 of the parameters
+    assert report["plan"]["chosen"] == 1 and [c["blocks"] for c in report["plan"]["counts"]] == [0, 1]
+    assert all(r["units_after"] == r["units_before"] for r in report["layers"] if not r.get("block"))
+    assert report["after"]["params"] <= 0.8 * report["before"]["params"]
+    assert report["verify"]["reload"] == "identical"
+
+
+def test_axes_that_cannot_work_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    _net(tmp_path, dead=0)
+    monkeypatch.chdir(tmp_path)
+    for flags, said in ((["--axes", "blocks"], "--target-params or --target-macs"),
+                        (["--axes", "depth", "--target-params", "0.5"], "unknown axis depth"),
+                        (["--axes", "units,blocks", "--target-params", "0.5", "--drop-blocks", "1"],
+                         "drop --drop-blocks 1"),
+                        (["--axes", "blocks", "--target-latency", "0.5"], "--target-params or --target-macs"),
+                        (["--axes", "blocks", "--target-params", "0.5", "--dry-run"], "--dry-run measures nothing")):
+        code = main(["shrink", "net.pt", *FLAGS, *flags])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert code == 2 and len(errors) == 1 and said in errors[0], (flags, errors)
+    assert not list(tmp_path.glob("*.shrunk*"))
+
+
+def test_blocks_alone_that_cannot_meet_the_target_name_the_fix(tmp_path, capsys, monkeypatch):
+    _net(tmp_path, dead=0)
+    monkeypatch.chdir(tmp_path)
+    code = main(["shrink", "net.pt", *FLAGS, "--target-params", "0.1", "--axes", "blocks"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "add units to --axes" in errors[0], errors
+    assert not list(tmp_path.glob("*.shrunk*"))
+
+
+def test_a_language_model_planned_through_the_api_loses_its_idle_layer_and_reads_back(tmp_path):
+    import transformers
+
+    import prunetool
+    from test_depth import _llama
+
+    dense = _llama(tmp_path, dead=1)  # one layer of four keeps 0.766 of the parameters
+    out = tmp_path / "llama.small"
+    _, report = prunetool.shrink(str(tmp_path / "llama"), target_params=0.78, axes="units,blocks", tokens=16,
+                                 calib=16, out=str(out), latency_batches=())
+    assert report["plan"]["chosen"] == 1 and report["plan"]["order"] == ["model.layers.1"]
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.config.num_hidden_layers == 3 and dense.config.num_hidden_layers == 4
+    x = torch.randint(0, 40, (2, 11))
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, dense(x).logits, atol=1e-5)
