@@ -7,7 +7,7 @@ runs it (the greedy choice by measured output divergence; the blocks after them 
 their last layer is linear, :func:`prunetool.depth.absorb`; BatchNorm recalibrated where there is BatchNorm); OUT is
 loaded again in this process and evaluated, and that figure must equal the CLI's. Then the same with units cut
 too: ``--target-params P --drop-blocks K`` against ``--target-params P`` alone (the units fill the rest of the
-target). Baseline: ShortGPT (Men et al., 2024) removes the K blocks of lowest block influence (1 − cosine of a
+target) and against ``--target-params P --axes units,blocks`` (the number of blocks chosen by measurement). Baseline: ShortGPT (Men et al., 2024) removes the K blocks of lowest block influence (1 − cosine of a
 block's input and output, measured once on the dense model), on prunetool's cut (the same removal, the same
 BatchNorm recalibration), in this process, without compensation as published and with our refit. Latency: PyTorch eager on this CPU, dense and cut measured in
 alternating rounds (``prunetool.measure.compare_latency``), batch 1 and 8 (the LMs: 128-token sequences).
@@ -35,11 +35,11 @@ from prunetool.recover import has_batchnorm, recalibrate_bn
 from .common import ROOT, commit, machine, publish, table_args, today
 
 SAMPLES = ROOT / "samples"
-MODELS = {  # name → (model, --arch, data, blocks removed, --target-params with and without blocks)
-    "kjv_llama8": (SAMPLES / "kjv_llama8", None, SAMPLES / "kjv_tokens.npz", (1, 2, 3), 0.7),
-    "kjv_llama": (SAMPLES / "kjv_llama", None, SAMPLES / "kjv_tokens.npz", (1,), 0.7),
+MODELS = {  # name → (model, --arch, data, blocks removed, --target-params: units alone, with blocks, planned)
+    "kjv_llama8": (SAMPLES / "kjv_llama8", None, SAMPLES / "kjv_tokens.npz", (1, 2, 3), (0.7, 0.5)),
+    "kjv_llama": (SAMPLES / "kjv_llama", None, SAMPLES / "kjv_tokens.npz", (1,), (0.7,)),
     "fashion_resnet20": (SAMPLES / "fashion_resnet20.pt", "samples.nets:ResNet20", SAMPLES / "fashion_subset.npz",
-                         (1, 2, 3), 0.5),
+                         (1, 2, 3), (0.5,)),
 }
 BATCHES = (1, 8)
 
@@ -74,7 +74,7 @@ def ours(name: str, flags: list[str], loader, dense, example, work: Path, timeou
         raise RuntimeError(f"{name} {flags}: reloaded {value} but the CLI reported {m['after']}")
     removed = [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0]
     return {"flags": " ".join(flags), "value": value, "drop": m["drop"], "params": report["after"]["params"],
-            "blocks": removed, "seconds": round(seconds, 1), "speedup": latency(dense, again, example),
+            "blocks": removed, "plan": report.get("plan"), "seconds": round(seconds, 1), "speedup": latency(dense, again, example),
             "reload": report["verify"].get("reload_from_pretrained") or report["verify"].get("reload")}
 
 
@@ -95,7 +95,7 @@ def shortgpt(dense, blocks: list, k: int, calib, loader, example, refit: bool = 
 
 
 def run_model(name: str, timeout: int, log) -> dict:
-    path, arch, data_path, ks, target = MODELS[name]
+    path, arch, data_path, ks, targets = MODELS[name]
     data = load_data(str(data_path))
     loader = eval_loader(data)
     dense = prunetool.load(path, arch=arch).model.eval()
@@ -116,17 +116,39 @@ def run_model(name: str, timeout: int, log) -> dict:
             log(f"{name} k={k}: ours {row['ours']['value']:.3f} {row['ours']['blocks']}, shortgpt "
                 f"{row['shortgpt']['value']:.3f} {row['shortgpt']['blocks']} (+ refit "
                 f"{row['shortgpt_refit']['value']:.3f})")
-        target_flag = ["--target-params", str(target)]
-        result["plan"] = {"target": target,
-                          "units": ours(name, target_flag, loader, dense, example, Path(d), timeout),
-                          "blocks+units": ours(name, [*target_flag, "--drop-blocks", str(ks[0])], loader, dense,
-                                               example, Path(d), timeout)}
-        log(f"{name} plan: {json.dumps(result['plan'])}")
+        result["plans"] = []
+        for i, target in enumerate(targets):
+            flag = ["--target-params", str(target)]
+            row = {"target": target, "units": ours(name, flag, loader, dense, example, Path(d), timeout),
+                   "plan": ours(name, [*flag, "--axes", "units,blocks"], loader, dense, example, Path(d), timeout)}
+            if i == 0:  # the first count of the table above, asked for
+                row["blocks+units"] = ours(name, [*flag, "--drop-blocks", str(ks[0])], loader, dense, example,
+                                           Path(d), timeout)
+            result["plans"].append(row)
+            log(f"{name} target {target}: {json.dumps(row)}")
     return result
 
 
 def _v(metric: str, v: float) -> str:
     return f"{v:.2f}" if metric == "perplexity" else f"{v:.2f}%"
+
+
+def _run_cells(metric: str, row: dict, key: str, best: float) -> tuple[str, str]:
+    """A run's figure (bold where best; the relative change of a perplexity) and its speed-ups."""
+    if key not in row:
+        return "–", "–"
+    o = row[key]
+    v = f"**{_v(metric, o['value'])}**" if o["value"] == best else _v(metric, o["value"])
+    return (v + (f" ({o['drop']:+.1f}%)" if metric == "perplexity" else ""),
+            f"{o['speedup']['1']:.2f}× / {o['speedup']['8']:.2f}×")
+
+
+def _plan_cells(metric: str, row: dict, best: float) -> str:
+    """The planned run's figure, the count it chose (each count's divergence) and its speed-ups."""
+    value, speed = _run_cells(metric, row, "plan", best)
+    plan = (row.get("plan") or {}).get("plan")
+    counts = ", ".join(f"{c['blocks']}: {c['divergence']:.4f}" for c in plan["counts"]) if plan else ""
+    return f"{value} | {plan['chosen']} ({counts}) | {speed}" if plan else f"{value} | – | {speed}"
 
 
 def markdown(results: dict, seconds: float) -> str:
@@ -138,7 +160,10 @@ def markdown(results: dict, seconds: float) -> str:
              "reloaded and evaluated (equal to the CLI's figure); the kept blocks after the removed ones refit their "
              "last linear layer by least squares (`--compensate lstsq`, the default; CNN blocks end in convolutions "
              "and get BatchNorm recalibration instead). ShortGPT: the K blocks of lowest block influence, on the "
-             "same cut, in-process, as published (no compensation) and with our refit. Speed-ups: PyTorch eager, batch 1 / 8, alternating rounds (noisy on "
+             "same cut, in-process, as published (no compensation) and with our refit. Second table: units alone, "
+             "a number of blocks asked for and then units, and the number of blocks chosen by `--axes units,blocks` "
+             "(each count tried: blocks, then one ratio of units; its held-out divergence), each meeting the "
+             "parameter target. Speed-ups: PyTorch eager, batch 1 / 8, alternating rounds (noisy on "
              "this shared 2-core machine). Perplexity on the held-out KJV sequences; accuracy on the full "
              "Fashion-MNIST test set.", ""]
     for name, r in results.items():
@@ -159,11 +184,15 @@ def markdown(results: dict, seconds: float) -> str:
             lines.append(f"| {row['k']} | {shown(o['value'])} | {o['params'] / r['params']:.3f} | "
                          f"{o['speedup']['1']:.2f}× / {o['speedup']['8']:.2f}× | {', '.join(o['blocks'])} | "
                          f"{shown(s['value'])} | {refit} | {', '.join(s['blocks'])} |")
-        p = r["plan"]
-        lines += ["", f"`--target-params {p['target']}`: units alone {_v(m, p['units']['value'])} "
-                  f"(speed-up {p['units']['speedup']['1']:.2f}× / {p['units']['speedup']['8']:.2f}×); with "
-                  f"`--drop-blocks {r['rows'][0]['k']}` first {_v(m, p['blocks+units']['value'])} (speed-up "
-                  f"{p['blocks+units']['speedup']['1']:.2f}× / {p['blocks+units']['speedup']['8']:.2f}×).", ""]
+        lines += ["", "| --target-params | units alone | speed-up 1 / 8 | "
+                  f"--drop-blocks {r['rows'][0]['k']} + units | speed-up 1 / 8 | --axes units,blocks | blocks chosen "
+                  "(divergence of each count) | speed-up 1 / 8 |", "|---|---|---|---|---|---|---|---|"]
+        for p in r.get("plans") or [r["plan"]]:
+            best = (min if m == "perplexity" else max)(p[k]["value"] for k in ("units", "blocks+units", "plan")
+                                                       if k in p)
+            runs = " | ".join(" | ".join(_run_cells(m, p, k, best)) for k in ("units", "blocks+units"))
+            lines.append(f"| {p['target']} | {runs} | {_plan_cells(m, p, best)} |")
+        lines.append("")
     return "\n".join(lines)
 
 
