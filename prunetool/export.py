@@ -81,17 +81,14 @@ def _tolerance_text(tol: float, atol: float, rtol: float, scale: float, noise: l
     return text + (f", {NOISE_FACTOR:g} × float32 noise {noise[0]:.3g})" if noise and noise[0] is not None else ")")
 
 
-def ort_session(path: str, threads: int | None = None, spinning: bool = True):
-    """An onnxruntime CPU session; ``spinning=False`` where two sessions are timed in alternation: a session's
-    threads otherwise spin on after its run and take the cores from the other's."""
+def ort_session(path: str, threads: int | None = None):
+    """An onnxruntime CPU session as deployments make it (its threads spinning between operators)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -259,12 +256,18 @@ def export_pt2(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float 
             "float32_noise": noise[0] if noise else None, "bytes": Path(path).stat().st_size}
 
 
+# Rest before each session's calls in a round of a comparison: parked threads of the other session. Sessions whose
+# threads may not spin run every operator's threads from sleep, which on 2 cores read a 1.08x cut (timed alone) as
+# 1.9x; spinning sessions alternated without rest read 0.9x for a 1.29x cut on another machine
+SETTLE_S = 0.02
+
+
 class DeployedSpeed:
     """Speed-ups over ``dense`` at ``batch`` where the model ships: in onnxruntime (each model exported to a
     temporary file, checked by :func:`export_onnx` and held by its session), or in PyTorch eager when the dense
     model does not export or on a ``device`` other than the CPU (``runtime`` says which). Each comparison runs the
-    two in alternating rounds (:func:`prunetool.measure.interleaved`) and gives the median of the per-round
-    ratios."""
+    two in alternating rounds (:func:`prunetool.measure.interleaved`, resting :data:`SETTLE_S` before each
+    session's calls so that each runs as it would alone) and gives the median of the per-round ratios."""
 
     def __init__(self, dense: nn.Module, example: Batch | tuple[int, ...], batch: int = 1,
                  output_key: str | None = None, threads: int | None = None, device: str = "cpu"):
@@ -285,7 +288,7 @@ class DeployedSpeed:
         path = Path(self.dir.name) / "model.onnx"
         try:
             export_onnx(model, resized(self.example, 2, model), path, latency_batches=(), output_key=self.output_key)
-            return ort_session(str(path), self.threads, spinning=False)
+            return ort_session(str(path), self.threads)
         finally:  # the session holds the graph: no file piles up
             for f in Path(self.dir.name).iterdir():
                 f.unlink()
@@ -303,7 +306,7 @@ class DeployedSpeed:
                 self.dense.to(where[0])
         session = self._session(model)
         feeds = [(s, ort_feed(s, resized(self.example, self.batch))) for s in (self.session, session)]
-        times = interleaved([lambda s=s, f=f: s.run(None, f) for s, f in feeds], rounds, budget_s)
+        times = interleaved([lambda s=s, f=f: s.run(None, f) for s, f in feeds], rounds, budget_s, settle=SETTLE_S)
         return paired_speedup(*times)
 
     def close(self) -> None:

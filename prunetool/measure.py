@@ -168,11 +168,13 @@ NOISE = 0.2  # a speed-up is judged only when its p10–p90 range over measureme
 
 
 def interleaved(runs: list, rounds: int = 7, budget_s: float = 2.0, warmup: int = 2,
-                max_runs: int | None = None) -> list[list[list[float]]]:
+                max_runs: int | None = None, settle: float = 0.0) -> list[list[list[float]]]:
     """Wall times in milliseconds of each of ``runs`` (callables, one timed call each) measured in alternating
     rounds, so that all see the same machine: ``warmup`` untimed calls of each, then ``rounds`` rounds in which
     each is called as often as fits ``budget_s`` over all rounds (at least once a round; with ``max_runs``, at most
-    that often in all when it is at least ``rounds``). Returns, for each run, its times in each round."""
+    that often in all when it is at least ``rounds``). ``settle``: seconds of rest, then one untimed call, before
+    each run's calls in a round, so that the threads the one before left spinning are parked and each is timed as
+    it runs alone. Returns, for each run, its times in each round."""
 
     def once(run) -> float:
         t0 = time.perf_counter()
@@ -189,6 +191,9 @@ def interleaved(runs: list, rounds: int = 7, budget_s: float = 2.0, warmup: int 
     times = [[] for _ in runs]
     for _ in range(rounds):
         for run, kept in zip(runs, times):
+            if settle:
+                time.sleep(settle)
+                run()
             kept.append([once(run) for _ in range(per_round)])
     return times
 

@@ -4,6 +4,7 @@ the parameter count of a written Hugging Face directory being that of the model 
 import io
 import json
 import random
+import time
 import types
 
 import pytest
@@ -71,6 +72,23 @@ def test_interleaved_alternates_the_runs_round_by_round_within_max_runs():
     assert judged["speedup"] == {"p10": 1.0, "p50": 2.0, "p90": 4.0} and judged["noisy"]
 
 
+def test_interleaved_with_settle_rests_and_warms_each_run_before_its_timed_calls():
+    """A run that is slow after a rest (threads parked) is timed warm: the rest is followed by an untimed call."""
+    last = {}
+
+    def run(name):
+        def call():
+            now = time.perf_counter()
+            time.sleep(0.03 if now - last.get(name, now) > 0.005 else 0.0005)  # cold after 5 ms idle
+            last[name] = time.perf_counter()
+        return call
+
+    started = time.perf_counter()
+    times = measure.interleaved([run("a"), run("b")], rounds=3, budget_s=10.0, warmup=1, max_runs=6, settle=0.01)
+    assert time.perf_counter() - started >= 6 * (0.01 + 0.03)  # each round: a rest and a cold call per run
+    assert [len(r) for t in times for r in t] == [2] * 6 and max(t for r in times for b in r for t in b) < 20
+
+
 @pytest.fixture
 def linear_pair(tmp_path, monkeypatch):
     """Two Linear checkpoints in prunetool's format that record their input shape, in the working directory."""
@@ -90,7 +108,7 @@ def _clock(monkeypatch, step):
         now[0] += step()
         return now[0]
 
-    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter=perf_counter, sleep=lambda s: None))
 
 
 def test_bench_judges_a_noisy_machine_as_shrink_does(linear_pair, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import torch
 from ..batch import call, resized, shape_of
 from ..data import random_tokens, vocabulary
 from ..errors import UsageError
-from ..export import ort_feed, export_onnx, ort_session
+from ..export import SETTLE_S, ort_feed, export_onnx, ort_session
 from ..load import load, upcast_half
 from ..measure import flat, interleaved, paired_speedup, params, peak_forward_mb, synced, timing_stats
 from ..options import BenchOptions, Measurement, Source
@@ -105,7 +105,8 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
                 runs_at = _ort_runs(models, paths, tmp, threads, output_key)
             for b in bars.track(batch_sizes, f"benchmarking ({runtime})"):
                 with torch.inference_mode():
-                    times = interleaved(runs_at(b), rounds, BUDGET_S * len(paths), warmup, runs)
+                    times = interleaved(runs_at(b), rounds, BUDGET_S * len(paths), warmup, runs,
+                                        settle=SETTLE_S if runtime == "onnxruntime" else 0.0)
                 for i, t in enumerate(times):
                     judged = paired_speedup(times[0], t)
                     rows[i, runtime]["batches"][str(b)] = {**timing_stats(flat(t), b),
