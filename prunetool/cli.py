@@ -134,7 +134,7 @@ def shrink_cmd(given: Given):
     opts.check()
     source, data = terminal.source_and_data(given)
     if given["--dry-run"]:
-        terminal.refuse(opts.measured, "--dry-run measures nothing: drop --drop-*, --target-latency, --axes blocks")
+        terminal.refuse(bool(opts.measured), f"--dry-run measures nothing: drop {opts.measured}")
         if given["--json"]:
             preflight({"--json": given["--json"]}, source, data, inputs=given.session.inputs())
         report = shrink_command.plan(

@@ -321,10 +321,12 @@ class ShrinkOptions:
         return any(t is not None for t in (self.target_params, self.target_macs, self.target_latency))
 
     @property
-    def measured(self) -> bool:
-        """Whether what goes is decided by measuring the model (whole blocks, experts, timings), which a dry run
-        does not do."""
-        return self.drop_blocks > 0 or self.drop_experts > 0 or self.target_latency is not None or self.plans_blocks
+    def measured(self) -> str:
+        """The flags given by which what goes is decided by measuring the model (whole blocks, experts, timings),
+        which a dry run does not do; empty when none is."""
+        return " and ".join(flag for flag, given in (
+            ("--drop-blocks", self.drop_blocks > 0), ("--drop-experts", self.drop_experts > 0),
+            ("--target-latency", self.target_latency is not None), ("--axes blocks", self.plans_blocks)) if given)
 
     @property
     def plans_blocks(self) -> bool:
