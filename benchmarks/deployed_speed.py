@@ -4,8 +4,9 @@ the baselines' one-ratio cuts.
     python -m benchmarks.deployed_speed --out docs/BENCHMARKS.md
 
 Every row is a user's run through the CLI with ``--out`` on the Fashion-MNIST samples (accuracy on the full test
-set, the file read back to identical outputs); then one ``prunetool bench`` call times the dense checkpoint and
-every row's file side by side at batch 1, 2 threads, in PyTorch and ONNX Runtime (medians of per-round ratios).
+set, the file read back to identical outputs); then ``prunetool bench`` times the dense checkpoint and the row's
+file side by side (one call per row) at batch 1, 2 threads, in PyTorch and ONNX Runtime (medians of per-round
+ratios).
 
 - *ours*: ``--target-latency T`` (T = 0.67, 0.5: 1.5× and 2× faster in ONNX Runtime), the default: the latency
   steps and the allocation's candidates at any width and at multiples of 8, the least divergent kept;
@@ -96,7 +97,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
              f"Command: `python -m benchmarks.deployed_speed --out docs/BENCHMARKS.md` · {machine()} · {today()} · "
              f"commit {commit()} · {seconds / 60:.0f} min.", "",
              "Fashion-MNIST samples through the CLI with `--out` (accuracy on the full test set, files read back "
-             "identical); speed-ups from one `prunetool bench` of the dense file and every row's at batch 1, "
+             "identical); speed-ups from a `prunetool bench` of the dense file and the row's at batch 1, "
              "2 threads (noisy on this shared 2-core machine). `--target-latency` measures its own steps in "
              "ONNX Runtime (`measured` below: the result's latency as the run measured it). Baselines at one "
              "ratio, no rounding, as published.", "",
