@@ -121,12 +121,18 @@ def test_the_allocation_is_the_candidate_whose_joint_cut_measures_best():
 
 def test_a_latency_target_is_met_through_the_macs_its_measured_steps_found(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "three.py").write_text("from tests.test_allocate import ThreeLive\n\n\ndef build():\n"
-                                       "    return ThreeLive()\n")
+    # wide enough that ONNX Runtime's time follows the MACs (a 12-wide net's runs are all overhead: none is faster)
+    (tmp_path / "wide.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Sequential("
+                                      "nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), "
+                                      "nn.Linear(2048, 10))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    torch.save(ThreeLive().state_dict(), "m.pt")
-    code = main(["shrink", "m.pt", "--arch", "three.py:build", "--input-shape", "12", "--target-latency", "0.7",
-                 "--no-latency", "-q", "--out", "small.safetensors", "--json", "r.json"])
+    import wide
+
+    torch.manual_seed(0)
+    torch.save(wide.build().state_dict(), "m.pt")
+    code = main(["shrink", "m.pt", "--arch", "wide.py:build", "--input-shape", "64", "--target-latency", "0.7",
+                 "--criterion", "mrs", "--calib", "128", "--no-latency", "-q", "--out", "small.safetensors",
+                 "--json", "r.json"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
     target = report["latency_target"]
@@ -228,3 +234,21 @@ def test_widths_of_8_that_never_meet_the_latency_are_not_candidates(monkeypatch)
     _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.6, calib=256, measure=False)
     assert {c["round_to"] for c in report["allocation"]["candidates"].values()} == {1}
     assert report["settings"]["round_to"] == 1 and {st["round_to"] for st in report["latency_target"]["steps"]} == {1}
+
+
+class NeverMuchFaster(OddWidthsAreSlow):
+    """A runtime stand-in with a floor: no cut runs in less than 0.9 of the dense model's time."""
+
+    def speedup(self, small):
+        return {"speedup": {"p50": 1 / max(0.9, self.macs(small, self.example) / self.dense)}, "noisy": False}
+
+
+def test_a_latency_target_no_cut_comes_near_is_refused_with_what_was_measured(monkeypatch):
+    from prunetool.commands import shrink as command
+    from prunetool.errors import UsageError
+
+    monkeypatch.setattr(command, "DeployedSpeed", NeverMuchFaster)
+    with pytest.raises(UsageError, match=r"--target-latency 0.6 cannot be reached in stand-in: .* runs in 0.900 of"):
+        shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.6, calib=256, measure=False)
+    _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.92, calib=256, measure=False)
+    assert report["latency_target"]["latency"] <= 0.92 + 1e-9

@@ -118,6 +118,11 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     if not steps:
         raise UsageError(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to {goal} "
                          "(protected layers stay whole)")
+    fastest = min(steps, key=lambda st: st["latency"])
+    if fastest["latency"] > goal + LATENCY_MISS:  # the fastest cut is far from the target: cutting on would ruin it
+        raise UsageError(f"--target-latency {goal} cannot be reached in {speed.runtime}: the fastest cut measured "
+                         f"(one ratio, {fastest['macs']:.3f} of the MACs) runs in {fastest['latency']:.3f} of the "
+                         "dense model's time; raise the target, or give --target-macs")
     met = [st for st in steps if st["latency"] <= goal]
     best = max(met, key=lambda st: st["macs"]) if met else min(steps, key=lambda st: st["latency"])
     return best["macs"], steps
@@ -441,12 +446,12 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         if not met:
             raise UsageError(f"--axes blocks: removing {most} of the {len(found)} blocks keeps {sizes[-1]:.3f} of the "
                              f"{metric}, more than --target-{metric} {fraction}; add units to --axes")
-        plan["counts"] = [{"blocks": n, metric: round(sizes[n], 4)} for n in range(met[0] + 1)]
+        plan["counts"] = [{"blocks": n, "blocks_" + metric: round(sizes[n], 4)} for n in range(met[0] + 1)]
         plan["chosen"] = met[0]
         return replace(opts, drop_blocks=met[0], ratio=0.0, target_params=None, target_macs=None), blocks, plan
     quiet = replace(measurement, evaluate=False)
     untrained = replace(recovery, finetune_epochs=0, recover=0.0)  # BatchNorm recalibrated as the run will be
-    best = None
+    best, least = 0, math.inf
     for n in bars.track(range(most + 1), "planning: blocks against units"):
         trial = replace(opts, drop_blocks=n, allocation="uniform")
         step = work(job, trial, untrained, quiet, QUIET, blocks=blocks)
@@ -456,10 +461,9 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         plan["counts"].append({"blocks": n, "blocks_" + metric: round(sizes[n], 4),
                                "ratio": step.settings["ratio"], "divergence": round(divergence, 6)})
         del step, small
-        if best is None or divergence < plan["counts"][best]["divergence"]:
-            best = n
-        elif n > best:
+        if divergence >= least:
             break  # one more block did worse than the best so far: more would not do better
+        best, least = n, divergence
     plan["chosen"] = best
     return replace(opts, drop_blocks=best), blocks, plan
 
