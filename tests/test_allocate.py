@@ -252,3 +252,22 @@ def test_a_latency_target_no_cut_comes_near_is_refused_with_what_was_measured(mo
         shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.6, calib=256, measure=False)
     _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.92, calib=256, measure=False)
     assert report["latency_target"]["latency"] <= 0.92 + 1e-9
+
+
+class OddWidthsNeverFast(OddWidthsAreSlow):
+    """A runtime stand-in in which any width off a multiple of 8 keeps 0.95 of the dense time or more."""
+
+    def speedup(self, small):
+        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        latency = self.macs(small, self.example) / self.dense
+        return {"speedup": {"p50": 1 / (max(0.95, latency) if odd else latency)}, "noisy": False}
+
+
+def test_a_latency_only_widths_of_8_come_near_is_met_at_those_widths(monkeypatch):
+    from prunetool.commands import shrink as command
+
+    monkeypatch.setattr(command, "DeployedSpeed", OddWidthsNeverFast)
+    small, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.6, calib=256, measure=False)
+    assert report["settings"]["round_to"] == 8 and {st["round_to"] for st in report["latency_target"]["steps"]} == {8}
+    assert all(getattr(small, name).out_features % 8 == 0 for name in "abc")
+    assert report["latency_target"]["latency"] <= 0.6 + 1e-9

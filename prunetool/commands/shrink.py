@@ -132,18 +132,20 @@ def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units
                    ) -> dict[int, tuple[float, list[dict]]]:
     """For each unit-count multiple the allocation measures (:attr:`ShrinkOptions.roundings`), the MACs fraction
     whose one-ratio cut meets ``target_latency`` and the steps that found it (:func:`_latency_goal`); a further
-    multiple that cannot meet it is left out."""
-    goals = {}
+    multiple that cannot meet it is left out, and so is the first when a further one can (refused when none
+    can)."""
+    goals, refused = {}, None
     for r in opts.roundings:
         try:
             macs_goal, steps = _latency_goal(job, model, graph, scores, replace(opts, round_to=r), widths, units, speed)
-        except UsageError:
-            if r == opts.rounding:
-                raise
+        except UsageError as e:
+            refused = refused or e
             continue
         if r != opts.rounding and not any(st["latency"] <= opts.target_latency for st in steps):
             continue  # a further multiple that never met the latency must not win on divergence
         goals[r] = (macs_goal, [st | {"round_to": r} for st in steps])
+    if not goals:
+        raise refused
     return goals
 
 
@@ -558,6 +560,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if step == 0 and opts.target_latency is not None:
             speed = DeployedSpeed(dense, job.example, 1, engine.output_key, device=device)
             goals = _latency_goals(job, current, graph, scores.scores, opts, widths, units, speed)
+            if opts.rounding not in goals:  # only widths at a further multiple come near the latency: those
+                opts = replace(opts, round_to=min(goals))
             macs_goal = goals[opts.rounding][0]
             opts = replace(opts, target_macs=macs_goal)  # the allocation meets the MACs the latency needs
         allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
