@@ -7,7 +7,8 @@ runs it (the greedy choice by measured output divergence; the blocks after them 
 their last layer is linear, :func:`prunetool.depth.absorb`; BatchNorm recalibrated where there is BatchNorm); OUT is
 loaded again in this process and evaluated, and that figure must equal the CLI's. Then the same with units cut
 too: ``--target-params P --drop-blocks K`` against ``--target-params P`` alone (the units fill the rest of the
-target) and against ``--target-params P --axes units,blocks`` (the number of blocks chosen by measurement). Baseline: ShortGPT (Men et al., 2024) removes the K blocks of lowest block influence (1 − cosine of a
+target) and against ``--target-params P --axes units,blocks`` (the number of blocks chosen by measurement).
+Baseline: ShortGPT (Men et al., 2024) removes the K blocks of lowest block influence (1 − cosine of a
 block's input and output, measured once on the dense model), on prunetool's cut (the same removal, the same
 BatchNorm recalibration), in this process, without compensation as published and with our refit. Latency: PyTorch eager on this CPU, dense and cut measured in
 alternating rounds (``prunetool.measure.compare_latency``), batch 1 and 8 (the LMs: 128-token sequences).
@@ -74,7 +75,8 @@ def ours(name: str, flags: list[str], loader, dense, example, work: Path, timeou
         raise RuntimeError(f"{name} {flags}: reloaded {value} but the CLI reported {m['after']}")
     removed = [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0]
     return {"flags": " ".join(flags), "value": value, "drop": m["drop"], "params": report["after"]["params"],
-            "blocks": removed, "plan": report.get("plan"), "seconds": round(seconds, 1), "speedup": latency(dense, again, example),
+            "blocks": removed, "plan": report.get("plan"), "seconds": round(seconds, 1),
+            "speedup": latency(dense, again, example),
             "reload": report["verify"].get("reload_from_pretrained") or report["verify"].get("reload")}
 
 

@@ -124,7 +124,7 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
                          f"(one ratio, {fastest['macs']:.3f} of the MACs) runs in {fastest['latency']:.3f} of the "
                          "dense model's time; raise the target, or give --target-macs")
     met = [st for st in steps if st["latency"] <= goal]
-    best = max(met, key=lambda st: st["macs"]) if met else min(steps, key=lambda st: st["latency"])
+    best = max(met, key=lambda st: st["macs"]) if met else fastest
     return best["macs"], steps
 
 
@@ -363,12 +363,14 @@ class BlockChoice:
 
 
 def _choose_blocks(job, model: nn.Module, opts: ShrinkOptions, count: int, bars: Bars, device: str,
-                   fidelity: str | None = None) -> BlockChoice:
+                   fidelity: str | None = None, found: list | None = None) -> BlockChoice:
     """The first ``count`` blocks of ``model`` the greedy choice removes (:func:`prunetool.depth.choose`, after
-    the compensation ``--compensate`` asks for)."""
+    the compensation ``--compensate`` asks for), among ``found`` (its removable blocks; found here when not
+    given)."""
     key = job.settings.output_key
     probe = batch_to(job.probe, device, model_dtype(model))
-    found = depth.find(model, probe, key)
+    if found is None:
+        found = depth.find(model, probe, key)
     if len(found) < count:
         raise UsageError(f"--drop-blocks {count}: the model has {len(found)} removable blocks (children "
                          "of a ModuleList/Sequential among siblings of their class that return their input's "
@@ -439,7 +441,7 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
     full = _blocks_size(dense, [], index, job.example)
     saved = sorted(full - _blocks_size(dense, [b.name], index, job.example) for b in found)
     most = next((n for n in range(1, len(found)) if full - sum(saved[:n]) <= goal), len(found) - 1)
-    blocks = _choose_blocks(job, dense, opts, most, bars, device, fidelity)
+    blocks = _choose_blocks(job, dense, opts, most, bars, device, fidelity, found)
     dense.cpu()
     sizes = [_blocks_size(dense, blocks.names[:n], index, job.example) / full for n in range(most + 1)]
     plan = {"axes": list(opts.axes), "target": {metric: fraction}, "order": blocks.names, "counts": []}
@@ -737,10 +739,10 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
     each the one whose removal moves the outputs least (:mod:`prunetool.depth`); ``drop_experts`` of every
     mixture-of-experts block's experts likewise. ``axes=("units", "blocks")`` under ``target_params``/``target_macs``
     chooses the number of blocks by measuring the cut at each (``("blocks",)``: blocks alone, the fewest that meet
-    the target); the report's ``plan`` lists what each number measured. ``schedule`` (cumulative ratios, e.g. ``[0.1, 0.2, 0.4, 0.6]``)
-    prunes step by step, re-scoring at each
-    step, with ``finetune_epochs`` of training after every step. BatchNorm statistics are recalibrated on the
-    calibration data after every cut (``recalibrate=None``: when the model has BatchNorm). Returns the smaller
+    the target); the report's ``plan`` lists what each number measured. ``schedule`` (cumulative ratios, e.g.
+    ``[0.1, 0.2, 0.4, 0.6]``) prunes step by step, re-scoring at each step, with ``finetune_epochs`` of training
+    after every step. BatchNorm statistics are recalibrated on the calibration data after every cut
+    (``recalibrate=None``: when the model has BatchNorm). Returns the smaller
     model and a report dict (the CLI's ``--json``). With ``out`` (``.safetensors`` or ``.pt``) the model is
     saved there, once the saved bytes were checked to reload to identical outputs; ``onnx``/``pt2`` export it,
     checked against PyTorch. ``measure=False`` skips evaluation and latency. ``model`` may be a Hugging Face
