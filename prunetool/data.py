@@ -95,6 +95,15 @@ class Samples:
             yield xb, torch.as_tensor(yb).long(), self.ids[start:start + n]
             start += n
 
+    def shuffled(self, gen: torch.Generator) -> "Samples":
+        """The same samples in an order drawn from ``gen`` (each keeps its id)."""
+        order = torch.randperm(len(self), generator=gen)
+        if self.x is not None:
+            rows = torch.arange(len(self)) if self.rows is None else self.rows
+            return Samples(self.x, self.y, ids=self.ids[order], rows=rows[order])
+        return Samples(dataset=self.dataset, indices=[self.indices[i] for i in order.tolist()], workers=self.workers,
+                       ids=self.ids[order])
+
     def take(self, n: int) -> tuple[Batch, torch.Tensor | None]:
         """The first ``n`` samples, in memory."""
         n = min(n, len(self))

@@ -25,6 +25,7 @@ AXES = ("units", "blocks")  # what a size target may remove: units inside layers
 OPTIMIZERS = ("sgd", "adam")
 FINETUNE_LR = 1e-3
 RECOVER_LR = 1e-4  # Fashion-MNIST ResNet-20 at 3x fewer MACs, 60 s: 1e-4 lost 1.95 pp where 1e-3 lost 2.66
+# with mixup, ResNet-20 at 2x fewer MACs, 60 s: 1e-4 reached 92.55% where 3e-4 reached 92.39% (dense 92.99%)
 LATENCY_BATCHES = (1, 32)
 # bytes of cached activations kept on the device, and the size of batches: 1.5 GiB keeps vit_b_16's shrink
 # within 3 GB beyond the model and the data (docs/BENCHMARKS.md, engine)
@@ -231,6 +232,8 @@ class Recovery:
     recover: float = option(0.0, "--recover", "Label-free recovery: train the cut model towards the original's "
                             "outputs for this many seconds, on the inputs of --data's train split (labels unread) or "
                             "the calibration samples (--lr, Adam), e.g. 60.")
+    mixup: bool = option(True, "--mixup", "With --recover: train on mixtures of pairs of inputs, which the original "
+                         "model labels (floating-point inputs; token ids are used as they are).", negative="--no-mixup")
     recalibrate_bn: bool | None = option(None, "--recalibrate-bn", "Re-estimate BatchNorm statistics on the "
                                          "calibration data after every cut (default: when the model has BatchNorm).",
                                          negative="--no-recalibrate-bn", api="recalibrate")

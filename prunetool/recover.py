@@ -214,16 +214,37 @@ def _split(samples: Samples, held: int) -> tuple[Samples, Samples]:
             Samples(dataset=samples.dataset, indices=samples.indices[n:], workers=samples.workers, ids=samples.ids[n:]))
 
 
+def mixed(xb, gen: torch.Generator):
+    """Each input of the batch mixed with another of it, λ·x + (1−λ)·x[π] with λ ~ U(0, 1) per sample (mixup): a
+    batch of floating-point inputs (a tensor, or a dict of them; mixed with the same λ and π) becomes new inputs
+    between the ones it has. Token ids, masks and batches of one are returned as they are."""
+    values = list(xb.values()) if isinstance(xb, dict) else [xb]
+    n = batch_len(xb)
+    if n < 2 or not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in values):
+        return xb
+    lam = torch.rand(n, generator=gen)
+    pair = torch.randperm(n, generator=gen)
+
+    def mix(v: torch.Tensor) -> torch.Tensor:
+        w = lam.to(v.device, v.dtype).view(-1, *[1] * (v.dim() - 1))  # N → N × 1 × … to broadcast over a sample
+        return w * v + (1 - w) * v[pair.to(v.device)]
+
+    return {k: mix(v) for k, v in xb.items()} if isinstance(xb, dict) else mix(xb)
+
+
 def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: float, lr: float = RECOVER_LR,
             batch_size: int = 32, device: str = "cpu", bars: Bars = QUIET, output_key: str | None = None,
-            metric: str | None = None) -> dict:
+            metric: str | None = None, mixup: bool = True) -> dict:
     """Label-free recovery: train ``model`` towards ``teacher``'s outputs on the inputs of ``samples`` (no labels
-    read) with Adam for ``seconds`` of wall time, by :func:`output_divergence` (``metric``: as it). Both stay in
-    eval mode: BatchNorm statistics and dropout are frozen, so the inputs are fitted as the deployed model computes
-    them. The last :data:`HELD_OUT` of the samples are never trained on (with fewer than 64 samples, the check
-    reads the training samples): the recovered weights are kept only when the divergence there fell, else the
-    model is put back as it was (Adam moves even a model equal to its teacher, on rounding noise). Returns the
-    steps, passes begun over the training samples, the divergence on both parts before and after, and whether the
+    read) with Adam for ``seconds`` of wall time, by :func:`output_divergence` (``metric``: as it). Each pass visits
+    the training samples in a new order, and with ``mixup`` trains on mixtures of pairs of them (:func:`mixed`;
+    the teacher labels each mixture: fitting the teacher between the inputs, not only at the few it is given, is what
+    keeps a small set from being overfitted). Both stay in eval mode: BatchNorm statistics and dropout are frozen,
+    so the inputs are fitted as the deployed model computes them. The last :data:`HELD_OUT` of the samples are never
+    trained on (with fewer than 64 samples, the check reads the training samples): after every pass the divergence
+    there is measured, and the weights of the best pass are kept when it fell below the start; else the model is
+    put back as it was (Adam moves even a model equal to its teacher, on rounding noise). Returns the steps, passes
+    begun over the training samples, the pass kept, the divergence on both parts before and after, and whether
     recovered weights were kept."""
     samples = as_samples(samples)
     held = min(MAX_CHECKED, max(MIN_HELD_OUT, round(HELD_OUT * len(samples)))) if len(samples) >= 4 * MIN_HELD_OUT \
@@ -235,10 +256,13 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
     model.to(device).eval()
     teacher.to(device).eval()
     dtype = model_dtype(model)
+    gen = torch.Generator().manual_seed(SEED)
 
-    def pairs(part: Samples):  # (inputs, the teacher's outputs), batch by batch: nothing the data's size is held
+    def pairs(part: Samples, mix: bool = False):  # (inputs, the teacher's outputs), batch by batch
         for xb, _, _ in part.batches(batch_size):
             xb = batch_to(xb, device, dtype)
+            if mix:
+                xb = mixed(xb, gen)
             with torch.no_grad():
                 target = call(teacher, xb, output_key)
             yield xb, target  # outside no_grad: a generator suspended within it would leave grads off for its caller
@@ -248,14 +272,16 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
     def divergence(part: Samples) -> float:
         return mean_divergence(model, pairs(part), output_key, metric)
 
-    saved = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    steps, passes, kept = 0, 0, False
+    best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # the start, then the best pass
+    steps, passes, best_pass, done = 0, 0, 0, False
     try:
         before, before_held = divergence(seen), divergence(check)
+        best_held = before_held
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
             passes += 1
-            for xb, target in bars.track(pairs(train), f"label-free recovery, pass {passes} ({seconds:g} s in all)",
+            for xb, target in bars.track(pairs(train.shuffled(gen), mixup),
+                                         f"label-free recovery, pass {passes} ({seconds:g} s in all)",
                                          total=math.ceil(len(train) / batch_size)):
                 loss = output_divergence(call(model, xb, output_key), target, token_ids(xb), metric)
                 opt.zero_grad(set_to_none=True)
@@ -264,14 +290,21 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
                 steps += 1
                 if time.perf_counter() - start >= seconds:
                     break
+            held_now = divergence(check)
+            if held_now < best_held:
+                best_held, best_pass = held_now, passes
+                best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         opt.zero_grad(set_to_none=True)
-        after, after_held = divergence(seen), divergence(check)
-        kept = after_held < before_held
+        if best_pass != passes:
+            model.load_state_dict(best)
+        after = divergence(seen)
+        done = True
     finally:  # an error (out of memory) leaves neither model on the device nor half-trained
-        if not kept:
-            model.load_state_dict(saved)
+        if not done:
+            model.load_state_dict(best)
         model.cpu()
         teacher.cpu()
     return {"seconds": seconds, "steps": steps, "passes": passes, "samples": len(train), "held_out": held,
+            "mixup": mixup, "pass_kept": best_pass,
             "divergence_before": round(before, 6), "divergence_after": round(after, 6),
-            "held_out_before": round(before_held, 6), "held_out_after": round(after_held, 6), "kept": kept}
+            "held_out_before": round(before_held, 6), "held_out_after": round(best_held, 6), "kept": best_pass > 0}

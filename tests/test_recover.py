@@ -120,10 +120,47 @@ def test_label_free_recovery_of_an_uncut_model_changes_nothing_and_closes_the_ga
     small, _ = prunetool.shrink(teacher, mnist_small, ratio=0.6, compensate="none", calib=128, measure=False)
     report = distill(small, teacher, Samples(x, None), seconds=3.0)
     assert report["kept"] and report["held_out_after"] < report["held_out_before"]
+    # the weights returned are those of the pass whose held-out divergence (the last 26 samples) was the lowest
+    assert report["held_out"] == 26 and 1 <= report["pass_kept"] <= report["passes"]
+    with torch.no_grad():
+        held = float(output_divergence(small(x[-26:]), teacher(x[-26:])))
+    assert held == pytest.approx(report["held_out_after"], abs=2e-6)
     assert report["divergence_after"] < 0.5 * report["divergence_before"]
     with torch.no_grad():
         test = mnist_small.test.tensors[0][:256]
         assert float(output_divergence(small(test), teacher(test))) < report["divergence_before"]
+
+
+def test_mixup_mixes_floating_inputs_in_pairs_and_leaves_token_ids_alone():
+    from prunetool.recover import mixed
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(8.0).view(8, 1, 1).expand(8, 3, 2).contiguous()  # sample i is i everywhere
+    m = mixed(x, gen)
+    assert m.shape == x.shape and not torch.equal(m, x)
+    # each mixture is one value per sample, between the batch's smallest and largest
+    assert torch.equal(m.amax((1, 2)), m.amin((1, 2))) and m.min() >= 0 and m.max() <= 7
+    named = {"a": x[:, 0, :1].clone(), "b": 10 * x[:, :2, :2].clone()}  # N × 1 and N × 2 × 2 inputs
+    both = mixed(named, gen)
+    assert torch.allclose(both["b"], 10 * both["a"].view(8, 1, 1).expand(8, 2, 2))  # one λ and one pairing
+    ids = torch.randint(0, 50, (8, 5))
+    with_mask = {"input_values": torch.rand(4, 3), "attention_mask": torch.ones(4, 3, dtype=torch.long)}
+    assert mixed(ids, gen) is ids and mixed(with_mask, gen) is with_mask
+    assert torch.equal(mixed(x[:1], gen), x[:1])
+
+
+def test_shuffled_samples_keep_each_sample_with_its_id():
+    from prunetool.data import Samples
+
+    x = torch.arange(10.0).view(10, 1) * 3
+    shuffled = Samples(x, None).shuffled(torch.Generator().manual_seed(1))
+    got = torch.cat([xb for xb, _, _ in shuffled.batches(4)])
+    ids = torch.cat([i for _, _, i in shuffled.batches(4)])
+    assert not torch.equal(got, x) and torch.equal(got, x[ids]) and sorted(ids.tolist()) == list(range(10))
+    read = Samples(dataset=torch.utils.data.TensorDataset(x, torch.zeros(10)), indices=list(range(10)))
+    shuffled = read.shuffled(torch.Generator().manual_seed(1))
+    got, ids = (torch.cat(t) for t in zip(*[(xb, i) for xb, _, i in shuffled.batches(4)]))
+    assert not torch.equal(got, x) and torch.equal(got, x[ids])
 
 
 def test_the_cli_recovers_without_labels_and_reports_it(tmp_path, capsys, monkeypatch):

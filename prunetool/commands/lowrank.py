@@ -192,7 +192,7 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
         upcast_half(small)  # trained in float32: steps below a half's resolution would vanish
         step["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.recover_lr,
                                   device=device, bars=bars, output_key=okey,
-                                  metric=FIDELITY.get(measurement.fidelity))
+                                  metric=FIDELITY.get(measurement.fidelity), mixup=recovery.mixup)
         loader = eval_loader(job.data, job.eval)
         if loader is not None:
             q = evaluate(small, loader, device, bars, "evaluating", okey)

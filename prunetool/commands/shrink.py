@@ -642,7 +642,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if recovery.recover:
             upcast_half(small)
             entry["recover"] = distill(small, dense, recovery_inputs(job), recovery.recover, recovery.recover_lr,
-                                       device=device, bars=bars, output_key=engine.output_key, metric=fidelity)
+                                       device=device, bars=bars, output_key=engine.output_key, metric=fidelity,
+                                       mixup=recovery.mixup)
             if loader is not None:
                 q = evaluate(small, loader, device, bars, "evaluating", engine.output_key)
                 entry[f"{q.metric}_after_recover"] = q.value
