@@ -20,13 +20,9 @@ import typer
 from typer.exceptions import TyperException
 
 from . import __version__, terminal
-from .commands import bench as bench_command
-from .commands import compress as compress_command
-from .commands import export as export_command
-from .commands import inspect as inspect_command
-from .commands import lowrank as lowrank_command
-from .commands import shrink as shrink_command
-from .commands import sparsify as sparsify_command
+from .commands import (bench as bench_command, compress as compress_command, export as export_command,
+                       inspect as inspect_command, lowrank as lowrank_command, shrink as shrink_command,
+                       sparsify as sparsify_command)
 from .commands.common import preflight
 from .config import default_map, read as read_config
 from .errors import InternalError, UsageError, VerificationError
@@ -52,10 +48,11 @@ REPORT = ("--max-params --fidelity --latency-batches --no-latency --onnx --pt2 -
           "--summary-md")
 GATES = f"--min-speedup --speedup-batch {REPORT} --device --quiet --no-progress"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs "
-          f"--target-latency --allocation --round-to --drop-blocks --axes --drop-experts --free-widths --schedule "
-          f"{RECOVERY} --recalibrate-bn --distill --recover --dry-run --compensate --max-drop --offload {GATES}")
+          f"--target-latency --allocation --round-to --drop-blocks --hidden --rotate --axes --drop-experts "
+          f"--free-widths --schedule {RECOVERY} --recalibrate-bn --distill --recover --mixup --dry-run --compensate "
+          f"--max-drop --offload {GATES}")
 LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --raw-elbow --target-params --target-macs --max-layer-error "
-           f"--search --layers --data-aware {RECOVERY} --distill --recover --max-drop {GATES}")
+           f"--search --layers --data-aware {RECOVERY} --distill --recover --mixup --max-drop {GATES}")
 COMPRESS = f"{SOURCE} {DATA} --target-params --target-macs --max-drop --plans {GATES}"
 SPARSIFY = (f"{SOURCE} --data --download --calib --eval {TOKENS} {ENGINE} --imp --rounds {RECOVERY} --rewind "
             f"--max-drop {REPORT} --device --quiet --no-progress")

@@ -259,12 +259,14 @@ def pinned(architecture: str, config: dict, trust_remote_code: bool = False) -> 
 
 
 DEPTH_ENTRIES = ("num_hidden_layers", "layer_types")
+WIDTH_OF_STREAM = ("hidden_size", "head_dim", "tie_word_embeddings")
 
 
-def with_depth(model: nn.Module, config: dict) -> dict:
-    """``config`` (a dense model's, as a dict) with the layer count and per-layer types of ``model``'s own config,
-    which removing whole layers (:mod:`prunetool.depth`) changed; each under the key the dict uses (GPT-2:
-    ``n_layer`` for ``num_hidden_layers``)."""
+def with_structure(model: nn.Module, config: dict) -> dict:
+    """``config`` (a dense model's, as a dict) with what removing whole layers (:mod:`prunetool.depth`) or
+    narrowing the residual stream (:mod:`prunetool.width`) changed in ``model``'s own config: the layer count and
+    per-layer types; the hidden size, with the head size written out and the head's tie to the embedding. Each
+    under the key the dict uses (GPT-2: ``n_layer`` for ``num_hidden_layers``)."""
     own = getattr(model, "config", None)
     aliases = getattr(type(own), "attribute_map", {}) or {}
     for key in DEPTH_ENTRIES:
@@ -272,6 +274,12 @@ def with_depth(model: nn.Module, config: dict) -> dict:
         value = getattr(own, key, None)
         if stored in config and value is not None and value != config[stored]:
             config = {**config, stored: value}
+    width = aliases.get("hidden_size", "hidden_size")
+    if isinstance(getattr(own, "hidden_size", None), int) and config.get(width) not in (None, own.hidden_size):
+        for key in WIDTH_OF_STREAM:
+            value = getattr(own, key, None)
+            if value is not None:
+                config = {**config, aliases.get(key, key): value}
     return config
 
 
@@ -280,7 +288,7 @@ def config_for(model: nn.Module, architecture: str, config: dict, trust_remote_c
     """The config of ``model`` (a cut model of ``architecture`` built from ``config``), and the keys of the zero
     biases a bias flag adds; raises :class:`NotRepresentable` with the reason when there is none."""
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    config = with_depth(model, config)
+    config = with_structure(model, config)
     config = pinned(architecture, config, trust_remote_code)
     return _config(state, _meta(architecture, config, trust_remote_code),
                    dependencies(architecture, config, trust_remote_code), architecture, config, trust_remote_code)

@@ -302,6 +302,13 @@ class ShrinkOptions:
     drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
                               "blocks whose shortcut is the identity) before any unit, each time the one whose "
                               "removal moves the outputs least; --ratio 0 removes blocks alone.")
+    hidden: float = option(0.0, "--hidden", "Hugging Face pre-norm decoders (Llama, Mistral, Qwen2, ...): remove this "
+                           "fraction of the residual stream's channels (the hidden size) through the embedding, every "
+                           "norm, every projection and the head, before any unit, e.g. 0.1.")
+    rotate: bool = option(True, "--rotate", "With --hidden: first turn the stream onto its principal directions "
+                          "(SliceGPT's rotation, one for the whole model) so that those removed carry the least "
+                          "energy; --no-rotate removes the channels of least energy as they are.",
+                          negative="--no-rotate")
     axes: tuple[str, ...] | None = option(None, "--axes", "What a --target-params/--target-macs may remove: units "
                                           "(neurons, channels, heads; the default), blocks (whole residual blocks) "
                                           "or both, units,blocks: how many blocks go is then chosen by measuring "
@@ -329,6 +336,7 @@ class ShrinkOptions:
         which a dry run does not do; empty when none is."""
         return " and ".join(flag for flag, given in (
             ("--drop-blocks", self.drop_blocks > 0), ("--drop-experts", self.drop_experts > 0),
+            ("--hidden", self.hidden > 0),
             ("--target-latency", self.target_latency is not None), ("--axes blocks", self.plans_blocks)) if given)
 
     @property
@@ -387,6 +395,9 @@ class ShrinkOptions:
             raise UsageError(f"--drop-blocks {self.drop_blocks} must be 0 or more (a number of blocks)")
         if self.axes is not None:
             self._check_axes()
+        if not 0.0 <= self.hidden < 1.0:
+            raise UsageError(f"--hidden {self.hidden} is outside [0, 1); give the fraction of the hidden size to "
+                             "remove, e.g. 0.1")
         if not 0.0 <= self.drop_experts < 1.0:
             raise UsageError(f"--drop-experts {self.drop_experts} is outside [0, 1); give the fraction of experts to "
                              "remove, e.g. 0.25")

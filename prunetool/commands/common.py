@@ -420,8 +420,8 @@ def finish(job: Job, command: str, small: nn.Module, settings: dict, layers: lis
     # a directory was read back above: prunetool's own file is neither written nor checked
     file_bytes = None
     kwargs = ckpt.arch_kwargs
-    if hf.is_hf(ckpt) and isinstance(kwargs.get("config"), dict):  # whole layers removed: the config says so
-        kwargs = {**kwargs, "config": hf.with_depth(small, kwargs["config"])}
+    if hf.is_hf(ckpt) and isinstance(kwargs.get("config"), dict):  # whole layers removed, a narrower stream
+        kwargs = {**kwargs, "config": hf.with_structure(small, kwargs["config"])}
     if not hf_dir:  # written straight from the model's tensors (no copy of them in memory), then read back
         staged = out is not None and distributed.is_main()
         fmt = format_of(out if out is not None else DEFAULT_FORMAT)

@@ -220,7 +220,8 @@ def lowrank(model, data=None, *, rank: int | None = None, energy: float | None =
             latency_batches=Measurement.latency_batches, measure: bool = Measurement.evaluate,
             finetune_epochs: int = Recovery.finetune_epochs, lr: float | None = Recovery.lr,
             batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
-            distill: bool = Recovery.distill, recover: float = Recovery.recover, tokens: int | None = None,
+            distill: bool = Recovery.distill, recover: float = Recovery.recover, mixup: bool = Recovery.mixup,
+            tokens: int | None = None,
             seq_len: int | None = None,
             tokenizer: str | None = None, output_key: str | None = None,
             trust_remote_code: bool = Source.trust_remote_code) -> tuple[nn.Module, dict]:

@@ -26,7 +26,7 @@ from ..staging import Staging
 from ..store import trim_heap
 from ..calibrate import statistics
 from ..groups import Protected
-from .. import allocate, depth, expert_units, experts, hf
+from .. import allocate, depth, expert_units, experts, hf, width
 from ..hf import Widths
 from ..trace import Trace
 from ..verify import REMOVAL_PROBE, misread_groups, outputs_of, verify
@@ -414,6 +414,40 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
     return small, graph, rows, record
 
 
+def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool
+                   ) -> tuple[nn.Module, Trace, list]:
+    """``model`` with ``--hidden`` of its residual stream's channels removed (:mod:`prunetool.width`; turned first
+    with ``--rotate``, the stream's readers refit with ``--compensate lstsq``), after checking that turning the
+    whole stream leaves the outputs as they were (what shows the stream was read right); its trace and the
+    report's row."""
+    key = job.settings.output_key
+    if not offload:
+        model.to(device)
+    probe = batch_slice(batch_to(job.probe, device, model_dtype(model)), 0, REMOVAL_PROBE)
+    try:
+        stream = width.find(model, probe, key)
+    except width.NotAStream as e:
+        raise UsageError(f"--hidden {opts.hidden:g}: {e}; drop --hidden") from None
+    kept = width.kept_width(stream.width, opts.hidden, opts.rounding)
+    directions, energy = width.basis(model, stream, job.calib, opts.rotate, device, key, bars)
+    turned = clone(model)
+    width.slice_stream(turned, stream, directions, stream.width, rotated=opts.rotate)
+    _same_outputs(turned, probe, outputs_of(model, probe), "turning the residual stream changed the outputs: "
+                                                          "its writers and readers were misread")
+    del turned
+    small = clone(model)
+    scales = width.norm_scales(model, stream, directions, kept, job.calib, device, key, bars)
+    width.slice_stream(small, stream, directions, kept, scales, rotated=opts.rotate)
+    refit = width.refit_readers(small, model, stream, job.calib, device, key, bars) \
+        if opts.compensate == "lstsq" else 0
+    model.cpu()
+    small.cpu()
+    row = {"name": "hidden size", "units_before": stream.width, "units_after": kept, "producers": [], "stream": True,
+           "rotated": opts.rotate, "energy_kept": round(float(energy[:kept].sum() / energy.sum()), 6),
+           "readers_refit": refit, "untied_head": stream.tied and opts.rotate}
+    return small, trace_probe(small, job.probe, key), [row]
+
+
 def _blocks_size(model: nn.Module, names: list[str], index: int, example) -> int:
     """``model``'s parameters (``index`` 0) or MACs (1) with the blocks ``names`` passing their input on."""
     trial = clone(model, share=True)
@@ -536,6 +570,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                                                                  measurement.offload, fidelity, structure_record,
                                                                  blocks)
         moe += dropped
+    if opts.hidden:
+        current, graph, narrowed = _narrow_stream(job, current, opts, bars, device, measurement.offload)
+        moe += narrowed
     original = {g.name: g.units for g in graph.groups}  # after whole blocks or experts went (names may shift)
     for step, step_ratio in enumerate(steps):
         if step:
@@ -664,7 +701,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "optimizer": recovery.optimizer,
                 "distill": recovery.distill, "recover": recovery.recover, "engine": paths,
                 "free_widths": opts.free_widths,
-                "drop_experts": opts.drop_experts, "drop_blocks": opts.drop_blocks,
+                "drop_experts": opts.drop_experts, "drop_blocks": opts.drop_blocks, "hidden": opts.hidden,
+                "rotate": opts.rotate,
                 "target_latency": opts.target_latency,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
@@ -719,11 +757,12 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
            round_to: int | None = ShrinkOptions.round_to,
            free_widths: bool = ShrinkOptions.free_widths, drop_blocks: int = ShrinkOptions.drop_blocks,
            drop_experts: float = ShrinkOptions.drop_experts, axes: tuple[str, ...] | None = ShrinkOptions.axes,
+           hidden: float = ShrinkOptions.hidden, rotate: bool = ShrinkOptions.rotate,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
            finetune_epochs: int = Recovery.finetune_epochs, lr: float | None = Recovery.lr,
            batch_size: int = Recovery.batch_size, optimizer: str = Recovery.optimizer,
-           distill: bool = Recovery.distill, recover: float = Recovery.recover,
+           distill: bool = Recovery.distill, recover: float = Recovery.recover, mixup: bool = Recovery.mixup,
            tokens: int | None = None, seq_len: int | None = None, tokenizer: str | None = None,
            output_key: str | None = None, trust_remote_code: bool = Source.trust_remote_code,
            offload: bool = Measurement.offload) -> tuple[nn.Module, dict]:
@@ -740,7 +779,9 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
     each the one whose removal moves the outputs least (:mod:`prunetool.depth`); ``drop_experts`` of every
     mixture-of-experts block's experts likewise. ``axes=("units", "blocks")`` under ``target_params``/``target_macs``
     chooses the number of blocks by measuring the cut at each (``("blocks",)``: blocks alone, the fewest that meet
-    the target); the report's ``plan`` lists what each number measured. ``schedule`` (cumulative ratios, e.g.
+    the target); the report's ``plan`` lists what each number measured. ``hidden`` (a Hugging Face pre-norm
+    decoder) removes that fraction of the residual stream's channels before any unit, the stream turned onto its
+    principal directions first with ``rotate`` (:mod:`prunetool.width`). ``schedule`` (cumulative ratios, e.g.
     ``[0.1, 0.2, 0.4, 0.6]``) prunes step by step, re-scoring at each step, with ``finetune_epochs`` of training
     after every step. BatchNorm statistics are recalibrated on the calibration data after every cut
     (``recalibrate=None``: when the model has BatchNorm). Returns the smaller

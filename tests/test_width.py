@@ -1,0 +1,122 @@
+"""The hidden size: residual-stream channels removed from a pre-norm decoder (prunetool.width, shrink --hidden)."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import prunetool
+from prunetool import layers, width
+from prunetool.cli import main
+
+from conftest import evci_cnn
+
+QUIET_CHANNELS = [3, 10, 17, 30]  # of 32: no write ever reaches them
+
+
+def _llama(tmp_path, quiet=(), tied: bool = False, echo: float = 0.0):
+    """A small Llama whose stream channels ``quiet`` no write reaches (zero in the embedding, in every attention and
+    MLP output projection): the stream holds 0 there for every token; with ``echo``, ``echo`` × channels 0, 1, 2
+    and 4 instead."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                      tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for norm in [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]:
+            norm.weight.uniform_(0.5, 1.5)  # a weight to fold, not ones
+        c, source = torch.tensor(quiet, dtype=torch.long), torch.tensor([0, 1, 2, 4][:len(quiet)], dtype=torch.long)
+        model.model.embed_tokens.weight[:, c] = echo * model.model.embed_tokens.weight[:, source]
+        for layer in model.model.layers:
+            for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                writer.weight[c] = echo * writer.weight[source]
+    model.save_pretrained(tmp_path / "llama")
+    return model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_channels_no_write_reaches_are_removed_with_the_outputs_unchanged(tmp_path, rotate):
+    dense = _llama(tmp_path, QUIET_CHANNELS)
+    small, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, hidden=0.125, rotate=rotate,
+                                     compensate="none", tokens=16, calib=16, measure=False)
+    row = next(r for r in report["layers"] if r.get("stream"))
+    assert (row["units_before"], row["units_after"], row["rotated"]) == (32, 28, rotate)
+    assert row["energy_kept"] == pytest.approx(1.0, abs=1e-9) and row["readers_refit"] == 0
+    assert small.config.hidden_size == 28 and small.model.embed_tokens.weight.shape == (40, 28)
+    x = torch.randint(0, 40, (3, 12))
+    assert torch.allclose(_logits(small, x), _logits(dense, x), atol=1e-4)
+    if not rotate:  # the channels left are the others, in their order
+        kept = [c for c in range(32) if c not in QUIET_CHANNELS]
+        assert torch.equal(small.model.embed_tokens.weight, dense.model.embed_tokens.weight[:, kept])
+
+
+def test_a_narrower_stream_is_written_as_a_directory_from_pretrained_reads_back(tmp_path, capsys, monkeypatch):
+    _llama(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main(["shrink", "llama", "--ratio", "0.25", "--hidden", "0.25", "--tokens", "16", "--calib", "16",
+                 "--no-latency", "-q", "--out", "small", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+    row = next(r for r in report["layers"] if r.get("stream"))
+    assert row["units_after"] == 24 and row["readers_refit"] == 2 * 5 + 1  # q, k, v, gate, up per layer; the head
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert config["hidden_size"] == 24 and config["head_dim"] == 8 and back.model.norm.weight.shape == (24,)
+    assert back.config.intermediate_size < 64  # the units went after the stream narrowed
+    assert report["after"]["params"] < 0.75 * report["before"]["params"]
+
+
+def test_the_refit_restores_what_removed_channels_echoed_of_kept_ones(tmp_path):
+    """Channels that always hold 0.3 × four others carry the least energy and go (without rotation); what the
+    readers read from them, the least-squares refit moves onto the channels they echoed (up to the per-token share of the norm each
+    token lost)."""
+    dense = _llama(tmp_path, QUIET_CHANNELS, echo=0.3)
+    x = torch.randint(0, 40, (4, 16))
+    errors = {}
+    for compensate in ("none", "lstsq"):
+        small, _ = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, hidden=0.125, rotate=False,
+                                    compensate=compensate, tokens=16, calib=32, measure=False)
+        errors[compensate] = float((_logits(small, x) - _logits(dense, x)).norm() / _logits(dense, x).norm())
+    assert errors["none"] > 1e-3 and errors["lstsq"] < 0.05 * errors["none"]
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_a_head_tied_to_the_embedding_is_untied_only_when_the_stream_turns(tmp_path, rotate):
+    dense = _llama(tmp_path, tied=True)
+    x = torch.randint(0, 40, (2, 9))
+    stream = width.find(dense, x)
+    assert stream.tied and len(stream.writers) == 4 and stream.norms["model.norm"] == ["lm_head"]
+    directions, _ = width.basis(dense, stream, torch.randint(0, 40, (8, 16)), rotate=rotate)
+    turned = layers.clone(dense)
+    width.slice_stream(turned, stream, directions, 32, rotated=rotate)  # every channel kept: the same model
+    assert torch.allclose(_logits(turned, x), _logits(dense, x), atol=1e-4)
+    assert (turned.lm_head.weight is turned.model.embed_tokens.weight) == (not rotate)
+    assert turned.config.tie_word_embeddings == (not rotate)
+
+
+def test_hidden_is_refused_in_one_line_where_it_cannot_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(evci_cnn().state_dict(), "cnn.pt")
+    _llama(tmp_path)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2,
+                                                                n_positions=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    for args, needle in [
+        (["cnn.pt", "--arch", "samples.nets:EvciCNN", "--input-shape", "1,28,28", "--hidden", "0.1"],
+         "Hugging Face decoders"),
+        (["gpt2", "--tokens", "8", "--hidden", "0.1"], "no RMSNorm over the hidden size"),
+        (["llama", "--tokens", "8", "--hidden", "1"], "outside [0, 1)"),
+        (["llama", "--tokens", "8", "--hidden", "0.1", "--dry-run"], "--hidden"),
+    ]:
+        code = main(["shrink", *args, "--ratio", "0", "--calib", "8", "--no-latency", "-q", "--out", "o.safetensors" if args[0] == "cnn.pt" else "o"])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.safetensors").exists()
