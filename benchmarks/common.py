@@ -56,13 +56,17 @@ def write_section(path: Path, name: str, body: str) -> None:
     path.write_text(text)
 
 
-def table_args(doc: str, what: str, timeout: int) -> argparse.Namespace:
+def table_args(doc: str, what: str, timeout: int, methods: bool = False) -> argparse.Namespace:
     """The options of a benchmark that writes one table: ``--out`` (its Markdown section), ``--only`` (some of
-    its ``what``), ``--timeout`` (seconds per run)."""
+    its ``what``), ``--timeout`` (seconds per run); with ``methods``, ``--methods`` (some of its rows' methods,
+    the others' rows kept from its last results)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="write the table into this Markdown file's section")
     ap.add_argument("--only", nargs="*", help=f"{what} to run (default: all)")
     ap.add_argument("--timeout", type=int, default=timeout)
+    if methods:
+        ap.add_argument("--methods", nargs="*", help="methods to rerun; the other rows come from the last results "
+                                                     "(each row keeps its commit and machine)")
     return ap.parse_args()
 
 

@@ -108,12 +108,25 @@ def bench(model: str, rows: list[dict], work: Path, timeout: int) -> None:
                 row[f"speedup_{'onnxruntime' if entry['runtime'] == 'onnxruntime' else 'pytorch'}"] = speed
 
 
+def _runs(rows: list[dict]) -> str:
+    """Which commit on which machine measured which rows (``--methods`` reruns some of them)."""
+    runs: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        methods = runs.setdefault((r["commit"], r.get("machine", "?")), [])
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    if len(runs) == 1:
+        (c, m), _ = next(iter(runs.items()))
+        return f"{m} · commit {c}"
+    return "; ".join(f"{', '.join(ms)}: commit {c}, {m}" for (c, m), ms in runs.items())
+
+
 def markdown(rows: list[dict], seconds: float) -> str:
     lines = [
         "## Compact trained models: 1.5×, 2× and 3× fewer MACs without retraining (issue 25)",
         "",
-        f"Command: `python -m benchmarks.real_accuracy --out docs/BENCHMARKS.md` · {machine()} · {today()} · commit "
-        f"{rows[0]['commit'] if rows else '?'} · {seconds / 60:.0f} min.",
+        f"Command: `python -m benchmarks.real_accuracy --out docs/BENCHMARKS.md` · {_runs(rows)} · last run "
+        f"{today()}, {seconds / 60:.0f} min.",
         "",
         "Fashion-MNIST samples trained here by `samples/train_compact.py` (`samples/fashion_accuracy.json`), "
         "pruned through the CLI with `--target-macs` (MACs kept: the row's column) and `--out`, the file read "
@@ -150,23 +163,31 @@ def markdown(rows: list[dict], seconds: float) -> str:
 
 
 def main() -> None:
-    args = table_args(__doc__, "models", 1800)
+    args = table_args(__doc__, "models", 1800, methods=True)
     start = time.perf_counter()
-    rows = []
     results = ROOT / "benchmarks" / "results" / "real_accuracy.json"
+    methods = args.methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    kept = [r for r in json.loads(results.read_text()) if r["method"] not in methods] if args.methods else []
+    rows = []
     with tempfile.TemporaryDirectory() as d:
         for model in args.only or MODELS:
             mine = []
             for label, target in TARGETS.items():
-                for method in METHODS:
+                for method in methods:
                     row = run(model, target, method, Path(d), args.timeout)
-                    row["label"] = label
+                    row.update(label=label, machine=machine())
                     mine.append(row)
                     print(json.dumps(row), flush=True)
             bench(model, mine, Path(d), args.timeout)
             rows += mine
     for r in rows:
         r.pop("out", None)
+    order = {(m, label, method): i for i, (m, label, method) in enumerate(
+        (m, label, method) for m in MODELS for label in TARGETS for method in METHODS)}
+    rows = sorted(kept + rows, key=lambda r: order.get((r["model"], r["label"], r["method"]), len(order)))
     results.write_text(json.dumps(rows, indent=1) + "\n")
     publish(args.out, "real-accuracy", markdown(rows, time.perf_counter() - start))
 
