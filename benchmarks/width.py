@@ -1,0 +1,124 @@
+"""Width of the residual stream: the hidden size of kjv_llama8 narrowed (``shrink --hidden``), alone and with whole
+layers and units, against a SliceGPT-style rotation without our refit and against channels removed as they are.
+
+    python -m benchmarks.width --out docs/BENCHMARKS.md
+
+Every row is ``prunetool shrink samples/kjv_llama8 --data samples/kjv_tokens.npz FLAGS --out OUT --json J`` through
+the CLI, as a user runs it; OUT (a Hugging Face directory) is loaded again in this process and evaluated, and that
+figure must equal the CLI's. Rows:
+
+- *turned, refit*: ``--hidden F`` (the default: the stream turned onto its principal directions, one rotation for
+  the whole model; norms folded and rescaled; every reader refit by least squares);
+- *as they are, refit*: ``--no-rotate`` (the channels of least energy removed, no rotation);
+- *SliceGPT-style*: ``--compensate none`` (the rotation and the slice, no refit: SliceGPT without its per-layer
+  rotations and the adapters they need on the residual paths, so the result keeps the family's architecture);
+- with ``--drop-blocks K --target-params P``: whole layers first, then the hidden size, then units to the target.
+
+Latency: PyTorch eager on this CPU, dense and cut in alternating rounds, batch 1 and 8, 128-token sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import prunetool
+from prunetool.batch import batch_slice
+from prunetool.data import calibration, eval_loader, load_data
+from prunetool.measure import evaluate, params
+
+from .common import ROOT, commit, machine, publish, table_args, today
+from .depth import cli, latency
+
+MODEL, DATA = ROOT / "samples" / "kjv_llama8", ROOT / "samples" / "kjv_tokens.npz"
+ROWS = {  # name → flags
+    "--hidden 0.25 (turned, refit)": ["--ratio", "0", "--hidden", "0.25"],
+    "--hidden 0.25 --no-rotate (as they are, refit)": ["--ratio", "0", "--hidden", "0.25", "--no-rotate"],
+    "--hidden 0.25 --compensate none (SliceGPT-style)": ["--ratio", "0", "--hidden", "0.25", "--compensate", "none"],
+    "--hidden 0.3": ["--ratio", "0", "--hidden", "0.3"],
+    "--hidden 0.1 --drop-blocks 2 --target-params 0.7": ["--hidden", "0.1", "--drop-blocks", "2",
+                                                         "--target-params", "0.7"],
+    "--hidden 0.5": ["--ratio", "0", "--hidden", "0.5"],
+    "--hidden 0.3 --drop-blocks 2 --target-params 0.5": ["--hidden", "0.3", "--drop-blocks", "2",
+                                                         "--target-params", "0.5"],
+}
+
+
+def run(flags: list[str], loader, dense, example, work: Path, timeout: int) -> dict:
+    out = work / "-".join(f.strip("-") for f in flags)
+    start = time.perf_counter()
+    report = cli(["shrink", str(MODEL), "--data", str(DATA), *flags, "--out", str(out)], timeout)
+    seconds = time.perf_counter() - start
+    again = prunetool.load(report["settings"]["out"]).model.eval()
+    value = evaluate(again, loader).value
+    if abs(value - report["metric"]["after"]) > 1e-6 * max(1.0, abs(value)):
+        raise RuntimeError(f"{flags}: reloaded {value} but the CLI reported {report['metric']['after']}")
+    stream = next((r for r in report["layers"] if r.get("stream")), {})
+    return {"flags": " ".join(flags), "value": value, "dense": report["metric"]["before"],
+            "params": params(again) / params(dense), "hidden": [stream.get("units_before"), stream.get("units_after")],
+            "energy_kept": stream.get("energy_kept"), "seconds": round(seconds, 1),
+            "blocks": [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0],
+            "speedup": latency(dense, again, example)}
+
+
+def markdown(rows: dict, seconds: float) -> str:
+    first = next(iter(rows.values()), {})
+    dense = first.get("dense", float("nan"))
+    lines = [
+        "## Width: the hidden size (issue 26)",
+        "",
+        f"Command: `python -m benchmarks.width --out docs/BENCHMARKS.md` · {machine()} · {today()} · commit "
+        f"{first.get('commit', '?')} · {seconds / 60:.0f} min.",
+        "",
+        f"kjv_llama8 (dense perplexity {dense:.2f} on the held-out KJV sequences, hidden size 128). Each row: "
+        "`prunetool shrink samples/kjv_llama8 --data samples/kjv_tokens.npz FLAGS --out OUT` through the CLI, OUT "
+        "(a Hugging Face directory) reloaded and evaluated (equal to the CLI's figure). *Turned*: one rotation "
+        "onto the stream's principal directions; *refit*: every reader of the narrowed stream refit by least "
+        "squares; *SliceGPT-style*: turned, no refit. Speed-ups: PyTorch eager, batch 1 / 8, 128-token context, "
+        "alternating rounds (noisy on this shared 2-core machine).",
+        "",
+        "| flags | hidden size | energy kept | params kept | perplexity | vs dense | blocks removed | speed-up 1 / 8 "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | | |")
+            continue
+        s = r["speedup"]
+        lines.append(f"| `{name}` | {r['hidden'][0]} → {r['hidden'][1]} | {r['energy_kept']:.3f} | "
+                     f"{r['params']:.3f} | {r['value']:.2f} | {100 * (r['value'] / dense - 1):+.1f}% | "
+                     f"{', '.join(b.rsplit('.', 1)[-1] for b in r['blocks']) or '–'} | "
+                     f"{s['1']:.2f}× / {s['8']:.2f}× | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = table_args(__doc__, "rows (their flags, as in ROWS)", 1800)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    path = ROOT / "benchmarks" / "results" / "width.json"
+    rows = json.loads(path.read_text()) if args.only and path.exists() else {}  # --only: the others kept
+    data = load_data(str(DATA))
+    dense = prunetool.load(str(MODEL)).model.eval()
+    loader = eval_loader(data)
+    example = batch_slice(calibration(data, 8).take(8)[0], 0, 1)
+    with tempfile.TemporaryDirectory() as d:
+        for name, flags in ROWS.items():
+            if args.only and name not in args.only:
+                continue
+            try:
+                rows[name] = run(flags, loader, dense, example, Path(d), args.timeout) | {"commit": commit()}
+            except RuntimeError as e:
+                rows[name] = {"error": str(e), "commit": commit()}
+            print(json.dumps({name: rows[name]}), flush=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    publish(args.out, "width", markdown({n: rows[n] for n in ROWS if n in rows}, time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+    main()
