@@ -276,10 +276,21 @@ def _narrow_config(model: nn.Module, width: int, kept: int) -> None:
             m.config = new
 
 
-def kept_width(width: int, fraction: float, multiple: int = 1) -> int:
-    """The channels left when ``fraction`` of ``width`` go, rounded down to ``multiple`` (at least one multiple)."""
-    kept = width - math.floor(fraction * width + 1e-9)
-    return max(multiple, kept - kept % multiple) if multiple > 1 else max(1, kept)
+def kept_width(config, fraction: float, multiple: int = 1) -> int:
+    """The channels left when ``fraction`` of ``config.hidden_size`` go: the largest count at most that, at a
+    ``multiple``, that the family's config accepts (Llama's validates that the hidden size is a multiple of the head
+    count, whatever its ``head_dim``); :class:`NotAStream` where none does."""
+    width = config.hidden_size
+    asked = width - math.floor(fraction * width + 1e-9)
+    for kept in range(asked - asked % multiple, 0, -multiple):
+        trial = copy.deepcopy(config)
+        trial.hidden_size = kept
+        try:
+            getattr(trial, "validate", lambda: None)()
+        except Exception:  # the family's own validation: its message is not ours to parse
+            continue
+        return kept
+    raise NotAStream(f"no hidden size of at most {asked} channels is one the model's config accepts")
 
 
 def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, device: str = "cpu",

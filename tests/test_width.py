@@ -102,6 +102,15 @@ def test_a_head_tied_to_the_embedding_is_untied_only_when_the_stream_turns(tmp_p
     assert turned.config.tie_word_embeddings == (not rotate)
 
 
+def test_the_hidden_size_kept_is_one_the_family_config_accepts():
+    config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=8, head_dim=16)
+    assert width.kept_width(config, 0.25) == 96
+    assert width.kept_width(config, 0.3) == 88  # 90 asked: Llama wants a multiple of its 8 heads
+    assert width.kept_width(config, 0.3, multiple=16) == 80
+    with pytest.raises(width.NotAStream, match="at most 4 channels"):
+        width.kept_width(config, 0.97)
+
+
 def test_hidden_is_refused_in_one_line_where_it_cannot_work(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(evci_cnn().state_dict(), "cnn.pt")

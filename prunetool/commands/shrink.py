@@ -426,9 +426,9 @@ def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, devic
     probe = batch_slice(batch_to(job.probe, device, model_dtype(model)), 0, REMOVAL_PROBE)
     try:
         stream = width.find(model, probe, key)
+        kept = width.kept_width(model.config, opts.hidden, opts.rounding)
     except width.NotAStream as e:
         raise UsageError(f"--hidden {opts.hidden:g}: {e}; drop --hidden") from None
-    kept = width.kept_width(stream.width, opts.hidden, opts.rounding)
     directions, energy = width.basis(model, stream, job.calib, opts.rotate, device, key, bars)
     turned = clone(model)
     width.slice_stream(turned, stream, directions, stream.width, rotated=opts.rotate)
@@ -442,7 +442,9 @@ def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, devic
         if opts.compensate == "lstsq" else 0
     model.cpu()
     small.cpu()
-    row = {"name": "hidden size", "units_before": stream.width, "units_after": kept, "producers": [], "stream": True,
+    asked = stream.width - math.floor(opts.hidden * stream.width + 1e-9)
+    row = {"name": "hidden size", "units_before": stream.width, "units_after": kept, "units_asked": asked,
+           "producers": [], "stream": True,
            "rotated": opts.rotate, "energy_kept": round(float(energy[:kept].sum() / energy.sum()), 6),
            "readers_refit": refit, "untied_head": stream.tied and opts.rotate}
     return small, trace_probe(small, job.probe, key), [row]
