@@ -430,12 +430,12 @@ def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, devic
     except width.NotAStream as e:
         raise UsageError(f"--hidden {opts.hidden:g}: {e}; drop --hidden") from None
     directions, energy = width.basis(model, stream, job.calib, opts.rotate, device, key, bars)
-    turned = clone(model)
+    turned = clone(model, share=True)  # the turn sets new tensors, never writes into these
     width.slice_stream(turned, stream, directions, stream.width, rotated=opts.rotate)
     _same_outputs(turned, probe, outputs_of(model, probe), "turning the residual stream changed the outputs: "
                                                           "its writers and readers were misread")
     del turned
-    small = clone(model)
+    small = clone(model, share=True)
     scales = width.norm_scales(model, stream, directions, kept, job.calib, device, key, bars)
     width.slice_stream(small, stream, directions, kept, scales, rotated=opts.rotate)
     refit = width.refit_readers(small, model, stream, job.calib, device, key, bars) \
