@@ -103,7 +103,8 @@ def find(model: nn.Module, probe, output_key: str | None = None) -> Stream:
         raise NotAStream("no token embedding of the hidden size")
     norms = {names[m]: m for m in model.modules() if _is_rms_norm(m, width) is not None}
     if not norms:
-        raise NotAStream("no RMSNorm over the hidden size (LayerNorm's mean is not handled yet)")
+        raise NotAStream("no norm over the hidden size computes x·rsqrt(mean(x²) + ε)·w, an RMSNorm (LayerNorm's "
+                         "mean and Gemma's 1 + w are not handled yet)")
     outputs: dict[tuple, str] = {}
     reads: dict[str, str | None] = {}  # layer → the norm whose output it reads
     alive = []  # the norms' outputs held until the end: no later tensor may take their memory and their key

@@ -102,6 +102,27 @@ def test_a_head_tied_to_the_embedding_is_untied_only_when_the_stream_turns(tmp_p
     assert turned.config.tie_word_embeddings == (not rotate)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_other_families_narrow_and_read_back_with_from_pretrained(tmp_path, family):
+    """Qwen2 (biases on q/k/v, the head tied to the embedding: untied by the turn) and Phi-3 (q/k/v and gate/up
+    fused in one projection each)."""
+    shape = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if family == "qwen2":
+        dense = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, tie_word_embeddings=True))
+    else:
+        dense = transformers.Phi3ForCausalLM(transformers.Phi3Config(**shape, pad_token_id=0))
+    dense.eval().save_pretrained(tmp_path / family)
+    _, report = prunetool.shrink(str(tmp_path / family), ratio=0.0, hidden=0.25, tokens=16, calib=16,
+                                 out=str(tmp_path / "small"), latency_batches=())
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    assert back.config.hidden_size == 24 and back.config.tie_word_embeddings is False
+    row = next(r for r in report["layers"] if r.get("stream"))
+    assert row["untied_head"] == (family == "qwen2") and row["readers_refit"] == (11 if family == "qwen2" else 5)
+
+
 def test_the_hidden_size_kept_is_one_the_family_config_accepts():
     config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=8, head_dim=16)
     assert width.kept_width(config, 0.25) == 96
@@ -121,7 +142,7 @@ def test_hidden_is_refused_in_one_line_where_it_cannot_work(tmp_path, capsys, mo
     for args, needle in [
         (["cnn.pt", "--arch", "samples.nets:EvciCNN", "--input-shape", "1,28,28", "--hidden", "0.1"],
          "Hugging Face decoders"),
-        (["gpt2", "--tokens", "8", "--hidden", "0.1"], "no RMSNorm over the hidden size"),
+        (["gpt2", "--tokens", "8", "--hidden", "0.1"], "an RMSNorm (LayerNorm's mean"),
         (["llama", "--tokens", "8", "--hidden", "1"], "outside [0, 1)"),
         (["llama", "--tokens", "8", "--hidden", "0.1", "--dry-run"], "--hidden"),
     ]:
