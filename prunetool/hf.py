@@ -280,6 +280,9 @@ def with_structure(model: nn.Module, config: dict) -> dict:
             value = getattr(own, key, None)
             if value is not None:
                 config = {**config, aliases.get(key, key): value}
+    tied = getattr(own, "tie_word_embeddings", None)
+    if isinstance(tied, bool) and config.get("tie_word_embeddings", tied) != tied:  # the head was untied
+        config = {**config, "tie_word_embeddings": tied}
     return config
 
 

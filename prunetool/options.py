@@ -420,8 +420,9 @@ class ShrinkOptions:
         if self.drop_blocks:
             raise UsageError(f"--axes {given} chooses the number of blocks itself; drop --drop-blocks "
                              f"{self.drop_blocks}, or --axes")
-        if self.drop_experts or self.schedule:
-            raise UsageError(f"--axes {given} does not combine with --drop-experts or --schedule yet; drop one")
+        if self.drop_experts or self.schedule or self.hidden:
+            raise UsageError(f"--axes {given} does not combine with --drop-experts, --schedule or --hidden yet; drop "
+                             "one")
 
 
 DEFAULT_MAX_LAYER_ERROR = 0.02  # lowrank's default cap on a layer's relative output error (docs/BENCHMARKS.md)

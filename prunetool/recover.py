@@ -293,7 +293,8 @@ def distill(model: nn.Module, teacher: nn.Module, samples: Samples, seconds: flo
             held_now = divergence(check)
             if held_now < best_held:
                 best_held, best_pass = held_now, passes
-                best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                for k, v in model.state_dict().items():  # into the copy there is: one copy held, never two
+                    best[k].copy_(v.detach())
         opt.zero_grad(set_to_none=True)
         if best_pass != passes:
             model.load_state_dict(best)

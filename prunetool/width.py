@@ -313,11 +313,14 @@ def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, d
         for h in handles:
             h.remove()
     dense_modules = dict(dense.named_modules())
+    embedding = modules[stream.embedding]
     done = 0
     for norm in bars.track(order, "refitting the stream's readers", total=len(order)):
         fits, box, handles = {}, {}, []
         for r in stream.norms[norm]:
             reader = modules[r]
+            if reader.weight is embedding.weight:  # a head still tied (channels as they are): the tie stays
+                continue
             op = layers.op_of(reader)
             c = Consumer(r, reader, weight="weight", dim=op.in_dim, op=op, new_bias=False,
                          bias="bias" if reader.bias is not None else None)

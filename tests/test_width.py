@@ -123,6 +123,26 @@ def test_other_families_narrow_and_read_back_with_from_pretrained(tmp_path, fami
     assert row["untied_head"] == (family == "qwen2") and row["readers_refit"] == (11 if family == "qwen2" else 5)
 
 
+def test_a_bfloat16_model_turns_within_its_rounding_and_reads_back(tmp_path):
+    dense = _llama(tmp_path).to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "llama")
+    small, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, hidden=0.25, tokens=16, calib=16,
+                                     out=str(tmp_path / "small"), latency_batches=())
+    assert report["verify"]["reload_from_pretrained"] == "identical" and small.dtype == torch.bfloat16
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "small").hidden_size == 24
+
+
+def test_a_tied_head_with_channels_as_they_are_stays_tied_through_the_refit(tmp_path):
+    _llama(tmp_path, tied=True)
+    small, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, hidden=0.25, rotate=False, tokens=16,
+                                     calib=16, out=str(tmp_path / "small"), latency_batches=())
+    row = next(r for r in report["layers"] if r.get("stream"))
+    assert small.lm_head.weight is small.model.embed_tokens.weight and not row["untied_head"]
+    assert row["readers_refit"] == 2 * 5  # the head is the embedding's tensor: not refit
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small")
+    assert back.config.tie_word_embeddings and report["verify"]["reload_from_pretrained"] == "identical"
+
+
 def test_the_hidden_size_kept_is_one_the_family_config_accepts():
     config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=8, head_dim=16)
     assert width.kept_width(config, 0.25) == 96
@@ -145,8 +165,10 @@ def test_hidden_is_refused_in_one_line_where_it_cannot_work(tmp_path, capsys, mo
         (["gpt2", "--tokens", "8", "--hidden", "0.1"], "an RMSNorm (LayerNorm's mean"),
         (["llama", "--tokens", "8", "--hidden", "1"], "outside [0, 1)"),
         (["llama", "--tokens", "8", "--hidden", "0.1", "--dry-run"], "--hidden"),
+        (["llama", "--tokens", "8", "--hidden", "0.1", "--target-params", "0.8", "--axes", "units,blocks"],
+         "or --hidden yet"),
     ]:
-        code = main(["shrink", *args, "--ratio", "0", "--calib", "8", "--no-latency", "-q", "--out", "o.safetensors" if args[0] == "cnn.pt" else "o"])
+        code = main(["shrink", *args, *([] if "--axes" in args else ["--ratio", "0"]), "--calib", "8", "--no-latency", "-q", "--out", "o.safetensors" if args[0] == "cnn.pt" else "o"])
         err = capsys.readouterr().err
         assert code == 2 and needle in err and "Traceback" not in err, (args, err)
         assert not (tmp_path / "o").exists() and not (tmp_path / "o.safetensors").exists()
