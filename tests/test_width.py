@@ -1,6 +1,7 @@
 """The hidden size: residual-stream channels removed from a pre-norm decoder (prunetool.width, shrink --hidden)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -114,8 +115,13 @@ def test_other_families_narrow_and_read_back_with_from_pretrained(tmp_path, fami
     else:
         dense = transformers.Phi3ForCausalLM(transformers.Phi3Config(**shape, pad_token_id=0))
     dense.eval().save_pretrained(tmp_path / family)
-    _, report = prunetool.shrink(str(tmp_path / family), ratio=0.0, hidden=0.25, tokens=16, calib=16,
-                                 out=str(tmp_path / "small"), latency_batches=())
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _, report = prunetool.shrink(str(tmp_path / family), ratio=0.0, hidden=0.25, tokens=16, calib=16,
+                                     out=str(tmp_path / "small"), latency_batches=())
+    untied = [str(w.message) for w in said if "unties the head" in str(w.message)]
+    assert untied == (["--hidden: turning the stream unties the head from the embedding (40 × 24 more parameters); "
+                       "--no-rotate keeps the tie"] if family == "qwen2" else [])
     assert report["verify"]["reload_from_pretrained"] == "identical"
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
     assert back.config.hidden_size == 24 and back.config.tie_word_embeddings is False

@@ -431,6 +431,10 @@ def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, devic
             kept = width.kept_width(model.config, opts.hidden, opts.rounding)
         except width.NotAStream as e:
             raise UsageError(f"--hidden {opts.hidden:g}: {e}; drop --hidden") from None
+        if stream.tied and opts.rotate:
+            head = model.get_output_embeddings().weight
+            warnings.warn(f"--hidden: turning the stream unties the head from the embedding ({head.shape[0]:,} × "
+                          f"{kept} more parameters); --no-rotate keeps the tie")
         directions, energy = width.basis(model, stream, job.calib, opts.rotate, device, key, bars)
         turned = clone(model, share=True)  # the turn sets new tensors, never writes into these
         width.slice_stream(turned, stream, directions, stream.width, rotated=opts.rotate)
