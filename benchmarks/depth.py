@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import prunetool
 from prunetool import depth
@@ -60,6 +61,15 @@ def latency(dense, small, example) -> dict:
     return {str(b): compare_latency(dense, small, example, b)["speedup"]["p50"] for b in BATCHES}
 
 
+def reloaded(report: dict, loader, arch: str | None = None, what: str = "") -> tuple[nn.Module, float]:
+    """The CLI's ``--out`` loaded again and evaluated; its figure must equal the CLI's."""
+    again = prunetool.load(report["settings"]["out"], arch=arch).model.eval()
+    value = evaluate(again, loader).value
+    if abs(value - report["metric"]["after"]) > 1e-6 * max(1.0, abs(value)):
+        raise RuntimeError(f"{what}: reloaded {value} but the CLI reported {report['metric']['after']}")
+    return again, value
+
+
 def ours(name: str, flags: list[str], loader, dense, example, work: Path, timeout: int) -> dict:
     path, arch, data, _, _ = MODELS[name]
     out = work / f"{name}-{'-'.join(flags).replace('--', '')}"
@@ -68,11 +78,8 @@ def ours(name: str, flags: list[str], loader, dense, example, work: Path, timeou
     report = cli(["shrink", str(path), *(["--arch", arch] if arch else []), "--data", str(data), *flags,
                   "--out", str(out)], timeout)
     seconds = time.perf_counter() - start
-    again = prunetool.load(report["settings"]["out"], arch=arch).model.eval()
-    value = evaluate(again, loader).value
+    again, value = reloaded(report, loader, arch, f"{name} {flags}")
     m = report["metric"]
-    if abs(value - m["after"]) > 1e-6 * max(1.0, abs(value)):
-        raise RuntimeError(f"{name} {flags}: reloaded {value} but the CLI reported {m['after']}")
     removed = [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0]
     return {"flags": " ".join(flags), "value": value, "drop": m["drop"], "params": report["after"]["params"],
             "blocks": removed, "plan": report.get("plan"), "seconds": round(seconds, 1),

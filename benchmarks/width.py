@@ -29,10 +29,10 @@ import torch
 import prunetool
 from prunetool.batch import batch_slice
 from prunetool.data import calibration, eval_loader, load_data
-from prunetool.measure import evaluate, params
+from prunetool.measure import params
 
 from .common import ROOT, commit, machine, publish, table_args, today
-from .depth import cli, latency
+from .depth import cli, latency, reloaded
 
 MODEL, DATA = ROOT / "samples" / "kjv_llama8", ROOT / "samples" / "kjv_tokens.npz"
 ROWS = {  # name → flags
@@ -53,10 +53,7 @@ def run(flags: list[str], loader, dense, example, work: Path, timeout: int) -> d
     start = time.perf_counter()
     report = cli(["shrink", str(MODEL), "--data", str(DATA), *flags, "--out", str(out)], timeout)
     seconds = time.perf_counter() - start
-    again = prunetool.load(report["settings"]["out"]).model.eval()
-    value = evaluate(again, loader).value
-    if abs(value - report["metric"]["after"]) > 1e-6 * max(1.0, abs(value)):
-        raise RuntimeError(f"{flags}: reloaded {value} but the CLI reported {report['metric']['after']}")
+    again, value = reloaded(report, loader, what=" ".join(flags))
     stream = next((r for r in report["layers"] if r.get("stream")), {})
     return {"flags": " ".join(flags), "value": value, "dense": report["metric"]["before"],
             "params": params(again) / params(dense), "hidden": [stream.get("units_before"), stream.get("units_after")],

@@ -18,10 +18,15 @@ from .task import logits
 Batch = Union[torch.Tensor, dict]
 
 
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 where it has none)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype the model computes in (the dtype inputs are given in): float32 for half-precision weights
     while :class:`prunetool.precision.Compute` is in force."""
-    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    dtype = stored_dtype(model)
     return torch.float32 if dtype in precision.HALF and precision.active() is not None else dtype
 
 

@@ -277,12 +277,16 @@ def _narrow_config(model: nn.Module, width: int, kept: int) -> None:
             m.config = new
 
 
+def asked_width(width: int, fraction: float) -> int:
+    """The channels left when ``fraction`` of ``width`` go, before any rounding."""
+    return width - math.floor(fraction * width + 1e-9)
+
+
 def kept_width(config, fraction: float, multiple: int = 1) -> int:
     """The channels left when ``fraction`` of ``config.hidden_size`` go: the largest count at most that, at a
     ``multiple``, that the family's config accepts (Llama's validates that the hidden size is a multiple of the head
     count, whatever its ``head_dim``); :class:`NotAStream` where none does."""
-    width = config.hidden_size
-    asked = width - math.floor(fraction * width + 1e-9)
+    asked = asked_width(config.hidden_size, fraction)
     for kept in range(asked - asked % multiple, 0, -multiple):
         trial = copy.deepcopy(config)
         trial.hidden_size = kept

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..layers import clone, unshare
 from ..load import upcast_half
-from ..batch import batch_slice, batch_to, model_dtype
+from ..batch import batch_slice, batch_to, model_dtype, stored_dtype
 from ..cut import MAX_FIT_INPUTS, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
 from ..errors import UsageError, VerificationError
@@ -439,8 +439,7 @@ def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, devic
         turned = clone(model, share=True)  # the turn sets new tensors, never writes into these
         width.slice_stream(turned, stream, directions, stream.width, rotated=opts.rotate)
         # a turned half-precision weight is rounded to its dtype: a misread stream moves the outputs by far more
-        stored = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-        tolerance = max(EXPERT_TOLERANCE, 4 * torch.finfo(stored).eps)
+        tolerance = max(EXPERT_TOLERANCE, 4 * torch.finfo(stored_dtype(model)).eps)
         _same_outputs(turned, probe, outputs_of(model, probe), "turning the residual stream changed the outputs: "
                                                               "its writers and readers were misread", tolerance)
         del turned
@@ -452,8 +451,8 @@ def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, devic
     finally:
         model.cpu()
     small.cpu()
-    asked = stream.width - math.floor(opts.hidden * stream.width + 1e-9)
-    row = {"name": "hidden size", "units_before": stream.width, "units_after": kept, "units_asked": asked,
+    row = {"name": "hidden size", "units_before": stream.width, "units_after": kept,
+           "units_asked": width.asked_width(stream.width, opts.hidden),
            "producers": [], "stream": True,
            "rotated": opts.rotate, "energy_kept": round(float(energy[:kept].sum() / energy.sum()), 6),
            "readers_refit": refit, "untied_head": stream.tied and opts.rotate}
