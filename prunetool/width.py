@@ -34,6 +34,7 @@ from torch import nn
 
 from . import layers, ops
 from .batch import batch_to, call, model_dtype
+from .calls import Stop
 from .cut import Fit
 from .data import as_samples
 from .groups import Consumer
@@ -321,6 +322,12 @@ def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, d
     done = 0
     for norm in bars.track(order, "refitting the stream's readers", total=len(order)):
         fits, box, handles = {}, {}, []
+
+        def keep(key: str, value, wanted: list[str]) -> None:
+            box[key] = value
+            if all(k in box for k in wanted):
+                raise Stop  # each model's pass ends once its readers of this norm have run: the rest is not needed
+
         for r in stream.norms[norm]:
             reader = modules[r]
             if reader.weight is embedding.weight:  # a head still tied (channels as they are): the tie stays
@@ -329,14 +336,22 @@ def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, d
             c = Consumer(r, reader, weight="weight", dim=op.in_dim, op=op, new_bias=False,
                          bias="bias" if reader.bias is not None else None)
             fits[r] = Fit(reader, c, None)
-            handles.append(reader.register_forward_hook(lambda m, a, o, r=r: box.__setitem__(r, (a[0], o))))
+        if not fits:
+            continue
+        ours, theirs = list(fits), [f"dense {r}" for r in fits]
+        for r in fits:
+            handles.append(modules[r].register_forward_hook(lambda m, a, o, r=r: keep(r, (a[0], o), ours)))
             handles.append(dense_modules[r].register_forward_hook(
-                lambda m, a, o, r=r: box.__setitem__(f"dense {r}", o)))
+                lambda m, a, o, r=r: keep(f"dense {r}", o, theirs)))
         try:
             with torch.no_grad():
                 for xb, _, _ in samples.batches(STREAM_BATCH):
-                    call(dense, batch_to(xb, device, model_dtype(dense)), output_key)
-                    call(small, batch_to(xb, device, model_dtype(small)), output_key)
+                    box.clear()
+                    for model in (dense, small):
+                        try:
+                            call(model, batch_to(xb, device, model_dtype(model)), output_key)
+                        except Stop:
+                            pass
                     for r, fit in fits.items():
                         x, _ = box[r]
                         op = fit.c.op
