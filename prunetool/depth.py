@@ -249,7 +249,33 @@ def _runs(blocks: list[Block], gone: set[str]) -> list[tuple[list[Block], Block 
     return out
 
 
-class Refit:
+class HeldOut:
+    """Calibration samples split into a part to fit on (``part``) and a part held out of every fit (``held``, with
+    ``dense``'s outputs on it, ``want``): :data:`ABSORB_SAMPLES` and :data:`ABSORB_CHECK` of them, fewer held out
+    where a large vocabulary's outputs would not fit in :data:`OUTPUT_BYTES`. How a cut model is compared with the
+    dense one (:meth:`divergence`, ``metric`` as :func:`output_divergence` reads it)."""
+
+    def __init__(self, dense: nn.Module, samples, output_key: str | None = None, device: str = "cpu",
+                 metric: str | None = None):
+        self.dense, self.output_key, self.metric = dense, output_key, metric
+        x, _ = as_samples(samples).take(ABSORB_SAMPLES + ABSORB_CHECK)
+        x = batch_to(x, device, model_dtype(dense))
+        n = batch_len(x)
+        with torch.no_grad():
+            first = call(dense, batch_slice(x, 0, 1), output_key)
+        # one sample at least (the check needs outputs to compare); no more than the dense outputs and one batch of
+        # the cut model's fit in OUTPUT_BYTES (a large vocabulary's logits are big)
+        check = max(1, min(ABSORB_CHECK, n // 4, OUTPUT_BYTES // (2 * max(1, first.numel() * first.element_size()))))
+        self.part, self.held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
+        with torch.no_grad():
+            self.want = _outputs(dense, self.held, output_key)
+
+    def divergence(self, model: nn.Module) -> float:
+        """``model``'s divergence from the dense outputs on the held-out samples."""
+        return _divergence(model, self.held, self.want, self.output_key, self.metric)
+
+
+class Refit(HeldOut):
     """Compensation of removed blocks by refitting the last linear layer (the *writer*) of kept blocks:
 
     - for each run of consecutive removed blocks, the writer of the kept block before it (after it, for a run at
@@ -266,27 +292,12 @@ class Refit:
 
     def __init__(self, dense: nn.Module, blocks: list[Block], samples, compensate: str,
                  output_key: str | None = None, device: str = "cpu", metric: str | None = None):
-        self.dense, self.blocks, self.compensate = dense, blocks, compensate
-        self.output_key, self.metric = output_key, metric
-        x, _ = as_samples(samples).take(ABSORB_SAMPLES + ABSORB_CHECK)
-        x = batch_to(x, device, model_dtype(dense))
-        n = batch_len(x)
-        with torch.no_grad():
-            first = call(dense, batch_slice(x, 0, 1), output_key)
-        # one sample at least (the check needs outputs to compare); no more than the dense outputs and one batch of
-        # the cut model's fit in OUTPUT_BYTES (a large vocabulary's logits are big)
-        check = max(1, min(ABSORB_CHECK, n // 4, OUTPUT_BYTES // (2 * max(1, first.numel() * first.element_size()))))
-        self.part, self.held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
-        with torch.no_grad():
-            self.want = _outputs(dense, self.held, output_key)
+        super().__init__(dense, samples, output_key, device, metric)
+        self.blocks, self.compensate = blocks, compensate
 
     @property
     def active(self) -> bool:
         return self.compensate in ("lstsq", "mean")
-
-    def divergence(self, model: nn.Module) -> float:
-        """``model``'s divergence from the dense outputs on the held-out samples."""
-        return _divergence(model, self.held, self.want, self.output_key, self.metric)
 
     def cost(self, model: nn.Module, names: list[str]) -> float:
         """The held-out divergence of ``model`` without the blocks ``names``, the kept block before each run refit

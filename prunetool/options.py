@@ -21,7 +21,7 @@ DATA_CRITERIA = ("mrs", "mrp", "taylor", "obs")
 COMPENSATIONS = ("mean", "lstsq", "none")
 SCOPES = ("layer", "global")
 ALLOCATIONS = ("sensitivity", "uniform")
-AXES = ("units", "blocks")  # what a size target may remove: units inside layers, whole residual blocks
+AXES = ("units", "blocks", "hidden")  # what a size target may remove: units in layers, whole blocks, the hidden size
 OPTIMIZERS = ("sgd", "adam")
 FINETUNE_LR = 1e-3
 RECOVER_LR = 1e-4  # Fashion-MNIST ResNet-20 at 3x fewer MACs, 60 s: 1e-4 lost 1.95 pp where 1e-3 lost 2.66
@@ -310,9 +310,11 @@ class ShrinkOptions:
                           "energy; --no-rotate removes the channels of least energy as they are.",
                           negative="--no-rotate")
     axes: tuple[str, ...] | None = option(None, "--axes", "What a --target-params/--target-macs may remove: units "
-                                          "(neurons, channels, heads; the default), blocks (whole residual blocks) "
-                                          "or both, units,blocks: how many blocks go is then chosen by measuring "
-                                          "the cut at each number on held-out calibration samples.", text="names")
+                                          "(neurons, channels, heads; the default), blocks (whole residual blocks), "
+                                          "hidden (the hidden size, as --hidden) or several, e.g. units,blocks,hidden: "
+                                          "how many blocks and how much of the hidden size go is then chosen by "
+                                          "measuring cuts on held-out calibration samples, units filling the rest.",
+                                          text="names")
     drop_experts: float = option(0.0, "--drop-experts", "Mixture-of-experts models: fraction of each block's experts "
                                  "removed, those the calibration data routes least to (the same number in every "
                                  "block, never below its top-k).")
@@ -337,12 +339,18 @@ class ShrinkOptions:
         return " and ".join(flag for flag, given in (
             ("--drop-blocks", self.drop_blocks > 0), ("--drop-experts", self.drop_experts > 0),
             ("--hidden", self.hidden > 0),
-            ("--target-latency", self.target_latency is not None), ("--axes blocks", self.plans_blocks)) if given)
+            ("--target-latency", self.target_latency is not None), ("--axes blocks", self.plans_blocks),
+            ("--axes hidden", self.plans_hidden)) if given)
 
     @property
     def plans_blocks(self) -> bool:
         """Whether the number of whole blocks removed is chosen by measurement (``--axes`` names blocks)."""
         return "blocks" in (self.axes or ())
+
+    @property
+    def plans_hidden(self) -> bool:
+        """Whether the fraction of the hidden size removed is chosen by measurement (``--axes`` names hidden)."""
+        return "hidden" in (self.axes or ())
 
     @property
     def rounding(self) -> int:
@@ -411,18 +419,25 @@ class ShrinkOptions:
         unknown = [a for a in self.axes if a not in AXES]
         if unknown or not self.axes:
             raise UsageError(f"--axes {given}: {'unknown axis ' + unknown[0] if unknown else 'no axis'}; give units, "
-                             "blocks or units,blocks")
-        if not self.plans_blocks:
+                             "blocks, hidden or several, e.g. units,blocks,hidden")
+        if not (self.plans_blocks or self.plans_hidden):
             return
         if self.target_params is None and self.target_macs is None:
-            raise UsageError(f"--axes {given} chooses how many blocks go to meet --target-params or --target-macs; "
-                             "give one of them (or --drop-blocks N for a number of blocks)")
-        if self.drop_blocks:
+            raise UsageError(f"--axes {given} chooses how many blocks or how much of the hidden size go to meet "
+                             "--target-params or --target-macs; give one of them (or --drop-blocks N, --hidden F)")
+        if self.plans_hidden and "units" not in self.axes:
+            raise UsageError(f"--axes {given}: the hidden size is chosen against units filling the rest of the "
+                             "target; add units (e.g. --axes units,hidden), or give --hidden F")
+        if self.drop_blocks and self.plans_blocks:
             raise UsageError(f"--axes {given} chooses the number of blocks itself; drop --drop-blocks "
                              f"{self.drop_blocks}, or --axes")
-        if self.drop_experts or self.schedule or self.hidden:
-            raise UsageError(f"--axes {given} does not combine with --drop-experts, --schedule or --hidden yet; drop "
-                             "one")
+        if self.hidden:
+            raise UsageError(f"--axes {given} does not combine with --hidden {self.hidden:g}; add hidden to --axes to "
+                             "choose it, or drop one" if not self.plans_hidden else
+                             f"--axes {given} chooses the hidden size itself; drop --hidden {self.hidden:g}, or hidden "
+                             "from --axes")
+        if self.drop_experts or self.schedule:
+            raise UsageError(f"--axes {given} does not combine with --drop-experts or --schedule yet; drop one")
 
 
 DEFAULT_MAX_LAYER_ERROR = 0.02  # lowrank's default cap on a layer's relative output error (docs/BENCHMARKS.md)

@@ -3,6 +3,7 @@
 import json
 
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from prunetool.cli import main
@@ -92,3 +93,57 @@ def test_a_language_model_planned_through_the_api_loses_its_idle_layer_and_reads
     x = torch.randint(0, 40, (2, 11))
     with torch.no_grad():
         assert torch.allclose(back(x).logits, dense(x).logits, atol=1e-5)
+
+
+def test_the_plan_narrows_the_stream_where_no_write_reaches_and_equals_the_explicit_fraction(tmp_path, capsys,
+                                                                                                monkeypatch):
+    from test_width import QUIET_CHANNELS, _llama
+
+    dense = _llama(tmp_path, QUIET_CHANNELS)  # 4 of 32 channels hold 0: 28 wide loses nothing, units would
+    with torch.no_grad():  # sharper outputs than at initialisation, so that removing units shows in them
+        for module in dense.modules():
+            if type(module).__name__ == "Linear":
+                module.weight.mul_(8)
+    dense.save_pretrained(tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--tokens", "16", "--calib", "16", "--target-params", "0.9", "--no-latency", "-q"]
+    code = main(["shrink", "llama", *flags, "--axes", "units,hidden", "--out", "planned", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    plan = report["plan"]
+    assert plan["axes"] == ["units", "hidden"] and plan["hidden_size"] == 28 and plan["chosen"] == 0
+    tried = {c.get("hidden_size", 32): c["divergence"] for c in plan["counts"]}
+    assert set(tried) == {32, 28, 24} and tried[28] < min(tried[32], tried[24])  # 24 measured, worse: it stops
+    assert report["settings"]["hidden"] == 0.125 and report["after"]["params"] <= 0.9 * report["before"]["params"]
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+    # the plan's result is the run that asks for its fraction
+    code = main(["shrink", "llama", *flags, "--hidden", "0.125", "--out", "explicit", "--json", "e.json"])
+    assert code == 0, capsys.readouterr().err
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "planned").eval()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "explicit").eval()
+    x = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        assert a.config.hidden_size == 28 and torch.equal(a(x).logits, b(x).logits)
+        assert (a(x).logits - dense(x).logits).abs().max() < 0.05
+
+
+def test_hidden_in_axes_is_refused_in_one_line_where_it_cannot_work(tmp_path, capsys, monkeypatch):
+    from conftest import evci_cnn
+    from test_width import _llama
+
+    _llama(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    torch.save(evci_cnn().state_dict(), "cnn.pt")
+    llama = ["llama", "--tokens", "8"]
+    for args, said in (([*llama, "--axes", "hidden", "--target-params", "0.8"], "add units"),
+                       ([*llama, "--axes", "units,hidden"], "--target-params or --target-macs"),
+                       ([*llama, "--axes", "units,hidden", "--target-params", "0.8", "--hidden", "0.1"],
+                        "chooses the hidden size itself"),
+                       ([*llama, "--axes", "units,hidden", "--target-params", "0.8", "--dry-run"], "--axes hidden"),
+                       (["cnn.pt", "--arch", "samples.nets:EvciCNN", "--input-shape", "1,28,28", "--axes",
+                         "units,hidden", "--target-params", "0.8"], "drop hidden from --axes")):
+        out = "o.safetensors" if args[0] == "cnn.pt" else "o"
+        code = main(["shrink", *args, "--calib", "8", "--no-latency", "-q", "--out", out])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert code == 2 and len(errors) == 1 and said in errors[0], (args, errors)
+        assert not (tmp_path / out).exists()

@@ -172,7 +172,7 @@ def test_hidden_is_refused_in_one_line_where_it_cannot_work(tmp_path, capsys, mo
         (["llama", "--tokens", "8", "--hidden", "1"], "outside [0, 1)"),
         (["llama", "--tokens", "8", "--hidden", "0.1", "--dry-run"], "--hidden"),
         (["llama", "--tokens", "8", "--hidden", "0.1", "--target-params", "0.8", "--axes", "units,blocks"],
-         "or --hidden yet"),
+         "add hidden to --axes"),
     ]:
         code = main(["shrink", *args, *([] if "--axes" in args else ["--ratio", "0"]), "--calib", "8", "--no-latency", "-q", "--out", "o.safetensors" if args[0] == "cnn.pt" else "o"])
         err = capsys.readouterr().err

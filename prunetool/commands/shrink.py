@@ -498,23 +498,123 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         plan["counts"] = [{"blocks": n, "blocks_" + metric: round(sizes[n], 4)} for n in range(met[0] + 1)]
         plan["chosen"] = met[0]
         return replace(opts, drop_blocks=met[0], ratio=0.0, target_params=None, target_macs=None), blocks, plan
-    quiet = replace(measurement, evaluate=False)
-    untrained = replace(recovery, finetune_epochs=0, recover=0.0)  # BatchNorm recalibrated as the run will be
     best, least = 0, math.inf
     for n in bars.track(range(most + 1), "planning: blocks against units"):
-        trial = replace(opts, drop_blocks=n, allocation="uniform")
-        step = work(job, trial, untrained, quiet, QUIET, blocks=blocks)
-        small = step.model.to(device) if not measurement.offload else step.model
-        divergence = blocks.refit.divergence(small)
-        small.cpu()
-        plan["counts"].append({"blocks": n, "blocks_" + metric: round(sizes[n], 4),
-                               "ratio": step.settings["ratio"], "divergence": round(divergence, 6)})
-        del step, small
+        ratio, divergence = _trial(job, replace(opts, drop_blocks=n), recovery, measurement, blocks, blocks.refit)
+        plan["counts"].append({"blocks": n, "blocks_" + metric: round(sizes[n], 4), "ratio": ratio,
+                               "divergence": round(divergence, 6)})
         if divergence >= least:
             break  # one more block did worse than the best so far: more would not do better
         best, least = n, divergence
     plan["chosen"] = best
     return replace(opts, drop_blocks=best), blocks, plan
+
+
+def _trial(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, blocks: BlockChoice | None,
+           held: depth.HeldOut) -> tuple[float, float]:
+    """The ratio of units and the held-out divergence of the cut ``opts`` asks for, one ratio in every layer, without
+    training (BatchNorm recalibrated as the run will be) or evaluation: what a plan compares."""
+    quiet = replace(measurement, evaluate=False)
+    untrained = replace(recovery, finetune_epochs=0, recover=0.0)
+    step = work(job, replace(opts, allocation="uniform"), untrained, quiet, QUIET, blocks=blocks)
+    small = step.model.to(measurement.device) if not measurement.offload else step.model
+    divergence = held.divergence(small)
+    small.cpu()
+    return step.settings["ratio"], divergence
+
+
+HIDDEN_STEP = 0.05  # --axes hidden: the widths tried are those the config accepts at multiples of this fraction
+
+
+def _widths(job, opts: ShrinkOptions, measurement: Measurement) -> list[int]:
+    """The hidden sizes a plan may narrow the stream to, widest first (each the largest the family's config accepts
+    at a multiple of :data:`HIDDEN_STEP` removed); a one-line refusal, before any work, where the model has no
+    stream :mod:`prunetool.width` narrows."""
+    dense, device = job.dense, measurement.device
+    if not measurement.offload:
+        dense.to(device)
+    try:
+        stream = width.find(dense, batch_slice(batch_to(job.probe, device, model_dtype(dense)), 0, REMOVAL_PROBE),
+                            job.settings.output_key)
+    except width.NotAStream as e:
+        raise UsageError(f"--axes {','.join(opts.axes)}: {e}; drop hidden from --axes") from None
+    finally:
+        dense.cpu()
+    found = set()
+    for k in range(1, round(1 / HIDDEN_STEP)):
+        try:
+            found.add(width.kept_width(dense.config, k * HIDDEN_STEP, opts.rounding))
+        except width.NotAStream:
+            break  # no narrower width is one the config accepts
+    if not found - {stream.width}:
+        raise UsageError(f"--axes {','.join(opts.axes)}: no narrower hidden size than {stream.width} is one the "
+                         f"model's config accepts at multiples of {opts.rounding}; drop hidden from --axes")
+    return sorted((w for w in found if w < stream.width), reverse=True)
+
+
+def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars,
+                 blocks: BlockChoice | None, plan: dict, widths: list[int]) -> tuple[ShrinkOptions, BlockChoice, dict]:
+    """How much of the hidden size goes (``--axes`` names hidden), and how many blocks when the plan chooses those
+    too: from the count of blocks chosen at the full width (or ``--drop-blocks``), a descent over (blocks, width):
+    each move goes to the neighbour — one block more or fewer, one width narrower or wider — whose cut, then one
+    ratio of units meeting the target, diverges least on held-out samples, while that falls. The options with the
+    choice, the blocks' order, and the plan with every cut measured."""
+    dense, device, key = job.dense, measurement.device, job.settings.output_key
+    full = dense.config.hidden_size
+    if blocks is None and opts.drop_blocks:
+        if not measurement.offload:
+            dense.to(device)
+        blocks = _choose_blocks(job, dense, opts, opts.drop_blocks, bars, device, FIDELITY.get(measurement.fidelity))
+        dense.cpu()
+    if blocks is not None:
+        held = blocks.refit
+    else:
+        if not measurement.offload:
+            dense.to(device)
+        held = depth.HeldOut(dense, job.calib, key, device, FIDELITY.get(measurement.fidelity))
+        dense.cpu()
+    counts = range(len(blocks.names) + 1) if opts.plans_blocks else [opts.drop_blocks]
+    sizes = [full] + widths
+    measured = {(c["blocks"], 0): c["divergence"] for c in plan["counts"]}
+
+    def fraction(k: int) -> float:
+        return (full - sizes[k]) / full  # exact: the width kept is sizes[k] (width.asked_width)
+
+    def measure(n: int, k: int) -> float:
+        if (n, k) not in measured:
+            ratio, divergence = _trial(job, replace(opts, drop_blocks=n, hidden=fraction(k)), recovery, measurement,
+                                       blocks, held)
+            measured[n, k] = divergence
+            plan["counts"].append({"blocks": n, "hidden_size": sizes[k], "ratio": ratio,
+                                   "divergence": round(divergence, 6)})
+        return measured[n, k]
+
+    at = (plan.get("chosen", opts.drop_blocks), 0)
+    measure(*at)
+    for _ in bars.track(range(len(counts) * len(sizes)), "planning: blocks, hidden size and units"):
+        n, k = at
+        near = [(n + dn, k + dk) for dn, dk in ((0, 1), (1, 0), (-1, 0), (0, -1))
+                if n + dn in counts and 0 <= k + dk < len(sizes)]
+        best = min(near, key=lambda c: measure(*c))
+        if measured[best] >= measured[at]:
+            break  # no neighbour does better
+        at = best
+    plan["chosen"], plan["hidden_size"] = at[0], sizes[at[1]]
+    return replace(opts, drop_blocks=at[0], hidden=fraction(at[1])), blocks, plan
+
+
+def _plan(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars
+          ) -> tuple[ShrinkOptions, BlockChoice | None, dict]:
+    """What a plan across axes (``--axes`` naming blocks or hidden) removes under the size target: the options
+    with the counts chosen, the blocks' order, and the plan for the report."""
+    widths = _widths(job, opts, measurement) if opts.plans_hidden else []
+    blocks, plan = None, {"axes": list(opts.axes), "target": dict([_target(job.dense, opts, job.example)[:2]]),
+                          "counts": []}
+    if opts.plans_blocks:
+        opts, blocks, plan = _plan_blocks(job, opts, recovery, measurement, bars)
+    if opts.plans_hidden:
+        opts, blocks, plan = _plan_hidden(job, opts, recovery, measurement, bars, blocks, plan, widths)
+    return opts, blocks, plan
 
 
 def _cut_units(small: nn.Module, units: list, unit_stats: dict, kept: dict[str, int],
@@ -538,9 +638,9 @@ def _cut_units(small: nn.Module, units: list, unit_stats: dict, kept: dict[str, 
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
     blocks, plan = None, None
-    if opts.plans_blocks:
-        opts, blocks, plan = _plan_blocks(job, opts, recovery, measurement, bars)
-        scores = None  # scored on the dense model; blocks may go first
+    if opts.plans_blocks or opts.plans_hidden:
+        opts, blocks, plan = _plan(job, opts, recovery, measurement, bars)
+        scores = None  # scored on the dense model; blocks or channels may go first
     step = work(job, opts, recovery, measurement, bars, scores, blocks)
     if plan is not None:
         step.extra["plan"] = plan
@@ -790,7 +890,8 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
     each the one whose removal moves the outputs least (:mod:`prunetool.depth`); ``drop_experts`` of every
     mixture-of-experts block's experts likewise. ``axes=("units", "blocks")`` under ``target_params``/``target_macs``
     chooses the number of blocks by measuring the cut at each (``("blocks",)``: blocks alone, the fewest that meet
-    the target); the report's ``plan`` lists what each number measured. ``hidden`` (a Hugging Face pre-norm
+    the target); the report's ``plan`` lists what each number measured; ``"units,blocks,hidden"`` or
+    ``"units,hidden"`` choose the hidden size too (a descent over blocks and widths). ``hidden`` (a Hugging Face pre-norm
     decoder) removes that fraction of the residual stream's channels before any unit, the stream turned onto its
     principal directions first with ``rotate`` (:mod:`prunetool.width`). ``schedule`` (cumulative ratios, e.g.
     ``[0.1, 0.2, 0.4, 0.6]``) prunes step by step, re-scoring at each step, with ``finetune_epochs`` of training
