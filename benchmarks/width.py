@@ -12,7 +12,8 @@ figure must equal the CLI's. Rows:
 - *as they are, refit*: ``--no-rotate`` (the channels of least energy removed, no rotation);
 - *SliceGPT-style*: ``--compensate none`` (the rotation and the slice, no refit: SliceGPT without its per-layer
   rotations and the adapters they need on the residual paths, so the result keeps the family's architecture);
-- with ``--drop-blocks K --target-params P``: whole layers first, then the hidden size, then units to the target.
+- with ``--drop-blocks K --target-params P``: whole layers first, then the hidden size, then units to the target;
+- ``--axes units,blocks,hidden --target-params P``: the number of layers and the hidden size chosen by the plan.
 
 Latency: PyTorch eager on this CPU, dense and cut in alternating rounds, batch 1 and 8, 128-token sequences.
 """
@@ -45,6 +46,8 @@ ROWS = {  # name → flags
     "--hidden 0.5": ["--ratio", "0", "--hidden", "0.5"],
     "--hidden 0.3 --drop-blocks 2 --target-params 0.5": ["--hidden", "0.3", "--drop-blocks", "2",
                                                          "--target-params", "0.5"],
+    "--axes units,blocks,hidden --target-params 0.7": ["--axes", "units,blocks,hidden", "--target-params", "0.7"],
+    "--axes units,blocks,hidden --target-params 0.5": ["--axes", "units,blocks,hidden", "--target-params", "0.5"],
 }
 
 
@@ -69,7 +72,8 @@ def markdown(rows: dict, seconds: float) -> str:
         "## Width: the hidden size (issue 26)",
         "",
         f"Command: `python -m benchmarks.width --out docs/BENCHMARKS.md` · {machine()} · {today()} · commit "
-        f"{first.get('commit', '?')} · {seconds / 60:.0f} min.",
+        f"{', '.join(sorted({r.get('commit', '?') for r in rows.values()}))} (each row's in the table) · "
+        f"{seconds / 60:.0f} min.",
         "",
         f"kjv_llama8 (dense perplexity {dense:.2f} on the held-out KJV sequences, hidden size 128). Each row: "
         "`prunetool shrink samples/kjv_llama8 --data samples/kjv_tokens.npz FLAGS --out OUT` through the CLI, OUT "
@@ -79,18 +83,18 @@ def markdown(rows: dict, seconds: float) -> str:
         "alternating rounds (noisy on this shared 2-core machine).",
         "",
         "| flags | hidden size | energy kept | params kept | perplexity | vs dense | blocks removed | speed-up 1 / 8 "
-        "| seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| seconds | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | | | {r['commit']} |")
             continue
         s = r["speedup"]
         lines.append(f"| `{name}` | {r['hidden'][0]} → {r['hidden'][1]} | {r['energy_kept']:.3f} | "
                      f"{r['params']:.3f} | {r['value']:.2f} | {100 * (r['value'] / dense - 1):+.1f}% | "
                      f"{', '.join(b.rsplit('.', 1)[-1] for b in r['blocks']) or '–'} | "
-                     f"{s['1']:.2f}× / {s['8']:.2f}× | {r['seconds']:.0f} |")
+                     f"{s['1']:.2f}× / {s['8']:.2f}× | {r['seconds']:.0f} | {r['commit']} |")
     return "\n".join(lines)
 
 

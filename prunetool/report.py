@@ -68,11 +68,16 @@ def _speedup(s: dict) -> str:
 
 
 def plan_line(plan: dict) -> str:
-    """The plan across axes (``--axes``): each number of whole blocks tried, and the one chosen."""
-    tried = ", ".join(f"{c['blocks']}" + (f" (divergence {c['divergence']:.4g})" if "divergence" in c else "")
-                      for c in plan["counts"])
-    return (f"plan across {'+'.join(plan['axes'])}: blocks tried {tried}; [bold]{plan['chosen']}[/bold] removed"
-            + (f" ({', '.join(plan['order'][:plan['chosen']])})" if plan["chosen"] else ""))
+    """The plan across axes (``--axes``): each cut tried (its number of whole blocks, and hidden size where the
+    plan chose that too) with its divergence, and the one chosen."""
+    def point(c: dict) -> str:
+        where = f"{c['blocks']}" + (f" at hidden size {c['hidden_size']}" if "hidden_size" in c else "")
+        return where + (f" (divergence {c['divergence']:.4g})" if "divergence" in c else "")
+
+    chosen = plan["chosen"]
+    return (f"plan across {'+'.join(plan['axes'])}: blocks tried {', '.join(point(c) for c in plan['counts'])}; "
+            f"[bold]{chosen}[/bold] removed" + (f" ({', '.join(plan['order'][:chosen])})" if chosen else "")
+            + (f", hidden size [bold]{plan['hidden_size']}[/bold]" if "hidden_size" in plan else ""))
 
 
 def layers_table(report: dict) -> Table:

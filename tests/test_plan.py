@@ -7,6 +7,7 @@ import transformers
 from safetensors.torch import load_file
 
 from prunetool.cli import main
+from prunetool.report import plan_line
 from test_depth import _net
 
 FLAGS = ["--arch", "resnet_user.py:build", "--input-shape", "1,12,12", "--no-recalibrate-bn", "--no-latency", "-q"]
@@ -115,6 +116,7 @@ def test_the_plan_narrows_the_stream_where_no_write_reaches_and_equals_the_expli
     tried = {c.get("hidden_size", 32): c["divergence"] for c in plan["counts"]}
     assert set(tried) == {32, 28, 24} and tried[28] < min(tried[32], tried[24])  # 24 measured, worse: it stops
     assert report["settings"]["hidden"] == 0.125 and report["after"]["params"] <= 0.9 * report["before"]["params"]
+    assert plan_line(plan).endswith("[bold]0[/bold] removed, hidden size [bold]28[/bold]")
     assert report["verify"]["reload_from_pretrained"] == "identical"
     # the plan's result is the run that asks for its fraction
     code = main(["shrink", "llama", *flags, "--hidden", "0.125", "--out", "explicit", "--json", "e.json"])
@@ -147,3 +149,21 @@ def test_hidden_in_axes_is_refused_in_one_line_where_it_cannot_work(tmp_path, ca
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert code == 2 and len(errors) == 1 and said in errors[0], (args, errors)
         assert not (tmp_path / out).exists()
+
+
+def test_a_given_number_of_blocks_stays_while_the_plan_chooses_the_hidden_size(tmp_path, capsys, monkeypatch):
+    from test_width import _llama
+
+    _llama(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main(["shrink", "llama", "--tokens", "16", "--calib", "16", "--target-params", "0.6", "--drop-blocks", "1",
+                 "--axes", "units,hidden", "--no-latency", "-q", "--out", "o", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    plan = report["plan"]
+    assert {c["blocks"] for c in plan["counts"]} == {1} and plan["chosen"] == 1 and len(plan["order"]) == 1
+    assert plan["hidden_size"] in {c["hidden_size"] for c in plan["counts"]}
+    assert f"{plan['order'][0]}), hidden size" in plan_line(plan)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert back.config.num_hidden_layers == 1 and back.config.hidden_size == plan["hidden_size"]
+    assert report["after"]["params"] <= 0.6 * report["before"]["params"]
