@@ -299,12 +299,26 @@ def kept_width(config, fraction: float, multiple: int = 1) -> int:
     raise NotAStream(f"no hidden size of at most {asked} channels is one the model's config accepts")
 
 
+HEAD_CHUNK = 2 ** 22  # output elements computed at once when a reader's dense outputs are recomputed (a head's)
+
+
+def _add_rows(fit: Fit, reader: nn.Module, dense_reader: nn.Module, x: torch.Tensor, x_dense: torch.Tensor) -> None:
+    """One batch of ``reader``'s refit: its inputs ``x`` in the narrowed model against ``dense_reader``'s outputs on
+    its own inputs ``x_dense`` (by its forward itself: the pass's hooks stay out), token rows in chunks (a head's
+    outputs over a large vocabulary are never whole)."""
+    x, x_dense = x.reshape(-1, x.shape[-1]), x_dense.reshape(-1, x_dense.shape[-1])  # tokens × d', tokens × d
+    op, step = fit.c.op, max(1, HEAD_CHUNK // fit.w2d.shape[0])  # w2d: outputs × inputs
+    for i in range(0, len(x), step):
+        fit.add(op.rows({}, reader.weight, x[i:i + step], None), op.targets(dense_reader.forward(x_dense[i:i + step])))
+
+
 def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, device: str = "cpu",
                   output_key: str | None = None, bars: Bars = QUIET) -> int:
     """Refit every reader of ``small``'s narrowed stream by least squares (:class:`prunetool.cut.Fit`, its ridge
     pulling towards the weights as they are) so that its outputs on ``small``'s inputs match the same reader's
     outputs in ``dense``; norm by norm in the order the forward reaches them, so each fit sees the inputs the ones
-    before it left. Returns the number of readers refit."""
+    before it left. Each pass stops where the readers of the norm being refit are called, before they run; their
+    dense outputs are computed from the dense inputs in chunks. Returns the number of readers refit."""
     order: list[str] = []
     modules = dict(small.named_modules())
     handles = [modules[n].register_forward_hook(lambda mod, a, o, n=n: order.append(n) if n not in order else None)
@@ -323,10 +337,10 @@ def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, d
     for norm in bars.track(order, "refitting the stream's readers", total=len(order)):
         fits, box, handles = {}, {}, []
 
-        def keep(key: str, value, wanted: list[str]) -> None:
-            box[key] = value
+        def keep(key: str, x: torch.Tensor, wanted: list[str]) -> None:
+            box[key] = x
             if all(k in box for k in wanted):
-                raise Stop  # each model's pass ends once its readers of this norm have run: the rest is not needed
+                raise Stop  # each model's pass ends before its readers of this norm run: the rest is not needed
 
         for r in stream.norms[norm]:
             reader = modules[r]
@@ -339,10 +353,10 @@ def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, d
         if not fits:
             continue
         ours, theirs = list(fits), [f"dense {r}" for r in fits]
-        for r in fits:
-            handles.append(modules[r].register_forward_hook(lambda m, a, o, r=r: keep(r, (a[0], o), ours)))
-            handles.append(dense_modules[r].register_forward_hook(
-                lambda m, a, o, r=r: keep(f"dense {r}", o, theirs)))
+        for r in fits:  # the readers' inputs; the dense outputs are computed from them, chunk by chunk
+            handles.append(modules[r].register_forward_pre_hook(lambda m, a, r=r: keep(r, a[0], ours)))
+            handles.append(dense_modules[r].register_forward_pre_hook(
+                lambda m, a, r=r: keep(f"dense {r}", a[0], theirs)))
         try:
             with torch.no_grad():
                 for xb, _, _ in samples.batches(STREAM_BATCH):
@@ -353,9 +367,7 @@ def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, d
                         except Stop:
                             pass
                     for r, fit in fits.items():
-                        x, _ = box[r]
-                        op = fit.c.op
-                        fit.add(op.rows({}, modules[r].weight, x, None), op.targets(box[f"dense {r}"]))
+                        _add_rows(fit, modules[r], dense_modules[r], box[r], box[f"dense {r}"])
         finally:
             for h in handles:
                 h.remove()

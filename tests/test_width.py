@@ -89,6 +89,21 @@ def test_the_refit_restores_what_removed_channels_echoed_of_kept_ones(tmp_path):
     assert errors["none"] > 1e-3 and errors["lstsq"] < 0.05 * errors["none"]
 
 
+def test_the_refit_reads_outputs_chunk_by_chunk_with_the_same_result(tmp_path, monkeypatch):
+    """The readers' dense outputs are computed from their inputs a few token rows at a time (a head over a large
+    vocabulary never whole): the fits do not depend on the chunk."""
+    _llama(tmp_path, QUIET_CHANNELS, echo=0.3)
+    weights = []
+    for chunk in (width.HEAD_CHUNK, 7 * 40):  # 7 tokens of the 40-word head at a time
+        monkeypatch.setattr(width, "HEAD_CHUNK", chunk)
+        small, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, hidden=0.125, rotate=False,
+                                         tokens=16, calib=16, measure=False)
+        assert next(r for r in report["layers"] if r.get("stream"))["readers_refit"] == 11
+        weights.append(small.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4) for k in weights[0])
+
+
 @pytest.mark.parametrize("rotate", [True, False])
 def test_a_head_tied_to_the_embedding_is_untied_only_when_the_stream_turns(tmp_path, rotate):
     dense = _llama(tmp_path, tied=True)
