@@ -13,7 +13,10 @@ figure must equal the CLI's. Rows:
 - *SliceGPT-style*: ``--compensate none`` (the rotation and the slice, no refit: SliceGPT without its per-layer
   rotations and the adapters they need on the residual paths, so the result keeps the family's architecture);
 - with ``--drop-blocks K --target-params P``: whole layers first, then the hidden size, then units to the target;
-- ``--axes units,blocks,hidden --target-params P``: the number of layers and the hidden size chosen by the plan.
+- ``--axes units,blocks,hidden --target-params P``: the number of layers and the hidden size chosen by the plan;
+- *Minitron-style* (in this process, on our cut): Minitron's width importance — each channel's mean |norm output|
+  over the calibration tokens, summed over the norms (Muralidharan et al. 2024) — the least important channels
+  removed as they are, without the distillation Minitron trains afterwards; and the same with our readers' refit.
 
 Latency: PyTorch eager on this CPU, dense and cut in alternating rounds, batch 1 and 8, 128-token sequences.
 """
@@ -28,9 +31,11 @@ from pathlib import Path
 import torch
 
 import prunetool
-from prunetool.batch import batch_slice
+from prunetool import width
+from prunetool.batch import batch_slice, call
 from prunetool.data import calibration, eval_loader, load_data
-from prunetool.measure import params
+from prunetool.layers import clone
+from prunetool.measure import evaluate, params
 
 from .common import ROOT, commit, machine, publish, table_args, today
 from .depth import cli, latency, reloaded
@@ -49,6 +54,40 @@ ROWS = {  # name → flags
     "--axes units,blocks,hidden --target-params 0.7": ["--axes", "units,blocks,hidden", "--target-params", "0.7"],
     "--axes units,blocks,hidden --target-params 0.5": ["--axes", "units,blocks,hidden", "--target-params", "0.5"],
 }
+
+BASELINES = {  # name → (fraction of the hidden size removed, our refit after)
+    "Minitron-style importance, --hidden 0.25, no refit": (0.25, False),
+    "Minitron-style importance, --hidden 0.25, our refit": (0.25, True),
+}
+
+
+def minitron(dense, fraction: float, refit: bool, calib, loader, example) -> dict:
+    """Minitron's width importance (each channel's mean |norm output| over the calibration tokens, summed over every
+    norm), the least important ``fraction`` of the channels removed as they are; ``refit``: our readers' refit."""
+    start = time.perf_counter()
+    small = clone(dense)
+    stream = width.find(small, calib.take(2)[0])
+    modules = dict(small.named_modules())
+    importance = torch.zeros(stream.width, dtype=torch.float64)
+
+    def take(_, __, out: torch.Tensor) -> None:
+        importance.add_(out.detach().abs().reshape(-1, out.shape[-1]).double().mean(0))
+
+    handles = [modules[n].register_forward_hook(take) for n in stream.norms]
+    with torch.no_grad():
+        for xb, _, _ in calib.batches(8):
+            call(small, xb)
+    for h in handles:
+        h.remove()
+    kept = width.kept_width(small.config, fraction)
+    order = importance.argsort(descending=True)
+    width.slice_stream(small, stream, torch.eye(stream.width, dtype=torch.float64)[:, order], kept, rotated=False)
+    if refit:
+        width.refit_readers(small, dense, stream, calib)
+    q = evaluate(small.eval(), loader)
+    return {"flags": "in this process", "value": q.value, "dense": evaluate(dense, loader).value,
+            "params": params(small) / params(dense), "hidden": [stream.width, kept], "energy_kept": None,
+            "seconds": round(time.perf_counter() - start, 1), "blocks": [], "speedup": latency(dense, small, example)}
 
 
 def run(flags: list[str], loader, dense, example, work: Path, timeout: int) -> dict:
@@ -72,8 +111,8 @@ def markdown(rows: dict, seconds: float) -> str:
         "## Width: the hidden size (issue 26)",
         "",
         f"Command: `python -m benchmarks.width --out docs/BENCHMARKS.md` · {machine()} · {today()} · commit "
-        f"{', '.join(sorted({r.get('commit', '?') for r in rows.values()}))} (each row's in the table) · "
-        f"{seconds / 60:.0f} min.",
+        f"{', '.join(sorted({r.get('commit', '?') for r in rows.values()}))} (each row's commit and seconds in the "
+        "table).",
         "",
         f"kjv_llama8 (dense perplexity {dense:.2f} on the held-out KJV sequences, hidden size 128). Each row: "
         "`prunetool shrink samples/kjv_llama8 --data samples/kjv_tokens.npz FLAGS --out OUT` through the CLI, OUT "
@@ -91,7 +130,8 @@ def markdown(rows: dict, seconds: float) -> str:
             lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | | | {r['commit']} |")
             continue
         s = r["speedup"]
-        lines.append(f"| `{name}` | {r['hidden'][0]} → {r['hidden'][1]} | {r['energy_kept']:.3f} | "
+        energy = "–" if r["energy_kept"] is None else f"{r['energy_kept']:.3f}"
+        lines.append(f"| `{name}` | {r['hidden'][0]} → {r['hidden'][1]} | {energy} | "
                      f"{r['params']:.3f} | {r['value']:.2f} | {100 * (r['value'] / dense - 1):+.1f}% | "
                      f"{', '.join(b.rsplit('.', 1)[-1] for b in r['blocks']) or '–'} | "
                      f"{s['1']:.2f}× / {s['8']:.2f}× | {r['seconds']:.0f} | {r['commit']} |")
@@ -117,8 +157,14 @@ def main() -> None:
             except RuntimeError as e:
                 rows[name] = {"error": str(e), "commit": commit()}
             print(json.dumps({name: rows[name]}), flush=True)
+    calib = calibration(data, 512)  # the CLI's calibration samples (its default --calib)
+    for name, (fraction, refit) in BASELINES.items():
+        if not args.only or name in args.only:
+            rows[name] = minitron(dense, fraction, refit, calib, loader, example) | {"commit": commit()}
+            print(json.dumps({name: rows[name]}), flush=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
-    publish(args.out, "width", markdown({n: rows[n] for n in ROWS if n in rows}, time.perf_counter() - start))
+    publish(args.out, "width", markdown({n: rows[n] for n in [*ROWS, *BASELINES] if n in rows},
+                                        time.perf_counter() - start))
 
 
 if __name__ == "__main__":
