@@ -118,7 +118,9 @@ def markdown(rows: dict, seconds: float) -> str:
         "`prunetool shrink samples/kjv_llama8 --data samples/kjv_tokens.npz FLAGS --out OUT` through the CLI, OUT "
         "(a Hugging Face directory) reloaded and evaluated (equal to the CLI's figure). *Turned*: one rotation "
         "onto the stream's principal directions; *refit*: every reader of the narrowed stream refit by least "
-        "squares; *SliceGPT-style*: turned, no refit. Speed-ups: PyTorch eager, batch 1 / 8, 128-token context, "
+        "squares; *SliceGPT-style*: turned, no refit; *Minitron-style* (in this process, on our cut): the "
+        "channels of least mean |norm output| summed over the norms removed as they are, without the distillation "
+        "Minitron trains afterwards. Speed-ups: PyTorch eager, batch 1 / 8, 128-token context, "
         "alternating rounds (noisy on this shared 2-core machine).",
         "",
         "| flags | hidden size | energy kept | params kept | perplexity | vs dense | blocks removed | speed-up 1 / 8 "
