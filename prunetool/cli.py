@@ -73,7 +73,7 @@ def examples(*lines: str) -> str:
 SHRINK_EXAMPLES = examples(
     "shrink samples/evci_cnn.pt --arch samples.nets:EvciCNN --data samples/mnist_subset.npz --ratio 0.6",
     "shrink model.pt --arch torchvision.models:resnet18 --arch-kwargs '{\"num_classes\": 10}' --data cifar10:~/data",
-    "shrink samples/kjv_llama8 --data samples/kjv_tokens.npz --hidden 0.1 --drop-blocks 2 --target-params 0.7",
+    "shrink samples/kjv_llama8 --data samples/kjv_tokens.npz --target-params 0.7 --axes units,blocks,hidden",
     "shrink r18.pt --arch torchvision.models:resnet18 --input-shape 3,224,224 --dry-run",
     "shrink r18.pt --arch torchvision.models:resnet18 --data imgs/ --scope global --target-macs 0.5 \\\n"
     "      --out r18.small.safetensors --onnx r18.onnx --pt2 r18.pt2 --max-drop 1")
