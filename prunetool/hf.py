@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 import shutil
 import warnings
@@ -400,6 +401,7 @@ class Widths:
         self.classes = self._classes(graph.groups)
         self.tried: dict[tuple, str | None] = {}  # (class, units kept) → why the config refuses it, None if it holds
         self.no_bias = self._forbid_new_biases(graph.groups)
+        self._flag_biases: dict[tuple, int] = {}
 
     def _forbid_new_biases(self, groups: list[Group]) -> list[str]:
         """Mark the consumers the compensation may not give a bias: those whose bias no config of the family
@@ -420,6 +422,20 @@ class Widths:
                     c.new_bias = False
                     forbidden.append(role)
         return sorted(set(forbidden))
+
+    def flag_biases(self, state: dict[str, tuple[int, ...]]) -> int:
+        """The parameters of the zero biases a bias flag adds when a cut of these tensor shapes (``state``, with
+        the biases the compensation gives) is written (``mlp_bias`` gives ``gate``/``up`` one where ``down`` got
+        one); 0 where the shapes hold no config. Cached: a search asks for the same counts again."""
+        key = tuple(sorted(state.items()))
+        if key not in self._flag_biases:
+            try:
+                new, added = _config(state, self.base, self.deps, self.architecture, self.config, self.trust)
+                built = _meta(self.architecture, new, self.trust) if added else {}
+                self._flag_biases[key] = sum(math.prod(built[k]) for k in added)
+            except NotRepresentable:
+                self._flag_biases[key] = 0
+        return self._flag_biases[key]
 
     def _holds(self, state: dict) -> bool:
         try:

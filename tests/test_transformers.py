@@ -578,3 +578,20 @@ def test_encoder_decoder_labels_beyond_the_vocabulary_are_refused(tmp_path, caps
     code = main(["shrink", str(src), "--data", str(tmp_path / "big.npz"), "--no-latency"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "labels go up to" in err and len(err.splitlines()) == 1
+
+
+def test_a_size_target_counts_the_zero_biases_a_config_flag_adds_to_the_written_directory(tmp_path, capsys):
+    """The refit gives down_proj a bias; Llama holds it only with mlp_bias, which gives gate_proj and up_proj zero
+    biases too: the directory written must still meet --target-params (it missed by those biases before)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    dense = transformers.LlamaForCausalLM(config)
+    dense.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "small"
+    code = main(["shrink", str(tmp_path / "llama"), "--tokens", "12", "--calib", "16", "--target-params", "0.9",
+                 "--allocation", "uniform", "--no-latency", "-q", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert back.config.mlp_bias and not back.model.layers[0].mlp.gate_proj.bias.any()
+    assert sum(p.numel() for p in back.parameters()) <= 0.9 * sum(p.numel() for p in dense.parameters())

@@ -73,17 +73,20 @@ def widths_of(job, model: nn.Module, graph: Trace, opts: ShrinkOptions) -> Width
 
 
 def size_after(dense, graph, keep, example, compensate: str = "none", units: list | None = None,
-               kept: dict[str, int] | None = None) -> tuple[int, int]:
+               kept: dict[str, int] | None = None, widths: Widths | None = None) -> tuple[int, int]:
     """Parameters and MACs of the cut (structure only), counting the biases least squares gives the consumers it
-    refits that had none, with ``kept`` units in every expert of the stacked ``units``."""
+    refits that had none, with ``kept`` units in every expert of the stacked ``units``; with ``widths`` (written
+    as a Hugging Face directory), the zero biases the config's bias flag adds beside them too."""
     small = structure(dense, graph, keep, units, kept)
-    added = 0
+    added: dict[str, tuple[int, ...]] = {}
     if compensate == "lstsq":
         modules = dict(small.named_modules())
         for name, c in plan_cut(graph, keep).consumers.items():
             if can_add_bias(modules[name], c):
-                added += c.op.as_matrix(getattr(modules[name], c.weight)).shape[0]
-    return params(small) + added, macs(small, example)
+                added[f"{name}.bias"] = (c.op.as_matrix(getattr(modules[name], c.weight)).shape[0],)
+    flagged = widths.flag_biases({**{k: tuple(v.shape) for k, v in small.state_dict().items()}, **added}) \
+        if widths is not None and added else 0
+    return params(small) + sum(n for n, in added.values()) + flagged, macs(small, example)
 
 
 def structure(model, graph, keep, units: list | None = None, kept: dict[str, int] | None = None) -> nn.Module:
@@ -170,7 +173,7 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Width
 
     def size(r):
         return size_after(model, graph, keep_units(graph, scores, r, opts, widths), example, opts.compensate,
-                          units, unit_counts(units or [], {}, r, opts))[index]
+                          units, unit_counts(units or [], {}, r, opts), widths)[index]
 
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
@@ -201,7 +204,8 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
         if rounded and widths is not None:
             keep = widths.round(keep, scores.scores)[0]
         kept = unit_counts(units, {}, removed_fraction(graph, keep), opts)
-        return size_after(model, graph, keep, job.example, opts.compensate, units, kept)[index]
+        return size_after(model, graph, keep, job.example, opts.compensate, units, kept,
+                          widths if rounded else None)[index]
 
     ties, whole = widths.ties() if widths is not None else ([], [])
     trials = allocate.Trials(model, graph, scores.scores, opts.compensate, job.calib, probe, engine, scores.means,
