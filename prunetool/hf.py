@@ -14,7 +14,8 @@ from the new config has exactly the cut model's tensors. A family whose config c
 and GPT-2 derive the head size from the model width, so fewer heads change nothing a config can say; widths that
 differ per layer) is refused with the reason, and the command writes prunetool's own file instead. Biases the
 compensation added are kept by switching on the config's bias flag (``attention_bias``, ``mlp_bias``) where the
-family has one; the biases that flag also creates elsewhere are zero, and count in the written model's parameters.
+family has one; the biases that flag also creates elsewhere are zero, and count in the written model's parameters
+(and in the size a --target-params search meets: :meth:`Widths.flag_biases`).
 The written directory is read back with ``from_pretrained`` (:func:`read_back`) and must give identical outputs.
 """
 
