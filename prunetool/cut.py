@@ -334,6 +334,28 @@ class Fit:
         self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.xtz = xtz if self.xtz is None else self.xtz + xtz
 
+    def add_chunks(self, design: torch.Tensor, targets, step: int) -> None:
+        """:meth:`add` of ``design`` against ``targets(i, j)`` (the targets of rows i:j, computed when asked),
+        ``step`` rows at a time: XᵀX once, Xᵀz summed over the chunks where they are computed and copied once (a
+        head's targets over a large vocabulary are never whole, and its d' × vocabulary product is moved once)."""
+        if self.bias_only or self.kept is not None:
+            for i in range(0, len(design), step):
+                self.add(design[i:i + step], targets(i, i + step))
+            return
+        design = design.float()
+        if self.fit_bias:
+            design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype, device=design.device)], 1)
+        a = _pow2_scale(design)
+        xtz = None
+        for i in range(0, len(design), step):
+            z = targets(i, i + step).float()
+            b = _pow2_scale(z)
+            part = ((design[i:i + step] / a).T @ (z / b)).double() * (a * b)
+            xtz = part if xtz is None else xtz + part
+        xtx = ((design / a).T @ (design / a)).double().cpu() * (a * a)
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.xtz = xtz.cpu() if self.xtz is None else self.xtz + xtz.cpu()
+
     def add_call(self, call, ids: torch.Tensor, stats, targets) -> None:
         """One batch of the consumer's call on the cut model (samples ``ids``): its design rows at the sampled
         positions against the dense targets of the same samples and positions (``targets``:

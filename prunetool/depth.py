@@ -250,10 +250,11 @@ def _runs(blocks: list[Block], gone: set[str]) -> list[tuple[list[Block], Block 
 
 
 class HeldOut:
-    """Calibration samples split into a part to fit on (``part``) and a part held out of every fit (``held``, with
-    ``dense``'s outputs on it, ``want``): :data:`ABSORB_SAMPLES` and :data:`ABSORB_CHECK` of them, fewer held out
-    where a large vocabulary's outputs would not fit in :data:`OUTPUT_BYTES`. How a cut model is compared with the
-    dense one (:meth:`divergence`, ``metric`` as :func:`output_divergence` reads it)."""
+    """Calibration samples split into a part to fit on (``part``) and a part held out of the blocks' refits
+    (``held``, with ``dense``'s outputs on it, ``want``): :data:`ABSORB_SAMPLES` and :data:`ABSORB_CHECK` of them,
+    fewer held out where a large vocabulary's outputs would not fit in :data:`OUTPUT_BYTES`. How a cut model is
+    compared with the dense one (:meth:`divergence`, ``metric`` as :func:`output_divergence` reads it). The units'
+    and the stream's least squares read every calibration sample, these too."""
 
     def __init__(self, dense: nn.Module, samples, output_key: str | None = None, device: str = "cpu",
                  metric: str | None = None):

@@ -434,7 +434,7 @@ class Widths:
                 new, added = _config(state, self.base, self.deps, self.architecture, self.config, self.trust)
                 built = _meta(self.architecture, new, self.trust) if added else {}
                 self._flag_biases[key] = sum(math.prod(built[k]) for k in added)
-            except NotRepresentable:
+            except Exception:  # NotRepresentable, or a family's build refusing the flag: no bias to count
                 self._flag_biases[key] = 0
         return self._flag_biases[key]
 

@@ -432,8 +432,8 @@ class ShrinkOptions:
             raise UsageError(f"--axes {given} chooses the number of blocks itself; drop --drop-blocks "
                              f"{self.drop_blocks}, or --axes")
         if self.hidden:
-            raise UsageError(f"--axes {given} does not combine with --hidden {self.hidden:g}; add hidden to --axes to "
-                             "choose it, or drop one" if not self.plans_hidden else
+            raise UsageError(f"--axes {given} does not combine with --hidden {self.hidden:g}; add hidden to --axes "
+                             "(with units) to choose it, or drop one" if not self.plans_hidden else
                              f"--axes {given} chooses the hidden size itself; drop --hidden {self.hidden:g}, or hidden "
                              "from --axes")
         if self.drop_experts or self.schedule:

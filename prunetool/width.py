@@ -34,7 +34,7 @@ from torch import nn
 
 from . import layers, ops
 from .batch import batch_to, call, model_dtype
-from .calls import Stop
+from .calls import NeverCalled, Stop
 from .cut import Fit
 from .data import as_samples
 from .groups import Consumer
@@ -308,8 +308,8 @@ def _add_rows(fit: Fit, reader: nn.Module, dense_reader: nn.Module, x: torch.Ten
     outputs over a large vocabulary are never whole)."""
     x, x_dense = x.reshape(-1, x.shape[-1]), x_dense.reshape(-1, x_dense.shape[-1])  # tokens × d', tokens × d
     op, step = fit.c.op, max(1, HEAD_CHUNK // fit.w2d.shape[0])  # w2d: outputs × inputs
-    for i in range(0, len(x), step):
-        fit.add(op.rows({}, reader.weight, x[i:i + step], None), op.targets(dense_reader.forward(x_dense[i:i + step])))
+    fit.add_chunks(op.rows({}, reader.weight, x, None), lambda i, j: op.targets(dense_reader.forward(x_dense[i:j])),
+                   step)
 
 
 def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, device: str = "cpu",
@@ -367,6 +367,8 @@ def refit_readers(small: nn.Module, dense: nn.Module, stream: Stream, samples, d
                         except Stop:
                             pass
                     for r, fit in fits.items():
+                        if r not in box or f"dense {r}" not in box:
+                            raise NeverCalled(f"{r} did not run on a calibration batch: its refit has no inputs")
                         _add_rows(fit, modules[r], dense_modules[r], box[r], box[f"dense {r}"])
         finally:
             for h in handles:

@@ -107,7 +107,8 @@ def test_the_plan_narrows_the_stream_where_no_write_reaches_and_equals_the_expli
                 module.weight.mul_(8)
     dense.save_pretrained(tmp_path / "llama")
     monkeypatch.chdir(tmp_path)
-    flags = ["--tokens", "16", "--calib", "16", "--target-params", "0.9", "--no-latency", "-q"]
+    flags = ["--tokens", "16", "--calib", "16", "--target-params", "0.9", "--allocation", "uniform", "--no-latency",
+             "-q"]
     code = main(["shrink", "llama", *flags, "--axes", "units,hidden", "--out", "planned", "--json", "r.json"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
@@ -167,3 +168,18 @@ def test_a_given_number_of_blocks_stays_while_the_plan_chooses_the_hidden_size(t
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert back.config.num_hidden_layers == 1 and back.config.hidden_size == plan["hidden_size"]
     assert report["after"]["params"] <= 0.6 * report["before"]["params"]
+
+
+def test_a_target_units_alone_cannot_meet_at_full_width_starts_the_plan_at_a_narrower_stream(tmp_path, capsys,
+                                                                                               monkeypatch):
+    from test_width import _llama
+
+    _llama(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code = main(["shrink", "llama", "--tokens", "16", "--calib", "16", "--target-params", "0.2", "--axes",
+                 "units,hidden", "--allocation", "uniform", "--no-latency", "-q", "--out", "o", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    counts = report["plan"]["counts"]
+    assert counts[0]["hidden_size"] == 32 and "cannot be reached" in counts[0]["error"]
+    assert report["plan"]["hidden_size"] < 32 and report["after"]["params"] <= 0.2 * report["before"]["params"]

@@ -565,17 +565,15 @@ def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
     choice, the blocks' order, and the plan with every cut measured."""
     dense, device, key = job.dense, measurement.device, job.settings.output_key
     full = dense.config.hidden_size
-    if blocks is None and opts.drop_blocks:
-        if not measurement.offload:
-            dense.to(device)
-        blocks = _choose_blocks(job, dense, opts, opts.drop_blocks, bars, device, FIDELITY.get(measurement.fidelity))
-        dense.cpu()
-    if blocks is not None:
-        held = blocks.refit
-    else:
-        if not measurement.offload:
-            dense.to(device)
-        held = depth.HeldOut(dense, job.calib, key, device, FIDELITY.get(measurement.fidelity))
+    if not measurement.offload:
+        dense.to(device)
+    try:
+        if blocks is None and opts.drop_blocks:
+            blocks = _choose_blocks(job, dense, opts, opts.drop_blocks, bars, device,
+                                    FIDELITY.get(measurement.fidelity))
+        held = blocks.refit if blocks is not None else \
+            depth.HeldOut(dense, job.calib, key, device, FIDELITY.get(measurement.fidelity))
+    finally:
         dense.cpu()
     counts = range(len(blocks.names) + 1) if opts.plans_blocks else [opts.drop_blocks]
     sizes = [full] + widths
@@ -586,15 +584,23 @@ def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
 
     def measure(n: int, k: int) -> float:
         if (n, k) not in measured:
-            ratio, divergence = _trial(job, replace(opts, drop_blocks=n, hidden=fraction(k)), recovery, measurement,
-                                       blocks, held)
+            try:
+                ratio, divergence = _trial(job, replace(opts, drop_blocks=n, hidden=fraction(k)), recovery,
+                                           measurement, blocks, held)
+                if opts.allocating and ratio > opts.max_layer_ratio:  # the allocation removes no more per layer
+                    raise UsageError(f"one ratio of units {ratio} is beyond --max-layer-ratio {opts.max_layer_ratio}")
+            except UsageError as e:  # units alone cannot meet the target at this width: a narrower one may
+                measured[n, k] = math.inf
+                plan["counts"].append({"blocks": n, "hidden_size": sizes[k], "error": str(e)})
+                return math.inf
             measured[n, k] = divergence
             plan["counts"].append({"blocks": n, "hidden_size": sizes[k], "ratio": ratio,
                                    "divergence": round(divergence, 6)})
         return measured[n, k]
 
     at = (plan.get("chosen", opts.drop_blocks), 0)
-    measure(*at)
+    while measure(*at) == math.inf and at[1] + 1 < len(sizes):
+        at = (at[0], at[1] + 1)  # units alone cannot meet the target this wide: start from the widest that can
     for _ in bars.track(range(len(counts) * len(sizes)), "planning: blocks, hidden size and units"):
         n, k = at
         # narrower first, then fewer blocks (the width took part of the target), more, wider; the first that does
@@ -605,6 +611,9 @@ def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         if better is None:
             break  # no neighbour does better
         at = better
+    if measured[at] == math.inf:
+        raise UsageError(f"--target-{next(iter(plan['target']))} {next(iter(plan['target'].values()))} cannot be "
+                         f"reached at any hidden size down to {sizes[at[1]]}: {plan['counts'][-1]['error']}")
     plan["chosen"], plan["hidden_size"], plan["order"] = at[0], sizes[at[1]], blocks.names if blocks else []
     return replace(opts, drop_blocks=at[0], hidden=fraction(at[1])), blocks, plan
 
