@@ -324,15 +324,7 @@ class Fit:
             self.xtx = (0 if self.xtx is None else self.xtx) + len(r)
             self.xtz = (0 if self.xtz is None else self.xtz) + r.sum(0).cpu()
             return
-        if self.fit_bias:
-            design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype, device=design.device)], 1)
-        # Power-of-two scales keep float32 products finite when activations are huge (random weights in deep
-        # nets reach 1e14: squared and summed, that overflows float32); they are exact, so results do not change.
-        a, b = _pow2_scale(design), _pow2_scale(z)
-        xtx = ((design / a).T @ (design / a)).double().cpu() * (a * a)
-        xtz = ((design / a).T @ (z / b)).double().cpu() * (a * b)
-        self.xtx = xtx if self.xtx is None else self.xtx + xtx
-        self.xtz = xtz if self.xtz is None else self.xtz + xtz
+        self._add_products(design, lambda i, j: z[i:j], len(design))
 
     def add_chunks(self, design: torch.Tensor, targets, step: int) -> None:
         """:meth:`add` of ``design`` against ``targets(i, j)`` (the targets of rows i:j, computed when asked),
@@ -342,13 +334,19 @@ class Fit:
             for i in range(0, len(design), step):
                 self.add(design[i:i + step], targets(i, i + step))
             return
-        design = design.float()
+        self._add_products(design.float(), lambda i, j: targets(i, j).float(), step)
+
+    def _add_products(self, design: torch.Tensor, targets, step: int) -> None:
+        """XᵀX and Xᵀz of float32 ``design`` rows (a column of ones appended when the bias is fitted) against
+        ``targets(i, j)``, ``step`` rows at a time, summed in float64 into the equations."""
         if self.fit_bias:
             design = torch.cat([design, torch.ones(len(design), 1, dtype=design.dtype, device=design.device)], 1)
+        # Power-of-two scales keep float32 products finite when activations are huge (random weights in deep
+        # nets reach 1e14: squared and summed, that overflows float32); they are exact, so results do not change.
         a = _pow2_scale(design)
         xtz = None
-        for i in range(0, len(design), step):
-            z = targets(i, i + step).float()
+        for i in range(0, max(len(design), 1), max(step, 1)):  # once at least: no rows still sets up the equations
+            z = targets(i, i + step)
             b = _pow2_scale(z)
             part = ((design[i:i + step] / a).T @ (z / b)).double() * (a * b)
             xtz = part if xtz is None else xtz + part

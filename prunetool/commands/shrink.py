@@ -561,8 +561,8 @@ def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
     """How much of the hidden size goes (``--axes`` names hidden), and how many blocks when the plan chooses those
     too: from the count of blocks chosen at the full width (or ``--drop-blocks``), a descent over (blocks, width):
     each move goes to a neighbour — one width narrower, one block fewer or more, one width wider, the first of them
-    whose cut, then one ratio of units meeting the target, diverges less on held-out samples — until none does. The options with the
-    choice, the blocks' order, and the plan with every cut measured."""
+    whose cut, then one ratio of units meeting the target, diverges less on held-out samples — until none does.
+    The options with the choice, the blocks' order, and the plan with every cut measured."""
     dense, device, key = job.dense, measurement.device, job.settings.output_key
     full = dense.config.hidden_size
     if not measurement.offload:
