@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -137,11 +138,34 @@ def _quiet():
     logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), _native_quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _native_quiet():
+    """Descriptors 1 and 2 sent to the null device: torch's C++ side writes there past Python's streams (a
+    TorchScript export that fails logs its whole graph, megabytes for a transformer, before the dynamo one runs)."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()  # what Python holds goes out before the descriptor moves
+    saved = []
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in (1, 2):
+                try:
+                    saved.append((fd, os.dup(fd)))
+                except OSError:
+                    continue  # closed: nothing to silence
+                os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _dims(x: Batch) -> list[dict[int, str]]:
