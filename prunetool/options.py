@@ -309,7 +309,8 @@ class ShrinkOptions:
                           "(SliceGPT's rotation, one for the whole model) so that those removed carry the least "
                           "energy; --no-rotate removes the channels of least energy as they are.",
                           negative="--no-rotate")
-    axes: tuple[str, ...] | None = option(None, "--axes", "What a --target-params/--target-macs may remove: units "
+    axes: tuple[str, ...] | None = option(None, "--axes", "What a --target-params/--target-macs/--target-latency may "
+                                          "remove: units "
                                           "(neurons, channels, heads; the default), blocks (whole residual blocks), "
                                           "hidden (the hidden size, as --hidden) or several, e.g. units,blocks,hidden: "
                                           "how many blocks and how much of the hidden size go is then chosen by "
@@ -422,9 +423,13 @@ class ShrinkOptions:
                              "blocks, hidden or several, e.g. units,blocks,hidden")
         if not (self.plans_blocks or self.plans_hidden):
             return
-        if self.target_params is None and self.target_macs is None:
+        if not self.targeted:
             raise UsageError(f"--axes {given} chooses how many blocks or how much of the hidden size go to meet "
-                             "--target-params or --target-macs; give one of them (or --drop-blocks N, --hidden F)")
+                             "--target-params, --target-macs or --target-latency; give one of them (or --drop-blocks "
+                             "N, --hidden F)")
+        if self.target_latency is not None and "units" not in self.axes:
+            raise UsageError(f"--axes {given} with --target-latency: units meet the latency beside the blocks "
+                             "removed; add units (e.g. --axes units,blocks), or give --target-params")
         if self.plans_hidden and "units" not in self.axes:
             raise UsageError(f"--axes {given}: the hidden size is chosen against units filling the rest of the "
                              "target; add units (e.g. --axes units,hidden), or give --hidden F")

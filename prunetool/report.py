@@ -72,7 +72,8 @@ def plan_line(plan: dict) -> str:
     plan chose that too) with its divergence, and the one chosen."""
     def point(c: dict) -> str:
         where = f"{c['blocks']}" + (f" at hidden size {c['hidden_size']}" if "hidden_size" in c else "")
-        return where + (f" (divergence {c['divergence']:.4g})" if "divergence" in c else "")
+        return where + (f" (divergence {c['divergence']:.4g}" + (f", latency {c['latency']:.3f}" if "latency" in c
+                                                                   else "") + ")" if "divergence" in c else "")
 
     chosen = plan["chosen"]
     return (f"plan across {'+'.join(plan['axes'])}: blocks tried {', '.join(point(c) for c in plan['counts'])}; "

@@ -56,11 +56,11 @@ def test_blocks_alone_remove_the_fewest_that_meet_the_target_and_no_unit(tmp_pat
 def test_axes_that_cannot_work_are_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     _net(tmp_path, dead=0)
     monkeypatch.chdir(tmp_path)
-    for flags, said in ((["--axes", "blocks"], "--target-params or --target-macs"),
+    for flags, said in ((["--axes", "blocks"], "--target-macs or --target-latency"),
                         (["--axes", "depth", "--target-params", "0.5"], "unknown axis depth"),
                         (["--axes", "units,blocks", "--target-params", "0.5", "--drop-blocks", "1"],
                          "drop --drop-blocks 1"),
-                        (["--axes", "blocks", "--target-latency", "0.5"], "--target-params or --target-macs"),
+                        (["--axes", "blocks", "--target-latency", "0.5"], "add units"),
                         (["--axes", "blocks", "--target-params", "0.5", "--dry-run"], "--dry-run measures nothing")):
         code = main(["shrink", "net.pt", *FLAGS, *flags])
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
@@ -139,7 +139,7 @@ def test_hidden_in_axes_is_refused_in_one_line_where_it_cannot_work(tmp_path, ca
     torch.save(evci_cnn().state_dict(), "cnn.pt")
     llama = ["llama", "--tokens", "8"]
     for args, said in (([*llama, "--axes", "hidden", "--target-params", "0.8"], "add units"),
-                       ([*llama, "--axes", "units,hidden"], "--target-params or --target-macs"),
+                       ([*llama, "--axes", "units,hidden"], "--target-macs or --target-latency"),
                        ([*llama, "--axes", "units,hidden", "--target-params", "0.8", "--hidden", "0.1"],
                         "chooses the hidden size itself"),
                        ([*llama, "--axes", "units,hidden", "--target-params", "0.8", "--dry-run"], "--axes hidden"),
@@ -183,3 +183,80 @@ def test_a_target_units_alone_cannot_meet_at_full_width_starts_the_plan_at_a_nar
     counts = report["plan"]["counts"]
     assert counts[0]["hidden_size"] == 32 and "cannot be reached" in counts[0]["error"]
     assert report["plan"]["hidden_size"] < 32 and report["after"]["params"] <= 0.2 * report["before"]["params"]
+
+
+class MacsTime:
+    """A deployment runtime stand-in whose time is in proportion to the MACs; counts the runtimes opened."""
+
+    runtime, batch, opened = "stand-in", 1, []
+
+    def __init__(self, dense, example, batch=1, output_key=None, device="cpu"):
+        from prunetool.measure import macs
+
+        self.example, self.macs = example, macs
+        self.dense = macs(dense, example)
+        self.closed = False
+        MacsTime.opened.append(self)
+
+    def speedup(self, small):
+        assert not self.closed
+        return {"speedup": {"p50": self.dense / self.macs(small, self.example)}, "noisy": False}
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_latency_target_plans_blocks_on_one_runtime_and_equals_the_explicit_count(tmp_path, capsys, monkeypatch):
+    from prunetool.commands import shrink as command
+
+    _net(tmp_path, dead=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command, "DeployedSpeed", MacsTime)
+    MacsTime.opened = []
+    report = _shrink(tmp_path, capsys, "--target-latency", "0.8", "--axes", "units,blocks")
+    plan = report["plan"]
+    assert plan["target"] == {"latency": 0.8} and plan["chosen"] == 1 and _removed(report) == ["blocks.2"]
+    assert len(plan["counts"]) >= 2 and all(c["latency"] <= 0.8 for c in plan["counts"])
+    assert len(MacsTime.opened) == 2  # the plan's trials share one runtime; the result is timed on its own
+    assert all(s.closed for s in MacsTime.opened)
+    assert report["latency_target"]["latency"] <= 0.8 and "latency 0." in plan_line(plan)
+    _shrink(tmp_path, capsys, "--target-latency", "0.8", "--drop-blocks", "1", out="explicit.safetensors")
+    a, b = load_file(tmp_path / "small.safetensors"), load_file(tmp_path / "explicit.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_block_counts_at_which_units_would_pass_the_layer_limit_are_skipped_not_chosen(tmp_path, capsys, monkeypatch):
+    """Beside 0 or 1 block, one ratio of units meeting the target is beyond --max-layer-ratio, which the allocation
+    then refused: those counts are out of reach, and the plan goes on to more blocks."""
+    _net(tmp_path, dead=2)
+    monkeypatch.chdir(tmp_path)
+    report = _shrink(tmp_path, capsys, "--target-params", "0.2", "--max-layer-ratio", "0.6", "--axes", "units,blocks")
+    counts = report["plan"]["counts"]
+    assert "--max-layer-ratio 0.6" in counts[0]["error"] and "divergence" in counts[-1]
+    chosen = report["plan"]["chosen"]
+    assert chosen >= 2 and "divergence" in counts[chosen] and len(_removed(report)) == chosen
+    assert report["after"]["params"] <= 0.2 * report["before"]["params"]
+    assert all(r["units_after"] >= 0.4 * r["units_before"] - 1 for r in report["layers"] if not r.get("block"))
+
+
+def test_a_latency_target_plans_the_hidden_size_and_each_trial_meets_it(tmp_path, capsys, monkeypatch):
+    from prunetool.commands import shrink as command
+    from test_width import QUIET_CHANNELS, _llama
+
+    dense = _llama(tmp_path, QUIET_CHANNELS)  # 4 of 32 channels hold 0: 28 wide loses nothing, units would
+    with torch.no_grad():
+        for module in dense.modules():
+            if type(module).__name__ == "Linear":
+                module.weight.mul_(8)
+    dense.save_pretrained(tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command, "DeployedSpeed", MacsTime)
+    MacsTime.opened = []
+    code = main(["shrink", "llama", "--tokens", "16", "--calib", "16", "--target-latency", "0.9", "--allocation",
+                 "uniform", "--axes", "units,hidden", "--no-latency", "-q", "--out", "planned", "--json", "r.json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    plan = report["plan"]
+    assert plan["target"] == {"latency": 0.9} and plan["hidden_size"] == 28
+    assert all(c["latency"] <= 0.9 for c in plan["counts"]) and len(MacsTime.opened) == 2
+    assert report["latency_target"]["latency"] <= 0.9 and report["settings"]["hidden"] == 0.125

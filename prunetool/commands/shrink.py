@@ -111,6 +111,8 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
             r = fit_target(job.dense, graph, scores, trial, job.example, widths, model, units)
         except UsageError:
             break
+        if any(st["ratio"] == r for st in steps):
+            break  # the cut measured already (no unit needed to go, say): moving the MACs on changes nothing
         small = structure(model, graph, keep_units(graph, scores, r, trial, widths), units,
                           unit_counts(units, {}, r, trial))
         latency = 1 / speed.speedup(small)["speedup"]["p50"]
@@ -470,15 +472,18 @@ def _blocks_size(model: nn.Module, names: list[str], index: int, example) -> int
         return (params(trial), macs(trial, example))[index]
 
 
-def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars
-                 ) -> tuple[ShrinkOptions, BlockChoice, dict]:
-    """How many whole blocks go under the size target (``--axes`` names blocks): with units too, the count whose
+def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars, plan: dict,
+                 speed: DeployedSpeed | None) -> tuple[ShrinkOptions, BlockChoice, dict]:
+    """How many whole blocks go under the target (``--axes`` names blocks): with units too, the count whose
     cut — the blocks, then one ratio of units meeting the target — diverges least from the dense outputs on the
-    refit's held-out samples, counts tried upward until one does worse than the best; blocks alone, the fewest
-    that meet the target. The options with that count, the choice, and the plan for the report."""
+    refit's held-out samples, counts tried upward until one does worse than the best (a count at which units cannot
+    meet the target counts as infinite); blocks alone, the fewest that meet the size target. The options with that
+    count, the choice, and ``plan`` filled for the report."""
     dense, device = job.dense, measurement.device
     fidelity = FIDELITY.get(measurement.fidelity)
-    metric, fraction, index, goal = _target(dense, opts, job.example)
+    # a latency bounds the counts tried by the MACs in its proportion (each trial then meets the latency measured)
+    bound = opts if opts.target_latency is None else replace(opts, target_macs=opts.target_latency)
+    metric, fraction, index, goal = _target(dense, bound, job.example)
     if not measurement.offload:
         dense.to(device)
     found = depth.find(dense, batch_to(job.probe, device, model_dtype(dense)), job.settings.output_key)
@@ -493,7 +498,7 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
     blocks = _choose_blocks(job, dense, opts, most, bars, device, fidelity, found)
     dense.cpu()
     sizes = [_blocks_size(dense, blocks.names[:n], index, job.example) / full for n in range(most + 1)]
-    plan = {"axes": list(opts.axes), "target": {metric: fraction}, "order": blocks.names, "counts": []}
+    plan["order"] = blocks.names
     if "units" not in opts.axes:
         met = [n for n in range(most + 1) if sizes[n] <= fraction]
         if not met:
@@ -504,27 +509,49 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         return replace(opts, drop_blocks=met[0], ratio=0.0, target_params=None, target_macs=None), blocks, plan
     best, least = 0, math.inf
     for n in bars.track(range(most + 1), "planning: blocks against units"):
-        ratio, divergence = _trial(job, replace(opts, drop_blocks=n), recovery, measurement, blocks, blocks.refit)
-        plan["counts"].append({"blocks": n, "blocks_" + metric: round(sizes[n], 4), "ratio": ratio,
-                               "divergence": round(divergence, 6)})
+        entry = _trial(job, replace(opts, drop_blocks=n), recovery, measurement, blocks, blocks.refit, speed)
+        plan["counts"].append({"blocks": n, "blocks_" + metric: round(sizes[n], 4)} | entry)
+        divergence = entry.get("divergence", math.inf)
+        if divergence == math.inf:
+            continue  # units cannot meet the target beside this few blocks: more blocks may let them
         if divergence >= least:
             break  # one more block did worse than the best so far: more would not do better
         best, least = n, divergence
+    if least == math.inf and not opts.plans_hidden:  # a narrower stream may still let units meet it
+        raise UsageError(f"{_target_text(plan)} cannot be reached with up to {most} whole blocks removed: "
+                         f"{plan['counts'][-1]['error']}")
     plan["chosen"] = best
     return replace(opts, drop_blocks=best), blocks, plan
 
 
+def _target_text(plan: dict) -> str:
+    """The plan's target as its flag, e.g. ``--target-params 0.7``."""
+    (metric, fraction), = plan["target"].items()
+    return f"--target-{metric} {fraction}"
+
+
 def _trial(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, blocks: BlockChoice | None,
-           held: depth.HeldOut) -> tuple[float, float]:
-    """The ratio of units and the held-out divergence of the cut ``opts`` asks for, one ratio in every layer, without
-    training (BatchNorm recalibrated as the run will be) or evaluation: what a plan compares."""
+           held: depth.HeldOut, speed: DeployedSpeed | None = None) -> dict:
+    """What a plan compares of the cut ``opts`` asks for, one ratio in every layer, without training (BatchNorm
+    recalibrated as the run will be) or evaluation: the ratio of units and the held-out divergence (and, under
+    ``--target-latency``, the latency measured on ``speed``'s runtime); ``{"error": why}`` where one ratio cannot
+    meet the target, or only beyond ``--max-layer-ratio`` (the allocation removes no more from a layer)."""
     quiet = replace(measurement, evaluate=False)
     untrained = replace(recovery, finetune_epochs=0, recover=0.0)
-    step = work(job, replace(opts, allocation="uniform"), untrained, quiet, QUIET, blocks=blocks)
+    try:
+        step = work(job, replace(opts, allocation="uniform"), untrained, quiet, QUIET, blocks=blocks,
+                    shared_speed=speed)
+    except UsageError as e:
+        return {"error": str(e)}
+    ratio = step.settings["ratio"]
+    if opts.allocating and ratio > opts.max_layer_ratio:
+        return {"error": f"one ratio of units {ratio} is beyond --max-layer-ratio {opts.max_layer_ratio}"}
     small = step.model.to(measurement.device) if not measurement.offload else step.model
-    divergence = held.divergence(small)
+    entry = {"ratio": ratio, "divergence": round(held.divergence(small), 6)}
     small.cpu()
-    return step.settings["ratio"], divergence
+    if "latency_target" in step.extra:
+        entry["latency"] = step.extra["latency_target"]["latency"]
+    return entry
 
 
 HIDDEN_STEP = 0.05  # --axes hidden: the widths tried are those the config accepts at multiples of this fraction
@@ -557,7 +584,8 @@ def _widths(job, opts: ShrinkOptions, measurement: Measurement) -> list[int]:
 
 
 def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars,
-                 blocks: BlockChoice | None, plan: dict, widths: list[int]) -> tuple[ShrinkOptions, BlockChoice, dict]:
+                 blocks: BlockChoice | None, plan: dict, widths: list[int], speed: DeployedSpeed | None
+                 ) -> tuple[ShrinkOptions, BlockChoice, dict]:
     """How much of the hidden size goes (``--axes`` names hidden), and how many blocks when the plan chooses those
     too: from the count of blocks chosen at the full width (or ``--drop-blocks``), a descent over (blocks, width):
     each move goes to a neighbour — one width narrower, one block fewer or more, one width wider, the first of them
@@ -577,25 +605,17 @@ def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         dense.cpu()
     counts = range(len(blocks.names) + 1) if opts.plans_blocks else [opts.drop_blocks]
     sizes = [full] + widths
-    measured = {(c["blocks"], 0): c["divergence"] for c in plan["counts"]}
+    measured = {(c["blocks"], 0): c.get("divergence", math.inf) for c in plan["counts"]}
 
     def fraction(k: int) -> float:
         return (full - sizes[k]) / full  # exact: the width kept is sizes[k] (width.asked_width)
 
     def measure(n: int, k: int) -> float:
-        if (n, k) not in measured:
-            try:
-                ratio, divergence = _trial(job, replace(opts, drop_blocks=n, hidden=fraction(k)), recovery,
-                                           measurement, blocks, held)
-                if opts.allocating and ratio > opts.max_layer_ratio:  # the allocation removes no more per layer
-                    raise UsageError(f"one ratio of units {ratio} is beyond --max-layer-ratio {opts.max_layer_ratio}")
-            except UsageError as e:  # units alone cannot meet the target at this width: a narrower one may
-                measured[n, k] = math.inf
-                plan["counts"].append({"blocks": n, "hidden_size": sizes[k], "error": str(e)})
-                return math.inf
-            measured[n, k] = divergence
-            plan["counts"].append({"blocks": n, "hidden_size": sizes[k], "ratio": ratio,
-                                   "divergence": round(divergence, 6)})
+        if (n, k) not in measured:  # infinite where units cannot meet the target at this width: a narrower one may
+            entry = _trial(job, replace(opts, drop_blocks=n, hidden=fraction(k)), recovery, measurement, blocks, held,
+                           speed)
+            measured[n, k] = entry.get("divergence", math.inf)
+            plan["counts"].append({"blocks": n, "hidden_size": sizes[k]} | entry)
         return measured[n, k]
 
     at = (plan.get("chosen", opts.drop_blocks), 0)
@@ -612,8 +632,8 @@ def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
             break  # no neighbour does better
         at = better
     if measured[at] == math.inf:
-        raise UsageError(f"--target-{next(iter(plan['target']))} {next(iter(plan['target'].values()))} cannot be "
-                         f"reached at any hidden size down to {sizes[at[1]]}: {plan['counts'][-1]['error']}")
+        raise UsageError(f"{_target_text(plan)} cannot be reached at any hidden size down to {sizes[at[1]]}: "
+                         f"{plan['counts'][-1]['error']}")
     plan["chosen"], plan["hidden_size"], plan["order"] = at[0], sizes[at[1]], blocks.names if blocks else []
     return replace(opts, drop_blocks=at[0], hidden=fraction(at[1])), blocks, plan
 
@@ -623,12 +643,20 @@ def _plan(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement
     """What a plan across axes (``--axes`` naming blocks or hidden) removes under the size target: the options
     with the counts chosen, the blocks' order, and the plan for the report."""
     widths = _widths(job, opts, measurement) if opts.plans_hidden else []
-    blocks, plan = None, {"axes": list(opts.axes), "target": dict([_target(job.dense, opts, job.example)[:2]]),
-                          "counts": []}
-    if opts.plans_blocks:
-        opts, blocks, plan = _plan_blocks(job, opts, recovery, measurement, bars)
-    if opts.plans_hidden:
-        opts, blocks, plan = _plan_hidden(job, opts, recovery, measurement, bars, blocks, plan, widths)
+    target = {"latency": opts.target_latency} if opts.target_latency is not None else \
+        dict([_target(job.dense, opts, job.example)[:2]])
+    blocks, plan = None, {"axes": list(opts.axes), "target": target, "counts": []}
+    # under a latency, one runtime times every trial against the dense model (exported once)
+    speed = DeployedSpeed(job.dense, job.example, 1, job.settings.output_key, device=measurement.device) \
+        if opts.target_latency is not None else None
+    try:
+        if opts.plans_blocks:
+            opts, blocks, plan = _plan_blocks(job, opts, recovery, measurement, bars, plan, speed)
+        if opts.plans_hidden:
+            opts, blocks, plan = _plan_hidden(job, opts, recovery, measurement, bars, blocks, plan, widths, speed)
+    finally:
+        if speed is not None:
+            speed.close()
     return opts, blocks, plan
 
 
@@ -665,9 +693,11 @@ def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
 
 
 def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars,
-         scores: Scores | None = None, blocks: BlockChoice | None = None) -> "Step":
+         scores: Scores | None = None, blocks: BlockChoice | None = None,
+         shared_speed: DeployedSpeed | None = None) -> "Step":
     """The cut itself, without the shared end: the smaller model and what to record and report about it
-    (``blocks``: the order whole blocks go in, when it is known; chosen here otherwise)."""
+    (``blocks``: the order whole blocks go in, when it is known; chosen here otherwise; ``shared_speed``: the
+    runtime a plan times its trials on, left open, the result's latency read from the search's steps)."""
     dense, calib, graph, device, engine = job.dense, job.calib, job.graph, measurement.device, job.settings
     if not graph.groups and not expert_units.stacked(dense):
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in graph.protected[:2])
@@ -723,7 +753,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         trim_heap()
         widths = widths_of(job, current, graph, opts)
         if step == 0 and opts.target_latency is not None:
-            speed = DeployedSpeed(dense, job.example, 1, engine.output_key, device=device)
+            speed = shared_speed or DeployedSpeed(dense, job.example, 1, engine.output_key, device=device)
             goals = _latency_goals(job, current, graph, scores.scores, opts, widths, units, speed)
             if opts.rounding not in goals:  # only widths at a further multiple come near the latency: those
                 opts = replace(opts, round_to=min(goals))
@@ -832,7 +862,12 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "target_latency": opts.target_latency,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
-    if speed is not None:
+    if speed is not None and shared_speed is not None:  # a plan's trial: the search measured its cut
+        steps_taken = [st for g in goals.values() for st in g[1]]
+        extra["latency_target"] = {"goal": opts.target_latency, "macs_goal": opts.target_macs, "steps": steps_taken,
+                                   "latency": next(st["latency"] for st in steps_taken
+                                                   if st["macs"] == round(opts.target_macs, 4))}
+    elif speed is not None:
         extra["latency_target"] = _latency_met(speed, current, opts.target_latency,
                                                [st for g in goals.values() for st in g[1]], opts.target_macs)
     if sensitivity is not None:
