@@ -14,11 +14,13 @@ figure must equal the CLI's. Rows:
   rotations and the adapters they need on the residual paths, so the result keeps the family's architecture);
 - with ``--drop-blocks K --target-params P``: whole layers first, then the hidden size, then units to the target;
 - ``--axes units,blocks,hidden --target-params P``: the number of layers and the hidden size chosen by the plan;
+  ``--target-latency L``: the same plan, each cut's units meeting the latency measured in ONNX Runtime;
 - *Minitron-style* (in this process, on our cut): Minitron's width importance — each channel's mean |norm output|
   over the calibration tokens, summed over the norms (Muralidharan et al. 2024) — the least important channels
   removed as they are, without the distillation Minitron trains afterwards; and the same with our readers' refit.
 
-Latency: PyTorch eager on this CPU, dense and cut in alternating rounds, batch 1 and 8, 128-token sequences.
+Latency: PyTorch eager and ONNX Runtime (the reloaded directory exported as ``prunetool export`` does) on this CPU,
+dense and cut in alternating rounds, batch 1 and 8, 128-token sequences.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import prunetool
 from prunetool import width
 from prunetool.batch import batch_slice, call
 from prunetool.data import calibration, eval_loader, load_data
+from prunetool.export import DeployedSpeed
 from prunetool.layers import clone
 from prunetool.measure import evaluate, params
 
@@ -53,7 +56,9 @@ ROWS = {  # name → flags
                                                          "--target-params", "0.5"],
     "--axes units,blocks,hidden --target-params 0.7": ["--axes", "units,blocks,hidden", "--target-params", "0.7"],
     "--axes units,blocks,hidden --target-params 0.5": ["--axes", "units,blocks,hidden", "--target-params", "0.5"],
+    "--axes units,blocks,hidden --target-latency 0.75": ["--axes", "units,blocks,hidden", "--target-latency", "0.75"],
 }
+BATCHES = (1, 8)
 
 BASELINES = {  # name → (fraction of the hidden size removed, our refit after)
     "Minitron-style importance, --hidden 0.25, no refit": (0.25, False),
@@ -61,7 +66,12 @@ BASELINES = {  # name → (fraction of the hidden size removed, our refit after)
 }
 
 
-def minitron(dense, fraction: float, refit: bool, calib, loader, example) -> dict:
+def onnxruntime(speeds: dict[int, DeployedSpeed], small) -> dict[str, float]:
+    """ONNX Runtime's speed-up of ``small`` over the dense model at each batch (the dense session exported once)."""
+    return {str(b): speed.speedup(small)["speedup"]["p50"] for b, speed in speeds.items()}
+
+
+def minitron(dense, fraction: float, refit: bool, calib, loader, example, speeds) -> dict:
     """Minitron's width importance (each channel's mean |norm output| over the calibration tokens, summed over every
     norm), the least important ``fraction`` of the channels removed as they are; ``refit``: our readers' refit."""
     start = time.perf_counter()
@@ -87,10 +97,11 @@ def minitron(dense, fraction: float, refit: bool, calib, loader, example) -> dic
     q = evaluate(small.eval(), loader)
     return {"flags": "in this process", "value": q.value, "dense": evaluate(dense, loader).value,
             "params": params(small) / params(dense), "hidden": [stream.width, kept], "energy_kept": None,
-            "seconds": round(time.perf_counter() - start, 1), "blocks": [], "speedup": latency(dense, small, example)}
+            "seconds": round(time.perf_counter() - start, 1), "blocks": [], "speedup": latency(dense, small, example),
+            "ort": onnxruntime(speeds, small)}
 
 
-def run(flags: list[str], loader, dense, example, work: Path, timeout: int) -> dict:
+def run(flags: list[str], loader, dense, example, work: Path, timeout: int, speeds) -> dict:
     out = work / "-".join(f.strip("-") for f in flags)
     start = time.perf_counter()
     report = cli(["shrink", str(MODEL), "--data", str(DATA), *flags, "--out", str(out)], timeout)
@@ -101,7 +112,7 @@ def run(flags: list[str], loader, dense, example, work: Path, timeout: int) -> d
             "params": params(again) / params(dense), "hidden": [stream.get("units_before"), stream.get("units_after")],
             "energy_kept": stream.get("energy_kept"), "seconds": round(seconds, 1),
             "blocks": [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0],
-            "speedup": latency(dense, again, example)}
+            "speedup": latency(dense, again, example), "ort": onnxruntime(speeds, again)}
 
 
 def markdown(rows: dict, seconds: float) -> str:
@@ -120,23 +131,25 @@ def markdown(rows: dict, seconds: float) -> str:
         "onto the stream's principal directions; *refit*: every reader of the narrowed stream refit by least "
         "squares; *SliceGPT-style*: turned, no refit; *Minitron-style* (in this process, on our cut): the "
         "channels of least mean |norm output| summed over the norms removed as they are, without the distillation "
-        "Minitron trains afterwards. Speed-ups: PyTorch eager, batch 1 / 8, 128-token context, "
-        "alternating rounds (noisy on this shared 2-core machine).",
+        "Minitron trains afterwards. Speed-ups at batch 1 / 8, 128-token context, alternating rounds (noisy on this "
+        "shared 2-core machine): PyTorch eager, and ONNX Runtime (the reloaded model exported and checked; – where "
+        "the row predates that column).",
         "",
-        "| flags | hidden size | energy kept | params kept | perplexity | vs dense | blocks removed | speed-up 1 / 8 "
-        "| seconds | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| flags | hidden size | energy kept | params kept | perplexity | vs dense | blocks removed | PyTorch speed-up "
+        "1 / 8 | ONNX Runtime 1 / 8 | seconds | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | | | {r['commit']} |")
+            lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | | | | {r['commit']} |")
             continue
-        s = r["speedup"]
+        s, o = r["speedup"], r.get("ort")
+        ort = f"{o['1']:.2f}× / {o['8']:.2f}×" if o else "–"
         energy = "–" if r["energy_kept"] is None else f"{r['energy_kept']:.3f}"
         lines.append(f"| `{name}` | {r['hidden'][0]} → {r['hidden'][1]} | {energy} | "
                      f"{r['params']:.3f} | {r['value']:.2f} | {100 * (r['value'] / dense - 1):+.1f}% | "
                      f"{', '.join(b.rsplit('.', 1)[-1] for b in r['blocks']) or '–'} | "
-                     f"{s['1']:.2f}× / {s['8']:.2f}× | {r['seconds']:.0f} | {r['commit']} |")
+                     f"{s['1']:.2f}× / {s['8']:.2f}× | {ort} | {r['seconds']:.0f} | {r['commit']} |")
     return "\n".join(lines)
 
 
@@ -150,20 +163,23 @@ def main() -> None:
     dense = prunetool.load(str(MODEL)).model.eval()
     loader = eval_loader(data)
     example = batch_slice(calibration(data, 8).take(8)[0], 0, 1)
+    speeds = {b: DeployedSpeed(dense, example, b) for b in BATCHES}
     with tempfile.TemporaryDirectory() as d:
         for name, flags in ROWS.items():
             if args.only and name not in args.only:
                 continue
             try:
-                rows[name] = run(flags, loader, dense, example, Path(d), args.timeout) | {"commit": commit()}
+                rows[name] = run(flags, loader, dense, example, Path(d), args.timeout, speeds) | {"commit": commit()}
             except RuntimeError as e:
                 rows[name] = {"error": str(e), "commit": commit()}
             print(json.dumps({name: rows[name]}), flush=True)
     calib = calibration(data, 512)  # the CLI's calibration samples (its default --calib)
     for name, (fraction, refit) in BASELINES.items():
         if not args.only or name in args.only:
-            rows[name] = minitron(dense, fraction, refit, calib, loader, example) | {"commit": commit()}
+            rows[name] = minitron(dense, fraction, refit, calib, loader, example, speeds) | {"commit": commit()}
             print(json.dumps({name: rows[name]}), flush=True)
+    for speed in speeds.values():
+        speed.close()
     path.write_text(json.dumps(rows, indent=1) + "\n")
     publish(args.out, "width", markdown({n: rows[n] for n in [*ROWS, *BASELINES] if n in rows},
                                         time.perf_counter() - start))
