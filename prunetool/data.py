@@ -104,6 +104,15 @@ class Samples:
         return Samples(dataset=self.dataset, indices=[self.indices[i] for i in order.tolist()], workers=self.workers,
                        ids=self.ids[order])
 
+    def without(self, start: int, stop: int) -> "Samples":
+        """These samples but those at positions ``start`` to ``stop`` (each keeps its id)."""
+        keep = torch.cat([torch.arange(0, start), torch.arange(stop, len(self))])
+        if self.x is not None:
+            rows = torch.arange(len(self)) if self.rows is None else self.rows
+            return Samples(self.x, self.y, ids=self.ids[keep], rows=rows[keep])
+        return Samples(dataset=self.dataset, indices=[self.indices[i] for i in keep.tolist()], workers=self.workers,
+                       ids=self.ids[keep])
+
     def take(self, n: int) -> tuple[Batch, torch.Tensor | None]:
         """The first ``n`` samples, in memory."""
         n = min(n, len(self))

@@ -253,8 +253,8 @@ class HeldOut:
     """Calibration samples split into a part to fit on (``part``) and a part held out of the blocks' refits
     (``held``, with ``dense``'s outputs on it, ``want``): :data:`ABSORB_SAMPLES` and :data:`ABSORB_CHECK` of them,
     fewer held out where a large vocabulary's outputs would not fit in :data:`OUTPUT_BYTES`. How a cut model is
-    compared with the dense one (:meth:`divergence`, ``metric`` as :func:`output_divergence` reads it). The units'
-    and the stream's least squares read every calibration sample, these too."""
+    compared with the dense one (:meth:`divergence`, ``metric`` as :func:`output_divergence` reads it). ``rows``: the
+    held samples' positions among the calibration samples, which a plan's trials leave out of every fit."""
 
     def __init__(self, dense: nn.Module, samples, output_key: str | None = None, device: str = "cpu",
                  metric: str | None = None):
@@ -268,6 +268,7 @@ class HeldOut:
         # the cut model's fit in OUTPUT_BYTES (a large vocabulary's logits are big)
         check = max(1, min(ABSORB_CHECK, n // 4, OUTPUT_BYTES // (2 * max(1, first.numel() * first.element_size()))))
         self.part, self.held = batch_slice(x, 0, n - check), batch_slice(x, n - check, n)
+        self.rows = (n - check, n)
         with torch.no_grad():
             self.want = _outputs(dense, self.held, output_key)
 

@@ -260,3 +260,30 @@ def test_a_latency_target_plans_the_hidden_size_and_each_trial_meets_it(tmp_path
     assert plan["target"] == {"latency": 0.9} and plan["hidden_size"] == 28
     assert all(c["latency"] <= 0.9 for c in plan["counts"]) and len(MacsTime.opened) == 2
     assert report["latency_target"]["latency"] <= 0.9 and report["settings"]["hidden"] == 0.125
+
+
+def test_the_plans_trials_fit_nothing_on_the_samples_that_compare_them(tmp_path, capsys, monkeypatch):
+    """The held-out samples rank the cuts: a trial whose units' least squares read them too would be favoured for
+    fitting what it is then measured on. The trials' fits see every other calibration sample; the result sees all."""
+    from prunetool import depth
+    from prunetool.commands import shrink as command
+
+    _net(tmp_path, dead=2)
+    monkeypatch.chdir(tmp_path)
+    seen, held = [], []
+    fit = command.statistics
+    monkeypatch.setattr(command, "statistics", lambda model, graph, calib, *a, **k: (
+        seen.append(torch.cat([ids for _, _, ids in calib.batches(256)]).tolist()), fit(model, graph, calib, *a, **k)
+    )[1])
+    init = depth.HeldOut.__init__
+
+    def keep_rows(self, *a, **k):
+        init(self, *a, **k)
+        held.append(self.rows)
+
+    monkeypatch.setattr(depth.HeldOut, "__init__", keep_rows)
+    report = _shrink(tmp_path, capsys, "--target-params", "0.76", "--axes", "units,blocks", "--calib", "128")
+    (start, stop), = set(held)
+    assert 0 < stop - start < 128 and len(seen) == len(report["plan"]["counts"]) + 1
+    assert all(ids == [i for i in range(128) if not start <= i < stop] for ids in seen[:-1])
+    assert seen[-1] == list(range(128))

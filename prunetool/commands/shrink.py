@@ -535,7 +535,9 @@ def _trial(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measuremen
     """What a plan compares of the cut ``opts`` asks for, one ratio in every layer, without training (BatchNorm
     recalibrated as the run will be) or evaluation: the ratio of units and the held-out divergence (and, under
     ``--target-latency``, the latency measured on ``speed``'s runtime); ``{"error": why}`` where one ratio cannot
-    meet the target, or only beyond ``--max-layer-ratio`` (the allocation removes no more from a layer)."""
+    meet the target, or only beyond ``--max-layer-ratio`` (the allocation removes no more from a layer). The units'
+    and the stream's fits read the calibration samples but those ``held`` out, so that the comparison is fair."""
+    job = replace(job, calib=job.calib.without(*held.rows))
     quiet = replace(measurement, evaluate=False)
     untrained = replace(recovery, finetune_epochs=0, recover=0.0)
     try:
