@@ -7,6 +7,10 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class TargetUnreachable(UsageError):
+    """A size or latency target no cut of the kind asked for meets (exit 2): a plan across axes tries another."""
+
+
 class VerificationError(Exception):
     """The produced model failed a check: forward pass, shapes, removal, reload or export parity (exit 1)."""
 

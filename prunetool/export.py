@@ -18,6 +18,7 @@ sequence length dynamic, and its logits (:func:`prunetool.task.logits`) as the o
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import os
@@ -163,9 +164,17 @@ def _native_quiet():
                 os.dup2(null.fileno(), fd)
             yield
     finally:
+        _flush_c_streams()  # what C++ buffered goes to the null device too, not out later
         for fd, copy in saved:
             os.dup2(copy, fd)
             os.close(copy)
+
+
+def _flush_c_streams() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to reach this way (Windows): nothing buffered there
+        pass
 
 
 def _dims(x: Batch) -> list[dict[int, str]]:

@@ -428,8 +428,8 @@ class ShrinkOptions:
                              "--target-params, --target-macs or --target-latency; give one of them (or --drop-blocks "
                              "N, --hidden F)")
         if self.target_latency is not None and "units" not in self.axes:
-            raise UsageError(f"--axes {given} with --target-latency: units meet the latency beside the blocks "
-                             "removed; add units (e.g. --axes units,blocks), or give --target-params")
+            raise UsageError(f"--axes {given} with --target-latency: units meet the latency beside what else the plan "
+                             f"removes; add units (--axes units,{given}), or give --target-params")
         if self.plans_hidden and "units" not in self.axes:
             raise UsageError(f"--axes {given}: the hidden size is chosen against units filling the rest of the "
                              "target; add units (e.g. --axes units,hidden), or give --hidden F")

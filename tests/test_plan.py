@@ -287,3 +287,43 @@ def test_the_plans_trials_fit_nothing_on_the_samples_that_compare_them(tmp_path,
     assert 0 < stop - start < 128 and len(seen) == len(report["plan"]["counts"]) + 1
     assert all(ids == [i for i in range(128) if not start <= i < stop] for ids in seen[:-1])
     assert seen[-1] == list(range(128))
+
+
+class LaggingTime(MacsTime):
+    """A runtime stand-in whose time falls slower than the MACs (a quarter of it stays: embeddings, overheads)."""
+
+    def speedup(self, small):
+        return {"speedup": {"p50": 1 / (0.25 + 0.75 * self.macs(small, self.example) / self.dense)}, "noisy": False}
+
+
+class FloorTime(MacsTime):
+    """A runtime stand-in in which no cut runs in less than 0.85 of the dense model's time."""
+
+    def speedup(self, small):
+        return {"speedup": {"p50": 1 / max(0.85, self.macs(small, self.example) / self.dense)}, "noisy": False}
+
+
+def test_every_cut_a_latency_plan_compares_meets_the_latency_even_where_blocks_took_more_macs(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """Where the blocks alone leave fewer MACs than the goal, the MACs goal steps on from the cut's own MACs (it
+    stayed there, unmeasured progress); a cut near the target but above it is out of reach, not compared."""
+    from prunetool.commands import shrink as command
+
+    _net(tmp_path, dead=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command, "DeployedSpeed", LaggingTime)
+    report = _shrink(tmp_path, capsys, "--target-latency", "0.8", "--axes", "units,blocks")
+    counts = report["plan"]["counts"]
+    assert all(c["latency"] <= 0.8 for c in counts if "divergence" in c)
+    # one block leaves 0.754 of the MACs, which bounds the counts tried first; the latency lags, so while the
+    # bound's count did best one more was tried
+    assert counts[1]["blocks_macs"] < 0.8 and [c["blocks"] for c in counts] == [0, 1, 2]
+    assert all("divergence" in c or "above --target-latency" in c["error"] or "cannot be reached" in c["error"]
+               for c in counts)
+    assert "divergence" in counts[report["plan"]["chosen"]] and report["latency_target"]["latency"] <= 0.8
+
+    monkeypatch.setattr(command, "DeployedSpeed", FloorTime)
+    code = main(["shrink", "net.pt", *FLAGS, "--target-latency", "0.8", "--axes", "units,blocks", "--out", "f.pt"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "warning" not in line]
+    assert code == 2 and len(err) == 1 and "--target-latency 0.8 cannot be reached" in err[0], err
+    assert not (tmp_path / "f.pt").exists()

@@ -15,7 +15,7 @@ from ..load import upcast_half
 from ..batch import batch_slice, batch_to, model_dtype, stored_dtype
 from ..cut import MAX_FIT_INPUTS, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
 from ..data import eval_loader
-from ..errors import UsageError, VerificationError
+from ..errors import TargetUnreachable, UsageError, VerificationError
 from ..export import DeployedSpeed
 from ..measure import evaluate, macs, params
 from ..options import DATA_CRITERIA, FIDELITY, DataOptions, Measurement, Outputs, Recovery, ShrinkOptions, Source
@@ -105,27 +105,35 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     a depthwise or memory-bound layer saves less time than its MACs say."""
     goal = m = opts.target_latency
     steps: list[dict] = []
+    dense_macs = macs(job.dense, job.example)
     for _ in range(LATENCY_STEPS):
         trial = replace(opts, target_latency=None, target_macs=m, allocation="uniform")
         try:
             r = fit_target(job.dense, graph, scores, trial, job.example, widths, model, units)
-        except UsageError:
+        except TargetUnreachable:
             break
-        if any(st["ratio"] == r for st in steps):
-            break  # the cut measured already (no unit needed to go, say): moving the MACs on changes nothing
+        same = next((st for st in steps if st["ratio"] == r), None)
+        if same is not None and same["latency"] <= goal:
+            break  # the cut measured already meets it (no unit needed to go, say): a wider MACs goal changes nothing
         small = structure(model, graph, keep_units(graph, scores, r, trial, widths), units,
                           unit_counts(units, {}, r, trial))
-        latency = 1 / speed.speedup(small)["speedup"]["p50"]
-        steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4)})
+        if same is None:
+            latency = 1 / speed.speedup(small)["speedup"]["p50"]
+            steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4)})
+        else:
+            latency = same["latency"]  # the same cut, too slow: not timed again, the MACs stepped on from its own
         if goal - LATENCY_WINDOW <= latency <= goal:
             break
-        m = min(1.0, max(0.01, m * goal / latency))
+        # from the MACs the cut has (below the goal where whole blocks or the stream took more than it asked)
+        m = min(1.0, max(0.01, min(m, macs(small, job.example) / dense_macs) * goal / latency))
     if not steps:
-        raise UsageError(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to {goal} "
+        raise TargetUnreachable(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to "
+                                f"{goal} "
                          "(protected layers stay whole)")
     fastest = min(steps, key=lambda st: st["latency"])
     if fastest["latency"] > goal + LATENCY_MISS:  # the fastest cut is far from the target: cutting on would ruin it
-        raise UsageError(f"--target-latency {goal} cannot be reached in {speed.runtime}: the fastest cut measured "
+        raise TargetUnreachable(f"--target-latency {goal} cannot be reached in {speed.runtime}: the fastest cut "
+                                f"measured "
                          f"(one ratio, {fastest['macs']:.3f} of the MACs) runs in {fastest['latency']:.3f} of the "
                          "dense model's time; raise the target, or give --target-macs")
     met = [st for st in steps if st["latency"] <= goal]
@@ -179,7 +187,7 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Width
 
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
-        raise UsageError(f"--target-{metric} {fraction} cannot be reached: ratio 0.99 still keeps "
+        raise TargetUnreachable(f"--target-{metric} {fraction} cannot be reached: ratio 0.99 still keeps "
                          f"{size(hi) / (goal / fraction):.3f} of the {metric} (protected layers stay whole)")
     for _ in range(14):
         mid = (lo + hi) / 2
@@ -477,11 +485,12 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
     """How many whole blocks go under the target (``--axes`` names blocks): with units too, the count whose
     cut — the blocks, then one ratio of units meeting the target — diverges least from the dense outputs on the
     refit's held-out samples, counts tried upward until one does worse than the best (a count at which units cannot
-    meet the target counts as infinite); blocks alone, the fewest that meet the size target. The options with that
-    count, the choice, and ``plan`` filled for the report."""
+    meet the target counts as infinite), up to the count whose blocks alone meet a size target (under a latency,
+    its MACs, and on while the last count does best); blocks alone, the fewest that meet the size target. The
+    options with that count, the choice, and ``plan`` filled for the report."""
     dense, device = job.dense, measurement.device
     fidelity = FIDELITY.get(measurement.fidelity)
-    # a latency bounds the counts tried by the MACs in its proportion (each trial then meets the latency measured)
+    # a latency bounds the counts first by the MACs in its proportion (each trial then meets the latency measured)
     bound = opts if opts.target_latency is None else replace(opts, target_macs=opts.target_latency)
     metric, fraction, index, goal = _target(dense, bound, job.example)
     if not measurement.offload:
@@ -491,7 +500,7 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         raise UsageError(f"--axes {','.join(opts.axes)}: the model has no removable block (a child of a ModuleList/"
                          "Sequential among siblings of its class that returns its input's shape); drop blocks from "
                          "--axes")
-    # beyond the count whose smallest blocks alone meet the target, no unit would go: no need to try further
+    # beyond the count whose smallest blocks alone meet the size target, no unit would go: no need to try further
     full = _blocks_size(dense, [], index, job.example)
     saved = sorted(full - _blocks_size(dense, [b.name], index, job.example) for b in found)
     most = next((n for n in range(1, len(found)) if full - sum(saved[:n]) <= goal), len(found) - 1)
@@ -508,7 +517,19 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         plan["chosen"] = met[0]
         return replace(opts, drop_blocks=met[0], ratio=0.0, target_params=None, target_macs=None), blocks, plan
     best, least = 0, math.inf
-    for n in bars.track(range(most + 1), "planning: blocks against units"):
+    for n in bars.track(range(len(found)), "planning: blocks against units"):
+        if n > most:
+            if opts.target_latency is None or best != most:
+                break
+            # a latency falls slower than the MACs (embeddings, the head and each call's overhead stay): while the
+            # bound's count does best, one block more is tried (the greedy order is the same, one longer)
+            most = n
+            if not measurement.offload:
+                dense.to(device)
+            blocks = _choose_blocks(job, dense, opts, most, bars, device, fidelity, found)
+            dense.cpu()
+            plan["order"] = blocks.names
+            sizes.append(_blocks_size(dense, blocks.names[:n], index, job.example) / full)
         entry = _trial(job, replace(opts, drop_blocks=n), recovery, measurement, blocks, blocks.refit, speed)
         plan["counts"].append({"blocks": n, "blocks_" + metric: round(sizes[n], 4)} | entry)
         divergence = entry.get("divergence", math.inf)
@@ -537,23 +558,25 @@ def _trial(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measuremen
     ``--target-latency``, the latency measured on ``speed``'s runtime); ``{"error": why}`` where one ratio cannot
     meet the target, or only beyond ``--max-layer-ratio`` (the allocation removes no more from a layer). The units'
     and the stream's fits read the calibration samples but those ``held`` out, so that the comparison is fair."""
-    job = replace(job, calib=job.calib.without(*held.rows))
+    if len(job.calib) > held.rows[1] - held.rows[0]:  # (all of them held out of one sample or so: fit on those)
+        job = replace(job, calib=job.calib.without(*held.rows))
     quiet = replace(measurement, evaluate=False)
     untrained = replace(recovery, finetune_epochs=0, recover=0.0)
     try:
         step = work(job, replace(opts, allocation="uniform"), untrained, quiet, QUIET, blocks=blocks,
                     shared_speed=speed)
-    except UsageError as e:
+    except TargetUnreachable as e:
         return {"error": str(e)}
-    ratio = step.settings["ratio"]
+    ratio, latency = step.settings["ratio"], step.extra.get("latency_target", {}).get("latency")
     if opts.allocating and ratio > opts.max_layer_ratio:
         return {"error": f"one ratio of units {ratio} is beyond --max-layer-ratio {opts.max_layer_ratio}"}
+    if latency is not None and latency > opts.target_latency:  # the search's fastest, near the target: not met
+        return {"error": f"the fastest cut measured runs in {latency} of the dense model's time, above "
+                         f"--target-latency {opts.target_latency}", "latency": latency}
     small = step.model.to(measurement.device) if not measurement.offload else step.model
     entry = {"ratio": ratio, "divergence": round(held.divergence(small), 6)}
     small.cpu()
-    if "latency_target" in step.extra:
-        entry["latency"] = step.extra["latency_target"]["latency"]
-    return entry
+    return entry | ({"latency": latency} if latency is not None else {})
 
 
 HIDDEN_STEP = 0.05  # --axes hidden: the widths tried are those the config accepts at multiples of this fraction
@@ -642,8 +665,8 @@ def _plan_hidden(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
 
 def _plan(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars
           ) -> tuple[ShrinkOptions, BlockChoice | None, dict]:
-    """What a plan across axes (``--axes`` naming blocks or hidden) removes under the size target: the options
-    with the counts chosen, the blocks' order, and the plan for the report."""
+    """What a plan across axes (``--axes`` naming blocks or hidden) removes under the size or latency target: the
+    options with the counts chosen, the blocks' order, and the plan for the report."""
     widths = _widths(job, opts, measurement) if opts.plans_hidden else []
     target = {"latency": opts.target_latency} if opts.target_latency is not None else \
         dict([_target(job.dense, opts, job.example)[:2]])
@@ -865,10 +888,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if speed is not None and shared_speed is not None:  # a plan's trial: the search measured its cut
-        steps_taken = [st for g in goals.values() for st in g[1]]
-        extra["latency_target"] = {"goal": opts.target_latency, "macs_goal": opts.target_macs, "steps": steps_taken,
-                                   "latency": next(st["latency"] for st in steps_taken
-                                                   if st["macs"] == round(opts.target_macs, 4))}
+        macs_goal, steps_taken = goals[opts.rounding]
+        extra["latency_target"] = {"goal": opts.target_latency, "macs_goal": macs_goal, "steps": steps_taken,
+                                   "latency": next(st["latency"] for st in steps_taken if st["macs"] == macs_goal)}
     elif speed is not None:
         extra["latency_target"] = _latency_met(speed, current, opts.target_latency,
                                                [st for g in goals.values() for st in g[1]], opts.target_macs)
