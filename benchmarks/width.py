@@ -146,7 +146,8 @@ def markdown(rows: dict, seconds: float) -> str:
         s, o = r["speedup"], r.get("ort")
         ort = f"{o['1']:.2f}× / {o['8']:.2f}×" if o else "–"
         energy = "–" if r["energy_kept"] is None else f"{r['energy_kept']:.3f}"
-        lines.append(f"| `{name}` | {r['hidden'][0]} → {r['hidden'][1]} | {energy} | "
+        hidden = f"{r['hidden'][0]} → {r['hidden'][1]}" if r["hidden"][0] else "whole"  # the plan kept the width
+        lines.append(f"| `{name}` | {hidden} | {energy} | "
                      f"{r['params']:.3f} | {r['value']:.2f} | {100 * (r['value'] / dense - 1):+.1f}% | "
                      f"{', '.join(b.rsplit('.', 1)[-1] for b in r['blocks']) or '–'} | "
                      f"{s['1']:.2f}× / {s['8']:.2f}× | {ort} | {r['seconds']:.0f} | {r['commit']} |")
