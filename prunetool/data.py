@@ -95,23 +95,21 @@ class Samples:
             yield xb, torch.as_tensor(yb).long(), self.ids[start:start + n]
             start += n
 
-    def shuffled(self, gen: torch.Generator) -> "Samples":
-        """The same samples in an order drawn from ``gen`` (each keeps its id)."""
-        order = torch.randperm(len(self), generator=gen)
+    def _at(self, positions: torch.Tensor) -> "Samples":
+        """The samples at ``positions``, in that order (each keeps its id; nothing copied in memory)."""
         if self.x is not None:
             rows = torch.arange(len(self)) if self.rows is None else self.rows
-            return Samples(self.x, self.y, ids=self.ids[order], rows=rows[order])
-        return Samples(dataset=self.dataset, indices=[self.indices[i] for i in order.tolist()], workers=self.workers,
-                       ids=self.ids[order])
+            return Samples(self.x, self.y, ids=self.ids[positions], rows=rows[positions])
+        return Samples(dataset=self.dataset, indices=[self.indices[i] for i in positions.tolist()],
+                       workers=self.workers, ids=self.ids[positions])
+
+    def shuffled(self, gen: torch.Generator) -> "Samples":
+        """The same samples in an order drawn from ``gen`` (each keeps its id)."""
+        return self._at(torch.randperm(len(self), generator=gen))
 
     def without(self, start: int, stop: int) -> "Samples":
         """These samples but those at positions ``start`` to ``stop`` (each keeps its id)."""
-        keep = torch.cat([torch.arange(0, start), torch.arange(stop, len(self))])
-        if self.x is not None:
-            rows = torch.arange(len(self)) if self.rows is None else self.rows
-            return Samples(self.x, self.y, ids=self.ids[keep], rows=rows[keep])
-        return Samples(dataset=self.dataset, indices=[self.indices[i] for i in keep.tolist()], workers=self.workers,
-                       ids=self.ids[keep])
+        return self._at(torch.cat([torch.arange(0, start), torch.arange(stop, len(self))]))
 
     def take(self, n: int) -> tuple[Batch, torch.Tensor | None]:
         """The first ``n`` samples, in memory."""
@@ -133,11 +131,7 @@ class Samples:
         """This process's share under torchrun: every ``world``-th sample, starting at its rank."""
         if not distributed.active():
             return self
-        r, w = distributed.rank(), distributed.world()
-        if self.x is not None:
-            rows = torch.arange(len(self)) if self.rows is None else self.rows
-            return Samples(self.x, self.y, ids=self.ids[r::w], rows=rows[r::w])
-        return Samples(dataset=self.dataset, indices=self.indices[r::w], workers=self.workers, ids=self.ids[r::w])
+        return self._at(torch.arange(distributed.rank(), len(self), distributed.world()))
 
 
 @dataclass

@@ -72,8 +72,10 @@ def plan_line(plan: dict) -> str:
     plan chose that too) with its divergence, and the one chosen."""
     def point(c: dict) -> str:
         where = f"{c['blocks']}" + (f" at hidden size {c['hidden_size']}" if "hidden_size" in c else "")
-        return where + (f" (divergence {c['divergence']:.4g}" + (f", latency {c['latency']:.3f}" if "latency" in c
-                                                                   else "") + ")" if "divergence" in c else "")
+        if "divergence" not in c:  # out of reach: its reason is in the report
+            return where
+        latency = f", latency {c['latency']:.3f}" if "latency" in c else ""
+        return f"{where} (divergence {c['divergence']:.4g}{latency})"
 
     chosen = plan["chosen"]
     return (f"plan across {'+'.join(plan['axes'])}: blocks tried {', '.join(point(c) for c in plan['counts'])}; "

@@ -128,14 +128,13 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
         m = min(1.0, max(0.01, min(m, macs(small, job.example) / dense_macs) * goal / latency))
     if not steps:
         raise TargetUnreachable(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to "
-                                f"{goal} "
-                         "(protected layers stay whole)")
+                                f"{goal} (protected layers stay whole)")
     fastest = min(steps, key=lambda st: st["latency"])
     if fastest["latency"] > goal + LATENCY_MISS:  # the fastest cut is far from the target: cutting on would ruin it
         raise TargetUnreachable(f"--target-latency {goal} cannot be reached in {speed.runtime}: the fastest cut "
-                                f"measured "
-                         f"(one ratio, {fastest['macs']:.3f} of the MACs) runs in {fastest['latency']:.3f} of the "
-                         "dense model's time; raise the target, or give --target-macs")
+                                f"measured (one ratio, {fastest['macs']:.3f} of the MACs) runs in "
+                                f"{fastest['latency']:.3f} of the dense model's time; raise the target, or give "
+                                "--target-macs")
     met = [st for st in steps if st["latency"] <= goal]
     best = max(met, key=lambda st: st["macs"]) if met else fastest
     return best["macs"], steps
@@ -188,7 +187,7 @@ def fit_target(dense, graph, scores, opts: ShrinkOptions, example, widths: Width
     lo, hi = 0.0, 0.99
     if size(hi) > goal:
         raise TargetUnreachable(f"--target-{metric} {fraction} cannot be reached: ratio 0.99 still keeps "
-                         f"{size(hi) / (goal / fraction):.3f} of the {metric} (protected layers stay whole)")
+                                f"{size(hi) / (goal / fraction):.3f} of the {metric} (protected layers stay whole)")
     for _ in range(14):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if size(mid) <= goal else (mid, hi)
@@ -495,17 +494,28 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
     metric, fraction, index, goal = _target(dense, bound, job.example)
     if not measurement.offload:
         dense.to(device)
-    found = depth.find(dense, batch_to(job.probe, device, model_dtype(dense)), job.settings.output_key)
+    try:
+        found = depth.find(dense, batch_to(job.probe, device, model_dtype(dense)), job.settings.output_key)
+    finally:
+        dense.cpu()
     if not found:
         raise UsageError(f"--axes {','.join(opts.axes)}: the model has no removable block (a child of a ModuleList/"
                          "Sequential among siblings of its class that returns its input's shape); drop blocks from "
                          "--axes")
+
+    def ordered(count: int) -> BlockChoice:  # the greedy order's first ``count`` blocks (a longer one extends it)
+        if not measurement.offload:
+            dense.to(device)
+        try:
+            return _choose_blocks(job, dense, opts, count, bars, device, fidelity, found)
+        finally:
+            dense.cpu()
+
     # beyond the count whose smallest blocks alone meet the size target, no unit would go: no need to try further
     full = _blocks_size(dense, [], index, job.example)
     saved = sorted(full - _blocks_size(dense, [b.name], index, job.example) for b in found)
     most = next((n for n in range(1, len(found)) if full - sum(saved[:n]) <= goal), len(found) - 1)
-    blocks = _choose_blocks(job, dense, opts, most, bars, device, fidelity, found)
-    dense.cpu()
+    blocks = ordered(most)
     sizes = [_blocks_size(dense, blocks.names[:n], index, job.example) / full for n in range(most + 1)]
     plan["order"] = blocks.names
     if "units" not in opts.axes:
@@ -524,10 +534,7 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
             # a latency falls slower than the MACs (embeddings, the head and each call's overhead stay): while the
             # bound's count does best, one block more is tried (the greedy order is the same, one longer)
             most = n
-            if not measurement.offload:
-                dense.to(device)
-            blocks = _choose_blocks(job, dense, opts, most, bars, device, fidelity, found)
-            dense.cpu()
+            blocks = ordered(most)
             plan["order"] = blocks.names
             sizes.append(_blocks_size(dense, blocks.names[:n], index, job.example) / full)
         entry = _trial(job, replace(opts, drop_blocks=n), recovery, measurement, blocks, blocks.refit, speed)
