@@ -115,7 +115,7 @@ def run(flags: list[str], loader, dense, example, work: Path, timeout: int, spee
             "speedup": latency(dense, again, example), "ort": onnxruntime(speeds, again)}
 
 
-def markdown(rows: dict, seconds: float) -> str:
+def markdown(rows: dict) -> str:
     first = next(iter(rows.values()), {})
     dense = first.get("dense", float("nan"))
     lines = [
@@ -157,7 +157,6 @@ def markdown(rows: dict, seconds: float) -> str:
 def main() -> None:
     args = table_args(__doc__, "rows (their flags, as in ROWS)", 1800)
     torch.manual_seed(0)
-    start = time.perf_counter()
     path = ROOT / "benchmarks" / "results" / "width.json"
     rows = json.loads(path.read_text()) if args.only and path.exists() else {}  # --only: the others kept
     data = load_data(str(DATA))
@@ -182,8 +181,7 @@ def main() -> None:
     for speed in speeds.values():
         speed.close()
     path.write_text(json.dumps(rows, indent=1) + "\n")
-    publish(args.out, "width", markdown({n: rows[n] for n in [*ROWS, *BASELINES] if n in rows},
-                                        time.perf_counter() - start))
+    publish(args.out, "width", markdown({n: rows[n] for n in [*ROWS, *BASELINES] if n in rows}))
 
 
 if __name__ == "__main__":
