@@ -295,8 +295,8 @@ class ShrinkOptions:
                                     "least measured divergence after compensation) or uniform (one ratio in every "
                                     "layer).")
     round_to: int | None = option(None, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths). "
-                                  "Default 1; with --target-latency the allocation also measures multiples of 8, "
-                                  "the widths ONNX Runtime's CPU kernels run fastest.")
+                                  "Default 1; with a target the allocation also measures multiples of 8, the widths "
+                                  "ONNX Runtime's CPU kernels run fastest, and keeps them where they diverge least.")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
     drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
@@ -360,9 +360,10 @@ class ShrinkOptions:
 
     @property
     def roundings(self) -> tuple[int, ...]:
-        """The multiples the allocation measures: the one given; without ``--round-to``, under
-        ``--target-latency``, 1 and :data:`KERNEL_MULTIPLE` (at one latency, widths the kernels like keep more)."""
-        if self.round_to is not None or self.target_latency is None or not self.allocating:
+        """The multiples the allocation measures: the one given; without ``--round-to``, under a target, 1 and
+        :data:`KERNEL_MULTIPLE` (widths the kernels like: at one latency they keep more; at one size they can
+        diverge less, and they run faster where the model ships)."""
+        if self.round_to is not None or not self.allocating:
             return (self.rounding,)
         return (1, KERNEL_MULTIPLE)
 

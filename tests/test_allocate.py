@@ -111,12 +111,20 @@ def test_the_allocation_is_the_candidate_whose_joint_cut_measures_best():
     small, report = shrink(dense, input_shape=(12,), target_params=0.6, calib=256, measure=False)
     allocation = report["allocation"]
     measured = allocation["candidates"]
-    assert set(measured) == {"sensitivity", "uniform", *(f"blend {w:g}" for w in allocate.BLENDS)}
+    # without --round-to, each way of sharing the target is also measured at widths the kernels like
+    names = {"sensitivity", "uniform", *(f"blend {w:g}" for w in allocate.BLENDS)}
+    assert set(measured) == names | {f"{n}, widths ×8" for n in names}
+    assert {n: c["round_to"] for n, c in measured.items()} == {n: 8 if n.endswith("×8") else 1 for n in measured}
     assert allocation["chosen"] == min(measured, key=lambda n: measured[n]["divergence"])
+    assert report["settings"]["round_to"] == measured[allocation["chosen"]]["round_to"]
     assert all(0 < m["removed"] < 1 for m in measured.values())
     assert report["after"]["params"] <= 0.6 * report["before"]["params"]
     kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
     assert {n: c["units"] - c["removed"] for n, c in allocation["curves"].items()} == kept
+    assert all(k % report["settings"]["round_to"] == 0 for k in kept.values())
+
+    _, given = shrink(dense, input_shape=(12,), target_params=0.6, round_to=1, calib=256, measure=False)
+    assert set(given["allocation"]["candidates"]) == names  # a multiple asked for is the only one measured
 
 
 def test_a_latency_target_is_met_through_the_macs_its_measured_steps_found(tmp_path, capsys, monkeypatch):

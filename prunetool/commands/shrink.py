@@ -206,8 +206,11 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
     """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
     and the curves for the report (``fidelity``: what the divergence reads the outputs as, ``--fidelity``).
     ``more``: other unit-count multiples, each with the MACs fraction its candidates meet (``--target-latency``
-    measures one per multiple); the candidate that diverges least among all is kept."""
+    measures one per multiple); by default the other :attr:`ShrinkOptions.roundings` at the target itself. The
+    candidate that diverges least among all is kept."""
     metric, fraction, index, goal = _target(job.dense, opts, job.example)
+    if more is None:
+        more = {r: fraction for r in opts.roundings if r != opts.rounding}
 
     def size_of(keep, rounded=True):
         if rounded and widths is not None:
@@ -222,7 +225,7 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
     curves = allocate.measure(trials, lambda keep: size_of(keep, rounded=False), opts.max_layer_ratio, bars,
                               skip=whole)
     options, multiple = {}, {}
-    for r, goal_r in {opts.rounding: goal, **{r: f * goal / fraction for r, f in (more or {}).items()}}.items():
+    for r, goal_r in {opts.rounding: goal, **{r: f * goal / fraction for r, f in more.items()}}.items():
         try:
             keep, _ = allocate.fit(allocate.tied(curves, ties, whole), size_of, goal_r, graph, scores.scores, r)
         except ValueError:
@@ -799,10 +802,10 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
                                           recalibrate, fidelity,
-                                          {r: g[0] for r, g in goals.items() if r != opts.rounding})
+                                          {r: g[0] for r, g in goals.items() if r != opts.rounding} if goals else None)
             rounding = sensitivity["candidates"][sensitivity["chosen"]]["round_to"]
-            if rounding != opts.rounding:  # a candidate at widths the kernels like won: its MACs goal and multiple
-                opts = replace(opts, round_to=rounding, target_macs=goals[rounding][0])
+            if rounding != opts.rounding:  # a candidate at widths the kernels like won: its multiple (and MACs goal)
+                opts = replace(opts, round_to=rounding, **({"target_macs": goals[rounding][0]} if goals else {}))
             step_ratio = ratio = round(removed_fraction(graph, keep), 4)
         elif step == 0 and opts.targeted:
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
