@@ -360,10 +360,11 @@ class ShrinkOptions:
 
     @property
     def roundings(self) -> tuple[int, ...]:
-        """The multiples the allocation measures: the one given; without ``--round-to``, under a target, 1 and
-        :data:`KERNEL_MULTIPLE` (widths the kernels like: at one latency they keep more; at one size they can
-        diverge less, and they run faster where the model ships)."""
-        if self.round_to is not None or not self.allocating:
+        """The multiples a target measures: the one given; without ``--round-to``, 1 and :data:`KERNEL_MULTIPLE`
+        (widths the kernels like: at one latency they keep more; at one size they can diverge less, and they run
+        faster where the model ships) under an allocation, and under a latency with one ratio."""
+        if self.round_to is not None or not (self.allocating or self.target_latency is not None and
+                                             not self.schedule):
             return (self.rounding,)
         return (1, KERNEL_MULTIPLE)
 

@@ -279,3 +279,22 @@ def test_a_latency_only_widths_of_8_come_near_is_met_at_those_widths(monkeypatch
     assert report["settings"]["round_to"] == 8 and {st["round_to"] for st in report["latency_target"]["steps"]} == {8}
     assert all(getattr(small, name).out_features % 8 == 0 for name in "abc")
     assert report["latency_target"]["latency"] <= 0.6 + 1e-9
+
+
+def test_one_ratio_under_a_latency_takes_the_multiple_that_keeps_the_most_macs_at_it(monkeypatch):
+    from prunetool.commands import shrink as command
+
+    monkeypatch.setattr(command, "DeployedSpeed", OddWidthsAreSlow)
+    dense = ThreeLive().eval()
+    small, report = shrink(dense, input_shape=(12,), target_latency=0.6, allocation="uniform", calib=256,
+                           measure=False)
+    target = report["latency_target"]
+    assert {st["round_to"] for st in target["steps"]} == {1, 8}
+    # odd widths run 1.6 times slower here: at multiples of 8 the same latency keeps more MACs, and one ratio takes it
+    met = {r: max(st["macs"] for st in target["steps"] if st["round_to"] == r and st["latency"] <= 0.6) for r in (1, 8)}
+    assert met[8] > met[1] and report["settings"]["round_to"] == 8 and target["macs_goal"] == met[8]
+    assert all(getattr(small, name).out_features % 8 == 0 for name in "abc") and target["latency"] <= 0.6 + 1e-9
+
+    _, given = shrink(dense, input_shape=(12,), target_latency=0.6, allocation="uniform", round_to=1, calib=256,
+                      measure=False)
+    assert {st["round_to"] for st in given["latency_target"]["steps"]} == {1} and given["settings"]["round_to"] == 1

@@ -790,8 +790,10 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if step == 0 and opts.target_latency is not None:
             speed = shared_speed or DeployedSpeed(dense, job.example, 1, engine.output_key, device=device)
             goals = _latency_goals(job, current, graph, scores.scores, opts, widths, units, speed)
-            if opts.rounding not in goals:  # only widths at a further multiple come near the latency: those
-                opts = replace(opts, round_to=min(goals))
+            if opts.rounding not in goals or not opts.allocating:
+                # one ratio (nothing measures which diverges less): the multiple keeping the most MACs at the latency
+                opts = replace(opts, round_to=max(goals, key=lambda r: (
+                    any(st["latency"] <= opts.target_latency for st in goals[r][1]), goals[r][0])))
             macs_goal = goals[opts.rounding][0]
             opts = replace(opts, target_macs=macs_goal)  # the allocation meets the MACs the latency needs
         allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
