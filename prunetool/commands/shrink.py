@@ -98,11 +98,27 @@ def structure(model, graph, keep, units: list | None = None, kept: dict[str, int
     return small
 
 
+@dataclass
+class LatencyGoal:
+    """What :func:`_latency_goal` found for one unit-count multiple: the step whose MACs fraction the cut meets (the
+    most MACs among those that met the latency, else the fastest), and every step (``macs``, ``ratio``,
+    ``latency``)."""
+    best: dict
+    steps: list[dict]
+
+    @property
+    def macs(self) -> float:
+        return self.best["macs"]
+
+    def met(self, target: float) -> bool:
+        return self.best["latency"] <= target
+
+
 def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
-                  ) -> tuple[float, list[dict]]:
+                  ) -> LatencyGoal:
     """The MACs fraction whose one-ratio cut of ``model`` (structure only) runs in ``target_latency`` of the dense
-    model's time, by proportional steps on the speed-ups ``speed`` measures, and the steps. MACs alone mislead:
-    a depthwise or memory-bound layer saves less time than its MACs say."""
+    model's time, by proportional steps on the speed-ups ``speed`` measures. MACs alone mislead: a depthwise or
+    memory-bound layer saves less time than its MACs say."""
     goal = m = opts.target_latency
     steps: list[dict] = []
     dense_macs = macs(job.dense, job.example)
@@ -136,26 +152,24 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
                                 f"{fastest['latency']:.3f} of the dense model's time; raise the target, or give "
                                 "--target-macs")
     met = [st for st in steps if st["latency"] <= goal]
-    best = max(met, key=lambda st: st["macs"]) if met else fastest
-    return best["macs"], steps
+    return LatencyGoal(max(met, key=lambda st: st["macs"]) if met else fastest, steps)
 
 
 def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
-                   ) -> dict[int, tuple[float, list[dict]]]:
-    """For each unit-count multiple the allocation measures (:attr:`ShrinkOptions.roundings`), the MACs fraction
-    whose one-ratio cut meets ``target_latency`` and the steps that found it (:func:`_latency_goal`); a further
-    multiple that cannot meet it is left out, and so is the first when a further one can (refused when none
-    can)."""
+                   ) -> dict[int, LatencyGoal]:
+    """For each unit-count multiple a target measures (:attr:`ShrinkOptions.roundings`), what its latency steps
+    found (:func:`_latency_goal`): a multiple the steps refuse is left out (the first refusal raised when all are),
+    and so is a further one none of whose cuts met ``target_latency``."""
     goals, refused = {}, None
     for r in opts.roundings:
         try:
-            macs_goal, steps = _latency_goal(job, model, graph, scores, replace(opts, round_to=r), widths, units, speed)
+            found = _latency_goal(job, model, graph, scores, replace(opts, round_to=r), widths, units, speed)
         except UsageError as e:
             refused = refused or e
             continue
-        if r != opts.rounding and not any(st["latency"] <= opts.target_latency for st in steps):
+        if r != opts.rounding and not found.met(opts.target_latency):
             continue  # a further multiple that never met the latency must not win on divergence
-        goals[r] = (macs_goal, [st | {"round_to": r} for st in steps])
+        goals[r] = LatencyGoal(found.best | {"round_to": r}, [st | {"round_to": r} for st in found.steps])
     if not goals:
         raise refused
     return goals
@@ -752,7 +766,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     current, history, probe, reverted, rounded, widths = dense, [], job.probe, False, [], None
     fidelity = FIDELITY.get(measurement.fidelity)  # how every divergence below reads the outputs
     moe, units, counts, missed, sensitivity, speed = [], [], {}, [], None, None
-    goals: dict[int, tuple[float, list[dict]]] = {}  # --target-latency: unit-count multiple → (MACs goal, steps)
+    goals: dict[int, LatencyGoal] = {}  # --target-latency: what each unit-count multiple's steps found
     structure_record = dict(job.ckpt.record.get("factored", {}))
     if opts.drop_experts:
         current, graph, moe = _drop_experts(job, opts, bars, device, measurement.offload)
@@ -792,9 +806,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             goals = _latency_goals(job, current, graph, scores.scores, opts, widths, units, speed)
             if opts.rounding not in goals or not opts.allocating:
                 # one ratio (nothing measures which diverges less): the multiple keeping the most MACs at the latency
-                opts = replace(opts, round_to=max(goals, key=lambda r: (
-                    any(st["latency"] <= opts.target_latency for st in goals[r][1]), goals[r][0])))
-            macs_goal = goals[opts.rounding][0]
+                opts = replace(opts, round_to=max(goals, key=lambda r: (goals[r].met(opts.target_latency),
+                                                                         goals[r].macs)))
+            macs_goal = goals[opts.rounding].macs
             opts = replace(opts, target_macs=macs_goal)  # the allocation meets the MACs the latency needs
         allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
         if step == 0 and opts.allocating and units:
@@ -804,10 +818,10 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
                                           recalibrate, fidelity,
-                                          {r: g[0] for r, g in goals.items() if r != opts.rounding} if goals else None)
+                                          {r: g.macs for r, g in goals.items() if r != opts.rounding} if goals else None)
             rounding = sensitivity["candidates"][sensitivity["chosen"]]["round_to"]
             if rounding != opts.rounding:  # a candidate at widths the kernels like won: its multiple (and MACs goal)
-                opts = replace(opts, round_to=rounding, **({"target_macs": goals[rounding][0]} if goals else {}))
+                opts = replace(opts, round_to=rounding, **({"target_macs": goals[rounding].macs} if goals else {}))
             step_ratio = ratio = round(removed_fraction(graph, keep), 4)
         elif step == 0 and opts.targeted:
             step_ratio = ratio = fit_target(dense, graph, scores.scores, opts, job.example, widths, current, units)
@@ -900,12 +914,12 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if speed is not None and shared_speed is not None:  # a plan's trial: the search measured its cut
-        macs_goal, steps_taken = goals[opts.rounding]
-        extra["latency_target"] = {"goal": opts.target_latency, "macs_goal": macs_goal, "steps": steps_taken,
-                                   "latency": next(st["latency"] for st in steps_taken if st["macs"] == macs_goal)}
+        found = goals[opts.rounding]
+        extra["latency_target"] = {"goal": opts.target_latency, "macs_goal": found.macs, "steps": found.steps,
+                                   "latency": found.best["latency"]}
     elif speed is not None:
         extra["latency_target"] = _latency_met(speed, current, opts.target_latency,
-                                               [st for g in goals.values() for st in g[1]], opts.target_macs)
+                                               [st for g in goals.values() for st in g.steps], opts.target_macs)
     if sensitivity is not None:
         extra["allocation"] = sensitivity
     if rounded:
