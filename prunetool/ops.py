@@ -39,6 +39,7 @@ class Op:
     weight, input, bias = "weight", "input", "bias"
     out_dim, in_dim = 0, 1
     channels_first = False  # channels in dimension 1 of the input and output (convolutions), else the last
+    channel_block = 1  # output channels the deployed CPU kernels process in blocks of (1: no such blocks)
 
     # --- the call -------------------------------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict) -> dict:
@@ -218,6 +219,7 @@ class ConvOp(Op):
     calls = ("conv1d", "conv2d", "conv3d")
     signature = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     channels_first = True
+    channel_block = 8  # ONNX Runtime's CPU convolutions (NCHWc, AVX2): off multiples of 8 a width can run slower
 
     def columns(self, offset, spatial, units, repeat=1, period=0):
         return offset + units

@@ -111,19 +111,44 @@ def test_the_allocation_is_the_candidate_whose_joint_cut_measures_best():
     small, report = shrink(dense, input_shape=(12,), target_params=0.6, calib=256, measure=False)
     allocation = report["allocation"]
     measured = allocation["candidates"]
-    # without --round-to, each way of sharing the target is also measured at widths the kernels like
-    names = {"sensitivity", "uniform", *(f"blend {w:g}" for w in allocate.BLENDS)}
-    assert set(measured) == names | {f"{n}, widths ×8" for n in names}
-    assert {n: c["round_to"] for n, c in measured.items()} == {n: 8 if n.endswith("×8") else 1 for n in measured}
+    # linear layers only: no kernel blocks their outputs by 8, so one set of candidates
+    assert set(measured) == {"sensitivity", "uniform", *(f"blend {w:g}" for w in allocate.BLENDS)}
     assert allocation["chosen"] == min(measured, key=lambda n: measured[n]["divergence"])
-    assert report["settings"]["round_to"] == measured[allocation["chosen"]]["round_to"]
     assert all(0 < m["removed"] < 1 for m in measured.values())
     assert report["after"]["params"] <= 0.6 * report["before"]["params"]
     kept = {layer["name"]: layer["units_after"] for layer in report["layers"]}
     assert {n: c["units"] - c["removed"] for n, c in allocation["curves"].items()} == kept
-    assert all(k % report["settings"]["round_to"] == 0 for k in kept.values())
 
-    _, given = shrink(dense, input_shape=(12,), target_params=0.6, round_to=1, calib=256, measure=False)
+
+class Convs(nn.Module):
+    """Two convolutions and a linear layer: the convolutions' channels are what ONNX Runtime blocks by 8."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(24, 32, 3, padding=1)
+        self.c, self.out = nn.Linear(32, 40), nn.Linear(40, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3))
+        return self.out(torch.relu(self.c(x)))
+
+
+def test_a_size_target_measures_widths_of_8_where_convolutions_block_by_them():
+    dense = Convs().eval()
+    small, report = shrink(dense, input_shape=(3, 8, 8), target_macs=0.5, calib=256, measure=False)
+    allocation = report["allocation"]
+    measured = allocation["candidates"]
+    names = {"sensitivity", "uniform", *(f"blend {w:g}" for w in allocate.BLENDS)}
+    assert set(measured) == names | {f"{n}, widths ×8" for n in names}
+    assert {n: c["round_to"] for n, c in measured.items()} == {n: 8 if n.endswith("×8") else 1 for n in measured}
+    assert allocation["chosen"] == min(measured, key=lambda n: measured[n]["divergence"])
+    multiple = report["settings"]["round_to"]
+    assert multiple == measured[allocation["chosen"]]["round_to"]
+    assert all(getattr(small, n).out_channels % multiple == 0 for n in "ab")
+    assert report["after"]["macs"] <= 0.5 * report["before"]["macs"]
+
+    _, given = shrink(dense, input_shape=(3, 8, 8), target_macs=0.5, round_to=1, calib=256, measure=False)
     assert set(given["allocation"]["candidates"]) == names  # a multiple asked for is the only one measured
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from ..layers import clone, unshare
+from ..layers import clone, op_of, unshare
 from ..load import upcast_half
 from ..batch import batch_slice, batch_to, model_dtype, stored_dtype
 from ..cut import MAX_FIT_INPUTS, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
@@ -220,11 +220,13 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
     """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
     and the curves for the report (``fidelity``: what the divergence reads the outputs as, ``--fidelity``).
     ``more``: other unit-count multiples, each with the MACs fraction its candidates meet (``--target-latency``
-    measures one per multiple); by default the other :attr:`ShrinkOptions.roundings` at the target itself. The
-    candidate that diverges least among all is kept."""
+    measures one per multiple); by default, at the target itself, the other :attr:`ShrinkOptions.roundings` that are
+    some group's :attr:`prunetool.ops.Op.channel_block` (a convolution's: a matrix product's widths off 8 measured no
+    slower). The candidate that diverges least among all is kept."""
     metric, fraction, index, goal = _target(job.dense, opts, job.example)
-    if more is None:
-        more = {r: fraction for r in opts.roundings if r != opts.rounding}
+    if more is None:  # a size target: a further multiple where the deployed kernels block some group's channels by it
+        blocks = {getattr(op_of(p.module), "channel_block", 1) for g in graph.groups for p in g.producers}
+        more = {r: fraction for r in opts.roundings if r != opts.rounding and r in blocks}
 
     def size_of(keep, rounded=True):
         if rounded and widths is not None:
