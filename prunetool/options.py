@@ -295,9 +295,9 @@ class ShrinkOptions:
                                     "least measured divergence after compensation) or uniform (one ratio in every "
                                     "layer).")
     round_to: int | None = option(None, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths). "
-                                  "Default 1; with --target-latency, or a size target on convolutions, multiples of 8 "
-                                  "(the widths ONNX Runtime's CPU convolutions run fastest) are measured too and "
-                                  "kept where they do best.")
+                                  "Default 1; with --target-latency, or a size target shared by sensitivity on "
+                                  "convolutions, multiples of 8 (the widths ONNX Runtime's CPU convolutions run "
+                                  "fastest) are measured too and kept where they do best.")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
     drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
@@ -365,8 +365,8 @@ class ShrinkOptions:
         (widths the kernels like: at one latency they keep more; at one size they can diverge less, and they run
         faster where the model ships) under an allocation, and under a latency with one ratio (a size target
         measures the further one only where some group's kernels block channels by it)."""
-        if self.round_to is not None or not (self.allocating or self.target_latency is not None and
-                                             not self.schedule):
+        if self.round_to is not None or not (self.allocating or (self.target_latency is not None and
+                                                                 not self.schedule)):
             return (self.rounding,)
         return (1, KERNEL_MULTIPLE)
 

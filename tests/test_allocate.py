@@ -142,6 +142,10 @@ def test_a_size_target_measures_widths_of_8_where_convolutions_block_by_them():
     names = {"sensitivity", "uniform", *(f"blend {w:g}" for w in allocate.BLENDS)}
     assert set(measured) == names | {f"{n}, widths ×8" for n in names}
     assert {n: c["round_to"] for n, c in measured.items()} == {n: 8 if n.endswith("×8") else 1 for n in measured}
+    # the groups hold 24 + 32 + 40 = 96 units: every ×8 candidate keeps a multiple of 8 of them, not every ×1 one
+    kept = {n: round((1 - c["removed"]) * 96) for n, c in measured.items()}
+    assert all(k % 8 == 0 for n, k in kept.items() if n.endswith("×8"))
+    assert any(k % 8 for n, k in kept.items() if not n.endswith("×8"))
     assert allocation["chosen"] == min(measured, key=lambda n: measured[n]["divergence"])
     multiple = report["settings"]["round_to"]
     assert multiple == measured[allocation["chosen"]]["round_to"]
@@ -323,3 +327,24 @@ def test_one_ratio_under_a_latency_takes_the_multiple_that_keeps_the_most_macs_a
     _, given = shrink(dense, input_shape=(12,), target_latency=0.6, allocation="uniform", round_to=1, calib=256,
                       measure=False)
     assert {st["round_to"] for st in given["latency_target"]["steps"]} == {1} and given["settings"]["round_to"] == 1
+
+
+class EightsAreSlow(OddWidthsAreSlow):
+    """A runtime stand-in in which widths all at multiples of 8 run 1.6 times slower than their MACs say."""
+
+    def speedup(self, small):
+        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        latency = self.macs(small, self.example) / self.dense * (1.0 if odd else 1.6)
+        return {"speedup": {"p50": 1 / latency}, "noisy": False}
+
+
+def test_one_ratio_under_a_latency_keeps_any_width_where_widths_of_8_keep_fewer_macs(monkeypatch):
+    from prunetool.commands import shrink as command
+
+    monkeypatch.setattr(command, "DeployedSpeed", EightsAreSlow)
+    _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.6, allocation="uniform", calib=256,
+                       measure=False)
+    target = report["latency_target"]
+    met = {r: [st["macs"] for st in target["steps"] if st["round_to"] == r and st["latency"] <= 0.6] for r in (1, 8)}
+    assert met[1] and met[8] and max(met[1]) > max(met[8])  # both met it: the larger multiple is not taken for itself
+    assert report["settings"]["round_to"] == 1 and target["macs_goal"] == max(met[1])

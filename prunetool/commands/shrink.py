@@ -116,9 +116,9 @@ class LatencyGoal:
 
 def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
                   ) -> LatencyGoal:
-    """The MACs fraction whose one-ratio cut of ``model`` (structure only) runs in ``target_latency`` of the dense
-    model's time, by proportional steps on the speed-ups ``speed`` measures. MACs alone mislead: a depthwise or
-    memory-bound layer saves less time than its MACs say."""
+    """The steps towards the MACs fraction whose one-ratio cut of ``model`` (structure only) runs in
+    ``target_latency`` of the dense model's time, proportional to the speed-ups ``speed`` measures, and the one the
+    cut meets. MACs alone mislead: a depthwise or memory-bound layer saves less time than its MACs say."""
     goal = m = opts.target_latency
     steps: list[dict] = []
     dense_macs = macs(job.dense, job.example)
@@ -219,13 +219,14 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
               more: dict[int, float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The units kept under ``target_params``/``target_macs`` by measured sensitivity (:mod:`prunetool.allocate`),
     and the curves for the report (``fidelity``: what the divergence reads the outputs as, ``--fidelity``).
-    ``more``: other unit-count multiples, each with the MACs fraction its candidates meet (``--target-latency``
-    measures one per multiple); by default, at the target itself, the other :attr:`ShrinkOptions.roundings` that are
-    some group's :attr:`prunetool.ops.Op.channel_block` (a convolution's: a matrix product's widths off 8 measured no
-    slower). The candidate that diverges least among all is kept."""
+    ``more``: other unit-count multiples, each with the fraction of the target's metric its candidates meet
+    (``--target-latency`` measures a MACs fraction per multiple); by default, at the target itself, the other
+    :attr:`ShrinkOptions.roundings` that are some group's :attr:`prunetool.ops.Op.channel_block` (a convolution's: a
+    matrix product's widths off 8 measured no slower). The candidate that diverges least among all is kept."""
     metric, fraction, index, goal = _target(job.dense, opts, job.example)
     if more is None:  # a size target: a further multiple where the deployed kernels block some group's channels by it
-        blocks = {getattr(op_of(p.module), "channel_block", 1) for g in graph.groups for p in g.producers}
+        blocks = {getattr(op_of(p.module), "channel_block", 1) for g in graph.groups if g.blocks == 1
+                  for p in g.producers}  # (a grouped convolution's groups keep their own counts: select)
         more = {r: fraction for r in opts.roundings if r != opts.rounding and r in blocks}
 
     def size_of(keep, rounded=True):
@@ -803,24 +804,24 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         scores = _cpu(scores)
         trim_heap()
         widths = widths_of(job, current, graph, opts)
+        allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
         if step == 0 and opts.target_latency is not None:
             speed = shared_speed or DeployedSpeed(dense, job.example, 1, engine.output_key, device=device)
             goals = _latency_goals(job, current, graph, scores.scores, opts, widths, units, speed)
-            if opts.rounding not in goals or not opts.allocating:
+            if opts.rounding not in goals or not allocating:
                 # one ratio (nothing measures which diverges less): the multiple keeping the most MACs at the latency
                 opts = replace(opts, round_to=max(goals, key=lambda r: (goals[r].met(opts.target_latency),
                                                                          goals[r].macs)))
             macs_goal = goals[opts.rounding].macs
             opts = replace(opts, target_macs=macs_goal)  # the allocation meets the MACs the latency needs
-        allocating = opts.allocating and not units  # units inside stacked experts: one ratio (no curves for them)
         if step == 0 and opts.allocating and units:
             warnings.warn("the target is shared by one ratio: allocation by sensitivity does not measure the units "
                           "inside stacked experts")
         if step == 0 and allocating:
+            more = {r: g.macs for r, g in goals.items() if r != opts.rounding} if goals else None
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
-                                          recalibrate, fidelity,
-                                          {r: g.macs for r, g in goals.items() if r != opts.rounding} if goals else None)
+                                          recalibrate, fidelity, more)
             rounding = sensitivity["candidates"][sensitivity["chosen"]]["round_to"]
             if rounding != opts.rounding:  # a candidate at widths the kernels like won: its multiple (and MACs goal)
                 opts = replace(opts, round_to=rounding, **({"target_macs": goals[rounding].macs} if goals else {}))
