@@ -818,10 +818,10 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             warnings.warn("the target is shared by one ratio: allocation by sensitivity does not measure the units "
                           "inside stacked experts")
         if step == 0 and allocating:
-            more = {r: g.macs for r, g in goals.items() if r != opts.rounding} if goals else None
+            further = {r: g.macs for r, g in goals.items() if r != opts.rounding} if goals else None
             keep, sensitivity = _allocate(job, current, graph, scores, opts,
                                           batch_to(probe, device, model_dtype(current)), engine, bars, widths, units,
-                                          recalibrate, fidelity, more)
+                                          recalibrate, fidelity, further)
             rounding = sensitivity["candidates"][sensitivity["chosen"]]["round_to"]
             if rounding != opts.rounding:  # a candidate at widths the kernels like won: its multiple (and MACs goal)
                 opts = replace(opts, round_to=rounding, **({"target_macs": goals[rounding].macs} if goals else {}))
