@@ -102,7 +102,7 @@ def structure(model, graph, keep, units: list | None = None, kept: dict[str, int
 class LatencyGoal:
     """What :func:`_latency_goal` found for one unit-count multiple: the step whose MACs fraction the cut meets (the
     most MACs among those that met the latency, else the fastest), and every step (``macs``, ``ratio``,
-    ``latency``)."""
+    ``latency``, ``round_to``)."""
     best: dict
     steps: list[dict]
 
@@ -135,7 +135,7 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
                           unit_counts(units, {}, r, trial))
         if same is None:
             latency = 1 / speed.speedup(small)["speedup"]["p50"]
-            steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4)})
+            steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4), "round_to": opts.rounding})
         else:
             latency = same["latency"]  # the same cut, too slow: not timed again, the MACs stepped on from its own
         if goal - LATENCY_WINDOW <= latency <= goal:
@@ -169,7 +169,7 @@ def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units
             continue
         if r != opts.rounding and not found.met(opts.target_latency):
             continue  # a further multiple that never met the latency must not win on divergence
-        goals[r] = LatencyGoal(found.best | {"round_to": r}, [st | {"round_to": r} for st in found.steps])
+        goals[r] = found
     if not goals:
         raise refused
     return goals
