@@ -215,6 +215,12 @@ def test_no_candidate_takes_more_of_a_layer_than_max_layer_ratio(monkeypatch):
     assert report["after"]["params"] <= 0.45 * report["before"]["params"]
 
 
+def odd_widths(small: nn.Module) -> bool:
+    """Whether a hidden layer of ``small`` (a :class:`ThreeLive` cut: every linear layer but the 6 outputs) has a
+    width off a multiple of 8."""
+    return any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+
+
 class OddWidthsAreSlow:
     """A deployment runtime stand-in: time in proportion to the MACs, 1.6 times that when a hidden layer's width is
     not a multiple of 8 (as ONNX Runtime's CPU convolutions outside their blocked layout)."""
@@ -228,7 +234,7 @@ class OddWidthsAreSlow:
         self.dense = macs(dense, example)
 
     def speedup(self, small):
-        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        odd = odd_widths(small)
         latency = self.macs(small, self.example) / self.dense * (1.6 if odd else 1.0)
         return {"speedup": {"p50": 1 / latency}, "noisy": False}
 
@@ -259,7 +265,7 @@ class EightsNeverFaster(OddWidthsAreSlow):
     """A runtime stand-in in which widths at multiples of 8 never run faster than the dense model."""
 
     def speedup(self, small):
-        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        odd = odd_widths(small)
         latency = self.macs(small, self.example) / self.dense if odd else 1.0
         return {"speedup": {"p50": 1 / latency}, "noisy": False}
 
@@ -295,7 +301,7 @@ class OddWidthsNeverFast(OddWidthsAreSlow):
     """A runtime stand-in in which any width off a multiple of 8 keeps 0.95 of the dense time or more."""
 
     def speedup(self, small):
-        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        odd = odd_widths(small)
         latency = self.macs(small, self.example) / self.dense
         return {"speedup": {"p50": 1 / (max(0.95, latency) if odd else latency)}, "noisy": False}
 
@@ -333,7 +339,7 @@ class EightsAreSlow(OddWidthsAreSlow):
     """A runtime stand-in in which widths all at multiples of 8 run 1.6 times slower than their MACs say."""
 
     def speedup(self, small):
-        odd = any(m.out_features % 8 for m in small.modules() if isinstance(m, nn.Linear) and m.out_features != 6)
+        odd = odd_widths(small)
         latency = self.macs(small, self.example) / self.dense * (1.0 if odd else 1.6)
         return {"speedup": {"p50": 1 / latency}, "noisy": False}
 
