@@ -268,6 +268,7 @@ class ConvOp(Op):
             cols = F.unfold(x, kernel, dilation, padding, stride)  # n, fan-in, positions
             return cols.transpose(1, 2).reshape(-1, cols.shape[1])
         n, c, h, w = x.shape
+        picks = picks.to(x.device)  # the engine draws positions on the CPU; the input may be on a GPU
         xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
         w_out = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
         i, j = picks // w_out, picks % w_out

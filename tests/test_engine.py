@@ -227,6 +227,23 @@ def test_store_on_an_accelerator_spills_to_host_float16():
     assert torch.allclose(store.get(big), torch.full((1000,), 1 / 3), rtol=1e-3)
 
 
+@pytest.mark.parametrize("module, x_shape, out_shape", [
+    (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 8, 8), (2, 4, 8, 8)),
+    (nn.Conv1d(3, 4, 3), (2, 3, 9), (2, 4, 7)),
+    (nn.Linear(5, 4), (2, 7, 5), (2, 7, 4)),
+])
+def test_sampled_rows_and_targets_are_read_where_the_layer_runs(module, x_shape, out_shape):
+    """The engine draws the sampled positions on the CPU; a layer on a GPU reads its rows and targets there. The
+    meta device stands in for the GPU: mixing it with the CPU fails as mixing cuda and cpu does."""
+    from prunetool import layers
+    op, weight = layers.op_of(module), module.weight.to("meta")
+    picks = torch.tensor([[0, 2, 6], [1, 3, 4]])  # n × P positions, on the CPU
+    rows = op.rows({}, weight, torch.empty(x_shape, device="meta"), picks)
+    targets = op.targets(torch.empty(out_shape, device="meta"), picks)
+    assert rows.device.type == targets.device.type == "meta"
+    assert tuple(rows.shape) == (6, weight[0].numel()) and tuple(targets.shape) == (6, 4)
+
+
 def test_a_tight_budget_gives_the_same_cut(mnist_small, monkeypatch):
     """The budget changes where kept tensors live, never the result (with the batches held the same)."""
     import prunetool.calibrate as calibrate_module

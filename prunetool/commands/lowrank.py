@@ -99,11 +99,15 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
     for head in named_heads:
         warnings.warn(f"factoring the output head {head}, as --layers names it: the model's outputs themselves "
                       "become approximate")
-    covs = covariances(dense, names, calib, job.settings, job.graph, bars) if data_aware and names else {}
     fisher = None
     hold = method == "auto" and job.data.has_labels and opts.max_drop is None
-    if (method == "budget" or hold) and job.data.has_labels and names:
-        fisher = output_sensitivity(dense, names, calib, job.settings, job.graph, bars)
+    dense.to(device)  # the calibration passes send the batches to the device; the rest runs on the CPU
+    try:
+        covs = covariances(dense, names, calib, job.settings, job.graph, bars) if data_aware and names else {}
+        if (method == "budget" or hold) and job.data.has_labels and names:
+            fisher = output_sensitivity(dense, names, calib, job.settings, job.graph, bars)
+    finally:
+        dense.cpu()
     cands = _candidates(job, names, covs, fisher)
     evaluations, rules = 0, {}
 
