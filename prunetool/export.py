@@ -94,6 +94,21 @@ def ort_session(path: str, threads: int | None = None):
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+# ONNX Runtime places a session's intra-op threads when it starts, for the session's life: on this loaded 2-core
+# machine about half the sessions of the 80 µs MobileNet sample ran at 0.09 ms and the others at 0.055 (at one thread,
+# 0.05 every time), so a comparison times each model in several fresh sessions and reads the best
+# (prunetool.measure.best_session)
+SESSIONS = 7  # one a round of a comparison (measure.interleaved: 7 rounds)
+SESSIONS_BYTES = 2 ** 31  # the sessions of one model held at once: their weights within this
+
+
+def ort_sessions(path: str, threads: int | None = None, count: int = SESSIONS) -> list:
+    """``count`` fresh sessions of one file, fewer where the file is large (their weights within
+    :data:`SESSIONS_BYTES`), at least one."""
+    size = sum(os.path.getsize(f) for f in (path, path + ".data") if os.path.exists(f))
+    return [ort_session(path, threads) for _ in range(max(1, min(count, SESSIONS_BYTES // max(size, 1))))]
+
+
 def ort_latency(session, example, batch_size: int, warmup: int = 3, runs: int = 30,
                 budget_s: float = 0.5) -> list[float]:
     """Times of onnxruntime runs on a batch of ``batch_size``: random inputs of a shape (``example`` a tuple), or a
@@ -297,10 +312,11 @@ SETTLE_S = 0.02
 
 class DeployedSpeed:
     """Speed-ups over ``dense`` at ``batch`` where the model ships: in onnxruntime (each model exported to a
-    temporary file, checked by :func:`export_onnx` and held by its session), or in PyTorch eager when the dense
-    model does not export or on a ``device`` other than the CPU (``runtime`` says which). Each comparison runs the
-    two in alternating rounds (:func:`prunetool.measure.interleaved`, resting :data:`SETTLE_S` before each
-    session's calls so that each runs as it would alone) and gives the median of the per-round ratios."""
+    temporary file, checked by :func:`export_onnx` and held by :data:`SESSIONS` fresh sessions), or in PyTorch eager
+    when the dense model does not export or on a ``device`` other than the CPU (``runtime`` says which). Each
+    comparison runs the two in alternating rounds (:func:`prunetool.measure.interleaved`, resting :data:`SETTLE_S`
+    before each session's calls so that each runs as it would alone): in PyTorch the median of the per-round
+    ratios, in onnxruntime the ratio of the best sessions' medians (:func:`prunetool.measure.best_session`)."""
 
     def __init__(self, dense: nn.Module, example: Batch | tuple[int, ...], batch: int = 1,
                  output_key: str | None = None, threads: int | None = None, device: str = "cpu"):
@@ -308,20 +324,20 @@ class DeployedSpeed:
         self.output_key, self.threads = output_key, threads
         self.device = device
         self.dir = tempfile.TemporaryDirectory(prefix="prunetool-latency-")
-        self.runtime, self.session = "pytorch", None
+        self.runtime, self.sessions = "pytorch", []
         if device != "cpu":  # served on the accelerator: PyTorch there (ONNX Runtime here runs on the CPU)
             return
         try:
-            self.session = self._session(dense)
+            self.sessions = self._sessions(dense)
             self.runtime = "onnxruntime"
         except Exception as e:  # a graph ONNX cannot hold: time what PyTorch runs
             warnings.warn(f"latency is measured in PyTorch: the model does not export to ONNX ({_first_line(e)})")
 
-    def _session(self, model: nn.Module):
+    def _sessions(self, model: nn.Module) -> list:
         path = Path(self.dir.name) / "model.onnx"
         try:
             export_onnx(model, resized(self.example, 2, model), path, latency_batches=(), output_key=self.output_key)
-            return ort_session(str(path), self.threads)
+            return ort_sessions(str(path), self.threads)
         finally:  # the session holds the graph: no file piles up
             for f in Path(self.dir.name).iterdir():
                 f.unlink()
@@ -337,10 +353,13 @@ class DeployedSpeed:
             finally:  # each back where it was (weights shared between the two move with either)
                 model.to(where[1])
                 self.dense.to(where[0])
-        session = self._session(model)
-        feeds = [(s, ort_feed(s, resized(self.example, self.batch))) for s in (self.session, session)]
-        times = interleaved([lambda s=s, f=f: s.run(None, f) for s, f in feeds], rounds, budget_s, settle=SETTLE_S)
-        return paired_speedup(*times)
+        cut = self._sessions(model)
+        k = min(len(self.sessions), len(cut))  # each model in k fresh sessions, one a round in turn
+        x = resized(self.example, self.batch)
+        runs = [[lambda s=s, f=ort_feed(sessions[0], x): s.run(None, f) for s in sessions[:k]]
+                for sessions in (self.sessions, cut)]
+        times = interleaved(runs, rounds, budget_s, settle=SETTLE_S)
+        return paired_speedup(*times, sessions=k)
 
     def close(self) -> None:
         self.dir.cleanup()

@@ -89,6 +89,25 @@ def test_interleaved_with_settle_rests_and_warms_each_run_before_its_timed_calls
     assert [len(r) for t in times for r in t] == [2] * 6 and max(t for r in times for b in r for t in b) < 20
 
 
+def test_sessions_of_one_model_take_the_rounds_in_turn_and_the_best_one_is_read():
+    """Fresh ONNX Runtime sessions of one model keep the thread placement they started with, fast or slow: each
+    round times the next session, every session is warmed up, and the speed-up reads each model's best session."""
+    calls = []
+    runs = [[lambda i=i, m=m: calls.append(f"{m}{i}") for i in range(3)] for m in "ab"]
+    times = measure.interleaved(runs, rounds=5, budget_s=10.0, warmup=1, max_runs=5)
+    assert calls[:6] == ["a0", "a1", "a2", "b0", "b1", "b2"]  # one warm-up call of each session
+    assert calls[6:8] == ["a0", "b0"]  # the sizing calls: the first sessions
+    assert calls[8:] == ["a0", "b0", "a1", "b1", "a2", "b2", "a0", "b0", "a1", "b1"]  # one call a round
+    assert [len(t) for t in times] == [5, 5]
+    dense = [[1.0], [1.2], [1.2], [1.0], [1.2]]  # sessions 0, 1, 2, 0, 1: session 0 placed well
+    cut = [[0.9], [0.5], [0.9], [0.9], [0.5]]  # session 1 placed well
+    assert measure.best_session(dense, 3) == 1.0 and measure.best_session(cut, 3) == 0.5
+    judged = measure.paired_speedup(dense, cut, sessions=3)
+    assert judged["speedup"]["p50"] == 2.0  # best against best; the median per-round ratio is 1.2 / 0.9
+    assert judged["speedup"]["p10"] <= 2.0 <= judged["speedup"]["p90"] and judged["noisy"]
+    assert measure.paired_speedup(dense, cut)["speedup"]["p50"] == pytest.approx(1.2 / 0.9)
+
+
 @pytest.fixture
 def linear_pair(tmp_path, monkeypatch):
     """Two Linear checkpoints in prunetool's format that record their input shape, in the working directory."""

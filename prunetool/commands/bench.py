@@ -13,9 +13,9 @@ import torch
 from ..batch import call, resized, shape_of
 from ..data import random_tokens, vocabulary
 from ..errors import UsageError
-from ..export import SETTLE_S, ort_feed, export_onnx, ort_session
+from ..export import SETTLE_S, ort_feed, export_onnx, ort_sessions
 from ..load import load, upcast_half
-from ..measure import flat, interleaved, paired_speedup, params, peak_forward_mb, synced, timing_stats
+from ..measure import best_session, flat, interleaved, paired_speedup, params, peak_forward_mb, synced, timing_stats
 from ..options import BenchOptions, Measurement, Source
 from ..progress import Bars
 from ..task import OutputError
@@ -68,9 +68,12 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
     """Benchmark each checkpoint; ratios are to the first one: the median of per-round ratios, the checkpoints timed
     in alternating rounds (``speedup_vs_first``, with ``speedup`` p10/p50/p90, ``spread`` and ``noisy`` as ``shrink``
     reports them). Each is called ``warmup`` times untimed, then at most ``runs`` times (at least once in each of
-    ``min(7, runs)`` rounds, about a second each in all). Inputs: random of ``input_shape``, or sequences of
-    ``tokens`` random token ids (by default what each checkpoint records). ``output_key`` names the entry of a
-    structured output that the ONNX export keeps (default: ``logits``, else the first tensor)."""
+    ``min(7, runs)`` rounds, about a second each in all). In onnxruntime each is held by several fresh sessions
+    (:data:`prunetool.export.SESSIONS`), one a round in turn, and its speed-up is the ratio of the best sessions'
+    medians (``best_session_ms``): a session keeps the thread placement it started with. Inputs: random of
+    ``input_shape``, or sequences of ``tokens`` random token ids (by default what each checkpoint records).
+    ``output_key`` names the entry of a structured output that the ONNX export keeps (default: ``logits``, else the
+    first tensor)."""
     if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads {threads} must be at least 1")
@@ -100,16 +103,17 @@ def bench(paths: list[str], input_shape: tuple[int, ...] | None = None, batch_si
             if runtime == "torch":
                 for model, _ in models.values():
                     model.to(device)
-                runs_at = _torch_runs([models[p] for p in paths], device)
+                runs_at, sessions = _torch_runs([models[p] for p in paths], device), 1
             else:
-                runs_at = _ort_runs(models, paths, tmp, threads, output_key)
+                runs_at, sessions = _ort_runs(models, paths, tmp, threads, output_key)
             for b in bars.track(batch_sizes, f"benchmarking ({runtime})"):
                 with torch.inference_mode():
                     times = interleaved(runs_at(b), rounds, BUDGET_S * len(paths), warmup, runs,
                                         settle=SETTLE_S if runtime == "onnxruntime" else 0.0)
                 for i, t in enumerate(times):
-                    judged = paired_speedup(times[0], t)
-                    rows[i, runtime]["batches"][str(b)] = {**timing_stats(flat(t), b),
+                    judged = paired_speedup(times[0], t, sessions)
+                    best = {"sessions": sessions, "best_session_ms": best_session(t, sessions)} if sessions > 1 else {}
+                    rows[i, runtime]["batches"][str(b)] = {**timing_stats(flat(t), b), **best,
                                                            "speedup_vs_first": judged["speedup"]["p50"], **judged}
             for i, path in enumerate(paths):
                 model, shape = models[path]
@@ -138,10 +142,14 @@ def _ort_runs(models: dict, paths: list[str], tmp: str, threads: int | None, out
         model, shape = models[path]
         f = str(Path(tmp) / f"{len(sessions)}.onnx")
         export_onnx(model, _batch(shape), f, latency_batches=(), output_key=output_key)
-        sessions[path] = ort_session(f, threads), shape
+        sessions[path] = ort_sessions(f, threads), shape
+    k = min(len(s) for s, _ in sessions.values())  # each checkpoint in k fresh sessions, one a round in turn
 
     def at(b):
-        feeds = [(session, ort_feed(session, resized(shape, b))) for session, shape in map(sessions.get, paths)]
-        return [lambda s=session, feed=feed: s.run(None, feed) for session, feed in feeds]
+        runs = []
+        for held, shape in map(sessions.get, paths):
+            feed = ort_feed(held[0], resized(shape, b))
+            runs.append([lambda s=s, feed=feed: s.run(None, feed) for s in held[:k]])
+        return runs
 
-    return at
+    return at, k
