@@ -48,9 +48,9 @@ REPORT = ("--max-params --fidelity --latency-batches --no-latency --onnx --pt2 -
           "--summary-md")
 GATES = f"--min-speedup --speedup-batch {REPORT} --device --quiet --no-progress"
 SHRINK = (f"{SOURCE} {DATA} --criterion --ratio --scope --max-layer-ratio --target-params --target-macs "
-          f"--target-latency --allocation --round-to --drop-blocks --hidden --rotate --axes --drop-experts "
-          f"--free-widths --schedule {RECOVERY} --recalibrate-bn --distill --recover --mixup --dry-run --compensate "
-          f"--max-drop --offload {GATES}")
+          f"--target-latency --allocation --round-to --drop-blocks --drop-heads --hidden --rotate --axes "
+          f"--drop-experts --free-widths --schedule {RECOVERY} --recalibrate-bn --distill --recover --mixup --dry-run "
+          f"--compensate --max-drop --offload {GATES}")
 LOWRANK = (f"{SOURCE} {DATA} --rank --energy --elbow --raw-elbow --target-params --target-macs --max-layer-error "
            f"--search --layers --data-aware {RECOVERY} --distill --recover --mixup --max-drop {GATES}")
 COMPRESS = f"{SOURCE} {DATA} --target-params --target-macs --max-drop --plans {GATES}"

@@ -80,6 +80,11 @@ class Group:
     consumers: list[Consumer] = field(default_factory=list)
     blocks: int = 1  # a grouped-conv producer: remove the same count from each of these contiguous blocks
 
+    @property
+    def heads(self) -> bool:
+        """Whether the units are attention heads (or key/value groups): a producer's unit spans several rows."""
+        return any(p.width > 1 for p in self.producers)
+
 
 @dataclass
 class Protected:

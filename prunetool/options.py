@@ -21,7 +21,8 @@ DATA_CRITERIA = ("mrs", "mrp", "taylor", "obs")
 COMPENSATIONS = ("mean", "lstsq", "none")
 SCOPES = ("layer", "global")
 ALLOCATIONS = ("sensitivity", "uniform")
-AXES = ("units", "blocks", "hidden")  # what a size target may remove: units in layers, whole blocks, the hidden size
+AXES = ("units", "blocks", "hidden", "heads")  # what a target may remove: units in layers, whole blocks, the hidden
+# size, a number of attention heads in every layer
 OPTIMIZERS = ("sgd", "adam")
 FINETUNE_LR = 1e-3
 RECOVER_LR = 1e-4  # Fashion-MNIST ResNet-20 at 3x fewer MACs, 60 s: 1e-4 lost 1.95 pp where 1e-3 lost 2.66
@@ -303,6 +304,9 @@ class ShrinkOptions:
     drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
                               "blocks whose shortcut is the identity) before any unit, each time the one whose "
                               "removal moves the outputs least; --ratio 0 removes blocks alone.")
+    drop_heads: int = option(0, "--drop-heads", "Remove this many attention heads (key/value groups, where heads "
+                             "share them) from every attention layer, the least important by the criterion, before "
+                             "the other units; at a long context the time goes with the heads kept, e.g. 1.")
     hidden: float = option(0.0, "--hidden", "Hugging Face pre-norm decoders (Llama, Mistral, Qwen2, ...): remove this "
                            "fraction of the residual stream's channels (the hidden size) through the embedding, every "
                            "norm, every projection and the head, before any unit, e.g. 0.1.")
@@ -313,8 +317,9 @@ class ShrinkOptions:
     axes: tuple[str, ...] | None = option(None, "--axes", "What a --target-params/--target-macs/--target-latency may "
                                           "remove: units "
                                           "(neurons, channels, heads; the default), blocks (whole residual blocks), "
-                                          "hidden (the hidden size, as --hidden) or several, e.g. units,blocks,hidden: "
-                                          "how many blocks and how much of the hidden size go is then chosen by "
+                                          "hidden (the hidden size, as --hidden), heads (attention heads in every "
+                                          "layer, as --drop-heads) or several, e.g. units,blocks,hidden: how many "
+                                          "blocks, heads and how much of the hidden size go is then chosen by "
                                           "measuring cuts on held-out calibration samples, units filling the rest.",
                                           text="names")
     drop_experts: float = option(0.0, "--drop-experts", "Mixture-of-experts models: fraction of each block's experts "
@@ -340,9 +345,10 @@ class ShrinkOptions:
         which a dry run does not do; empty when none is."""
         return " and ".join(flag for flag, given in (
             ("--drop-blocks", self.drop_blocks > 0), ("--drop-experts", self.drop_experts > 0),
+            ("--drop-heads", self.drop_heads > 0),
             ("--hidden", self.hidden > 0),
             ("--target-latency", self.target_latency is not None), ("--axes blocks", self.plans_blocks),
-            ("--axes hidden", self.plans_hidden)) if given)
+            ("--axes hidden", self.plans_hidden), ("--axes heads", self.plans_heads)) if given)
 
     @property
     def plans_blocks(self) -> bool:
@@ -353,6 +359,17 @@ class ShrinkOptions:
     def plans_hidden(self) -> bool:
         """Whether the fraction of the hidden size removed is chosen by measurement (``--axes`` names hidden)."""
         return "hidden" in (self.axes or ())
+
+    @property
+    def plans_heads(self) -> bool:
+        """Whether the attention heads removed from every layer are counted by measurement (``--axes`` names
+        heads)."""
+        return "heads" in (self.axes or ())
+
+    @property
+    def plans(self) -> bool:
+        """Whether ``--axes`` asks for a plan (anything beside units)."""
+        return self.plans_blocks or self.plans_hidden or self.plans_heads
 
     @property
     def rounding(self) -> int:
@@ -406,6 +423,8 @@ class ShrinkOptions:
             raise UsageError("--allocation sensitivity does not combine with --schedule; drop one")
         if self.drop_blocks < 0:
             raise UsageError(f"--drop-blocks {self.drop_blocks} must be 0 or more (a number of blocks)")
+        if self.drop_heads < 0:
+            raise UsageError(f"--drop-heads {self.drop_heads} must be 0 or more (heads per attention layer)")
         if self.axes is not None:
             self._check_axes()
         if not 0.0 <= self.hidden < 1.0:
@@ -424,11 +443,11 @@ class ShrinkOptions:
         unknown = [a for a in self.axes if a not in AXES]
         if unknown or not self.axes:
             raise UsageError(f"--axes {given}: {'unknown axis ' + unknown[0] if unknown else 'no axis'}; give units, "
-                             "blocks, hidden or several, e.g. units,blocks,hidden")
-        if not (self.plans_blocks or self.plans_hidden):
+                             "blocks, hidden, heads or several, e.g. units,blocks,hidden")
+        if not self.plans:
             return
         if not self.targeted:
-            raise UsageError(f"--axes {given} chooses how many blocks or how much of the hidden size go to meet "
+            raise UsageError(f"--axes {given} chooses how many blocks, heads or how much of the hidden size go to meet "
                              "--target-params, --target-macs or --target-latency; give one of them (or --drop-blocks "
                              "N, --hidden F)")
         if self.target_latency is not None and "units" not in self.axes:
@@ -437,6 +456,12 @@ class ShrinkOptions:
         if self.plans_hidden and "units" not in self.axes:
             raise UsageError(f"--axes {given}: the hidden size is chosen against units filling the rest of the "
                              "target; add units (e.g. --axes units,hidden), or give --hidden F")
+        if self.plans_heads and "units" not in self.axes:
+            raise UsageError(f"--axes {given}: the heads are counted against units filling the rest of the target; "
+                             "add units (e.g. --axes units,heads), or give --drop-heads N")
+        if self.drop_heads and self.plans_heads:
+            raise UsageError(f"--axes {given} counts the heads itself; drop --drop-heads {self.drop_heads}, or heads "
+                             "from --axes")
         if self.drop_blocks and self.plans_blocks:
             raise UsageError(f"--axes {given} chooses the number of blocks itself; drop --drop-blocks "
                              f"{self.drop_blocks}, or --axes")

@@ -77,10 +77,20 @@ def plan_line(plan: dict) -> str:
         latency = f", latency {c['latency']:.3f}" if "latency" in c else ""
         return f"{where} (divergence {c['divergence']:.4g}{latency})"
 
-    chosen = plan["chosen"]
-    return (f"plan across {'+'.join(plan['axes'])}: blocks tried {', '.join(point(c) for c in plan['counts'])}; "
-            f"[bold]{chosen}[/bold] removed" + (f" ({', '.join(plan['order'][:chosen])})" if chosen else "")
-            + (f", hidden size [bold]{plan['hidden_size']}[/bold]" if "hidden_size" in plan else ""))
+    def heads(c: dict) -> str:
+        latency = f", latency {c['latency']:.3f}" if "latency" in c else ""
+        return f"{c['heads']}" + (f" (divergence {c['divergence']:.4g}{latency})" if "divergence" in c else "")
+
+    parts = []
+    if plan["counts"]:
+        chosen = plan["chosen"]
+        parts.append(f"blocks tried {', '.join(point(c) for c in plan['counts'])}; [bold]{chosen}[/bold] removed"
+                     + (f" ({', '.join(plan['order'][:chosen])})" if chosen else "")
+                     + (f", hidden size [bold]{plan['hidden_size']}[/bold]" if "hidden_size" in plan else ""))
+    if "heads" in plan:
+        parts.append(f"heads per layer tried {', '.join(heads(c) for c in plan['heads'])}; "
+                     f"[bold]{plan.get('heads_chosen', '–')}[/bold] removed")
+    return f"plan across {'+'.join(plan['axes'])}: " + "; ".join(parts)
 
 
 def layers_table(report: dict) -> Table:

@@ -61,7 +61,12 @@ def test_axes_that_cannot_work_are_refused_in_one_line_before_any_work(tmp_path,
                         (["--axes", "units,blocks", "--target-params", "0.5", "--drop-blocks", "1"],
                          "drop --drop-blocks 1"),
                         (["--axes", "blocks", "--target-latency", "0.5"], "add units"),
-                        (["--axes", "blocks", "--target-params", "0.5", "--dry-run"], "--dry-run measures nothing")):
+                        (["--axes", "blocks", "--target-params", "0.5", "--dry-run"], "--dry-run measures nothing"),
+                        (["--axes", "heads", "--target-params", "0.5"], "add units (e.g. --axes units,heads)"),
+                        (["--axes", "units,heads", "--target-params", "0.5", "--drop-heads", "1"],
+                         "drop --drop-heads 1"),
+                        (["--axes", "units,heads", "--target-params", "0.5"], "no attention heads to count"),
+                        (["--drop-heads", "1", "--ratio", "0.2", "--dry-run"], "--dry-run measures nothing")):
         code = main(["shrink", "net.pt", *FLAGS, *flags])
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert code == 2 and len(errors) == 1 and said in errors[0], (flags, errors)

@@ -13,10 +13,12 @@ from torch import nn
 
 import prunetool
 from prunetool import layers, task, verify
+from prunetool import report as reporting
 from prunetool.cli import main
 from prunetool.calibrate import Settings, statistics
 from prunetool.cut import cut, select
 from prunetool.data import as_samples
+from prunetool.errors import UsageError
 from prunetool.trace import trace
 
 VOCAB = 100
@@ -210,6 +212,62 @@ def test_llama_directory_in_and_out_reads_back_with_from_pretrained(tmp_path):
         assert torch.equal(back(x).logits, small(input_ids=x).logits)
     assert json.loads((out / "prunetool.json").read_text())["command"] == "shrink"
     assert prunetool.load(out).record["command"] == "shrink"
+
+
+def test_drop_heads_removes_the_key_value_group_that_carries_nothing_from_every_layer(tmp_path):
+    """Each layer's second key/value group reads values that are zero: its heads add nothing, the criterion ranks
+    it last, and removing it from every layer (no compensation) leaves the outputs as they were; the MLP keeps its
+    units at ratio 0 and the directory reads back with one group of two heads."""
+    model = hf_model("llama")  # 4 heads sharing 2 key/value groups of 8 channels
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[8:] = 0
+    model.save_pretrained(tmp_path / "llama")
+    graph = trace(Logits(model), torch.randint(0, VOCAB, (2, 12)))
+    assert {g.name for g in graph.groups if g.heads} == {f"model.model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    out = tmp_path / "llama.small"
+    small, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, drop_heads=1, compensate="none",
+                                     tokens=12, calib=16, out=str(out), latency_batches=())
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["num_attention_heads"], config["intermediate_size"]) == (1, 2, 64)
+    rows = {r["name"]: (r["units_before"], r["units_after"]) for r in report["layers"]}
+    assert rows["model.layers.0.self_attn.q_proj"] == rows["model.layers.1.self_attn.q_proj"] == (2, 1)
+    assert rows["model.layers.0.mlp.gate_proj"] == (64, 64) and report["settings"]["drop_heads"] == 1
+    kept = small.model.layers[0].self_attn.v_proj.weight
+    assert torch.equal(kept, model.model.layers[0].self_attn.v_proj.weight[:8])  # the group that carries the values
+    x = torch.randint(0, VOCAB, (3, 10))
+    with torch.no_grad():
+        assert torch.allclose(small(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5, rtol=0)
+    assert report["verify"]["reload_from_pretrained"] == "identical"
+
+
+def test_a_plan_over_heads_removes_the_group_that_carries_nothing_and_units_fill_the_target(tmp_path):
+    model = hf_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[8:] = 0  # the second key/value group's heads add nothing
+    model.save_pretrained(tmp_path / "llama")
+    ids = np.random.default_rng(0).integers(0, VOCAB, (96, 16))
+    np.savez(tmp_path / "tok.npz", input_ids=ids)
+    small, report = prunetool.shrink(str(tmp_path / "llama"), str(tmp_path / "tok.npz"), axes="units,heads",
+                                     target_params=0.8, calib=96, measure=False)
+    plan = report["plan"]
+    assert [c["heads"] for c in plan["heads"]][:2] == [0, 1] and plan["heads_chosen"] == 1
+    assert plan["heads"][1]["divergence"] < plan["heads"][0]["divergence"]
+    assert report["settings"]["drop_heads"] == 1 and small.model.layers[0].self_attn.k_proj.out_features == 8
+    assert report["after"]["params"] <= 0.8 * report["before"]["params"]
+    assert "heads per layer tried 0 (divergence" in reporting.plan_line(plan)
+
+
+def test_drop_heads_refuses_a_count_that_leaves_no_head_and_a_model_without_attention(tmp_path, capsys):
+    hf_model("llama").save_pretrained(tmp_path / "llama")
+    with pytest.raises(UsageError, match="has 2 heads .* keeps at least one; ask for fewer"):
+        prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, drop_heads=2, tokens=12, calib=8, measure=False)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(UsageError, match="no attention heads to remove"):
+        prunetool.shrink(mlp, ratio=0.2, drop_heads=1, input_shape=(8,), calib=8, measure=False)
+    assert main(["shrink", str(tmp_path / "llama"), "--drop-heads", "-1", "--tokens", "12"]) == 2
+    assert "--drop-heads -1 must be 0 or more" in capsys.readouterr().err
 
 
 def test_ratio_zero_on_a_language_model_changes_nothing(tmp_path):

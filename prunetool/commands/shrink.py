@@ -448,6 +448,44 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
     return small, graph, rows, record
 
 
+def _drop_heads(job, model: nn.Module, graph: Trace, opts: ShrinkOptions, bars: Bars, device: str, offload: bool
+                ) -> tuple[nn.Module, Trace, dict[str, int]]:
+    """``model`` without ``--drop-heads`` attention heads (key/value groups where heads share them) in every
+    attention layer: those the criterion ranks lowest, compensated by ``--compensate`` and verified as a cut of
+    units is (:func:`prunetool.verify.verify`). Its trace and each attention group's head count before; the units
+    step that follows ranks what is left afresh."""
+    engine, key = job.settings, job.settings.output_key
+    attention = [g for g in graph.groups if g.heads]
+    if not attention:
+        raise UsageError(f"--drop-heads {opts.drop_heads}: no attention heads to remove (none of the model's "
+                         "groups is an attention layer's heads; see --dry-run); drop --drop-heads")
+    few = min(attention, key=lambda g: g.units)
+    if opts.drop_heads >= few.units:
+        raise UsageError(f"--drop-heads {opts.drop_heads}: {few.name} has {few.units} heads (key/value groups) and "
+                         "keeps at least one; ask for fewer")
+    if not offload:
+        model.to(device)
+    stats = statistics(model, graph, job.calib, engine, bars, targets=opts.compensate == "lstsq")
+    scores = _cpu(score(model, graph, opts.criterion, job.calib, bars=bars, means=stats.means, settings=engine))
+    # (d + ½)/n: floor(ratio·n) is exactly d heads whatever the float rounding
+    keep = select(graph, scores.scores, {g.name: (opts.drop_heads + 0.5) / g.units if g.heads else 0.0
+                                         for g in graph.groups})
+    widths = widths_of(job, model, graph, opts)
+    moved = widths.round(keep, scores.scores)[1] if widths is not None else []
+    if moved:  # the count asked for is the point: refuse rather than remove another
+        raise UsageError(f"--drop-heads {opts.drop_heads}: {moved[0].describe()}; ask for another count, or give "
+                         "--free-widths")
+    means = sequential_means(model, graph, keep, job.calib, bars, engine) if opts.compensate == "mean" \
+        else scores.means
+    small = cut(clone(model, share=True), graph, keep, opts.compensate, means, job.calib, bars, stats=stats,
+                settings=engine).eval()
+    stats.release()
+    model.cpu()
+    small.cpu()
+    verify(model, small, graph, keep, job.probe, key)
+    return small, trace_probe(small, job.probe, key), {g.name: g.units for g in attention}
+
+
 def _narrow_stream(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device: str, offload: bool
                    ) -> tuple[nn.Module, Trace, list]:
     """``model`` with ``--hidden`` of its residual stream's channels removed (:mod:`prunetool.width`; turned first
@@ -570,6 +608,43 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
                          f"{plan['counts'][-1]['error']}")
     plan["chosen"] = best
     return replace(opts, drop_blocks=best), blocks, plan
+
+
+def _plan_heads(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars,
+                blocks: BlockChoice | None, plan: dict, speed: DeployedSpeed | None) -> tuple[ShrinkOptions, dict]:
+    """How many attention heads (key/value groups) every layer loses (``--axes`` names heads), beside the blocks
+    and hidden size chosen before: from none upward, the count whose cut — those heads, then one ratio of units
+    meeting the target — diverges least on held-out samples, until one more does worse (a count at which units
+    cannot meet the target counts as infinite: more heads may let them). Under a latency this is where the time
+    is: at a long context each head's softmax and masks cost as much as its share of the matrix products. The
+    options with the count, and the plan's ``heads`` (each count measured) and ``heads_chosen``."""
+    dense, device, key = job.dense, measurement.device, job.settings.output_key
+    fewest = min((g.units for g in job.graph.groups if g.heads), default=0)
+    if not fewest:
+        raise UsageError(f"--axes {','.join(opts.axes)}: the model has no attention heads to count (no group's "
+                         "units are heads; see --dry-run); drop heads from --axes")
+    if not measurement.offload:
+        dense.to(device)
+    try:
+        held = blocks.refit if blocks is not None else \
+            depth.HeldOut(dense, job.calib, key, device, FIDELITY.get(measurement.fidelity))
+    finally:
+        dense.cpu()
+    plan["heads"], best, least = [], 0, math.inf
+    for h in bars.track(range(fewest), "planning: heads against units"):
+        entry = _trial(job, replace(opts, drop_heads=h), recovery, measurement, blocks, held, speed)
+        plan["heads"].append({"heads": h} | entry)
+        divergence = entry.get("divergence", math.inf)
+        if divergence == math.inf:
+            continue
+        if divergence >= least:
+            break  # one more head did worse than the best so far
+        best, least = h, divergence
+    if least == math.inf:
+        raise UsageError(f"{_target_text(plan)} cannot be reached removing up to {fewest - 1} heads from every "
+                         f"attention layer: {plan['heads'][-1]['error']}")
+    plan["heads_chosen"] = best
+    return replace(opts, drop_heads=best), plan
 
 
 def _target_text(plan: dict) -> str:
@@ -706,6 +781,8 @@ def _plan(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement
             opts, blocks, plan = _plan_blocks(job, opts, recovery, measurement, bars, plan, speed)
         if opts.plans_hidden:
             opts, blocks, plan = _plan_hidden(job, opts, recovery, measurement, bars, blocks, plan, widths, speed)
+        if opts.plans_heads:
+            opts, plan = _plan_heads(job, opts, recovery, measurement, bars, blocks, plan, speed)
     finally:
         if speed is not None:
             speed.close()
@@ -733,7 +810,7 @@ def _cut_units(small: nn.Module, units: list, unit_stats: dict, kept: dict[str, 
 def _run(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, outputs: Outputs,
          staging: Staging, bars: Bars, scores: Scores | None) -> tuple[nn.Module, dict]:
     blocks, plan = None, None
-    if opts.plans_blocks or opts.plans_hidden:
+    if opts.plans:
         opts, blocks, plan = _plan(job, opts, recovery, measurement, bars)
         scores = None  # scored on the dense model; blocks or channels may go first
     step = work(job, opts, recovery, measurement, bars, scores, blocks)
@@ -781,7 +858,11 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     if opts.hidden:
         current, graph, narrowed = _narrow_stream(job, current, opts, bars, device, measurement.offload)
         moe += narrowed
-    original = {g.name: g.units for g in graph.groups}  # after whole blocks or experts went (names may shift)
+    heads: dict[str, int] = {}
+    if opts.drop_heads:
+        current, graph, heads = _drop_heads(job, current, graph, opts, bars, device, measurement.offload)
+        scores = None  # scores given were the model's before: the units step scores what is left
+    original = {g.name: g.units for g in graph.groups} | heads  # after blocks, experts or heads went (names shift)
     for step, step_ratio in enumerate(steps):
         if step:
             graph = trace_probe(current, probe, engine.output_key)
@@ -911,7 +992,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "optimizer": recovery.optimizer,
                 "distill": recovery.distill, "recover": recovery.recover, "engine": paths,
                 "free_widths": opts.free_widths,
-                "drop_experts": opts.drop_experts, "drop_blocks": opts.drop_blocks, "hidden": opts.hidden,
+                "drop_experts": opts.drop_experts, "drop_blocks": opts.drop_blocks, "drop_heads": opts.drop_heads,
+                "hidden": opts.hidden,
                 "rotate": opts.rotate,
                 "target_latency": opts.target_latency,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
@@ -970,7 +1052,8 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
            target_macs: float | None = None, target_latency: float | None = None, allocation: str | None = None,
            round_to: int | None = ShrinkOptions.round_to,
            free_widths: bool = ShrinkOptions.free_widths, drop_blocks: int = ShrinkOptions.drop_blocks,
-           drop_experts: float = ShrinkOptions.drop_experts, axes: tuple[str, ...] | None = ShrinkOptions.axes,
+           drop_experts: float = ShrinkOptions.drop_experts, drop_heads: int = ShrinkOptions.drop_heads,
+           axes: tuple[str, ...] | None = ShrinkOptions.axes,
            hidden: float = ShrinkOptions.hidden, rotate: bool = ShrinkOptions.rotate,
            latency_batches: tuple[int, ...] = Measurement.latency_batches, scores: Scores | None = None,
            measure: bool = Measurement.evaluate, schedule: list[float] | None = None, recalibrate: bool | None = None,
@@ -991,7 +1074,9 @@ def shrink(model, data=None, criterion: str | None = ShrinkOptions.criterion, ra
     divergence from the dense outputs after compensation) or by one ratio (``allocation="uniform"``).
     ``drop_blocks`` whole residual blocks (transformer layers, CNN blocks whose shortcut is the identity) go first,
     each the one whose removal moves the outputs least (:mod:`prunetool.depth`); ``drop_experts`` of every
-    mixture-of-experts block's experts likewise. ``axes=("units", "blocks")`` under ``target_params``/``target_macs``
+    mixture-of-experts block's experts likewise. ``drop_heads`` attention heads (key/value groups where heads share
+    them) of every attention layer go next, the least important by ``criterion``, compensated as units are.
+    ``axes=("units", "blocks")`` under ``target_params``/``target_macs``
     chooses the number of blocks by measuring the cut at each (``("blocks",)``: blocks alone, the fewest that meet
     the target); the report's ``plan`` lists what each number measured; ``"units,blocks,hidden"`` or
     ``"units,hidden"`` choose the hidden size too (a descent over blocks and widths). ``hidden`` (a Hugging Face pre-norm
