@@ -7,7 +7,8 @@ runs it (the greedy choice by measured output divergence; the blocks after them 
 their last layer is linear, :func:`prunetool.depth.absorb`; BatchNorm recalibrated where there is BatchNorm); OUT is
 loaded again in this process and evaluated, and that figure must equal the CLI's. Then the same with units cut
 too: ``--target-params P --drop-blocks K`` against ``--target-params P`` alone (the units fill the rest of the
-target) and against ``--target-params P --axes units,blocks`` (the number of blocks chosen by measurement).
+target) and against ``--target-params P --axes units,blocks`` (the number of blocks chosen by measurement); for
+kjv_llama also ``--axes units,blocks,hidden`` (blocks, the hidden size and units planned together).
 Baseline: ShortGPT (Men et al., 2024) removes the K blocks of lowest block influence (1 − cosine of a
 block's input and output, measured once on the dense model), on prunetool's cut (the same removal, the same
 BatchNorm recalibration), in this process, without compensation as published and with our refit. Latency: PyTorch eager on this CPU, dense and cut measured in
@@ -44,6 +45,9 @@ MODELS = {  # name → (model, --arch, data, blocks removed, --target-params: un
                          (1, 2, 3), (0.5,)),
 }
 BATCHES = (1, 8)
+
+
+ALL_AXES = ("kjv_llama",)  # models whose plan rows also run --axes units,blocks,hidden (kjv_llama8's: benchmarks.width)
 
 
 def cli(args: list[str], timeout: int) -> dict:
@@ -133,6 +137,9 @@ def run_model(name: str, timeout: int, log) -> dict:
             if i == 0:  # the first count of the table above, asked for
                 row["blocks+units"] = ours(name, [*flag, "--drop-blocks", str(ks[0])], loader, dense, example,
                                            Path(d), timeout)
+            if arch is None and name in ALL_AXES:  # a Hugging Face LM: the hidden size too
+                row["all"] = ours(name, [*flag, "--axes", "units,blocks,hidden"], loader, dense, example, Path(d),
+                                  timeout)
             result["plans"].append(row)
             log(f"{name} target {target}: {json.dumps(row)}")
     return result
@@ -171,7 +178,8 @@ def markdown(results: dict, seconds: float) -> str:
              "and get BatchNorm recalibration instead). ShortGPT: the K blocks of lowest block influence, on the "
              "same cut, in-process, as published (no compensation) and with our refit. Second table: units alone, "
              "a number of blocks asked for and then units, and the number of blocks chosen by `--axes units,blocks` "
-             "(each count tried: blocks, then one ratio of units; its held-out divergence), each meeting the "
+             "(each count tried: blocks, then one ratio of units; its held-out divergence), and for kjv_llama "
+             "`--axes units,blocks,hidden` (the blocks and hidden size chosen in brackets), each meeting the "
              "parameter target. Speed-ups: PyTorch eager, batch 1 / 8, alternating rounds (noisy on "
              "this shared 2-core machine). Perplexity on the held-out KJV sequences; accuracy on the full "
              "Fashion-MNIST test set.", ""]
@@ -195,12 +203,16 @@ def markdown(results: dict, seconds: float) -> str:
                          f"{shown(s['value'])} | {refit} | {', '.join(s['blocks'])} |")
         lines += ["", "| --target-params | units alone | speed-up 1 / 8 | "
                   f"--drop-blocks {r['rows'][0]['k']} + units | speed-up 1 / 8 | --axes units,blocks | blocks chosen "
-                  "(divergence of each count) | speed-up 1 / 8 |", "|---|---|---|---|---|---|---|---|"]
+                  "(divergence of each count) | speed-up 1 / 8 | --axes units,blocks,hidden (blocks, hidden size) "
+                  "| speed-up 1 / 8 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in r.get("plans") or [r["plan"]]:
-            best = (min if m == "perplexity" else max)(p[k]["value"] for k in ("units", "blocks+units", "plan")
+            best = (min if m == "perplexity" else max)(p[k]["value"] for k in ("units", "blocks+units", "plan", "all")
                                                        if k in p)
             runs = " | ".join(" | ".join(_run_cells(m, p, k, best)) for k in ("units", "blocks+units"))
-            lines.append(f"| {p['target']} | {runs} | {_plan_cells(m, p, best)} |")
+            value, speed = _run_cells(m, p, "all", best)
+            chosen = (p.get("all") or {}).get("plan")
+            value += f" ({chosen['chosen']}, {chosen['hidden_size']})" if chosen and "hidden_size" in chosen else ""
+            lines.append(f"| {p['target']} | {runs} | {_plan_cells(m, p, best)} | {value} | {speed} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -57,6 +57,8 @@ ROWS = {  # name → flags
     "--axes units,blocks,hidden --target-params 0.7": ["--axes", "units,blocks,hidden", "--target-params", "0.7"],
     "--axes units,blocks,hidden --target-params 0.5": ["--axes", "units,blocks,hidden", "--target-params", "0.5"],
     "--axes units,blocks,hidden --target-latency 0.75": ["--axes", "units,blocks,hidden", "--target-latency", "0.75"],
+    "--axes units,heads --target-latency 0.75": ["--axes", "units,heads", "--target-latency", "0.75"],
+    "--axes units,heads --target-params 0.7": ["--axes", "units,heads", "--target-params", "0.7"],
 }
 BATCHES = (1, 8)
 
@@ -112,6 +114,7 @@ def run(flags: list[str], loader, dense, example, work: Path, timeout: int, spee
             "params": params(again) / params(dense), "hidden": [stream.get("units_before"), stream.get("units_after")],
             "energy_kept": stream.get("energy_kept"), "seconds": round(seconds, 1),
             "blocks": [r["name"] for r in report["layers"] if r.get("block") and r["units_after"] == 0],
+            "heads": report["settings"].get("drop_heads", 0),
             "speedup": latency(dense, again, example), "ort": onnxruntime(speeds, again)}
 
 
@@ -135,7 +138,8 @@ def markdown(rows: dict) -> str:
         "shared 2-core machine): PyTorch eager, and ONNX Runtime (the reloaded model exported and checked; – where "
         "the row predates that column).",
         "",
-        "| flags | hidden size | energy kept | params kept | perplexity | vs dense | blocks removed | PyTorch speed-up "
+        "| flags | hidden size | energy kept | params kept | perplexity | vs dense | blocks (and heads) removed "
+        "| PyTorch speed-up "
         "1 / 8 | ONNX Runtime 1 / 8 | seconds | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -149,7 +153,8 @@ def markdown(rows: dict) -> str:
         hidden = f"{r['hidden'][0]} → {r['hidden'][1]}" if r["hidden"][0] else "whole"  # the plan kept the width
         lines.append(f"| `{name}` | {hidden} | {energy} | "
                      f"{r['params']:.3f} | {r['value']:.2f} | {100 * (r['value'] / dense - 1):+.1f}% | "
-                     f"{', '.join(b.rsplit('.', 1)[-1] for b in r['blocks']) or '–'} | "
+                     f"{', '.join(b.rsplit('.', 1)[-1] for b in r['blocks']) or '–'}"
+                     f"{f'; {heads} KV group(s) per layer' if (heads := r.get('heads')) else ''} | "
                      f"{s['1']:.2f}× / {s['8']:.2f}× | {ort} | {r['seconds']:.0f} | {r['commit']} |")
     return "\n".join(lines)
 
