@@ -60,9 +60,12 @@ def run(name: str, device: str, work: Path, timeout: int) -> dict:
     out = out.with_suffix(".safetensors") if "llama" not in name else out
     report = work / f"{out.name}.json"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "prunetool", *JOBS[name], "--device", device,
-                           "--out", str(out), "--json", str(report), "-q", "--no-progress"],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+        proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "prunetool", *JOBS[name], "--device", device,
+                               "--out", str(out), "--json", str(report), "-q", "--no-progress"],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"job": name, "device": device, "seconds": timeout, "exit": 124, "error": f"over {timeout} s"}
     row = {"job": name, "device": device, "seconds": round(time.perf_counter() - start, 1), "exit": proc.returncode}
     if proc.returncode != 0 or not report.exists():
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
@@ -81,7 +84,7 @@ def cross(row: dict, timeout: int) -> None:
                           capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir(),
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
                               filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-    row["cross"] = float(proc.stdout.split()[-1]) if proc.returncode == 0 else \
+    row["cross"] = float(proc.stdout.split()[-1]) if proc.returncode == 0 and proc.stdout.split() else \
         (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
 
 
@@ -92,13 +95,13 @@ def bench(row: dict, timeout: int) -> None:
     shape = ["--input-shape", "1,28,28"] if arch else ["--tokens", "128"]
     report = Path(row["out"] + ".bench.json")
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "prunetool", "bench", dense, row["out"], *arch,
-                           *shape, "--batch-sizes", "1,64", "--device", "cuda", "--json", str(report),
+                           *shape, "--batch-sizes", "1,64", "--device", "cuda", "--no-onnx", "--json", str(report),
                            "--no-progress"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         row["bench_error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
         return
     for entry in json.loads(report.read_text())["results"]:
-        if entry["checkpoint"] == row["out"]:
+        if entry["checkpoint"] == row["out"] and entry["runtime"] == "torch":
             row["speedup"] = {b: v.get("speedup_vs_first") for b, v in entry["batches"].items()}
 
 

@@ -102,10 +102,10 @@ SESSIONS = 7  # one a round of a comparison (measure.interleaved: 7 rounds)
 SESSIONS_BYTES = 2 ** 31  # the sessions of one model held at once: their weights within this
 
 
-def ort_sessions(path: str, threads: int | None = None, count: int = SESSIONS) -> list:
-    """``count`` fresh sessions of one file, fewer where the file is large (their weights within
-    :data:`SESSIONS_BYTES`), at least one."""
-    size = sum(os.path.getsize(f) for f in (path, path + ".data") if os.path.exists(f))
+def ort_sessions(path: str, model: nn.Module, threads: int | None = None, count: int = SESSIONS) -> list:
+    """``count`` fresh sessions of the export of ``model`` at ``path``, fewer where the model is large (their
+    weights within :data:`SESSIONS_BYTES`; an export's weights may lie in files of their own), at least one."""
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return [ort_session(path, threads) for _ in range(max(1, min(count, SESSIONS_BYTES // max(size, 1))))]
 
 
@@ -337,13 +337,14 @@ class DeployedSpeed:
         path = Path(self.dir.name) / "model.onnx"
         try:
             export_onnx(model, resized(self.example, 2, model), path, latency_batches=(), output_key=self.output_key)
-            return ort_sessions(str(path), self.threads)
+            return ort_sessions(str(path), model, self.threads)
         finally:  # the session holds the graph: no file piles up
             for f in Path(self.dir.name).iterdir():
                 f.unlink()
 
     def speedup(self, model: nn.Module, rounds: int = 7, budget_s: float = 2.0) -> dict:
-        """``paired_speedup`` of ``model`` over the dense one (``speedup.p50`` the median ratio)."""
+        """``paired_speedup`` of ``model`` over the dense one (``speedup.p50``: in PyTorch the median per-round
+        ratio, in onnxruntime the ratio of the best sessions)."""
         if self.runtime == "pytorch":
             where = [next(m.parameters()).device for m in (self.dense, model)]
             try:

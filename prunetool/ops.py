@@ -119,7 +119,7 @@ class Op:
     def mean_delta(self, weight: torch.Tensor, columns: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
         """What inputs ``columns`` held at ``means`` (units × width) add to every output."""
         cols = weight.movedim(self.in_dim, 1)[:, columns]
-        return cols @ means.reshape(-1).to(weight.dtype)
+        return cols @ means.reshape(-1).to(weight.device, weight.dtype)  # means are kept on the CPU
 
     # --- least squares --------------------------------------------------------------------------------------
     def has_rows(self, weight: torch.Tensor) -> bool:
@@ -232,7 +232,7 @@ class ConvOp(Op):
 
     def mean_delta(self, weight, columns, means):
         cols = weight.movedim(self.in_dim, 1)[:, columns]  # out, units, *kernel
-        return (cols.sum(tuple(range(2, cols.dim()))) * means[:, 0].to(weight.dtype)).sum(1)
+        return (cols.sum(tuple(range(2, cols.dim()))) * means[:, 0].to(weight.device, weight.dtype)).sum(1)
 
     def geometry(self, args: dict, weight: torch.Tensor):
         """Stride, padding and dilation of the call, one entry per spatial dimension."""

@@ -634,8 +634,8 @@ class BenchOptions:
     onnx: bool = option(True, "--onnx", "Also time onnxruntime (CPU).", negative="--no-onnx")
     warmup: int = option(5, "--warmup", "Untimed runs first.")
     runs: int = option(50, "--runs", "Timed runs of each checkpoint at most, in up to 7 alternating rounds (about 1 s "
-                       "per checkpoint); a speed-up is the median of paired rounds, marked noisy when they disagree "
-                       "by over ±20%.")
+                       "per checkpoint); a speed-up is the median of paired rounds (onnxruntime: of the best of 7 "
+                       "fresh sessions, one a round), marked noisy when they disagree by over ±20%.")
     output_key: str | None = option(None, "--output-key", "Which entry of a structured output the ONNX export keeps "
                                     "(default: 'logits', else the first tensor); unused with --no-onnx.")
 

@@ -259,6 +259,34 @@ def test_a_plan_over_heads_removes_the_group_that_carries_nothing_and_units_fill
     assert "heads per layer tried 0 (divergence" in reporting.plan_line(plan)
 
 
+def test_drop_heads_then_a_schedule_counts_its_ratios_from_the_heads_left():
+    """8 key/value groups, 2 dropped: the schedule's 0.1 then 0.3 remove floor(0.3·6) = 1 more, leaving 5."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=8, intermediate_size=64, max_position_embeddings=64)
+    model = Logits(transformers.LlamaForCausalLM(config).eval())
+    _, report = prunetool.shrink(model, drop_heads=2, schedule=[0.1, 0.3], tokens=12, calib=16,
+                                 measure=False)
+    rows = {r["name"]: (r["units_before"], r["units_after"]) for r in report["layers"]}
+    assert rows["model.model.layers.0.self_attn.q_proj"] == rows["model.model.layers.1.self_attn.q_proj"] == (8, 5)
+    assert rows["model.model.layers.0.mlp.gate_proj"] == (64, 64 - 19)  # floor(0.3 · 64)
+
+
+def test_a_head_count_the_config_refuses_is_out_of_reach_for_the_plan_and_refused_when_asked(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")  # 6 heads: 32 is no multiple of 6
+    with pytest.raises(UsageError, match="--drop-heads 1: .*refuses num_attention_heads 8 → 6.*--free-widths"):
+        prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, drop_heads=1, tokens=12, calib=8, measure=False)
+    _, report = prunetool.shrink(str(tmp_path / "llama"), axes="units,heads", target_params=0.8, tokens=12,
+                                 calib=32, measure=False)
+    tried = report["plan"]["heads"]
+    assert "refuses" in tried[1]["error"] and "divergence" not in tried[1]
+    assert "divergence" in tried[0] and "divergence" in tried[2]  # the plan went on past the refused count
+    assert report["plan"]["heads_chosen"] != 1
+
+
 def test_drop_heads_refuses_a_count_that_leaves_no_head_and_a_model_without_attention(tmp_path, capsys):
     hf_model("llama").save_pretrained(tmp_path / "llama")
     with pytest.raises(UsageError, match="has 2 heads .* keeps at least one; ask for fewer"):

@@ -1,7 +1,8 @@
 """``bench``: latency (median, p10, p90), throughput and peak memory of checkpoints side by side, in PyTorch eager
 and in onnxruntime; ratios are to the first checkpoint. The checkpoints of a runtime are timed in alternating rounds
 (:func:`prunetool.measure.interleaved`, as ``shrink`` times before and after), so each speed-up is the median of
-per-round ratios, with its p10–p90 range and a ``noisy`` flag when the machine was too noisy to judge it."""
+per-round ratios (in onnxruntime, the ratio of the best of several fresh sessions), with its p10–p90 range and a
+``noisy`` flag when the machine was too noisy to judge it."""
 
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def _ort_runs(models: dict, paths: list[str], tmp: str, threads: int | None, out
         model, shape = models[path]
         f = str(Path(tmp) / f"{len(sessions)}.onnx")
         export_onnx(model, _batch(shape), f, latency_batches=(), output_key=output_key)
-        sessions[path] = ort_sessions(f, threads), shape
+        sessions[path] = ort_sessions(f, model, threads), shape
     k = min(len(s) for s, _ in sessions.values())  # each checkpoint in k fresh sessions, one a round in turn
 
     def at(b):

@@ -101,13 +101,15 @@ def work(job, opts: LowrankOptions, recovery: Recovery, measurement: Measurement
                       "become approximate")
     fisher = None
     hold = method == "auto" and job.data.has_labels and opts.max_drop is None
-    dense.to(device)  # the calibration passes send the batches to the device; the rest runs on the CPU
-    try:
-        covs = covariances(dense, names, calib, job.settings, job.graph, bars) if data_aware and names else {}
-        if (method == "budget" or hold) and job.data.has_labels and names:
-            fisher = output_sensitivity(dense, names, calib, job.settings, job.graph, bars)
-    finally:
-        dense.cpu()
+    sensitive = (method == "budget" or hold) and job.data.has_labels and bool(names)
+    covs = {}
+    if names and (data_aware or sensitive):
+        dense.to(device)  # the calibration passes send the batches to the device; the rest runs on the CPU
+        try:
+            covs = covariances(dense, names, calib, job.settings, job.graph, bars) if data_aware else {}
+            fisher = output_sensitivity(dense, names, calib, job.settings, job.graph, bars) if sensitive else None
+        finally:
+            dense.cpu()
     cands = _candidates(job, names, covs, fisher)
     evaluations, rules = 0, {}
 

@@ -465,22 +465,24 @@ def _drop_heads(job, model: nn.Module, graph: Trace, opts: ShrinkOptions, bars: 
                          "keeps at least one; ask for fewer")
     if not offload:
         model.to(device)
-    stats = statistics(model, graph, job.calib, engine, bars, targets=opts.compensate == "lstsq")
-    scores = _cpu(score(model, graph, opts.criterion, job.calib, bars=bars, means=stats.means, settings=engine))
-    # (d + ½)/n: floor(ratio·n) is exactly d heads whatever the float rounding
-    keep = select(graph, scores.scores, {g.name: (opts.drop_heads + 0.5) / g.units if g.heads else 0.0
-                                         for g in graph.groups})
-    widths = widths_of(job, model, graph, opts)
-    moved = widths.round(keep, scores.scores)[1] if widths is not None else []
-    if moved:  # the count asked for is the point: refuse rather than remove another
-        raise UsageError(f"--drop-heads {opts.drop_heads}: {moved[0].describe()}; ask for another count, or give "
-                         "--free-widths")
-    means = sequential_means(model, graph, keep, job.calib, bars, engine) if opts.compensate == "mean" \
-        else scores.means
-    small = cut(clone(model, share=True), graph, keep, opts.compensate, means, job.calib, bars, stats=stats,
-                settings=engine).eval()
-    stats.release()
-    model.cpu()
+    try:
+        stats = statistics(model, graph, job.calib, engine, bars, targets=opts.compensate == "lstsq")
+        scores = _cpu(score(model, graph, opts.criterion, job.calib, bars=bars, means=stats.means, settings=engine))
+        # (d + ½)/n: floor(ratio·n) is exactly d heads whatever the float rounding
+        keep = select(graph, scores.scores, {g.name: (opts.drop_heads + 0.5) / g.units if g.heads else 0.0
+                                             for g in graph.groups})
+        widths = widths_of(job, model, graph, opts)
+        moved = widths.round(keep, scores.scores)[1] if widths is not None else []
+        if moved:  # the count asked for is the point: refuse rather than remove another (a plan tries the next)
+            raise TargetUnreachable(f"--drop-heads {opts.drop_heads}: {moved[0].describe()}; ask for another count, "
+                                    "or give --free-widths")
+        means = sequential_means(model, graph, keep, job.calib, bars, engine) if opts.compensate == "mean" \
+            else scores.means
+        small = cut(clone(model, share=True), graph, keep, opts.compensate, means, job.calib, bars, stats=stats,
+                    settings=engine).eval()
+        stats.release()
+    finally:
+        model.cpu()
     small.cpu()
     verify(model, small, graph, keep, job.probe, key)
     return small, trace_probe(small, job.probe, key), {g.name: g.units for g in attention}
@@ -603,7 +605,7 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
         if divergence >= least:
             break  # one more block did worse than the best so far: more would not do better
         best, least = n, divergence
-    if least == math.inf and not opts.plans_hidden:  # a narrower stream may still let units meet it
+    if least == math.inf and not (opts.plans_hidden or opts.plans_heads):  # narrower, or fewer heads, may still do
         raise UsageError(f"{_target_text(plan)} cannot be reached with up to {most} whole blocks removed: "
                          f"{plan['counts'][-1]['error']}")
     plan["chosen"] = best
@@ -611,23 +613,27 @@ def _plan_blocks(job, opts: ShrinkOptions, recovery: Recovery, measurement: Meas
 
 
 def _plan_heads(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement, bars: Bars,
-                blocks: BlockChoice | None, plan: dict, speed: DeployedSpeed | None) -> tuple[ShrinkOptions, dict]:
+                blocks: BlockChoice | None, plan: dict, speed: DeployedSpeed | None
+                ) -> tuple[ShrinkOptions, BlockChoice | None, dict]:
     """How many attention heads (key/value groups) every layer loses (``--axes`` names heads), beside the blocks
     and hidden size chosen before: from none upward, the count whose cut — those heads, then one ratio of units
     meeting the target — diverges least on held-out samples, until one more does worse (a count at which units
     cannot meet the target counts as infinite: more heads may let them). Under a latency this is where the time
     is: at a long context each head's softmax and masks cost as much as its share of the matrix products. The
-    options with the count, and the plan's ``heads`` (each count measured) and ``heads_chosen``."""
+    options with the count, the blocks' order (chosen here for ``--drop-blocks N``), and the plan's ``heads`` (each
+    count measured) and ``heads_chosen``."""
     dense, device, key = job.dense, measurement.device, job.settings.output_key
     fewest = min((g.units for g in job.graph.groups if g.heads), default=0)
     if not fewest:
         raise UsageError(f"--axes {','.join(opts.axes)}: the model has no attention heads to count (no group's "
                          "units are heads; see --dry-run); drop heads from --axes")
+    fidelity = FIDELITY.get(measurement.fidelity)
     if not measurement.offload:
         dense.to(device)
     try:
-        held = blocks.refit if blocks is not None else \
-            depth.HeldOut(dense, job.calib, key, device, FIDELITY.get(measurement.fidelity))
+        if blocks is None and opts.drop_blocks:  # chosen once: every trial and the run remove the same blocks
+            blocks = _choose_blocks(job, dense, opts, opts.drop_blocks, bars, device, fidelity)
+        held = blocks.refit if blocks is not None else depth.HeldOut(dense, job.calib, key, device, fidelity)
     finally:
         dense.cpu()
     plan["heads"], best, least = [], 0, math.inf
@@ -644,7 +650,7 @@ def _plan_heads(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measu
         raise UsageError(f"{_target_text(plan)} cannot be reached removing up to {fewest - 1} heads from every "
                          f"attention layer: {plan['heads'][-1]['error']}")
     plan["heads_chosen"] = best
-    return replace(opts, drop_heads=best), plan
+    return replace(opts, drop_heads=best), blocks, plan
 
 
 def _target_text(plan: dict) -> str:
@@ -782,7 +788,7 @@ def _plan(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement
         if opts.plans_hidden:
             opts, blocks, plan = _plan_hidden(job, opts, recovery, measurement, bars, blocks, plan, widths, speed)
         if opts.plans_heads:
-            opts, plan = _plan_heads(job, opts, recovery, measurement, bars, blocks, plan, speed)
+            opts, blocks, plan = _plan_heads(job, opts, recovery, measurement, bars, blocks, plan, speed)
     finally:
         if speed is not None:
             speed.close()
@@ -862,7 +868,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
     if opts.drop_heads:
         current, graph, heads = _drop_heads(job, current, graph, opts, bars, device, measurement.offload)
         scores = None  # scores given were the model's before: the units step scores what is left
-    original = {g.name: g.units for g in graph.groups} | heads  # after blocks, experts or heads went (names shift)
+    original = {g.name: g.units for g in graph.groups}  # after blocks, experts or heads went (names may shift)
     for step, step_ratio in enumerate(steps):
         if step:
             graph = trace_probe(current, probe, engine.output_key)
@@ -979,7 +985,8 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         current = small
     checks.pop("outputs")
 
-    layers = moe + [{"name": g.name, "units_before": original.get(g.name, g.units), "units_after": len(keep[g.name]),
+    before = original | heads  # an attention layer's heads before --drop-heads
+    layers = moe + [{"name": g.name, "units_before": before.get(g.name, g.units), "units_after": len(keep[g.name]),
                      "producers": [p.name for p in g.producers]} for g in graph.groups]
     kept = unit_counts(units, counts, ratio, opts)
     layers += [u.describe() | {"units_before": u.experts * counts[u.name], "units_after": u.experts * kept[u.name]}
