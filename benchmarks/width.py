@@ -59,6 +59,8 @@ ROWS = {  # name → flags
     "--axes units,blocks,hidden --target-latency 0.75": ["--axes", "units,blocks,hidden", "--target-latency", "0.75"],
     "--axes units,heads --target-latency 0.75": ["--axes", "units,heads", "--target-latency", "0.75"],
     "--axes units,heads --target-params 0.7": ["--axes", "units,heads", "--target-params", "0.7"],
+    "--axes units,blocks,hidden,heads --target-params 0.7": ["--axes", "units,blocks,hidden,heads",
+                                                             "--target-params", "0.7"],
 }
 BATCHES = (1, 8)
 
