@@ -23,7 +23,8 @@ demo:
 
 # Benchmarks behind docs/BENCHMARKS.md (Torch-Pruning is a benchmark-only dependency). Two more need
 # time or data: `python -m benchmarks.coverage` (docs/COVERAGE.md, ~30 min) and
-# `python -m benchmarks.recover --mnist-root ROOT` (full MNIST, see samples/README.md).
+# `python -m benchmarks.recover --mnist-root ROOT` (full MNIST, see samples/README.md); `python -m benchmarks.cuda`
+# needs a CUDA GPU (the same CLI jobs with --device cuda and cpu, ~9 min on an H100).
 bench:
 	$(BIN)/pip install -e '.[bench]'
 	$(BIN)/python -m benchmarks.shrink_accuracy --out docs/BENCHMARKS.md
