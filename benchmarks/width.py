@@ -61,6 +61,8 @@ ROWS = {  # name → flags
     "--axes units,heads --target-params 0.7": ["--axes", "units,heads", "--target-params", "0.7"],
     "--axes units,blocks,hidden,heads --target-params 0.7": ["--axes", "units,blocks,hidden,heads",
                                                              "--target-params", "0.7"],
+    "--axes units,blocks,hidden,heads --target-latency 0.7": ["--axes", "units,blocks,hidden,heads",
+                                                              "--target-latency", "0.7"],
 }
 BATCHES = (1, 8)
 
