@@ -109,6 +109,13 @@ def ort_sessions(path: str, model: nn.Module, threads: int | None = None, count:
     return [ort_session(path, threads) for _ in range(max(1, min(count, SESSIONS_BYTES // max(size, 1))))]
 
 
+def ort_runs(sessions: list, x: Batch, count: int) -> list:
+    """The first ``count`` of one model's fresh ``sessions``, each a run on batch ``x``: one run of
+    :func:`prunetool.measure.interleaved`, which times session ``r mod count`` in round ``r``."""
+    feed = ort_feed(sessions[0], x)
+    return [lambda s=s: s.run(None, feed) for s in sessions[:count]]
+
+
 def ort_latency(session, example, batch_size: int, warmup: int = 3, runs: int = 30,
                 budget_s: float = 0.5) -> list[float]:
     """Times of onnxruntime runs on a batch of ``batch_size``: random inputs of a shape (``example`` a tuple), or a
@@ -357,9 +364,7 @@ class DeployedSpeed:
         cut = self._sessions(model)
         k = min(len(self.sessions), len(cut))  # each model in k fresh sessions, one a round in turn
         x = resized(self.example, self.batch)
-        runs = [[lambda s=s, f=ort_feed(sessions[0], x): s.run(None, f) for s in sessions[:k]]
-                for sessions in (self.sessions, cut)]
-        times = interleaved(runs, rounds, budget_s, settle=SETTLE_S)
+        times = interleaved([ort_runs(s, x, k) for s in (self.sessions, cut)], rounds, budget_s, settle=SETTLE_S)
         return paired_speedup(*times, sessions=k)
 
     def close(self) -> None:

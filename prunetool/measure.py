@@ -182,21 +182,23 @@ def interleaved(runs: list, rounds: int = 7, budget_s: float = 2.0, warmup: int 
         run()
         return 1000.0 * (time.perf_counter() - t0)
 
-    def at(run, r: int):
-        return run[r % len(run)] if isinstance(run, (list, tuple)) else run
+    alternatives = [run if isinstance(run, (list, tuple)) else [run] for run in runs]
 
-    for run in runs:
-        for alternative in (run if isinstance(run, (list, tuple)) else [run]):
+    def at(run: int, r: int):
+        return alternatives[run][r % len(alternatives[run])]
+
+    for each in alternatives:
+        for alternative in each:
             for _ in range(warmup):
                 alternative()
-    first = sum(once(at(run, 0)) for run in runs)
+    first = sum(once(at(i, 0)) for i in range(len(runs)))
     per_round = max(1, int(budget_s * 1000 / rounds / max(first, 1e-3)))
     if max_runs is not None:
         per_round = max(1, min(per_round, max_runs // rounds))
     times = [[] for _ in runs]
     for r in range(rounds):
-        for run, kept in zip(runs, times):
-            call_ = at(run, r)
+        for i, kept in enumerate(times):
+            call_ = at(i, r)
             if settle:
                 time.sleep(settle)
                 call_()

@@ -14,7 +14,7 @@ import torch
 from ..batch import call, resized, shape_of
 from ..data import random_tokens, vocabulary
 from ..errors import UsageError
-from ..export import SETTLE_S, ort_feed, export_onnx, ort_sessions
+from ..export import SETTLE_S, export_onnx, ort_runs, ort_sessions
 from ..load import load, upcast_half
 from ..measure import best_session, flat, interleaved, paired_speedup, params, peak_forward_mb, synced, timing_stats
 from ..options import BenchOptions, Measurement, Source
@@ -147,10 +147,6 @@ def _ort_runs(models: dict, paths: list[str], tmp: str, threads: int | None, out
     k = min(len(s) for s, _ in sessions.values())  # each checkpoint in k fresh sessions, one a round in turn
 
     def at(b):
-        runs = []
-        for held, shape in map(sessions.get, paths):
-            feed = ort_feed(held[0], resized(shape, b))
-            runs.append([lambda s=s, feed=feed: s.run(None, feed) for s in held[:k]])
-        return runs
+        return [ort_runs(held, resized(shape, b), k) for held, shape in map(sessions.get, paths)]
 
     return at, k
