@@ -297,6 +297,34 @@ def test_a_latency_target_no_cut_comes_near_is_refused_with_what_was_measured(mo
     assert report["latency_target"]["latency"] <= 0.92 + 1e-9
 
 
+class FixedCost(OddWidthsAreSlow):
+    """A runtime stand-in whose time per call keeps 0.45 of the dense model's with no MACs left (ONNX Runtime's
+    overhead on a model of 80 µs), the rest in proportion to the MACs."""
+
+    def speedup(self, small):
+        return {"speedup": {"p50": 1 / (0.45 + 0.55 * self.macs(small, self.example) / self.dense)}, "noisy": False}
+
+
+def test_a_latency_target_follows_the_fixed_cost_and_is_refused_where_only_a_tenth_of_the_macs_would_meet_it(
+        monkeypatch):
+    from prunetool.commands import shrink as command
+    from prunetool.errors import UsageError
+
+    monkeypatch.setattr(command, "DeployedSpeed", FixedCost)
+    _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.8, round_to=1, calib=256,
+                       measure=False)
+    target = report["latency_target"]
+    # time 0.8 needs (0.8 - 0.45) / 0.55 = 0.64 of the MACs: proportional steps (0.8, 0.72, 0.68, ...) stay too
+    # slow in 4 steps, the line through the first two lands in the window
+    assert 0.77 <= target["latency"] <= 0.8 and 0.55 <= target["macs_goal"] <= 0.64, target
+    assert len(target["steps"]) <= 3 and all(st["macs_kept"] <= st["macs"] for st in target["steps"])
+    # 0.5 would need 0.09 of the MACs: the fastest cut asked for (a tenth of them) comes within 0.03 of it, and is
+    # refused all the same, as noise would have "met" it a little further down
+    with pytest.raises(UsageError, match=r"--target-latency 0.5 cannot be reached in stand-in with the accuracy kept: "
+                                         r"its time per call keeps about 0.45 .* reaches 0.5 only at 0.09"):
+        shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.5, round_to=1, calib=256, measure=False)
+
+
 class OddWidthsNeverFast(OddWidthsAreSlow):
     """A runtime stand-in in which any width off a multiple of 8 keeps 0.95 of the dense time or more."""
 

@@ -37,8 +37,11 @@ DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, a
 # plan() works without data: its criterion (scope "global" only) reads the weights alone unless one is asked for
 # (the CLI's --dry-run passes --criterion: obs by default, mrs with --compensate mean or none)
 DRY_RUN_CRITERION = "l2"
-LATENCY_STEPS = 4  # proportional steps of --target-latency on the MACs fraction
+LATENCY_STEPS = 4  # steps of --target-latency on the MACs fraction
 LATENCY_WINDOW = 0.03  # a step's latency this close below the target ends the search
+# the steps never ask for fewer MACs: one ratio cutting 10x leaves a compact model no accuracy to speak of, and a
+# latency met only there is met by the runtime's fixed cost and its noise, not by the cut
+LATENCY_MIN_MACS = 0.1
 LATENCY_MISS = 0.03  # the result's latency this far above the target warns (beyond the timing noise)
 EXPERT_TOLERANCE = 1e-4  # relative difference between the model without experts and the dense one routed around them
 
@@ -117,9 +120,15 @@ class LatencyGoal:
 def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
                   ) -> LatencyGoal:
     """The steps towards the MACs fraction whose one-ratio cut of ``model`` (structure only) runs in
-    ``target_latency`` of the dense model's time, proportional to the speed-ups ``speed`` measures, and the one the
-    cut meets. MACs alone mislead: a depthwise or memory-bound layer saves less time than its MACs say."""
-    goal = m = opts.target_latency
+    ``target_latency`` of the dense model's time, and the one the cut meets. MACs alone mislead: a depthwise or
+    memory-bound layer saves less time than its MACs say, and a runtime's time per call has a part no cut removes.
+    The first step asks for the target's fraction of the MACs; each later one follows the line of latency on the
+    MACs kept through the cuts measured (:func:`fixed_cost`), proportionally while there is no such line, and never
+    below :data:`LATENCY_MIN_MACS`. Refused where the fastest cut is far from the target, and where that line reaches
+    the target only below :data:`LATENCY_MIN_MACS` (the runtime's fixed cost is near the target: a cut that meets it
+    there has no accuracy left, and meets it by noise)."""
+    goal = opts.target_latency
+    m = max(goal, LATENCY_MIN_MACS)
     steps: list[dict] = []
     dense_macs = macs(job.dense, job.example)
     for _ in range(LATENCY_STEPS):
@@ -131,17 +140,22 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
         same = next((st for st in steps if st["ratio"] == r), None)
         if same is not None and same["latency"] <= goal:
             break  # the cut measured already meets it (no unit needed to go, say): a wider MACs goal changes nothing
-        small = structure(model, graph, keep_units(graph, scores, r, trial, widths), units,
-                          unit_counts(units, {}, r, trial))
         if same is None:
+            small = structure(model, graph, keep_units(graph, scores, r, trial, widths), units,
+                              unit_counts(units, {}, r, trial))
             latency = 1 / speed.speedup(small)["speedup"]["p50"]
-            steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4), "round_to": opts.rounding})
+            # kept: below the goal where whole blocks or the stream took more than it asked
+            kept = min(m, macs(small, job.example) / dense_macs)
+            steps.append({"macs": round(m, 4), "ratio": r, "latency": round(latency, 4), "round_to": opts.rounding,
+                          "macs_kept": round(kept, 4)})
         else:
-            latency = same["latency"]  # the same cut, too slow: not timed again, the MACs stepped on from its own
+            latency, kept = same["latency"], same["macs_kept"]  # the same cut, too slow: not timed again
         if goal - LATENCY_WINDOW <= latency <= goal:
             break
-        # from the MACs the cut has (below the goal where whole blocks or the stream took more than it asked)
-        m = min(1.0, max(0.01, min(m, macs(small, job.example) / dense_macs) * goal / latency))
+        line = fixed_cost(steps)
+        aim = goal - LATENCY_WINDOW / 2  # inside the window that ends the search
+        m = (aim - line[0]) / line[1] if line is not None and line[0] < aim else kept * goal / latency
+        m = min(1.0, max(LATENCY_MIN_MACS, m))
     if not steps:
         raise TargetUnreachable(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to "
                                 f"{goal} (protected layers stay whole)")
@@ -151,8 +165,27 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
                                 f"measured (one ratio, {fastest['macs']:.3f} of the MACs) runs in "
                                 f"{fastest['latency']:.3f} of the dense model's time; raise the target, or give "
                                 "--target-macs")
+    line = fixed_cost(steps)
+    if line is not None and (goal - line[0]) / line[1] < LATENCY_MIN_MACS:
+        where = "never" if line[0] >= goal else f"only at {(goal - line[0]) / line[1]:.3f} of the MACs"
+        raise TargetUnreachable(f"--target-latency {goal} cannot be reached in {speed.runtime} with the accuracy "
+                                f"kept: its time per call keeps about {line[0]:.2f} of the dense model's with no "
+                                f"MACs left, and a line through the {len(steps)} cuts measured reaches {goal} "
+                                f"{where}; raise the target, or give --target-macs")
     met = [st for st in steps if st["latency"] <= goal]
     return LatencyGoal(max(met, key=lambda st: st["macs"]) if met else fastest, steps)
+
+
+def fixed_cost(steps: list[dict]) -> tuple[float, float] | None:
+    """The least-squares line ``latency ≈ a + b · macs_kept`` through the measured ``steps``: ``(a, b)``, where
+    ``a`` is the time a cut with no MACs left would keep (the runtime's fixed cost). None with fewer than two MACs
+    fractions, or where the time does not fall with the MACs (``b ≤ 0``: noise, nothing to follow)."""
+    x = torch.tensor([st["macs_kept"] for st in steps], dtype=torch.float64)
+    y = torch.tensor([st["latency"] for st in steps], dtype=torch.float64)
+    if len(x) < 2 or float(x.max() - x.min()) < 1e-6:
+        return None
+    b = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    return (float(y.mean()) - b * float(x.mean()), b) if b > 0 else None
 
 
 def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
