@@ -297,32 +297,53 @@ def test_a_latency_target_no_cut_comes_near_is_refused_with_what_was_measured(mo
     assert report["latency_target"]["latency"] <= 0.92 + 1e-9
 
 
+class Timed(OddWidthsAreSlow):
+    """A runtime stand-in reading back, cut after cut, the latencies the MobileNet sample's widths of 8 measured
+    under --target-latency 0.5 on a loaded 2-core machine: ONNX Runtime keeps about 0.6 of the dense time with no
+    MACs, and a lucky session placement reads 0.504 at a tenth of the MACs."""
+
+    latencies = [0.80, 0.631, 1.047, 0.504]
+    timed = 0  # cuts timed so far
+
+    def speedup(self, small):
+        Timed.timed += 1
+        return {"speedup": {"p50": 1 / Timed.latencies[Timed.timed - 1]}, "noisy": False}
+
+
+def test_a_latency_met_only_where_the_runtime_keeps_its_fixed_cost_is_refused(monkeypatch):
+    from prunetool.commands import shrink as command
+    from prunetool.errors import UsageError
+
+    monkeypatch.setattr(command, "DeployedSpeed", Timed)
+    monkeypatch.setattr(Timed, "timed", 0)
+    # the fourth cut reads 0.504 (within the 0.03 of noise a result may miss by), at 0.118 of the MACs: the line
+    # through the four keeps 0.60 of the time with no MACs, so that reading was luck, and the cut would be useless
+    with pytest.raises(UsageError, match=r"--target-latency 0.5 cannot be reached in stand-in with the accuracy kept: "
+                                         r"its time per call keeps about 0.6\d of the dense model's .* reaches 0.5 "
+                                         r"never"):
+        shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.5, round_to=1, calib=256, measure=False)
+
+
 class FixedCost(OddWidthsAreSlow):
-    """A runtime stand-in whose time per call keeps 0.45 of the dense model's with no MACs left (ONNX Runtime's
-    overhead on a model of 80 µs), the rest in proportion to the MACs."""
+    """A runtime stand-in whose time per call keeps 0.45 of the dense model's with no MACs left, the rest in
+    proportion to the MACs."""
 
     def speedup(self, small):
         return {"speedup": {"p50": 1 / (0.45 + 0.55 * self.macs(small, self.example) / self.dense)}, "noisy": False}
 
 
-def test_a_latency_target_follows_the_fixed_cost_and_is_refused_where_only_a_tenth_of_the_macs_would_meet_it(
-        monkeypatch):
+def test_latency_steps_never_ask_for_less_than_a_tenth_of_the_macs(monkeypatch):
     from prunetool.commands import shrink as command
     from prunetool.errors import UsageError
 
     monkeypatch.setattr(command, "DeployedSpeed", FixedCost)
+    with pytest.raises(UsageError, match="--target-latency 0.05 cannot be reached in stand-in: the fastest cut "):
+        shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.05, round_to=1, calib=256, measure=False)
     _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.8, round_to=1, calib=256,
                        measure=False)
-    target = report["latency_target"]
-    # time 0.8 needs (0.8 - 0.45) / 0.55 = 0.64 of the MACs: proportional steps (0.8, 0.72, 0.68, ...) stay too
-    # slow in 4 steps, the line through the first two lands in the window
-    assert 0.77 <= target["latency"] <= 0.8 and 0.55 <= target["macs_goal"] <= 0.64, target
-    assert len(target["steps"]) <= 3 and all(st["macs_kept"] <= st["macs"] for st in target["steps"])
-    # 0.5 would need 0.09 of the MACs: the fastest cut asked for (a tenth of them) comes within 0.03 of it, and is
-    # refused all the same, as noise would have "met" it a little further down
-    with pytest.raises(UsageError, match=r"--target-latency 0.5 cannot be reached in stand-in with the accuracy kept: "
-                                         r"its time per call keeps about 0.45 .* reaches 0.5 only at 0.09"):
-        shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.5, round_to=1, calib=256, measure=False)
+    steps = report["latency_target"]["steps"]
+    assert all(0.1 <= st["macs"] and st["macs_kept"] <= st["macs"] for st in steps), steps
+    assert report["latency_target"]["latency"] <= 0.8 + 0.03
 
 
 class OddWidthsNeverFast(OddWidthsAreSlow):

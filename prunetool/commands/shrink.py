@@ -37,7 +37,7 @@ DRY_RUN_CALIB = 256  # calibration samples a dry run draws at most: it traces, a
 # plan() works without data: its criterion (scope "global" only) reads the weights alone unless one is asked for
 # (the CLI's --dry-run passes --criterion: obs by default, mrs with --compensate mean or none)
 DRY_RUN_CRITERION = "l2"
-LATENCY_STEPS = 4  # steps of --target-latency on the MACs fraction
+LATENCY_STEPS = 4  # proportional steps of --target-latency on the MACs fraction
 LATENCY_WINDOW = 0.03  # a step's latency this close below the target ends the search
 # the steps never ask for fewer MACs: one ratio cutting 10x leaves a compact model no accuracy to speak of, and a
 # latency met only there is met by the runtime's fixed cost and its noise, not by the cut
@@ -122,11 +122,10 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     """The steps towards the MACs fraction whose one-ratio cut of ``model`` (structure only) runs in
     ``target_latency`` of the dense model's time, and the one the cut meets. MACs alone mislead: a depthwise or
     memory-bound layer saves less time than its MACs say, and a runtime's time per call has a part no cut removes.
-    The first step asks for the target's fraction of the MACs; each later one follows the line of latency on the
-    MACs kept through the cuts measured (:func:`fixed_cost`), proportionally while there is no such line, and never
-    below :data:`LATENCY_MIN_MACS`. Refused where the fastest cut is far from the target, and where that line reaches
-    the target only below :data:`LATENCY_MIN_MACS` (the runtime's fixed cost is near the target: a cut that meets it
-    there has no accuracy left, and meets it by noise)."""
+    Each step scales the MACs the last cut kept by target/measured, never below :data:`LATENCY_MIN_MACS`. Refused
+    where the fastest cut is far from the target, and where the line of latency on MACs through three cuts or more
+    (:func:`fixed_cost`) reaches the target only below :data:`LATENCY_MIN_MACS`: the runtime's fixed cost is near
+    the target, and a cut that meets it there has no accuracy left and meets it by noise."""
     goal = opts.target_latency
     m = max(goal, LATENCY_MIN_MACS)
     steps: list[dict] = []
@@ -152,10 +151,9 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
             latency, kept = same["latency"], same["macs_kept"]  # the same cut, too slow: not timed again
         if goal - LATENCY_WINDOW <= latency <= goal:
             break
-        line = fixed_cost(steps)
-        aim = goal - LATENCY_WINDOW / 2  # inside the window that ends the search
-        m = (aim - line[0]) / line[1] if line is not None and line[0] < aim else kept * goal / latency
-        m = min(1.0, max(LATENCY_MIN_MACS, m))
+        # proportional, from the MACs the cut kept: where the runtime has a fixed cost it steps short of the target,
+        # which errs towards accuracy (a line through two noisy timings overshot to a tenth of the MACs)
+        m = min(1.0, max(LATENCY_MIN_MACS, kept * goal / latency))
     if not steps:
         raise TargetUnreachable(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to "
                                 f"{goal} (protected layers stay whole)")
@@ -166,7 +164,7 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
                                 f"{fastest['latency']:.3f} of the dense model's time; raise the target, or give "
                                 "--target-macs")
     line = fixed_cost(steps)
-    if line is not None and (goal - line[0]) / line[1] < LATENCY_MIN_MACS:
+    if len(steps) >= 3 and line is not None and (goal - line[0]) / line[1] < LATENCY_MIN_MACS:
         where = "never" if line[0] >= goal else f"only at {(goal - line[0]) / line[1]:.3f} of the MACs"
         raise TargetUnreachable(f"--target-latency {goal} cannot be reached in {speed.runtime} with the accuracy "
                                 f"kept: its time per call keeps about {line[0]:.2f} of the dense model's with no "
