@@ -324,6 +324,22 @@ def test_a_latency_met_only_where_the_runtime_keeps_its_fixed_cost_is_refused(mo
         shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.5, round_to=1, calib=256, measure=False)
 
 
+def test_the_step_a_latency_target_takes_is_timed_again_and_a_lucky_reading_gives_way(monkeypatch):
+    from prunetool.commands import shrink as command
+
+    monkeypatch.setattr(command, "DeployedSpeed", Timed)
+    monkeypatch.setattr(Timed, "timed", 0)
+    # three steps (the second meets 0.7 below its window, the third within it), then the third again: 0.95, a lucky
+    # first reading; then the second again: 0.66, it holds (and the result, timed: 0.66)
+    monkeypatch.setattr(Timed, "latencies", [0.9, 0.65, 0.69, 0.95, 0.66, 0.66])
+    _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.7, round_to=1, calib=256,
+                       allocation="uniform", measure=False)
+    steps = report["latency_target"]["steps"]
+    assert [st.get("timings") for st in steps] == [None, [0.65, 0.66], [0.69, 0.95]], steps
+    assert steps[2]["latency"] == 0.95 and steps[1]["macs"] < steps[2]["macs"]
+    assert report["latency_target"]["macs_goal"] == steps[1]["macs"] and Timed.timed == 6
+
+
 class FixedCost(OddWidthsAreSlow):
     """A runtime stand-in whose time per call keeps 0.45 of the dense model's with no MACs left, the rest in
     proportion to the MACs."""

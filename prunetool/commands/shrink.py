@@ -122,7 +122,8 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     """The steps towards the MACs fraction whose one-ratio cut of ``model`` (structure only) runs in
     ``target_latency`` of the dense model's time, and the one the cut meets. MACs alone mislead: a depthwise or
     memory-bound layer saves less time than its MACs say, and a runtime's time per call has a part no cut removes.
-    Each step scales the MACs the last cut kept by target/measured, never below :data:`LATENCY_MIN_MACS`. Refused
+    Each step scales the MACs the last cut kept by target/measured, never below :data:`LATENCY_MIN_MACS`; the step
+    that meets the target with the most MACs is timed again, and meets it only if both readings do. Refused
     where the fastest cut is far from the target, and where the line of latency on MACs through three cuts or more
     (:func:`fixed_cost`) reaches the target only below :data:`LATENCY_MIN_MACS`: the runtime's fixed cost is near
     the target, and a cut that meets it there has no accuracy left and meets it by noise."""
@@ -130,6 +131,11 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     m = max(goal, LATENCY_MIN_MACS)
     steps: list[dict] = []
     dense_macs = macs(job.dense, job.example)
+
+    def cut_at(r: float) -> nn.Module:  # the structure of one ratio's cut
+        return structure(model, graph, keep_units(graph, scores, r, opts, widths), units,
+                         unit_counts(units, {}, r, opts))
+
     for _ in range(LATENCY_STEPS):
         trial = replace(opts, target_latency=None, target_macs=m, allocation="uniform")
         try:
@@ -140,8 +146,7 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
         if same is not None and same["latency"] <= goal:
             break  # the cut measured already meets it (no unit needed to go, say): a wider MACs goal changes nothing
         if same is None:
-            small = structure(model, graph, keep_units(graph, scores, r, trial, widths), units,
-                              unit_counts(units, {}, r, trial))
+            small = cut_at(r)
             latency = 1 / speed.speedup(small)["speedup"]["p50"]
             # kept: below the goal where whole blocks or the stream took more than it asked
             kept = min(m, macs(small, job.example) / dense_macs)
@@ -157,6 +162,13 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     if not steps:
         raise TargetUnreachable(f"--target-latency {goal} cannot be reached: no ratio below 0.99 cuts the MACs to "
                                 f"{goal} (protected layers stay whole)")
+    # a session's thread placement can make one reading lucky: the step that would be taken is timed again in fresh
+    # sessions and holds the slower of its two readings; one that no longer meets the target gives way to the next
+    for st in sorted((st for st in steps if st["latency"] <= goal), key=lambda st: st["macs"], reverse=True):
+        st["timings"] = [st["latency"], round(1 / speed.speedup(cut_at(st["ratio"]))["speedup"]["p50"], 4)]
+        st["latency"] = max(st["timings"])
+        if st["latency"] <= goal:
+            break
     fastest = min(steps, key=lambda st: st["latency"])
     if fastest["latency"] > goal + LATENCY_MISS:  # the fastest cut is far from the target: cutting on would ruin it
         raise TargetUnreachable(f"--target-latency {goal} cannot be reached in {speed.runtime}: the fastest cut "
