@@ -329,8 +329,9 @@ def json_bytes(report: dict) -> bytes:
 
 
 def budget_failures(report: dict, budgets) -> list[str]:
-    """One line per missed budget (``budgets`` is an :class:`prunetool.options.Budgets`); empty when all hold. A
-    speed-up measured too noisily to judge is not a miss: :func:`too_noisy` says so."""
+    """One line per missed budget (``budgets`` is an :class:`prunetool.options.Budgets`, and a ``--target-latency``
+    whose result ran slower than it beyond the noise); empty when all hold. A speed-up measured too noisily to judge
+    is not a miss: :func:`too_noisy` says so."""
     lines = []
     b, a = report.get("before", {}), report.get("after", {})
     if budgets.max_drop is not None:
@@ -348,6 +349,8 @@ def budget_failures(report: dict, budgets) -> list[str]:
         if not s["noisy"] and s["p50"] < budgets.min_speedup:
             lines.append(f"speed-up {s['p50']:.2f}× (p10 {s['p10']:.2f}×, p90 {s['p90']:.2f}×) at batch "
                          f"{budgets.speedup_batch} is below --min-speedup {budgets.min_speedup:g}×")
+    if (report.get("latency_target") or {}).get("missed"):  # a latency target is a budget the run set itself
+        lines.append(report["latency_target"]["missed"])
     if budgets.max_params is not None:
         limit = budgets.max_params * b["params"] if budgets.max_params <= 1 else budgets.max_params
         if a["params"] > limit:

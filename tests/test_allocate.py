@@ -174,7 +174,8 @@ def test_a_latency_target_is_met_through_the_macs_its_measured_steps_found(tmp_p
     report = json.loads((tmp_path / "r.json").read_text())
     target = report["latency_target"]
     assert target["runtime"] == "onnxruntime" and target["goal"] == 0.7
-    assert 1 <= len([step for step in target["steps"] if step["round_to"] == 1]) <= 4
+    # (a multiple whose steps a noisy machine refused is left out: either may be, not both)
+    assert target["steps"] and all(len([st for st in target["steps"] if st["round_to"] == r]) <= 4 for r in (1, 8))
     # without --round-to, widths at multiples of 8 are measured too, and kept only where one of their steps met it
     eights = [step for step in target["steps"] if step["round_to"] == 8]
     assert len(eights) <= 4 and (not eights or min(step["latency"] for step in eights) <= 0.7)
@@ -338,6 +339,21 @@ def test_the_step_a_latency_target_takes_is_timed_again_and_a_lucky_reading_give
     assert [st.get("timings") for st in steps] == [None, [0.65, 0.66], [0.69, 0.95]], steps
     assert steps[2]["latency"] == 0.95 and steps[1]["macs"] < steps[2]["macs"]
     assert report["latency_target"]["macs_goal"] == steps[1]["macs"] and Timed.timed == 6
+
+
+def test_a_latency_target_the_result_misses_beyond_the_noise_is_a_missed_budget(monkeypatch):
+    from prunetool.commands import shrink as command
+    from prunetool.options import Budgets
+    from prunetool.report import budget_failures
+
+    monkeypatch.setattr(command, "DeployedSpeed", Timed)
+    monkeypatch.setattr(Timed, "timed", 0)
+    monkeypatch.setattr(Timed, "latencies", [0.69, 0.69, 0.9])  # a step within the window, again, then the result
+    _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.7, round_to=1, calib=256,
+                       allocation="uniform", measure=False)
+    missed = report["latency_target"]["missed"]
+    assert missed.startswith("--target-latency 0.7: the result runs in 0.900 of the dense model's time in stand-in")
+    assert budget_failures(report, Budgets()) == [missed]  # the CLI exits 1 with it, as on any missed budget
 
 
 class FixedCost(OddWidthsAreSlow):
