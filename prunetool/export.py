@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
                 rtol: float = DEFAULT_RTOL, opset: int = DEFAULT_OPSET, latency_batches=(1,),
                 shown_as: str | None = None, output_key: str | None = None) -> dict:
     """Export ``model`` to ``path``, check it, compare onnxruntime with PyTorch on ``x`` (batch ≥ 2); its latency
-    at each of ``latency_batches``, the best median of :data:`REPORT_SESSIONS` fresh sessions."""
+    at each of ``latency_batches``, the best median of up to :data:`REPORT_SESSIONS` fresh sessions."""
     import onnx
 
     path = str(path)
@@ -265,7 +266,7 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
             continue
         example = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else x
         sessions = [session, *ort_sessions(path, model, count=REPORT_SESSIONS - 1)] if latency_batches else []
-        latency = {str(b): min(statistics.median(ort_latency(s, example, b)) for s in sessions)
+        latency = {str(b): min(statistics.median(_settled(ort_latency, s, example, b)) for s in sessions)
                    for b in latency_batches}
         timed, sessions = len(sessions), None
         opset_used = next((o.version for o in onnx.load(path, load_external_data=False).opset_import
@@ -275,6 +276,13 @@ def export_onnx(model: nn.Module, x: Batch, path: str | os.PathLike, atol: float
                 "ort_latency_ms": latency, "ort_latency_sessions": timed}
     _remove_external_data(path)
     raise VerificationError(f"ONNX export of the result failed: {'; '.join(tried)}")
+
+
+def _settled(timing, *args):
+    """``timing(*args)`` after :data:`SETTLE_S` of rest: the threads of a session just timed spin a while, and on
+    few cores they would slow the next one."""
+    time.sleep(SETTLE_S)
+    return timing(*args)
 
 
 def _remove_external_data(path: str) -> None:

@@ -170,10 +170,12 @@ def test_a_latency_target_is_met_through_the_macs_its_measured_steps_found(tmp_p
     code = main(["shrink", "m.pt", "--arch", "wide.py:build", "--input-shape", "64", "--target-latency", "0.7",
                  "--criterion", "mrs", "--calib", "128", "--no-latency", "-q", "--out", "small.safetensors",
                  "--json", "r.json"])
-    assert code == 0, capsys.readouterr().err
+    assert code in (0, 1), capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
     target = report["latency_target"]
     assert target["runtime"] == "onnxruntime" and target["goal"] == 0.7
+    # the result timed again beyond the noise of the steps' readings is a missed budget, and the only one
+    assert report["budgets"]["failures"] == ([target["missed"]] if code else []) and bool(target["missed"]) == code
     # (a multiple whose steps a noisy machine refused is left out: either may be, not both)
     assert target["steps"] and all(len([st for st in target["steps"] if st["round_to"] == r]) <= 4 for r in (1, 8))
     # without --round-to, widths at multiples of 8 are measured too, and kept only where one of their steps met it
@@ -368,14 +370,13 @@ def test_latency_steps_never_ask_for_less_than_a_tenth_of_the_macs(monkeypatch):
     from prunetool.commands import shrink as command
     from prunetool.errors import UsageError
 
-    monkeypatch.setattr(command, "DeployedSpeed", FixedCost)
-    with pytest.raises(UsageError, match="--target-latency 0.05 cannot be reached in stand-in: the fastest cut "):
-        shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.05, round_to=1, calib=256, measure=False)
-    _, report = shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.8, round_to=1, calib=256,
-                       measure=False)
-    steps = report["latency_target"]["steps"]
-    assert all(0.1 <= st["macs"] and st["macs_kept"] <= st["macs"] for st in steps), steps
-    assert report["latency_target"]["latency"] <= 0.8 + 0.03
+    monkeypatch.setattr(command, "DeployedSpeed", Timed)
+    monkeypatch.setattr(Timed, "timed", 0)
+    # at 0.3 of the MACs the cut reads 3x the dense time: proportionally the next step would ask for 0.03 of them
+    monkeypatch.setattr(Timed, "latencies", [3.0, 2.0])
+    with pytest.raises(UsageError, match=r"the fastest cut measured \(one ratio, 0.100 of the MACs\) runs in 2.000"):
+        shrink(ThreeLive().eval(), input_shape=(12,), target_latency=0.3, round_to=1, calib=256, measure=False)
+    assert Timed.timed == 2  # the floor's cut once: asked for again, it is not timed again
 
 
 class OddWidthsNeverFast(OddWidthsAreSlow):
