@@ -126,8 +126,8 @@ def _latency_goal(job, model, graph, scores, opts: ShrinkOptions, widths, units:
     that meets the target with the most MACs is timed again (the cut in fresh sessions), and meets it only if both
     readings do. Refused where the fastest cut is far from the target, and where none met it and the line of
     latency on MACs through three cuts or more (:func:`fixed_cost`) reaches the target only below
-    :data:`LATENCY_MIN_MACS`: the runtime's fixed cost is near
-    the target, and a cut that meets it there has no accuracy left and meets it by noise."""
+    :data:`LATENCY_MIN_MACS`: the runtime's fixed cost is near the target, and a cut that meets it there has no
+    accuracy left and meets it by noise."""
     goal = opts.target_latency
     m = max(goal, LATENCY_MIN_MACS)
     steps: list[dict] = []
