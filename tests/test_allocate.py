@@ -358,14 +358,6 @@ def test_a_latency_target_the_result_misses_beyond_the_noise_is_a_missed_budget(
     assert budget_failures(report, Budgets()) == [missed]  # the CLI exits 1 with it, as on any missed budget
 
 
-class FixedCost(OddWidthsAreSlow):
-    """A runtime stand-in whose time per call keeps 0.45 of the dense model's with no MACs left, the rest in
-    proportion to the MACs."""
-
-    def speedup(self, small):
-        return {"speedup": {"p50": 1 / (0.45 + 0.55 * self.macs(small, self.example) / self.dense)}, "noisy": False}
-
-
 def test_latency_steps_never_ask_for_less_than_a_tenth_of_the_macs(monkeypatch):
     from prunetool.commands import shrink as command
     from prunetool.errors import UsageError
