@@ -2,6 +2,8 @@
 
 import json
 
+import warnings
+
 import pytest
 
 import torch
@@ -132,6 +134,17 @@ class Convs(nn.Module):
     def forward(self, x):
         x = torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3))
         return self.out(torch.relu(self.c(x)))
+
+
+def test_convolutions_cut_to_widths_off_their_kernel_block_are_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"1 convolution\(s\) keep widths off the multiples of 8 .* \(e.g. a: 12\);"
+                                         r" .* give --round-to 8"):
+        shrink(Convs().eval(), input_shape=(3, 8, 8), ratio=0.5, calib=64, measure=False)  # a: 24 -> 12, b: 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # at multiples of 8, or with the multiple asked for: nothing
+        warnings.filterwarnings("ignore", message="no --data")
+        shrink(Convs().eval(), input_shape=(3, 8, 8), ratio=0.5, round_to=8, calib=64, measure=False)
+        shrink(Convs().eval(), input_shape=(3, 8, 8), ratio=0.5, round_to=1, calib=64, measure=False)
 
 
 def test_a_size_target_measures_widths_of_8_where_convolutions_block_by_them():

@@ -220,6 +220,18 @@ def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units
     return goals
 
 
+def _off_block(graph: Trace, keep: dict[str, torch.Tensor]) -> list[tuple[str, int, int]]:
+    """The groups cut to a count off their producers' :attr:`prunetool.ops.Op.channel_block` (a convolution's):
+    ``(name, kept, block)`` each."""
+    off = []
+    for g in graph.groups:
+        block = max((getattr(op_of(p.module), "channel_block", 1) for p in g.producers), default=1)
+        kept = len(keep[g.name])
+        if block > 1 and g.blocks == 1 and kept < g.units and kept % block:
+            off.append((g.name, kept, block))
+    return off
+
+
 def unit_counts(units: list, counts: dict[str, int], ratio: float, opts: ShrinkOptions) -> dict[str, int]:
     """The units every expert of each stacked experts module keeps at ``ratio`` of its original ``counts``."""
     return {u.name: expert_units.kept_count(counts.get(u.name, u.units), ratio, opts.rounding) for u in units}
@@ -1003,6 +1015,13 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if recalibrate or recovery.finetune_epochs or recovery.recover:
             unshare(small, current)  # both write into the tensors
         cut_any = any(len(keep[g.name]) < g.units for g in graph.groups) or (step == 0 and opts.drop_blocks)
+        off = _off_block(graph, keep) if opts.round_to is None and step == len(steps) - 1 else []
+        if off and shared_speed is None:  # (a plan's trial is not the result)
+            name, kept, block = off[0]
+            warnings.warn(f"{len(off)} convolution(s) keep widths off the multiples of {block} that ONNX Runtime's CPU "
+                          f"convolutions run in blocks of (e.g. {name}: {kept}); such a cut can run slower there than "
+                          f"the dense model (the Fashion-MNIST ResNet-20 at 2x fewer MACs: 0.67x, against 1.35x at "
+                          f"--round-to {block}); give --round-to {block}, or --target-latency to measure it")
         if recalibrate and cut_any:  # whole blocks gone shift the statistics of every BatchNorm after them too
             reverted |= not recalibrate_bn(small, calib, probe=probe, output_key=engine.output_key)
         entry = {"ratio": step_ratio, "params": params(small)}
