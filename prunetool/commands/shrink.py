@@ -1019,7 +1019,9 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
         if recalibrate or recovery.finetune_epochs or recovery.recover:
             unshare(small, current)  # both write into the tensors
         cut_any = any(len(keep[g.name]) < g.units for g in graph.groups) or (step == 0 and opts.drop_blocks)
-        off = _off_block(graph, keep) if opts.round_to is None and step == len(steps) - 1 else []
+        # (under --target-latency the widths were measured: nothing to warn of)
+        off = _off_block(graph, keep) if opts.round_to is None and opts.target_latency is None and \
+            step == len(steps) - 1 else []
         if off:
             name, kept, block = off[0]
             warnings.warn(f"{len(off)} {OFF_BLOCK} {block} that ONNX Runtime's CPU "
