@@ -7,6 +7,7 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, replace
+from statistics import linear_regression
 
 import torch
 from torch import nn
@@ -194,12 +195,11 @@ def fixed_cost(steps: list[dict]) -> tuple[float, float] | None:
     """The least-squares line ``latency ≈ a + b · macs_kept`` through the measured ``steps``: ``(a, b)``, where
     ``a`` is the time a cut with no MACs left would keep (the runtime's fixed cost). None with fewer than two MACs
     fractions, or where the time does not fall with the MACs (``b ≤ 0``: noise, nothing to follow)."""
-    x = torch.tensor([st["macs_kept"] for st in steps], dtype=torch.float64)
-    y = torch.tensor([st["latency"] for st in steps], dtype=torch.float64)
-    if len(x) < 2 or float(x.max() - x.min()) < 1e-6:
+    x, y = [st["macs_kept"] for st in steps], [st["latency"] for st in steps]
+    if len(x) < 2 or max(x) - min(x) < 1e-6:
         return None
-    b = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    return (float(y.mean()) - b * float(x.mean()), b) if b > 0 else None
+    b, a = linear_regression(x, y)
+    return (a, b) if b > 0 else None
 
 
 def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units: list, speed: DeployedSpeed
@@ -222,13 +222,18 @@ def _latency_goals(job, model, graph, scores, opts: ShrinkOptions, widths, units
     return goals
 
 
+def _channel_block(group) -> int:
+    """The channels the deployed kernels of ``group``'s producers process in blocks of (the largest
+    :attr:`prunetool.ops.Op.channel_block`; 1: no such blocks)."""
+    return max((getattr(op_of(p.module), "channel_block", 1) for p in group.producers), default=1)
+
+
 def _off_block(graph: Trace, keep: dict[str, torch.Tensor]) -> list[tuple[str, int, int]]:
-    """The groups cut to a count off their producers' :attr:`prunetool.ops.Op.channel_block` (a convolution's):
-    ``(name, kept, block)`` each."""
+    """The groups cut to a count off their :func:`_channel_block` (a convolution's): ``(name, kept, block)``
+    each. (A grouped convolution's groups keep their own counts: left out.)"""
     off = []
     for g in graph.groups:
-        block = max((getattr(op_of(p.module), "channel_block", 1) for p in g.producers), default=1)
-        kept = len(keep[g.name])
+        block, kept = _channel_block(g), len(keep[g.name])
         if block > 1 and g.blocks == 1 and kept < g.units and kept % block:
             off.append((g.name, kept, block))
     return off
@@ -284,8 +289,8 @@ def _allocate(job, model: nn.Module, graph: Trace, scores: Scores, opts: ShrinkO
     matrix product's widths off 8 measured no slower). The candidate that diverges least among all is kept."""
     metric, fraction, index, goal = _target(job.dense, opts, job.example)
     if more is None:  # a size target: a further multiple where the deployed kernels block some group's channels by it
-        blocks = {getattr(op_of(p.module), "channel_block", 1) for g in graph.groups if g.blocks == 1
-                  for p in g.producers}  # (a grouped convolution's groups keep their own counts: select)
+        # (a grouped convolution's groups keep their own counts: select)
+        blocks = {_channel_block(g) for g in graph.groups if g.blocks == 1}
         more = {r: fraction for r in opts.roundings if r != opts.rounding and r in blocks}
 
     def size_of(keep, rounded=True):
