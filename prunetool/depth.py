@@ -17,6 +17,7 @@ file records (``factored``: ``"skip"``) and a reload rebuilds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers
+from . import layers, width
 from .batch import batch_len, batch_slice, batch_to, call, model_dtype, token_ids
 from .cut import Fit
 from .data import OUTPUT_BYTES, as_samples
@@ -211,9 +212,12 @@ ABSORB_CHECK = 64  # more, held out of the refit: it is kept only where their di
 ABSORB_BATCH = 16
 
 
-def _writer(model: nn.Module, block: nn.Module, probe, output_key: str | None) -> tuple[str, nn.Module] | None:
-    """The last linear layer ``block`` calls on ``probe`` (a transformer layer's MLP output projection), with its
-    name in ``block``: what it writes goes to the residual stream."""
+def _writers(model: nn.Module, block: nn.Module, probe, output_key: str | None,
+             stream: set[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The linear layers of ``block`` that write the residual stream, with their names in ``block``, in the order
+    ``block`` calls them on ``probe``: those named in ``stream`` (a pre-norm decoder's writers, full names, such as
+    ``o_proj`` and ``down_proj``) where it is given, else the last linear layer it calls (a transformer layer's MLP
+    output projection)."""
     order: list[tuple[str, nn.Module]] = []
     handles = [m.register_forward_hook(lambda mod, a, o, name=name: order.append((name, mod)))
                for name, m in block.named_modules()
@@ -221,7 +225,15 @@ def _writer(model: nn.Module, block: nn.Module, probe, output_key: str | None) -
                and isinstance(getattr(m, "weight", None), torch.Tensor)]
     with _hooked(handles), torch.no_grad():
         call(model, probe, output_key)
-    return order[-1] if order else None
+    prefix = next(f"{n}." for n, m in model.named_modules() if m is block)
+    if stream:
+        seen: dict[str, nn.Module] = {}
+        for name, m in order:
+            if prefix + name in stream:
+                seen.setdefault(name, m)
+        if seen:
+            return list(seen.items())
+    return order[-1:]
 
 
 def _stream(out) -> torch.Tensor:
@@ -286,6 +298,11 @@ class Refit(HeldOut):
     - then (``follow``), in order, the writer of every later kept block of the stack, so that the stream after it
       matches the dense stream after the same block (what is left of the error is taken up block by block).
 
+    A block's writers are, in a pre-norm decoder (:func:`prunetool.width.find`), its attention and MLP output
+    projections, in call order; elsewhere its last linear layer. In a pre-norm decoder, the readers of the stream
+    after the first removed block are then refit to give the dense readers' outputs
+    (:func:`prunetool.width.refit_readers`).
+
     ``lstsq``: ridge least squares on the writer's inputs; ``mean``: its bias moves by the mean of what is missing
     (where it has a bias); anything else refits nothing. The writers are refit in the order of their blocks (a
     refit changes the inputs of those after it). Each refit is kept only when it lowers the divergence of
@@ -295,7 +312,11 @@ class Refit(HeldOut):
     def __init__(self, dense: nn.Module, blocks: list[Block], samples, compensate: str,
                  output_key: str | None = None, device: str = "cpu", metric: str | None = None):
         super().__init__(dense, samples, output_key, device, metric)
-        self.blocks, self.compensate = blocks, compensate
+        self.blocks, self.compensate, self.device = blocks, compensate, device
+        try:  # a pre-norm decoder: each block's writers (attention's and the MLP's), and the stream's readers
+            self.stream: width.Stream | None = width.find(dense, batch_slice(self.held, 0, 1), output_key)
+        except width.NotAStream:
+            self.stream = None
 
     @property
     def active(self) -> bool:
@@ -327,16 +348,49 @@ class Refit(HeldOut):
             if b.name not in gone and b.name not in refit and earlier:
                 jobs.append((b, b.name, earlier))
         jobs.sort(key=lambda job: (job[0].stack, job[0].index))
-        return [self._one(small, host, target, compensates)
-                for host, target, compensates in bars.track(jobs, "refitting the blocks after those removed")]
+        records = []
+        for host, target, compensates in bars.track(jobs, "refitting the blocks after those removed"):
+            block = small.get_submodule(host.name)
+            found = _writers(small, block, batch_slice(self.held, 0, 2), self.output_key,
+                             set(self.stream.writers) if self.stream else None)
+            if not found:
+                records.append({"blocks": compensates, "refit": None, "kept": False,
+                                "why": f"{host.name} calls no linear layer"})
+            records += [self._one(small, host, target, compensates, name, writer) for name, writer in found]
+        if follow and self.stream is not None and self.compensate == "lstsq":
+            records.append(self._readers(small, names, bars))
+        return records
 
-    def _one(self, small: nn.Module, host: Block, target: str, compensates: list[str]) -> dict:
-        record = {"blocks": compensates, "refit": None, "kept": False}
-        found = _writer(small, small.get_submodule(host.name), batch_slice(self.held, 0, 2), self.output_key)
-        if found is None:
-            return record | {"why": f"{host.name} calls no linear layer"}
-        name, writer = found
-        record["refit"] = f"{host.name}.{name}" if name else host.name
+    def _readers(self, small: nn.Module, names: list[str], bars: Bars) -> dict:
+        """Refit the readers of a pre-norm decoder's stream after the first removed block (the kept blocks' query,
+        key, value, gate and up projections, and the head) to give the dense model's readers' outputs
+        (:func:`prunetool.width.refit_readers`); kept where the held-out divergence falls."""
+        first: dict[str, int] = {}  # each stack's first removed block
+        for b in self.blocks:
+            if b.name in names:
+                first[b.stack] = min(first.get(b.stack, b.index), b.index)
+        before = [b.name + "." for b in self.blocks if b.stack in first and b.index < first[b.stack]]
+        modules = dict(small.named_modules())
+        norms = {n: rs for n, rs in self.stream.norms.items() if n in modules and not n.startswith(tuple(before))}
+        readers = {r: modules[r] for rs in norms.values() for r in rs}
+        saved = {r: dict(m.named_parameters(recurse=False)) for r, m in readers.items()}
+        record = {"blocks": names, "refit": f"the stream's {len(readers)} readers after them", "kept": False,
+                  "divergence_before": self.divergence(small)}
+        width.refit_readers(small, self.dense, dataclasses.replace(self.stream, norms=norms), self.part, self.device,
+                            self.output_key, bars)
+        record["divergence_after"] = self.divergence(small)
+        record["kept"] = record["divergence_after"] < record["divergence_before"]
+        if not record["kept"]:
+            for r, params in saved.items():
+                for k, v in params.items():
+                    setattr(readers[r], k, v)
+        return record
+
+    def _one(self, small: nn.Module, host: Block, target: str, compensates: list[str], name: str,
+             writer: nn.Module) -> dict:
+        """Refit ``writer`` (``name`` in the block ``host``) so that the stream after ``host`` matches the dense
+        stream after ``target``; kept where the held-out divergence falls."""
+        record = {"blocks": compensates, "refit": f"{host.name}.{name}" if name else host.name, "kept": False}
         saved = dict(writer.named_parameters(recurse=False))
         record["divergence_before"] = self.divergence(small)
         fit = _fit_run(small, self.dense, small.get_submodule(host.name), writer, self.dense.get_submodule(target),

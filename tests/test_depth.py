@@ -10,6 +10,7 @@ from torch import nn
 
 import prunetool
 from prunetool import depth
+from prunetool.layers import clone
 from prunetool.cli import main
 
 NET = '''import torch
@@ -140,8 +141,10 @@ def test_a_language_model_loses_a_layer_that_adds_nothing_and_reads_back_with_fr
                                      out=str(out), latency_batches=())
     removed = [r for r in report["layers"] if r.get("block") and r["units_after"] == 0]
     assert [r["name"] for r in removed] == ["model.layers.1"]
-    refits = removed[0]["compensation"]  # the block before it first, then each later one
-    assert [r["refit"] for r in refits] == [f"model.layers.{i}.mlp.down_proj" for i in (0, 2, 3)]
+    refits = removed[0]["compensation"]  # the block before it first, then each later one, then the stream's readers
+    assert [r["refit"] for r in refits] == [f"model.layers.{i}.{w}" for i in (0, 2, 3)
+                                            for w in ("self_attn.o_proj", "mlp.down_proj")] + \
+        ["the stream's 11 readers after them"]  # q, k, v, gate, up of layers 2 and 3, and the head
     assert report["verify"]["reload_from_pretrained"] == "identical"
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and len(config.get("layer_types") or [0] * 3) == 3
@@ -153,6 +156,29 @@ def test_a_language_model_loses_a_layer_that_adds_nothing_and_reads_back_with_fr
         # the dense model is untouched: its config still has four layers
         assert dense.config.num_hidden_layers == 4 and len(dense.model.layers) == 4
 
+
+
+def test_a_decoder_layer_removed_refits_both_writers_before_and_after_it_then_only_the_readers_after_it(tmp_path):
+    dense = _llama(tmp_path, dead=3)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 40, (96, 16))
+    found = depth.find(dense, tokens[:4])
+    small = clone(dense)
+    refit = depth.Refit(dense, found, tokens, "lstsq")
+    with depth.skipped(small, ["model.layers.1"]):
+        before = refit.divergence(small)
+        records = refit.apply(small, ["model.layers.1"])
+        after = refit.divergence(small)
+    assert [r["refit"] for r in records[:-1]] == [f"model.layers.{i}.{w}" for i in (0, 2, 3)
+                                                  for w in ("self_attn.o_proj", "mlp.down_proj")]
+    assert records[-1]["refit"] == "the stream's 11 readers after them"
+    assert all(r["divergence_after"] < r["divergence_before"] for r in records if r["kept"])
+    assert any(r["kept"] for r in records) and after < before
+    layer0, layer2 = small.model.layers[0], small.model.layers[2]
+    assert torch.equal(layer0.self_attn.q_proj.weight, dense.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(layer0.mlp.up_proj.weight, dense.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(layer2.self_attn.q_proj.weight, dense.model.layers[2].self_attn.q_proj.weight) or \
+        not records[-1]["kept"]
 
 class Res(nn.Module):
     def __init__(self, c=6):
