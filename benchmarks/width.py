@@ -12,7 +12,8 @@ figure must equal the CLI's. Rows:
 - *as they are, refit*: ``--no-rotate`` (the channels of least energy removed, no rotation);
 - *SliceGPT-style*: ``--compensate none`` (the rotation and the slice, no refit: SliceGPT without its per-layer
   rotations and the adapters they need on the residual paths, so the result keeps the family's architecture);
-- with ``--drop-blocks K --target-params P``: whole layers first, then the hidden size, then units to the target;
+- with ``--drop-blocks K --target-params P``: whole layers first, then the hidden size (with ``--hidden``), then units
+  to the target;
 - ``--axes units,blocks,hidden --target-params P``: the number of layers and the hidden size chosen by the plan;
   ``--target-latency L``: the same plan, each cut's units meeting the latency measured in ONNX Runtime;
 - *Minitron-style* (in this process, on our cut): Minitron's width importance — each channel's mean |norm output|
@@ -51,9 +52,11 @@ ROWS = {  # name → flags
     "--hidden 0.3": ["--ratio", "0", "--hidden", "0.3"],
     "--hidden 0.1 --drop-blocks 2 --target-params 0.7": ["--hidden", "0.1", "--drop-blocks", "2",
                                                          "--target-params", "0.7"],
+    "--drop-blocks 3 --target-params 0.7": ["--drop-blocks", "3", "--target-params", "0.7"],
     "--hidden 0.5": ["--ratio", "0", "--hidden", "0.5"],
     "--hidden 0.3 --drop-blocks 2 --target-params 0.5": ["--hidden", "0.3", "--drop-blocks", "2",
                                                          "--target-params", "0.5"],
+    "--axes units,blocks --target-params 0.7": ["--axes", "units,blocks", "--target-params", "0.7"],
     "--axes units,blocks,hidden --target-params 0.7": ["--axes", "units,blocks,hidden", "--target-params", "0.7"],
     "--axes units,blocks,hidden --target-params 0.5": ["--axes", "units,blocks,hidden", "--target-params", "0.5"],
     "--axes units,blocks,hidden --target-latency 0.75": ["--axes", "units,blocks,hidden", "--target-latency", "0.75"],
