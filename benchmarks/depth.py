@@ -174,8 +174,10 @@ def markdown(results: dict, seconds: float) -> str:
              "",
              "Ours: `prunetool shrink MODEL --data D --ratio 0 --drop-blocks K --out OUT` through the CLI, OUT "
              "reloaded and evaluated (equal to the CLI's figure); the kept blocks after the removed ones refit their "
-             "last linear layer by least squares (`--compensate lstsq`, the default; CNN blocks end in convolutions "
-             "and get BatchNorm recalibration instead). ShortGPT: the K blocks of lowest block influence, on the "
+             "writers by least squares (`--compensate lstsq`, the default): a pre-norm decoder's attention and MLP "
+             "output projections, then the layers that read the stream after the removed ones (from commit "
+             "51bba00; before it, the last linear layer of each block alone); CNN blocks end in convolutions "
+             "and get BatchNorm recalibration instead. ShortGPT: the K blocks of lowest block influence, on the "
              "same cut, in-process, as published (no compensation) and with our refit. Second table: units alone, "
              "a number of blocks asked for and then units, and the number of blocks chosen by `--axes units,blocks` "
              "(each count tried: blocks, then one ratio of units; its held-out divergence), and for kjv_llama "
