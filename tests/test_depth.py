@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 from torch import nn
@@ -179,6 +180,23 @@ def test_a_decoder_layer_removed_refits_both_writers_before_and_after_it_then_on
     assert torch.equal(layer0.mlp.up_proj.weight, dense.model.layers[0].mlp.up_proj.weight)
     assert not torch.equal(layer2.self_attn.q_proj.weight, dense.model.layers[2].self_attn.q_proj.weight) or \
         not records[-1]["kept"]
+
+
+def test_where_the_greedy_choice_misses_a_block_that_adds_nothing_shortgpts_choice_compensated_in_full_wins(
+        tmp_path, monkeypatch):
+    _llama(tmp_path, dead=1)  # layer 1 adds nothing: block influence 0, and removing it changes no output
+
+    def greedy_missed(model, blocks, inputs, count, *args, **kwargs):  # a greedy order that starts elsewhere
+        order = ["model.layers.2", "model.layers.1", "model.layers.0", "model.layers.3"][:count]
+        return order, [{b.name: 0.1 for b in blocks}] * count
+
+    monkeypatch.setattr(depth, "choose", greedy_missed)
+    _, report = prunetool.shrink(str(tmp_path / "llama"), ratio=0.0, drop_blocks=1, tokens=16, calib=16,
+                                 latency_batches=())
+    removed = [r for r in report["layers"] if r.get("block") and r["units_after"] == 0]
+    assert [r["name"] for r in removed] == ["model.layers.1"]
+    assert removed[0]["chosen_by"].startswith("block influence (ShortGPT)")
+    assert report["metric"]["drop"] == pytest.approx(0, abs=1e-4)
 
 class Res(nn.Module):
     def __init__(self, c=6):

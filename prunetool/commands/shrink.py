@@ -491,11 +491,18 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
     if blocks is None or len(blocks.names) < opts.drop_blocks:
         blocks = _choose_blocks(job, model, opts, opts.drop_blocks, bars, device, fidelity)
     found, names, rounds = blocks.found, blocks.names[:opts.drop_blocks], blocks.rounds[:opts.drop_blocks]
-    small = clone(model, share=True)
     small_probe = batch_slice(batch_to(job.probe, device, model_dtype(model)), 0, REMOVAL_PROBE)
-    with depth.skipped(small, names):
-        refits = blocks.refit.apply(small, names, bars=bars)
-        want = outputs_of(small, small_probe)
+    # the greedy choice compares blocks after a part of the compensation; ShortGPT's (least block influence) is
+    # compensated in full beside it where it differs, and the one the held-out samples prefer goes
+    influence = [b.name for b in sorted(found, key=lambda b: b.influence)[:opts.drop_blocks]]
+    choices = [names] + ([influence] if set(influence) != set(names) and blocks.refit.active else [])
+    compensated = [_compensated(model, blocks.refit, option, small_probe, bars, len(choices) > 1)
+                   for option in choices]
+    best = min(range(len(choices)), key=lambda i: compensated[i][3])
+    names, (small, refits, want, _) = choices[best], compensated[best]
+    chosen_by = "greedy divergence" if best == 0 else (
+        f"block influence (ShortGPT): held-out divergence {compensated[1][3]:.6g} after compensation, the greedy "
+        f"choice's {compensated[0][3]:.6g}")
     try:
         record = depth.remove(small, found, names, record)
     except ValueError as e:
@@ -507,9 +514,21 @@ def _drop_blocks(job, model: nn.Module, opts: ShrinkOptions, bars: Bars, device:
     rows = [{"name": b.name, "units_before": 1, "units_after": 0 if b.name in names else 1, "producers": [],
              "block": True, "block_influence": round(b.influence, 6),
              "divergence_alone": rounds[0].get(b.name) if rounds else None,
+             **({"chosen_by": chosen_by} if b.name in names else {}),
              **({"compensation": [{k: v for k, v in r.items() if k != "blocks"} for r in refits
                                   if b.name in r["blocks"]]} if b.name in names else {})} for b in found]
     return small, graph, rows, record
+
+
+def _compensated(model: nn.Module, refit: depth.Refit, names: list[str], probe, bars: Bars, compare: bool
+                 ) -> tuple[nn.Module, list[dict], torch.Tensor, float]:
+    """A copy of ``model`` sharing its weights, the blocks ``names`` passing their inputs on and compensated
+    (``refit``); its refit records, its outputs on ``probe`` and (``compare``) its held-out divergence."""
+    small = clone(model, share=True)
+    with depth.skipped(small, names):
+        refits = refit.apply(small, names, bars=bars)
+        want = outputs_of(small, probe)
+        return small, refits, want, refit.divergence(small) if compare else 0.0
 
 
 def _drop_heads(job, model: nn.Module, graph: Trace, opts: ShrinkOptions, bars: Bars, device: str, offload: bool
