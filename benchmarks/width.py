@@ -16,6 +16,9 @@ figure must equal the CLI's. Rows:
   to the target;
 - ``--axes units,blocks,hidden --target-params P``: the number of layers and the hidden size chosen by the plan;
   ``--target-latency L``: the same plan, each cut's units meeting the latency measured in ONNX Runtime;
+- *FLAP-style* (An et al. 2024, on our cut): MLP units and heads only, ranked across layers (``--scope global``),
+  the mean of what the removed units wrote compensated (``--compensate mean``), mrs in place of FLAP's fluctuation
+  metric, no block or hidden size removed;
 - *Minitron-style* (in this process, on our cut): Minitron's width importance — each channel's mean |norm output|
   over the calibration tokens, summed over the norms (Muralidharan et al. 2024) — the least important channels
   removed as they are, without the distillation Minitron trains afterwards; and the same with our readers' refit.
@@ -53,6 +56,8 @@ ROWS = {  # name → flags
     "--hidden 0.1 --drop-blocks 2 --target-params 0.7": ["--hidden", "0.1", "--drop-blocks", "2",
                                                          "--target-params", "0.7"],
     "--drop-blocks 3 --target-params 0.7": ["--drop-blocks", "3", "--target-params", "0.7"],
+    "FLAP-style: --compensate mean --scope global --allocation uniform --target-params 0.7":
+        ["--compensate", "mean", "--scope", "global", "--allocation", "uniform", "--target-params", "0.7"],
     "--hidden 0.5": ["--ratio", "0", "--hidden", "0.5"],
     "--hidden 0.3 --drop-blocks 2 --target-params 0.5": ["--hidden", "0.3", "--drop-blocks", "2",
                                                          "--target-params", "0.5"],

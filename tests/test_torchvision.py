@@ -1,5 +1,7 @@
 """Every listed torchvision classifier shrinks with random weights at a small input size."""
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -59,3 +61,26 @@ def test_cli_on_resnet18_reloads(tmp_path):
     assert small.layer1[0].conv1.out_channels == 32
     with torch.no_grad():
         assert small(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_resnet50_loses_a_bottleneck_that_adds_nothing_and_reloads_with_the_dense_outputs(tmp_path):
+    from prunetool.cli import main
+
+    model = _model("resnet50")
+    with torch.no_grad():  # layer3[2] writes nothing: its input (after a ReLU) passes its ReLU unchanged
+        model.layer3[2].bn3.weight.zero_()
+        model.layer3[2].bn3.bias.zero_()
+    ckpt = tmp_path / "r50.pt"
+    torch.save(model.state_dict(), ckpt)
+    assert main(["shrink", str(ckpt), "--arch", "torchvision.models:resnet50", "--input-shape", "3,64,64",
+                 "--ratio", "0", "--drop-blocks", "1", "--no-recalibrate-bn", "--calib", "8", "--no-latency", "-q",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = [r for r in report["layers"] if r.get("block")]
+    assert len(rows) == 12  # the bottlenecks with an identity shortcut: each stage's but its first
+    assert [r["name"] for r in rows if r["units_after"] == 0] == ["layer3.2"]
+    small = prunetool.load(tmp_path / "r50.shrunk.safetensors").model.eval()
+    assert type(small.layer3[2]).__name__ == "Skip"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-4)
