@@ -146,7 +146,10 @@ def markdown(rows: dict) -> str:
         "onto the stream's principal directions; *refit*: every reader of the narrowed stream refit by least "
         "squares; *SliceGPT-style*: turned, no refit; *Minitron-style* (in this process, on our cut): the "
         "channels of least mean |norm output| summed over the norms removed as they are, without the distillation "
-        "Minitron trains afterwards. Speed-ups at batch 1 / 8, 128-token context, alternating rounds (noisy on this "
+        "Minitron trains afterwards; *FLAP-style* (on our cut): MLP units and heads ranked across layers, the mean "
+        "of what they wrote compensated, mrs in place of FLAP's fluctuation metric (its uniform search keeps fewer "
+        "parameters than asked). Rows with blocks removed from commit 51bba00 on refit both writers of each later "
+        "layer and the readers after the gap (before: the last linear layer). Speed-ups at batch 1 / 8, 128-token context, alternating rounds (noisy on this "
         "shared 2-core machine): PyTorch eager, and ONNX Runtime (the reloaded model exported and checked; – where "
         "the row predates that column).",
         "",
