@@ -149,7 +149,8 @@ def markdown(rows: dict) -> str:
         "Minitron trains afterwards; *FLAP-style* (on our cut): MLP units and heads ranked across layers, the mean "
         "of what they wrote compensated, mrs in place of FLAP's fluctuation metric (its uniform search keeps fewer "
         "parameters than asked). Rows with blocks removed from commit 51bba00 on refit both writers of each later "
-        "layer and the readers after the gap (before: the last linear layer). Speed-ups at batch 1 / 8, 128-token context, alternating rounds (noisy on this "
+        "layer and the readers after the gap (before: the last linear layer). Speed-ups at batch 1 / 8, "
+        "128-token context, alternating rounds (noisy on this "
         "shared 2-core machine): PyTorch eager, and ONNX Runtime (the reloaded model exported and checked; – where "
         "the row predates that column).",
         "",
