@@ -59,6 +59,9 @@ ROWS = {  # name → flags
     "FLAP-style: --compensate mean --scope global --allocation uniform --target-params 0.7":
         ["--compensate", "mean", "--scope", "global", "--allocation", "uniform", "--target-params", "0.7"],
     "--hidden 0.5": ["--ratio", "0", "--hidden", "0.5"],
+    "--hidden 0.5 --compensate none (SliceGPT-style)": ["--ratio", "0", "--hidden", "0.5", "--compensate", "none"],
+    "FLAP-style: --compensate mean --scope global --allocation uniform --target-params 0.5":
+        ["--compensate", "mean", "--scope", "global", "--allocation", "uniform", "--target-params", "0.5"],
     "--hidden 0.3 --drop-blocks 2 --target-params 0.5": ["--hidden", "0.3", "--drop-blocks", "2",
                                                          "--target-params", "0.5"],
     "--axes units,blocks --target-params 0.7": ["--axes", "units,blocks", "--target-params", "0.7"],
