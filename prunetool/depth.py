@@ -212,24 +212,23 @@ ABSORB_CHECK = 64  # more, held out of the refit: it is kept only where their di
 ABSORB_BATCH = 16
 
 
-def _writers(model: nn.Module, block: nn.Module, probe, output_key: str | None,
+def _writers(model: nn.Module, path: str, probe, output_key: str | None,
              stream: set[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """The linear layers of ``block`` that write the residual stream, with their names in ``block``, in the order
-    ``block`` calls them on ``probe``: those named in ``stream`` (a pre-norm decoder's writers, full names, such as
+    """The linear layers of the block at ``path`` that write the residual stream, with their names in the block, in
+    the order it calls them on ``probe``: those named in ``stream`` (a pre-norm decoder's writers, full names, such as
     ``o_proj`` and ``down_proj``) where it is given, else the last linear layer it calls (a transformer layer's MLP
     output projection)."""
     order: list[tuple[str, nn.Module]] = []
     handles = [m.register_forward_hook(lambda mod, a, o, name=name: order.append((name, mod)))
-               for name, m in block.named_modules()
+               for name, m in model.get_submodule(path).named_modules()
                if (op := layers.op_of(m)) is not None and not op.channels_first and not layers.kind_of(m).atomic
                and isinstance(getattr(m, "weight", None), torch.Tensor)]
     with _hooked(handles), torch.no_grad():
         call(model, probe, output_key)
-    prefix = next(f"{n}." for n, m in model.named_modules() if m is block)
     if stream:
         seen: dict[str, nn.Module] = {}
         for name, m in order:
-            if prefix + name in stream:
+            if f"{path}.{name}" in stream:
                 seen.setdefault(name, m)
         if seen:
             return list(seen.items())
@@ -349,10 +348,9 @@ class Refit(HeldOut):
                 jobs.append((b, b.name, earlier))
         jobs.sort(key=lambda job: (job[0].stack, job[0].index))
         records = []
+        writers = set(self.stream.writers) if self.stream else None
         for host, target, compensates in bars.track(jobs, "refitting the blocks after those removed"):
-            block = small.get_submodule(host.name)
-            found = _writers(small, block, batch_slice(self.held, 0, 2), self.output_key,
-                             set(self.stream.writers) if self.stream else None)
+            found = _writers(small, host.name, batch_slice(self.held, 0, 2), self.output_key, writers)
             if not found:
                 records.append({"blocks": compensates, "refit": None, "kept": False,
                                 "why": f"{host.name} calls no linear layer"})
@@ -372,18 +370,23 @@ class Refit(HeldOut):
         before = [b.name + "." for b in self.blocks if b.stack in first and b.index < first[b.stack]]
         modules = dict(small.named_modules())
         norms = {n: rs for n, rs in self.stream.norms.items() if n in modules and not n.startswith(tuple(before))}
-        readers = {r: modules[r] for rs in norms.values() for r in rs}
-        saved = {r: dict(m.named_parameters(recurse=False)) for r, m in readers.items()}
+        readers = [modules[r] for rs in norms.values() for r in rs]
+        saved = _parameters(readers)
         record = {"blocks": names, "refit": f"the stream's {len(readers)} readers after them", "kept": False,
                   "divergence_before": self.divergence(small)}
         width.refit_readers(small, self.dense, dataclasses.replace(self.stream, norms=norms), self.part, self.device,
                             self.output_key, bars)
+        return self._judged(small, record, saved)
+
+    def _judged(self, small: nn.Module, record: dict, saved: dict[nn.Module, dict[str, nn.Parameter]]) -> dict:
+        """``record`` with ``small``'s held-out divergence after a refit, which is undone (``saved``: the refit
+        modules' own parameters before it, :func:`_parameters`) unless the divergence fell."""
         record["divergence_after"] = self.divergence(small)
         record["kept"] = record["divergence_after"] < record["divergence_before"]
         if not record["kept"]:
-            for r, params in saved.items():
+            for module, params in saved.items():
                 for k, v in params.items():
-                    setattr(readers[r], k, v)
+                    setattr(module, k, v)
         return record
 
     def _one(self, small: nn.Module, host: Block, target: str, compensates: list[str], name: str,
@@ -391,7 +394,7 @@ class Refit(HeldOut):
         """Refit ``writer`` (``name`` in the block ``host``) so that the stream after ``host`` matches the dense
         stream after ``target``; kept where the held-out divergence falls."""
         record = {"blocks": compensates, "refit": f"{host.name}.{name}" if name else host.name, "kept": False}
-        saved = dict(writer.named_parameters(recurse=False))
+        saved = _parameters([writer])
         record["divergence_before"] = self.divergence(small)
         fit = _fit_run(small, self.dense, small.get_submodule(host.name), writer, self.dense.get_submodule(target),
                        self.part, self.compensate, self.output_key)
@@ -400,12 +403,12 @@ class Refit(HeldOut):
             return record | {"why": "not refit: its output is not one row per position of the stream, or it has no "
                                     f"bias ({why})"}
         fit.solve()
-        record["divergence_after"] = self.divergence(small)
-        record["kept"] = record["divergence_after"] < record["divergence_before"]
-        if not record["kept"]:
-            for k, v in saved.items():
-                setattr(writer, k, v)
-        return record
+        return self._judged(small, record, saved)
+
+
+def _parameters(modules: list[nn.Module]) -> dict[nn.Module, dict[str, nn.Parameter]]:
+    """Each module's own parameters as they are (a refit replaces them: :meth:`Refit._judged` puts them back)."""
+    return {m: dict(m.named_parameters(recurse=False)) for m in modules}
 
 
 def absorb(small: nn.Module, dense: nn.Module, blocks: list[Block], names: list[str], samples, compensate: str,
