@@ -215,6 +215,22 @@ def test_the_divergence_reads_outputs_as_the_fidelity_metric_does():
     assert float(output_divergence(logits + 3.0, logits, metric="output error")) > 1.0
 
 
+def test_a_temperature_softens_the_softmax_as_distillation_does_and_leaves_an_error_alone():
+    """Label-free recovery trains at a temperature: T²·KL of the softened softmaxes, the labelled distillation's
+    term; the relative error of other outputs is scale-free, so T leaves it as it is."""
+    from prunetool.recover import distillation_loss, output_divergence
+
+    torch.manual_seed(0)
+    s, t = torch.randn(8, 10), torch.randn(8, 10)
+    y = torch.randint(0, 10, (8,))
+    assert float(output_divergence(s, t, temperature=4.0)) == pytest.approx(
+        float(distillation_loss(s, t, y, temperature=4.0, alpha=1.0)), rel=1e-5)
+    assert float(output_divergence(s, t, temperature=4.0)) != pytest.approx(float(output_divergence(s, t)), rel=1e-2)
+    head_s, head_t = torch.randn(2, 84, 50), torch.randn(2, 84, 50)
+    assert float(output_divergence(head_s, head_t, temperature=4.0)) == pytest.approx(
+        float(output_divergence(head_s, head_t)), rel=1e-6)
+
+
 def test_one_output_column_is_compared_by_error_even_when_called_logits():
     from prunetool.recover import output_divergence
 
