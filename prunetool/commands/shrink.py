@@ -1052,7 +1052,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
             warnings.warn(f"{len(off)} {OFF_BLOCK} {block} that ONNX Runtime's CPU "
                           f"convolutions run in blocks of (e.g. {name}: {kept}); such a cut can run slower there than "
                           f"the dense model (the Fashion-MNIST ResNet-20 at 2x fewer MACs: 0.67x, against 1.35x at "
-                          f"--round-to {block}); give --round-to {block}, or --target-latency to measure it")
+                          f"widths of the block); give --round-to {block}, or --target-latency to measure it")
         if recalibrate and cut_any:  # whole blocks gone shift the statistics of every BatchNorm after them too
             reverted |= not recalibrate_bn(small, calib, probe=probe, output_key=engine.output_key)
         entry = {"ratio": step_ratio, "params": params(small)}
