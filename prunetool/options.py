@@ -13,7 +13,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping
 
 from .errors import UsageError
-from .ops import channel_block
 
 DEFAULT_CRITERION = "obs"  # with --compensate lstsq; mrs ranks for the other compensations
 DEFAULT_COMPENSATION = "lstsq"
@@ -160,6 +159,7 @@ class DataOptions:
             self.preprocessing.check()
 
 
+KERNEL_MULTIPLE = 8  # channels ONNX Runtime's CPU convolutions take in their blocked layout (NCHWc, 8 on AVX2)
 FIDELITY = {"agreement": "agreement", "miou": "miou", "error": "output error"}  # --fidelity → task metric
 
 
@@ -297,9 +297,8 @@ class ShrinkOptions:
                                     "layer).")
     round_to: int | None = option(None, "--round-to", "Keep unit counts at multiples of N (hardware-friendly widths). "
                                   "Default 1; with --target-latency, or a size target shared by sensitivity on "
-                                  "convolutions, multiples of the channel block ONNX Runtime's CPU convolutions run "
-                                  "fastest at (16 on CPUs with AVX-512, 8 with AVX2; PRUNETOOL_CHANNEL_BLOCK sets it) "
-                                  "are measured too and kept where they do best.")
+                                  "convolutions, multiples of 8 (the widths ONNX Runtime's CPU convolutions run "
+                                  "fastest) are measured too and kept where they do best.")
     schedule: list[float] | None = option(None, "--schedule", "Cumulative ratios pruned step by step, re-scoring each "
                                           "time, e.g. 0.1,0.2,0.4,0.6 (fine-tuning between steps).", text="ratios")
     drop_blocks: int = option(0, "--drop-blocks", "Remove this many whole residual blocks (transformer layers, CNN "
@@ -379,15 +378,14 @@ class ShrinkOptions:
 
     @property
     def roundings(self) -> tuple[int, ...]:
-        """The multiples a target may measure: the one given; without ``--round-to``, 1 and the CPU's channel block
-        (:func:`prunetool.ops.channel_block`: widths the kernels like; at one latency they keep more; at one size
-        they can diverge less, and they run faster where the model ships) under an allocation, and under a latency
-        with one ratio (a size target measures the further one only where some group's kernels block channels by
-        it)."""
+        """The multiples a target may measure: the one given; without ``--round-to``, 1 and :data:`KERNEL_MULTIPLE`
+        (widths the kernels like: at one latency they keep more; at one size they can diverge less, and they run
+        faster where the model ships) under an allocation, and under a latency with one ratio (a size target
+        measures the further one only where some group's kernels block channels by it)."""
         if self.round_to is not None or not (self.allocating or (self.target_latency is not None and
                                                                  not self.schedule)):
             return (self.rounding,)
-        return (1, channel_block())
+        return (1, KERNEL_MULTIPLE)
 
     @property
     def allocating(self) -> bool:

@@ -20,8 +20,6 @@ torch.set_num_threads(1)
 # Files written by the suite are signed with a key of its own (inherited by the CLI run in subprocesses), never
 # with the developer's ~/.config/prunetool/key
 os.environ["PRUNETOOL_KEY"] = os.path.join(tempfile.mkdtemp(prefix="prunetool-key-"), "key")
-# The suite's widths are written for ONNX Runtime's AVX2 channel block; the CPU's own is tested on its own
-os.environ["PRUNETOOL_CHANNEL_BLOCK"] = "8"
 
 
 @pytest.fixture(scope="session")

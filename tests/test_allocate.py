@@ -441,23 +441,3 @@ def test_one_ratio_under_a_latency_keeps_any_width_where_widths_of_8_keep_fewer_
     met = {r: [st["macs"] for st in target["steps"] if st["round_to"] == r and st["latency"] <= 0.6] for r in (1, 8)}
     assert met[1] and met[8] and max(met[1]) > max(met[8])  # both met it: the larger multiple is not taken for itself
     assert report["settings"]["round_to"] == 1 and target["macs_goal"] == max(met[1])
-
-
-def test_the_channel_block_is_the_cpus_unless_named(monkeypatch):
-    """ONNX Runtime blocks convolution channels by 16 on AVX-512 and by 8 on AVX2; PRUNETOOL_CHANNEL_BLOCK names
-    the serving CPUs' block instead, and a block that is no count of channels is refused."""
-    from prunetool import ops
-    from prunetool.errors import UsageError
-    from prunetool.options import ShrinkOptions
-
-    monkeypatch.delenv("PRUNETOOL_CHANNEL_BLOCK")
-    for capability, block in (("AVX512", 16), ("AVX2", 8), ("DEFAULT", 8)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
-        assert ops.channel_block() == block and ops.CONV.channel_block == block
-        assert ShrinkOptions(target_macs=0.5).roundings == (1, block)
-    monkeypatch.setenv("PRUNETOOL_CHANNEL_BLOCK", "32")
-    assert ops.channel_block() == 32 and ShrinkOptions(target_macs=0.5, round_to=4).roundings == (4,)
-    for bad in ("0", "eight"):
-        monkeypatch.setenv("PRUNETOOL_CHANNEL_BLOCK", bad)
-        with pytest.raises(UsageError, match="PRUNETOOL_CHANNEL_BLOCK"):
-            ops.channel_block()

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..layers import clone, op_of, unshare
-from ..ops import channel_block
 from ..load import upcast_half
 from ..batch import batch_slice, batch_to, model_dtype, stored_dtype
 from ..cut import MAX_FIT_INPUTS, can_add_bias, cut, global_ratios, n_removed, plan_cut, select, sequential_means
@@ -1097,7 +1096,7 @@ def work(job, opts: ShrinkOptions, recovery: Recovery, measurement: Measurement,
                 "drop_experts": opts.drop_experts, "drop_blocks": opts.drop_blocks, "drop_heads": opts.drop_heads,
                 "hidden": opts.hidden,
                 "rotate": opts.rotate,
-                "target_latency": opts.target_latency, "channel_block": channel_block(),
+                "target_latency": opts.target_latency,
                 "allocation": "sensitivity" if sensitivity is not None else ("uniform" if opts.targeted else None)}
     extra = {"protected": [{"name": p.name, "reason": p.reason} for p in job.graph.protected]}
     if speed is not None and shared_speed is not None:  # a plan's trial: the search measured its cut
