@@ -231,6 +231,24 @@ def test_a_temperature_softens_the_softmax_as_distillation_does_and_leaves_an_er
         float(output_divergence(head_s, head_t)), rel=1e-6)
 
 
+def test_label_free_recovery_trains_at_its_temperature_and_checks_at_one(mnist_small, monkeypatch):
+    """Every training step's loss is taken at RECOVER_TEMPERATURE; every keep-or-undo check at T = 1."""
+    from prunetool import recover
+    from prunetool.data import Samples
+
+    seen = []
+    real = recover.output_divergence
+
+    def recording(*args, **kwargs):
+        seen.append((torch.is_grad_enabled(), args[4] if len(args) > 4 else kwargs.get("temperature", 1.0)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recover, "output_divergence", recording)
+    recover.distill(evci_cnn().eval(), evci_cnn().eval(), Samples(mnist_small.train.tensors[0][:96], None), 1.0)
+    assert {t for grad, t in seen if grad} == {recover.RECOVER_TEMPERATURE} == {4.0}
+    assert {t for grad, t in seen if not grad} == {1.0}
+
+
 def test_one_output_column_is_compared_by_error_even_when_called_logits():
     from prunetool.recover import output_divergence
 
