@@ -220,9 +220,9 @@ class ConvOp(Op):
     signature = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     channels_first = True
     # ONNX Runtime's CPU convolutions (NCHWc): off multiples of 8 a width can run slower. 8 on AVX-512 too, where
-    # MLAS blocks by 16: ORT's optimised graph of the Fashion-MNIST ResNet-20 at 2x fewer MACs keeps all 21
-    # convolutions blocked at widths of 8 (3 reorders; 18 at any width, 6 convolutions unblocked), and widths of 16
-    # cost 3.2 pp more there (87.54% against 90.73%)
+    # MLAS blocks by 16: in ORT's optimised graph of the Fashion-MNIST ResNet-20 at 2x fewer MACs, widths of 8 keep
+    # all 21 convolutions blocked with 3 layout reorders; any width leaves 6 unblocked with 18 reorders. Widths of
+    # 16 would lose accuracy for no blocking gained (87.54% against 90.73% at 8)
     channel_block = 8
 
     def columns(self, offset, spatial, units, repeat=1, period=0):

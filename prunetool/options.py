@@ -159,7 +159,7 @@ class DataOptions:
             self.preprocessing.check()
 
 
-KERNEL_MULTIPLE = 8  # channels ONNX Runtime's CPU convolutions take in their blocked layout (NCHWc, 8 on AVX2)
+KERNEL_MULTIPLE = 8  # channels ONNX Runtime's CPU convolutions keep blocked at (NCHWc; AVX-512 too: ops.ConvOp)
 FIDELITY = {"agreement": "agreement", "miou": "miou", "error": "output error"}  # --fidelity → task metric
 
 
